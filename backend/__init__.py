@@ -1,0 +1,1 @@
+"""SAM + GroundingDINO ML backend for Label Studio."""

@@ -1,0 +1,179 @@
+"""Byte stores behind the cache: Redis shared by every worker, or an in-process LRU bounded in bytes.
+
+`ResilientStore` puts Redis first and falls back to the in-process LRU while Redis is unreachable,
+so predictions keep working; it logs the outage once and the recovery once, not per request.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterator
+from typing import Protocol
+
+import redis
+
+log = logging.getLogger(__name__)
+
+
+class ByteStore(Protocol):
+    """Keys to bytes with a time to live."""
+
+    def get(self, key: str) -> bytes | None: ...
+
+    def set(self, key: str, value: bytes, ttl_s: int) -> None: ...
+
+    def delete(self, key: str) -> None: ...
+
+    def lock(self, name: str, timeout_s: float) -> contextlib.AbstractContextManager[None]:
+        """A lock that every process sharing this store respects."""
+
+
+class MemoryStore:
+    """Thread-safe LRU of bytes, bounded by the total size of its values."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
+        self._bytes = 0
+        self._mutex = threading.Lock()
+
+    @property
+    def used_bytes(self) -> int:
+        return self._bytes
+
+    def get(self, key: str) -> bytes | None:
+        with self._mutex:
+            item = self._items.get(key)
+            if item is None:
+                return None
+            value, expires_at = item
+            if expires_at < time.monotonic():
+                self._drop(key)
+                return None
+            self._items.move_to_end(key)
+            return value
+
+    def set(self, key: str, value: bytes, ttl_s: int) -> None:
+        if len(value) > self.max_bytes:
+            return
+        with self._mutex:
+            if key in self._items:
+                self._drop(key)
+            self._items[key] = (value, time.monotonic() + ttl_s)
+            self._bytes += len(value)
+            while self._bytes > self.max_bytes:
+                self._drop(next(iter(self._items)))
+
+    def delete(self, key: str) -> None:
+        with self._mutex:
+            if key in self._items:
+                self._drop(key)
+
+    def _drop(self, key: str) -> None:
+        value, _ = self._items.pop(key)
+        self._bytes -= len(value)
+
+    @contextlib.contextmanager
+    def lock(self, name: str, timeout_s: float) -> Iterator[None]:
+        # One process only: the in-process single-flight in EmbeddingCache already serialises it.
+        yield
+
+
+class ResilientStore:
+    """Redis when reachable, the in-process LRU otherwise; never raises a Redis error to callers."""
+
+    RETRY_AFTER_S = 5.0
+
+    def __init__(self, client: redis.Redis, fallback: MemoryStore) -> None:
+        self.client = client
+        self.fallback = fallback
+        self._down_since: float | None = None
+        self._state_mutex = threading.Lock()
+
+    @classmethod
+    def from_url(cls, url: str, fallback: MemoryStore) -> ResilientStore:
+        client = redis.Redis.from_url(
+            url, socket_connect_timeout=1.0, socket_timeout=5.0, health_check_interval=30, retry_on_timeout=False
+        )
+        return cls(client, fallback)
+
+    @property
+    def redis_up(self) -> bool:
+        return self._down_since is None
+
+    def _should_try_redis(self) -> bool:
+        down_since = self._down_since
+        return down_since is None or time.monotonic() - down_since > self.RETRY_AFTER_S
+
+    def _mark_down(self, error: Exception) -> None:
+        with self._state_mutex:
+            if self._down_since is None:
+                log.warning("Redis unreachable (%s); using the in-process cache until it is back", error)
+            self._down_since = time.monotonic()
+
+    def _mark_up(self) -> None:
+        if self._down_since is not None:
+            with self._state_mutex:
+                if self._down_since is not None:
+                    log.warning("Redis reachable again; the shared cache is back in use")
+                self._down_since = None
+
+    def get(self, key: str) -> bytes | None:
+        if self._should_try_redis():
+            try:
+                value = self.client.get(key)
+                self._mark_up()
+                return value
+            except redis.RedisError as error:
+                self._mark_down(error)
+        return self.fallback.get(key)
+
+    def set(self, key: str, value: bytes, ttl_s: int) -> None:
+        if self._should_try_redis():
+            try:
+                self.client.set(key, value, ex=ttl_s)
+                self._mark_up()
+                return
+            except redis.RedisError as error:
+                self._mark_down(error)
+        self.fallback.set(key, value, ttl_s)
+
+    def delete(self, key: str) -> None:
+        self.fallback.delete(key)
+        if self._should_try_redis():
+            try:
+                self.client.delete(key)
+            except redis.RedisError as error:
+                self._mark_down(error)
+
+    @contextlib.contextmanager
+    def lock(self, name: str, timeout_s: float) -> Iterator[None]:
+        """Redis lock across processes; without Redis, in-process exclusion is all there is."""
+        redis_lock = None
+        if self._should_try_redis():
+            try:
+                # The lock expires by itself so that a killed holder cannot block the image forever.
+                redis_lock = self.client.lock(name, timeout=timeout_s, blocking_timeout=timeout_s)
+                if not redis_lock.acquire():
+                    redis_lock = None
+            except redis.RedisError as error:
+                self._mark_down(error)
+                redis_lock = None
+        try:
+            yield
+        finally:
+            if redis_lock is not None:
+                with contextlib.suppress(redis.RedisError):
+                    redis_lock.release()
+
+
+def make_store(redis_url: str, memory_bytes: int) -> ByteStore:
+    """The configured store: Redis with an in-process fallback, or the in-process LRU alone."""
+    memory = MemoryStore(memory_bytes)
+    if not redis_url:
+        return memory
+    return ResilientStore.from_url(redis_url, memory)

@@ -1,0 +1,123 @@
+"""All configuration, read once from environment variables with documented defaults.
+
+Names follow label-studio-ml's where they exist (LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY,
+BASIC_AUTH_USER, BASIC_AUTH_PASS, MODEL_DIR, WORKERS, THREADS, LOG_LEVEL). The README's
+configuration table is the user-facing copy of this file.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def _env_str(name: str, default: str = "") -> str:
+    return os.environ.get(name, default).strip()
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return int(raw)
+    except ValueError as exc:
+        raise ValueError(f"environment variable {name} must be an integer, got {raw!r}") from exc
+
+
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return float(raw)
+    except ValueError as exc:
+        raise ValueError(f"environment variable {name} must be a number, got {raw!r}") from exc
+
+
+def _env_list(name: str) -> tuple[str, ...]:
+    return tuple(item.strip().lower() for item in os.environ.get(name, "").split(",") if item.strip())
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the backend can be told; `Settings.from_env()` is the only reader of os.environ."""
+
+    # Label Studio connection (image downloads).
+    label_studio_url: str = ""
+    label_studio_api_key: str = field(default="", repr=False)
+    local_files_document_root: str = ""
+    allowed_image_hosts: tuple[str, ...] = ()
+    download_timeout_s: float = 10.0
+    max_download_bytes: int = 50 * 1024 * 1024
+    max_image_pixels: int = 40_000_000
+
+    # HTTP server.
+    basic_auth_user: str = ""
+    basic_auth_pass: str = field(default="", repr=False)
+    max_request_bytes: int = 20 * 1024 * 1024
+    max_tasks_per_request: int = 1000
+    max_prompts_per_task: int = 100
+    model_ready_timeout_s: float = 60.0
+    log_level: str = "INFO"
+
+    # SAM.
+    sam_model_type: str = "vit_b"
+    sam_checkpoint: str = ""
+    device: str = "auto"
+    decoder_runtime: str = "auto"
+    torch_threads: int = 0
+
+    # Embedding cache.
+    redis_url: str = ""
+    embedding_ttl_s: int = 7 * 24 * 3600
+    session_ttl_s: int = 2 * 3600
+    memory_cache_bytes: int = 512 * 1024 * 1024
+    encode_lock_timeout_s: float = 120.0
+
+    # Storage of trained models and weights.
+    model_dir: str = "./models"
+    weights_dir: str = "./weights"
+    model_version: str = ""
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        return cls(
+            label_studio_url=_env_str("LABEL_STUDIO_URL").rstrip("/"),
+            label_studio_api_key=_env_str("LABEL_STUDIO_API_KEY"),
+            local_files_document_root=_env_str("LOCAL_FILES_DOCUMENT_ROOT"),
+            allowed_image_hosts=_env_list("ALLOWED_IMAGE_HOSTS"),
+            download_timeout_s=_env_float("DOWNLOAD_TIMEOUT", cls.download_timeout_s),
+            max_download_bytes=_env_int("MAX_DOWNLOAD_BYTES", cls.max_download_bytes),
+            max_image_pixels=_env_int("MAX_IMAGE_PIXELS", cls.max_image_pixels),
+            basic_auth_user=_env_str("BASIC_AUTH_USER"),
+            basic_auth_pass=_env_str("BASIC_AUTH_PASS"),
+            max_request_bytes=_env_int("MAX_REQUEST_BYTES", cls.max_request_bytes),
+            max_tasks_per_request=_env_int("MAX_TASKS_PER_REQUEST", cls.max_tasks_per_request),
+            max_prompts_per_task=_env_int("MAX_PROMPTS_PER_TASK", cls.max_prompts_per_task),
+            model_ready_timeout_s=_env_float("MODEL_READY_TIMEOUT", cls.model_ready_timeout_s),
+            log_level=_env_str("LOG_LEVEL", cls.log_level).upper(),
+            sam_model_type=_env_str("SAM_MODEL_TYPE", cls.sam_model_type),
+            sam_checkpoint=_env_str("SAM_CHECKPOINT"),
+            device=_env_str("DEVICE", cls.device),
+            decoder_runtime=_env_str("DECODER_RUNTIME", cls.decoder_runtime),
+            torch_threads=_env_int("TORCH_THREADS", cls.torch_threads),
+            redis_url=_env_str("REDIS_URL"),
+            embedding_ttl_s=_env_int("EMBEDDING_TTL", cls.embedding_ttl_s),
+            session_ttl_s=_env_int("SESSION_TTL", cls.session_ttl_s),
+            memory_cache_bytes=_env_int("MEMORY_CACHE_BYTES", cls.memory_cache_bytes),
+            encode_lock_timeout_s=_env_float("ENCODE_LOCK_TIMEOUT", cls.encode_lock_timeout_s),
+            model_dir=_env_str("MODEL_DIR", cls.model_dir),
+            weights_dir=_env_str("WEIGHTS_DIR", cls.weights_dir),
+            model_version=_env_str("MODEL_VERSION"),
+        )
+
+    @property
+    def sam_checkpoint_path(self) -> Path:
+        """The SAM checkpoint to load: SAM_CHECKPOINT, else the official file name in WEIGHTS_DIR."""
+        if self.sam_checkpoint:
+            return Path(self.sam_checkpoint)
+        from backend.models.checkpoints import SAM_CHECKPOINTS
+
+        return Path(self.weights_dir) / SAM_CHECKPOINTS[self.sam_model_type].filename

@@ -1,0 +1,165 @@
+"""Task image URL → bytes → RGB pixels, fetching only what the settings allow.
+
+Label Studio's own URLs (`/data/upload/...`, `/data/local-files/?d=...`, or absolute URLs on
+LABEL_STUDIO_URL's host) are fetched with the API key; other hosts only when listed in
+ALLOWED_IMAGE_HOSTS, and without credentials. Local files are read only below
+LOCAL_FILES_DOCUMENT_ROOT. Redirects are followed by hand so each hop is checked the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import parse_qs, unquote, urljoin, urlsplit
+
+import numpy as np
+import requests
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from backend.config import Settings
+from backend.labelstudio_auth import AuthError, LabelStudioAuth
+
+log = logging.getLogger(__name__)
+
+MAX_REDIRECTS = 3
+
+
+class ImageError(Exception):
+    """An image that cannot be used; `status` is the HTTP status to answer with."""
+
+    def __init__(self, message: str, status: int = 422) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class FetchedImage:
+    """Raw bytes of a task image and their SHA-256, the key of everything cached about it."""
+
+    url: str
+    data: bytes
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(self.data).hexdigest()
+
+
+class ImageFetcher:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.label_studio = urlsplit(settings.label_studio_url) if settings.label_studio_url else None
+        self.auth = (
+            LabelStudioAuth(settings.label_studio_url, settings.label_studio_api_key, settings.download_timeout_s)
+            if settings.label_studio_url
+            else None
+        )
+        self.http = requests.Session()
+
+    def fetch(self, url: str) -> FetchedImage:
+        if not isinstance(url, str) or not url:
+            raise ImageError("the task's image field is empty or not a string", 400)
+        if url.startswith("/data/local-files/") and self.settings.local_files_document_root:
+            return FetchedImage(url, self._read_local(url))
+        if url.startswith("/"):
+            if self.label_studio is None:
+                raise ImageError(f"image {url!r} is relative to Label Studio, but LABEL_STUDIO_URL is not set", 422)
+            url = self.settings.label_studio_url + url
+        return FetchedImage(url, self._download(url))
+
+    def _read_local(self, url: str) -> bytes:
+        relative = parse_qs(urlsplit(url).query).get("d", [""])[0]
+        root = Path(self.settings.local_files_document_root).resolve()
+        target = (root / unquote(relative)).resolve()
+        if not relative or not target.is_relative_to(root):
+            raise ImageError(f"local file {relative!r} is outside LOCAL_FILES_DOCUMENT_ROOT", 403)
+        if not target.is_file():
+            raise ImageError(f"local file {relative!r} does not exist", 404)
+        if target.stat().st_size > self.settings.max_download_bytes:
+            raise ImageError(f"local file {relative!r} is larger than MAX_DOWNLOAD_BYTES", 413)
+        return target.read_bytes()
+
+    def _is_label_studio(self, parts) -> bool:
+        return self.label_studio is not None and (parts.scheme, parts.netloc) == (
+            self.label_studio.scheme,
+            self.label_studio.netloc,
+        )
+
+    def _download(self, url: str) -> bytes:
+        for _ in range(MAX_REDIRECTS + 1):
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https"):
+                raise ImageError(f"unsupported image URL scheme {parts.scheme!r}", 400)
+            to_label_studio = self._is_label_studio(parts)
+            if not to_label_studio and (parts.hostname or "").lower() not in self.settings.allowed_image_hosts:
+                raise ImageError(
+                    f"image host {parts.hostname!r} is neither LABEL_STUDIO_URL nor in ALLOWED_IMAGE_HOSTS", 403
+                )
+            response = self._get(url, to_label_studio)
+            if response.is_redirect:
+                url = urljoin(url, response.headers.get("Location", ""))
+                response.close()
+                continue
+            return self._read_body(response, url)
+        raise ImageError(f"too many redirects fetching {url}", 422)
+
+    def _get(self, url: str, with_auth: bool) -> requests.Response:
+        try:
+            headers = self.auth.header() if with_auth and self.auth else {}
+            response = self.http.get(
+                url, headers=headers, timeout=self.settings.download_timeout_s, stream=True, allow_redirects=False
+            )
+            if response.status_code == 401 and with_auth and self.auth and self.auth.is_personal_access_token:
+                response.close()
+                self.auth.invalidate()
+                response = self.http.get(
+                    url,
+                    headers=self.auth.header(),
+                    timeout=self.settings.download_timeout_s,
+                    stream=True,
+                    allow_redirects=False,
+                )
+        except AuthError as error:
+            raise ImageError(str(error), 422) from error
+        except requests.RequestException as error:
+            raise ImageError(f"could not download {url}: {type(error).__name__}", 422) from error
+        return response
+
+    def _read_body(self, response: requests.Response, url: str) -> bytes:
+        with response:
+            if response.status_code != 200:
+                hint = " (check LABEL_STUDIO_API_KEY)" if response.status_code in (401, 403) else ""
+                raise ImageError(f"downloading {url} answered HTTP {response.status_code}{hint}", 422)
+            limit = self.settings.max_download_bytes
+            declared = response.headers.get("Content-Length")
+            if declared and declared.isdigit() and int(declared) > limit:
+                raise ImageError(f"image at {url} is larger than MAX_DOWNLOAD_BYTES ({limit})", 413)
+            body = bytearray()
+            try:
+                for chunk in response.iter_content(chunk_size=256 * 1024):
+                    body += chunk
+                    if len(body) > limit:
+                        raise ImageError(f"image at {url} is larger than MAX_DOWNLOAD_BYTES ({limit})", 413)
+            except requests.RequestException as error:
+                raise ImageError(f"download of {url} broke off: {type(error).__name__}", 422) from error
+            return bytes(body)
+
+
+def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
+    """RGB uint8 pixels, turned upright by EXIF orientation as browsers (and Label Studio) show them."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                width, height = image.size
+                if width * height > max_pixels:
+                    raise ImageError(f"image of {width}x{height} pixels is above MAX_IMAGE_PIXELS ({max_pixels})", 413)
+                upright = ImageOps.exif_transpose(image)
+                return np.asarray(upright.convert("RGB"))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise ImageError(f"image rejected as a decompression bomb: {error}", 413) from error
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+        raise ImageError(f"image could not be decoded: {error}", 422) from error

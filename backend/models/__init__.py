@@ -1,0 +1,1 @@
+"""The models (SAM, later GroundingDINO and training) and how their weights are found and loaded."""

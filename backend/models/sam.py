@@ -1,0 +1,168 @@
+"""Segment Anything (Meta's segment-anything package) behind the `Segmenter` interface.
+
+Loads Meta's official `.pth` state dicts. The image-encoder architecture is read off the checkpoint's
+tensor shapes, so the official ViT-B/L/H files and reduced test builds go through the same loader;
+`SAM_MODEL_TYPE` is checked against what the file holds.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from segment_anything.build_sam import _build_sam
+from segment_anything.modeling import Sam
+from segment_anything.utils.transforms import ResizeLongestSide
+
+from backend.models.base import ImageEmbedding, MaskPrediction, SegmentPrompt
+from backend.models.checkpoints import CheckpointMissing, sha256_of
+from backend.models.sam_decoder import PromptDecoder, make_decoder
+
+log = logging.getLogger(__name__)
+
+IMAGE_SIZE = 1024
+PATCH_SIZE = 16
+LOW_RES_SIZE = 256
+
+
+@dataclass(frozen=True)
+class EncoderShape:
+    """What varies between SAM image encoders."""
+
+    embed_dim: int
+    depth: int
+    num_heads: int
+    global_attn_indexes: tuple[int, ...]
+
+
+OFFICIAL_ENCODERS = {
+    "vit_b": EncoderShape(768, 12, 12, (2, 5, 8, 11)),
+    "vit_l": EncoderShape(1024, 24, 16, (5, 11, 17, 23)),
+    "vit_h": EncoderShape(1280, 32, 16, (7, 15, 23, 31)),
+}
+
+
+def infer_encoder_shape(state_dict: dict[str, torch.Tensor]) -> EncoderShape:
+    """Read the encoder's size from tensor shapes: windowed blocks have 2*14-1 relative positions."""
+    embed_dim = state_dict["image_encoder.patch_embed.proj.weight"].shape[0]
+    block_ids = sorted({int(key.split(".")[2]) for key in state_dict if key.startswith("image_encoder.blocks.")})
+    global_blocks = []
+    head_dim = None
+    for block in block_ids:
+        rel_pos = state_dict[f"image_encoder.blocks.{block}.attn.rel_pos_h"]
+        head_dim = rel_pos.shape[1]
+        if rel_pos.shape[0] != 2 * 14 - 1:
+            global_blocks.append(block)
+    if head_dim is None:
+        raise ValueError("checkpoint holds no image-encoder blocks")
+    return EncoderShape(embed_dim, len(block_ids), embed_dim // head_dim, tuple(global_blocks))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_sam(
+    checkpoint: Path, model_type: str = "", device: str = "auto", decoder_runtime: str = "auto"
+) -> SamSegmenter:
+    """Build SAM from an official-format state dict; `model_type` (vit_b/l/h), if given, must match."""
+    if not checkpoint.is_file():
+        raise CheckpointMissing("SAM", checkpoint)
+    state_dict = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    shape = infer_encoder_shape(state_dict)
+    expected = OFFICIAL_ENCODERS.get(model_type)
+    if model_type and expected is None:
+        raise ValueError(f"unknown SAM_MODEL_TYPE {model_type!r}; use one of {sorted(OFFICIAL_ENCODERS)}")
+    if expected is not None and expected.embed_dim != shape.embed_dim:
+        log.warning(
+            "SAM_MODEL_TYPE=%s but %s holds a %s encoder; using the checkpoint's", model_type, checkpoint, shape
+        )
+    sam = _build_sam(shape.embed_dim, shape.depth, shape.num_heads, list(shape.global_attn_indexes))
+    sam.load_state_dict(state_dict)
+    identity = f"sam-{shape.embed_dim}x{shape.depth}-{sha256_of(checkpoint)[:16]}"
+    log.info("loaded SAM %s from %s", identity, checkpoint)
+    return SamSegmenter(sam, identity, resolve_device(device), decoder_runtime)
+
+
+class SamSegmenter:
+    """SAM's image encoder and prompt decoder, safe to call from many threads at once."""
+
+    def __init__(self, sam: Sam, identity: str, device: torch.device, decoder_runtime: str = "auto") -> None:
+        self.sam = sam.to(device).eval()
+        self.decoder: PromptDecoder = make_decoder(self.sam, device, decoder_runtime)
+        self.device = device
+        self._identity = identity
+        self._resize = ResizeLongestSide(IMAGE_SIZE)
+        # One encoder pass at a time: concurrent passes only split the same cores and all finish late.
+        self._encode_lock = threading.Lock()
+        # Half precision only where the hardware is built for it; on CPU it is slower.
+        self._encoder_autocast = device.type == "cuda"
+
+    @property
+    def identity(self) -> str:
+        return self._identity
+
+    def encode(self, image: np.ndarray) -> ImageEmbedding:
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError("encode expects an RGB uint8 (H, W, 3) image")
+        resized = self._resize.apply_image(image)
+        pixels = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None]
+        with self._encode_lock, torch.inference_mode():
+            with torch.autocast(self.device.type, dtype=torch.float16, enabled=self._encoder_autocast):
+                features = self.sam.image_encoder(self.sam.preprocess(pixels.float()))
+        return ImageEmbedding(
+            features=features[0].float().cpu().numpy(),
+            original_size=(image.shape[0], image.shape[1]),
+            input_size=(resized.shape[0], resized.shape[1]),
+        )
+
+    def decode(self, embedding: ImageEmbedding, prompts: list[SegmentPrompt]) -> list[MaskPrediction]:
+        """Decode prompts in as few batched calls as their shapes allow, keeping their order."""
+        inputs = [self._prompt_arrays(prompt, embedding.original_size) for prompt in prompts]
+        # SAM's ONNX wrapper picks multimask-or-single from the point count, so a batch shares one count.
+        batches: dict[tuple[int, bool], list[int]] = defaultdict(list)
+        for index, (coords, _, logits) in enumerate(inputs):
+            batches[(len(coords), logits is not None)].append(index)
+        features = np.ascontiguousarray(embedding.features, dtype=np.float32)[None]
+        image_size = np.array(embedding.original_size, dtype=np.float32)
+        results: list[MaskPrediction | None] = [None] * len(prompts)
+        for (_, has_mask), indices in batches.items():
+            coords = np.stack([inputs[i][0] for i in indices])
+            labels = np.stack([inputs[i][1] for i in indices])
+            if has_mask:
+                mask_input = np.stack([inputs[i][2] for i in indices]).astype(np.float32)[:, None]
+            else:
+                mask_input = np.zeros((len(indices), 1, LOW_RES_SIZE, LOW_RES_SIZE), dtype=np.float32)
+            has_mask_input = np.array([float(has_mask)], dtype=np.float32)
+            masks, scores, low_res = self.decoder.run(features, coords, labels, mask_input, has_mask_input, image_size)
+            for row, index in enumerate(indices):
+                results[index] = MaskPrediction(
+                    mask=masks[row, 0] > self.sam.mask_threshold,
+                    score=float(scores[row, 0]),
+                    low_res_logits=low_res[row, 0],
+                )
+        return [result for result in results if result is not None]
+
+    def _prompt_arrays(
+        self, prompt: SegmentPrompt, original_size: tuple[int, int]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """SAM's ONNX prompt convention: box corners are points labelled 2 and 3; without a box a
+        padding point labelled -1 is appended, as SamPredictor does."""
+        coords = [list(point) for point in prompt.points]
+        labels = [float(label) for label in prompt.point_labels]
+        if prompt.box is not None:
+            x0, y0, x1, y1 = prompt.box
+            coords += [[x0, y0], [x1, y1]]
+            labels += [2.0, 3.0]
+        else:
+            coords.append([0.0, 0.0])
+            labels.append(-1.0)
+        scaled = self._resize.apply_coords(np.array(coords, dtype=np.float32), original_size).astype(np.float32)
+        return scaled, np.array(labels, dtype=np.float32), prompt.mask_logits

@@ -1,0 +1,105 @@
+"""SAM's prompt encoder + mask decoder + upscaling as one graph, run by PyTorch or ONNX Runtime.
+
+Both runtimes execute segment-anything's own `SamOnnxModel` wrapper, so they compute the same masks;
+ONNX Runtime is about twice as fast on a CPU (bench/interactive.py measures both), PyTorch is used on
+GPUs. The ONNX graph is exported from the loaded weights at start-up, so a fine-tuned decoder is
+exported like the original.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+from typing import Protocol
+
+import numpy as np
+import torch
+from segment_anything.modeling import Sam
+from segment_anything.utils.onnx import SamOnnxModel
+
+log = logging.getLogger(__name__)
+
+INPUT_NAMES = ["image_embeddings", "point_coords", "point_labels", "mask_input", "has_mask_input", "orig_im_size"]
+OUTPUT_NAMES = ["masks", "iou_predictions", "low_res_masks"]
+
+DecoderOutput = tuple[np.ndarray, np.ndarray, np.ndarray]  # full-size logits, scores, low-res logits
+
+
+class PromptDecoder(Protocol):
+    def run(
+        self,
+        features: np.ndarray,
+        coords: np.ndarray,
+        labels: np.ndarray,
+        mask_input: np.ndarray,
+        has_mask_input: np.ndarray,
+        image_size: np.ndarray,
+    ) -> DecoderOutput: ...
+
+
+class TorchDecoder:
+    def __init__(self, sam: Sam, device: torch.device) -> None:
+        self.device = device
+        self.module = SamOnnxModel(sam, return_single_mask=True).to(device).eval()
+
+    def run(self, *arrays: np.ndarray) -> DecoderOutput:
+        tensors = [torch.as_tensor(array, device=self.device) for array in arrays]
+        with torch.inference_mode():
+            masks, scores, low_res = self.module(*tensors)
+        return masks.float().cpu().numpy(), scores.float().cpu().numpy(), low_res.float().cpu().numpy()
+
+
+class OnnxDecoder:
+    def __init__(self, sam: Sam, threads: int) -> None:
+        import onnxruntime
+
+        module = SamOnnxModel(sam, return_single_mask=True).eval()
+        example = (
+            torch.zeros(1, 256, 64, 64),
+            torch.zeros(1, 2, 2),
+            torch.zeros(1, 2),
+            torch.zeros(1, 1, 256, 256),
+            torch.zeros(1),
+            torch.tensor([480.0, 640.0]),
+        )
+        graph = io.BytesIO()
+        dynamic = {"point_coords": {0: "batch", 1: "points"}, "point_labels": {0: "batch", 1: "points"}}
+        dynamic["mask_input"] = {0: "batch"}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer warnings about SAM's shape arithmetic, expected
+            torch.onnx.export(
+                module,
+                example,
+                graph,
+                input_names=INPUT_NAMES,
+                output_names=OUTPUT_NAMES,
+                dynamic_axes=dynamic,
+                opset_version=17,
+                do_constant_folding=True,
+                dynamo=False,
+            )
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        self.session = onnxruntime.InferenceSession(graph.getvalue(), options, providers=["CPUExecutionProvider"])
+
+    def run(self, *arrays: np.ndarray) -> DecoderOutput:
+        masks, scores, low_res = self.session.run(OUTPUT_NAMES, dict(zip(INPUT_NAMES, arrays, strict=True)))
+        return masks, scores, low_res
+
+
+def make_decoder(sam: Sam, device: torch.device, runtime: str) -> PromptDecoder:
+    """`runtime`: "torch", "onnx", or "auto" (ONNX Runtime on CPU when installed, PyTorch otherwise)."""
+    if runtime == "auto":
+        try:
+            import onnxruntime  # noqa: F401
+
+            runtime = "onnx" if device.type == "cpu" else "torch"
+        except ImportError:
+            runtime = "torch"
+    if runtime == "onnx":
+        return OnnxDecoder(sam, torch.get_num_threads())
+    if runtime == "torch":
+        return TorchDecoder(sam, device)
+    raise ValueError(f"unknown DECODER_RUNTIME {runtime!r}; use auto, torch or onnx")

@@ -1,0 +1,116 @@
+"""From one task and its prompts to labelled masks: fetch the image, get its embedding, decode.
+
+This is where the layers meet in one direction: the protocol layer calls in with parsed requests,
+this module asks images, prompts, cache and models, and hands back plain objects that the protocol
+layer turns into Label Studio's JSON.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from backend.cache.embeddings import EmbeddingCache
+from backend.cache.sessions import SessionStore
+from backend.cache.store import ByteStore
+from backend.config import Settings
+from backend.images import FetchedImage, ImageFetcher, decode_image
+from backend.models.base import ImageEmbedding, Segmenter
+from backend.models.loader import BackgroundLoader
+from backend.models.sam import load_sam
+from backend.prompts.interactive import InteractivePrompter, PromptError, parse_context
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DetectedObject:
+    label: str
+    mask: np.ndarray  # (H, W) bool
+    score: float
+    box: tuple[float, float, float, float] | None = None  # pixel box, when the object came from one
+
+
+@dataclass
+class TaskPrediction:
+    objects: list[DetectedObject]
+    image_size: tuple[int, int]  # (height, width)
+    cache_hit: bool
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Models:
+    """Everything that exists only once the weights are loaded."""
+
+    segmenter: Segmenter
+    embeddings: EmbeddingCache
+    sessions: SessionStore
+
+
+class Predictor:
+    def __init__(self, settings: Settings, store: ByteStore, fetcher: ImageFetcher | None = None) -> None:
+        self.settings = settings
+        self.store = store
+        self.fetcher = fetcher or ImageFetcher(settings)
+        self.models = BackgroundLoader(self._load_models)
+
+    def _load_models(self) -> Models:
+        settings = self.settings
+        segmenter = load_sam(
+            settings.sam_checkpoint_path, settings.sam_model_type, settings.device, settings.decoder_runtime
+        )
+        return self.models_for(segmenter)
+
+    def models_for(self, segmenter: Segmenter) -> Models:
+        return Models(
+            segmenter=segmenter,
+            embeddings=EmbeddingCache(
+                self.store, segmenter, self.settings.embedding_ttl_s, self.settings.encode_lock_timeout_s
+            ),
+            sessions=SessionStore(self.store, segmenter.identity, self.settings.session_ttl_s),
+        )
+
+    def embedding_for(self, models: Models, image: FetchedImage) -> tuple[ImageEmbedding, bool, float]:
+        cached = models.embeddings.get_or_encode(
+            image.digest, lambda: decode_image(image.data, self.settings.max_image_pixels)
+        )
+        return cached.embedding, cached.cache_hit, cached.encode_seconds
+
+    def predict_interactive(self, image_url: str, task_id: object, context: object) -> TaskPrediction:
+        """Masks for the smart regions in `context`; an empty context gives no objects, not an error."""
+        if not context:
+            return TaskPrediction(objects=[], image_size=(0, 0), cache_hit=False)
+        models = self.models.get(self.settings.model_ready_timeout_s)
+        started = time.perf_counter()
+        image = self.fetcher.fetch(image_url)
+        fetched = time.perf_counter()
+        embedding, hit, encode_s = self.embedding_for(models, image)
+        embedded = time.perf_counter()
+        parsed = parse_context(context, embedding.original_size, self.settings.max_prompts_per_task)
+        if parsed.texts and not (parsed.keypoints or parsed.rectangles):
+            raise PromptError("text prompts need GroundingDINO, which this backend has not loaded", 422)
+        prompter = InteractivePrompter(models.sessions, image.digest, task_id)
+        objects = prompter.prompts(parsed)
+        predictions = models.segmenter.decode(embedding, [obj.prompt for obj in objects]) if objects else []
+        decoded = time.perf_counter()
+        prompter.remember(objects, predictions)
+        return TaskPrediction(
+            objects=[
+                DetectedObject(
+                    obj.label, prediction.mask, prediction.score, None if obj.from_keypoints else obj.prompt.box
+                )
+                for obj, prediction in zip(objects, predictions, strict=True)
+            ],
+            image_size=embedding.original_size,
+            cache_hit=hit,
+            timings={
+                "fetch": fetched - started,
+                "embedding": embedded - fetched,
+                "encode": encode_s,
+                "decode": decoded - embedded,
+            },
+        )

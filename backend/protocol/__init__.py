@@ -1,0 +1,1 @@
+"""The Label Studio wire format: label configs, result JSON and the HTTP routes."""

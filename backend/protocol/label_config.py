@@ -1,0 +1,101 @@
+"""A project's label config, read with label-studio-sdk, reduced to what the backend needs.
+
+Controls are found by tag type (BrushLabels, KeyPointLabels, RectangleLabels, TextArea, Number),
+never by name, so any project that uses these tags works whatever it called them.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass, field
+
+from label_studio_sdk.label_interface import LabelInterface
+
+log = logging.getLogger(__name__)
+
+
+class ConfigError(ValueError):
+    """The label config cannot be served by this backend."""
+
+
+@dataclass(frozen=True)
+class Control:
+    name: str
+    to_name: str
+    labels: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ProjectConfig:
+    image_name: str  # the Image tag's name, the to_name of every result
+    image_field: str  # the task data key holding the image URL
+    brush: Control | None
+    rectangle: Control | None
+    keypoint: Control | None
+    text_prompt: Control | None
+    phrases: dict[str, tuple[str, ...]] = field(default_factory=dict)  # label -> phrases that detect it
+    numbers: dict[str, float] = field(default_factory=dict)  # Number controls' default values by name
+
+    def brush_for(self, label: str) -> Control:
+        """The BrushLabels control that outputs `label`."""
+        if self.brush is None:
+            raise ConfigError("the label config has no BrushLabels control to put masks in")
+        if label not in self.brush.labels:
+            raise ConfigError(f"label {label!r} is not a label of the BrushLabels control {self.brush.name!r}")
+        return self.brush
+
+
+def _control(interface: LabelInterface, tag: str, image_name: str) -> Control | None:
+    for control in interface.controls:
+        if control.tag == tag and image_name in control.to_name:
+            return Control(control.name, image_name, tuple(control.labels or ()))
+    return None
+
+
+def _phrases(interface: LabelInterface, image_name: str) -> dict[str, tuple[str, ...]]:
+    phrases: dict[str, tuple[str, ...]] = {}
+    for control in interface.controls:
+        if control.tag not in ("BrushLabels", "RectangleLabels") or image_name not in control.to_name:
+            continue
+        for label, label_tag in (control.labels_attrs or {}).items():
+            raw = (label_tag.attr or {}).get("predicted_values", "")
+            wanted = tuple(phrase.strip() for phrase in raw.split(",") if phrase.strip()) or (label,)
+            phrases.setdefault(label, wanted)
+    return phrases
+
+
+@functools.lru_cache(maxsize=64)
+def parse_label_config(xml: str) -> ProjectConfig:
+    """Parse once per distinct config: Label Studio sends the whole XML with every request."""
+    if not isinstance(xml, str) or not xml.strip():
+        raise ConfigError("label_config is missing")
+    try:
+        interface = LabelInterface(xml)
+    except Exception as error:  # the SDK raises many kinds of errors for bad XML
+        raise ConfigError(f"label_config is not a valid Label Studio config: {error}") from error
+    images = [obj for obj in interface.objects if obj.tag == "Image"]
+    if not images:
+        raise ConfigError("the label config has no Image tag")
+    image = images[0]
+    value = image.value or ""
+    if not value.startswith("$"):
+        raise ConfigError(f"the Image tag's value {value!r} is not a task field like $image")
+    numbers = {}
+    for control in interface.controls:
+        if control.tag == "Number":
+            default = (control.attr or {}).get("defaultValue")
+            try:
+                numbers[control.name] = float(default)
+            except (TypeError, ValueError):
+                continue
+    return ProjectConfig(
+        image_name=image.name,
+        image_field=value[1:],
+        brush=_control(interface, "BrushLabels", image.name),
+        rectangle=_control(interface, "RectangleLabels", image.name),
+        keypoint=_control(interface, "KeyPointLabels", image.name),
+        text_prompt=_control(interface, "TextArea", image.name),
+        phrases=_phrases(interface, image.name),
+        numbers=numbers,
+    )

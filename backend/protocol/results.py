@@ -1,0 +1,71 @@
+"""Label Studio result JSON: brush masks as Label Studio's RLE (label-studio-sdk's codec) and rectangles."""
+
+from __future__ import annotations
+
+import uuid
+
+import numpy as np
+from label_studio_sdk.converter.brush import decode_rle, mask2rle
+
+
+def region_id() -> str:
+    return uuid.uuid4().hex[:10]
+
+
+def brush_result(
+    mask: np.ndarray, label: str, from_name: str, to_name: str, score: float, result_id: str | None = None
+) -> dict:
+    """A brushlabels region; `mask` is (H, W) bool at the size Label Studio shows the image."""
+    height, width = mask.shape
+    return {
+        "id": result_id or region_id(),
+        "from_name": from_name,
+        "to_name": to_name,
+        "type": "brushlabels",
+        "original_width": int(width),
+        "original_height": int(height),
+        "image_rotation": 0,
+        "readonly": False,
+        "score": float(score),
+        "value": {"format": "rle", "rle": mask2rle(mask.astype(np.uint8) * 255), "brushlabels": [label]},
+    }
+
+
+def rectangle_result(
+    box: tuple[float, float, float, float],
+    image_size: tuple[int, int],
+    label: str,
+    from_name: str,
+    to_name: str,
+    score: float,
+    result_id: str | None = None,
+) -> dict:
+    """A rectanglelabels region from a pixel box; Label Studio wants percent of the image."""
+    height, width = image_size
+    x0, y0, x1, y1 = box
+    return {
+        "id": result_id or region_id(),
+        "from_name": from_name,
+        "to_name": to_name,
+        "type": "rectanglelabels",
+        "original_width": int(width),
+        "original_height": int(height),
+        "image_rotation": 0,
+        "readonly": False,
+        "score": float(score),
+        "value": {
+            "x": 100.0 * x0 / width,
+            "y": 100.0 * y0 / height,
+            "width": 100.0 * (x1 - x0) / width,
+            "height": 100.0 * (y1 - y0) / height,
+            "rotation": 0,
+            "rectanglelabels": [label],
+        },
+    }
+
+
+def decode_brush(result: dict) -> np.ndarray:
+    """The (H, W) bool mask of a brushlabels result, as Label Studio would draw it."""
+    height, width = result["original_height"], result["original_width"]
+    rgba = decode_rle(result["value"]["rle"]).reshape(height, width, 4)
+    return rgba[:, :, 3] > 0

@@ -1,0 +1,201 @@
+"""Label Studio's ML backend protocol over HTTP (Flask 3), wire-compatible with label-studio-ml 2.x.
+
+Routes: GET /health (and /), POST /setup, POST /predict, POST /webhook. Every bad input answers a
+4xx JSON `{"error": ...}` and a log line; the process keeps serving.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import logging
+import os
+import time
+
+from flask import Flask, Response, g, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from backend.config import Settings
+from backend.images import ImageError
+from backend.models.loader import ModelNotReady
+from backend.predictor import Predictor, TaskPrediction
+from backend.prompts.interactive import PromptError
+from backend.protocol.label_config import ConfigError, ProjectConfig, parse_label_config
+from backend.protocol.results import brush_result, rectangle_result
+
+log = logging.getLogger(__name__)
+
+MODEL_CLASS = "SamBackend"
+
+
+class BadRequest(Exception):
+    def __init__(self, message: str, status: int = 400, **details: object) -> None:
+        super().__init__(message)
+        self.status = status
+        self.details = details
+
+
+def error_response(message: str, status: int, **details: object) -> tuple[Response, int]:
+    log.warning("%s %s -> %d: %s", request.method, request.path, status, message)
+    return jsonify({"error": message, "status": status, **details}), status
+
+
+def _credentials_match(header: str, user: str, password: str) -> bool:
+    if not header.startswith("Basic "):
+        return False
+    try:
+        given_user, _, given_pass = base64.b64decode(header[6:], validate=True).decode("utf-8").partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        return False
+    # Both comparisons always run so the timing says nothing about which part was wrong.
+    user_ok = hmac.compare_digest(given_user.encode(), user.encode())
+    pass_ok = hmac.compare_digest(given_pass.encode(), password.encode())
+    return user_ok and pass_ok
+
+
+def task_results(prediction: TaskPrediction, config: ProjectConfig, model_version: str) -> dict:
+    """One entry of the /predict answer: a brush region per object (and its rectangle if it has a box)."""
+    regions = []
+    for obj in prediction.objects:
+        brush = config.brush_for(obj.label)
+        regions.append(brush_result(obj.mask, obj.label, brush.name, config.image_name, obj.score))
+        if obj.box is not None and config.rectangle is not None and obj.label in config.rectangle.labels:
+            regions.append(
+                rectangle_result(
+                    obj.box, prediction.image_size, obj.label, config.rectangle.name, config.image_name, obj.score
+                )
+            )
+    scores = [obj.score for obj in prediction.objects]
+    return {"result": regions, "score": float(min(scores)) if scores else 0.0, "model_version": model_version}
+
+
+def _parse_predict_body(body: object, settings: Settings) -> tuple[list[dict], ProjectConfig, object]:
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object with 'tasks' and 'label_config'")
+    tasks = body.get("tasks")
+    if not isinstance(tasks, list) or not tasks:
+        raise BadRequest("'tasks' must be a non-empty list")
+    if len(tasks) > settings.max_tasks_per_request:
+        raise BadRequest(f"{len(tasks)} tasks in one request; at most {settings.max_tasks_per_request}", 413)
+    if not all(isinstance(task, dict) and isinstance(task.get("data"), dict) for task in tasks):
+        raise BadRequest("every task must be an object with a 'data' object")
+    params = body.get("params") or {}
+    if not isinstance(params, dict):
+        raise BadRequest("'params' must be an object")
+    try:
+        config = parse_label_config(body.get("label_config") or "")
+    except ConfigError as error:
+        raise BadRequest(str(error), 422) from error
+    if config.brush is None:
+        raise BadRequest("the label config has no BrushLabels control for the image; add one to receive masks", 422)
+    return tasks, config, params.get("context")
+
+
+def create_app(settings: Settings, predictor: Predictor) -> Flask:
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
+    model_version = settings.model_version or f"sam-{settings.sam_model_type}"
+
+    @app.before_request
+    def authenticate() -> tuple[Response, int] | None:
+        g.started = time.perf_counter()
+        if not settings.basic_auth_user:
+            return None
+        if _credentials_match(
+            request.headers.get("Authorization", ""), settings.basic_auth_user, settings.basic_auth_pass
+        ):
+            return None
+        response, status = error_response("authentication required", 401)
+        response.headers["WWW-Authenticate"] = 'Basic realm="sam-backend"'
+        return response, status
+
+    @app.after_request
+    def stamp(response: Response) -> Response:
+        response.headers["X-Worker-Pid"] = str(os.getpid())
+        total = f"total;dur={(time.perf_counter() - g.get('started', time.perf_counter())) * 1000:.1f}"
+        parts = [response.headers.get("Server-Timing"), total]
+        response.headers["Server-Timing"] = ", ".join(part for part in parts if part)
+        return response
+
+    @app.errorhandler(HTTPException)
+    def http_error(error: HTTPException) -> tuple[Response, int]:
+        return error_response(error.description or error.name, error.code or 500)
+
+    @app.errorhandler(BadRequest)
+    def bad_request(error: BadRequest) -> tuple[Response, int]:
+        return error_response(str(error), error.status, **error.details)
+
+    @app.errorhandler(ModelNotReady)
+    def not_ready(error: ModelNotReady) -> tuple[Response, int]:
+        response, status = error_response(str(error), 503)
+        response.headers["Retry-After"] = "5"
+        return response, status
+
+    @app.errorhandler(Exception)
+    def unexpected(error: Exception) -> tuple[Response, int]:
+        log.exception("unexpected error on %s %s", request.method, request.path)
+        return jsonify({"error": f"internal error: {type(error).__name__}", "status": 500}), 500
+
+    @app.get("/")
+    @app.get("/health")
+    def health() -> Response:
+        predictor.models.start()
+        return jsonify(
+            {
+                "status": "UP",
+                "model_class": MODEL_CLASS,
+                "models": predictor.models.state,
+                "model_error": predictor.models.error,
+            }
+        )
+
+    @app.post("/setup")
+    def setup() -> Response:
+        # Label Studio gives /setup 3 s: start loading, never wait for it here.
+        predictor.models.start()
+        body = request.get_json(silent=True)
+        if not isinstance(body, dict):
+            raise BadRequest("the body must be a JSON object")
+        return jsonify({"model_version": model_version})
+
+    @app.post("/predict")
+    def predict() -> tuple[Response, int] | Response:
+        body = request.get_json(silent=True)
+        if body is None:
+            raise BadRequest("the body is not valid JSON")
+        tasks, config, context = _parse_predict_body(body, settings)
+        results, errors, last_prediction = [], [], None
+        for index, task in enumerate(tasks):
+            try:
+                image_url = task["data"].get(config.image_field)
+                if image_url is None:
+                    raise BadRequest(f"task has no data.{config.image_field}")
+                prediction = predictor.predict_interactive(image_url, task.get("id"), context)
+                results.append(task_results(prediction, config, model_version))
+                last_prediction = prediction
+            except (BadRequest, ImageError, PromptError, ConfigError) as error:
+                status = getattr(error, "status", 422)
+                log.warning("task %s (#%d): %s", task.get("id"), index, error)
+                errors.append({"task": task.get("id"), "index": index, "error": str(error), "status": status})
+                results.append({"result": [], "score": 0.0, "model_version": model_version, "error": str(error)})
+        if errors and len(errors) == len(tasks):
+            # Nothing to show: answer the first error's status so the caller sees why.
+            return error_response(errors[0]["error"], errors[0]["status"], errors=errors)
+        response = jsonify({"results": results, **({"errors": errors} if errors else {})})
+        if last_prediction is not None and len(tasks) == 1:
+            response.headers["X-Embedding-Cache"] = "hit" if last_prediction.cache_hit else "miss"
+            response.headers["Server-Timing"] = ", ".join(
+                f"{name};dur={seconds * 1000:.1f}" for name, seconds in last_prediction.timings.items()
+            )
+        return response
+
+    @app.post("/webhook")
+    def webhook() -> tuple[Response, int] | Response:
+        body = request.get_json(silent=True)
+        if not isinstance(body, dict) or not isinstance(body.get("action"), str):
+            raise BadRequest("a webhook body is a JSON object with an 'action'")
+        log.info("webhook %s for project %s", body["action"], (body.get("project") or {}).get("id"))
+        return jsonify({"status": "ok", "action": body["action"]})
+
+    return app
