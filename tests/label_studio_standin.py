@@ -1,0 +1,104 @@
+"""A real HTTP server that serves task images the way Label Studio 1.23 does, for tests.
+
+It answers only what an ML backend asks Label Studio for (recorded in ../shared/ls-protocol):
+`/data/upload/...` and `/data/local-files/?d=...` need `Authorization: Token <legacy>` (when legacy
+tokens are enabled) or `Bearer <access>`, where the access token comes from
+`POST /api/token/refresh/ {"refresh": <personal access token>}` and expires. Everything else is a
+plain file server for "other hosts". The real Label Studio is exercised by tests/e2e.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import jwt
+from werkzeug.serving import make_server
+from werkzeug.wrappers import Request, Response
+
+SECRET = "test-signing-key-for-the-label-studio-stand-in"
+
+
+def make_personal_access_token(user_id: int = 1) -> str:
+    now = int(time.time())
+    claims = {"token_type": "refresh", "user_id": user_id, "iat": now, "exp": now + 3600 * 24, "jti": "pat"}
+    return jwt.encode(claims, SECRET, algorithm="HS256")
+
+
+class LabelStudioStandIn:
+    def __init__(self, media_root: Path, legacy_token: str = "legacy-token-0123456789", legacy_enabled: bool = True):
+        self.media_root = media_root
+        self.legacy_token = legacy_token
+        self.legacy_enabled = legacy_enabled
+        self.access_lifetime_s = 300
+        self.requests: list[tuple[str, str, str]] = []  # (method, path, auth scheme)
+        self.refreshes = 0
+        self.delay_s = 0.0
+        self._server = make_server("127.0.0.1", 0, self._app, threaded=True)
+        self.url = f"http://127.0.0.1:{self._server.server_port}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def start(self) -> LabelStudioStandIn:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+
+    def _authorized(self, header: str) -> bool:
+        scheme, _, value = header.partition(" ")
+        if scheme == "Token":
+            return self.legacy_enabled and value == self.legacy_token
+        if scheme == "Bearer":
+            try:
+                claims = jwt.decode(value, SECRET, algorithms=["HS256"])
+            except jwt.PyJWTError:
+                return False
+            return claims.get("token_type") == "access"
+        return False
+
+    def _app(self, environ, start_response):
+        request = Request(environ)
+        self.requests.append(
+            (request.method, request.full_path, request.headers.get("Authorization", "").split(" ")[0])
+        )
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        if request.path == "/api/token/refresh/" and request.method == "POST":
+            response = self._refresh(request)
+        elif request.path.startswith("/data/"):
+            response = self._data(request)
+        else:
+            response = self._file(self.media_root / "public" / request.path.lstrip("/"))
+        return response(environ, start_response)
+
+    def _refresh(self, request: Request) -> Response:
+        refresh = (request.get_json(silent=True) or {}).get("refresh", "")
+        try:
+            claims = jwt.decode(refresh, SECRET, algorithms=["HS256"])
+        except jwt.PyJWTError:
+            return Response('{"detail": "Token is invalid"}', 401, content_type="application/json")
+        self.refreshes += 1
+        now = int(time.time())
+        access = jwt.encode(
+            {"token_type": "access", "user_id": claims["user_id"], "iat": now, "exp": now + self.access_lifetime_s},
+            SECRET,
+            algorithm="HS256",
+        )
+        return Response(f'{{"access": "{access}"}}', 200, content_type="application/json")
+
+    def _data(self, request: Request) -> Response:
+        if not self._authorized(request.headers.get("Authorization", "")):
+            return Response('{"detail": "Authentication credentials were not provided."}', 401)
+        if request.path.startswith("/data/upload/"):
+            return self._file(self.media_root / "upload" / request.path[len("/data/upload/") :])
+        if request.path.startswith("/data/local-files/"):
+            return self._file(self.media_root / "local" / request.args.get("d", ""))
+        return Response("not found", 404)
+
+    @staticmethod
+    def _file(path: Path) -> Response:
+        if not path.is_file():
+            return Response("not found", 404)
+        return Response(path.read_bytes(), 200, content_type="application/octet-stream")

@@ -1,0 +1,216 @@
+"""The Label Studio wire format, replayed from what Label Studio 1.23 really sent (../shared/ls-protocol)."""
+
+from __future__ import annotations
+
+import base64
+import threading
+import time
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from backend.cache.store import MemoryStore
+from backend.models.loader import BackgroundLoader
+from backend.predictor import Predictor
+from backend.protocol.results import decode_brush
+from backend.protocol.server import create_app
+from tests.conftest import make_client, recorded
+
+
+def interactive(name: str, image: str | None = None) -> dict:
+    body = recorded(name)
+    if image is not None:
+        body["tasks"][0]["data"]["image"] = image
+    return body
+
+
+def assert_brush_results(results: list[dict], width: int, height: int, label: str) -> list[np.ndarray]:
+    masks = []
+    for result in results:
+        assert result["type"] == "brushlabels"
+        assert result["from_name"] == "tag" and result["to_name"] == "image"
+        assert isinstance(result["id"], str) and result["id"]
+        assert (result["original_width"], result["original_height"]) == (width, height)
+        assert result["value"]["brushlabels"] == [label]
+        assert isinstance(result["score"], float)
+        mask = decode_brush(result)
+        assert mask.shape == (height, width)
+        masks.append(mask)
+    return masks
+
+
+def test_health_and_setup_answer_while_models_load(settings):
+    release = threading.Event()
+    predictor = Predictor(settings, MemoryStore(1 << 20))
+    predictor.models = BackgroundLoader(lambda: release.wait(30))
+    client = create_app(settings, predictor).test_client()
+    started = time.perf_counter()
+    health = client.get("/health")
+    setup = client.post("/setup", json=recorded("02-setup.json"))
+    elapsed = time.perf_counter() - started
+    release.set()
+    assert health.status_code == 200 and health.json["status"] == "UP"
+    assert health.json["model_class"] == "SamBackend" and health.json["models"] == "loading"
+    assert setup.status_code == 200 and setup.json["model_version"]
+    assert elapsed < 1.0
+
+
+def test_predict_while_models_load_is_503_with_retry_advice(settings):
+    release = threading.Event()
+    predictor = Predictor(replace(settings, model_ready_timeout_s=0.2), MemoryStore(1 << 20))
+    predictor.models = BackgroundLoader(lambda: release.wait(30))
+    client = create_app(settings, predictor).test_client()
+    response = client.post("/predict", json=interactive("04-predict-interactive-keypoints.json"))
+    release.set()
+    assert response.status_code == 503
+    assert response.headers["Retry-After"] == "5"
+    assert "loading" in response.json["error"]
+
+
+def test_interactive_keypoints_return_one_brush_mask(client):
+    response = client.post("/predict", json=interactive("04-predict-interactive-keypoints.json"))
+    assert response.status_code == 200, response.json
+    (entry,) = response.json["results"]
+    assert entry["model_version"]
+    (mask,) = assert_brush_results(entry["result"], 1024, 768, "Car")
+    assert entry["score"] == entry["result"][0]["score"]
+    assert 0 < mask.sum() < mask.size
+
+
+def test_interactive_rectangle_returns_brush_mask_and_no_duplicate_rectangle(client):
+    response = client.post("/predict", json=interactive("05-predict-interactive-rectangle.json"))
+    assert response.status_code == 200, response.json
+    assert_brush_results(response.json["results"][0]["result"], 1024, 768, "Car")
+
+
+def test_several_rectangles_give_one_mask_each(client):
+    body = interactive("05-predict-interactive-rectangle.json")
+    second = dict(body["params"]["context"]["result"][0], id="second")
+    second["value"] = dict(second["value"], x=5.0, y=5.0, width=10.0, height=10.0)
+    body["params"]["context"]["result"].append(second)
+    response = client.post("/predict", json=body)
+    assert response.status_code == 200
+    masks = assert_brush_results(response.json["results"][0]["result"], 1024, 768, "Car")
+    assert len(masks) == 2 and not np.array_equal(masks[0], masks[1])
+
+
+def test_batch_without_context_answers_every_task_in_order(client):
+    body = recorded("03-predict-batch.json")
+    response = client.post("/predict", json=body)
+    assert response.status_code == 200
+    assert len(response.json["results"]) == len(body["tasks"])
+    assert all(entry["result"] == [] and entry["model_version"] for entry in response.json["results"])
+
+
+@pytest.mark.parametrize("context", [None, {}, {"result": []}])
+def test_empty_interactive_context_is_an_empty_prediction(client, context):
+    body = interactive("04-predict-interactive-keypoints.json")
+    body["params"]["context"] = context
+    response = client.post("/predict", json=body)
+    assert response.status_code == 200
+    assert response.json["results"] == [{"result": [], "score": 0.0, "model_version": "sam-vit_b"}]
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "07-webhook-annotation-created.json",
+        "08-webhook-annotation-updated.json",
+        "09-webhook-annotations-deleted.json",
+        "10-webhook-start-training.json",
+    ],
+)
+def test_webhooks_answer_200_at_once(client, name):
+    started = time.perf_counter()
+    response = client.post("/webhook", json=recorded(name))
+    assert response.status_code == 200
+    assert time.perf_counter() - started < 1.0
+
+
+def test_exif_orientation_gives_the_size_label_studio_shows(client):
+    body = interactive("05-predict-interactive-rectangle.json", "/data/upload/1/a5529614-car_400x300_exif6.png")
+    response = client.post("/predict", json=body)
+    assert response.status_code == 200, response.json
+    # Stored 400x300 with Orientation=6: shown (and masked) as 300 wide, 400 high.
+    assert_brush_results(response.json["results"][0]["result"], 300, 400, "Car")
+
+
+def test_image_on_an_allowed_other_host_is_fetched_without_credentials(client, label_studio):
+    other_host = label_studio.url.replace("127.0.0.1", "localhost") + "/car_512x384_http.jpg"
+    response = client.post("/predict", json=interactive("04-predict-interactive-keypoints.json", other_host))
+    assert response.status_code == 200, response.json
+    assert_brush_results(response.json["results"][0]["result"], 512, 384, "Car")
+    method, path, scheme = label_studio.requests[-1]
+    assert path.startswith("/car_512x384_http.jpg") and scheme == ""
+
+
+def test_local_files_are_read_under_the_document_root_only(settings, media_root):
+    client, _ = make_client(replace(settings, local_files_document_root=str(media_root / "local")))
+    ok = client.post(
+        "/predict",
+        json=interactive("04-predict-interactive-keypoints.json", "/data/local-files/?d=e2e/car_320x240_local.jpg"),
+    )
+    assert ok.status_code == 200, ok.json
+    assert_brush_results(ok.json["results"][0]["result"], 320, 240, "Car")
+    escape = client.post(
+        "/predict",
+        json=interactive("04-predict-interactive-keypoints.json", "/data/local-files/?d=../upload/1/voc.jpg"),
+    )
+    assert escape.status_code == 403 and "outside" in escape.json["error"]
+
+
+def test_personal_access_token_is_exchanged_and_reused(settings, label_studio):
+    from tests.label_studio_standin import make_personal_access_token
+
+    client, _ = make_client(replace(settings, label_studio_api_key=make_personal_access_token()))
+    before = label_studio.refreshes
+    for _ in range(3):
+        response = client.post("/predict", json=interactive("04-predict-interactive-keypoints.json"))
+        assert response.status_code == 200, response.json
+    assert label_studio.refreshes == before + 1
+    assert label_studio.requests[-1][2] == "Bearer"
+
+
+def test_personal_access_token_is_refreshed_before_it_expires(settings, label_studio):
+    from tests.label_studio_standin import make_personal_access_token
+
+    client, _ = make_client(replace(settings, label_studio_api_key=make_personal_access_token()))
+    label_studio.access_lifetime_s = 32  # the backend refreshes 30 s before expiry
+    try:
+        before = label_studio.refreshes
+        client.post("/predict", json=interactive("04-predict-interactive-keypoints.json"))
+        time.sleep(2.5)
+        response = client.post("/predict", json=interactive("04-predict-interactive-keypoints.json"))
+    finally:
+        label_studio.access_lifetime_s = 300
+    assert response.status_code == 200
+    assert label_studio.refreshes == before + 2
+
+
+def test_legacy_token_refused_says_to_check_the_key(settings, label_studio):
+    client, _ = make_client(settings)
+    label_studio.legacy_enabled = False
+    try:
+        response = client.post("/predict", json=interactive("04-predict-interactive-keypoints.json"))
+    finally:
+        label_studio.legacy_enabled = True
+    assert response.status_code == 422
+    assert "401" in response.json["error"] and "LABEL_STUDIO_API_KEY" in response.json["error"]
+
+
+def test_basic_auth_guards_every_route(settings):
+    client, _ = make_client(replace(settings, basic_auth_user="ls", basic_auth_pass="s3cret"))
+    good = "Basic " + base64.b64encode(b"ls:s3cret").decode()
+    bad = "Basic " + base64.b64encode(b"ls:wrong").decode()
+    for method, path, body in [
+        ("get", "/health", None),
+        ("post", "/setup", recorded("02-setup.json")),
+        ("post", "/predict", recorded("03-predict-batch.json")),
+        ("post", "/webhook", recorded("10-webhook-start-training.json")),
+    ]:
+        call = getattr(client, method)
+        assert call(path, json=body).status_code == 401
+        denied = call(path, json=body, headers={"Authorization": bad})
+        assert denied.status_code == 401 and "s3cret" not in denied.get_data(as_text=True)
+        assert call(path, json=body, headers={"Authorization": good}).status_code == 200
