@@ -172,7 +172,9 @@ def create_app(settings: Settings, predictor: Predictor) -> Flask:
                 if image_url is None:
                     raise BadRequest(f"task has no data.{config.image_field}")
                 prediction = predictor.predict_interactive(image_url, task.get("id"), context)
+                encoding_started = time.perf_counter()
                 results.append(task_results(prediction, config, model_version))
+                prediction.timings["results"] = time.perf_counter() - encoding_started
                 last_prediction = prediction
             except (BadRequest, ImageError, PromptError, ConfigError) as error:
                 status = getattr(error, "status", 422)
