@@ -282,6 +282,10 @@ def run(bench: Bench, redis_server: RedisServer, checkpoint: Path) -> dict:
         "decoder_only_p50_ms": {"torch": decoder["torch_ms"], "onnxruntime": decoder["onnx_ms"]},
         "decoder_torch_over_onnx": decoder["torch_ms"] / decoder["onnx_ms"],
         "decoder_masks_iou_torch_vs_onnx": decoder["mask_iou"],
+        # With a trained model a mask is an object's outline, whose RLE costs what real_object_mask does.
+        "warm_click_p50_ms_with_real_object_mask_rle_estimate": warm_p50
+        - warm_phases.get("results", 0.0)
+        + real_rle_ms,
         "rle_ms": {
             "random_weight_sam_mask": sam_rle_ms,
             "random_weight_sam_mask_ints": sam_rle_len,
