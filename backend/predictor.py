@@ -80,14 +80,28 @@ class Predictor:
         )
         return cached.embedding, cached.cache_hit, cached.encode_seconds
 
+    def warm_up(self) -> None:
+        """Start loading the models in the background (idempotent)."""
+        self.models.start()
+
+    def status(self) -> dict:
+        return {"models": self.models.state, "model_error": self.models.error}
+
     def predict_interactive(self, image_url: str, task_id: object, context: object) -> TaskPrediction:
         """Masks for the smart regions in `context`; an empty context gives no objects, not an error."""
         if not context:
             return TaskPrediction(objects=[], image_size=(0, 0), cache_hit=False)
-        models = self.models.get(self.settings.model_ready_timeout_s)
         started = time.perf_counter()
         image = self.fetcher.fetch(image_url)
-        fetched = time.perf_counter()
+        fetch_s = time.perf_counter() - started
+        prediction = self.predict_for_image(image, task_id, context)
+        prediction.timings["fetch"] = fetch_s
+        return prediction
+
+    def predict_for_image(self, image: FetchedImage, task_id: object, context: object) -> TaskPrediction:
+        """The model half of an interactive prediction, for an image already fetched."""
+        models = self.models.get(self.settings.model_ready_timeout_s)
+        started = time.perf_counter()
         embedding, hit, encode_s = self.embedding_for(models, image)
         embedded = time.perf_counter()
         parsed = parse_context(context, embedding.original_size, self.settings.max_prompts_per_task)
@@ -105,10 +119,5 @@ class Predictor:
             ],
             image_size=embedding.original_size,
             cache_hit=hit,
-            timings={
-                "fetch": fetched - started,
-                "embedding": embedded - fetched,
-                "encode": encode_s,
-                "decode": decoded - embedded,
-            },
+            timings={"embedding": embedded - started, "encode": encode_s, "decode": decoded - embedded},
         )

@@ -23,6 +23,8 @@ from backend.predictor import Predictor, TaskPrediction
 from backend.prompts.interactive import PromptError
 from backend.protocol.label_config import ConfigError, ProjectConfig, parse_label_config
 from backend.protocol.results import brush_result, rectangle_result
+from backend.worker.client import QueuePredictor
+from backend.worker.jobs import InputError
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +94,9 @@ def _parse_predict_body(body: object, settings: Settings) -> tuple[list[dict], P
     return tasks, config, params.get("context")
 
 
-def create_app(settings: Settings, predictor: Predictor) -> Flask:
+def create_app(settings: Settings, predictor: Predictor | QueuePredictor) -> Flask:
     app = Flask(__name__)
+    app.extensions["predictor"] = predictor
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     model_version = settings.model_version or f"sam-{settings.sam_model_type}"
 
@@ -140,20 +143,13 @@ def create_app(settings: Settings, predictor: Predictor) -> Flask:
     @app.get("/")
     @app.get("/health")
     def health() -> Response:
-        predictor.models.start()
-        return jsonify(
-            {
-                "status": "UP",
-                "model_class": MODEL_CLASS,
-                "models": predictor.models.state,
-                "model_error": predictor.models.error,
-            }
-        )
+        predictor.warm_up()
+        return jsonify({"status": "UP", "model_class": MODEL_CLASS, **predictor.status()})
 
     @app.post("/setup")
     def setup() -> Response:
         # Label Studio gives /setup 3 s: start loading, never wait for it here.
-        predictor.models.start()
+        predictor.warm_up()
         body = request.get_json(silent=True)
         if not isinstance(body, dict):
             raise BadRequest("the body must be a JSON object")
@@ -176,7 +172,7 @@ def create_app(settings: Settings, predictor: Predictor) -> Flask:
                 results.append(task_results(prediction, config, model_version))
                 prediction.timings["results"] = time.perf_counter() - encoding_started
                 last_prediction = prediction
-            except (BadRequest, ImageError, PromptError, ConfigError) as error:
+            except (BadRequest, ImageError, PromptError, ConfigError, InputError) as error:
                 status = getattr(error, "status", 422)
                 log.warning("task %s (#%d): %s", task.get("id"), index, error)
                 errors.append({"task": task.get("id"), "index": index, "error": str(error), "status": status})
