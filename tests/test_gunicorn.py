@@ -85,3 +85,21 @@ def test_second_worker_reuses_the_first_workers_embedding(gunicorn, redis_url):
         other_worker[0].json()["results"][0]["result"][0]["value"]["rle"]
         == first.json()["results"][0]["result"][0]["value"]["rle"]
     )
+
+
+def metric(text: str, name: str) -> float:
+    """The sum of every sample of `name` in a Prometheus text exposition."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+
+def test_metrics_add_up_over_all_workers(gunicorn):
+    click.url = gunicorn
+    with ThreadPoolExecutor(4) as pool:
+        responses = list(pool.map(lambda _: click(), range(8)))
+    pids = {response.headers["X-Worker-Pid"] for response in responses}
+    text = requests.get(f"{gunicorn}/metrics", timeout=10).text
+    assert metric(text, 'sam_embedding_cache_total{result="miss"}') == 1
+    assert metric(text, 'sam_embedding_cache_total{result="hit"}') == 7
+    assert metric(text, 'sam_http_requests_total{route="/predict",status="200"}') == 8
+    assert metric(text, "sam_encoder_seconds_count") == 1 and metric(text, "sam_decoder_seconds_count") == 8
+    assert len(pids) >= 1

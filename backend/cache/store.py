@@ -160,7 +160,10 @@ class ResilientStore:
         redis_lock = None
         if self._should_try_redis():
             try:
-                redis_lock = self.client.lock(name, timeout=LOCK_LEASE_S, blocking_timeout=timeout_s)
+                # Not thread-local: the renewing thread must see the token of the thread that acquired it.
+                redis_lock = self.client.lock(
+                    name, timeout=LOCK_LEASE_S, blocking_timeout=timeout_s, thread_local=False
+                )
                 if not redis_lock.acquire():
                     redis_lock = None
             except redis.RedisError as error:

@@ -16,6 +16,7 @@ import time
 from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
+from backend import metrics
 from backend.config import Settings
 from backend.images import ImageError
 from backend.models.loader import ModelNotReady
@@ -72,6 +73,15 @@ def task_results(prediction: TaskPrediction, config: ProjectConfig, model_versio
     return {"result": regions, "score": float(min(scores)) if scores else 0.0, "model_version": model_version}
 
 
+def record_prediction_metrics(prediction: TaskPrediction) -> None:
+    if "embedding" not in prediction.timings:
+        return  # nothing was computed (an empty context)
+    metrics.CACHE.labels("hit" if prediction.cache_hit else "miss").inc()
+    if not prediction.cache_hit:
+        metrics.ENCODE.observe(prediction.timings.get("encode", 0.0))
+    metrics.DECODE.observe(prediction.timings.get("decode", 0.0))
+
+
 def _parse_predict_body(body: object, settings: Settings) -> tuple[list[dict], ProjectConfig, object]:
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object with 'tasks' and 'label_config'")
@@ -115,6 +125,9 @@ def create_app(settings: Settings, predictor: Predictor | QueuePredictor) -> Fla
 
     @app.after_request
     def stamp(response: Response) -> Response:
+        route = request.url_rule.rule if request.url_rule else "unmatched"
+        metrics.REQUESTS.labels(route, str(response.status_code)).inc()
+        metrics.LATENCY.labels(route).observe(time.perf_counter() - g.get("started", time.perf_counter()))
         response.headers["X-Worker-Pid"] = str(os.getpid())
         total = f"total;dur={(time.perf_counter() - g.get('started', time.perf_counter())) * 1000:.1f}"
         parts = [response.headers.get("Server-Timing"), total]
@@ -171,10 +184,12 @@ def create_app(settings: Settings, predictor: Predictor | QueuePredictor) -> Fla
                 encoding_started = time.perf_counter()
                 results.append(task_results(prediction, config, model_version))
                 prediction.timings["results"] = time.perf_counter() - encoding_started
+                record_prediction_metrics(prediction)
                 last_prediction = prediction
             except (BadRequest, ImageError, PromptError, ConfigError, InputError) as error:
                 status = getattr(error, "status", 422)
                 log.warning("task %s (#%d): %s", task.get("id"), index, error)
+                metrics.PREDICT_ERRORS.labels(str(status)).inc()
                 errors.append({"task": task.get("id"), "index": index, "error": str(error), "status": status})
                 results.append({"result": [], "score": 0.0, "model_version": model_version, "error": str(error)})
         if errors and len(errors) == len(tasks):
@@ -187,6 +202,14 @@ def create_app(settings: Settings, predictor: Predictor | QueuePredictor) -> Fla
                 f"{name};dur={seconds * 1000:.1f}" for name, seconds in last_prediction.timings.items()
             )
         return response
+
+    @app.get("/status")
+    def status() -> Response:
+        return jsonify({"model_class": MODEL_CLASS, "model_version": model_version, **predictor.status()})
+
+    @app.get("/metrics")
+    def metrics_text() -> Response:
+        return Response(metrics.render(predictor.status()), content_type=metrics.CONTENT_TYPE)
 
     @app.post("/webhook")
     def webhook() -> tuple[Response, int] | Response:
