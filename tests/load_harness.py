@@ -53,7 +53,15 @@ def write_images(upload_dir: Path, count: int, size: tuple[int, int] = (1024, 76
 class GunicornServer:
     """`gunicorn backend.wsgi:app` with the repository's gunicorn.conf.py, logging to one file."""
 
-    def __init__(self, environment: dict[str, str], log_path: Path, workers: int = 2, threads: int = 4) -> None:
+    def __init__(
+        self,
+        environment: dict[str, str],
+        log_path: Path,
+        workers: int = 2,
+        threads: int = 4,
+        auth: tuple[str, str] | None = None,
+    ) -> None:
+        self.auth = auth  # basic auth for /health, when the backend is configured with it
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -105,7 +113,7 @@ class GunicornServer:
                 raise RuntimeError(f"gunicorn exited with {self.process.returncode}; see {self.log_path}")
             pids = set(self.worker_pids())
             try:
-                answer = requests.get(self.url + "/health", timeout=2)
+                answer = requests.get(self.url + "/health", timeout=2, auth=self.auth)
                 if answer.json().get("models") == "ready":
                     ready.add(int(answer.headers["X-Worker-Pid"]))
             except (requests.RequestException, ValueError):
