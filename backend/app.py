@@ -30,4 +30,6 @@ def build_app(settings: Settings | None = None) -> Flask:
     app.extensions["predictor"] = predictor
     # Start loading right away, in the background, so the first click does not pay for it.
     predictor.models.start()
+    # Apply webhook events a previous process recorded but did not get to.
+    predictor.learning.start()
     return app

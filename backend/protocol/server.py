@@ -1,6 +1,6 @@
 """Label Studio's ML backend protocol over HTTP (Flask 3), wire-compatible with label-studio-ml 2.x.
 
-Routes: GET /health (and /), POST /setup, POST /predict, POST /webhook. Every bad input answers a
+Routes: GET /health (and /), POST /setup, POST /predict, POST /webhook, GET /versions. Every bad input answers a
 4xx JSON `{"error": ...}` and a log line; the process keeps serving.
 """
 
@@ -23,6 +23,7 @@ from backend.predictor import Predictor, TaskPrediction
 from backend.prompts.interactive import PromptError
 from backend.protocol.label_config import ConfigError, ProjectConfig, parse_label_config
 from backend.protocol.results import brush_result, rectangle_result
+from backend.training.service import WebhookError
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,14 @@ def task_results(prediction: TaskPrediction, config: ProjectConfig, model_versio
     return {"result": regions, "score": float(min(scores)) if scores else 0.0, "model_version": model_version}
 
 
+def project_id_of(value: object) -> int | None:
+    """Label Studio names the project "<id>.<created timestamp>" in /setup and /predict."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value if value > 0 else None
+    head = value.split(".", 1)[0] if isinstance(value, str) else ""
+    return int(head) if head.isdigit() and int(head) > 0 else None
+
+
 def _parse_predict_body(body: object, settings: Settings) -> tuple[list[dict], ProjectConfig, object]:
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object with 'tasks' and 'label_config'")
@@ -95,7 +104,7 @@ def _parse_predict_body(body: object, settings: Settings) -> tuple[list[dict], P
 def create_app(settings: Settings, predictor: Predictor) -> Flask:
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
-    model_version = settings.model_version or f"sam-{settings.sam_model_type}"
+    model_version = settings.base_model_version
 
     @app.before_request
     def authenticate() -> tuple[Response, int] | None:
@@ -157,7 +166,7 @@ def create_app(settings: Settings, predictor: Predictor) -> Flask:
         body = request.get_json(silent=True)
         if not isinstance(body, dict):
             raise BadRequest("the body must be a JSON object")
-        return jsonify({"model_version": model_version})
+        return jsonify({"model_version": predictor.decoders.current_name(project_id_of(body.get("project")))})
 
     @app.post("/predict")
     def predict() -> tuple[Response, int] | Response:
@@ -165,14 +174,15 @@ def create_app(settings: Settings, predictor: Predictor) -> Flask:
         if body is None:
             raise BadRequest("the body is not valid JSON")
         tasks, config, context = _parse_predict_body(body, settings)
+        project_id = project_id_of(body.get("project"))
         results, errors, last_prediction = [], [], None
         for index, task in enumerate(tasks):
             try:
                 image_url = task["data"].get(config.image_field)
                 if image_url is None:
                     raise BadRequest(f"task has no data.{config.image_field}")
-                prediction = predictor.predict_interactive(image_url, task.get("id"), context)
-                results.append(task_results(prediction, config, model_version))
+                prediction = predictor.predict_interactive(image_url, task.get("id"), context, project_id)
+                results.append(task_results(prediction, config, prediction.model_version or model_version))
                 last_prediction = prediction
             except (BadRequest, ImageError, PromptError, ConfigError) as error:
                 status = getattr(error, "status", 422)
@@ -195,7 +205,21 @@ def create_app(settings: Settings, predictor: Predictor) -> Flask:
         body = request.get_json(silent=True)
         if not isinstance(body, dict) or not isinstance(body.get("action"), str):
             raise BadRequest("a webhook body is a JSON object with an 'action'")
-        log.info("webhook %s for project %s", body["action"], (body.get("project") or {}).get("id"))
-        return jsonify({"status": "ok", "action": body["action"]})
+        try:
+            answer = predictor.learning.receive(body)
+        except WebhookError as error:
+            raise BadRequest(str(error)) from error
+        log.info("webhook %s for project %s: %s", body["action"], answer.get("project"), answer["status"])
+        return jsonify(answer)
+
+    @app.get("/versions")
+    def versions() -> Response:
+        raw = request.args.get("project")
+        if raw is None:
+            return jsonify(predictor.learning.describe_all())
+        project_id = project_id_of(raw)
+        if project_id is None:
+            raise BadRequest(f"project must be a Label Studio project id, got {raw!r}")
+        return jsonify(predictor.learning.describe(project_id))
 
     return app
