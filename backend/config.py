@@ -102,6 +102,16 @@ class Settings:
     weights_dir: str = "./weights"
     model_version: str = ""
 
+    # Active learning (fine-tuning the prompt encoder and mask decoder on the project's annotations).
+    train_after_annotations: int = 10
+    train_steps: int = 200
+    train_batch_size: int = 4
+    train_learning_rate: float = 1e-4
+    train_correction_rounds: int = 2
+    train_held_out_fraction: float = 0.2
+    train_lock_ttl_s: float = 60.0
+    model_version_pin: str = ""
+
     @classmethod
     def from_env(cls) -> Settings:
         return cls(
@@ -140,7 +150,20 @@ class Settings:
             model_dir=_env_str("MODEL_DIR", cls.model_dir),
             weights_dir=_env_str("WEIGHTS_DIR", cls.weights_dir),
             model_version=_env_str("MODEL_VERSION"),
+            train_after_annotations=_env_int("TRAIN_AFTER_ANNOTATIONS", cls.train_after_annotations),
+            train_steps=_env_int("TRAIN_STEPS", cls.train_steps),
+            train_batch_size=_env_int("TRAIN_BATCH_SIZE", cls.train_batch_size),
+            train_learning_rate=_env_float("TRAIN_LEARNING_RATE", cls.train_learning_rate),
+            train_correction_rounds=_env_int("TRAIN_CORRECTION_ROUNDS", cls.train_correction_rounds),
+            train_held_out_fraction=_env_float("TRAIN_HELD_OUT_FRACTION", cls.train_held_out_fraction),
+            train_lock_ttl_s=_env_float("TRAIN_LOCK_TTL", cls.train_lock_ttl_s),
+            model_version_pin=_env_str("MODEL_VERSION_PIN"),
         )
+
+    @property
+    def base_model_version(self) -> str:
+        """The name predictions of the loaded SAM carry; fine-tuned versions extend it."""
+        return self.model_version or f"sam-{self.sam_model_type}"
 
     @property
     def sam_checkpoint_path(self) -> Path:

@@ -22,6 +22,9 @@ from backend.models.base import ImageEmbedding, Segmenter
 from backend.models.loader import BackgroundLoader
 from backend.models.sam import load_sam
 from backend.prompts.interactive import InteractivePrompter, PromptError, parse_context
+from backend.training.resources import TrainingResources
+from backend.training.service import ActiveLearning
+from backend.training.serving import ProjectDecoders
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +43,7 @@ class TaskPrediction:
     image_size: tuple[int, int]  # (height, width)
     cache_hit: bool
     timings: dict[str, float] = field(default_factory=dict)
+    model_version: str = ""  # the decoder version that made the masks
 
 
 @dataclass
@@ -57,6 +61,8 @@ class Predictor:
         self.store = store
         self.fetcher = fetcher or ImageFetcher(settings)
         self.models = BackgroundLoader(self._load_models)
+        self.decoders = ProjectDecoders(settings)
+        self.learning = ActiveLearning(settings, self.training_resources, self.decoders)
 
     def _load_models(self) -> Models:
         settings = self.settings
@@ -74,6 +80,16 @@ class Predictor:
             sessions=SessionStore(self.store, segmenter.identity, self.settings.session_ttl_s),
         )
 
+    def training_resources(self) -> TrainingResources:
+        models = self.models.get(self.settings.model_ready_timeout_s)
+        return TrainingResources(
+            models.segmenter, models.embeddings, self.fetcher, self.settings.max_image_pixels, self.decoders
+        )
+
+    def segmenter_for(self, models: Models, project_id: int | None) -> tuple[Segmenter, str]:
+        """The project's serving decoder (fine-tuned or the original) and the model_version it reports."""
+        return self.decoders.serving(project_id, models.segmenter)
+
     def embedding_for(self, models: Models, image: FetchedImage) -> tuple[ImageEmbedding, bool, float]:
         cached = models.embeddings.get_or_encode(
             image.digest, lambda: decode_image(image.data, self.settings.max_image_pixels)
@@ -81,26 +97,33 @@ class Predictor:
         return cached.embedding, cached.cache_hit, cached.encode_seconds
 
     def warm_up(self) -> None:
-        """Start loading the models in the background (idempotent)."""
+        """Start loading the models in the background, and apply webhook events recorded but not applied."""
         self.models.start()
+        self.learning.start()
 
     def status(self) -> dict:
         return {"models": self.models.state, "model_error": self.models.error}
 
-    def predict_interactive(self, image_url: str, task_id: object, context: object) -> TaskPrediction:
+    def predict_interactive(
+        self, image_url: str, task_id: object, context: object, project_id: int | None = None
+    ) -> TaskPrediction:
         """Masks for the smart regions in `context`; an empty context gives no objects, not an error."""
         if not context:
-            return TaskPrediction(objects=[], image_size=(0, 0), cache_hit=False)
+            version = self.decoders.current_name(project_id)
+            return TaskPrediction(objects=[], image_size=(0, 0), cache_hit=False, model_version=version)
         started = time.perf_counter()
         image = self.fetcher.fetch(image_url)
         fetch_s = time.perf_counter() - started
-        prediction = self.predict_for_image(image, task_id, context)
+        prediction = self.predict_for_image(image, task_id, context, project_id)
         prediction.timings["fetch"] = fetch_s
         return prediction
 
-    def predict_for_image(self, image: FetchedImage, task_id: object, context: object) -> TaskPrediction:
+    def predict_for_image(
+        self, image: FetchedImage, task_id: object, context: object, project_id: int | None = None
+    ) -> TaskPrediction:
         """The model half of an interactive prediction, for an image already fetched."""
         models = self.models.get(self.settings.model_ready_timeout_s)
+        segmenter, version = self.segmenter_for(models, project_id)
         started = time.perf_counter()
         embedding, hit, encode_s = self.embedding_for(models, image)
         embedded = time.perf_counter()
@@ -109,7 +132,7 @@ class Predictor:
             raise PromptError("text prompts need GroundingDINO, which this backend has not loaded", 422)
         prompter = InteractivePrompter(models.sessions, image.digest, task_id)
         objects = prompter.prompts(parsed)
-        predictions = models.segmenter.decode(embedding, [obj.prompt for obj in objects]) if objects else []
+        predictions = segmenter.decode(embedding, [obj.prompt for obj in objects]) if objects else []
         decoded = time.perf_counter()
         prompter.remember(objects, predictions)
         return TaskPrediction(
@@ -120,4 +143,5 @@ class Predictor:
             image_size=embedding.original_size,
             cache_hit=hit,
             timings={"embedding": embedded - started, "encode": encode_s, "decode": decoded - embedded},
+            model_version=version,
         )

@@ -7,6 +7,7 @@ tensor shapes, so the official ViT-B/L/H files and reduced test builds go throug
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 from collections import defaultdict
@@ -28,6 +29,8 @@ log = logging.getLogger(__name__)
 IMAGE_SIZE = 1024
 PATCH_SIZE = 16
 LOW_RES_SIZE = 256
+# The parts fine-tuning changes; their keys are those of Meta's checkpoints.
+DECODER_PREFIXES = ("prompt_encoder.", "mask_decoder.")
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,34 @@ def infer_encoder_shape(state_dict: dict[str, torch.Tensor]) -> EncoderShape:
     return EncoderShape(embed_dim, len(block_ids), embed_dim // head_dim, tuple(global_blocks))
 
 
+def decoder_state(sam: Sam) -> dict[str, torch.Tensor]:
+    """The prompt encoder and mask decoder weights, on the CPU, under the official checkpoint's key names."""
+    return {
+        key: value.detach().cpu().clone() for key, value in sam.state_dict().items() if key.startswith(DECODER_PREFIXES)
+    }
+
+
+def with_decoder_state(sam: Sam, state: dict[str, torch.Tensor] | None = None) -> Sam:
+    """A Sam that shares `sam`'s image encoder (frozen, so cached embeddings stay valid) and owns a copy of its
+    prompt encoder and mask decoder, loaded from `state` when given."""
+    tuned = Sam(
+        image_encoder=sam.image_encoder,
+        prompt_encoder=copy.deepcopy(sam.prompt_encoder),
+        mask_decoder=copy.deepcopy(sam.mask_decoder),
+        pixel_mean=sam.pixel_mean.flatten().tolist(),
+        pixel_std=sam.pixel_std.flatten().tolist(),
+    ).to(sam.device)
+    if state is not None:
+        expected = {key for key in tuned.state_dict() if key.startswith(DECODER_PREFIXES)}
+        if set(state) != expected:
+            raise ValueError(f"decoder weights hold {len(state)} tensors that do not match this SAM's {len(expected)}")
+        try:
+            tuned.load_state_dict(state, strict=False)
+        except RuntimeError as error:  # tensor shapes of another SAM
+            raise ValueError(f"decoder weights do not fit this SAM: {error}") from error
+    return tuned
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -94,20 +125,34 @@ def load_sam(
 class SamSegmenter:
     """SAM's image encoder and prompt decoder, safe to call from many threads at once."""
 
-    def __init__(self, sam: Sam, identity: str, device: torch.device, decoder_runtime: str = "auto") -> None:
+    def __init__(
+        self,
+        sam: Sam,
+        identity: str,
+        device: torch.device,
+        decoder_runtime: str = "auto",
+        encode_lock: threading.Lock | None = None,
+    ) -> None:
         self.sam = sam.to(device).eval()
         self.decoder: PromptDecoder = make_decoder(self.sam, device, decoder_runtime)
         self.device = device
+        self.decoder_runtime = decoder_runtime
         self._identity = identity
         self._resize = ResizeLongestSide(IMAGE_SIZE)
         # One encoder pass at a time: concurrent passes only split the same cores and all finish late.
-        self._encode_lock = threading.Lock()
+        self._encode_lock = encode_lock or threading.Lock()
         # Half precision only where the hardware is built for it; on CPU it is slower.
         self._encoder_autocast = device.type == "cuda"
 
     @property
     def identity(self) -> str:
         return self._identity
+
+    def with_decoder_state(self, state: dict[str, torch.Tensor]) -> SamSegmenter:
+        """This segmenter with fine-tuned prompt-encoder and mask-decoder weights: the image encoder, its lock
+        and its identity are shared, so embeddings cached for this one serve the variant too."""
+        tuned = with_decoder_state(self.sam, state)
+        return SamSegmenter(tuned, self._identity, self.device, self.decoder_runtime, self._encode_lock)
 
     def encode(self, image: np.ndarray) -> ImageEmbedding:
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:

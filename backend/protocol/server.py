@@ -1,8 +1,8 @@
 """Label Studio's ML backend protocol over HTTP (Flask 3), wire-compatible with label-studio-ml 2.x.
 
-Routes: GET /health (and /), POST /setup, POST /predict, POST /webhook, and GET /livez, the only
-one open without credentials when auth is configured. Every bad input answers a 4xx JSON
-`{"error": ...}` and a log line; the process keeps serving.
+Routes: GET /health (and /), POST /setup, POST /predict, POST /webhook, GET /versions, GET /status,
+GET /metrics, and GET /livez, the only one open without credentials when auth is configured. Every bad
+input answers a 4xx JSON `{"error": ...}` and a log line; the process keeps serving.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from backend.prompts.interactive import PromptError
 from backend.protocol.access import AccessControl
 from backend.protocol.label_config import ConfigError, ProjectConfig, parse_label_config
 from backend.protocol.results import brush_result, rectangle_result
+from backend.training.service import WebhookError
 from backend.worker.client import QueuePredictor
 from backend.worker.jobs import InputError
 
@@ -78,6 +79,14 @@ def record_prediction_metrics(prediction: TaskPrediction) -> None:
     metrics.DECODE.observe(prediction.timings.get("decode", 0.0))
 
 
+def project_id_of(value: object) -> int | None:
+    """Label Studio names the project "<id>.<created timestamp>" in /setup and /predict."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value if value > 0 else None
+    head = value.split(".", 1)[0] if isinstance(value, str) else ""
+    return int(head) if head.isdigit() and int(head) > 0 else None
+
+
 def _parse_predict_body(body: object, settings: Settings) -> tuple[list[dict], ProjectConfig, object]:
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object with 'tasks' and 'label_config'")
@@ -107,7 +116,7 @@ def create_app(settings: Settings, predictor: Predictor | QueuePredictor) -> Fla
     app = Flask(__name__)
     app.extensions["predictor"] = predictor
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
-    model_version = settings.model_version or f"sam-{settings.sam_model_type}"
+    model_version = settings.base_model_version
     access = AccessControl(settings.basic_auth_user, settings.basic_auth_pass, settings.bearer_token)
     model_calls = concurrent.futures.ThreadPoolExecutor(settings.predict_threads, thread_name_prefix="predict")
 
@@ -168,7 +177,7 @@ def create_app(settings: Settings, predictor: Predictor | QueuePredictor) -> Fla
         body = json_body()
         if not isinstance(body, dict):
             raise BadRequest("the body must be a JSON object")
-        return jsonify({"model_version": model_version})
+        return jsonify({"model_version": predictor.decoders.current_name(project_id_of(body.get("project")))})
 
     @app.post("/predict")
     def predict() -> tuple[Response, int] | Response:
@@ -177,15 +186,16 @@ def create_app(settings: Settings, predictor: Predictor | QueuePredictor) -> Fla
             raise BadRequest("the body is not valid JSON")
         tasks, config, context = _parse_predict_body(body, settings)
         deadline = Deadline(model_calls, settings.predict_deadline_s)
+        project_id = project_id_of(body.get("project"))
         results, errors, last_prediction = [], [], None
         for index, task in enumerate(tasks):
             try:
                 image_url = task["data"].get(config.image_field)
                 if image_url is None:
                     raise BadRequest(f"task has no data.{config.image_field}")
-                prediction = deadline.run(predictor.predict_interactive, image_url, task.get("id"), context)
+                prediction = deadline.run(predictor.predict_interactive, image_url, task.get("id"), context, project_id)
                 encoding_started = time.perf_counter()
-                results.append(task_results(prediction, config, model_version))
+                results.append(task_results(prediction, config, prediction.model_version or model_version))
                 prediction.timings["results"] = time.perf_counter() - encoding_started
                 record_prediction_metrics(prediction)
                 last_prediction = prediction
@@ -224,8 +234,21 @@ def create_app(settings: Settings, predictor: Predictor | QueuePredictor) -> Fla
         body = json_body()
         if not isinstance(body, dict) or not isinstance(body.get("action"), str):
             raise BadRequest("a webhook body is a JSON object with an 'action'")
-        project = body.get("project")
-        log.info("webhook %s for project %s", body["action"], project.get("id") if isinstance(project, dict) else None)
-        return jsonify({"status": "ok", "action": body["action"]})
+        try:
+            answer = predictor.learning.receive(body)
+        except WebhookError as error:
+            raise BadRequest(str(error)) from error
+        log.info("webhook %s for project %s: %s", body["action"], answer.get("project"), answer["status"])
+        return jsonify(answer)
+
+    @app.get("/versions")
+    def versions() -> Response:
+        raw = request.args.get("project")
+        if raw is None:
+            return jsonify(predictor.learning.describe_all())
+        project_id = project_id_of(raw)
+        if project_id is None:
+            raise BadRequest(f"project must be a Label Studio project id, got {raw!r}")
+        return jsonify(predictor.learning.describe(project_id))
 
     return app

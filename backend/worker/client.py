@@ -19,6 +19,9 @@ from backend.config import Settings
 from backend.images import ImageFetcher
 from backend.models.loader import ModelNotReady
 from backend.predictor import TaskPrediction
+from backend.training.resources import TrainingResources
+from backend.training.service import ActiveLearning
+from backend.training.serving import ProjectDecoders
 from backend.worker import jobs
 
 log = logging.getLogger(__name__)
@@ -52,8 +55,14 @@ class QueuePredictor:
         self.settings = settings
         self.connection = connection
         self.fetcher = fetcher or ImageFetcher(settings)
+        self.decoders = ProjectDecoders(settings)
+        self.learning = ActiveLearning(settings, self._no_local_models, self.decoders)
         self.interactive_queue = Queue(INTERACTIVE_QUEUE, connection=connection)
         self.preannotate_queue = Queue(PREANNOTATE_QUEUE, connection=connection)
+
+    @staticmethod
+    def _no_local_models() -> TrainingResources:
+        raise ModelNotReady("this web process loads no model (INFERENCE=queue); training runs on a worker")
 
     def warm_up(self) -> None:
         """Nothing to load here: the workers hold the models."""
@@ -73,9 +82,12 @@ class QueuePredictor:
         except redis.RedisError as error:
             return {"inference": "queue", "redis_error": type(error).__name__}
 
-    def predict_interactive(self, image_url: str, task_id: object, context: object) -> TaskPrediction:
+    def predict_interactive(
+        self, image_url: str, task_id: object, context: object, project_id: int | None = None
+    ) -> TaskPrediction:
         if not context:
-            return TaskPrediction(objects=[], image_size=(0, 0), cache_hit=False)
+            version = self.decoders.current_name(project_id)
+            return TaskPrediction(objects=[], image_size=(0, 0), cache_hit=False, model_version=version)
         deadline = time.monotonic() + self.settings.predict_deadline_s
         started = time.perf_counter()
         image = self.fetcher.fetch(image_url)
@@ -91,6 +103,7 @@ class QueuePredictor:
                 image.digest,
                 task_id,
                 context,
+                project_id,
                 job_timeout=self.settings.job_timeout_s,
                 retry=Retry(max=2),
                 result_ttl=60,

@@ -49,10 +49,12 @@ def _image(digest: str) -> FetchedImage:
     return FetchedImage(url=f"redis:{digest}", data=data)
 
 
-def interactive(digest: str, task_id: object, context: object) -> TaskPrediction | InputError:
+def interactive(
+    digest: str, task_id: object, context: object, project_id: int | None = None
+) -> TaskPrediction | InputError:
     assert _predictor is not None
     try:
-        return _predictor.predict_for_image(_image(digest), task_id, context)
+        return _predictor.predict_for_image(_image(digest), task_id, context, project_id)
     except (ImageError, PromptError, ConfigError) as error:
         log.warning("job for image %s refused: %s", digest[:12], error)
         return InputError(str(error), getattr(error, "status", 422))

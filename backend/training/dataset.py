@@ -1,0 +1,195 @@
+"""A project's training set: the brush masks of its annotations, kept on disk one file per annotation.
+
+One file per annotation id makes ANNOTATION_UPDATED a replace and ANNOTATIONS_DELETED (which carries
+only ids) a removal. Masks are stored bit-packed and compressed, so a 1024×768 mask takes a few KiB.
+Regions that cannot be learnt from are not stored; each is logged and listed in rejections.jsonl.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+from label_studio_sdk.converter.brush import decode_rle
+
+from backend.protocol.label_config import ProjectConfig
+from backend.training.files import ProjectFiles, fsync_directory, write_atomically
+
+log = logging.getLogger(__name__)
+
+
+class Rejected(ValueError):
+    """An annotation (or one region of it) that cannot become training data; the message says why."""
+
+
+@dataclass
+class Region:
+    region_id: str
+    label: str
+    mask: np.ndarray  # (H, W) bool
+
+
+@dataclass
+class AnnotationRecord:
+    annotation_id: int
+    task_id: int
+    image_url: str
+    regions: list[Region]
+    image_digest: str | None = None  # set once the image was fetched and the masks' size checked against it
+
+
+def _positive_int(value: object, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise Rejected(f"{what} must be a positive integer, got {value!r}")
+    return value
+
+
+def _brush_region(result: dict, config: ProjectConfig) -> Region:
+    brush = config.brush
+    if brush is None:
+        raise Rejected("the label config has no BrushLabels control")
+    if result.get("from_name") != brush.name:
+        raise Rejected(f"region from control {result.get('from_name')!r}, not the BrushLabels {brush.name!r}")
+    value = result.get("value") or {}
+    labels = value.get("brushlabels") or []
+    if not labels or labels[0] not in brush.labels:
+        raise Rejected(
+            f"label {labels[0] if labels else None!r} is not in the label config ({', '.join(brush.labels)})"
+        )
+    if value.get("format") != "rle":
+        raise Rejected(f"brush format {value.get('format')!r} is not 'rle'")
+    width = _positive_int(result.get("original_width"), "original_width")
+    height = _positive_int(result.get("original_height"), "original_height")
+    rle = value.get("rle")
+    if not isinstance(rle, list) or not all(
+        isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 256 for x in rle
+    ):
+        raise Rejected("rle is not a list of byte values")
+    # The first 32 bits say how many values follow; checked first, as the decoder allocates that many.
+    declared = int.from_bytes(bytes(rle[:4]), "big") if len(rle) >= 4 else 0
+    if declared != height * width * 4:
+        raise Rejected(f"rle holds {declared} values, not {width}x{height}x4 as original_width/height say")
+    try:
+        rgba = decode_rle(rle)
+    except Exception as error:  # the SDK's decoder raises whatever malformed bytes make it raise
+        raise Rejected(f"rle does not decode: {type(error).__name__}: {error}") from error
+    mask = rgba.reshape(height, width, 4)[:, :, 3] > 0
+    if not mask.any():
+        raise Rejected("the mask is empty")
+    return Region(str(result.get("id") or ""), labels[0], mask)
+
+
+def record_from_webhook(
+    annotation: dict, task: dict, config: ProjectConfig
+) -> tuple[AnnotationRecord, list[tuple[str, str]]]:
+    """The brush regions of an ANNOTATION_CREATED/UPDATED payload and, for each region left out, (id, reason).
+    Raises Rejected when the annotation as a whole is unusable."""
+    annotation_id = _positive_int(annotation.get("id"), "annotation.id")
+    task_id = _positive_int(task.get("id"), "task.id")
+    image_url = (task.get("data") or {}).get(config.image_field)
+    if not isinstance(image_url, str) or not image_url:
+        raise Rejected(f"task {task_id} has no image in data.{config.image_field}")
+    record = AnnotationRecord(annotation_id, task_id, image_url, [])
+    if annotation.get("was_cancelled"):
+        return record, [("*", "the annotation was cancelled (task skipped)")]
+    left_out = []
+    for result in annotation.get("result") or []:
+        if not isinstance(result, dict) or result.get("type") != "brushlabels":
+            continue  # keypoints, rectangles, text: not masks to learn from
+        try:
+            record.regions.append(_brush_region(result, config))
+        except Rejected as reason:
+            left_out.append((str(result.get("id")), str(reason)))
+    return record, left_out
+
+
+class TrainingSet:
+    """The stored annotations of one project."""
+
+    def __init__(self, files: ProjectFiles) -> None:
+        self.files = files
+
+    def _path(self, annotation_id: int):
+        return self.files.annotations / f"{annotation_id}.npz"
+
+    def put(self, record: AnnotationRecord) -> None:
+        """Store (or replace) an annotation; one without regions is removed instead."""
+        if not record.regions:
+            self.drop(record.annotation_id)
+            return
+        meta = {
+            "annotation_id": record.annotation_id,
+            "task_id": record.task_id,
+            "image_url": record.image_url,
+            "image_digest": record.image_digest,
+            "regions": [{"id": r.region_id, "label": r.label, "shape": list(r.mask.shape)} for r in record.regions],
+        }
+        arrays = {f"mask{i}": np.packbits(region.mask, axis=None) for i, region in enumerate(record.regions)}
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8), **arrays)
+        write_atomically(self._path(record.annotation_id), buffer.getvalue())
+
+    def drop(self, annotation_id: int) -> bool:
+        path = self._path(annotation_id)
+        if not path.exists():
+            return False
+        path.unlink()
+        fsync_directory(path.parent)
+        return True
+
+    def _load(self, path) -> AnnotationRecord:
+        with np.load(path) as stored:
+            meta = json.loads(stored["meta"].tobytes())
+            regions = []
+            for i, region in enumerate(meta["regions"]):
+                height, width = region["shape"]
+                bits = np.unpackbits(stored[f"mask{i}"], count=height * width)
+                regions.append(Region(region["id"], region["label"], bits.reshape(height, width).astype(bool)))
+        return AnnotationRecord(
+            meta["annotation_id"], meta["task_id"], meta["image_url"], regions, meta["image_digest"]
+        )
+
+    def records(self) -> Iterator[AnnotationRecord]:
+        """Every stored annotation, in id order; an unreadable file is logged and skipped."""
+        if not self.files.annotations.is_dir():
+            return
+        paths = sorted(self.files.annotations.glob("*.npz"), key=lambda path: int(path.stem))
+        for path in paths:
+            try:
+                yield self._load(path)
+            except (OSError, ValueError, KeyError) as error:
+                log.error("project %d: training file %s is unreadable, skipped: %s", self.files.project_id, path, error)
+
+    def summary(self) -> dict:
+        records = list(self.records())
+        return {
+            "annotations": len(records),
+            "masks": sum(len(record.regions) for record in records),
+            "tasks": len({record.task_id for record in records}),
+        }
+
+    def reject(self, annotation_id: object, task_id: object, reasons: list[tuple[str, str]]) -> None:
+        """Log and keep the reasons regions were not taken, so none goes missing unexplained."""
+        for region_id, reason in reasons:
+            log.warning(
+                "project %d annotation %s region %s not used for training: %s",
+                self.files.project_id,
+                annotation_id,
+                region_id,
+                reason,
+            )
+        self.files.root.mkdir(parents=True, exist_ok=True)
+        with open(self.files.rejections, "a") as handle:
+            for region_id, reason in reasons:
+                entry = {"time": time.time(), "annotation": annotation_id, "task": task_id, "region": region_id}
+                handle.write(json.dumps({**entry, "reason": reason}) + "\n")
+
+    def rejections(self) -> list[dict]:
+        if not self.files.rejections.exists():
+            return []
+        return [json.loads(line) for line in self.files.rejections.read_text().splitlines() if line.strip()]

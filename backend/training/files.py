@@ -1,0 +1,80 @@
+"""Crash-safe file primitives for everything active learning keeps under MODEL_DIR.
+
+A file is written beside its final name, flushed to disk, then renamed over it: a reader sees the old
+content or the new, never half of it. Locks are `flock`s, released by the kernel if their holder dies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+
+class LockBusy(RuntimeError):
+    """Someone else holds the lock."""
+
+
+def fsync_directory(path: Path) -> None:
+    """Make a rename or creation inside `path` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(temporary, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    fsync_directory(path.parent)
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, blocking: bool = True) -> Iterator[None]:
+    """An exclusive lock between threads and processes of one host; `LockBusy` if not blocking and taken."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Each call opens its own file description, so two threads of one process exclude each other too.
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError as error:
+            raise LockBusy(str(path)) from error
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+class ProjectFiles:
+    """Where one project's active-learning state lives: MODEL_DIR/<project id>/..."""
+
+    def __init__(self, model_dir: str | Path, project_id: int) -> None:
+        self.project_id = project_id
+        self.root = Path(model_dir) / str(project_id)
+        self.inbox = self.root / "inbox"  # webhook events recorded, not yet applied
+        self.failed = self.root / "failed"  # events that could not be applied, kept with the error
+        self.annotations = self.root / "annotations"  # the training set, one file per annotation
+        self.rejections = self.root / "rejections.jsonl"  # why regions were not taken
+        self.state = self.root / "state.json"  # annotations since the last training
+        self.versions = self.root / "versions"
+        self.ingest_lock = self.root / ".ingest.lock"
+        self.train_lock = self.root / ".train.lock"
+
+    @staticmethod
+    def projects(model_dir: str | Path) -> list[int]:
+        root = Path(model_dir)
+        if not root.is_dir():
+            return []
+        return sorted(int(entry.name) for entry in root.iterdir() if entry.is_dir() and entry.name.isdigit())

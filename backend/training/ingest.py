@@ -1,0 +1,156 @@
+"""Webhook events → the project's training set: recorded durably within the webhook's 1 s, applied later.
+
+Label Studio drops a webhook that takes over a second and never resends it, so the handler only writes
+the event to the project's inbox (one file, flushed, renamed into place) and returns. A background
+thread then applies inbox files in arrival order: decodes the masks, fetches the image to check their
+size and cache its embedding, stores or drops the annotation, and removes the file only once its effect
+is stored, so a crash replays it (applying is idempotent). An event that fails unexpectedly moves to
+failed/ with its error; regions that cannot be learnt from are logged and listed in rejections.jsonl.
+Secrets in the payload's project object (its token, task data password) are not written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from backend.images import ImageError
+from backend.models.loader import ModelNotReady
+from backend.protocol.label_config import ConfigError, parse_label_config
+from backend.training.dataset import Rejected, TrainingSet, record_from_webhook
+from backend.training.files import ProjectFiles, file_lock, write_atomically
+from backend.training.resources import TrainingResources
+
+log = logging.getLogger(__name__)
+
+ANNOTATION_SAVED = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED")
+ANNOTATIONS_DELETED = "ANNOTATIONS_DELETED"
+START_TRAINING = "START_TRAINING"
+LEARNED_FROM = (*ANNOTATION_SAVED, ANNOTATIONS_DELETED, START_TRAINING)
+
+
+def read_annotation_count(files: ProjectFiles) -> int:
+    """Annotations stored since the last training started."""
+    try:
+        return int(json.loads(files.state.read_text()).get("annotations_since_training", 0))
+    except (OSError, ValueError, AttributeError):
+        return 0
+
+
+def write_annotation_count(files: ProjectFiles, count: int) -> None:
+    """Callers hold the project's ingest lock."""
+    write_atomically(files.state, json.dumps({"annotations_since_training": count}).encode())
+
+
+def stored_event(body: dict) -> dict:
+    """The parts of a webhook body that training needs, without the project's secrets."""
+    project = body.get("project") or {}
+    kept = {key: body[key] for key in ("action", "annotation", "annotations", "task") if key in body}
+    return {**kept, "project": {"id": project.get("id"), "label_config": project.get("label_config")}}
+
+
+class Inbox:
+    """Recorded events of one project, in arrival order."""
+
+    def __init__(self, files: ProjectFiles) -> None:
+        self.files = files
+
+    def record(self, body: dict) -> Path:
+        path = self.files.inbox / f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.json"
+        write_atomically(path, json.dumps(stored_event(body)).encode())
+        return path
+
+    def pending(self) -> list[Path]:
+        return sorted(self.files.inbox.glob("*.json")) if self.files.inbox.is_dir() else []
+
+
+@dataclass
+class IngestOutcome:
+    applied: int = 0
+    stored: int = 0  # annotations with masks stored by this round
+    training_requested: bool = False
+    annotation_count: int = 0  # annotations stored since the last training, after this round
+
+
+def _saved_annotation(event: dict, training_set: TrainingSet, resources: Callable[[], TrainingResources]) -> bool:
+    """Store an annotation's masks; True if it holds any."""
+    annotation, task = event.get("annotation") or {}, event.get("task") or {}
+    try:
+        config = parse_label_config(event["project"].get("label_config") or "")
+        record, left_out = record_from_webhook(annotation, task, config)
+    except (ConfigError, Rejected) as error:
+        training_set.reject(annotation.get("id"), task.get("id"), [("*", str(error))])
+        return False
+    if record.regions:
+        try:
+            embedding, record.image_digest = resources().embedding_for(record.image_url, None)
+        except (ImageError, ModelNotReady) as error:
+            # The masks are kept; training fetches the image again and checks their size then.
+            log.warning(
+                "project %d annotation %d stored unchecked: %s",
+                training_set.files.project_id,
+                record.annotation_id,
+                error,
+            )
+        else:
+            image_size = tuple(embedding.original_size)
+            for region in list(record.regions):
+                if region.mask.shape != image_size:
+                    record.regions.remove(region)
+                    height, width = region.mask.shape
+                    reason = f"mask is {width}x{height} but the image is {image_size[1]}x{image_size[0]}"
+                    left_out.append((region.region_id, reason))
+    training_set.put(record)
+    if left_out:
+        training_set.reject(record.annotation_id, record.task_id, left_out)
+    return bool(record.regions)
+
+
+def _apply(
+    event: dict, training_set: TrainingSet, resources: Callable[[], TrainingResources], outcome: IngestOutcome
+) -> int:
+    """Apply one event; returns how many annotations with masks it stored."""
+    action = event.get("action")
+    if action in ANNOTATION_SAVED:
+        return int(_saved_annotation(event, training_set, resources))
+    if action == ANNOTATIONS_DELETED:
+        ids = [item.get("id") for item in event.get("annotations") or [] if isinstance(item, dict)]
+        dropped = [
+            annotation_id
+            for annotation_id in ids
+            if isinstance(annotation_id, int) and training_set.drop(annotation_id)
+        ]
+        log.info("project %d: dropped annotations %s from the training set", training_set.files.project_id, dropped)
+    elif action == START_TRAINING:
+        outcome.training_requested = True
+    return 0
+
+
+def apply_pending(files: ProjectFiles, resources: Callable[[], TrainingResources]) -> IngestOutcome:
+    """Apply every recorded event of the project, oldest first; safe to run from several processes."""
+    outcome = IngestOutcome()
+    training_set = TrainingSet(files)
+    with file_lock(files.ingest_lock):
+        for path in Inbox(files).pending():
+            try:
+                event = json.loads(path.read_bytes())
+                outcome.stored += _apply(event, training_set, resources, outcome)
+            except Exception as error:  # a bug or a full disk must not block the events behind it
+                log.exception(
+                    "project %d: event %s could not be applied; kept in %s", files.project_id, path.name, files.failed
+                )
+                files.failed.mkdir(parents=True, exist_ok=True)
+                path.rename(files.failed / path.name)
+                write_atomically(files.failed / f"{path.stem}.error.txt", f"{type(error).__name__}: {error}\n".encode())
+                continue
+            path.unlink()
+            outcome.applied += 1
+        outcome.annotation_count = read_annotation_count(files) + outcome.stored
+        if outcome.stored:
+            write_annotation_count(files, outcome.annotation_count)
+    return outcome

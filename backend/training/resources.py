@@ -1,0 +1,47 @@
+"""What training and ingestion borrow from a running backend (the loaded SAM, the embedding cache, the
+image fetcher), or build once per process where no backend runs (a queue worker)."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+from backend.cache.embeddings import EmbeddingCache
+from backend.cache.store import make_store
+from backend.config import Settings
+from backend.images import ImageError, ImageFetcher, decode_image
+from backend.models.base import ImageEmbedding
+from backend.models.sam import SamSegmenter, load_sam
+from backend.training.serving import ProjectDecoders
+
+
+@dataclass
+class TrainingResources:
+    """What training borrows from a running backend, or builds itself in a worker (`shared_resources`)."""
+
+    segmenter: SamSegmenter
+    embeddings: EmbeddingCache
+    fetcher: ImageFetcher
+    max_image_pixels: int
+    decoders: ProjectDecoders | None = None  # set in-process, to get a new version ready before it is asked for
+
+    def embedding_for(self, image_url: str, expected_digest: str | None) -> tuple[ImageEmbedding, str]:
+        """The image's embedding and digest; raises ImageError if the URL now serves another image."""
+        if expected_digest is not None:
+            cached = self.embeddings.lookup(expected_digest)
+            if cached is not None:
+                return cached, expected_digest
+        image = self.fetcher.fetch(image_url)
+        if expected_digest is not None and image.digest != expected_digest:
+            raise ImageError(f"{image_url} now serves another image than the one annotated")
+        result = self.embeddings.get_or_encode(image.digest, lambda: decode_image(image.data, self.max_image_pixels))
+        return result.embedding, image.digest
+
+
+@functools.lru_cache(maxsize=1)
+def shared_resources(settings: Settings) -> TrainingResources:
+    """Resources for a process that has no backend running (a queue worker); built once per process."""
+    segmenter = load_sam(settings.sam_checkpoint_path, settings.sam_model_type, settings.device, "torch")
+    store = make_store(settings.redis_url, settings.memory_cache_bytes)
+    embeddings = EmbeddingCache(store, segmenter, settings.embedding_ttl_s, settings.encode_lock_timeout_s)
+    return TrainingResources(segmenter, embeddings, ImageFetcher(settings), settings.max_image_pixels)

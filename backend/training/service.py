@@ -1,0 +1,178 @@
+"""Active learning inside a running backend: answers webhooks at once, applies them in a background
+thread, and runs trainings in background threads (local mode), one at a time per project.
+
+`request_training` is the one place that decides where a training runs; a queue worker can take over by
+calling `trainer.train_project(project_id, settings)` instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+
+from backend.config import Settings
+from backend.training.dataset import TrainingSet
+from backend.training.files import ProjectFiles
+from backend.training.ingest import (
+    ANNOTATION_SAVED,
+    ANNOTATIONS_DELETED,
+    LEARNED_FROM,
+    START_TRAINING,
+    Inbox,
+    apply_pending,
+    read_annotation_count,
+)
+from backend.training.resources import TrainingResources
+from backend.training.serving import ProjectDecoders
+from backend.training.trainer import TrainingResult, train_project
+
+log = logging.getLogger(__name__)
+
+
+class WebhookError(ValueError):
+    """A webhook body that cannot be recorded; answered with HTTP 400."""
+
+
+def _project_id(body: dict) -> int:
+    project = body.get("project")
+    project_id = project.get("id") if isinstance(project, dict) else None
+    if isinstance(project_id, bool) or not isinstance(project_id, int) or project_id <= 0:
+        raise WebhookError(f"{body.get('action')} webhook without a valid project.id ({project_id!r})")
+    return project_id
+
+
+def _check_shape(action: str, body: dict) -> None:
+    if action in ANNOTATION_SAVED and not (
+        isinstance(body.get("annotation"), dict) and isinstance(body.get("task"), dict)
+    ):
+        raise WebhookError(f"{action} webhook needs 'annotation' and 'task' objects")
+    if action == ANNOTATIONS_DELETED and not isinstance(body.get("annotations"), list):
+        raise WebhookError(f"{action} webhook needs an 'annotations' list")
+
+
+class ActiveLearning:
+    def __init__(
+        self, settings: Settings, resources: Callable[[], TrainingResources], decoders: ProjectDecoders
+    ) -> None:
+        self.settings = settings
+        self.resources = resources
+        self.decoders = decoders
+        self.last_results: dict[int, TrainingResult] = {}
+        self._events: queue.Queue[int] = queue.Queue()
+        self._mutex = threading.Lock()
+        self._idle = threading.Condition(self._mutex)
+        self._outstanding = 0  # queued projects plus running trainings
+        self._training: set[int] = set()
+        self._train_again: set[int] = set()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start the background thread and replay events a previous process recorded but did not apply."""
+        with self._mutex:
+            if self._thread is not None:
+                return
+            self._thread = threading.Thread(target=self._apply_events, name="active-learning", daemon=True)
+            self._thread.start()
+        for project_id in ProjectFiles.projects(self.settings.model_dir):
+            if Inbox(ProjectFiles(self.settings.model_dir, project_id)).pending():
+                log.info("project %d: replaying recorded webhook events", project_id)
+                self._enqueue(project_id)
+
+    def _enqueue(self, project_id: int) -> None:
+        with self._mutex:
+            self._outstanding += 1
+        self._events.put(project_id)
+
+    def _done(self) -> None:
+        with self._mutex:
+            self._outstanding -= 1
+            self._idle.notify_all()
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """True once no event waits and no training runs (for tests, benchmarks and shutdown)."""
+        with self._mutex:
+            return self._idle.wait_for(lambda: self._outstanding == 0, timeout_s)
+
+    def receive(self, body: dict) -> dict:
+        """Record a webhook and queue it; only cheap checks run here, in the webhook's 1 s."""
+        action = body.get("action")
+        if action not in LEARNED_FROM:
+            return {"status": "ignored", "action": action, "reason": "not an event training uses"}
+        project_id = _project_id(body)
+        _check_shape(action, body)
+        files = ProjectFiles(self.settings.model_dir, project_id)
+        if action in (ANNOTATIONS_DELETED, START_TRAINING) and not files.root.is_dir():
+            reason = f"project {project_id} has no training data here yet"
+            log.warning("%s webhook ignored: %s", action, reason)
+            return {"status": "ignored", "action": action, "project": project_id, "reason": reason}
+        Inbox(files).record(body)
+        self.start()
+        self._enqueue(project_id)
+        return {"status": "queued", "action": action, "project": project_id}
+
+    def _apply_events(self) -> None:
+        while True:
+            project_id = self._events.get()
+            try:
+                files = ProjectFiles(self.settings.model_dir, project_id)
+                outcome = apply_pending(files, self.resources)
+                threshold = self.settings.train_after_annotations
+                # Only new annotations count towards the threshold: a round that stored none leaves the
+                # count to the training it already started.
+                enough = threshold > 0 and outcome.stored > 0 and outcome.annotation_count >= threshold
+                if outcome.training_requested or enough:
+                    self.request_training(project_id)
+            except Exception:  # the thread must survive whatever one project's events do
+                log.exception("project %d: applying webhook events failed", project_id)
+            finally:
+                self._done()
+
+    def request_training(self, project_id: int) -> None:
+        """Train in a background thread; a request while one runs makes it run once more afterwards."""
+        with self._mutex:
+            if project_id in self._training:
+                self._train_again.add(project_id)
+                return
+            self._training.add(project_id)
+            self._outstanding += 1
+        threading.Thread(target=self._train, args=(project_id,), name=f"train-{project_id}", daemon=True).start()
+
+    def _train(self, project_id: int) -> None:
+        try:
+            while True:
+                try:
+                    result = train_project(project_id, self.settings, self.resources())
+                except Exception as error:
+                    log.exception("project %d: training failed", project_id)
+                    result = TrainingResult(project_id, "failed", f"{type(error).__name__}: {error}")
+                self.last_results[project_id] = result
+                with self._mutex:
+                    if project_id not in self._train_again:
+                        self._training.discard(project_id)
+                        return
+                    self._train_again.discard(project_id)
+        finally:
+            self._done()
+
+    def describe(self, project_id: int) -> dict:
+        """/versions for one project: its versions, training set, and training state."""
+        files = ProjectFiles(self.settings.model_dir, project_id)
+        training_set = TrainingSet(files)
+        last = self.last_results.get(project_id)
+        return {
+            **self.decoders.describe(project_id),
+            "training_set": {**training_set.summary(), "rejected_regions": len(training_set.rejections())},
+            "annotations_since_training": read_annotation_count(files),
+            "training": {
+                "running": project_id in self._training,
+                "train_after_annotations": self.settings.train_after_annotations,
+                "last": last.as_dict() if last else None,
+            },
+        }
+
+    def describe_all(self) -> dict:
+        return {
+            "projects": [self.describe(project_id) for project_id in ProjectFiles.projects(self.settings.model_dir)]
+        }

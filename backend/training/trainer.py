@@ -1,0 +1,237 @@
+"""One training of one project, as a plain function a background thread or a queue worker can call:
+`train_project(project_id, settings) -> TrainingResult`.
+
+It loads the project's training set and the image embeddings (from the cache, or by fetching and
+encoding the image again), holds out whole tasks, fine-tunes the serving decoder, scores both on the
+held-out masks, and writes a new version, which serves only if it scored no worse. Two trainings of
+one project never overlap: a file lock guards one host, a Redis lock (when REDIS_URL is set) all hosts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+
+import redis
+from redis.exceptions import LockError
+
+from backend.config import Settings
+from backend.images import ImageError
+from backend.models.base import ImageEmbedding
+from backend.models.sam import decoder_state, with_decoder_state
+from backend.training.dataset import AnnotationRecord, TrainingSet
+from backend.training.files import LockBusy, ProjectFiles, file_lock
+from backend.training.finetune import Example, FinetuneConfig, evaluate_miou, finetune, make_example
+from backend.training.ingest import write_annotation_count
+from backend.training.resources import TrainingResources, shared_resources
+from backend.training.versions import CorruptVersion, VersionStore, parse_pins, pin_for
+
+log = logging.getLogger(__name__)
+
+MIN_TASKS = 2  # one task at least to learn from and one to check the result on
+
+
+@dataclass
+class TrainingResult:
+    project_id: int
+    status: str  # "trained", "skipped" (not enough data), "busy" (another training runs), "failed"
+    reason: str = ""
+    version: str | None = None
+    accepted: bool = False
+    metrics: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def finetune_config(settings: Settings) -> FinetuneConfig:
+    return FinetuneConfig(
+        steps=settings.train_steps,
+        batch_size=settings.train_batch_size,
+        learning_rate=settings.train_learning_rate,
+        correction_rounds=settings.train_correction_rounds,
+    )
+
+
+@contextlib.contextmanager
+def _redis_lock(name: str, url: str, ttl_s: float) -> Iterator[None]:
+    """Held while the block runs, kept alive every ttl/3 so a killed holder frees it within `ttl_s`."""
+    client = redis.Redis.from_url(url, socket_connect_timeout=1.0, socket_timeout=5.0)
+    # Not thread-local: the keep-alive thread extends the lock this thread took.
+    lock = client.lock(name, timeout=ttl_s, blocking=False, thread_local=False)
+    try:
+        acquired = lock.acquire()
+    except redis.RedisError as error:
+        log.warning("Redis unreachable (%s): only this host's file lock guards %s", error, name)
+        yield
+        return
+    if not acquired:
+        raise LockBusy(name)
+    stop = threading.Event()
+
+    def keep_alive() -> None:
+        while not stop.wait(ttl_s / 3):
+            try:
+                lock.extend(ttl_s, replace_ttl=True)
+            except (LockError, redis.RedisError) as error:
+                log.warning("could not extend %s: %s", name, error)
+
+    heartbeat = threading.Thread(target=keep_alive, name=f"{name}-heartbeat", daemon=True)
+    heartbeat.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        heartbeat.join()
+        with contextlib.suppress(LockError, redis.RedisError):
+            lock.release()
+
+
+@contextlib.contextmanager
+def training_lock(files: ProjectFiles, settings: Settings) -> Iterator[None]:
+    """Raises LockBusy at once if a training of this project holds it, here or on another host."""
+    with file_lock(files.train_lock, blocking=False):
+        if not settings.redis_url:
+            yield
+            return
+        with _redis_lock(f"sam:train-lock:{files.project_id}", settings.redis_url, settings.train_lock_ttl_s):
+            yield
+
+
+def held_out_tasks(task_ids: list[int], fraction: float) -> set[int]:
+    """Whole tasks are held out, so no image is both learnt and judged; which ones depends only on their ids."""
+    ranked = sorted(task_ids, key=lambda task: zlib.crc32(str(task).encode()))
+    count = min(max(1, round(len(ranked) * fraction)), len(ranked) - 1)
+    return set(ranked[:count])
+
+
+def _examples(
+    records: list[AnnotationRecord], resources: TrainingResources, project_id: int
+) -> list[tuple[int, Example]]:
+    examples = []
+    embeddings: dict[str, tuple[ImageEmbedding, str]] = {}
+    for record in records:
+        try:
+            key = record.image_digest or record.image_url
+            if key not in embeddings:
+                embeddings[key] = resources.embedding_for(record.image_url, record.image_digest)
+            embedding, _ = embeddings[key]
+        except ImageError as error:
+            log.warning(
+                "project %d annotation %d left out of this training: %s", project_id, record.annotation_id, error
+            )
+            continue
+        for region in record.regions:
+            try:
+                examples.append((record.task_id, make_example(embedding, region.mask)))
+            except ValueError as error:
+                log.warning(
+                    "project %d annotation %d region %s left out: %s",
+                    project_id,
+                    record.annotation_id,
+                    region.region_id,
+                    error,
+                )
+    return examples
+
+
+def train_project(
+    project_id: int,
+    settings: Settings,
+    resources: TrainingResources | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> TrainingResult:
+    """Train one project now, in this thread; never raises for a busy lock or too little data."""
+    files = ProjectFiles(settings.model_dir, project_id)
+    try:
+        with training_lock(files, settings):
+            return _train_locked(files, settings, resources or shared_resources(settings), on_step)
+    except LockBusy:
+        log.info("project %d: a training is already running; this request is left to it", project_id)
+        return TrainingResult(project_id, "busy", "another training of this project is running")
+
+
+def _train_locked(
+    files: ProjectFiles,
+    settings: Settings,
+    resources: TrainingResources,
+    on_step: Callable[[int, float], None] | None,
+) -> TrainingResult:
+    project_id = files.project_id
+    started = time.perf_counter()
+    store = VersionStore(files)
+    store.remove_partial()
+    with file_lock(files.ingest_lock):
+        write_annotation_count(files, 0)
+    records = list(TrainingSet(files).records())
+    examples = _examples(records, resources, project_id)
+    tasks = sorted({task for task, _ in examples})
+    if len(tasks) < MIN_TASKS:
+        reason = f"needs masks on at least {MIN_TASKS} tasks (one is held out to check the result); has {len(tasks)}"
+        log.info("project %d: training skipped: %s", project_id, reason)
+        return TrainingResult(project_id, "skipped", reason)
+    held_out = held_out_tasks(tasks, settings.train_held_out_fraction)
+    train = [example for task, example in examples if task not in held_out]
+    check = [example for task, example in examples if task in held_out]
+
+    versions, _ = store.scan()
+    pin = pin_for(parse_pins(settings.model_version_pin), project_id)
+    parent, state = None, None
+    for candidate in VersionStore.candidates(versions, pin) or []:
+        try:
+            state = store.load_state(candidate)
+            parent = candidate
+            break
+        except CorruptVersion as error:
+            log.error("project %d: version %s cannot be trained from, skipped: %s", project_id, candidate.name, error)
+    model = with_decoder_state(resources.segmenter.sam, state)
+    config = finetune_config(settings)
+    log.info(
+        "project %d: training from %s on %d masks (%d tasks), %d held out (%d tasks), %d steps",
+        project_id,
+        parent.name if parent else "the original SAM",
+        len(train),
+        len(tasks) - len(held_out),
+        len(check),
+        len(held_out),
+        config.steps,
+    )
+    before = evaluate_miou(model, check)
+    report = finetune(model, train, config, on_step)
+    after = evaluate_miou(model, check)
+    accepted = after >= before
+    metrics = {
+        "project": project_id,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "parent": parent.name if parent else "base",
+        "held_out_miou_before": round(before, 6),
+        "held_out_miou_after": round(after, 6),
+        "accepted": accepted,
+        "train_masks": len(train),
+        "held_out_masks": len(check),
+        "held_out_tasks": sorted(held_out),
+        "annotations": len(records),
+        "steps": report.steps,
+        "steps_per_second": round(report.steps_per_second, 3),
+        "first_loss": round(report.first_loss, 6),
+        "last_loss": round(report.last_loss, 6),
+        "config": asdict(config),
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    version = store.write(decoder_state(model), metrics)
+    log.info(
+        "project %d: wrote %s, held-out mIoU %.3f -> %.3f: %s",
+        project_id,
+        version.name,
+        before,
+        after,
+        "serves now" if accepted else "kept, not served (worse than the serving decoder)",
+    )
+    if resources.decoders is not None:
+        resources.decoders.serving(project_id, resources.segmenter)  # export the new decoder before a user waits for it
+    return TrainingResult(project_id, "trained", version=version.name, accepted=accepted, metrics=version.metrics)

@@ -1,0 +1,387 @@
+"""Active learning through the HTTP API: webhooks to a training set, a training to a served version,
+rollback by pin, interrupted trainings and damaged versions. Real Redis, real Label Studio payloads
+(their truncated brush RLE replaced by masks encoded with label-studio-sdk), real images over HTTP."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+import torch
+from label_studio_sdk.converter.brush import mask2rle
+
+from backend.models.sam import decoder_state, load_sam
+from backend.training.dataset import AnnotationRecord, Region, TrainingSet
+from backend.training.files import ProjectFiles
+from backend.training.ingest import Inbox
+from backend.training.trainer import train_project, training_lock
+from backend.training.versions import PARTIAL_PREFIX, VersionStore
+from tests.conftest import REPO, encode, make_client, recorded
+from tests.synthetic_shapes import shape_image
+
+BASE = "sam-vit_b"
+IOU_BIAS = "mask_decoder.iou_prediction_head.layers.2.bias"
+
+
+@pytest.fixture(scope="module")
+def shapes(media_root: Path) -> dict[int, tuple[str, np.ndarray]]:
+    """Task images with one shape each, served by the Label Studio stand-in, and the shapes' true masks."""
+    served = {}
+    for seed in range(20, 26):
+        image, mask = shape_image(seed)
+        path = media_root / "upload" / "shapes" / f"{seed}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(encode(image, "PNG"))
+        served[seed] = (f"/data/upload/shapes/{seed}.png", mask)
+    return served
+
+
+@pytest.fixture
+def learning_settings(settings, redis_url):
+    """Small trainings: enough steps for the small random SAM to learn boxes, no more."""
+    return replace(
+        settings,
+        redis_url=redis_url,
+        train_after_annotations=3,
+        train_steps=12,
+        train_batch_size=2,
+        train_learning_rate=1e-3,
+        train_correction_rounds=1,
+        train_held_out_fraction=0.34,
+        train_lock_ttl_s=1.5,
+    )
+
+
+def annotation_event(
+    action: str, project_id: int, annotation_id: int, task_id: int, image_url: str, mask: np.ndarray, label="Car"
+) -> dict:
+    """A recorded ANNOTATION_CREATED body, for another annotation, task, image and mask."""
+    body = recorded("07-webhook-annotation-created.json")
+    body["action"] = action
+    body["project"]["id"] = project_id
+    body["annotation"].update(id=annotation_id, task=task_id, project=project_id)
+    height, width = mask.shape
+    result = body["annotation"]["result"][0]
+    result.update(original_width=width, original_height=height)
+    result["value"].update(rle=mask2rle(mask.astype(np.uint8) * 255), brushlabels=[label])
+    body["task"].update(id=task_id, project=project_id, data={"image": image_url})
+    return body
+
+
+def deleted_event(project_id: int, annotation_ids: list[int]) -> dict:
+    body = recorded("09-webhook-annotations-deleted.json")
+    body["project"]["id"] = project_id
+    body["annotations"] = [{"id": annotation_id} for annotation_id in annotation_ids]
+    return body
+
+
+def predict_body(project_id: int, image_url: str) -> dict:
+    body = recorded("05-predict-interactive-rectangle.json")
+    body["project"] = f"{project_id}.1795623701"
+    body["tasks"][0]["data"]["image"] = image_url
+    return body
+
+
+def post_webhook(client, body: dict) -> dict:
+    response = client.post("/webhook", json=body)
+    assert response.status_code == 200, response.json
+    return response.json
+
+
+def test_webhooks_build_the_training_set_and_train_a_version_that_serves(learning_settings, shapes):
+    client, predictor = make_client(learning_settings)
+    for annotation_id, seed in zip((101, 102, 103), (20, 21, 22), strict=True):
+        url, mask = shapes[seed]
+        answer = post_webhook(client, annotation_event("ANNOTATION_CREATED", 2, annotation_id, seed, url, mask))
+        assert answer == {"status": "queued", "action": "ANNOTATION_CREATED", "project": 2}
+    # The third annotation reaches TRAIN_AFTER_ANNOTATIONS: a training starts in the background.
+    assert predictor.learning.wait_idle(600)
+    listing = client.get("/versions?project=2").json
+    (version,) = listing["versions"]
+    assert version["name"] == "v1" and version["parent"] == "base"
+    assert listing["training_set"] == {"annotations": 3, "masks": 3, "tasks": 3, "rejected_regions": 0}
+    assert (version["train_masks"], version["held_out_masks"]) == (2, 1)
+    assert version["held_out_miou_after"] > version["held_out_miou_before"] and version["accepted"]
+    assert listing["serving"] == f"{BASE}-p2-v1" and version["serving"]
+    assert listing["training"]["last"]["status"] == "trained"
+    assert (Path(learning_settings.model_dir) / "2" / "versions" / "v1" / "decoder.pt").is_file()
+
+    # Predictions for the project carry the new version; other projects keep the original SAM.
+    served = client.post("/predict", json=predict_body(2, shapes[23][0]))
+    assert served.status_code == 200, served.json
+    (entry,) = served.json["results"]
+    assert entry["model_version"] == f"{BASE}-p2-v1" and entry["result"]
+    assert entry["score"] == min(region["score"] for region in entry["result"])
+    other = client.post("/predict", json=predict_body(9, shapes[23][0]))
+    assert other.json["results"][0]["model_version"] == BASE
+    setup = client.post("/setup", json={**recorded("02-setup.json"), "project": "2.1795623701"})
+    assert setup.json["model_version"] == f"{BASE}-p2-v1"
+
+    # ANNOTATIONS_DELETED carries only ids; an update replaces the annotation's masks.
+    post_webhook(client, deleted_event(2, [101]))
+    url, mask = shapes[21]
+    post_webhook(client, annotation_event("ANNOTATION_UPDATED", 2, 102, 21, url, mask, label="Wheel"))
+    assert predictor.learning.wait_idle(60)
+    listing = client.get("/versions?project=2").json
+    assert listing["training_set"]["annotations"] == 2 and listing["annotations_since_training"] == 1
+    records = {
+        record.annotation_id: record for record in TrainingSet(ProjectFiles(learning_settings.model_dir, 2)).records()
+    }
+    assert set(records) == {102, 103} and records[102].regions[0].label == "Wheel"
+    assert np.array_equal(records[102].regions[0].mask, mask)
+    # Nothing is left waiting in the inbox.
+    assert not list((Path(learning_settings.model_dir) / "2" / "inbox").glob("*.json"))
+
+
+def test_start_training_webhook_trains_on_demand(learning_settings, shapes):
+    client, predictor = make_client(replace(learning_settings, train_after_annotations=0, train_steps=2))
+    for annotation_id, seed in zip((201, 202), (20, 21), strict=True):
+        url, mask = shapes[seed]
+        post_webhook(client, annotation_event("ANNOTATION_CREATED", 3, annotation_id, seed, url, mask))
+    assert predictor.learning.wait_idle(60)
+    assert client.get("/versions?project=3").json["versions"] == []  # TRAIN_AFTER_ANNOTATIONS=0: only on demand
+    start = recorded("10-webhook-start-training.json")
+    start["project"]["id"] = 3
+    assert post_webhook(client, start)["status"] == "queued"
+    assert predictor.learning.wait_idle(600)
+    listing = client.get("/versions?project=3").json
+    assert [version["name"] for version in listing["versions"]] == ["v1"]
+    assert listing["versions"][0]["steps"] == 2
+
+
+def test_bad_annotations_are_logged_and_listed_never_stored(learning_settings, shapes, caplog):
+    client, predictor = make_client(learning_settings)
+    url, mask = shapes[20]
+    exif_url = "/data/upload/1/a5529614-car_400x300_exif6.png"  # shown 300 wide, 400 high
+    truncated = recorded("07-webhook-annotation-created.json")  # its RLE is cut to 12 ints in the recording
+    truncated["project"]["id"] = 4
+    wrong_declared_size = annotation_event("ANNOTATION_CREATED", 4, 305, 5, url, mask)
+    wrong_declared_size["annotation"]["result"][0]["original_width"] = 100
+    events = [
+        truncated,
+        annotation_event("ANNOTATION_CREATED", 4, 302, 2, url, mask, label="Truck"),
+        annotation_event("ANNOTATION_CREATED", 4, 303, 3, url, np.zeros_like(mask)),
+        annotation_event("ANNOTATION_CREATED", 4, 304, 4, exif_url, np.ones((300, 400), bool)),
+        wrong_declared_size,
+    ]
+    with caplog.at_level(logging.WARNING, logger="backend.training"):
+        for event in events:
+            assert post_webhook(client, event)["status"] == "queued"
+        assert predictor.learning.wait_idle(120)
+    reasons = {
+        entry["annotation"]: entry["reason"]
+        for entry in TrainingSet(ProjectFiles(learning_settings.model_dir, 4)).rejections()
+    }
+    assert "rle is not a list of byte values" in reasons[1]
+    assert "label 'Truck' is not in the label config (Car, Wheel)" in reasons[302]
+    assert reasons[303] == "the mask is empty"
+    assert reasons[304] == "mask is 400x300 but the image is 300x400"
+    assert "not 100x" in reasons[305]
+    logged = caplog.text
+    assert all(reason in logged for reason in reasons.values())
+    listing = client.get("/versions?project=4").json
+    assert listing["training_set"] == {"annotations": 0, "masks": 0, "tasks": 0, "rejected_regions": 5}
+    assert listing["annotations_since_training"] == 0
+
+
+def test_webhooks_that_cannot_be_recorded_are_4xx_and_others_are_acknowledged(learning_settings):
+    client, _ = make_client(learning_settings)
+    no_project = recorded("07-webhook-annotation-created.json")
+    del no_project["project"]
+    response = client.post("/webhook", json=no_project)
+    assert response.status_code == 400 and "project.id" in response.json["error"]
+    no_task = recorded("08-webhook-annotation-updated.json")
+    del no_task["task"]
+    response = client.post("/webhook", json=no_task)
+    assert response.status_code == 400 and "'annotation' and 'task'" in response.json["error"]
+    bad_ids = recorded("09-webhook-annotations-deleted.json")
+    bad_ids["annotations"] = "1"
+    assert client.post("/webhook", json=bad_ids).status_code == 400
+    unknown = recorded("10-webhook-start-training.json")
+    unknown["project"]["id"] = 99
+    answer = post_webhook(client, unknown)
+    assert answer["status"] == "ignored" and "no training data" in answer["reason"]
+    assert post_webhook(client, {"action": "PROJECT_UPDATED", "project": {"id": 1}})["status"] == "ignored"
+    assert client.get("/versions?project=abc").status_code == 400
+
+
+def test_events_recorded_by_a_process_that_died_are_applied_on_start(learning_settings, shapes):
+    files = ProjectFiles(learning_settings.model_dir, 5)
+    url, mask = shapes[22]
+    Inbox(files).record(annotation_event("ANNOTATION_CREATED", 5, 501, 22, url, mask))
+    client, predictor = make_client(learning_settings)
+    predictor.learning.start()
+    assert predictor.learning.wait_idle(60)
+    assert client.get("/versions?project=5").json["training_set"]["annotations"] == 1
+    assert not Inbox(files).pending()
+
+
+def write_version(settings, project_id: int, score_shift: float, accepted: bool = True) -> str:
+    """A version whose IoU head scores `score_shift` higher than the original's: served scores show it."""
+    state = decoder_state(load_sam(Path(settings.sam_checkpoint), decoder_runtime="torch").sam)
+    state[IOU_BIAS] = state[IOU_BIAS] + score_shift
+    metrics = {"held_out_miou_before": 0.5, "held_out_miou_after": 0.6, "accepted": accepted, "parent": "base"}
+    return VersionStore(ProjectFiles(settings.model_dir, project_id)).write(state, metrics).name
+
+
+def served(client, project_id: int, image_url: str) -> tuple[str, float]:
+    """The model_version and score of a click, on a fresh task so no earlier mask is fed back."""
+    body = recorded("04-predict-interactive-keypoints.json")
+    body["project"] = f"{project_id}.1795623701"
+    body["tasks"][0]["data"]["image"] = image_url
+    body["tasks"][0]["id"] = time.monotonic_ns()
+    response = client.post("/predict", json=body)
+    assert response.status_code == 200, response.json
+    entry = response.json["results"][0]
+    return entry["model_version"], entry["score"]
+
+
+def test_pin_rolls_back_to_an_earlier_version_or_the_original(learning_settings, shapes):
+    image = shapes[24][0]
+    _, base_score = served(make_client(learning_settings)[0], 6, image)
+    assert write_version(learning_settings, 6, 1.0) == "v1"
+    assert write_version(learning_settings, 6, 2.0) == "v2"
+    assert write_version(learning_settings, 6, 3.0, accepted=False) == "v3"  # scored worse: kept, not served
+    client, _ = make_client(learning_settings)
+    version, score = served(client, 6, image)
+    assert version == f"{BASE}-p6-v2" and score == pytest.approx(base_score + 2.0, abs=1e-3)
+    listing = client.get("/versions?project=6").json
+    assert [(v["name"], v["serving"]) for v in listing["versions"]] == [("v1", False), ("v2", True), ("v3", False)]
+
+    pinned, _ = make_client(replace(learning_settings, model_version_pin="6=v1"))
+    version, score = served(pinned, 6, image)
+    assert version == f"{BASE}-p6-v1" and score == pytest.approx(base_score + 1.0, abs=1e-3)
+    assert pinned.get("/versions?project=6").json["pinned"] == "v1"
+
+    original, _ = make_client(replace(learning_settings, model_version_pin="base"))
+    version, score = served(original, 6, image)
+    assert version == BASE and score == pytest.approx(base_score, abs=1e-5)
+
+
+def test_damaged_version_is_skipped_with_an_error_and_the_previous_serves(learning_settings, shapes, caplog):
+    write_version(learning_settings, 7, 1.0)
+    write_version(learning_settings, 7, 2.0)
+    broken_weights = Path(learning_settings.model_dir) / "7" / "versions" / "v2" / "decoder.pt"
+    broken_weights.write_bytes(broken_weights.read_bytes()[:1000])
+    write_version(learning_settings, 7, 3.0)
+    (Path(learning_settings.model_dir) / "7" / "versions" / "v3" / "metrics.json").write_text("{not json")
+    client, _ = make_client(learning_settings)
+    with caplog.at_level(logging.ERROR):
+        version, _ = served(client, 7, shapes[24][0])
+    assert version == f"{BASE}-p7-v1"
+    assert "version v2 cannot serve, skipped: v2: decoder.pt does not match the checksum" in caplog.text
+    assert "version v3 is unreadable, skipped" in caplog.text
+    listing = client.get("/versions?project=7").json
+    assert listing["serving"] == f"{BASE}-p7-v1"
+    assert [broken["name"] for broken in listing["unreadable"]] == ["v3"]
+
+
+def store_training_set(settings, project_id: int, shapes: dict, seeds: tuple[int, ...]) -> None:
+    training_set = TrainingSet(ProjectFiles(settings.model_dir, project_id))
+    for seed in seeds:
+        url, mask = shapes[seed]
+        training_set.put(AnnotationRecord(seed, seed, url, [Region(f"r{seed}", "Car", mask)]))
+
+
+def test_training_interrupted_by_an_error_writes_nothing_and_frees_the_lock(learning_settings, shapes):
+    settings = replace(learning_settings, train_steps=3, train_batch_size=1, train_correction_rounds=0)
+    store_training_set(settings, 8, shapes, (20, 21, 22))
+    write_version(settings, 8, 1.0)
+    client, predictor = make_client(settings)
+
+    def fail_mid_way(step: int, loss: float) -> None:
+        if step == 1:
+            raise RuntimeError("interrupted at step 1")
+
+    with pytest.raises(RuntimeError, match="interrupted"):
+        train_project(8, settings, predictor.training_resources(), on_step=fail_mid_way)
+    versions_dir = Path(settings.model_dir) / "8" / "versions"
+    assert sorted(entry.name for entry in versions_dir.iterdir()) == ["v1"]
+    assert served(client, 8, shapes[24][0])[0] == f"{BASE}-p8-v1"
+    result = train_project(8, settings, predictor.training_resources())
+    assert result.status == "trained" and result.version == "v2" and result.metrics["parent"] == "v1"
+
+
+KILLED_TRAINING = """
+import json, os, signal, sys
+from backend.config import Settings
+from backend.training import versions
+from backend.training.trainer import train_project
+
+settings = json.loads(sys.argv[1])
+settings["allowed_image_hosts"] = tuple(settings["allowed_image_hosts"])
+real_fsync_directory = versions.fsync_directory
+
+def die_once_the_weights_are_written(path):
+    # The new version's files are on disk but not yet renamed into place: the worst moment to die.
+    if path.name.startswith(versions.PARTIAL_PREFIX):
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_fsync_directory(path)
+
+versions.fsync_directory = die_once_the_weights_are_written
+train_project(int(sys.argv[2]), Settings(**settings))
+"""
+
+
+def test_training_killed_while_writing_leaves_no_version_and_the_next_one_cleans_up(learning_settings, shapes):
+    settings = replace(learning_settings, train_steps=2, train_batch_size=1, train_correction_rounds=0)
+    store_training_set(settings, 10, shapes, (20, 21, 22))
+    write_version(settings, 10, 1.0)
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_TRAINING, json.dumps(asdict(settings)), "10"],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        timeout=600,
+    )
+    assert killed.returncode == -9, killed.stderr.decode()[-2000:]
+    versions_dir = Path(settings.model_dir) / "10" / "versions"
+    (partial,) = [entry for entry in versions_dir.iterdir() if entry.name.startswith(PARTIAL_PREFIX)]
+    assert (partial / "decoder.pt").is_file()  # the dead process had written its weights
+
+    client, predictor = make_client(settings)
+    assert served(client, 10, shapes[24][0])[0] == f"{BASE}-p10-v1"
+    assert [version["name"] for version in client.get("/versions?project=10").json["versions"]] == ["v1"]
+    # The dead holder's Redis lock expires after TRAIN_LOCK_TTL; then training runs and clears the leftovers.
+    deadline = time.monotonic() + 30
+    while (result := train_project(10, settings, predictor.training_resources())).status == "busy":
+        assert time.monotonic() < deadline, "the killed training's lock never expired"
+        time.sleep(0.5)
+    assert result.status == "trained" and result.version == "v2"
+    assert sorted(entry.name for entry in versions_dir.iterdir()) == ["v1", "v2"]
+
+
+def test_two_trainings_of_one_project_never_run_at_once(learning_settings):
+    files = ProjectFiles(learning_settings.model_dir, 11)
+    with training_lock(files, learning_settings):
+        assert train_project(11, learning_settings).status == "busy"
+    # Another host (here: another Redis client) holding the Redis lock keeps this one out too.
+    other_host = redis.Redis.from_url(learning_settings.redis_url).lock("sam:train-lock:11", timeout=30)
+    assert other_host.acquire(blocking=False)
+    try:
+        assert train_project(11, learning_settings).status == "busy"
+    finally:
+        other_host.release()
+    result = train_project(11, learning_settings)
+    assert result.status == "skipped" and "at least 2 tasks" in result.reason
+
+
+def test_decoder_variant_shares_the_encoder_and_its_cache_key(sam_checkpoint):
+    base = load_sam(sam_checkpoint, decoder_runtime="torch")
+    state = decoder_state(base.sam)
+    state[IOU_BIAS] = state[IOU_BIAS] + 1.0
+    variant = base.with_decoder_state(state)
+    assert variant.identity == base.identity and variant.sam.image_encoder is base.sam.image_encoder
+    assert variant.sam.mask_decoder is not base.sam.mask_decoder
+    assert not torch.equal(decoder_state(variant.sam)[IOU_BIAS], decoder_state(base.sam)[IOU_BIAS])
+    with pytest.raises(ValueError, match="do not match"):
+        base.with_decoder_state({key: value for key, value in state.items() if key != IOU_BIAS})
