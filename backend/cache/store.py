@@ -87,6 +87,8 @@ class ResilientStore:
     """Redis when reachable, the in-process LRU otherwise; never raises a Redis error to callers."""
 
     RETRY_AFTER_S = 5.0
+    # A lock holder's lease, renewed while it lives: a worker killed mid-encode frees the image this soon.
+    LOCK_LEASE_S = 10.0
 
     def __init__(self, client: redis.Redis, fallback: MemoryStore) -> None:
         self.client = client
@@ -152,23 +154,38 @@ class ResilientStore:
 
     @contextlib.contextmanager
     def lock(self, name: str, timeout_s: float) -> Iterator[None]:
-        """Redis lock across processes; without Redis, in-process exclusion is all there is."""
+        """Redis lock across processes, waited for up to `timeout_s`; without Redis, in-process
+        exclusion is all there is. The lock lives LOCK_LEASE_S and a thread renews it while its holder
+        runs, so a SIGKILLed holder blocks the others for one lease, not for `timeout_s`."""
         redis_lock = None
         if self._should_try_redis():
             try:
-                # The lock expires by itself so that a killed holder cannot block the image forever.
-                redis_lock = self.client.lock(name, timeout=timeout_s, blocking_timeout=timeout_s)
+                # thread_local=False: the renewing thread must see the holder's token.
+                redis_lock = self.client.lock(
+                    name, timeout=self.LOCK_LEASE_S, blocking_timeout=timeout_s, thread_local=False
+                )
                 if not redis_lock.acquire():
                     redis_lock = None
             except redis.RedisError as error:
                 self._mark_down(error)
                 redis_lock = None
+        done = threading.Event()
+        if redis_lock is not None:
+            threading.Thread(target=self._renew, args=(redis_lock, done), name="lock-lease", daemon=True).start()
         try:
             yield
         finally:
+            done.set()
             if redis_lock is not None:
                 with contextlib.suppress(redis.RedisError):
                     redis_lock.release()
+
+    def _renew(self, redis_lock: redis.lock.Lock, done: threading.Event) -> None:
+        while not done.wait(self.LOCK_LEASE_S / 3):
+            try:
+                redis_lock.reacquire()
+            except redis.RedisError:  # Redis gone or the lock lost: the holder goes on without it
+                return
 
 
 def make_store(redis_url: str, memory_bytes: int) -> ByteStore:
