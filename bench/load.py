@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import platform
 import tempfile
 from pathlib import Path
@@ -26,7 +28,7 @@ from tests.load_harness import LoadRig, PhaseReport, run_phase, warm_up
 def table(reports: list[PhaseReport]) -> str:
     lines = [
         "| phase | fault injected | requests | ok | clear errors (status: count) | 500s | lost | "
-        "retried connections | encodes (duplicates) | p50 ms | p95 ms |",
+        "retried connections | encodes (duplicates) | p50 / p95 ms client | p50 / p95 ms server |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for report in reports:
@@ -36,7 +38,8 @@ def table(reports: list[PhaseReport]) -> str:
             f"| {summary['phase']} | {'; '.join(summary['faults']) or 'none'} | {summary['requests']} | "
             f"{summary['ok']} | {summary['clear_errors']} {errors or ''} | {summary['server_errors']} | "
             f"{summary['lost']} | {summary['retried_connections']} | {summary['encodes']} "
-            f"({summary['duplicate_encodes']}) | {summary['p50_ms']} | {summary['p95_ms']} |"
+            f"({summary['duplicate_encodes']}) | {summary['p50_ms']} / {summary['p95_ms']} | "
+            f"{summary['server_p50_ms']} / {summary['server_p95_ms']} |"
         )
     return "\n".join(lines)
 
@@ -52,6 +55,8 @@ def main() -> None:
     parser.add_argument("--deadline", type=float, default=5.0, help="PREDICT_DEADLINE of the server, seconds")
     parser.add_argument("--phase-seconds", type=float, default=240.0, help="time limit of each phase")
     args = parser.parse_args()
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # the stand-in's line per image request
+    load_before = os.getloadavg()[0]
 
     with tempfile.TemporaryDirectory(prefix="sam-load-") as work:
         with LoadRig(Path(work), args.checkpoint, args.workers, args.threads, args.images, args.deadline) as rig:
@@ -90,7 +95,8 @@ def main() -> None:
         f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
         f"{args.workers} gunicorn workers x {args.threads} threads, {args.annotators} annotators x {args.clicks} "
         f"clicks per phase, {args.images} images 1024x768, PREDICT_DEADLINE {args.deadline:g} s, "
-        f"checkpoint {args.checkpoint or 'small random SAM (tests/conftest.build_small_sam)'}"
+        f"checkpoint {args.checkpoint or 'small random SAM (tests/conftest.build_small_sam)'}, "
+        f"load average {load_before:.1f} before / {os.getloadavg()[0]:.1f} after, {os.cpu_count()} CPUs"
     )
     for report in reports:
         print(json.dumps(report.summary()))

@@ -35,6 +35,7 @@ from tests.label_studio_standin import LabelStudioStandIn
 from tests.services import RedisServer, free_port
 
 ENCODED = re.compile(r"encoded image ([0-9a-f]{12})")
+SERVER_TOTAL = re.compile(r"total;dur=([0-9.]+)")
 KEYPOINTS_BODY = json.loads((PROTOCOL_DIR / "04-predict-interactive-keypoints.json").read_text())["label_studio_sent"][
     "json"
 ]
@@ -159,6 +160,7 @@ class Outcome:
     cache: str | None = None
     retried: bool = False
     detail: str = ""
+    server_ms: float | None = None  # the backend's own time (Server-Timing "total"), without HTTP and queueing
 
 
 @dataclass
@@ -180,6 +182,10 @@ class PhaseReport:
         seconds = [outcome.seconds for outcome in self.outcomes if outcome.kind == "ok"]
         return float(np.quantile(seconds, quantile) * 1000) if seconds else float("nan")
 
+    def server_ms(self, quantile: float) -> float:
+        times = [outcome.server_ms for outcome in self.outcomes if outcome.kind == "ok" and outcome.server_ms]
+        return float(np.quantile(times, quantile)) if times else float("nan")
+
     def statuses(self) -> dict[str, int]:
         return dict(sorted(Counter(str(outcome.status) for outcome in self.outcomes).items()))
 
@@ -198,6 +204,8 @@ class PhaseReport:
             "duplicate_encodes": self.duplicate_encodes,
             "p50_ms": round(self.latency_ms(0.5), 1),
             "p95_ms": round(self.latency_ms(0.95), 1),
+            "server_p50_ms": round(self.server_ms(0.5), 1),
+            "server_p95_ms": round(self.server_ms(0.95), 1),
             "seconds": round(self.seconds, 1),
             "faults": self.fault_log,
         }
@@ -224,7 +232,8 @@ def classify(response: requests.Response, seconds: float, retried: bool) -> Outc
         results = answer.get("results") if isinstance(answer, dict) else None
         regions = results[0].get("result", []) if results and isinstance(results[0], dict) else []
         if regions and regions[0].get("type") == "brushlabels":
-            return Outcome("ok", 200, seconds, cache, retried)
+            server = SERVER_TOTAL.search(response.headers.get("Server-Timing", ""))
+            return Outcome("ok", 200, seconds, cache, retried, server_ms=float(server.group(1)) if server else None)
         return Outcome("server_error", 200, seconds, cache, retried, detail=json.dumps(answer)[:200])
     has_error = isinstance(answer, dict) and isinstance(answer.get("error"), str)
     clear = has_error and (400 <= response.status_code < 500 or response.status_code == 503)
