@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -17,19 +19,24 @@ from backend.cache.embeddings import EmbeddingCache
 from backend.cache.sessions import SessionStore
 from backend.cache.store import ByteStore
 from backend.config import Settings
-from backend.images import FetchedImage, ImageFetcher, decode_image
-from backend.models.base import ImageEmbedding, Segmenter
-from backend.models.loader import BackgroundLoader
+from backend.images import FetchedImage, ImageError, ImageFetcher, decode_image
+from backend.models.base import ImageEmbedding, Segmenter, SegmentPrompt
+from backend.models.grounding_dino import Detection, GroundingDino, load_grounding_dino
+from backend.models.loader import BackgroundLoader, ModelNotReady
 from backend.models.sam import load_sam
 from backend.prompts.interactive import InteractivePrompter, PromptError, parse_context
+from backend.prompts.text import TextQuery, Thresholds, labels_query, text_query, thresholds_for
+from backend.protocol.label_config import ProjectConfig
 
 log = logging.getLogger(__name__)
+
+FETCH_THREADS = 8  # image downloads of one batch run side by side; they wait on the network, not the CPU
 
 
 @dataclass
 class DetectedObject:
     label: str
-    mask: np.ndarray  # (H, W) bool
+    mask: np.ndarray | None  # (H, W) bool; None when the project only wants the box
     score: float
     box: tuple[float, float, float, float] | None = None  # pixel box, when the object came from one
 
@@ -57,9 +64,12 @@ class Predictor:
         self.store = store
         self.fetcher = fetcher or ImageFetcher(settings)
         self.models = BackgroundLoader(self._load_models)
+        # Optional: without GroundingDINO's weights SAM still serves clicks; text and pre-annotation say why not.
+        self.detector = BackgroundLoader(self._load_detector)
 
     def _load_models(self) -> Models:
         settings = self.settings
+        self.detector.start()
         segmenter = load_sam(
             settings.sam_checkpoint_path, settings.sam_model_type, settings.device, settings.decoder_runtime
         )
@@ -74,13 +84,49 @@ class Predictor:
             sessions=SessionStore(self.store, segmenter.identity, self.settings.session_ttl_s),
         )
 
-    def embedding_for(self, models: Models, image: FetchedImage) -> tuple[ImageEmbedding, bool, float]:
+    def _load_detector(self) -> GroundingDino:
+        settings = self.settings
+        return load_grounding_dino(
+            settings.grounding_dino_checkpoint_path,
+            Path(settings.grounding_dino_config) if settings.grounding_dino_config else None,
+            settings.grounding_dino_text_encoder,
+            settings.device,
+            settings.grounding_dino_image_size,
+        )
+
+    def detector_ready(self, query: TextQuery) -> GroundingDino:
+        """GroundingDINO, able to read `query`'s caption; a 503 naming what is missing if it could not load."""
+        try:
+            detector = self.detector.get(self.settings.model_ready_timeout_s)
+        except ModelNotReady:
+            if self.detector.state != "failed":
+                raise  # still loading: a 503 that says to retry
+            raise PromptError(
+                f"text prompts and pre-annotation need GroundingDINO, which could not be loaded: {self.detector.error}",
+                503,
+            ) from None
+        tokens = detector.caption_tokens(query.caption)
+        if tokens > detector.max_text_tokens:
+            raise PromptError(
+                f"the {len(query.phrases)} phrases to detect take {tokens} tokens; GroundingDINO reads at most "
+                f"{detector.max_text_tokens}: use fewer labels or shorter predicted_values",
+                413,
+            )
+        return detector
+
+    def embedding_for(
+        self, models: Models, image: FetchedImage, pixels: np.ndarray | None = None
+    ) -> tuple[ImageEmbedding, bool, float]:
+        """The image's SAM embedding from the cache, encoded (from `pixels` when already decoded) on a miss."""
         cached = models.embeddings.get_or_encode(
-            image.digest, lambda: decode_image(image.data, self.settings.max_image_pixels)
+            image.digest,
+            lambda: pixels if pixels is not None else decode_image(image.data, self.settings.max_image_pixels),
         )
         return cached.embedding, cached.cache_hit, cached.encode_seconds
 
-    def predict_interactive(self, image_url: str, task_id: object, context: object) -> TaskPrediction:
+    def predict_interactive(
+        self, image_url: str, task_id: object, context: object, config: ProjectConfig | None = None
+    ) -> TaskPrediction:
         """Masks for the smart regions in `context`; an empty context gives no objects, not an error."""
         if not context:
             return TaskPrediction(objects=[], image_size=(0, 0), cache_hit=False)
@@ -91,24 +137,144 @@ class Predictor:
         embedding, hit, encode_s = self.embedding_for(models, image)
         embedded = time.perf_counter()
         parsed = parse_context(context, embedding.original_size, self.settings.max_prompts_per_task)
-        if parsed.texts and not (parsed.keypoints or parsed.rectangles):
-            raise PromptError("text prompts need GroundingDINO, which this backend has not loaded", 422)
         prompter = InteractivePrompter(models.sessions, image.digest, task_id)
         objects = prompter.prompts(parsed)
         predictions = models.segmenter.decode(embedding, [obj.prompt for obj in objects]) if objects else []
         decoded = time.perf_counter()
         prompter.remember(objects, predictions)
-        return TaskPrediction(
-            objects=[
-                DetectedObject(obj.label, prediction.mask, prediction.score)
-                for obj, prediction in zip(objects, predictions, strict=True)
-            ],
-            image_size=embedding.original_size,
-            cache_hit=hit,
-            timings={
-                "fetch": fetched - started,
-                "embedding": embedded - fetched,
-                "encode": encode_s,
-                "decode": decoded - embedded,
-            },
+        detected = [
+            DetectedObject(obj.label, prediction.mask, prediction.score)
+            for obj, prediction in zip(objects, predictions, strict=True)
+        ]
+        timings = {
+            "fetch": fetched - started,
+            "embedding": embedded - fetched,
+            "encode": encode_s,
+            "decode": decoded - embedded,
+        }
+        if parsed.texts:
+            detected += self._text_objects(models, image, embedding, parsed.texts, parsed.text_label, config, timings)
+        return TaskPrediction(objects=detected, image_size=embedding.original_size, cache_hit=hit, timings=timings)
+
+    def predict_text(self, image: FetchedImage, texts: list[str], config: ProjectConfig) -> TaskPrediction:
+        """Masks for a typed prompt in an image already at hand (the CLI and the demo app)."""
+        models = self.models.get(self.settings.model_ready_timeout_s)
+        embedding, hit, encode_s = self.embedding_for(models, image)
+        timings = {"encode": encode_s, "decode": 0.0}
+        objects = self._text_objects(models, image, embedding, texts, None, config, timings)
+        return TaskPrediction(objects=objects, image_size=embedding.original_size, cache_hit=hit, timings=timings)
+
+    def _text_objects(
+        self,
+        models: Models,
+        image: FetchedImage,
+        embedding: ImageEmbedding,
+        texts: list[str],
+        selected_label: str | None,
+        config: ProjectConfig | None,
+        timings: dict[str, float],
+    ) -> list[DetectedObject]:
+        """Masks for what a typed prompt names in this image."""
+        if config is None:
+            raise PromptError("text prompts need the project's label config to name their labels", 422)
+        query = text_query(texts, config, selected_label)
+        thresholds = thresholds_for(config, self.settings.box_threshold, self.settings.text_threshold)
+        detector = self.detector_ready(query)
+        started = time.perf_counter()
+        (detections,) = self._detect(
+            detector, [decode_image(image.data, self.settings.max_image_pixels)], query, thresholds
         )
+        detected = time.perf_counter()
+        objects = self._segment_detections(models, embedding, detections, query, config)
+        timings.update({"detect": detected - started, "decode": timings["decode"] + time.perf_counter() - detected})
+        return objects
+
+    def _detect(
+        self, detector: GroundingDino, images: list[np.ndarray], query: TextQuery, thresholds: Thresholds
+    ) -> list[list[Detection]]:
+        return detector.detect(
+            images,
+            query.caption,
+            list(query.spans),
+            query.label_groups,
+            thresholds.box,
+            thresholds.text,
+            self.settings.max_objects,
+            self.settings.grounding_dino_batch,
+        )
+
+    def _segment_detections(
+        self,
+        models: Models | None,
+        embedding: ImageEmbedding | None,
+        detections: list[Detection],
+        query: TextQuery,
+        config: ProjectConfig,
+    ) -> list[DetectedObject]:
+        """One object per box: SAM decodes every box of the image in one batched call (when the project has a
+        BrushLabels control for its label); the object's score is GroundingDINO's box score times SAM's
+        predicted IoU, so Label Studio can sort by either model's doubt."""
+        labels = [query.labels[detection.phrase] for detection in detections]
+        brush_labels = config.brush.labels if config.brush is not None else ()
+        masked = [index for index, label in enumerate(labels) if label in brush_labels]
+        predictions = {}
+        if masked and models is not None and embedding is not None:
+            prompts = [SegmentPrompt(box=detections[index].box) for index in masked]
+            predictions = dict(zip(masked, models.segmenter.decode(embedding, prompts), strict=True))
+        objects = []
+        for index, (detection, label) in enumerate(zip(detections, labels, strict=True)):
+            prediction = predictions.get(index)
+            if prediction is None:
+                objects.append(DetectedObject(label, None, detection.score, detection.box))
+                continue
+            score = detection.score * min(max(prediction.score, 0.0), 1.0)
+            objects.append(DetectedObject(label, prediction.mask, score, detection.box))
+        return objects
+
+    def _load_image(self, url: object) -> tuple[FetchedImage, np.ndarray] | ImageError:
+        try:
+            image = self.fetcher.fetch(url)  # type: ignore[arg-type]  # fetch answers a 400 for what is no URL
+            return image, decode_image(image.data, self.settings.max_image_pixels)
+        except ImageError as error:
+            return error
+
+    def predict_batch(self, image_urls: list[object], config: ProjectConfig) -> list[TaskPrediction | Exception]:
+        """Pre-annotation of several tasks at once: the project's labels are detected by GroundingDINO in all
+        images in batched passes, then each image's boxes are segmented from its cached SAM embedding (encoded
+        now on a miss, so later clicks on the image find it). A task whose image fails gets its error in place
+        of a prediction; a problem with the request as a whole raises PromptError."""
+        query = labels_query(config)
+        thresholds = thresholds_for(config, self.settings.box_threshold, self.settings.text_threshold)
+        detector = self.detector_ready(query)
+        # Boxes alone need no SAM, for projects that only have a RectangleLabels control.
+        models = self.models.get(self.settings.model_ready_timeout_s) if config.brush is not None else None
+        started = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=min(FETCH_THREADS, len(image_urls))) as pool:
+            loaded = list(pool.map(self._load_image, image_urls))
+        fetched = time.perf_counter()
+        images = [item for item in loaded if isinstance(item, tuple)]
+        found = iter(self._detect(detector, [pixels for _, pixels in images], query, thresholds))
+        detect_share = (time.perf_counter() - fetched) / max(len(images), 1)
+        outcomes: list[TaskPrediction | Exception] = []
+        for item in loaded:
+            if isinstance(item, ImageError):
+                outcomes.append(item)
+                continue
+            image, pixels = item
+            segment_started = time.perf_counter()
+            embedding, hit, encode_s = self.embedding_for(models, image, pixels) if models else (None, False, 0.0)
+            objects = self._segment_detections(models, embedding, next(found), query, config)
+            outcomes.append(
+                TaskPrediction(
+                    objects=objects,
+                    image_size=(pixels.shape[0], pixels.shape[1]),
+                    cache_hit=hit,
+                    timings={
+                        "fetch": fetched - started,
+                        "detect": detect_share,
+                        "encode": encode_s,
+                        "decode": time.perf_counter() - segment_started - encode_s,
+                    },
+                )
+            )
+        return outcomes

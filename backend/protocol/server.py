@@ -55,11 +55,13 @@ def _credentials_match(header: str, user: str, password: str) -> bool:
 
 
 def task_results(prediction: TaskPrediction, config: ProjectConfig, model_version: str) -> dict:
-    """One entry of the /predict answer: a brush region per object (and its rectangle if it has a box)."""
+    """One entry of the /predict answer: a brush region per object with a mask, a rectangle per object with a box
+    whose label the RectangleLabels control has."""
     regions = []
     for obj in prediction.objects:
-        brush = config.brush_for(obj.label)
-        regions.append(brush_result(obj.mask, obj.label, brush.name, config.image_name, obj.score))
+        if obj.mask is not None:
+            brush = config.brush_for(obj.label)
+            regions.append(brush_result(obj.mask, obj.label, brush.name, config.image_name, obj.score))
         if obj.box is not None and config.rectangle is not None and obj.label in config.rectangle.labels:
             regions.append(
                 rectangle_result(
@@ -87,7 +89,8 @@ def _parse_predict_body(body: object, settings: Settings) -> tuple[list[dict], P
         config = parse_label_config(body.get("label_config") or "")
     except ConfigError as error:
         raise BadRequest(str(error), 422) from error
-    if config.brush is None:
+    # Pre-annotation (no context) can answer rectangles alone; smart tools answer masks.
+    if config.brush is None and params.get("context") is not None:
         raise BadRequest("the label config has no BrushLabels control for the image; add one to receive masks", 422)
     return tasks, config, params.get("context")
 
@@ -147,6 +150,8 @@ def create_app(settings: Settings, predictor: Predictor) -> Flask:
                 "model_class": MODEL_CLASS,
                 "models": predictor.models.state,
                 "model_error": predictor.models.error,
+                "detector": predictor.detector.state,
+                "detector_error": predictor.detector.error,
             }
         )
 
@@ -159,26 +164,42 @@ def create_app(settings: Settings, predictor: Predictor) -> Flask:
             raise BadRequest("the body must be a JSON object")
         return jsonify({"model_version": model_version})
 
+    def _predict_interactive(task: dict, config: ProjectConfig, context: object) -> TaskPrediction | Exception:
+        try:
+            image_url = task["data"].get(config.image_field)
+            if image_url is None:
+                raise BadRequest(f"task has no data.{config.image_field}")
+            return predictor.predict_interactive(image_url, task.get("id"), context, config)
+        except (BadRequest, ImageError, PromptError, ConfigError) as error:
+            return error
+
     @app.post("/predict")
     def predict() -> tuple[Response, int] | Response:
         body = request.get_json(silent=True)
         if body is None:
             raise BadRequest("the body is not valid JSON")
         tasks, config, context = _parse_predict_body(body, settings)
-        results, errors, last_prediction = [], [], None
-        for index, task in enumerate(tasks):
+        if context is None:
+            # "Retrieve predictions" or a task opened without one: pre-annotate every task in one batch.
             try:
-                image_url = task["data"].get(config.image_field)
-                if image_url is None:
-                    raise BadRequest(f"task has no data.{config.image_field}")
-                prediction = predictor.predict_interactive(image_url, task.get("id"), context)
-                results.append(task_results(prediction, config, model_version))
-                last_prediction = prediction
-            except (BadRequest, ImageError, PromptError, ConfigError) as error:
-                status = getattr(error, "status", 422)
-                log.warning("task %s (#%d): %s", task.get("id"), index, error)
-                errors.append({"task": task.get("id"), "index": index, "error": str(error), "status": status})
-                results.append({"result": [], "score": 0.0, "model_version": model_version, "error": str(error)})
+                outcomes = predictor.predict_batch([task["data"].get(config.image_field) for task in tasks], config)
+            except PromptError as error:
+                raise BadRequest(str(error), error.status) from error
+        else:
+            outcomes = [_predict_interactive(task, config, context) for task in tasks]
+        results, errors, last_prediction = [], [], None
+        for index, (task, outcome) in enumerate(zip(tasks, outcomes, strict=True)):
+            if isinstance(outcome, TaskPrediction):
+                try:
+                    results.append(task_results(outcome, config, model_version))
+                    last_prediction = outcome
+                    continue
+                except ConfigError as error:
+                    outcome = error
+            status = getattr(outcome, "status", 422)
+            log.warning("task %s (#%d): %s", task.get("id"), index, outcome)
+            errors.append({"task": task.get("id"), "index": index, "error": str(outcome), "status": status})
+            results.append({"result": [], "score": 0.0, "model_version": model_version, "error": str(outcome)})
         if errors and len(errors) == len(tasks):
             # Nothing to show: answer the first error's status so the caller sees why.
             return error_response(errors[0]["error"], errors[0]["status"], errors=errors)
