@@ -8,6 +8,7 @@ layer turns into Label Studio's JSON.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -31,6 +32,10 @@ from backend.protocol.label_config import ProjectConfig
 log = logging.getLogger(__name__)
 
 FETCH_THREADS = 8  # image downloads of one batch run side by side; they wait on the network, not the CPU
+
+# transformers builds BERT under init_empty_weights, which patches torch.nn.Module for every thread: a SAM
+# built at that moment would get empty (meta) parameters. So models are built one at a time.
+_BUILD_LOCK = threading.Lock()
 
 
 @dataclass
@@ -69,10 +74,11 @@ class Predictor:
 
     def _load_models(self) -> Models:
         settings = self.settings
-        self.detector.start()
-        segmenter = load_sam(
-            settings.sam_checkpoint_path, settings.sam_model_type, settings.device, settings.decoder_runtime
-        )
+        with _BUILD_LOCK:
+            segmenter = load_sam(
+                settings.sam_checkpoint_path, settings.sam_model_type, settings.device, settings.decoder_runtime
+            )
+        self.detector.start()  # after SAM, which clicks need first
         return self.models_for(segmenter)
 
     def models_for(self, segmenter: Segmenter) -> Models:
@@ -86,13 +92,14 @@ class Predictor:
 
     def _load_detector(self) -> GroundingDino:
         settings = self.settings
-        return load_grounding_dino(
-            settings.grounding_dino_checkpoint_path,
-            Path(settings.grounding_dino_config) if settings.grounding_dino_config else None,
-            settings.grounding_dino_text_encoder,
-            settings.device,
-            settings.grounding_dino_image_size,
-        )
+        with _BUILD_LOCK:
+            return load_grounding_dino(
+                settings.grounding_dino_checkpoint_path,
+                Path(settings.grounding_dino_config) if settings.grounding_dino_config else None,
+                settings.grounding_dino_text_encoder,
+                settings.device,
+                settings.grounding_dino_image_size,
+            )
 
     def detector_ready(self, query: TextQuery) -> GroundingDino:
         """GroundingDINO, able to read `query`'s caption; a 503 naming what is missing if it could not load."""
@@ -239,15 +246,34 @@ class Predictor:
             return error
 
     def predict_batch(self, image_urls: list[object], config: ProjectConfig) -> list[TaskPrediction | Exception]:
-        """Pre-annotation of several tasks at once: the project's labels are detected by GroundingDINO in all
-        images in batched passes, then each image's boxes are segmented from its cached SAM embedding (encoded
-        now on a miss, so later clicks on the image find it). A task whose image fails gets its error in place
-        of a prediction; a problem with the request as a whole raises PromptError."""
+        """Pre-annotation of several tasks at once, GROUNDING_DINO_BATCH images at a time (so a request of a
+        thousand tasks never holds a thousand decoded images): the images of a chunk are fetched side by side
+        and searched for the project's labels in one GroundingDINO pass, then each image's boxes are segmented
+        from its SAM embedding (from the cache, or encoded now and cached, so later clicks on the image find
+        it). A task whose image fails gets its error in place of a prediction; a problem with the request as a
+        whole raises PromptError."""
         query = labels_query(config)
         thresholds = thresholds_for(config, self.settings.box_threshold, self.settings.text_threshold)
         detector = self.detector_ready(query)
         # Boxes alone need no SAM, for projects that only have a RectangleLabels control.
         models = self.models.get(self.settings.model_ready_timeout_s) if config.brush is not None else None
+        chunk = max(self.settings.grounding_dino_batch, 1)
+        outcomes: list[TaskPrediction | Exception] = []
+        for first in range(0, len(image_urls), chunk):
+            outcomes += self._preannotate(
+                image_urls[first : first + chunk], detector, models, query, thresholds, config
+            )
+        return outcomes
+
+    def _preannotate(
+        self,
+        image_urls: list[object],
+        detector: GroundingDino,
+        models: Models | None,
+        query: TextQuery,
+        thresholds: Thresholds,
+        config: ProjectConfig,
+    ) -> list[TaskPrediction | Exception]:
         started = time.perf_counter()
         with ThreadPoolExecutor(max_workers=min(FETCH_THREADS, len(image_urls))) as pool:
             loaded = list(pool.map(self._load_image, image_urls))

@@ -13,10 +13,12 @@ import numpy as np
 import pytest
 import torch
 
+from backend.cache.store import MemoryStore
 from backend.images import decode_image
 from backend.models.base import SegmentPrompt
 from backend.models.checkpoints import WEIGHTS_COMMAND, CheckpointMissing
 from backend.models.grounding_dino import GroundingDino, load_grounding_dino
+from backend.predictor import Predictor
 from backend.prompts.interactive import PromptError
 from backend.prompts.text import MAX_PHRASES, build_query, labels_query, text_query, thresholds_for
 from backend.protocol.label_config import parse_label_config
@@ -117,6 +119,15 @@ def test_number_controls_override_the_environment_thresholds():
 
 
 # --- The detector: loading, phrase attribution, thresholds, NMS -------------------------------------------
+
+
+def test_models_loading_at_the_same_time_are_built_whole(grounded_settings):
+    # transformers patches torch.nn.Module for every thread while it builds BERT; SAM must not be built then.
+    predictor = Predictor(grounded_settings, MemoryStore(1 << 26))
+    predictor.detector.start()
+    predictor.models.start()
+    for model in (predictor.models.get(120).segmenter.sam, predictor.detector.get(120).model):
+        assert not any(parameter.is_meta for parameter in model.parameters())
 
 
 def test_missing_checkpoint_names_the_file_and_the_download_command(tmp_path, grounding_dino_files):
@@ -268,11 +279,17 @@ def test_a_preannotated_image_is_clicked_from_the_cached_embedding(grounded_sett
 
 
 def test_one_bad_image_in_a_batch_fails_alone(grounded_settings, label_studio):
-    client, _ = grounded_client(grounded_settings)
+    client, predictor = grounded_client(replace(grounded_settings, grounding_dino_batch=3))
+    batches = []
+    predictor.detector.get(1).model.register_forward_pre_hook(
+        lambda module, inputs: batches.append(inputs[0].tensors.shape[0])
+    )
     body = batch_body(label_studio)
     body["tasks"][1]["data"]["image"] = "/data/upload/1/missing.jpg"
     response = client.post("/predict", json=body)
     assert response.status_code == 200
+    assert batches == [2, 1]  # tasks go GROUNDING_DINO_BATCH at a time; the missing image is not searched
+    assert [entry["result"] != [] for entry in response.json["results"]] == [True, False, True, True]
     assert [error["index"] for error in response.json["errors"]] == [1]
     assert response.json["results"][1]["result"] == []
     assert response.json["results"][0]["result"]
