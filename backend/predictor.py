@@ -35,7 +35,7 @@ FETCH_THREADS = 8  # image downloads of one batch run side by side; they wait on
 
 # transformers builds BERT under init_empty_weights, which patches torch.nn.Module for every thread: a SAM
 # built at that moment would get empty (meta) parameters. So models are built one at a time.
-_BUILD_LOCK = threading.Lock()
+MODEL_BUILD_LOCK = threading.Lock()
 
 
 @dataclass
@@ -74,7 +74,7 @@ class Predictor:
 
     def _load_models(self) -> Models:
         settings = self.settings
-        with _BUILD_LOCK:
+        with MODEL_BUILD_LOCK:
             segmenter = load_sam(
                 settings.sam_checkpoint_path, settings.sam_model_type, settings.device, settings.decoder_runtime
             )
@@ -92,7 +92,7 @@ class Predictor:
 
     def _load_detector(self) -> GroundingDino:
         settings = self.settings
-        with _BUILD_LOCK:
+        with MODEL_BUILD_LOCK:
             return load_grounding_dino(
                 settings.grounding_dino_checkpoint_path,
                 Path(settings.grounding_dino_config) if settings.grounding_dino_config else None,

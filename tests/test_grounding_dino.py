@@ -18,7 +18,7 @@ from backend.images import decode_image
 from backend.models.base import SegmentPrompt
 from backend.models.checkpoints import WEIGHTS_COMMAND, CheckpointMissing
 from backend.models.grounding_dino import GroundingDino, load_grounding_dino
-from backend.predictor import Predictor
+from backend.predictor import MODEL_BUILD_LOCK, Predictor
 from backend.prompts.interactive import PromptError
 from backend.prompts.text import MAX_PHRASES, build_query, labels_query, text_query, thresholds_for
 from backend.protocol.label_config import parse_label_config
@@ -121,12 +121,22 @@ def test_number_controls_override_the_environment_thresholds():
 # --- The detector: loading, phrase attribution, thresholds, NMS -------------------------------------------
 
 
-def test_models_loading_at_the_same_time_are_built_whole(grounded_settings):
-    # transformers patches torch.nn.Module for every thread while it builds BERT; SAM must not be built then.
-    predictor = Predictor(grounded_settings, MemoryStore(1 << 26))
-    predictor.detector.start()
-    predictor.models.start()
-    for model in (predictor.models.get(120).segmenter.sam, predictor.detector.get(120).model):
+def test_models_are_built_one_at_a_time(grounded_settings):
+    # transformers patches torch.nn.Module in every thread while it builds BERT: a SAM built meanwhile would get
+    # empty (meta) parameters. So every parameter of every model is made while the one build lock is held
+    # (SAM loads first, then starts GroundingDINO's loading, so each registration below is its own loader's).
+    lock_held = []
+    hook = torch.nn.modules.module.register_module_parameter_registration_hook(
+        lambda module, name, parameter: lock_held.append(MODEL_BUILD_LOCK.locked())
+    )
+    try:
+        predictor = Predictor(grounded_settings, MemoryStore(1 << 26))
+        predictor.models.start()
+        models = (predictor.models.get(120).segmenter.sam, predictor.detector.get(120).model)
+    finally:
+        hook.remove()
+    assert len(lock_held) > 100 and all(lock_held)
+    for model in models:
         assert not any(parameter.is_meta for parameter in model.parameters())
 
 
