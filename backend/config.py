@@ -84,6 +84,16 @@ class Settings:
     decoder_runtime: str = "auto"
     torch_threads: int = 0
 
+    # GroundingDINO (pre-annotation and text prompts); optional: SAM serves clicks without it.
+    grounding_dino_config: str = ""
+    grounding_dino_checkpoint: str = ""
+    grounding_dino_text_encoder: str = "bert-base-uncased"
+    grounding_dino_image_size: int = 800
+    grounding_dino_batch: int = 4
+    box_threshold: float = 0.3
+    text_threshold: float = 0.25
+    max_objects: int = 20
+
     # Embedding cache.
     redis_url: str = ""
     embedding_ttl_s: int = 7 * 24 * 3600
@@ -138,6 +148,14 @@ class Settings:
             device=_env_str("DEVICE", cls.device),
             decoder_runtime=_env_str("DECODER_RUNTIME", cls.decoder_runtime),
             torch_threads=_env_int("TORCH_THREADS", cls.torch_threads),
+            grounding_dino_config=_env_str("GROUNDING_DINO_CONFIG"),
+            grounding_dino_checkpoint=_env_str("GROUNDING_DINO_CHECKPOINT"),
+            grounding_dino_text_encoder=_env_str("GROUNDING_DINO_TEXT_ENCODER", cls.grounding_dino_text_encoder),
+            grounding_dino_image_size=_env_int("GROUNDING_DINO_IMAGE_SIZE", cls.grounding_dino_image_size),
+            grounding_dino_batch=_env_int("GROUNDING_DINO_BATCH", cls.grounding_dino_batch),
+            box_threshold=_env_float("BOX_THRESHOLD", cls.box_threshold),
+            text_threshold=_env_float("TEXT_THRESHOLD", cls.text_threshold),
+            max_objects=_env_int("MAX_OBJECTS", cls.max_objects),
             redis_url=_env_str("REDIS_URL"),
             embedding_ttl_s=_env_int("EMBEDDING_TTL", cls.embedding_ttl_s),
             session_ttl_s=_env_int("SESSION_TTL", cls.session_ttl_s),
@@ -173,3 +191,12 @@ class Settings:
         from backend.models.checkpoints import SAM_CHECKPOINTS
 
         return Path(self.weights_dir) / SAM_CHECKPOINTS[self.sam_model_type].filename
+
+    @property
+    def grounding_dino_checkpoint_path(self) -> Path:
+        """GROUNDING_DINO_CHECKPOINT, else the official file name in WEIGHTS_DIR."""
+        if self.grounding_dino_checkpoint:
+            return Path(self.grounding_dino_checkpoint)
+        from backend.models.checkpoints import GROUNDING_DINO_CHECKPOINT
+
+        return Path(self.weights_dir) / GROUNDING_DINO_CHECKPOINT.filename

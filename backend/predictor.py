@@ -8,8 +8,11 @@ layer turns into Label Studio's JSON.
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -17,22 +20,31 @@ from backend.cache.embeddings import EmbeddingCache
 from backend.cache.sessions import SessionStore
 from backend.cache.store import ByteStore
 from backend.config import Settings
-from backend.images import FetchedImage, ImageFetcher, decode_image
-from backend.models.base import ImageEmbedding, Segmenter
-from backend.models.loader import BackgroundLoader
+from backend.images import FetchedImage, ImageError, ImageFetcher, decode_image
+from backend.models.base import ImageEmbedding, Segmenter, SegmentPrompt
+from backend.models.grounding_dino import Detection, GroundingDino, load_grounding_dino
+from backend.models.loader import BackgroundLoader, ModelNotReady
 from backend.models.sam import load_sam
 from backend.prompts.interactive import InteractivePrompter, PromptError, parse_context
+from backend.prompts.text import TextQuery, Thresholds, labels_query, text_query, thresholds_for
+from backend.protocol.label_config import ProjectConfig
 from backend.training.resources import TrainingResources
 from backend.training.service import ActiveLearning
 from backend.training.serving import ProjectDecoders
 
 log = logging.getLogger(__name__)
 
+FETCH_THREADS = 8  # image downloads of one batch run side by side; they wait on the network, not the CPU
+
+# transformers builds BERT under init_empty_weights, which patches torch.nn.Module for every thread: a SAM
+# built at that moment would get empty (meta) parameters. So models are built one at a time.
+MODEL_BUILD_LOCK = threading.Lock()
+
 
 @dataclass
 class DetectedObject:
     label: str
-    mask: np.ndarray  # (H, W) bool
+    mask: np.ndarray | None  # (H, W) bool; None when the project only wants the box
     score: float
     box: tuple[float, float, float, float] | None = None  # pixel box, when the object came from one
 
@@ -61,14 +73,18 @@ class Predictor:
         self.store = store
         self.fetcher = fetcher or ImageFetcher(settings)
         self.models = BackgroundLoader(self._load_models)
+        # Optional: without GroundingDINO's weights SAM still serves clicks; text and pre-annotation say why not.
+        self.detector = BackgroundLoader(self._load_detector)
         self.decoders = ProjectDecoders(settings)
         self.learning = ActiveLearning(settings, self.training_resources, self.decoders)
 
     def _load_models(self) -> Models:
         settings = self.settings
-        segmenter = load_sam(
-            settings.sam_checkpoint_path, settings.sam_model_type, settings.device, settings.decoder_runtime
-        )
+        with MODEL_BUILD_LOCK:
+            segmenter = load_sam(
+                settings.sam_checkpoint_path, settings.sam_model_type, settings.device, settings.decoder_runtime
+            )
+        self.detector.start()  # after SAM, which clicks need first
         return self.models_for(segmenter)
 
     def models_for(self, segmenter: Segmenter) -> Models:
@@ -90,22 +106,67 @@ class Predictor:
         """The project's serving decoder (fine-tuned or the original) and the model_version it reports."""
         return self.decoders.serving(project_id, models.segmenter)
 
-    def embedding_for(self, models: Models, image: FetchedImage) -> tuple[ImageEmbedding, bool, float]:
-        cached = models.embeddings.get_or_encode(
-            image.digest, lambda: decode_image(image.data, self.settings.max_image_pixels)
-        )
-        return cached.embedding, cached.cache_hit, cached.encode_seconds
-
     def warm_up(self) -> None:
         """Start loading the models in the background, and apply webhook events recorded but not applied."""
         self.models.start()
         self.learning.start()
 
     def status(self) -> dict:
-        return {"models": self.models.state, "model_error": self.models.error}
+        return {
+            "models": self.models.state,
+            "model_error": self.models.error,
+            "detector": self.detector.state,
+            "detector_error": self.detector.error,
+        }
+
+    def _load_detector(self) -> GroundingDino:
+        settings = self.settings
+        with MODEL_BUILD_LOCK:
+            return load_grounding_dino(
+                settings.grounding_dino_checkpoint_path,
+                Path(settings.grounding_dino_config) if settings.grounding_dino_config else None,
+                settings.grounding_dino_text_encoder,
+                settings.device,
+                settings.grounding_dino_image_size,
+            )
+
+    def detector_ready(self, query: TextQuery) -> GroundingDino:
+        """GroundingDINO, able to read `query`'s caption; a 503 naming what is missing if it could not load."""
+        try:
+            detector = self.detector.get(self.settings.model_ready_timeout_s)
+        except ModelNotReady:
+            if self.detector.state != "failed":
+                raise  # still loading: a 503 that says to retry
+            raise PromptError(
+                f"text prompts and pre-annotation need GroundingDINO, which could not be loaded: {self.detector.error}",
+                503,
+            ) from None
+        tokens = detector.caption_tokens(query.caption)
+        if tokens > detector.max_text_tokens:
+            raise PromptError(
+                f"the {len(query.phrases)} phrases to detect take {tokens} tokens; GroundingDINO reads at most "
+                f"{detector.max_text_tokens}: use fewer labels or shorter predicted_values",
+                413,
+            )
+        return detector
+
+    def embedding_for(
+        self, models: Models, image: FetchedImage, pixels: np.ndarray | None = None
+    ) -> tuple[ImageEmbedding, bool, float]:
+        """The image's SAM embedding from the cache, encoded (from `pixels` when already decoded) on a miss."""
+        cached = models.embeddings.get_or_encode(
+            image.digest,
+            lambda: pixels if pixels is not None else decode_image(image.data, self.settings.max_image_pixels),
+        )
+        return cached.embedding, cached.cache_hit, cached.encode_seconds
 
     def predict_interactive(
-        self, image_url: str, task_id: object, context: object, project_id: int | None = None
+        self,
+        image_url: str,
+        task_id: object,
+        context: object,
+        project_id: int | None = None,
+        config: ProjectConfig | None = None,
     ) -> TaskPrediction:
         """Masks for the smart regions in `context`; an empty context gives no objects, not an error."""
         if not context:
@@ -114,12 +175,17 @@ class Predictor:
         started = time.perf_counter()
         image = self.fetcher.fetch(image_url)
         fetch_s = time.perf_counter() - started
-        prediction = self.predict_for_image(image, task_id, context, project_id)
+        prediction = self.predict_for_image(image, task_id, context, project_id, config)
         prediction.timings["fetch"] = fetch_s
         return prediction
 
     def predict_for_image(
-        self, image: FetchedImage, task_id: object, context: object, project_id: int | None = None
+        self,
+        image: FetchedImage,
+        task_id: object,
+        context: object,
+        project_id: int | None = None,
+        config: ProjectConfig | None = None,
     ) -> TaskPrediction:
         """The model half of an interactive prediction, for an image already fetched."""
         models = self.models.get(self.settings.model_ready_timeout_s)
@@ -128,20 +194,174 @@ class Predictor:
         embedding, hit, encode_s = self.embedding_for(models, image)
         embedded = time.perf_counter()
         parsed = parse_context(context, embedding.original_size, self.settings.max_prompts_per_task)
-        if parsed.texts and not (parsed.keypoints or parsed.rectangles):
-            raise PromptError("text prompts need GroundingDINO, which this backend has not loaded", 422)
         prompter = InteractivePrompter(models.sessions, image.digest, task_id)
         objects = prompter.prompts(parsed)
         predictions = segmenter.decode(embedding, [obj.prompt for obj in objects]) if objects else []
         decoded = time.perf_counter()
         prompter.remember(objects, predictions)
+        detected = [
+            DetectedObject(obj.label, prediction.mask, prediction.score)
+            for obj, prediction in zip(objects, predictions, strict=True)
+        ]
+        timings = {"embedding": embedded - started, "encode": encode_s, "decode": decoded - embedded}
+        if parsed.texts:
+            detected += self._text_objects(
+                segmenter, image, embedding, parsed.texts, parsed.text_label, config, timings
+            )
         return TaskPrediction(
-            objects=[
-                DetectedObject(obj.label, prediction.mask, prediction.score)
-                for obj, prediction in zip(objects, predictions, strict=True)
-            ],
+            objects=detected,
             image_size=embedding.original_size,
             cache_hit=hit,
-            timings={"embedding": embedded - started, "encode": encode_s, "decode": decoded - embedded},
+            timings=timings,
             model_version=version,
         )
+
+    def predict_text(self, image: FetchedImage, texts: list[str], config: ProjectConfig) -> TaskPrediction:
+        """Masks for a typed prompt in an image already at hand (the CLI and the demo app)."""
+        models = self.models.get(self.settings.model_ready_timeout_s)
+        embedding, hit, encode_s = self.embedding_for(models, image)
+        timings = {"encode": encode_s, "decode": 0.0}
+        objects = self._text_objects(models.segmenter, image, embedding, texts, None, config, timings)
+        return TaskPrediction(objects=objects, image_size=embedding.original_size, cache_hit=hit, timings=timings)
+
+    def _text_objects(
+        self,
+        segmenter: Segmenter,
+        image: FetchedImage,
+        embedding: ImageEmbedding,
+        texts: list[str],
+        selected_label: str | None,
+        config: ProjectConfig | None,
+        timings: dict[str, float],
+    ) -> list[DetectedObject]:
+        """Masks for what a typed prompt names in this image."""
+        if config is None:
+            raise PromptError("text prompts need the project's label config to name their labels", 422)
+        query = text_query(texts, config, selected_label)
+        thresholds = thresholds_for(config, self.settings.box_threshold, self.settings.text_threshold)
+        detector = self.detector_ready(query)
+        started = time.perf_counter()
+        (detections,) = self._detect(
+            detector, [decode_image(image.data, self.settings.max_image_pixels)], query, thresholds
+        )
+        detected = time.perf_counter()
+        objects = self._segment_detections(segmenter, embedding, detections, query, config)
+        timings.update({"detect": detected - started, "decode": timings["decode"] + time.perf_counter() - detected})
+        return objects
+
+    def _detect(
+        self, detector: GroundingDino, images: list[np.ndarray], query: TextQuery, thresholds: Thresholds
+    ) -> list[list[Detection]]:
+        return detector.detect(
+            images,
+            query.caption,
+            list(query.spans),
+            query.label_groups,
+            thresholds.box,
+            thresholds.text,
+            self.settings.max_objects,
+            self.settings.grounding_dino_batch,
+        )
+
+    def _segment_detections(
+        self,
+        segmenter: Segmenter | None,
+        embedding: ImageEmbedding | None,
+        detections: list[Detection],
+        query: TextQuery,
+        config: ProjectConfig,
+    ) -> list[DetectedObject]:
+        """One object per box: SAM decodes every box of the image in one batched call (when the project has a
+        BrushLabels control for its label); the object's score is GroundingDINO's box score times SAM's
+        predicted IoU, so Label Studio can sort by either model's doubt."""
+        labels = [query.labels[detection.phrase] for detection in detections]
+        brush_labels = config.brush.labels if config.brush is not None else ()
+        masked = [index for index, label in enumerate(labels) if label in brush_labels]
+        predictions = {}
+        if masked and segmenter is not None and embedding is not None:
+            prompts = [SegmentPrompt(box=detections[index].box) for index in masked]
+            predictions = dict(zip(masked, segmenter.decode(embedding, prompts), strict=True))
+        objects = []
+        for index, (detection, label) in enumerate(zip(detections, labels, strict=True)):
+            prediction = predictions.get(index)
+            if prediction is None:
+                objects.append(DetectedObject(label, None, detection.score, detection.box))
+                continue
+            score = detection.score * min(max(prediction.score, 0.0), 1.0)
+            objects.append(DetectedObject(label, prediction.mask, score, detection.box))
+        return objects
+
+    def _load_image(self, url: object) -> tuple[FetchedImage, np.ndarray] | ImageError:
+        try:
+            image = self.fetcher.fetch(url)  # type: ignore[arg-type]  # fetch answers a 400 for what is no URL
+            return image, decode_image(image.data, self.settings.max_image_pixels)
+        except ImageError as error:
+            return error
+
+    def predict_batch(
+        self, image_urls: list[object], config: ProjectConfig, project_id: int | None = None
+    ) -> list[TaskPrediction | Exception]:
+        """Pre-annotation of several tasks at once, GROUNDING_DINO_BATCH images at a time (so a request of a
+        thousand tasks never holds a thousand decoded images): the images of a chunk are fetched side by side
+        and searched for the project's labels in one GroundingDINO pass, then each image's boxes are segmented
+        from its SAM embedding (from the cache, or encoded now and cached, so later clicks on the image find
+        it). A task whose image fails gets its error in place of a prediction; a problem with the request as a
+        whole raises PromptError."""
+        query = labels_query(config)
+        thresholds = thresholds_for(config, self.settings.box_threshold, self.settings.text_threshold)
+        detector = self.detector_ready(query)
+        # Boxes alone need no SAM, for projects that only have a RectangleLabels control.
+        models = self.models.get(self.settings.model_ready_timeout_s) if config.brush is not None else None
+        segmenter, version = (
+            self.segmenter_for(models, project_id) if models else (None, self.decoders.current_name(project_id))
+        )
+        chunk = max(self.settings.grounding_dino_batch, 1)
+        outcomes: list[TaskPrediction | Exception] = []
+        for first in range(0, len(image_urls), chunk):
+            outcomes += self._preannotate(
+                image_urls[first : first + chunk], detector, models, segmenter, version, query, thresholds, config
+            )
+        return outcomes
+
+    def _preannotate(
+        self,
+        image_urls: list[object],
+        detector: GroundingDino,
+        models: Models | None,
+        segmenter: Segmenter | None,
+        version: str,
+        query: TextQuery,
+        thresholds: Thresholds,
+        config: ProjectConfig,
+    ) -> list[TaskPrediction | Exception]:
+        started = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=min(FETCH_THREADS, len(image_urls))) as pool:
+            loaded = list(pool.map(self._load_image, image_urls))
+        fetched = time.perf_counter()
+        images = [item for item in loaded if isinstance(item, tuple)]
+        found = iter(self._detect(detector, [pixels for _, pixels in images], query, thresholds))
+        detect_share = (time.perf_counter() - fetched) / max(len(images), 1)
+        outcomes: list[TaskPrediction | Exception] = []
+        for item in loaded:
+            if isinstance(item, ImageError):
+                outcomes.append(item)
+                continue
+            image, pixels = item
+            segment_started = time.perf_counter()
+            embedding, hit, encode_s = self.embedding_for(models, image, pixels) if models else (None, False, 0.0)
+            objects = self._segment_detections(segmenter, embedding, next(found), query, config)
+            outcomes.append(
+                TaskPrediction(
+                    objects=objects,
+                    image_size=(pixels.shape[0], pixels.shape[1]),
+                    cache_hit=hit,
+                    timings={
+                        "fetch": fetched - started,
+                        "detect": detect_share,
+                        "encode": encode_s,
+                        "decode": time.perf_counter() - segment_started - encode_s,
+                    },
+                    model_version=version,
+                )
+            )
+        return outcomes

@@ -8,7 +8,7 @@ import io
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import imgviz
@@ -23,6 +23,7 @@ from backend.cache.store import make_store
 from backend.config import Settings
 from backend.predictor import Predictor
 from backend.protocol.server import create_app
+from tests.grounding_dino_weights import write_checkpoint, write_config, write_text_encoder
 from tests.label_studio_standin import LabelStudioStandIn
 from tests.services import RedisServer
 
@@ -120,7 +121,42 @@ def settings(sam_checkpoint: Path, label_studio: LabelStudioStandIn, tmp_path: P
         allow_private_image_hosts=True,  # the "other host" of these tests is this machine
         sam_checkpoint=str(sam_checkpoint),
         model_dir=str(tmp_path / "models"),
+        weights_dir=str(tmp_path / "weights"),  # never a developer's downloaded weights
         torch_threads=0,
+    )
+
+
+@dataclass(frozen=True)
+class GroundingDinoFiles:
+    config: Path
+    checkpoint: Path
+    text_encoder: Path
+
+
+@pytest.fixture(scope="session")
+def grounding_dino_files(tmp_path_factory) -> GroundingDinoFiles:
+    """The packaged SwinT OGC GroundingDINO with one encoder and one decoder layer and 100 queries, random
+    weights in the official format, and a tiny local BERT."""
+    root = tmp_path_factory.mktemp("grounding_dino")
+    text_encoder = write_text_encoder(root / "bert")
+    config = write_config(root / "small_swint_ogc.py", enc_layers=1, dec_layers=1, num_queries=100)
+    return GroundingDinoFiles(
+        config, write_checkpoint(root / "groundingdino_small.pth", config, text_encoder), text_encoder
+    )
+
+
+@pytest.fixture
+def grounded_settings(settings: Settings, grounding_dino_files: GroundingDinoFiles, redis_url: str) -> Settings:
+    """Settings with GroundingDINO configured (reading 128-pixel images, 3 objects an image, for speed) and Redis
+    as the cache."""
+    return replace(
+        settings,
+        redis_url=redis_url,
+        grounding_dino_config=str(grounding_dino_files.config),
+        grounding_dino_checkpoint=str(grounding_dino_files.checkpoint),
+        grounding_dino_text_encoder=str(grounding_dino_files.text_encoder),
+        grounding_dino_image_size=128,
+        max_objects=3,
     )
 
 

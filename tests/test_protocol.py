@@ -95,15 +95,14 @@ def test_several_rectangles_give_one_mask_each(client):
     assert len(masks) == 2 and not np.array_equal(masks[0], masks[1])
 
 
-def test_batch_without_context_answers_every_task_in_order(client):
-    body = recorded("03-predict-batch.json")
-    response = client.post("/predict", json=body)
-    assert response.status_code == 200
-    assert len(response.json["results"]) == len(body["tasks"])
-    assert all(entry["result"] == [] and entry["model_version"] for entry in response.json["results"])
+def test_batch_without_context_is_preannotation_which_needs_grounding_dino(client):
+    # Pre-annotation itself is tested in test_grounding_dino.py; these settings have no GroundingDINO weights.
+    response = client.post("/predict", json=recorded("03-predict-batch.json"))
+    assert response.status_code == 503
+    assert "GroundingDINO" in response.json["error"] and "weights download" in response.json["error"]
 
 
-@pytest.mark.parametrize("context", [None, {}, {"result": []}])
+@pytest.mark.parametrize("context", [{}, {"result": []}])
 def test_empty_interactive_context_is_an_empty_prediction(client, context):
     body = interactive("04-predict-interactive-keypoints.json")
     body["params"]["context"] = context
@@ -206,7 +205,7 @@ def test_basic_auth_guards_every_route(settings):
     for method, path, body in [
         ("get", "/health", None),
         ("post", "/setup", recorded("02-setup.json")),
-        ("post", "/predict", recorded("03-predict-batch.json")),
+        ("post", "/predict", recorded("04-predict-interactive-keypoints.json")),
         ("post", "/webhook", recorded("10-webhook-start-training.json")),
     ]:
         call = getattr(client, method)

@@ -17,8 +17,10 @@ from rq import Queue, Worker
 from rq.job import Job
 from rq.registry import StartedJobRegistry
 
+from backend.protocol.label_config import parse_label_config
 from backend.protocol.results import decode_brush
 from backend.protocol.server import create_app
+from backend.worker import jobs
 from backend.worker.client import INTERACTIVE_QUEUE, QueuePredictor, alive_workers
 from tests.conftest import REPO, recorded
 from tests.services import RedisServer
@@ -33,7 +35,7 @@ class Workers:
         self.log_dir = log_dir
         self.processes: list[subprocess.Popen] = []
 
-    def start(self, count: int) -> Workers:
+    def start(self, count: int, **extra_env: str) -> Workers:
         env = dict(
             os.environ,
             REDIS_URL=self.redis_url,
@@ -43,6 +45,7 @@ class Workers:
             WORKER_MAINTENANCE_INTERVAL="1",
             TORCH_THREADS="1",
         )
+        env.update(extra_env)
         for _ in range(count):
             log = open(self.log_dir / f"worker{len(self.processes)}.log", "w")  # noqa: SIM115 (lives with the process)
             self.processes.append(
@@ -90,12 +93,14 @@ def workers(queue_redis, sam_checkpoint, tmp_path):
 
 
 @pytest.fixture
-def web(settings, queue_redis):
-    queue_settings = replace(
-        settings, inference="queue", redis_url=queue_redis.url, predict_deadline_s=60, job_timeout_s=6
-    )
-    predictor = QueuePredictor(queue_settings, redis.Redis.from_url(queue_redis.url))
-    return create_app(queue_settings, predictor).test_client()
+def web_settings(settings, queue_redis):
+    return replace(settings, inference="queue", redis_url=queue_redis.url, predict_deadline_s=60, job_timeout_s=6)
+
+
+@pytest.fixture
+def web(web_settings):
+    predictor = QueuePredictor(web_settings, redis.Redis.from_url(web_settings.redis_url))
+    return create_app(web_settings, predictor).test_client()
 
 
 def click(web, x: float = 50.0):
@@ -167,3 +172,55 @@ def test_web_and_workers_reconnect_after_a_redis_restart(web, workers, queue_red
     workers.wait_alive(1)
     after = click(web, 55.0)
     assert after.status_code == 200, after.json
+
+
+def grounding_env(files) -> dict[str, str]:
+    return {
+        "GROUNDING_DINO_CONFIG": str(files.config),
+        "GROUNDING_DINO_CHECKPOINT": str(files.checkpoint),
+        "GROUNDING_DINO_TEXT_ENCODER": str(files.text_encoder),
+        "GROUNDING_DINO_IMAGE_SIZE": "128",
+        "JOB_TIMEOUT": "60",
+    }
+
+
+def test_pre_annotation_runs_on_the_workers_and_bad_images_fail_alone(
+    web_settings, workers, grounding_dino_files, label_studio
+):
+    workers.start(1, **grounding_env(grounding_dino_files))
+    web_settings = replace(web_settings, job_timeout_s=120, predict_deadline_s=240)  # three images on 2 cores
+    web = create_app(web_settings, QueuePredictor(web_settings, redis.Redis.from_url(web_settings.redis_url)))
+    body = recorded("03-predict-batch.json")
+    body["tasks"][3]["data"]["image"] = "/data/upload/1/missing.jpg"
+    response = web.test_client().post("/predict", json=body)
+    assert response.status_code == 200, response.json
+    results = response.json["results"]
+    assert results[3] == [] and [error["index"] for error in response.json["errors"]] == [3]
+    for entry, size in zip(results[:3], [(1024, 768), (640, 480), (300, 400)], strict=True):
+        brushes = [region for region in entry["result"] if region["type"] == "brushlabels"]
+        assert brushes and all(decode_brush(region).shape == (size[1], size[0]) for region in brushes)
+        assert {region["value"]["brushlabels"][0] for region in brushes} <= {"Car", "Wheel"}
+
+
+def test_clicks_go_ahead_of_waiting_pre_annotation_jobs(web_settings, workers, grounding_dino_files, queue_redis):
+    connection = redis.Redis.from_url(queue_redis.url)
+    predictor = QueuePredictor(web_settings, connection)
+    config = parse_label_config(recorded("03-predict-batch.json")["label_config"])
+    image = predictor.fetcher.fetch("/data/upload/1/b2b9d834-car_1024x768.jpg")
+    connection.set(jobs.IMAGE_KEY.format(digest=image.digest), image.data)
+    # Bulk jobs wait first, then a click arrives; one worker then starts taking jobs.
+    bulk = [
+        predictor.preannotate_queue.enqueue(jobs.preannotate, [jobs.stored_url(image.digest)], config, None)
+        for _ in range(3)
+    ]
+    click_job = predictor.interactive_queue.enqueue(
+        jobs.interactive, image.digest, 1, recorded("04-predict-interactive-keypoints.json")["params"]["context"]
+    )
+    workers.start(1, **grounding_env(grounding_dino_files))
+    deadline = time.time() + 240
+    while time.time() < deadline and not all(job.get_status(refresh=True) == "finished" for job in [*bulk, click_job]):
+        time.sleep(0.5)
+    assert click_job.get_status() == "finished" and all(job.get_status() == "finished" for job in bulk)
+    for job in [*bulk, click_job]:
+        job.refresh()
+    assert click_job.ended_at <= min(job.started_at for job in bulk)

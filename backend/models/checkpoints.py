@@ -51,6 +51,14 @@ SAM_CHECKPOINTS: dict[str, OfficialCheckpoint] = {
     ),
 }
 
+# The SwinT OGC model that GROUNDING_DINO_CONFIG's default (the package's GroundingDINO_SwinT_OGC.py) describes.
+GROUNDING_DINO_CHECKPOINT = OfficialCheckpoint(
+    "groundingdino_swint_ogc.pth",
+    "https://github.com/IDEA-Research/GroundingDINO/releases/download/v0.1.0-alpha/groundingdino_swint_ogc.pth",
+    "3b3ca2563c77c69f651d7bd133e97139c186df06231157a64c507099c52bc799",
+    694,
+)
+
 
 class CheckpointMissing(FileNotFoundError):
     """A checkpoint file is absent; the message names the file and the command that fetches it."""
@@ -98,3 +106,15 @@ def download_checkpoint(checkpoint: OfficialCheckpoint, directory: Path, timeout
         if os.path.exists(partial_name):
             os.unlink(partial_name)
     return target
+
+
+def download_text_encoder(name: str) -> str:
+    """Fetch a Hugging Face text encoder (config, vocabulary, weights) into the Hugging Face cache so that
+    GroundingDINO loads it offline later; a local folder is returned as it is."""
+    if os.path.isdir(name):
+        return name
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(
+        name, allow_patterns=["config.json", "vocab.txt", "tokenizer.json", "tokenizer_config.json", "*.safetensors"]
+    )

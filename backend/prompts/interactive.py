@@ -36,6 +36,7 @@ class ParsedContext:
     keypoints: dict[str, list[Point]]  # label -> points in pixels
     rectangles: dict[str, list[Box]]  # label -> boxes in pixels
     texts: list[str]
+    text_label: str | None = None  # the label a text prompt was given, when the client sends one
 
 
 def _percent(value: dict, key: str, default: float | None = None) -> float:
@@ -121,6 +122,9 @@ def parse_context(context: object, image_size: tuple[int, int], max_prompts: int
             if not isinstance(texts, list) or not all(isinstance(text, str) for text in texts):
                 raise PromptError("a textarea region needs value.text as a list of strings", 400)
             parsed.texts.extend(texts)
+            chosen = value.get("brushlabels") or value.get("rectanglelabels") or value.get("labels")
+            if isinstance(chosen, list) and chosen and isinstance(chosen[0], str):
+                parsed.text_label = chosen[0]
         else:
             raise PromptError(f"context region type {kind!r} is not a smart keypoint, rectangle or text prompt", 422)
     return parsed

@@ -41,6 +41,10 @@ class BadRequest(Exception):
         self.details = details
 
 
+# What one task can fail with and still leave the others of its request answered.
+TASK_ERRORS = (BadRequest, ImageError, PromptError, ConfigError, InputError, DeadlineExceeded)
+
+
 def error_response(message: str, status: int, **details: object) -> tuple[Response, int]:
     log.warning("%s %s -> %d: %s", request.method, request.path, status, message)
     return jsonify({"error": message, "status": status, **details}), status
@@ -55,11 +59,13 @@ def json_body() -> object:
 
 
 def task_results(prediction: TaskPrediction, config: ProjectConfig, model_version: str) -> dict:
-    """One entry of the /predict answer: a brush region per object (and its rectangle if it has a box)."""
+    """One entry of the /predict answer: a brush region per object with a mask, a rectangle per object with a box
+    whose label the RectangleLabels control has."""
     regions = []
     for obj in prediction.objects:
-        brush = config.brush_for(obj.label)
-        regions.append(brush_result(obj.mask, obj.label, brush.name, config.image_name, obj.score))
+        if obj.mask is not None:
+            brush = config.brush_for(obj.label)
+            regions.append(brush_result(obj.mask, obj.label, brush.name, config.image_name, obj.score))
         if obj.box is not None and config.rectangle is not None and obj.label in config.rectangle.labels:
             regions.append(
                 rectangle_result(
@@ -107,7 +113,8 @@ def _parse_predict_body(body: object, settings: Settings) -> tuple[list[dict], P
         config = parse_label_config(label_config)
     except ConfigError as error:
         raise BadRequest(str(error), 422) from error
-    if config.brush is None:
+    # Pre-annotation (no context) can answer rectangles alone; smart tools answer masks.
+    if config.brush is None and params.get("context") is not None:
         raise BadRequest("the label config has no BrushLabels control for the image; add one to receive masks", 422)
     return tasks, config, params.get("context")
 
@@ -179,6 +186,17 @@ def create_app(settings: Settings, predictor: Predictor | QueuePredictor) -> Fla
             raise BadRequest("the body must be a JSON object")
         return jsonify({"model_version": predictor.decoders.current_name(project_id_of(body.get("project")))})
 
+    def _predict_interactive(
+        task: dict, config: ProjectConfig, context: object, project_id: int | None, deadline: Deadline
+    ) -> TaskPrediction | Exception:
+        try:
+            image_url = task["data"].get(config.image_field)
+            if image_url is None:
+                raise BadRequest(f"task has no data.{config.image_field}")
+            return deadline.run(predictor.predict_interactive, image_url, task.get("id"), context, project_id, config)
+        except TASK_ERRORS as error:
+            return error
+
     @app.post("/predict")
     def predict() -> tuple[Response, int] | Response:
         body = json_body()
@@ -187,26 +205,36 @@ def create_app(settings: Settings, predictor: Predictor | QueuePredictor) -> Fla
         tasks, config, context = _parse_predict_body(body, settings)
         deadline = Deadline(model_calls, settings.predict_deadline_s)
         project_id = project_id_of(body.get("project"))
-        results, errors, last_prediction = [], [], None
-        for index, task in enumerate(tasks):
+        if context is None:
+            # "Retrieve predictions" or a task opened without one: pre-annotate every task in one batch.
+            image_urls = [task["data"].get(config.image_field) for task in tasks]
             try:
-                image_url = task["data"].get(config.image_field)
-                if image_url is None:
-                    raise BadRequest(f"task has no data.{config.image_field}")
-                prediction = deadline.run(predictor.predict_interactive, image_url, task.get("id"), context, project_id)
-                encoding_started = time.perf_counter()
-                results.append(task_results(prediction, config, prediction.model_version or model_version))
-                prediction.timings["results"] = time.perf_counter() - encoding_started
-                record_prediction_metrics(prediction)
-                last_prediction = prediction
-            except (BadRequest, ImageError, PromptError, ConfigError, InputError, DeadlineExceeded) as error:
-                status = getattr(error, "status", 422)
-                log.warning("task %s (#%d): %s", task.get("id"), index, error)
-                metrics.PREDICT_ERRORS.labels(str(status)).inc()
-                errors.append({"task": task.get("id"), "index": index, "error": str(error), "status": status})
-                # An empty list makes Label Studio store no prediction for the task (a dict with an empty
-                # result would be stored), so the next "Retrieve predictions" asks for it again.
-                results.append([])
+                outcomes = deadline.run(predictor.predict_batch, image_urls, config, project_id)
+            except PromptError as error:
+                raise BadRequest(str(error), error.status) from error
+            except (DeadlineExceeded, InputError) as error:
+                outcomes = [error] * len(tasks)
+        else:
+            outcomes = [_predict_interactive(task, config, context, project_id, deadline) for task in tasks]
+        results, errors, last_prediction = [], [], None
+        for index, (task, outcome) in enumerate(zip(tasks, outcomes, strict=True)):
+            if isinstance(outcome, TaskPrediction):
+                try:
+                    encoding_started = time.perf_counter()
+                    results.append(task_results(outcome, config, outcome.model_version or model_version))
+                    outcome.timings["results"] = time.perf_counter() - encoding_started
+                    record_prediction_metrics(outcome)
+                    last_prediction = outcome
+                    continue
+                except ConfigError as error:
+                    outcome = error
+            status = getattr(outcome, "status", 422)
+            log.warning("task %s (#%d): %s", task.get("id"), index, outcome)
+            metrics.PREDICT_ERRORS.labels(str(status)).inc()
+            errors.append({"task": task.get("id"), "index": index, "error": str(outcome), "status": status})
+            # An empty list makes Label Studio store no prediction for the task (a dict with an empty
+            # result would be stored), so the next "Retrieve predictions" asks for it again.
+            results.append([])
         if errors and len(errors) == len(tasks):
             # Nothing to show: answer the first error's status so the caller sees why.
             response, status = error_response(errors[0]["error"], errors[0]["status"], errors=errors)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import redis
 from rq import Queue, Retry
@@ -16,9 +17,10 @@ from rq.job import Job, JobStatus
 from rq.results import Result
 
 from backend.config import Settings
-from backend.images import ImageFetcher
+from backend.images import FetchedImage, ImageError, ImageFetcher
 from backend.models.loader import ModelNotReady
-from backend.predictor import TaskPrediction
+from backend.predictor import FETCH_THREADS, TaskPrediction
+from backend.protocol.label_config import ProjectConfig
 from backend.training.resources import TrainingResources
 from backend.training.service import ActiveLearning
 from backend.training.serving import ProjectDecoders
@@ -83,40 +85,70 @@ class QueuePredictor:
             return {"inference": "queue", "redis_error": type(error).__name__}
 
     def predict_interactive(
-        self, image_url: str, task_id: object, context: object, project_id: int | None = None
+        self,
+        image_url: str,
+        task_id: object,
+        context: object,
+        project_id: int | None = None,
+        config: ProjectConfig | None = None,
     ) -> TaskPrediction:
         if not context:
             version = self.decoders.current_name(project_id)
             return TaskPrediction(objects=[], image_size=(0, 0), cache_hit=False, model_version=version)
-        deadline = time.monotonic() + self.settings.predict_deadline_s
         started = time.perf_counter()
         image = self.fetcher.fetch(image_url)
         fetch_s = time.perf_counter() - started
+        prediction = self._run(
+            self.interactive_queue, [image], jobs.interactive, image.digest, task_id, context, project_id, config
+        )
+        prediction.timings["fetch"] = fetch_s
+        return prediction
+
+    def predict_batch(
+        self, image_urls: list[object], config: ProjectConfig, project_id: int | None = None
+    ) -> list[TaskPrediction | Exception]:
+        """Pre-annotation on the low-priority queue: the images are fetched here, side by side, and the
+        worker runs the same batched GroundingDINO + SAM pass as the local mode."""
+        with ThreadPoolExecutor(max_workers=min(FETCH_THREADS, len(image_urls))) as pool:
+            loaded = list(pool.map(self._fetch_or_error, image_urls))
+        images = [item for item in loaded if not isinstance(item, ImageError)]
+        if not images:
+            return loaded
+        stored_urls = [jobs.stored_url(image.digest) for image in images]
+        found = iter(self._run(self.preannotate_queue, images, jobs.preannotate, stored_urls, config, project_id))
+        return [item if isinstance(item, ImageError) else next(found) for item in loaded]
+
+    def _fetch_or_error(self, url: object) -> FetchedImage | ImageError:
+        try:
+            return self.fetcher.fetch(url)  # type: ignore[arg-type]  # fetch answers a 400 for what is no URL
+        except ImageError as error:
+            return error
+
+    def _run(self, queue: Queue, images: list[FetchedImage], function, *args):
+        """Store the images for the workers, enqueue `function(*args)` and wait for its answer."""
+        deadline = time.monotonic() + self.settings.predict_deadline_s
         try:
             if not alive_workers(self.connection):
                 raise InferenceUnavailable("no inference worker is running; start `python -m backend worker`")
-            self.connection.set(
-                jobs.IMAGE_KEY.format(digest=image.digest), image.data, ex=self.settings.job_timeout_s * 4, nx=True
-            )
-            job = self.interactive_queue.enqueue(
-                jobs.interactive,
-                image.digest,
-                task_id,
-                context,
-                project_id,
+            with self.connection.pipeline() as pipeline:
+                for image in images:
+                    key = jobs.IMAGE_KEY.format(digest=image.digest)
+                    pipeline.set(key, image.data, ex=self.settings.job_timeout_s * 4, nx=True)
+                pipeline.execute()
+            job = queue.enqueue(
+                function,
+                *args,
                 job_timeout=self.settings.job_timeout_s,
                 retry=Retry(max=2),
                 result_ttl=60,
                 failure_ttl=24 * 3600,
             )
-            prediction = self._wait(job, deadline)
+            return self._wait(job, deadline)
         except redis.RedisError as error:
             log.warning("Redis error while queueing an inference job", exc_info=True)
             raise InferenceUnavailable(f"the job queue (Redis) is unreachable: {type(error).__name__}") from error
-        prediction.timings["fetch"] = fetch_s
-        return prediction
 
-    def _wait(self, job: Job, deadline: float) -> TaskPrediction:
+    def _wait(self, job: Job, deadline: float):
         while (left := deadline - time.monotonic()) > 0:
             # Block briefly: redis-py's default socket timeout (5 s) must outlast the blocking read.
             result = job.latest_result(timeout=max(1, min(int(left), 2)))

@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import logging
 
-from backend.images import FetchedImage, ImageError
+from backend.images import FetchedImage, ImageError, ImageFetcher
 from backend.predictor import Predictor, TaskPrediction
 from backend.prompts.interactive import PromptError
-from backend.protocol.label_config import ConfigError
+from backend.protocol.label_config import ConfigError, ProjectConfig
 
 log = logging.getLogger(__name__)
 
 _predictor: Predictor | None = None
 
 IMAGE_KEY = "sam:img:{digest}"
+STORED_PREFIX = "redis-image:"
 
 
 class InputError(Exception):
@@ -34,29 +35,57 @@ class InputError(Exception):
         return self.message
 
 
+def stored_url(digest: str) -> str:
+    """How a job names an image the web tier stored in Redis."""
+    return STORED_PREFIX + digest
+
+
+class StoredImageFetcher(ImageFetcher):
+    """The worker's fetcher: images the web tier stored in Redis, by content hash."""
+
+    def __init__(self, predictor: Predictor) -> None:
+        super().__init__(predictor.settings)
+        self.store = predictor.store
+
+    def fetch(self, url: str) -> FetchedImage:
+        if not isinstance(url, str) or not url.startswith(STORED_PREFIX):
+            return super().fetch(url)
+        digest = url[len(STORED_PREFIX) :]
+        data = self.store.get(IMAGE_KEY.format(digest=digest))
+        if data is None:
+            # The web tier stores the image before enqueuing; only an expired or flushed key lands here.
+            raise InputError("the image is no longer in Redis; send the request again", 503)
+        return FetchedImage(url=url, data=data)
+
+
 def install_predictor(predictor: Predictor) -> None:
     """Called once by the worker before it takes jobs."""
     global _predictor
+    predictor.fetcher = StoredImageFetcher(predictor)
     _predictor = predictor
 
 
-def _image(digest: str) -> FetchedImage:
-    assert _predictor is not None, "the worker installs its predictor before taking jobs"
-    data = _predictor.store.get(IMAGE_KEY.format(digest=digest))
-    if data is None:
-        # The web tier stores the image before enqueuing; only an expired or flushed key lands here.
-        raise InputError("the image is no longer in Redis; send the request again", 503)
-    return FetchedImage(url=f"redis:{digest}", data=data)
+def _refusal(error: Exception) -> InputError:
+    log.warning("job refused: %s", error)
+    return error if isinstance(error, InputError) else InputError(str(error), getattr(error, "status", 422))
 
 
 def interactive(
-    digest: str, task_id: object, context: object, project_id: int | None = None
+    digest: str, task_id: object, context: object, project_id: int | None = None, config: ProjectConfig | None = None
 ) -> TaskPrediction | InputError:
-    assert _predictor is not None
+    assert _predictor is not None, "the worker installs its predictor before taking jobs"
     try:
-        return _predictor.predict_for_image(_image(digest), task_id, context, project_id)
-    except (ImageError, PromptError, ConfigError) as error:
-        log.warning("job for image %s refused: %s", digest[:12], error)
-        return InputError(str(error), getattr(error, "status", 422))
-    except InputError as error:
-        return error
+        image = _predictor.fetcher.fetch(stored_url(digest))
+        return _predictor.predict_for_image(image, task_id, context, project_id, config)
+    except (ImageError, PromptError, ConfigError, InputError) as error:
+        return _refusal(error)
+
+
+def preannotate(
+    image_urls: list[str], config: ProjectConfig, project_id: int | None = None
+) -> list[TaskPrediction | Exception] | InputError:
+    assert _predictor is not None, "the worker installs its predictor before taking jobs"
+    try:
+        return _predictor.predict_batch(image_urls, config, project_id)
+    except (PromptError, ConfigError, InputError) as error:
+        return _refusal(error)

@@ -1,0 +1,86 @@
+"""The demo page (`python -m backend demo`): lang-segment-anything's app, running the backend's own code path.
+
+Same inputs as that app (SAM model type, box threshold, text threshold, image, text prompt); the overlay
+picture and the detections come back. Each SAM model type gets its own Predictor, made when first chosen;
+all of them share the configured embedding store (REDIS_URL), so an image segmented here is already
+encoded when an annotator clicks on it in Label Studio, and the other way round. Gradio is an optional
+extra (requirements-demo.txt): the backend never imports this module.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import replace
+from pathlib import Path
+
+from backend.cache.store import ByteStore, make_store
+from backend.config import Settings
+from backend.images import FetchedImage, ImageError
+from backend.models.loader import ModelNotReady
+from backend.predictor import Predictor
+from backend.prompts.interactive import PromptError
+from backend.segment_text import detections_json, overlay, segment_text
+
+SAM_MODEL_TYPES = ["vit_h", "vit_l", "vit_b"]  # the choices, and their order, of lang-segment-anything's app
+LOAD_WAIT_S = 600.0  # a first request waits for the weights to load rather than failing
+
+
+class DemoPredictors:
+    """One Predictor per SAM model type, sharing one embedding store."""
+
+    def __init__(self, settings: Settings, store: ByteStore) -> None:
+        self.settings = settings
+        self.store = store
+        self._predictors: dict[str, Predictor] = {}
+        self._mutex = threading.Lock()
+
+    def get(self, sam_model_type: str) -> Predictor:
+        with self._mutex:
+            predictor = self._predictors.get(sam_model_type)
+            if predictor is None:
+                # SAM_CHECKPOINT names the configured type's file; other types use their official file names.
+                own_file = sam_model_type == self.settings.sam_model_type
+                settings = replace(
+                    self.settings,
+                    sam_model_type=sam_model_type,
+                    sam_checkpoint=self.settings.sam_checkpoint if own_file else "",
+                    model_ready_timeout_s=LOAD_WAIT_S,
+                )
+                predictor = self._predictors[sam_model_type] = Predictor(settings, self.store)
+                predictor.models.start()
+            return predictor
+
+
+def build_demo(settings: Settings):  # -> gradio.Blocks; gradio is imported here only
+    import gradio as gr
+
+    predictors = DemoPredictors(settings, make_store(settings.redis_url, settings.memory_cache_bytes))
+    default_type = settings.sam_model_type if settings.sam_model_type in SAM_MODEL_TYPES else "vit_b"
+
+    def run(sam_model_type: str, box_threshold: float, text_threshold: float, image_path: str, text_prompt: str):
+        if not image_path:
+            raise gr.Error("upload an image first")
+        predictor = predictors.get(sam_model_type)
+        # The uploaded file's own bytes: the same digest, so the same cached embedding, as in Label Studio.
+        image = FetchedImage(image_path, Path(image_path).read_bytes())
+        try:
+            prediction = segment_text(predictor, image, text_prompt or "", box_threshold, text_threshold)
+        except (PromptError, ImageError, ModelNotReady) as error:
+            raise gr.Error(str(error)) from error
+        return overlay(image, prediction, settings.max_image_pixels), detections_json(prediction)
+
+    return gr.Interface(
+        fn=run,
+        inputs=[
+            gr.Dropdown(SAM_MODEL_TYPES, value=default_type, label="SAM model type"),
+            gr.Slider(0.0, 1.0, value=settings.box_threshold, step=0.05, label="Box threshold"),
+            gr.Slider(0.0, 1.0, value=settings.text_threshold, step=0.05, label="Text threshold"),
+            gr.Image(type="filepath", label="Image"),
+            gr.Textbox(label="Text prompt", placeholder="car, wheel"),
+        ],
+        outputs=[gr.Image(type="numpy", label="Masks, boxes and labels"), gr.JSON(label="Detections")],
+        title="SAM + GroundingDINO",
+        description="Type what to segment; each comma-separated phrase becomes a label.",
+        api_name="predict",
+        flagging_mode="never",
+    )
