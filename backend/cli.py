@@ -27,6 +27,14 @@ def _weights(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _worker(args: argparse.Namespace, settings: Settings) -> int:
+    from backend.app import configure_logging
+    from backend.worker.runner import run_worker
+
+    configure_logging(settings.log_level)
+    return run_worker(settings, burst=args.burst)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m backend", description="SAM backend for Label Studio")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -40,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     weights.add_argument("action", choices=["download"])
     weights.add_argument("--sam", action="append", choices=["vit_b", "vit_l", "vit_h"], help="SAM model type(s)")
     weights.set_defaults(run=_weights)
+
+    worker = commands.add_parser("worker", help="run an inference worker taking jobs from Redis (INFERENCE=queue)")
+    worker.add_argument("--burst", action="store_true", help="exit once the queues are empty")
+    worker.set_defaults(run=_worker)
 
     args = parser.parse_args(argv)
     return args.run(args, Settings.from_env())

@@ -76,6 +76,13 @@ class Settings:
     memory_cache_bytes: int = 512 * 1024 * 1024
     encode_lock_timeout_s: float = 120.0
 
+    # Where the models run: "local" (in the web process) or "queue" (RQ workers through Redis).
+    inference: str = "local"
+    predict_deadline_s: float = 90.0
+    job_timeout_s: int = 180
+    worker_ttl_s: int = 20
+    worker_maintenance_s: int = 10
+
     # Storage of trained models and weights.
     model_dir: str = "./models"
     weights_dir: str = "./weights"
@@ -89,6 +96,7 @@ class Settings:
     train_correction_rounds: int = 2
     train_held_out_fraction: float = 0.2
     train_lock_ttl_s: float = 60.0
+    train_job_timeout_s: int = 3600
     model_version_pin: str = ""
 
     @classmethod
@@ -118,6 +126,11 @@ class Settings:
             session_ttl_s=_env_int("SESSION_TTL", cls.session_ttl_s),
             memory_cache_bytes=_env_int("MEMORY_CACHE_BYTES", cls.memory_cache_bytes),
             encode_lock_timeout_s=_env_float("ENCODE_LOCK_TIMEOUT", cls.encode_lock_timeout_s),
+            inference=_env_str("INFERENCE", cls.inference).lower(),
+            predict_deadline_s=_env_float("PREDICT_DEADLINE", cls.predict_deadline_s),
+            job_timeout_s=_env_int("JOB_TIMEOUT", cls.job_timeout_s),
+            worker_ttl_s=_env_int("WORKER_TTL", cls.worker_ttl_s),
+            worker_maintenance_s=_env_int("WORKER_MAINTENANCE_INTERVAL", cls.worker_maintenance_s),
             model_dir=_env_str("MODEL_DIR", cls.model_dir),
             weights_dir=_env_str("WEIGHTS_DIR", cls.weights_dir),
             model_version=_env_str("MODEL_VERSION"),
@@ -128,6 +141,7 @@ class Settings:
             train_correction_rounds=_env_int("TRAIN_CORRECTION_ROUNDS", cls.train_correction_rounds),
             train_held_out_fraction=_env_float("TRAIN_HELD_OUT_FRACTION", cls.train_held_out_fraction),
             train_lock_ttl_s=_env_float("TRAIN_LOCK_TTL", cls.train_lock_ttl_s),
+            train_job_timeout_s=_env_int("TRAIN_JOB_TIMEOUT", cls.train_job_timeout_s),
             model_version_pin=_env_str("MODEL_VERSION_PIN"),
         )
 

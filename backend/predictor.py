@@ -96,6 +96,15 @@ class Predictor:
         )
         return cached.embedding, cached.cache_hit, cached.encode_seconds
 
+    def warm_up(self) -> None:
+        """Start loading the models in the background (idempotent), and apply webhook events a previous
+        process recorded but did not get to."""
+        self.models.start()
+        self.learning.start()
+
+    def status(self) -> dict:
+        return {"models": self.models.state, "model_error": self.models.error}
+
     def predict_interactive(
         self, image_url: str, task_id: object, context: object, project_id: int | None = None
     ) -> TaskPrediction:
@@ -103,11 +112,20 @@ class Predictor:
         if not context:
             version = self.decoders.current_name(project_id)
             return TaskPrediction(objects=[], image_size=(0, 0), cache_hit=False, model_version=version)
+        started = time.perf_counter()
+        image = self.fetcher.fetch(image_url)
+        fetch_s = time.perf_counter() - started
+        prediction = self.predict_for_image(image, task_id, context, project_id)
+        prediction.timings["fetch"] = fetch_s
+        return prediction
+
+    def predict_for_image(
+        self, image: FetchedImage, task_id: object, context: object, project_id: int | None = None
+    ) -> TaskPrediction:
+        """The model half of an interactive prediction, for an image already fetched."""
         models = self.models.get(self.settings.model_ready_timeout_s)
         segmenter, version = self.segmenter_for(models, project_id)
         started = time.perf_counter()
-        image = self.fetcher.fetch(image_url)
-        fetched = time.perf_counter()
         embedding, hit, encode_s = self.embedding_for(models, image)
         embedded = time.perf_counter()
         parsed = parse_context(context, embedding.original_size, self.settings.max_prompts_per_task)
@@ -125,11 +143,6 @@ class Predictor:
             ],
             image_size=embedding.original_size,
             cache_hit=hit,
-            timings={
-                "fetch": fetched - started,
-                "embedding": embedded - fetched,
-                "encode": encode_s,
-                "decode": decoded - embedded,
-            },
+            timings={"embedding": embedded - started, "encode": encode_s, "decode": decoded - embedded},
             model_version=version,
         )

@@ -9,6 +9,7 @@ plain file server for "other hosts". The real Label Studio is exercised by tests
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from pathlib import Path
@@ -40,6 +41,8 @@ class LabelStudioStandIn:
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
     def start(self) -> LabelStudioStandIn:
+        # werkzeug logs every request at INFO; benchmarks and tests only want failures.
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)
         self._thread.start()
         return self
 

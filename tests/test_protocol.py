@@ -214,3 +214,13 @@ def test_basic_auth_guards_every_route(settings):
         denied = call(path, json=body, headers={"Authorization": bad})
         assert denied.status_code == 401 and "s3cret" not in denied.get_data(as_text=True)
         assert call(path, json=body, headers={"Authorization": good}).status_code == 200
+
+
+def test_the_shipped_label_config_is_what_the_backend_expects():
+    from backend.protocol.label_config import parse_label_config
+    from tests.conftest import REPO
+
+    config = parse_label_config((REPO / "label_config.xml").read_text())
+    assert config.image_field == "image" and config.brush is not None
+    assert config.keypoint is not None and config.rectangle is not None and config.text_prompt is not None
+    assert set(config.keypoint.labels) == set(config.brush.labels) == set(config.rectangle.labels)

@@ -15,8 +15,11 @@ from collections.abc import Iterator
 from typing import Protocol
 
 import redis
+import redis.lock
 
 log = logging.getLogger(__name__)
+
+LOCK_LEASE_S = 5.0
 
 
 class ByteStore(Protocol):
@@ -152,23 +155,38 @@ class ResilientStore:
 
     @contextlib.contextmanager
     def lock(self, name: str, timeout_s: float) -> Iterator[None]:
-        """Redis lock across processes; without Redis, in-process exclusion is all there is."""
+        """Redis lock across processes, waiting up to `timeout_s`; without Redis, in-process exclusion is all
+        there is. The lock is a short lease renewed while held, so a killed holder frees it within seconds."""
         redis_lock = None
         if self._should_try_redis():
             try:
-                # The lock expires by itself so that a killed holder cannot block the image forever.
-                redis_lock = self.client.lock(name, timeout=timeout_s, blocking_timeout=timeout_s)
+                # Not thread-local: the renewing thread must see the token of the thread that acquired it.
+                redis_lock = self.client.lock(
+                    name, timeout=LOCK_LEASE_S, blocking_timeout=timeout_s, thread_local=False
+                )
                 if not redis_lock.acquire():
                     redis_lock = None
             except redis.RedisError as error:
                 self._mark_down(error)
                 redis_lock = None
+        released = threading.Event()
+        if redis_lock is not None:
+            threading.Thread(target=self._renew, args=(redis_lock, released), daemon=True).start()
         try:
             yield
         finally:
+            released.set()
             if redis_lock is not None:
                 with contextlib.suppress(redis.RedisError):
                     redis_lock.release()
+
+    @staticmethod
+    def _renew(redis_lock: redis.lock.Lock, released: threading.Event) -> None:
+        while not released.wait(LOCK_LEASE_S / 3):
+            try:
+                redis_lock.reacquire()
+            except redis.RedisError:
+                return
 
 
 def make_store(redis_url: str, memory_bytes: int) -> ByteStore:

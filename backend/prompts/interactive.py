@@ -146,8 +146,9 @@ class InteractivePrompter:
             session = self.sessions.load(self.image_digest, self.task_id, label)
             box = self._box_for(session, points)
             logits = None
-            # Earlier logits only help while the annotator keeps adding points to the same object.
-            if session.mask_logits is not None and session.box == box and set(session.points) <= set(points):
+            # Earlier logits only help while the annotator keeps adding points to the same object;
+            # the same points sent again get the same mask as before.
+            if session.mask_logits is not None and session.box == box and set(session.points) < set(points):
                 logits = session.mask_logits
             prompt = SegmentPrompt(
                 points=[(x, y) for x, y, _ in points],

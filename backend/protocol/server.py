@@ -16,6 +16,7 @@ import time
 from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
+from backend import metrics
 from backend.config import Settings
 from backend.images import ImageError
 from backend.models.loader import ModelNotReady
@@ -24,6 +25,8 @@ from backend.prompts.interactive import PromptError
 from backend.protocol.label_config import ConfigError, ProjectConfig, parse_label_config
 from backend.protocol.results import brush_result, rectangle_result
 from backend.training.service import WebhookError
+from backend.worker.client import QueuePredictor
+from backend.worker.jobs import InputError
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +82,15 @@ def project_id_of(value: object) -> int | None:
     return int(head) if head.isdigit() and int(head) > 0 else None
 
 
+def record_prediction_metrics(prediction: TaskPrediction) -> None:
+    if "embedding" not in prediction.timings:
+        return  # nothing was computed (an empty context)
+    metrics.CACHE.labels("hit" if prediction.cache_hit else "miss").inc()
+    if not prediction.cache_hit:
+        metrics.ENCODE.observe(prediction.timings.get("encode", 0.0))
+    metrics.DECODE.observe(prediction.timings.get("decode", 0.0))
+
+
 def _parse_predict_body(body: object, settings: Settings) -> tuple[list[dict], ProjectConfig, object]:
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object with 'tasks' and 'label_config'")
@@ -101,8 +113,9 @@ def _parse_predict_body(body: object, settings: Settings) -> tuple[list[dict], P
     return tasks, config, params.get("context")
 
 
-def create_app(settings: Settings, predictor: Predictor) -> Flask:
+def create_app(settings: Settings, predictor: Predictor | QueuePredictor) -> Flask:
     app = Flask(__name__)
+    app.extensions["predictor"] = predictor
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     model_version = settings.base_model_version
 
@@ -121,6 +134,9 @@ def create_app(settings: Settings, predictor: Predictor) -> Flask:
 
     @app.after_request
     def stamp(response: Response) -> Response:
+        route = request.url_rule.rule if request.url_rule else "unmatched"
+        metrics.REQUESTS.labels(route, str(response.status_code)).inc()
+        metrics.LATENCY.labels(route).observe(time.perf_counter() - g.get("started", time.perf_counter()))
         response.headers["X-Worker-Pid"] = str(os.getpid())
         total = f"total;dur={(time.perf_counter() - g.get('started', time.perf_counter())) * 1000:.1f}"
         parts = [response.headers.get("Server-Timing"), total]
@@ -149,20 +165,13 @@ def create_app(settings: Settings, predictor: Predictor) -> Flask:
     @app.get("/")
     @app.get("/health")
     def health() -> Response:
-        predictor.models.start()
-        return jsonify(
-            {
-                "status": "UP",
-                "model_class": MODEL_CLASS,
-                "models": predictor.models.state,
-                "model_error": predictor.models.error,
-            }
-        )
+        predictor.warm_up()
+        return jsonify({"status": "UP", "model_class": MODEL_CLASS, **predictor.status()})
 
     @app.post("/setup")
     def setup() -> Response:
         # Label Studio gives /setup 3 s: start loading, never wait for it here.
-        predictor.models.start()
+        predictor.warm_up()
         body = request.get_json(silent=True)
         if not isinstance(body, dict):
             raise BadRequest("the body must be a JSON object")
@@ -182,11 +191,15 @@ def create_app(settings: Settings, predictor: Predictor) -> Flask:
                 if image_url is None:
                     raise BadRequest(f"task has no data.{config.image_field}")
                 prediction = predictor.predict_interactive(image_url, task.get("id"), context, project_id)
+                encoding_started = time.perf_counter()
                 results.append(task_results(prediction, config, prediction.model_version or model_version))
+                prediction.timings["results"] = time.perf_counter() - encoding_started
+                record_prediction_metrics(prediction)
                 last_prediction = prediction
-            except (BadRequest, ImageError, PromptError, ConfigError) as error:
+            except (BadRequest, ImageError, PromptError, ConfigError, InputError) as error:
                 status = getattr(error, "status", 422)
                 log.warning("task %s (#%d): %s", task.get("id"), index, error)
+                metrics.PREDICT_ERRORS.labels(str(status)).inc()
                 errors.append({"task": task.get("id"), "index": index, "error": str(error), "status": status})
                 results.append({"result": [], "score": 0.0, "model_version": model_version, "error": str(error)})
         if errors and len(errors) == len(tasks):
@@ -199,6 +212,14 @@ def create_app(settings: Settings, predictor: Predictor) -> Flask:
                 f"{name};dur={seconds * 1000:.1f}" for name, seconds in last_prediction.timings.items()
             )
         return response
+
+    @app.get("/status")
+    def status() -> Response:
+        return jsonify({"model_class": MODEL_CLASS, "model_version": model_version, **predictor.status()})
+
+    @app.get("/metrics")
+    def metrics_text() -> Response:
+        return Response(metrics.render(predictor.status()), content_type=metrics.CONTENT_TYPE)
 
     @app.post("/webhook")
     def webhook() -> tuple[Response, int] | Response:

@@ -1,0 +1,1 @@
+"""Model execution in worker processes fed through Redis (RQ), for INFERENCE=queue."""

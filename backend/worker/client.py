@@ -1,0 +1,145 @@
+"""The web tier's side of INFERENCE=queue: fetch and hash images, enqueue jobs on RQ, wait for answers.
+
+The web process loads no model. Interactive jobs go to their own queue, which every worker
+empties before the pre-annotation queue, so a click never waits behind a bulk run. A request that
+has no answer within PREDICT_DEADLINE, or finds no worker alive, answers 503 with retry advice.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import redis
+from rq import Queue, Retry
+from rq.job import Job, JobStatus
+from rq.results import Result
+
+from backend.config import Settings
+from backend.images import ImageFetcher
+from backend.models.loader import ModelNotReady
+from backend.predictor import TaskPrediction
+from backend.training.service import ActiveLearning
+from backend.training.serving import ProjectDecoders
+from backend.worker import jobs
+
+log = logging.getLogger(__name__)
+
+INTERACTIVE_QUEUE = "sam-interactive"
+PREANNOTATE_QUEUE = "sam-preannotate"
+TRAINING_QUEUE = "sam-training"  # webhook events and trainings; taken when the other queues are empty
+WORKER_KEY_PREFIX = "rq:worker:"
+
+
+class InferenceUnavailable(ModelNotReady):
+    """No worker can answer in time; the HTTP layer turns it into 503 with Retry-After."""
+
+
+def alive_workers(connection: redis.Redis) -> int:
+    """Workers whose registration has not expired (a killed worker's key expires after its TTL)."""
+    from rq import Worker
+
+    keys = Worker.all_keys(connection=connection)
+    if not keys:
+        return 0
+    with connection.pipeline() as pipeline:
+        for key in keys:
+            pipeline.exists(key)
+        return sum(pipeline.execute())
+
+
+class QueuePredictor:
+    """Same surface as `Predictor` for the HTTP layer; the model half runs on the workers."""
+
+    def __init__(self, settings: Settings, connection: redis.Redis, fetcher: ImageFetcher | None = None) -> None:
+        self.settings = settings
+        self.connection = connection
+        self.fetcher = fetcher or ImageFetcher(settings)
+        self.interactive_queue = Queue(INTERACTIVE_QUEUE, connection=connection)
+        self.preannotate_queue = Queue(PREANNOTATE_QUEUE, connection=connection)
+        self.training_queue = Queue(TRAINING_QUEUE, connection=connection)
+        self.decoders = ProjectDecoders(settings)
+        self.learning = ActiveLearning(settings, None, self.decoders, dispatch=self._learn_on_a_worker)
+
+    def warm_up(self) -> None:
+        """Nothing to load here (the workers hold the models); hand on webhook events recorded earlier."""
+        self.learning.start()
+
+    def _learn_on_a_worker(self, project_id: int) -> None:
+        try:
+            self.training_queue.enqueue(
+                jobs.learn,
+                project_id,
+                job_timeout=self.settings.train_job_timeout_s,
+                result_ttl=24 * 3600,
+                failure_ttl=24 * 3600,
+            )
+        except redis.RedisError as error:
+            # The events are on disk: the project's next webhook, or a restart of the web tier, hands them on.
+            log.warning("project %d: webhook events recorded but not queued, Redis unreachable: %s", project_id, error)
+
+    def status(self) -> dict:
+        try:
+            return {
+                "inference": "queue",
+                "workers": alive_workers(self.connection),
+                "queued": {
+                    INTERACTIVE_QUEUE: self.interactive_queue.count,
+                    PREANNOTATE_QUEUE: self.preannotate_queue.count,
+                    TRAINING_QUEUE: self.training_queue.count,
+                },
+                "failed_jobs": self.interactive_queue.failed_job_registry.count
+                + self.preannotate_queue.failed_job_registry.count,
+            }
+        except redis.RedisError as error:
+            return {"inference": "queue", "redis_error": type(error).__name__}
+
+    def predict_interactive(
+        self, image_url: str, task_id: object, context: object, project_id: int | None = None
+    ) -> TaskPrediction:
+        if not context:
+            version = self.decoders.current_name(project_id)
+            return TaskPrediction(objects=[], image_size=(0, 0), cache_hit=False, model_version=version)
+        deadline = time.monotonic() + self.settings.predict_deadline_s
+        started = time.perf_counter()
+        image = self.fetcher.fetch(image_url)
+        fetch_s = time.perf_counter() - started
+        try:
+            if not alive_workers(self.connection):
+                raise InferenceUnavailable("no inference worker is running; start `python -m backend worker`")
+            self.connection.set(
+                jobs.IMAGE_KEY.format(digest=image.digest), image.data, ex=self.settings.job_timeout_s * 4, nx=True
+            )
+            job = self.interactive_queue.enqueue(
+                jobs.interactive,
+                image.digest,
+                task_id,
+                context,
+                project_id,
+                job_timeout=self.settings.job_timeout_s,
+                retry=Retry(max=2),
+                result_ttl=60,
+                failure_ttl=24 * 3600,
+            )
+            prediction = self._wait(job, deadline)
+        except redis.RedisError as error:
+            log.warning("Redis error while queueing an inference job", exc_info=True)
+            raise InferenceUnavailable(f"the job queue (Redis) is unreachable: {type(error).__name__}") from error
+        prediction.timings["fetch"] = fetch_s
+        return prediction
+
+    def _wait(self, job: Job, deadline: float) -> TaskPrediction:
+        while (left := deadline - time.monotonic()) > 0:
+            # Block briefly: redis-py's default socket timeout (5 s) must outlast the blocking read.
+            result = job.latest_result(timeout=max(1, min(int(left), 2)))
+            if result is not None and result.type == Result.Type.SUCCESSFUL:
+                value = result.return_value
+                if isinstance(value, jobs.InputError):
+                    raise value
+                return value
+            status = job.get_status(refresh=True)
+            if status == JobStatus.FAILED:
+                raise InferenceUnavailable(f"inference job {job.id} failed on the worker; see the worker's log")
+            if status is None:
+                raise InferenceUnavailable(f"inference job {job.id} was lost (Redis restarted?); send it again")
+        raise InferenceUnavailable(f"no answer from the workers within {self.settings.predict_deadline_s:.0f} s")

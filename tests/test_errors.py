@@ -1,0 +1,107 @@
+"""Every bad input gets a 4xx JSON error, and the server keeps serving afterwards."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from PIL import Image
+
+from tests.conftest import recorded
+
+CONFIG_WITHOUT_BRUSH = (
+    '<View><Image name="image" value="$image"/><KeyPointLabels name="kp" toName="image">'
+    '<Label value="Car"/></KeyPointLabels></View>'
+)
+
+
+def keypoints_body(image: str | None = None) -> dict:
+    body = recorded("04-predict-interactive-keypoints.json")
+    if image is not None:
+        body["tasks"][0]["data"]["image"] = image
+    return body
+
+
+def big_png(width: int, height: int) -> bytes:
+    """A small file that declares a huge image: a decompression bomb."""
+    buffer = io.BytesIO()
+    Image.new("1", (width, height)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def bad_files(media_root):
+    (media_root / "upload" / "1" / "bomb.png").write_bytes(big_png(10000, 10000))
+    (media_root / "upload" / "1" / "not-an-image.jpg").write_bytes(b"<html>login page</html>")
+    return media_root
+
+
+def mutate(change) -> dict:
+    body = keypoints_body()
+    change(body)
+    return body
+
+
+BAD_BODIES = {
+    "no tasks": lambda b: b.pop("tasks"),
+    "tasks not a list": lambda b: b.update(tasks="x"),
+    "empty tasks": lambda b: b.update(tasks=[]),
+    "task without data": lambda b: b["tasks"][0].pop("data"),
+    "task without image": lambda b: b["tasks"][0]["data"].pop("image"),
+    "image not a string": lambda b: b["tasks"][0]["data"].update(image=12),
+    "no label config": lambda b: b.pop("label_config"),
+    "label config not XML": lambda b: b.update(label_config="<View><Image"),
+    "label config without image": lambda b: b.update(label_config="<View><Text name='t' value='$t'/></View>"),
+    "label config without brush": lambda b: b.update(label_config=CONFIG_WITHOUT_BRUSH),
+    "params not an object": lambda b: b.update(params=[1]),
+    "context not an object": lambda b: b["params"].update(context="click"),
+    "point outside the image": lambda b: b["params"]["context"]["result"][0]["value"].update(x=130.0),
+    "label not in brush control": lambda b: [
+        item["value"].update(keypointlabels=["Truck"], labels=["Truck"]) for item in b["params"]["context"]["result"]
+    ],
+    "unsupported URL scheme": lambda b: b["tasks"][0]["data"].update(image="ftp://example.com/a.jpg"),
+    "host not allowed": lambda b: b["tasks"][0]["data"].update(image="http://example.com/a.jpg"),
+    "missing upload": lambda b: b["tasks"][0]["data"].update(image="/data/upload/1/missing.jpg"),
+    "not an image": lambda b: b["tasks"][0]["data"].update(image="/data/upload/1/not-an-image.jpg"),
+    "pixel bomb": lambda b: b["tasks"][0]["data"].update(image="/data/upload/1/bomb.png"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_BODIES))
+def test_bad_predict_bodies_get_a_clear_4xx_and_the_server_keeps_serving(client, bad_files, name, caplog):
+    response = client.post("/predict", json=mutate(BAD_BODIES[name]))
+    assert 400 <= response.status_code < 500, (name, response.status_code, response.get_data(as_text=True))
+    assert isinstance(response.json["error"], str) and response.json["error"]
+    assert any(str(response.status_code) in record.getMessage() for record in caplog.records)
+    assert client.post("/predict", json=keypoints_body()).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "path, data", [("/predict", b"{not json"), ("/predict", b"[1, 2]"), ("/webhook", b"nope"), ("/setup", b"")]
+)
+def test_malformed_json_is_a_400(client, path, data):
+    response = client.post(path, data=data, content_type="application/json")
+    assert response.status_code == 400 and "error" in response.json
+
+
+def test_unknown_route_and_method_are_json_errors(client):
+    assert client.get("/nope").status_code == 404 and "error" in client.get("/nope").json
+    assert client.get("/predict").status_code == 405 and "error" in client.get("/predict").json
+
+
+def test_a_bad_task_in_a_batch_does_not_lose_the_good_ones(client):
+    body = keypoints_body()
+    good = body["tasks"][0]
+    bad = dict(good, id=99, data={"image": "/data/upload/1/missing.jpg"})
+    body["tasks"] = [good, bad, dict(good, id=3)]
+    response = client.post("/predict", json=body)
+    assert response.status_code == 200
+    results = response.json["results"]
+    assert len(results) == 3 and results[0]["result"] and results[2]["result"]
+    assert results[1]["result"] == [] and "404" in results[1]["error"]
+    assert response.json["errors"][0]["task"] == 99
+
+
+def test_oversized_body_is_a_413(client):
+    response = client.post("/predict", data=b"{" + b" " * (21 * 1024 * 1024) + b"}", content_type="application/json")
+    assert response.status_code == 413 and "error" in response.json

@@ -1,0 +1,170 @@
+"""INFERENCE=queue: real worker processes on the suite's own redis-server, with their faults."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import redis
+from rq import Queue, Worker
+from rq.job import Job
+from rq.registry import StartedJobRegistry
+
+from backend.protocol.results import decode_brush
+from backend.protocol.server import create_app
+from backend.worker.client import INTERACTIVE_QUEUE, QueuePredictor, alive_workers
+from tests.conftest import REPO, recorded
+from tests.services import RedisServer
+
+
+class Workers:
+    """`python -m backend worker` processes, started and killed by the test."""
+
+    def __init__(self, redis_url: str, checkpoint: Path, log_dir: Path) -> None:
+        self.redis_url = redis_url
+        self.checkpoint = checkpoint
+        self.log_dir = log_dir
+        self.processes: list[subprocess.Popen] = []
+
+    def start(self, count: int, **extra_env: str) -> Workers:
+        env = {
+            **os.environ,
+            "REDIS_URL": self.redis_url,
+            "SAM_CHECKPOINT": str(self.checkpoint),
+            "JOB_TIMEOUT": "6",
+            "WORKER_TTL": "3",
+            "WORKER_MAINTENANCE_INTERVAL": "1",
+            "TORCH_THREADS": "1",
+            **extra_env,
+        }
+        for _ in range(count):
+            log = open(self.log_dir / f"worker{len(self.processes)}.log", "w")  # noqa: SIM115 (lives with the process)
+            self.processes.append(
+                subprocess.Popen([sys.executable, "-m", "backend", "worker"], cwd=REPO, env=env, stdout=log, stderr=log)
+            )
+        self.wait_alive(len([p for p in self.processes if p.poll() is None]))
+        return self
+
+    def wait_alive(self, count: int, timeout_s: float = 120) -> None:
+        connection = redis.Redis.from_url(self.redis_url)
+        deadline = time.time() + timeout_s
+        while time.time() < deadline:
+            try:
+                if alive_workers(connection) == count:
+                    return
+            except redis.ConnectionError:
+                pass
+            time.sleep(0.2)
+        logs = "\n".join(path.read_text()[-2000:] for path in self.log_dir.glob("worker*.log"))
+        raise RuntimeError(f"expected {count} live workers\n{logs}")
+
+    def stop(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.terminate()
+        for process in self.processes:
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+@pytest.fixture
+def queue_redis(tmp_path):
+    server = RedisServer(tmp_path).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def workers(queue_redis, sam_checkpoint, tmp_path):
+    pool = Workers(queue_redis.url, sam_checkpoint, tmp_path)
+    yield pool
+    pool.stop()
+
+
+@pytest.fixture
+def web(settings, queue_redis):
+    queue_settings = replace(
+        settings, inference="queue", redis_url=queue_redis.url, predict_deadline_s=60, job_timeout_s=6
+    )
+    predictor = QueuePredictor(queue_settings, redis.Redis.from_url(queue_redis.url))
+    return create_app(queue_settings, predictor).test_client()
+
+
+def click(web, x: float = 50.0):
+    body = recorded("04-predict-interactive-keypoints.json")
+    body["params"]["context"]["result"][0]["value"]["x"] = x
+    return web.post("/predict", json=body)
+
+
+def test_clicks_are_answered_by_a_worker_and_its_embedding_is_shared(web, workers):
+    workers.start(1)
+    first = click(web)
+    assert first.status_code == 200, first.json
+    assert first.headers["X-Embedding-Cache"] == "miss"
+    (result,) = first.json["results"][0]["result"]
+    assert decode_brush(result).shape == (768, 1024)
+    second = click(web, 40.0)
+    assert second.status_code == 200 and second.headers["X-Embedding-Cache"] == "hit"
+    status = web.get("/status").json
+    assert status["inference"] == "queue" and status["workers"] == 1
+    assert status["queued"] == {"sam-interactive": 0, "sam-preannotate": 0, "sam-training": 0}
+    text = web.get("/metrics").get_data(as_text=True)
+    assert "sam_workers_alive 1.0" in text and 'sam_queue_depth{queue="sam-interactive"} 0.0' in text
+
+
+def test_no_worker_alive_answers_503_with_retry_advice(web, queue_redis):
+    response = click(web)
+    assert response.status_code == 503
+    assert response.headers["Retry-After"] and "worker" in response.json["error"]
+
+
+def test_bad_input_found_on_the_worker_comes_back_as_4xx_and_is_not_retried(web, workers, queue_redis):
+    workers.start(1)
+    body = recorded("04-predict-interactive-keypoints.json")
+    body["params"]["context"]["result"][0]["value"]["x"] = 140.0
+    response = web.post("/predict", json=body)
+    assert response.status_code == 422 and "outside" in response.json["error"]
+    queue = Queue(INTERACTIVE_QUEUE, connection=redis.Redis.from_url(queue_redis.url))
+    assert queue.failed_job_registry.count == 0
+
+
+def test_a_worker_killed_mid_job_has_its_job_finished_by_another(web, workers, queue_redis):
+    workers.start(2)
+    connection = redis.Redis.from_url(queue_redis.url)
+    answer = {}
+    request = threading.Thread(target=lambda: answer.update(response=click(web)))
+    request.start()
+    registry = StartedJobRegistry(INTERACTIVE_QUEUE, connection=connection)
+    deadline = time.time() + 30
+    while not registry.get_job_ids() and time.time() < deadline:
+        time.sleep(0.005)
+    (job_id,) = registry.get_job_ids()
+    victim = next(w for w in Worker.all(connection=connection) if w.get_current_job_id() == job_id)
+    os.kill(victim.pid, signal.SIGKILL)
+    request.join(timeout=90)
+    response = answer["response"]
+    assert response.status_code == 200, response.json
+    assert response.json["results"][0]["result"][0]["type"] == "brushlabels"
+    finished = Job.fetch(job_id, connection=connection)
+    assert finished.get_status() == "finished" and finished.worker_name != victim.name
+
+
+def test_web_and_workers_reconnect_after_a_redis_restart(web, workers, queue_redis):
+    workers.start(1)
+    assert click(web).status_code == 200
+    queue_redis.stop()
+    down = click(web, 45.0)
+    assert down.status_code == 503 and "Redis" in down.json["error"]
+    queue_redis.start()
+    workers.wait_alive(1)
+    after = click(web, 55.0)
+    assert after.status_code == 200, after.json
