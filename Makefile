@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test install install-test lint
+.PHONY: run test unit e2e install install-test lint
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,5 +22,11 @@ lint: install-test
 	$(BIN)/ruff check backend tests bench
 	$(BIN)/ruff format --check backend tests bench
 
-test: install-test lint
+# Two stages: the unit suite, then the end-to-end test against the real Label Studio (installs it on first use).
+test: install-test lint unit e2e
+
+unit: install-test
 	$(BIN)/python -m pytest -q
+
+e2e: install-test
+	$(BIN)/python -m pytest -q -m e2e tests/e2e

@@ -36,6 +36,17 @@ def _env_float(name: str, default: float) -> float:
         raise ValueError(f"environment variable {name} must be a number, got {raw!r}") from exc
 
 
+def _env_bool(name: str, default: bool) -> bool:
+    raw = os.environ.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"environment variable {name} must be true or false, got {raw!r}")
+
+
 def _env_list(name: str) -> tuple[str, ...]:
     return tuple(item.strip().lower() for item in os.environ.get(name, "").split(",") if item.strip())
 
@@ -49,6 +60,7 @@ class Settings:
     label_studio_api_key: str = field(default="", repr=False)
     local_files_document_root: str = ""
     allowed_image_hosts: tuple[str, ...] = ()
+    allow_private_image_hosts: bool = False  # may ALLOWED_IMAGE_HOSTS resolve to private/loopback addresses
     download_timeout_s: float = 10.0
     max_download_bytes: int = 50 * 1024 * 1024
     max_image_pixels: int = 40_000_000
@@ -56,10 +68,13 @@ class Settings:
     # HTTP server.
     basic_auth_user: str = ""
     basic_auth_pass: str = field(default="", repr=False)
+    bearer_token: str = field(default="", repr=False)
     max_request_bytes: int = 20 * 1024 * 1024
     max_tasks_per_request: int = 1000
     max_prompts_per_task: int = 100
     model_ready_timeout_s: float = 60.0
+    predict_deadline_s: float = 90.0  # below Label Studio's 100 s, so it gets our answer, not its timeout
+    predict_threads: int = 8
     log_level: str = "INFO"
 
     # SAM.
@@ -78,7 +93,6 @@ class Settings:
 
     # Where the models run: "local" (in the web process) or "queue" (RQ workers through Redis).
     inference: str = "local"
-    predict_deadline_s: float = 90.0
     job_timeout_s: int = 180
     worker_ttl_s: int = 20
     worker_maintenance_s: int = 10
@@ -106,15 +120,19 @@ class Settings:
             label_studio_api_key=_env_str("LABEL_STUDIO_API_KEY"),
             local_files_document_root=_env_str("LOCAL_FILES_DOCUMENT_ROOT"),
             allowed_image_hosts=_env_list("ALLOWED_IMAGE_HOSTS"),
+            allow_private_image_hosts=_env_bool("ALLOW_PRIVATE_IMAGE_HOSTS", cls.allow_private_image_hosts),
             download_timeout_s=_env_float("DOWNLOAD_TIMEOUT", cls.download_timeout_s),
             max_download_bytes=_env_int("MAX_DOWNLOAD_BYTES", cls.max_download_bytes),
             max_image_pixels=_env_int("MAX_IMAGE_PIXELS", cls.max_image_pixels),
             basic_auth_user=_env_str("BASIC_AUTH_USER"),
             basic_auth_pass=_env_str("BASIC_AUTH_PASS"),
+            bearer_token=_env_str("BEARER_TOKEN"),
             max_request_bytes=_env_int("MAX_REQUEST_BYTES", cls.max_request_bytes),
             max_tasks_per_request=_env_int("MAX_TASKS_PER_REQUEST", cls.max_tasks_per_request),
             max_prompts_per_task=_env_int("MAX_PROMPTS_PER_TASK", cls.max_prompts_per_task),
             model_ready_timeout_s=_env_float("MODEL_READY_TIMEOUT", cls.model_ready_timeout_s),
+            predict_deadline_s=_env_float("PREDICT_DEADLINE", cls.predict_deadline_s),
+            predict_threads=_env_int("PREDICT_THREADS", cls.predict_threads),
             log_level=_env_str("LOG_LEVEL", cls.log_level).upper(),
             sam_model_type=_env_str("SAM_MODEL_TYPE", cls.sam_model_type),
             sam_checkpoint=_env_str("SAM_CHECKPOINT"),
@@ -127,7 +145,6 @@ class Settings:
             memory_cache_bytes=_env_int("MEMORY_CACHE_BYTES", cls.memory_cache_bytes),
             encode_lock_timeout_s=_env_float("ENCODE_LOCK_TIMEOUT", cls.encode_lock_timeout_s),
             inference=_env_str("INFERENCE", cls.inference).lower(),
-            predict_deadline_s=_env_float("PREDICT_DEADLINE", cls.predict_deadline_s),
             job_timeout_s=_env_int("JOB_TIMEOUT", cls.job_timeout_s),
             worker_ttl_s=_env_int("WORKER_TTL", cls.worker_ttl_s),
             worker_maintenance_s=_env_int("WORKER_MAINTENANCE_INTERVAL", cls.worker_maintenance_s),

@@ -2,8 +2,10 @@
 
 Label Studio's own URLs (`/data/upload/...`, `/data/local-files/?d=...`, or absolute URLs on
 LABEL_STUDIO_URL's host) are fetched with the API key; other hosts only when listed in
-ALLOWED_IMAGE_HOSTS, and without credentials. Local files are read only below
-LOCAL_FILES_DOCUMENT_ROOT. Redirects are followed by hand so each hop is checked the same way.
+ALLOWED_IMAGE_HOSTS, and without credentials, and only on public addresses unless
+ALLOW_PRIVATE_IMAGE_HOSTS (backend/netguard.py checks the address actually connected to). Local
+files are read only below LOCAL_FILES_DOCUMENT_ROOT. Redirects are followed by hand so each hop is
+checked the same way. URLs in messages are redacted: no user info, no query values but `d`.
 """
 
 from __future__ import annotations
@@ -11,10 +13,11 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import parse_qs, unquote, urljoin, urlsplit
+from urllib.parse import parse_qs, urlencode, urljoin, urlsplit, urlunsplit
 
 import numpy as np
 import requests
@@ -22,10 +25,24 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from backend.config import Settings
 from backend.labelstudio_auth import AuthError, LabelStudioAuth
+from backend.netguard import AddressPolicy, BlockedAddress, GuardedAdapter
 
 log = logging.getLogger(__name__)
 
 MAX_REDIRECTS = 3
+
+
+def redact_url(url: str) -> str:
+    """`url` fit for a log line or an error body: without user:password@ and with query values
+    masked (presigned URLs carry signatures there), except Label Studio's local-file path `d`."""
+    try:
+        parts = urlsplit(url)
+        netloc = parts.netloc.rpartition("@")[2]
+        query = parse_qs(parts.query, keep_blank_values=True)
+    except ValueError:
+        return "<unparsable URL>"
+    masked = urlencode([(key, value if key == "d" else "***") for key, values in query.items() for value in values])
+    return urlunsplit((parts.scheme, netloc, parts.path, masked, ""))
 
 
 class ImageError(Exception):
@@ -57,7 +74,16 @@ class ImageFetcher:
             if settings.label_studio_url
             else None
         )
+        trusted = frozenset()
+        if self.label_studio is not None and self.label_studio.hostname:
+            default_port = 443 if self.label_studio.scheme == "https" else 80
+            trusted = frozenset({(self.label_studio.hostname.lower(), self.label_studio.port or default_port)})
+        adapter = GuardedAdapter(AddressPolicy(trusted, settings.allow_private_image_hosts))
         self.http = requests.Session()
+        # No proxies or ~/.netrc from the environment: the address check must see the real target.
+        self.http.trust_env = False
+        self.http.mount("http://", adapter)
+        self.http.mount("https://", adapter)
 
     def fetch(self, url: str) -> FetchedImage:
         if not isinstance(url, str) or not url:
@@ -66,21 +92,30 @@ class ImageFetcher:
             return FetchedImage(url, self._read_local(url))
         if url.startswith("/"):
             if self.label_studio is None:
-                raise ImageError(f"image {url!r} is relative to Label Studio, but LABEL_STUDIO_URL is not set", 422)
+                raise ImageError(
+                    f"image {redact_url(url)!r} is relative to Label Studio, but LABEL_STUDIO_URL is not set", 422
+                )
             url = self.settings.label_studio_url + url
         return FetchedImage(url, self._download(url))
 
     def _read_local(self, url: str) -> bytes:
-        relative = parse_qs(urlsplit(url).query).get("d", [""])[0]
+        # Decoded once, as Label Studio decodes `d`; a second decoding would turn %252e into a dot.
+        relative = parse_qs(urlsplit(url).query).get("d", [""])[0].lstrip("/")
+        if not relative or "\x00" in relative:
+            raise ImageError("local file URL needs a ?d= path without NUL bytes", 400)
         root = Path(self.settings.local_files_document_root).resolve()
-        target = (root / unquote(relative)).resolve()
-        if not relative or not target.is_relative_to(root):
-            raise ImageError(f"local file {relative!r} is outside LOCAL_FILES_DOCUMENT_ROOT", 403)
-        if not target.is_file():
-            raise ImageError(f"local file {relative!r} does not exist", 404)
-        if target.stat().st_size > self.settings.max_download_bytes:
-            raise ImageError(f"local file {relative!r} is larger than MAX_DOWNLOAD_BYTES", 413)
-        return target.read_bytes()
+        try:
+            # resolve() follows symlinks, so a link pointing out of the root is judged by its target.
+            target = (root / relative).resolve()
+            if not target.is_relative_to(root):
+                raise ImageError(f"local file {relative!r} is outside LOCAL_FILES_DOCUMENT_ROOT", 403)
+            if not target.is_file():
+                raise ImageError(f"local file {relative!r} does not exist", 404)
+            if target.stat().st_size > self.settings.max_download_bytes:
+                raise ImageError(f"local file {relative!r} is larger than MAX_DOWNLOAD_BYTES", 413)
+            return target.read_bytes()
+        except OSError as error:
+            raise ImageError(f"local file {relative!r} cannot be read: {error.strerror}", 422) from error
 
     def _is_label_studio(self, parts) -> bool:
         return self.label_studio is not None and (parts.scheme, parts.netloc) == (
@@ -104,7 +139,7 @@ class ImageFetcher:
                 response.close()
                 continue
             return self._read_body(response, url)
-        raise ImageError(f"too many redirects fetching {url}", 422)
+        raise ImageError(f"too many redirects fetching {redact_url(url)}", 422)
 
     def _get(self, url: str, with_auth: bool) -> requests.Response:
         try:
@@ -124,27 +159,34 @@ class ImageFetcher:
                 )
         except AuthError as error:
             raise ImageError(str(error), 422) from error
+        except BlockedAddress as error:
+            raise ImageError(str(error), 403) from error
         except requests.RequestException as error:
-            raise ImageError(f"could not download {url}: {type(error).__name__}", 422) from error
+            raise ImageError(f"could not download {redact_url(url)}: {type(error).__name__}", 422) from error
         return response
 
     def _read_body(self, response: requests.Response, url: str) -> bytes:
+        shown = redact_url(url)
         with response:
             if response.status_code != 200:
                 hint = " (check LABEL_STUDIO_API_KEY)" if response.status_code in (401, 403) else ""
-                raise ImageError(f"downloading {url} answered HTTP {response.status_code}{hint}", 422)
+                raise ImageError(f"downloading {shown} answered HTTP {response.status_code}{hint}", 422)
             limit = self.settings.max_download_bytes
             declared = response.headers.get("Content-Length")
             if declared and declared.isdigit() and int(declared) > limit:
-                raise ImageError(f"image at {url} is larger than MAX_DOWNLOAD_BYTES ({limit})", 413)
+                raise ImageError(f"image at {shown} is larger than MAX_DOWNLOAD_BYTES ({limit})", 413)
+            # The read timeout bounds each wait; this bounds a server that trickles bytes forever.
+            give_up_at = time.monotonic() + self.settings.predict_deadline_s
             body = bytearray()
             try:
                 for chunk in response.iter_content(chunk_size=256 * 1024):
                     body += chunk
                     if len(body) > limit:
-                        raise ImageError(f"image at {url} is larger than MAX_DOWNLOAD_BYTES ({limit})", 413)
+                        raise ImageError(f"image at {shown} is larger than MAX_DOWNLOAD_BYTES ({limit})", 413)
+                    if time.monotonic() > give_up_at:
+                        raise ImageError(f"download of {shown} took longer than PREDICT_DEADLINE", 504)
             except requests.RequestException as error:
-                raise ImageError(f"download of {url} broke off: {type(error).__name__}", 422) from error
+                raise ImageError(f"download of {shown} broke off: {type(error).__name__}", 422) from error
             return bytes(body)
 
 

@@ -117,6 +117,7 @@ def settings(sam_checkpoint: Path, label_studio: LabelStudioStandIn, tmp_path: P
         label_studio_url=label_studio.url,
         label_studio_api_key=label_studio.legacy_token,
         allowed_image_hosts=("localhost",),
+        allow_private_image_hosts=True,  # the "other host" of these tests is this machine
         sam_checkpoint=str(sam_checkpoint),
         model_dir=str(tmp_path / "models"),
         torch_threads=0,

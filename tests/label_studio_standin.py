@@ -4,7 +4,9 @@ It answers only what an ML backend asks Label Studio for (recorded in ../shared/
 `/data/upload/...` and `/data/local-files/?d=...` need `Authorization: Token <legacy>` (when legacy
 tokens are enabled) or `Bearer <access>`, where the access token comes from
 `POST /api/token/refresh/ {"refresh": <personal access token>}` and expires. Everything else is a
-plain file server for "other hosts". The real Label Studio is exercised by tests/e2e.
+plain file server for "other hosts". Faults for tests: `stalls` (path -> seconds to wait before
+answering), `redirects` (path -> Location), and `?chunked=1` streams a file without Content-Length.
+The real Label Studio is exercised by tests/e2e.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ class LabelStudioStandIn:
         self.requests: list[tuple[str, str, str]] = []  # (method, path, auth scheme)
         self.refreshes = 0
         self.delay_s = 0.0
+        self.stalls: dict[str, float] = {}
+        self.redirects: dict[str, str] = {}
         self._server = make_server("127.0.0.1", 0, self._app, threaded=True)
         self.url = f"http://127.0.0.1:{self._server.server_port}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
@@ -66,14 +70,16 @@ class LabelStudioStandIn:
         self.requests.append(
             (request.method, request.full_path, request.headers.get("Authorization", "").split(" ")[0])
         )
-        if self.delay_s:
-            time.sleep(self.delay_s)
-        if request.path == "/api/token/refresh/" and request.method == "POST":
+        if self.delay_s or request.path in self.stalls:
+            time.sleep(self.delay_s + self.stalls.get(request.path, 0.0))
+        if request.path in self.redirects:
+            response = Response("", 302, headers={"Location": self.redirects[request.path]})
+        elif request.path == "/api/token/refresh/" and request.method == "POST":
             response = self._refresh(request)
         elif request.path.startswith("/data/"):
             response = self._data(request)
         else:
-            response = self._file(self.media_root / "public" / request.path.lstrip("/"))
+            response = self._file(self.media_root / "public" / request.path.lstrip("/"), "chunked" in request.args)
         return response(environ, start_response)
 
     def _refresh(self, request: Request) -> Response:
@@ -101,7 +107,10 @@ class LabelStudioStandIn:
         return Response("not found", 404)
 
     @staticmethod
-    def _file(path: Path) -> Response:
+    def _file(path: Path, chunked: bool = False) -> Response:
         if not path.is_file():
             return Response("not found", 404)
-        return Response(path.read_bytes(), 200, content_type="application/octet-stream")
+        data = path.read_bytes()
+        if chunked:  # a generator body has no Content-Length: only counting the bytes can stop it
+            return Response((data[i : i + 4096] for i in range(0, len(data), 4096)), 200)
+        return Response(data, 200, content_type="application/octet-stream")

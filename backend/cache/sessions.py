@@ -7,6 +7,7 @@ prompt when more points are added to the same object, as SAM's paper does for it
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 
@@ -35,7 +36,10 @@ class SessionStore:
         self.ttl_s = ttl_s
 
     def _key(self, image_digest: str, task_id: object, label: str) -> str:
-        return f"sam:session:{self.model_identity}:{image_digest}:{task_id}:{label}"
+        # Task id and label come from the request: hashed, any JSON value (a lone surrogate, a huge
+        # string) gives a valid key of bounded length.
+        owner = hashlib.sha256(json.dumps([task_id, label]).encode()).hexdigest()[:32]
+        return f"sam:session:{self.model_identity}:{image_digest}:{owner}"
 
     def load(self, image_digest: str, task_id: object, label: str) -> Session:
         data = self.store.get(self._key(image_digest, task_id, label))

@@ -40,9 +40,13 @@ class ParsedContext:
 
 def _percent(value: dict, key: str, default: float | None = None) -> float:
     raw = value.get(key, default)
-    if isinstance(raw, bool) or not isinstance(raw, (int, float)) or not math.isfinite(raw):
-        raise PromptError(f"context value {key!r} must be a number of percent, got {raw!r}", 400)
-    return float(raw)
+    try:
+        number = float(raw) if isinstance(raw, (int, float)) and not isinstance(raw, bool) else math.nan
+    except OverflowError:  # a JSON integer beyond float range
+        number = math.nan
+    if not math.isfinite(number):
+        raise PromptError(f"context value {key!r} must be a number of percent, got {repr(raw)[:40]}", 400)
+    return number
 
 
 def _label_of(item: dict, value: dict, key: str) -> str:

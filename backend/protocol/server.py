@@ -1,14 +1,13 @@
 """Label Studio's ML backend protocol over HTTP (Flask 3), wire-compatible with label-studio-ml 2.x.
 
-Routes: GET /health (and /), POST /setup, POST /predict, POST /webhook, GET /versions. Every bad input answers a
-4xx JSON `{"error": ...}` and a log line; the process keeps serving.
+Routes: GET /health (and /), POST /setup, POST /predict, POST /webhook, GET /versions, and GET /livez,
+the only one open without credentials when auth is configured. Every bad input answers a 4xx JSON
+`{"error": ...}` and a log line; the process keeps serving.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hmac
+import concurrent.futures
 import logging
 import os
 import time
@@ -18,10 +17,12 @@ from werkzeug.exceptions import HTTPException
 
 from backend import metrics
 from backend.config import Settings
+from backend.deadline import Deadline, DeadlineExceeded
 from backend.images import ImageError
 from backend.models.loader import ModelNotReady
 from backend.predictor import Predictor, TaskPrediction
 from backend.prompts.interactive import PromptError
+from backend.protocol.access import AccessControl
 from backend.protocol.label_config import ConfigError, ProjectConfig, parse_label_config
 from backend.protocol.results import brush_result, rectangle_result
 from backend.training.service import WebhookError
@@ -45,17 +46,12 @@ def error_response(message: str, status: int, **details: object) -> tuple[Respon
     return jsonify({"error": message, "status": status, **details}), status
 
 
-def _credentials_match(header: str, user: str, password: str) -> bool:
-    if not header.startswith("Basic "):
-        return False
+def json_body() -> object:
+    """The request's JSON, or None when it is not JSON (too deeply nested counts as not JSON)."""
     try:
-        given_user, _, given_pass = base64.b64decode(header[6:], validate=True).decode("utf-8").partition(":")
-    except (binascii.Error, UnicodeDecodeError):
-        return False
-    # Both comparisons always run so the timing says nothing about which part was wrong.
-    user_ok = hmac.compare_digest(given_user.encode(), user.encode())
-    pass_ok = hmac.compare_digest(given_pass.encode(), password.encode())
-    return user_ok and pass_ok
+        return request.get_json(silent=True)
+    except RecursionError:
+        return None
 
 
 def task_results(prediction: TaskPrediction, config: ProjectConfig, model_version: str) -> dict:
@@ -104,8 +100,11 @@ def _parse_predict_body(body: object, settings: Settings) -> tuple[list[dict], P
     params = body.get("params") or {}
     if not isinstance(params, dict):
         raise BadRequest("'params' must be an object")
+    label_config = body.get("label_config") or ""
+    if not isinstance(label_config, str):
+        raise BadRequest("'label_config' must be the project's label config XML as a string", 422)
     try:
-        config = parse_label_config(body.get("label_config") or "")
+        config = parse_label_config(label_config)
     except ConfigError as error:
         raise BadRequest(str(error), 422) from error
     if config.brush is None:
@@ -118,18 +117,16 @@ def create_app(settings: Settings, predictor: Predictor | QueuePredictor) -> Fla
     app.extensions["predictor"] = predictor
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     model_version = settings.base_model_version
+    access = AccessControl(settings.basic_auth_user, settings.basic_auth_pass, settings.bearer_token)
+    model_calls = concurrent.futures.ThreadPoolExecutor(settings.predict_threads, thread_name_prefix="predict")
 
     @app.before_request
     def authenticate() -> tuple[Response, int] | None:
         g.started = time.perf_counter()
-        if not settings.basic_auth_user:
-            return None
-        if _credentials_match(
-            request.headers.get("Authorization", ""), settings.basic_auth_user, settings.basic_auth_pass
-        ):
+        if request.path == "/livez" or access.allows(request.headers.get("Authorization", "")):
             return None
         response, status = error_response("authentication required", 401)
-        response.headers["WWW-Authenticate"] = 'Basic realm="sam-backend"'
+        response.headers["WWW-Authenticate"] = access.challenge()
         return response, status
 
     @app.after_request
@@ -157,6 +154,11 @@ def create_app(settings: Settings, predictor: Predictor | QueuePredictor) -> Fla
         response.headers["Retry-After"] = "5"
         return response, status
 
+    @app.get("/livez")
+    def livez() -> Response:
+        # Liveness only: open to probes without credentials, so it tells nothing about the models.
+        return jsonify({"status": "alive"})
+
     @app.errorhandler(Exception)
     def unexpected(error: Exception) -> tuple[Response, int]:
         log.exception("unexpected error on %s %s", request.method, request.path)
@@ -172,39 +174,45 @@ def create_app(settings: Settings, predictor: Predictor | QueuePredictor) -> Fla
     def setup() -> Response:
         # Label Studio gives /setup 3 s: start loading, never wait for it here.
         predictor.warm_up()
-        body = request.get_json(silent=True)
+        body = json_body()
         if not isinstance(body, dict):
             raise BadRequest("the body must be a JSON object")
         return jsonify({"model_version": predictor.decoders.current_name(project_id_of(body.get("project")))})
 
     @app.post("/predict")
     def predict() -> tuple[Response, int] | Response:
-        body = request.get_json(silent=True)
+        body = json_body()
         if body is None:
             raise BadRequest("the body is not valid JSON")
         tasks, config, context = _parse_predict_body(body, settings)
         project_id = project_id_of(body.get("project"))
+        deadline = Deadline(model_calls, settings.predict_deadline_s)
         results, errors, last_prediction = [], [], None
         for index, task in enumerate(tasks):
             try:
                 image_url = task["data"].get(config.image_field)
                 if image_url is None:
                     raise BadRequest(f"task has no data.{config.image_field}")
-                prediction = predictor.predict_interactive(image_url, task.get("id"), context, project_id)
+                prediction = deadline.run(predictor.predict_interactive, image_url, task.get("id"), context, project_id)
                 encoding_started = time.perf_counter()
                 results.append(task_results(prediction, config, prediction.model_version or model_version))
                 prediction.timings["results"] = time.perf_counter() - encoding_started
                 record_prediction_metrics(prediction)
                 last_prediction = prediction
-            except (BadRequest, ImageError, PromptError, ConfigError, InputError) as error:
+            except (BadRequest, ImageError, PromptError, ConfigError, InputError, DeadlineExceeded) as error:
                 status = getattr(error, "status", 422)
                 log.warning("task %s (#%d): %s", task.get("id"), index, error)
                 metrics.PREDICT_ERRORS.labels(str(status)).inc()
                 errors.append({"task": task.get("id"), "index": index, "error": str(error), "status": status})
-                results.append({"result": [], "score": 0.0, "model_version": model_version, "error": str(error)})
+                # An empty list makes Label Studio store no prediction for the task (a dict with an empty
+                # result would be stored), so the next "Retrieve predictions" asks for it again.
+                results.append([])
         if errors and len(errors) == len(tasks):
             # Nothing to show: answer the first error's status so the caller sees why.
-            return error_response(errors[0]["error"], errors[0]["status"], errors=errors)
+            response, status = error_response(errors[0]["error"], errors[0]["status"], errors=errors)
+            if status == DeadlineExceeded.status:
+                response.headers["Retry-After"] = str(DeadlineExceeded.retry_after_s)
+            return response, status
         response = jsonify({"results": results, **({"errors": errors} if errors else {})})
         if last_prediction is not None and len(tasks) == 1:
             response.headers["X-Embedding-Cache"] = "hit" if last_prediction.cache_hit else "miss"
@@ -223,7 +231,7 @@ def create_app(settings: Settings, predictor: Predictor | QueuePredictor) -> Fla
 
     @app.post("/webhook")
     def webhook() -> tuple[Response, int] | Response:
-        body = request.get_json(silent=True)
+        body = json_body()
         if not isinstance(body, dict) or not isinstance(body.get("action"), str):
             raise BadRequest("a webhook body is a JSON object with an 'action'")
         try:

@@ -44,8 +44,8 @@ class AnnotationRecord:
 
 
 def _positive_int(value: object, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise Rejected(f"{what} must be a positive integer, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 2**63:
+        raise Rejected(f"{what} must be a positive 64-bit integer")
     return value
 
 

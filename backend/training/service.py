@@ -38,8 +38,8 @@ class WebhookError(ValueError):
 def _project_id(body: dict) -> int:
     project = body.get("project")
     project_id = project.get("id") if isinstance(project, dict) else None
-    if isinstance(project_id, bool) or not isinstance(project_id, int) or project_id <= 0:
-        raise WebhookError(f"{body.get('action')} webhook without a valid project.id ({project_id!r})")
+    if isinstance(project_id, bool) or not isinstance(project_id, int) or not 0 < project_id < 2**63:
+        raise WebhookError(f"{body.get('action')} webhook without a valid project.id")
     return project_id
 
 
@@ -111,7 +111,10 @@ class ActiveLearning:
             reason = f"project {project_id} has no training data here yet"
             log.warning("%s webhook ignored: %s", action, reason)
             return {"status": "ignored", "action": action, "project": project_id, "reason": reason}
-        Inbox(files).record(body)
+        try:
+            Inbox(files).record(body)
+        except (ValueError, RecursionError) as error:  # JSON that parsed but cannot be written back
+            raise WebhookError(f"{action} webhook cannot be recorded: {type(error).__name__}") from error
         self._dispatch(project_id)
         return {"status": "queued", "action": action, "project": project_id}
 

@@ -1,0 +1,131 @@
+"""Where image downloads may connect: the resolved IP address is checked, and it is the one connected to.
+
+A host name on the allow-list can still resolve to an internal address (a cloud metadata service at
+169.254.169.254, a database on 10.0.0.5, the backend's own Redis on 127.0.0.1), and a name whose
+DNS answer changes between the check and the connection (DNS rebinding) would slip past a check
+made before `requests` resolves it again. So the check runs inside urllib3's connection set-up,
+on the addresses the socket is then opened to; TLS still verifies the certificate against the host
+name. Label Studio's own host (LABEL_STUDIO_URL) is trusted whatever it resolves to, since users run
+it on the same machine or network.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from dataclasses import dataclass
+
+from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError
+
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class BlockedAddress(Exception):
+    """The host resolved only to addresses that image downloads must not reach."""
+
+
+def _category(address: Address) -> str | None:
+    """Why an address is not a public one, or None if it is."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    if address.is_loopback:
+        return "loopback"
+    if address.is_link_local:
+        return "link-local"
+    if address.is_multicast:
+        return "multicast"
+    if address.is_unspecified:
+        return "unspecified"
+    if address.is_reserved:
+        return "reserved"
+    if not address.is_global:  # RFC 1918, unique-local IPv6, carrier-grade NAT, documentation ranges
+        return "private"
+    return None
+
+
+# With ALLOW_PRIVATE_IMAGE_HOSTS these may be reached; link-local (cloud metadata), multicast,
+# unspecified and reserved addresses never are, except through LABEL_STUDIO_URL.
+PRIVATE_CATEGORIES = frozenset({"loopback", "private"})
+
+
+@dataclass(frozen=True)
+class AddressPolicy:
+    trusted: frozenset[tuple[str, int]]  # (host, port) that may resolve to anything: Label Studio
+    allow_private: bool = False
+
+    def refusal(self, address: Address) -> str | None:
+        category = _category(address)
+        if category is None or (self.allow_private and category in PRIVATE_CATEGORIES):
+            return None
+        return category
+
+    def addresses(self, host: str, port: int) -> list[tuple]:
+        """getaddrinfo() answers for host:port that may be connected to; BlockedAddress if none."""
+        answers = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        if (host.lower(), port) in self.trusted:
+            return answers
+        allowed, refused = [], []
+        for answer in answers:
+            address = ipaddress.ip_address(answer[4][0].split("%", 1)[0])  # drop an IPv6 zone
+            reason = self.refusal(address)
+            if reason:
+                refused.append(f"{address} ({reason})")
+            else:
+                allowed.append(answer)
+        if not allowed:
+            raise BlockedAddress(
+                f"image host {host!r} resolves to {', '.join(refused)}, which image downloads may not reach "
+                "(set ALLOW_PRIVATE_IMAGE_HOSTS=true to allow private and loopback addresses)"
+            )
+        return allowed
+
+
+class _PinnedConnection:
+    """Mixed into urllib3's connections: resolve, check, and connect to the checked address only."""
+
+    policy: AddressPolicy
+
+    def _new_conn(self) -> socket.socket:
+        try:
+            answers = self.policy.addresses(self._dns_host, self.port)
+        except socket.gaierror as error:
+            raise NameResolutionError(self.host, self, error) from error
+        last_error: OSError | None = None
+        for family, kind, protocol, _, address in answers:
+            sock = socket.socket(family, kind, protocol)
+            try:
+                for option in self.socket_options or ():
+                    sock.setsockopt(*option)
+                sock.settimeout(self.timeout)
+                if self.source_address:
+                    sock.bind(self.source_address)
+                sock.connect(address)
+                return sock
+            except TimeoutError as error:
+                sock.close()
+                raise ConnectTimeoutError(self, f"Connection to {self.host} timed out") from error
+            except OSError as error:
+                sock.close()
+                last_error = error
+        raise NewConnectionError(self, f"Failed to establish a new connection: {last_error}")
+
+
+class GuardedAdapter(HTTPAdapter):
+    """A requests adapter whose connections obey `policy`; mount it for http:// and https://."""
+
+    def __init__(self, policy: AddressPolicy) -> None:
+        self.policy = policy
+        super().__init__()
+
+    def init_poolmanager(self, *args, **kwargs) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        attributes = {"policy": self.policy}
+        http = type("GuardedHTTPConnection", (_PinnedConnection, HTTPConnection), attributes)
+        https = type("GuardedHTTPSConnection", (_PinnedConnection, HTTPSConnection), attributes)
+        self.poolmanager.pool_classes_by_scheme = {
+            "http": type("GuardedHTTPConnectionPool", (HTTPConnectionPool,), {"ConnectionCls": http}),
+            "https": type("GuardedHTTPSConnectionPool", (HTTPSConnectionPool,), {"ConnectionCls": https}),
+        }

@@ -1,0 +1,377 @@
+"""Who gets in, what the backend fetches, and how much work one request may cause.
+
+Everything runs against the real app, the real Label Studio stand-in over HTTP and real files; the
+only stand-in below the HTTP layer is a DNS answer in the rebinding test (no DNS server can run here).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import socket
+import struct
+import threading
+import zlib
+from dataclasses import replace
+
+import pytest
+
+from backend.cache.store import MemoryStore
+from backend.config import Settings
+from backend.images import ImageFetcher, decode_image, redact_url
+from backend.models.loader import BackgroundLoader
+from backend.predictor import Predictor
+from backend.protocol.server import create_app
+from tests.conftest import make_client, recorded
+from tests.label_studio_standin import make_personal_access_token
+from tests.test_protocol import assert_brush_results, interactive
+
+KEYPOINTS = "04-predict-interactive-keypoints.json"
+ROUTES = [
+    ("get", "/", None),
+    ("get", "/health", None),
+    ("post", "/setup", "02-setup.json"),
+    ("post", "/predict", "03-predict-batch.json"),
+    ("post", "/webhook", "07-webhook-annotation-created.json"),
+]
+
+
+def basic(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+def unloaded_client(settings: Settings):
+    """The app without models: enough for auth, routing and limits, and fast."""
+    predictor = Predictor(settings, MemoryStore(1 << 20))
+    predictor.models = BackgroundLoader(lambda: threading.Event().wait(60))
+    return create_app(settings, predictor).test_client()
+
+
+# --- authentication -------------------------------------------------------------------------------
+
+
+def test_bearer_token_guards_every_route_but_livez(settings):
+    client = unloaded_client(replace(settings, bearer_token="tok-9f8e7d"))
+    assert client.get("/livez").status_code == 200
+    assert client.get("/livez").json == {"status": "alive"}
+    for method, path, body_name in ROUTES:
+        call = getattr(client, method)
+        body = recorded(body_name) if body_name else None
+        for header in [
+            None,
+            "Bearer wrong",
+            "Bearer tok-9f8e7",
+            "Bearer tok-9f8e7d0",
+            "Token tok-9f8e7d",
+            "tok-9f8e7d",
+        ]:
+            denied = call(path, json=body, headers={"Authorization": header} if header else {})
+            assert denied.status_code == 401, (path, header)
+            assert denied.json["error"] == "authentication required"
+            assert denied.headers["WWW-Authenticate"] == 'Bearer realm="sam-backend"'
+        allowed = call(path, json=body, headers={"Authorization": "Bearer tok-9f8e7d"})
+        assert allowed.status_code != 401, path
+
+
+def test_basic_and_bearer_are_both_accepted_when_both_are_set(settings):
+    client = unloaded_client(
+        replace(settings, basic_auth_user="ls", basic_auth_pass="pw:with:colons", bearer_token="t")
+    )
+    for header in [basic("ls", "pw:with:colons"), "Bearer t", "bearer t"]:
+        assert client.get("/health", headers={"Authorization": header}).status_code == 200, header
+    for header in [basic("ls", "pw"), basic("LS", "pw:with:colons"), "Basic !!notbase64", "Basic " + "bHM=", "Bearer "]:
+        assert client.get("/health", headers={"Authorization": header}).status_code == 401, header
+    challenge = client.get("/health").headers["WWW-Authenticate"]
+    assert challenge == 'Basic realm="sam-backend", Bearer realm="sam-backend"'
+
+
+def test_credentials_never_reach_logs_or_answers(settings, label_studio, caplog):
+    secrets = {"password": "pw-Secret-123", "token": "bearer-Secret-456"}
+    pat = make_personal_access_token()
+    configured = replace(
+        settings, basic_auth_user="ls", basic_auth_pass=secrets["password"], bearer_token=secrets["token"]
+    )
+    client, _ = make_client(replace(configured, label_studio_api_key=pat))
+    caplog.set_level(logging.DEBUG)
+    bodies = []
+    for header in [None, basic("ls", "wrong"), "Bearer wrong", "Bearer " + secrets["token"]]:
+        bodies.append(client.post("/predict", json=interactive(KEYPOINTS), headers={"Authorization": header or ""}))
+    label_studio.legacy_enabled = False
+    try:
+        legacy_client, _ = make_client(configured)  # Label Studio now refuses its legacy key
+        bodies.append(
+            legacy_client.post("/predict", json=interactive(KEYPOINTS), headers={"Authorization": "Bearer bad"})
+        )
+        bodies.append(
+            legacy_client.post(
+                "/predict", json=interactive(KEYPOINTS), headers={"Authorization": basic("ls", secrets["password"])}
+            )
+        )
+    finally:
+        label_studio.legacy_enabled = True
+    assert [response.status_code for response in bodies] == [401, 401, 401, 200, 401, 422]
+    everything = caplog.text + "".join(response.get_data(as_text=True) for response in bodies)
+    for secret in [*secrets.values(), pat, settings.label_studio_api_key]:
+        assert secret not in everything
+    assert secrets["password"] not in repr(configured) and secrets["token"] not in repr(configured)
+
+
+def test_urls_in_messages_lose_user_info_and_query_values():
+    url = "https://user:hunter2@bucket.example/img.jpg?X-Amz-Signature=abc123&X-Amz-Credential=AKIA&d=keep/me"
+    shown = redact_url(url)
+    assert "hunter2" not in shown and "abc123" not in shown and "AKIA" not in shown
+    assert shown.startswith("https://bucket.example/img.jpg?") and "d=keep%2Fme" in shown
+
+
+# --- where images may come from -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "host", ["169.254.169.254", "127.0.0.1", "[::1]", "[::ffff:127.0.0.1]", "0.0.0.0", "10.1.2.3", "224.0.0.1"]
+)
+def test_allowed_host_resolving_to_an_internal_address_is_refused(settings, host):
+    fetcher = ImageFetcher(replace(settings, allowed_image_hosts=(host.strip("[]"),), allow_private_image_hosts=False))
+    with pytest.raises(Exception) as caught:
+        fetcher.fetch(f"http://{host}/latest/meta-data/")
+    assert getattr(caught.value, "status", None) == 403, caught.value
+    assert "may not reach" in str(caught.value)
+
+
+def test_private_addresses_need_the_explicit_setting_and_link_local_never_passes(settings, label_studio):
+    name = "localhost"
+    url = label_studio.url.replace("127.0.0.1", name) + "/car_512x384_http.jpg"
+    strict = ImageFetcher(replace(settings, allowed_image_hosts=(name,), allow_private_image_hosts=False))
+    with pytest.raises(Exception, match="loopback"):
+        strict.fetch(url)
+    relaxed = ImageFetcher(
+        replace(settings, allowed_image_hosts=(name, "169.254.169.254"), allow_private_image_hosts=True)
+    )
+    assert relaxed.fetch(url).data[:2] == b"\xff\xd8"
+    with pytest.raises(Exception, match="link-local"):
+        relaxed.fetch("http://169.254.169.254/latest/meta-data/")
+
+
+def test_label_studio_host_is_trusted_on_loopback(settings):
+    fetcher = ImageFetcher(replace(settings, allowed_image_hosts=(), allow_private_image_hosts=False))
+    assert fetcher.fetch("/data/upload/1/voc.jpg").data[:2] == b"\xff\xd8"
+
+
+def test_connection_goes_to_the_address_that_was_checked(settings, label_studio, monkeypatch):
+    """A rebinding DNS answers a harmless address first and another one after: the fetch must connect
+    to the first answer, resolving once, rather than let the HTTP client resolve the name again."""
+    real_getaddrinfo = socket.getaddrinfo
+    answers = iter(["127.0.0.1"])
+    asked = []
+
+    def rebinding_dns(host, port, *args, **kwargs):
+        if host != "images.rebind.test":
+            return real_getaddrinfo(host, port, *args, **kwargs)
+        asked.append(host)
+        return real_getaddrinfo(next(answers, "127.0.0.3"), port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding_dns)
+    fetcher = ImageFetcher(
+        replace(settings, allowed_image_hosts=("images.rebind.test",), allow_private_image_hosts=True)
+    )
+    port = label_studio.url.rsplit(":", 1)[1]
+    image = fetcher.fetch(f"http://images.rebind.test:{port}/car_512x384_http.jpg")
+    assert image.data[:2] == b"\xff\xd8"
+    assert asked == ["images.rebind.test"]
+
+
+def test_redirect_to_a_host_off_the_allow_list_is_refused(settings, label_studio):
+    label_studio.redirects["/car_512x384_http.jpg"] = "http://169.254.169.254/latest/meta-data/"
+    label_studio.redirects["/hop-to-elsewhere.jpg"] = "http://not-allowed.example/x.jpg"
+    try:
+        fetcher = ImageFetcher(replace(settings, allowed_image_hosts=("localhost",)))
+        base = label_studio.url.replace("127.0.0.1", "localhost")
+        with pytest.raises(Exception, match="link-local|ALLOWED_IMAGE_HOSTS"):
+            fetcher.fetch(base + "/car_512x384_http.jpg")
+        with pytest.raises(Exception, match="ALLOWED_IMAGE_HOSTS"):
+            fetcher.fetch(base + "/hop-to-elsewhere.jpg")
+    finally:
+        label_studio.redirects.clear()
+
+
+def test_only_http_schemes_are_fetched(settings):
+    fetcher = ImageFetcher(settings)
+    for url in ["file:///etc/passwd", "gopher://localhost/x", "ftp://localhost/x.jpg"]:
+        with pytest.raises(Exception) as caught:
+            fetcher.fetch(url)
+        assert caught.value.status == 400
+
+
+# --- local files ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def local_root(tmp_path, media_root):
+    root = tmp_path / "root"
+    (root / "sub").mkdir(parents=True)
+    (root / "sub" / "inside.jpg").write_bytes((media_root / "local/e2e/car_320x240_local.jpg").read_bytes())
+    (tmp_path / "secret.jpg").write_bytes(b"outside the root")
+    (root / "link-out.jpg").symlink_to(tmp_path / "secret.jpg")
+    (root / "dir-out").symlink_to(tmp_path)
+    (root / "link-in.jpg").symlink_to(root / "sub" / "inside.jpg")
+    return root
+
+
+@pytest.mark.parametrize(
+    ("d", "status"),
+    [
+        ("../secret.jpg", 403),
+        ("sub/../../secret.jpg", 403),
+        ("%2e%2e/secret.jpg", 403),  # decoded once by the query parser, as Label Studio does
+        ("%2e%2e%2fsecret.jpg", 403),
+        ("%252e%252e/secret.jpg", 404),  # a second decoding would make this a traversal
+        ("link-out.jpg", 403),
+        ("dir-out/secret.jpg", 403),
+        ("/etc/passwd", 404),  # Label Studio strips the leading slash: a path below the root
+        ("sub/inside.jpg%00.png", 400),
+        ("sub", 404),
+        ("x" * 5000, 422),
+        ("", 400),
+    ],
+)
+def test_local_files_outside_the_root_are_refused(settings, local_root, d, status):
+    fetcher = ImageFetcher(replace(settings, local_files_document_root=str(local_root)))
+    with pytest.raises(Exception) as caught:
+        fetcher.fetch(f"/data/local-files/?d={d}")
+    assert caught.value.status == status, caught.value
+
+
+def test_local_files_inside_the_root_are_read_through_inner_links(settings, local_root):
+    fetcher = ImageFetcher(replace(settings, local_files_document_root=str(local_root)))
+    assert fetcher.fetch("/data/local-files/?d=sub/inside.jpg").data[:2] == b"\xff\xd8"
+    assert fetcher.fetch("/data/local-files/?d=link-in.jpg").data[:2] == b"\xff\xd8"
+    assert fetcher.fetch("/data/local-files/?d=sub%2Finside.jpg").data[:2] == b"\xff\xd8"
+
+
+# --- size and pixel caps --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_downloads_stop_at_the_size_cap(settings, label_studio, chunked):
+    fetcher = ImageFetcher(replace(settings, max_download_bytes=4_000))
+    url = (
+        label_studio.url.replace("127.0.0.1", "localhost") + "/car_512x384_http.jpg" + ("?chunked=1" if chunked else "")
+    )
+    with pytest.raises(Exception, match="MAX_DOWNLOAD_BYTES") as caught:
+        fetcher.fetch(url)
+    assert caught.value.status == 413
+
+
+def png_bomb(width: int, height: int) -> bytes:
+    """A valid 1-bit PNG of width x height black pixels: a few hundred KB that inflate to width*height/8."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    row = b"\x00" * (1 + (width + 7) // 8)  # filter byte + packed bits
+    deflate = zlib.compressobj(9)
+    compressed = b"".join(deflate.compress(row * 1000) for _ in range(height // 1000)) + deflate.flush()
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", compressed) + chunk(b"IEND", b"")
+
+
+@pytest.fixture(scope="module")
+def bomb() -> bytes:
+    return png_bomb(50_000, 50_000)
+
+
+def inflated_size(png: bytes) -> int:
+    inflate, data, total = zlib.decompressobj(), png[41:-16], 0  # the one IDAT chunk's data
+    while data:
+        total += len(inflate.decompress(data, 1 << 26))
+        data = inflate.unconsumed_tail
+    return total
+
+
+def test_png_declaring_50000x50000_is_refused_before_decoding(bomb):
+    assert len(bomb) < 1_000_000 and inflated_size(bomb) > 300_000_000
+    assert struct.unpack(">II", bomb[16:24]) == (50_000, 50_000)
+    for cap in [40_000_000, 10_000_000_000]:  # a raised MAX_IMAGE_PIXELS leaves Pillow's own guard on
+        with pytest.raises(Exception, match="decompression bomb") as caught:
+            decode_image(bomb, cap)
+        assert caught.value.status == 413
+
+
+def test_images_above_max_image_pixels_are_refused_before_decoding():
+    medium = png_bomb(8_000, 8_000)  # 64 Mpx: under Pillow's guard, above MAX_IMAGE_PIXELS
+    with pytest.raises(Exception, match="MAX_IMAGE_PIXELS") as caught:
+        decode_image(medium, 40_000_000)
+    assert caught.value.status == 413
+    assert decode_image(medium, 64_000_000).shape == (8_000, 8_000, 3)
+
+
+def test_pixel_bomb_in_a_task_is_a_413_and_the_server_keeps_serving(settings, media_root, bomb, redis_url):
+    (media_root / "upload" / "1" / "bomb.png").write_bytes(bomb)
+    client, _ = make_client(replace(settings, redis_url=redis_url))
+    response = client.post("/predict", json=interactive(KEYPOINTS, "/data/upload/1/bomb.png"))
+    assert response.status_code == 413 and "decompression bomb" in response.json["error"]
+    after = client.post("/predict", json=interactive(KEYPOINTS))
+    assert after.status_code == 200
+
+
+# --- request limits and deadlines -----------------------------------------------------------------
+
+
+def test_request_size_tasks_and_prompts_are_capped(settings):
+    client = unloaded_client(
+        replace(settings, max_request_bytes=50_000, max_tasks_per_request=3, max_prompts_per_task=2)
+    )
+    big = json.dumps({"tasks": [{"data": {"image": "x" * 60_000}}]})
+    too_big = client.post("/predict", data=big, content_type="application/json")
+    assert too_big.status_code == 413 and "error" in too_big.json
+    body = recorded("03-predict-batch.json")
+    assert len(body["tasks"]) > 3
+    too_many = client.post("/predict", json=body)
+    assert too_many.status_code == 413 and "at most 3" in too_many.json["error"]
+
+
+def test_too_many_prompts_in_one_task_is_413(client):
+    body = interactive(KEYPOINTS)
+    point = body["params"]["context"]["result"][0]
+    body["params"]["context"]["result"] = [dict(point, id=str(i)) for i in range(101)]
+    response = client.post("/predict", json=body)
+    assert response.status_code == 413 and "at most 100" in response.json["error"]
+
+
+def test_a_stalled_image_answers_503_with_retry_advice_and_the_retry_succeeds(settings, label_studio, redis_url):
+    path = "/data/upload/1/e0d87ad7-car_640x480.jpg"
+    client, _ = make_client(replace(settings, redis_url=redis_url, predict_deadline_s=1.0, download_timeout_s=30))
+    label_studio.stalls[path] = 3.0
+    try:
+        stalled = client.post("/predict", json=interactive(KEYPOINTS, path))
+    finally:
+        del label_studio.stalls[path]
+    assert stalled.status_code == 503
+    assert stalled.headers["Retry-After"] == "5" and "PREDICT_DEADLINE" in stalled.json["error"]
+    retried = client.post("/predict", json=interactive(KEYPOINTS, path))
+    assert retried.status_code == 200
+    assert_brush_results(retried.json["results"][0]["result"], 640, 480, "Car")
+
+
+def test_a_batch_past_its_deadline_keeps_what_finished_and_leaves_the_rest_unanswered(
+    settings, label_studio, redis_url
+):
+    """A task that missed the deadline gets an empty list, which Label Studio stores no prediction for,
+    so the next "Retrieve predictions" asks for it again; nothing is stored empty and lost."""
+    stalled_path = "/data/upload/1/voc.jpg"
+    client, _ = make_client(replace(settings, redis_url=redis_url, predict_deadline_s=2.0, download_timeout_s=30))
+    body = interactive(KEYPOINTS)
+    assert client.post("/predict", json=body).status_code == 200  # cached, so it fits in the deadline
+    second = json.loads(json.dumps(body["tasks"][0]))
+    second["id"], second["data"]["image"] = 999, stalled_path
+    third = dict(second, id=1000)
+    body["tasks"] += [second, third]
+    label_studio.stalls[stalled_path] = 4.0
+    try:
+        response = client.post("/predict", json=body)
+    finally:
+        del label_studio.stalls[stalled_path]
+    assert response.status_code == 200
+    first, missed, skipped = response.json["results"]
+    assert first["result"] and missed == [] and skipped == []
+    assert [(error["task"], error["status"]) for error in response.json["errors"]] == [(999, 503), (1000, 503)]
