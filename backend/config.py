@@ -120,6 +120,7 @@ class Settings:
     train_correction_rounds: int = 2
     train_held_out_fraction: float = 0.2
     train_lock_ttl_s: float = 60.0
+    train_job_timeout_s: int = 3600
     model_version_pin: str = ""
 
     @classmethod
@@ -175,6 +176,7 @@ class Settings:
             train_correction_rounds=_env_int("TRAIN_CORRECTION_ROUNDS", cls.train_correction_rounds),
             train_held_out_fraction=_env_float("TRAIN_HELD_OUT_FRACTION", cls.train_held_out_fraction),
             train_lock_ttl_s=_env_float("TRAIN_LOCK_TTL", cls.train_lock_ttl_s),
+            train_job_timeout_s=_env_int("TRAIN_JOB_TIMEOUT", cls.train_job_timeout_s),
             model_version_pin=_env_str("MODEL_VERSION_PIN"),
         )
 

@@ -20,13 +20,17 @@ import torch
 from label_studio_sdk.converter.brush import mask2rle
 
 from backend.models.sam import decoder_state, load_sam
+from backend.protocol.server import create_app
 from backend.training.dataset import AnnotationRecord, Region, TrainingSet
 from backend.training.files import ProjectFiles
 from backend.training.ingest import Inbox
 from backend.training.trainer import train_project, training_lock
 from backend.training.versions import PARTIAL_PREFIX, VersionStore
+from backend.worker.client import QueuePredictor
 from tests.conftest import REPO, encode, make_client, recorded
+from tests.services import RedisServer
 from tests.synthetic_shapes import shape_image
+from tests.test_queue import Workers
 
 BASE = "sam-vit_b"
 IOU_BIAS = "mask_decoder.iou_prediction_head.layers.2.bias"
@@ -385,3 +389,50 @@ def test_decoder_variant_shares_the_encoder_and_its_cache_key(sam_checkpoint):
     assert not torch.equal(decoder_state(variant.sam)[IOU_BIAS], decoder_state(base.sam)[IOU_BIAS])
     with pytest.raises(ValueError, match="do not match"):
         base.with_decoder_state({key: value for key, value in state.items() if key != IOU_BIAS})
+
+
+def test_queue_mode_workers_apply_webhooks_train_and_serve_the_version(settings, shapes, sam_checkpoint, tmp_path):
+    """INFERENCE=queue: the web tier only records and enqueues; a worker process applies, trains and serves.
+    The trainings are tiny, so v1 is pinned to serve whatever it scored."""
+    server = RedisServer(tmp_path).start()
+    pool = Workers(server.url, sam_checkpoint, tmp_path)
+    try:
+        queue_settings = replace(
+            settings,
+            inference="queue",
+            redis_url=server.url,
+            predict_deadline_s=120,
+            job_timeout_s=60,
+            model_version_pin="12=v1",
+        )
+        web = create_app(queue_settings, QueuePredictor(queue_settings, redis.Redis.from_url(server.url))).test_client()
+        pool.start(
+            1,
+            MODEL_DIR=settings.model_dir,
+            LABEL_STUDIO_URL=settings.label_studio_url,
+            LABEL_STUDIO_API_KEY=settings.label_studio_api_key,
+            JOB_TIMEOUT="60",
+            TORCH_THREADS="2",
+            TRAIN_AFTER_ANNOTATIONS="2",
+            TRAIN_STEPS="2",
+            TRAIN_BATCH_SIZE="1",
+            TRAIN_CORRECTION_ROUNDS="0",
+            MODEL_VERSION_PIN="12=v1",
+        )
+        for annotation_id, seed in zip((1201, 1202), (20, 21), strict=True):
+            url, mask = shapes[seed]
+            event = annotation_event("ANNOTATION_CREATED", 12, annotation_id, seed, url, mask)
+            assert post_webhook(web, event)["status"] == "queued"
+        deadline = time.monotonic() + 600
+        while not (listing := web.get("/versions?project=12").json)["training"]["last"]:
+            assert time.monotonic() < deadline, listing
+            time.sleep(1)
+        assert listing["training"]["last"]["status"] == "trained"
+        assert [version["name"] for version in listing["versions"]] == ["v1"]
+        assert listing["serving"] == f"{BASE}-p12-v1" and listing["training_set"]["annotations"] == 2
+        response = web.post("/predict", json=predict_body(12, shapes[23][0]))
+        assert response.status_code == 200, response.json
+        assert response.json["results"][0]["model_version"] == f"{BASE}-p12-v1"
+    finally:
+        pool.stop()
+        server.stop()

@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from label_studio_sdk.converter.brush import decode_rle
@@ -44,8 +45,8 @@ class AnnotationRecord:
 
 
 def _positive_int(value: object, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise Rejected(f"{what} must be a positive integer, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 2**63:
+        raise Rejected(f"{what} must be a positive 64-bit integer")
     return value
 
 
@@ -114,7 +115,7 @@ class TrainingSet:
     def __init__(self, files: ProjectFiles) -> None:
         self.files = files
 
-    def _path(self, annotation_id: int):
+    def _path(self, annotation_id: int) -> Path:
         return self.files.annotations / f"{annotation_id}.npz"
 
     def put(self, record: AnnotationRecord) -> None:
@@ -142,7 +143,7 @@ class TrainingSet:
         fsync_directory(path.parent)
         return True
 
-    def _load(self, path) -> AnnotationRecord:
+    def _load(self, path: Path) -> AnnotationRecord:
         with np.load(path) as stored:
             meta = json.loads(stored["meta"].tobytes())
             regions = []
@@ -154,23 +155,32 @@ class TrainingSet:
             meta["annotation_id"], meta["task_id"], meta["image_url"], regions, meta["image_digest"]
         )
 
+    def _paths(self) -> list[Path]:
+        if not self.files.annotations.is_dir():
+            return []
+        return sorted(self.files.annotations.glob("*.npz"), key=lambda path: int(path.stem))
+
     def records(self) -> Iterator[AnnotationRecord]:
         """Every stored annotation, in id order; an unreadable file is logged and skipped."""
-        if not self.files.annotations.is_dir():
-            return
-        paths = sorted(self.files.annotations.glob("*.npz"), key=lambda path: int(path.stem))
-        for path in paths:
+        for path in self._paths():
             try:
                 yield self._load(path)
             except (OSError, ValueError, KeyError) as error:
                 log.error("project %d: training file %s is unreadable, skipped: %s", self.files.project_id, path, error)
 
     def summary(self) -> dict:
-        records = list(self.records())
+        """Counts from each file's header only: the masks are not decoded."""
+        metas = []
+        for path in self._paths():
+            try:
+                with np.load(path) as stored:
+                    metas.append(json.loads(stored["meta"].tobytes()))
+            except (OSError, ValueError, KeyError):
+                continue  # reported when training reads it
         return {
-            "annotations": len(records),
-            "masks": sum(len(record.regions) for record in records),
-            "tasks": len({record.task_id for record in records}),
+            "annotations": len(metas),
+            "masks": sum(len(meta["regions"]) for meta in metas),
+            "tasks": len({meta["task_id"] for meta in metas}),
         }
 
     def reject(self, annotation_id: object, task_id: object, reasons: list[tuple[str, str]]) -> None:

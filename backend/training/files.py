@@ -68,6 +68,7 @@ class ProjectFiles:
         self.annotations = self.root / "annotations"  # the training set, one file per annotation
         self.rejections = self.root / "rejections.jsonl"  # why regions were not taken
         self.state = self.root / "state.json"  # annotations since the last training
+        self.last_training = self.root / "last_training.json"  # the last training's result
         self.versions = self.root / "versions"
         self.ingest_lock = self.root / ".ingest.lock"
         self.train_lock = self.root / ".train.lock"

@@ -123,7 +123,7 @@ def _apply(
         dropped = [
             annotation_id
             for annotation_id in ids
-            if isinstance(annotation_id, int) and training_set.drop(annotation_id)
+            if isinstance(annotation_id, int) and 0 < annotation_id < 2**63 and training_set.drop(annotation_id)
         ]
         log.info("project %d: dropped annotations %s from the training set", training_set.files.project_id, dropped)
     elif action == START_TRAINING:

@@ -1,8 +1,8 @@
-"""Active learning inside a running backend: answers webhooks at once, applies them in a background
-thread, and runs trainings in background threads (local mode), one at a time per project.
+"""Active learning inside a running backend: answers webhooks at once and hands the recorded events on.
 
-`request_training` is the one place that decides where a training runs; a queue worker can take over by
-calling `trainer.train_project(project_id, settings)` instead.
+With INFERENCE=local a background thread here applies them and trainings run in background threads,
+one at a time per project. With INFERENCE=queue the web tier loads no model: `dispatch` enqueues a job,
+and a worker calls `apply` and then `trainer.train_project` itself (backend/worker/jobs.py).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from backend.training.ingest import (
 )
 from backend.training.resources import TrainingResources
 from backend.training.serving import ProjectDecoders
-from backend.training.trainer import TrainingResult, train_project
+from backend.training.trainer import last_training, train_project
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +38,8 @@ class WebhookError(ValueError):
 def _project_id(body: dict) -> int:
     project = body.get("project")
     project_id = project.get("id") if isinstance(project, dict) else None
-    if isinstance(project_id, bool) or not isinstance(project_id, int) or project_id <= 0:
-        raise WebhookError(f"{body.get('action')} webhook without a valid project.id ({project_id!r})")
+    if isinstance(project_id, bool) or not isinstance(project_id, int) or not 0 < project_id < 2**63:
+        raise WebhookError(f"{body.get('action')} webhook without a valid project.id")
     return project_id
 
 
@@ -54,12 +54,18 @@ def _check_shape(action: str, body: dict) -> None:
 
 class ActiveLearning:
     def __init__(
-        self, settings: Settings, resources: Callable[[], TrainingResources], decoders: ProjectDecoders
+        self,
+        settings: Settings,
+        resources: Callable[[], TrainingResources] | None,
+        decoders: ProjectDecoders,
+        dispatch: Callable[[int], None] | None = None,
     ) -> None:
+        """`resources` gives the loaded models (None where there are none); `dispatch(project_id)` hands
+        recorded events to whoever applies them, by default this object's background thread."""
         self.settings = settings
         self.resources = resources
         self.decoders = decoders
-        self.last_results: dict[int, TrainingResult] = {}
+        self._dispatch = dispatch or self._enqueue
         self._events: queue.Queue[int] = queue.Queue()
         self._mutex = threading.Lock()
         self._idle = threading.Condition(self._mutex)
@@ -69,19 +75,17 @@ class ActiveLearning:
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        """Start the background thread and replay events a previous process recorded but did not apply."""
-        with self._mutex:
-            if self._thread is not None:
-                return
-            self._thread = threading.Thread(target=self._apply_events, name="active-learning", daemon=True)
-            self._thread.start()
+        """Hand on the events a previous process recorded but did not get applied."""
         for project_id in ProjectFiles.projects(self.settings.model_dir):
             if Inbox(ProjectFiles(self.settings.model_dir, project_id)).pending():
                 log.info("project %d: replaying recorded webhook events", project_id)
-                self._enqueue(project_id)
+                self._dispatch(project_id)
 
     def _enqueue(self, project_id: int) -> None:
         with self._mutex:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._apply_events, name="active-learning", daemon=True)
+                self._thread.start()
             self._outstanding += 1
         self._events.put(project_id)
 
@@ -107,22 +111,29 @@ class ActiveLearning:
             reason = f"project {project_id} has no training data here yet"
             log.warning("%s webhook ignored: %s", action, reason)
             return {"status": "ignored", "action": action, "project": project_id, "reason": reason}
-        Inbox(files).record(body)
-        self.start()
-        self._enqueue(project_id)
+        try:
+            Inbox(files).record(body)
+        except (ValueError, RecursionError) as error:  # JSON that parsed but cannot be written back
+            raise WebhookError(f"{action} webhook cannot be recorded: {type(error).__name__}") from error
+        self._dispatch(project_id)
         return {"status": "queued", "action": action, "project": project_id}
+
+    def apply(self, project_id: int) -> bool:
+        """Apply the project's recorded events now; True if a training is due."""
+        if self.resources is None:
+            raise RuntimeError("applying events needs the models; this process has none loaded")
+        outcome = apply_pending(ProjectFiles(self.settings.model_dir, project_id), self.resources)
+        threshold = self.settings.train_after_annotations
+        # Only new annotations count towards the threshold: a round that stored none leaves the count
+        # to the training it already started.
+        enough = threshold > 0 and outcome.stored > 0 and outcome.annotation_count >= threshold
+        return outcome.training_requested or enough
 
     def _apply_events(self) -> None:
         while True:
             project_id = self._events.get()
             try:
-                files = ProjectFiles(self.settings.model_dir, project_id)
-                outcome = apply_pending(files, self.resources)
-                threshold = self.settings.train_after_annotations
-                # Only new annotations count towards the threshold: a round that stored none leaves the
-                # count to the training it already started.
-                enough = threshold > 0 and outcome.stored > 0 and outcome.annotation_count >= threshold
-                if outcome.training_requested or enough:
+                if self.apply(project_id):
                     self.request_training(project_id)
             except Exception:  # the thread must survive whatever one project's events do
                 log.exception("project %d: applying webhook events failed", project_id)
@@ -143,11 +154,9 @@ class ActiveLearning:
         try:
             while True:
                 try:
-                    result = train_project(project_id, self.settings, self.resources())
-                except Exception as error:
+                    train_project(project_id, self.settings, self.resources())
+                except Exception:  # recorded as the project's last training by train_project
                     log.exception("project %d: training failed", project_id)
-                    result = TrainingResult(project_id, "failed", f"{type(error).__name__}: {error}")
-                self.last_results[project_id] = result
                 with self._mutex:
                     if project_id not in self._train_again:
                         self._training.discard(project_id)
@@ -160,15 +169,14 @@ class ActiveLearning:
         """/versions for one project: its versions, training set, and training state."""
         files = ProjectFiles(self.settings.model_dir, project_id)
         training_set = TrainingSet(files)
-        last = self.last_results.get(project_id)
         return {
             **self.decoders.describe(project_id),
             "training_set": {**training_set.summary(), "rejected_regions": len(training_set.rejections())},
             "annotations_since_training": read_annotation_count(files),
             "training": {
-                "running": project_id in self._training,
+                "running_here": project_id in self._training,
                 "train_after_annotations": self.settings.train_after_annotations,
-                "last": last.as_dict() if last else None,
+                "last": last_training(files),
             },
         }
 

@@ -1,7 +1,7 @@
 """Which decoder serves each project: the version store's choice, built once per (project, version).
 
 A fine-tuned variant shares the loaded SAM's image encoder and identity, so every project reuses the
-same cached embeddings; only its prompt encoder and mask decoder (about 16 MiB for any SAM size) and
+same cached embeddings; only its prompt encoder and mask decoder (about 16 MB for any SAM size) and
 their ONNX export are its own. The choice is re-read only when the project's versions folder changes.
 """
 

@@ -10,6 +10,7 @@ one project never overlap: a file lock guards one host, a Redis lock (when REDIS
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import threading
 import time
@@ -25,7 +26,7 @@ from backend.images import ImageError
 from backend.models.base import ImageEmbedding
 from backend.models.sam import decoder_state, with_decoder_state
 from backend.training.dataset import AnnotationRecord, TrainingSet
-from backend.training.files import LockBusy, ProjectFiles, file_lock
+from backend.training.files import LockBusy, ProjectFiles, file_lock, write_atomically
 from backend.training.finetune import Example, FinetuneConfig, evaluate_miou, finetune, make_example
 from backend.training.ingest import write_annotation_count
 from backend.training.resources import TrainingResources, shared_resources
@@ -140,17 +141,33 @@ def _examples(
     return examples
 
 
+def last_training(files: ProjectFiles) -> dict | None:
+    """The project's last training result, as any process of the deployment wrote it."""
+    try:
+        return json.loads(files.last_training.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def train_project(
     project_id: int,
     settings: Settings,
     resources: TrainingResources | None = None,
     on_step: Callable[[int, float], None] | None = None,
 ) -> TrainingResult:
-    """Train one project now, in this thread; never raises for a busy lock or too little data."""
+    """Train one project now, in this thread; never raises for a busy lock or too little data. Other
+    errors are recorded as the project's last training, then raised."""
     files = ProjectFiles(settings.model_dir, project_id)
     try:
         with training_lock(files, settings):
-            return _train_locked(files, settings, resources or shared_resources(settings), on_step)
+            try:
+                result = _train_locked(files, settings, resources or shared_resources(settings), on_step)
+            except BaseException as error:
+                failed = TrainingResult(project_id, "failed", f"{type(error).__name__}: {error}")
+                write_atomically(files.last_training, json.dumps(failed.as_dict()).encode())
+                raise
+            write_atomically(files.last_training, json.dumps(result.as_dict()).encode())
+            return result
     except LockBusy:
         log.info("project %d: a training is already running; this request is left to it", project_id)
         return TrainingResult(project_id, "busy", "another training of this project is running")

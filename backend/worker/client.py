@@ -21,7 +21,6 @@ from backend.images import FetchedImage, ImageError, ImageFetcher
 from backend.models.loader import ModelNotReady
 from backend.predictor import FETCH_THREADS, TaskPrediction
 from backend.protocol.label_config import ProjectConfig
-from backend.training.resources import TrainingResources
 from backend.training.service import ActiveLearning
 from backend.training.serving import ProjectDecoders
 from backend.worker import jobs
@@ -30,6 +29,7 @@ log = logging.getLogger(__name__)
 
 INTERACTIVE_QUEUE = "sam-interactive"
 PREANNOTATE_QUEUE = "sam-preannotate"
+TRAINING_QUEUE = "sam-training"  # webhook events and trainings; taken when the other queues are empty
 WORKER_KEY_PREFIX = "rq:worker:"
 
 
@@ -57,17 +57,28 @@ class QueuePredictor:
         self.settings = settings
         self.connection = connection
         self.fetcher = fetcher or ImageFetcher(settings)
-        self.decoders = ProjectDecoders(settings)
-        self.learning = ActiveLearning(settings, self._no_local_models, self.decoders)
         self.interactive_queue = Queue(INTERACTIVE_QUEUE, connection=connection)
         self.preannotate_queue = Queue(PREANNOTATE_QUEUE, connection=connection)
-
-    @staticmethod
-    def _no_local_models() -> TrainingResources:
-        raise ModelNotReady("this web process loads no model (INFERENCE=queue); training runs on a worker")
+        self.training_queue = Queue(TRAINING_QUEUE, connection=connection)
+        self.decoders = ProjectDecoders(settings)
+        self.learning = ActiveLearning(settings, None, self.decoders, dispatch=self._learn_on_a_worker)
 
     def warm_up(self) -> None:
-        """Nothing to load here: the workers hold the models."""
+        """Nothing to load here (the workers hold the models); hand on webhook events recorded earlier."""
+        self.learning.start()
+
+    def _learn_on_a_worker(self, project_id: int) -> None:
+        try:
+            self.training_queue.enqueue(
+                jobs.learn,
+                project_id,
+                job_timeout=self.settings.train_job_timeout_s,
+                result_ttl=24 * 3600,
+                failure_ttl=24 * 3600,
+            )
+        except redis.RedisError as error:
+            # The events are on disk: the project's next webhook, or a restart of the web tier, hands them on.
+            log.warning("project %d: webhook events recorded but not queued, Redis unreachable: %s", project_id, error)
 
     def status(self) -> dict:
         try:
@@ -77,6 +88,7 @@ class QueuePredictor:
                 "queued": {
                     INTERACTIVE_QUEUE: self.interactive_queue.count,
                     PREANNOTATE_QUEUE: self.preannotate_queue.count,
+                    TRAINING_QUEUE: self.training_queue.count,
                 },
                 "failed_jobs": self.interactive_queue.failed_job_registry.count
                 + self.preannotate_queue.failed_job_registry.count,

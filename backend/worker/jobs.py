@@ -14,6 +14,7 @@ from backend.images import FetchedImage, ImageError, ImageFetcher
 from backend.predictor import Predictor, TaskPrediction
 from backend.prompts.interactive import PromptError
 from backend.protocol.label_config import ConfigError, ProjectConfig
+from backend.training.trainer import train_project
 
 log = logging.getLogger(__name__)
 
@@ -89,3 +90,11 @@ def preannotate(
         return _predictor.predict_batch(image_urls, config, project_id)
     except (PromptError, ConfigError, InputError) as error:
         return _refusal(error)
+
+
+def learn(project_id: int) -> dict | None:
+    """Apply a project's recorded webhook events and, if that makes a training due, train it here."""
+    assert _predictor is not None
+    if not _predictor.learning.apply(project_id):
+        return None
+    return train_project(project_id, _predictor.settings, _predictor.training_resources()).as_dict()

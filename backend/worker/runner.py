@@ -18,7 +18,7 @@ from backend.cache.store import make_store
 from backend.config import Settings
 from backend.predictor import Predictor
 from backend.worker import jobs
-from backend.worker.client import INTERACTIVE_QUEUE, PREANNOTATE_QUEUE
+from backend.worker.client import INTERACTIVE_QUEUE, PREANNOTATE_QUEUE, TRAINING_QUEUE
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def run_worker(settings: Settings, burst: bool = False) -> int:
     predictor = Predictor(settings, make_store(settings.redis_url, settings.memory_cache_bytes))
     predictor.models.get(timeout_s=24 * 3600)  # load before announcing ourselves to the web tier
     jobs.install_predictor(predictor)
-    queues = [Queue(name, connection=connection) for name in (INTERACTIVE_QUEUE, PREANNOTATE_QUEUE)]
+    queues = [Queue(name, connection=connection) for name in (INTERACTIVE_QUEUE, PREANNOTATE_QUEUE, TRAINING_QUEUE)]
     worker = ModelWorker(
         queues,
         connection=connection,
