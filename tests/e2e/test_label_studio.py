@@ -108,7 +108,9 @@ def authorize_webhook(api: LabelStudioApi, project: int, backend_url: str, basic
 
 
 @pytest.fixture(scope="session", params=["legacy-token", "personal-access-token"])
-def run(request, label_studio, personal_access_token, sam_checkpoint, redis_server, tmp_path_factory):
+def run(
+    request, label_studio, personal_access_token, sam_checkpoint, grounding_dino_files, redis_server, tmp_path_factory
+):
     kind = request.param
     admin = LabelStudioApi(label_studio.url, personal_access_token)
     # Label Studio 1.23 creates organizations with legacy tokens off; the PAT run proves that default works.
@@ -129,7 +131,11 @@ def run(request, label_studio, personal_access_token, sam_checkpoint, redis_serv
         "REDIS_URL": redis_server.url,
         "MODEL_DIR": str(tmp_path_factory.mktemp("e2e-models")),
         "TORCH_THREADS": "1",
-        # Pre-annotation's detector weights (GroundingDINO) belong here once that feature is merged.
+        # Pre-annotation: the small GroundingDINO the unit tests build, in the official checkpoint format.
+        "GROUNDING_DINO_CONFIG": str(grounding_dino_files.config),
+        "GROUNDING_DINO_CHECKPOINT": str(grounding_dino_files.checkpoint),
+        "GROUNDING_DINO_TEXT_ENCODER": str(grounding_dino_files.text_encoder),
+        "GROUNDING_DINO_IMAGE_SIZE": "128",
     }
     with_auth = {}
     if basic_auth:
