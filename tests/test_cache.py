@@ -165,11 +165,9 @@ def test_missing_checkpoint_names_the_file_and_the_download_command(tmp_path):
 
 
 def test_the_encode_lock_is_renewed_while_held_and_released_after(redis_url):
-    from backend.cache.store import LOCK_LEASE_S
-
     holder = ResilientStore.from_url(redis_url, MemoryStore(1024))
     other = redis.Redis.from_url(redis_url)
     with holder.lock("sam:test-lock", timeout_s=1):
-        time.sleep(LOCK_LEASE_S * 1.5)  # past one lease: only renewal keeps it
+        time.sleep(holder.LOCK_LEASE_S * 1.5)  # past one lease: only renewal keeps it
         assert not other.lock("sam:test-lock", timeout=1).acquire(blocking=False)
     assert other.lock("sam:test-lock", timeout=1).acquire(blocking=False)

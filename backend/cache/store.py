@@ -19,7 +19,6 @@ import redis.lock
 
 log = logging.getLogger(__name__)
 
-LOCK_LEASE_S = 5.0
 
 
 class ByteStore(Protocol):
@@ -90,6 +89,8 @@ class ResilientStore:
     """Redis when reachable, the in-process LRU otherwise; never raises a Redis error to callers."""
 
     RETRY_AFTER_S = 5.0
+    # A lock holder's lease, renewed while it lives: a worker killed mid-encode frees the image this soon.
+    LOCK_LEASE_S = 5.0
 
     def __init__(self, client: redis.Redis, fallback: MemoryStore) -> None:
         self.client = client
@@ -162,7 +163,7 @@ class ResilientStore:
             try:
                 # Not thread-local: the renewing thread must see the token of the thread that acquired it.
                 redis_lock = self.client.lock(
-                    name, timeout=LOCK_LEASE_S, blocking_timeout=timeout_s, thread_local=False
+                    name, timeout=self.LOCK_LEASE_S, blocking_timeout=timeout_s, thread_local=False
                 )
                 if not redis_lock.acquire():
                     redis_lock = None
@@ -180,9 +181,8 @@ class ResilientStore:
                 with contextlib.suppress(redis.RedisError):
                     redis_lock.release()
 
-    @staticmethod
-    def _renew(redis_lock: redis.lock.Lock, released: threading.Event) -> None:
-        while not released.wait(LOCK_LEASE_S / 3):
+    def _renew(self, redis_lock: redis.lock.Lock, released: threading.Event) -> None:
+        while not released.wait(self.LOCK_LEASE_S / 3):
             try:
                 redis_lock.reacquire()
             except redis.RedisError:

@@ -47,7 +47,11 @@ TASK_ERRORS = (BadRequest, ImageError, PromptError, ConfigError, InputError, Dea
 
 def error_response(message: str, status: int, **details: object) -> tuple[Response, int]:
     log.warning("%s %s -> %d: %s", request.method, request.path, status, message)
-    return jsonify({"error": message, "status": status, **details}), status
+    response = jsonify({"error": message, "status": status, **details})
+    if status == 503:
+        # Every 503 is temporary (models loading, no worker, a deadline): say when to come back.
+        response.headers["Retry-After"] = str(DeadlineExceeded.retry_after_s)
+    return response, status
 
 
 def json_body() -> object:
@@ -157,9 +161,7 @@ def create_app(settings: Settings, predictor: Predictor | QueuePredictor) -> Fla
 
     @app.errorhandler(ModelNotReady)
     def not_ready(error: ModelNotReady) -> tuple[Response, int]:
-        response, status = error_response(str(error), 503)
-        response.headers["Retry-After"] = "5"
-        return response, status
+        return error_response(str(error), 503)
 
     @app.get("/livez")
     def livez() -> Response:
@@ -237,10 +239,7 @@ def create_app(settings: Settings, predictor: Predictor | QueuePredictor) -> Fla
             results.append([])
         if errors and len(errors) == len(tasks):
             # Nothing to show: answer the first error's status so the caller sees why.
-            response, status = error_response(errors[0]["error"], errors[0]["status"], errors=errors)
-            if status == DeadlineExceeded.status:
-                response.headers["Retry-After"] = str(DeadlineExceeded.retry_after_s)
-            return response, status
+            return error_response(errors[0]["error"], errors[0]["status"], errors=errors)
         response = jsonify({"results": results, **({"errors": errors} if errors else {})})
         if last_prediction is not None and len(tasks) == 1:
             response.headers["X-Embedding-Cache"] = "hit" if last_prediction.cache_hit else "miss"
