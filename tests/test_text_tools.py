@@ -56,7 +56,9 @@ def run_cli(settings, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_cli_prints_detections_draws_the_overlay_and_fills_the_shared_cache(grounded_settings, media_root, tmp_path):
-    photo = media_root / "upload/1/voc.jpg"
+    # A copy of its own (re-encoded, so a digest no other test's process can have cached meanwhile).
+    photo = media_root / "upload/1/cli_voc.jpg"
+    Image.open(media_root / "upload/1/voc.jpg").save(photo, quality=91)
     overlay_path = tmp_path / "overlay.png"
     done = run_cli(grounded_settings, str(photo), "--text", "car, wheel", "--out", str(overlay_path))
     assert done.returncode == 0, done.stderr
@@ -70,7 +72,7 @@ def test_cli_prints_detections_draws_the_overlay_and_fills_the_shared_cache(grou
         assert len(obj["box"]) == 4 and obj["mask_pixels"] >= 0
     overlay = np.asarray(Image.open(overlay_path))
     assert overlay.shape == original.shape and not np.array_equal(overlay, original)
-    click = click_on(grounded_settings, "/data/upload/1/voc.jpg")
+    click = click_on(grounded_settings, "/data/upload/1/cli_voc.jpg")
     assert click.status_code == 200 and click.headers["X-Embedding-Cache"] == "hit"
 
 
