@@ -20,7 +20,6 @@ import redis.lock
 log = logging.getLogger(__name__)
 
 
-
 class ByteStore(Protocol):
     """Keys to bytes with a time to live."""
 
