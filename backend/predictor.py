@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,7 +68,35 @@ class Models:
     sessions: SessionStore
 
 
-class Predictor:
+class InteractiveFront:
+    """What both predictors do before the models run: skip empty contexts and fetch the image.
+    Subclasses provide `fetcher`, `decoders` and the model half, `predict_for_image`."""
+
+    fetcher: ImageFetcher
+    decoders: ProjectDecoders
+    predict_for_image: Callable[..., TaskPrediction]
+
+    def predict_interactive(
+        self,
+        image_url: str,
+        task_id: object,
+        context: object,
+        project_id: int | None = None,
+        config: ProjectConfig | None = None,
+    ) -> TaskPrediction:
+        """Masks for the smart regions in `context`; an empty context gives no objects, not an error."""
+        if not context:
+            version = self.decoders.current_name(project_id)
+            return TaskPrediction(objects=[], image_size=(0, 0), cache_hit=False, model_version=version)
+        started = time.perf_counter()
+        image = self.fetcher.fetch(image_url)
+        fetch_s = time.perf_counter() - started
+        prediction = self.predict_for_image(image, task_id, context, project_id, config)
+        prediction.timings["fetch"] = fetch_s
+        return prediction
+
+
+class Predictor(InteractiveFront):
     def __init__(self, settings: Settings, store: ByteStore, fetcher: ImageFetcher | None = None) -> None:
         self.settings = settings
         self.store = store
@@ -159,25 +188,6 @@ class Predictor:
             lambda: pixels if pixels is not None else decode_image(image.data, self.settings.max_image_pixels),
         )
         return cached.embedding, cached.cache_hit, cached.encode_seconds
-
-    def predict_interactive(
-        self,
-        image_url: str,
-        task_id: object,
-        context: object,
-        project_id: int | None = None,
-        config: ProjectConfig | None = None,
-    ) -> TaskPrediction:
-        """Masks for the smart regions in `context`; an empty context gives no objects, not an error."""
-        if not context:
-            version = self.decoders.current_name(project_id)
-            return TaskPrediction(objects=[], image_size=(0, 0), cache_hit=False, model_version=version)
-        started = time.perf_counter()
-        image = self.fetcher.fetch(image_url)
-        fetch_s = time.perf_counter() - started
-        prediction = self.predict_for_image(image, task_id, context, project_id, config)
-        prediction.timings["fetch"] = fetch_s
-        return prediction
 
     def predict_for_image(
         self,

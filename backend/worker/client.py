@@ -19,7 +19,7 @@ from rq.results import Result
 from backend.config import Settings
 from backend.images import FetchedImage, ImageError, ImageFetcher
 from backend.models.loader import ModelNotReady
-from backend.predictor import FETCH_THREADS, TaskPrediction
+from backend.predictor import FETCH_THREADS, InteractiveFront, TaskPrediction
 from backend.protocol.label_config import ProjectConfig
 from backend.training.service import ActiveLearning
 from backend.training.serving import ProjectDecoders
@@ -50,7 +50,7 @@ def alive_workers(connection: redis.Redis) -> int:
         return sum(pipeline.execute())
 
 
-class QueuePredictor:
+class QueuePredictor(InteractiveFront):
     """Same surface as `Predictor` for the HTTP layer; the model half runs on the workers."""
 
     def __init__(self, settings: Settings, connection: redis.Redis, fetcher: ImageFetcher | None = None) -> None:
@@ -96,25 +96,18 @@ class QueuePredictor:
         except redis.RedisError as error:
             return {"inference": "queue", "redis_error": type(error).__name__}
 
-    def predict_interactive(
+    def predict_for_image(
         self,
-        image_url: str,
+        image: FetchedImage,
         task_id: object,
         context: object,
         project_id: int | None = None,
         config: ProjectConfig | None = None,
     ) -> TaskPrediction:
-        if not context:
-            version = self.decoders.current_name(project_id)
-            return TaskPrediction(objects=[], image_size=(0, 0), cache_hit=False, model_version=version)
-        started = time.perf_counter()
-        image = self.fetcher.fetch(image_url)
-        fetch_s = time.perf_counter() - started
-        prediction = self._run(
+        """The model half runs on a worker, from the image stored in Redis."""
+        return self._run(
             self.interactive_queue, [image], jobs.interactive, image.digest, task_id, context, project_id, config
         )
-        prediction.timings["fetch"] = fetch_s
-        return prediction
 
     def predict_batch(
         self, image_urls: list[object], config: ProjectConfig, project_id: int | None = None
