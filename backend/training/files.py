@@ -1,21 +1,13 @@
 """Crash-safe file primitives for everything active learning keeps under MODEL_DIR.
 
 A file is written beside its final name, flushed to disk, then renamed over it: a reader sees the old
-content or the new, never half of it. Locks are `flock`s, released by the kernel if their holder dies.
-"""
+content or the new, never half of it."""
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import os
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
-
-
-class LockBusy(RuntimeError):
-    """Someone else holds the lock."""
 
 
 def fsync_directory(path: Path) -> None:
@@ -41,22 +33,6 @@ def write_atomically(path: Path, data: bytes) -> None:
     fsync_directory(path.parent)
 
 
-@contextlib.contextmanager
-def file_lock(path: Path, blocking: bool = True) -> Iterator[None]:
-    """An exclusive lock between threads and processes of one host; `LockBusy` if not blocking and taken."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Each call opens its own file description, so two threads of one process exclude each other too.
-    with open(path, "a") as handle:
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-        except BlockingIOError as error:
-            raise LockBusy(str(path)) from error
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-
 class ProjectFiles:
     """Where one project's active-learning state lives: MODEL_DIR/<project id>/..."""
 
@@ -72,6 +48,8 @@ class ProjectFiles:
         self.versions = self.root / "versions"
         self.ingest_lock = self.root / ".ingest.lock"
         self.train_lock = self.root / ".train.lock"
+        self.preannotate_lock = self.root / ".preannotate.lock"
+        self.preannotate_errors = self.root / "preannotate-errors.jsonl"  # tasks a project run could not predict
 
     @staticmethod
     def projects(model_dir: str | Path) -> list[int]:

@@ -19,11 +19,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from backend.cache.locks import file_lock
 from backend.images import ImageError
 from backend.models.loader import ModelNotReady
 from backend.protocol.label_config import ConfigError, parse_label_config
 from backend.training.dataset import Rejected, TrainingSet, record_from_webhook
-from backend.training.files import ProjectFiles, file_lock, write_atomically
+from backend.training.files import ProjectFiles, write_atomically
 from backend.training.resources import TrainingResources
 
 log = logging.getLogger(__name__)

@@ -12,21 +12,18 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
-import redis
-from redis.exceptions import LockError
-
+from backend.cache.locks import LockBusy, exclusive, file_lock
 from backend.config import Settings
 from backend.images import ImageError
 from backend.models.base import ImageEmbedding
 from backend.models.sam import decoder_state, with_decoder_state
 from backend.training.dataset import AnnotationRecord, TrainingSet
-from backend.training.files import LockBusy, ProjectFiles, file_lock, write_atomically
+from backend.training.files import ProjectFiles, write_atomically
 from backend.training.finetune import Example, FinetuneConfig, evaluate_miou, finetune, make_example
 from backend.training.ingest import write_annotation_count
 from backend.training.resources import TrainingResources, shared_resources
@@ -60,48 +57,12 @@ def finetune_config(settings: Settings) -> FinetuneConfig:
 
 
 @contextlib.contextmanager
-def _redis_lock(name: str, url: str, ttl_s: float) -> Iterator[None]:
-    """Held while the block runs, kept alive every ttl/3 so a killed holder frees it within `ttl_s`."""
-    client = redis.Redis.from_url(url, socket_connect_timeout=1.0, socket_timeout=5.0)
-    # Not thread-local: the keep-alive thread extends the lock this thread took.
-    lock = client.lock(name, timeout=ttl_s, blocking=False, thread_local=False)
-    try:
-        acquired = lock.acquire()
-    except redis.RedisError as error:
-        log.warning("Redis unreachable (%s): only this host's file lock guards %s", error, name)
-        yield
-        return
-    if not acquired:
-        raise LockBusy(name)
-    stop = threading.Event()
-
-    def keep_alive() -> None:
-        while not stop.wait(ttl_s / 3):
-            try:
-                lock.extend(ttl_s, replace_ttl=True)
-            except (LockError, redis.RedisError) as error:
-                log.warning("could not extend %s: %s", name, error)
-
-    heartbeat = threading.Thread(target=keep_alive, name=f"{name}-heartbeat", daemon=True)
-    heartbeat.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        heartbeat.join()
-        with contextlib.suppress(LockError, redis.RedisError):
-            lock.release()
-
-
-@contextlib.contextmanager
 def training_lock(files: ProjectFiles, settings: Settings) -> Iterator[None]:
     """Raises LockBusy at once if a training of this project holds it, here or on another host."""
-    with file_lock(files.train_lock, blocking=False):
-        if not settings.redis_url:
-            yield
-            return
-        with _redis_lock(f"sam:train-lock:{files.project_id}", settings.redis_url, settings.train_lock_ttl_s):
-            yield
+    with exclusive(
+        files.train_lock, f"sam:train-lock:{files.project_id}", settings.redis_url, settings.train_lock_ttl_s
+    ):
+        yield
 
 
 def held_out_tasks(task_ids: list[int], fraction: float) -> set[int]:

@@ -1,0 +1,83 @@
+"""Locks that one holder keeps against every other thread, process and host: a `flock` for this host,
+a Redis lease (when REDIS_URL is set) for all hosts. Both free themselves if their holder dies: the
+kernel drops the flock, and the lease is only renewed while its holder lives."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import redis
+from redis.exceptions import LockError
+
+log = logging.getLogger(__name__)
+
+
+class LockBusy(RuntimeError):
+    """Someone else holds the lock."""
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, blocking: bool = True) -> Iterator[None]:
+    """An exclusive lock between threads and processes of one host; `LockBusy` if not blocking and taken."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Each call opens its own file description, so two threads of one process exclude each other too.
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError as error:
+            raise LockBusy(str(path)) from error
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def redis_lease(name: str, url: str, ttl_s: float) -> Iterator[None]:
+    """Held while the block runs, kept alive every ttl/3 so a killed holder frees it within `ttl_s`;
+    `LockBusy` at once if another holder has it. Without Redis only the caller's file lock guards."""
+    client = redis.Redis.from_url(url, socket_connect_timeout=1.0, socket_timeout=5.0)
+    # Not thread-local: the keep-alive thread extends the lock this thread took.
+    lock = client.lock(name, timeout=ttl_s, blocking=False, thread_local=False)
+    try:
+        acquired = lock.acquire()
+    except redis.RedisError as error:
+        log.warning("Redis unreachable (%s): only this host's file lock guards %s", error, name)
+        yield
+        return
+    if not acquired:
+        raise LockBusy(name)
+    stop = threading.Event()
+
+    def keep_alive() -> None:
+        while not stop.wait(ttl_s / 3):
+            try:
+                lock.extend(ttl_s, replace_ttl=True)
+            except (LockError, redis.RedisError) as error:
+                log.warning("could not extend %s: %s", name, error)
+
+    heartbeat = threading.Thread(target=keep_alive, name=f"{name}-heartbeat", daemon=True)
+    heartbeat.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        heartbeat.join()
+        with contextlib.suppress(LockError, redis.RedisError):
+            lock.release()
+
+
+@contextlib.contextmanager
+def exclusive(lock_file: Path, redis_name: str, redis_url: str, ttl_s: float) -> Iterator[None]:
+    """Raises `LockBusy` at once if another holder has it, on this host or (with Redis) any other."""
+    with file_lock(lock_file, blocking=False):
+        if not redis_url:
+            yield
+            return
+        with redis_lease(redis_name, redis_url, ttl_s):
+            yield
