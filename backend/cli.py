@@ -1,4 +1,4 @@
-"""The command line: `python -m backend serve|weights|predict|demo`."""
+"""The command line: `python -m backend serve|weights|worker|preannotate|predict|demo`."""
 
 from __future__ import annotations
 
@@ -97,6 +97,63 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
     return run_worker(settings, burst=args.burst)
 
 
+def _preannotate(args: argparse.Namespace, settings: Settings) -> int:
+    """Pre-annotate a whole project in the foreground, with a progress bar; Ctrl-C stops after the batches in
+    flight are stored, and running the same command again resumes."""
+    import signal
+    import threading
+    from dataclasses import replace
+
+    from tqdm import tqdm
+
+    from backend.app import configure_logging, make_predictor
+    from backend.preannotate import ProjectRun, RunOptions, RunProgress, default_parallel
+    from backend.protocol.project_api import ProjectApi, ProjectApiError
+
+    configure_logging(settings.log_level)
+    # A bulk run waits for the models and for busy workers longer than a Label Studio request may.
+    settings = replace(settings, model_ready_timeout_s=max(settings.model_ready_timeout_s, 600.0))
+    try:
+        api = ProjectApi(settings.label_studio_url, settings.label_studio_api_key)
+        predictor = make_predictor(replace(settings, predict_deadline_s=max(settings.predict_deadline_s, 600.0)))
+    except (ProjectApiError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    options = RunOptions(
+        page_size=args.page_size,
+        batch_size=args.batch_size or settings.grounding_dino_batch,
+        parallel=args.parallel or default_parallel(predictor),
+        max_tasks=args.max_tasks,
+        skip_annotated=args.skip_annotated,
+    )
+    stop = threading.Event()
+
+    def stop_on_signal(signum: int, frame: object) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        print("\nstopping once the batches in flight are stored (again to abort)", file=sys.stderr)
+
+    signal.signal(signal.SIGINT, stop_on_signal)
+    signal.signal(signal.SIGTERM, stop_on_signal)
+    bar = tqdm(desc=f"project {args.project}", unit="task", dynamic_ncols=True)
+
+    def show(progress: RunProgress) -> None:
+        # The bar counts the tasks that need work: skipped ones leave its total, so rate and ETA stay true.
+        bar.total = max(progress.total - progress.skipped, 0)
+        bar.n = progress.predicted + progress.failed
+        bar.set_postfix(predicted=progress.predicted, skipped=progress.skipped, failed=progress.failed, refresh=False)
+        bar.refresh()
+
+    progress = ProjectRun(args.project, predictor, api, settings, options, show, stop.is_set).run()
+    bar.close()
+    print(json.dumps(progress.as_dict()))
+    if progress.state == "finished":
+        return 0
+    print(f"{progress.state}: {progress.message}; run the same command again to resume", file=sys.stderr)
+    return 130 if progress.state == "stopped" and stop.is_set() else (0 if progress.state == "stopped" else 1)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m backend", description="SAM backend for Label Studio")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -115,6 +172,17 @@ def main(argv: list[str] | None = None) -> int:
     worker = commands.add_parser("worker", help="run an inference worker taking jobs from Redis (INFERENCE=queue)")
     worker.add_argument("--burst", action="store_true", help="exit once the queues are empty")
     worker.set_defaults(run=_worker)
+    preannotate = commands.add_parser(
+        "preannotate", help="pre-annotate a whole Label Studio project (resumable; skips tasks already predicted)"
+    )
+    preannotate.add_argument("--project", type=int, required=True, help="the Label Studio project id")
+    preannotate.add_argument("--batch-size", type=int, help="tasks per batch (default: GROUNDING_DINO_BATCH)")
+    preannotate.add_argument("--parallel", type=int, help="batches in flight (default: 1; 2 per queue worker)")
+    preannotate.add_argument("--page-size", type=int, default=100, help="tasks per Label Studio page")
+    preannotate.add_argument("--max-tasks", type=int, help="stop after this many tasks (try a few first)")
+    preannotate.add_argument("--skip-annotated", action="store_true", help="leave tasks that have annotations")
+    preannotate.set_defaults(run=_preannotate)
+
     predict = commands.add_parser("predict", help="segment what a text prompt names in one image")
     predict.add_argument("image", type=Path)
     predict.add_argument("--text", required=True, help='comma-separated phrases, e.g. "car, wheel"')

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import io
+from dataclasses import replace
 
 import pytest
 from PIL import Image
 
-from tests.conftest import recorded
+from tests.conftest import make_client, recorded
 
 CONFIG_WITHOUT_BRUSH = (
     '<View><Image name="image" value="$image"/><KeyPointLabels name="kp" toName="image">'
@@ -106,3 +107,31 @@ def test_a_bad_task_in_a_batch_does_not_lose_the_good_ones(client):
 def test_oversized_body_is_a_413(client):
     response = client.post("/predict", data=b"{" + b" " * (21 * 1024 * 1024) + b"}", content_type="application/json")
     assert response.status_code == 413 and "error" in response.json
+
+
+@pytest.mark.parametrize(
+    "body",
+    [[1], {}, {"project": "abc"}, {"project": 0}, {"project": 3, "max_tasks": 0}, {"project": 3, "batch_size": "4"}],
+)
+def test_bad_project_run_requests_get_a_400(client, body):
+    response = client.post("/preannotate", json=body)
+    assert response.status_code == 400 and response.json["error"], response.json
+    assert client.get("/preannotate").status_code == 400
+    assert client.get("/preannotate", query_string={"project": "x"}).status_code == 400
+
+
+def test_a_project_run_label_studio_refuses_answers_why(client):
+    # The stand-in serves images, not projects: Label Studio's own 404 must reach the caller, and stay visible.
+    response = client.post("/preannotate", json={"project": 4242})
+    assert response.status_code == 422, response.json
+    assert "project 4242" in response.json["error"] and "404" in response.json["error"]
+    progress = client.get("/preannotate", query_string={"project": 4242})
+    assert progress.status_code == 200 and progress.json["state"] == "failed"
+    assert client.get("/preannotate", query_string={"project": 4243}).status_code == 404
+    assert client.delete("/preannotate", query_string={"project": 4242}).status_code == 202
+
+
+def test_a_project_run_without_label_studio_credentials_is_a_422(settings, redis_url):
+    test_client, _ = make_client(replace(settings, label_studio_url="", redis_url=redis_url))
+    response = test_client.post("/preannotate", json={"project": 3})
+    assert response.status_code == 422 and "LABEL_STUDIO_URL" in response.json["error"]

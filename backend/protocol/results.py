@@ -1,4 +1,5 @@
-"""Label Studio result JSON: brush masks as Label Studio's RLE (label-studio-sdk's codec) and rectangles."""
+"""Label Studio result JSON for a task's prediction: brush masks in Label Studio's RLE (label-studio-sdk's codec)
+and rectangles."""
 
 from __future__ import annotations
 
@@ -6,6 +7,9 @@ import uuid
 
 import numpy as np
 from label_studio_sdk.converter.brush import decode_rle, mask2rle
+
+from backend.predictor import TaskPrediction
+from backend.protocol.label_config import ProjectConfig
 
 
 def region_id() -> str:
@@ -62,6 +66,24 @@ def rectangle_result(
             "rectanglelabels": [label],
         },
     }
+
+
+def task_results(prediction: TaskPrediction, config: ProjectConfig, model_version: str) -> dict:
+    """One entry of the /predict answer: a brush region per object with a mask, a rectangle per object with a box
+    whose label the RectangleLabels control has."""
+    regions = []
+    for obj in prediction.objects:
+        if obj.mask is not None:
+            brush = config.brush_for(obj.label)
+            regions.append(brush_result(obj.mask, obj.label, brush.name, config.image_name, obj.score))
+        if obj.box is not None and config.rectangle is not None and obj.label in config.rectangle.labels:
+            regions.append(
+                rectangle_result(
+                    obj.box, prediction.image_size, obj.label, config.rectangle.name, config.image_name, obj.score
+                )
+            )
+    scores = [obj.score for obj in prediction.objects]
+    return {"result": regions, "score": float(min(scores)) if scores else 0.0, "model_version": model_version}
 
 
 def decode_brush(result: dict) -> np.ndarray:

@@ -1,8 +1,9 @@
 """Label Studio's ML backend protocol over HTTP (Flask 3), wire-compatible with label-studio-ml 2.x.
 
 Routes: GET /health (and /), POST /setup, POST /predict, POST /webhook, GET /versions, GET /status,
-GET /metrics, and GET /livez, the only one open without credentials when auth is configured. Every bad
-input answers a 4xx JSON `{"error": ...}` and a log line; the process keeps serving.
+GET /metrics, POST|GET|DELETE /preannotate (whole-project runs in the background), and GET /livez, the
+only one open without credentials when auth is configured. Every bad input answers a 4xx JSON
+`{"error": ...}` and a log line; the process keeps serving.
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ from backend.config import Settings
 from backend.deadline import Deadline, DeadlineExceeded
 from backend.images import ImageError
 from backend.models.loader import ModelNotReady
+from backend.preannotate import BackgroundRuns, RunOptions, default_parallel
 from backend.predictor import Predictor, TaskPrediction
 from backend.prompts.interactive import PromptError
 from backend.protocol.access import AccessControl
 from backend.protocol.label_config import ConfigError, ProjectConfig, parse_label_config
-from backend.protocol.results import brush_result, rectangle_result
+from backend.protocol.results import task_results
 from backend.training.service import WebhookError
 from backend.worker.client import QueuePredictor
 from backend.worker.jobs import InputError
@@ -60,24 +62,6 @@ def json_body() -> object:
         return request.get_json(silent=True)
     except RecursionError:
         return None
-
-
-def task_results(prediction: TaskPrediction, config: ProjectConfig, model_version: str) -> dict:
-    """One entry of the /predict answer: a brush region per object with a mask, a rectangle per object with a box
-    whose label the RectangleLabels control has."""
-    regions = []
-    for obj in prediction.objects:
-        if obj.mask is not None:
-            brush = config.brush_for(obj.label)
-            regions.append(brush_result(obj.mask, obj.label, brush.name, config.image_name, obj.score))
-        if obj.box is not None and config.rectangle is not None and obj.label in config.rectangle.labels:
-            regions.append(
-                rectangle_result(
-                    obj.box, prediction.image_size, obj.label, config.rectangle.name, config.image_name, obj.score
-                )
-            )
-    scores = [obj.score for obj in prediction.objects]
-    return {"result": regions, "score": float(min(scores)) if scores else 0.0, "model_version": model_version}
 
 
 def record_prediction_metrics(prediction: TaskPrediction) -> None:
@@ -267,6 +251,53 @@ def create_app(settings: Settings, predictor: Predictor | QueuePredictor) -> Fla
             raise BadRequest(str(error)) from error
         log.info("webhook %s for project %s: %s", body["action"], answer.get("project"), answer["status"])
         return jsonify(answer)
+
+    runs = BackgroundRuns(predictor, settings, predictor.store)
+
+    @app.post("/preannotate")
+    def preannotate_start() -> tuple[Response, int]:
+        body = json_body()
+        if not isinstance(body, dict):
+            raise BadRequest("the body must be a JSON object with 'project'")
+        project_id = project_id_of(body.get("project"))
+        if project_id is None:
+            raise BadRequest(f"'project' must be a Label Studio project id, got {body.get('project')!r}")
+        if not settings.label_studio_url or not settings.label_studio_api_key:
+            raise BadRequest("whole-project pre-annotation needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY", 422)
+        options = RunOptions(batch_size=settings.grounding_dino_batch, parallel=default_parallel(predictor))
+        for name in ("max_tasks", "batch_size"):
+            value = body.get(name)
+            if value is not None:
+                if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                    raise BadRequest(f"'{name}' must be a positive integer, got {value!r}")
+                setattr(options, name, value)
+        options.skip_annotated = bool(body.get("skip_annotated", False))
+        progress = runs.start(project_id, options)
+        if progress["state"] == "busy":
+            return error_response("a pre-annotation run of this project is going on", 409, progress=progress)
+        if progress["state"] == "failed":
+            return error_response(progress["message"], 422, progress=progress)
+        return jsonify(progress), 202
+
+    def requested_project() -> int:
+        project_id = project_id_of(request.args.get("project", ""))
+        if project_id is None:
+            raise BadRequest(f"?project= must be a Label Studio project id, got {request.args.get('project')!r}")
+        return project_id
+
+    @app.get("/preannotate")
+    def preannotate_progress() -> Response:
+        project_id = requested_project()
+        progress = runs.progress(project_id)
+        if progress is None:
+            raise BadRequest(f"no pre-annotation run of project {project_id} is known", 404)
+        return jsonify(progress)
+
+    @app.delete("/preannotate")
+    def preannotate_stop() -> tuple[Response, int]:
+        project_id = requested_project()
+        runs.stop(project_id)
+        return jsonify({"project": project_id, "state": "stopping"}), 202
 
     @app.get("/versions")
     def versions() -> Response:

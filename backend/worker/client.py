@@ -16,6 +16,7 @@ from rq import Queue, Retry
 from rq.job import Job, JobStatus
 from rq.results import Result
 
+from backend.cache.store import MemoryStore, ResilientStore
 from backend.config import Settings
 from backend.images import FetchedImage, ImageError, ImageFetcher
 from backend.models.loader import ModelNotReady
@@ -31,6 +32,7 @@ INTERACTIVE_QUEUE = "sam-interactive"
 PREANNOTATE_QUEUE = "sam-preannotate"
 TRAINING_QUEUE = "sam-training"  # webhook events and trainings; taken when the other queues are empty
 WORKER_KEY_PREFIX = "rq:worker:"
+STATE_FALLBACK_BYTES = 16 * 1024 * 1024
 
 
 class InferenceUnavailable(ModelNotReady):
@@ -57,6 +59,8 @@ class QueuePredictor(InteractiveFront):
         self.settings = settings
         self.connection = connection
         self.fetcher = fetcher or ImageFetcher(settings)
+        # Small state the web tier keeps (project-run progress); image embeddings live with the workers.
+        self.store = ResilientStore(connection, MemoryStore(STATE_FALLBACK_BYTES))
         self.interactive_queue = Queue(INTERACTIVE_QUEUE, connection=connection)
         self.preannotate_queue = Queue(PREANNOTATE_QUEUE, connection=connection)
         self.training_queue = Queue(TRAINING_QUEUE, connection=connection)

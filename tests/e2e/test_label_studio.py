@@ -21,7 +21,8 @@ import pytest
 
 from backend.protocol.results import decode_brush
 from tests.conftest import REPO, encode, smooth_object_image
-from tests.e2e.label_studio import LabelStudioApi, LabelStudioProcess, ensure_label_studio
+from tests.e2e.conftest import backend_environment
+from tests.e2e.label_studio import LabelStudioApi, LabelStudioProcess
 from tests.load_harness import GunicornServer
 
 pytestmark = pytest.mark.e2e
@@ -47,24 +48,6 @@ class Run:
     project: int
     ml_backend: int
     tasks: dict[int, str]  # task id -> its image URL
-
-
-@pytest.fixture(scope="session")
-def label_studio(tmp_path_factory):
-    started = time.perf_counter()
-    executable = ensure_label_studio()
-    installed = time.perf_counter() - started
-    process = LabelStudioProcess(executable, tmp_path_factory.mktemp("label-studio")).start()
-    print(f"\nLabel Studio: install/check {installed:.0f} s, first start {process.start_seconds:.0f} s")
-    try:
-        yield process
-    finally:
-        process.stop()
-
-
-@pytest.fixture(scope="session")
-def personal_access_token(label_studio) -> str:
-    return LabelStudioApi(label_studio.url, label_studio.legacy_token).call("POST", "/api/token/")["token"]
 
 
 def import_tasks(api: LabelStudioApi, label_studio: LabelStudioProcess, project: int) -> dict[int, str]:
@@ -124,19 +107,10 @@ def run(
     project = api.call("POST", "/api/projects", json={"title": f"e2e {kind}", "label_config": LABEL_CONFIG})["id"]
     tasks = import_tasks(api, label_studio, project)
     basic_auth = ("ls", "e2e-basic-pass") if kind != "legacy-token" else None
-    environment = {
-        "LABEL_STUDIO_URL": label_studio.url,
-        "LABEL_STUDIO_API_KEY": api_key,
-        "SAM_CHECKPOINT": str(sam_checkpoint),
-        "REDIS_URL": redis_server.url,
-        "MODEL_DIR": str(tmp_path_factory.mktemp("e2e-models")),
-        "TORCH_THREADS": "1",
-        # Pre-annotation: the small GroundingDINO the unit tests build, in the official checkpoint format.
-        "GROUNDING_DINO_CONFIG": str(grounding_dino_files.config),
-        "GROUNDING_DINO_CHECKPOINT": str(grounding_dino_files.checkpoint),
-        "GROUNDING_DINO_TEXT_ENCODER": str(grounding_dino_files.text_encoder),
-        "GROUNDING_DINO_IMAGE_SIZE": "128",
-    }
+    model_dir = tmp_path_factory.mktemp("e2e-models")
+    environment = backend_environment(
+        label_studio.url, api_key, sam_checkpoint, grounding_dino_files, redis_server.url, model_dir
+    )
     with_auth = {}
     if basic_auth:
         environment |= {"BASIC_AUTH_USER": basic_auth[0], "BASIC_AUTH_PASS": basic_auth[1]}

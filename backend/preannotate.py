@@ -1,0 +1,299 @@
+"""Whole-project pre-annotation: page through a Label Studio project's tasks, predict them in batches
+with GroundingDINO + SAM (which caches each image's SAM embedding on the way, so later clicks are
+instant), and push the predictions back with the model version that made them.
+
+A run can stop at any point and start again without duplicates: a task already holding a prediction
+of the serving model version is skipped. One run per project at a time (a lock on this host and, with
+Redis, on all). A task that cannot be predicted gets no prediction, so the next run tries it again,
+and its error is written to MODEL_DIR/<project>/preannotate-errors.jsonl and counted in the progress.
+`python -m backend preannotate` runs it in the foreground; POST /preannotate in the web tier's background.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import asdict, dataclass, field
+
+from backend.cache.locks import LockBusy, exclusive
+from backend.cache.store import ByteStore
+from backend.config import Settings
+from backend.models.loader import ModelNotReady
+from backend.predictor import Predictor, TaskPrediction
+from backend.prompts.interactive import PromptError
+from backend.protocol.label_config import ConfigError, ProjectConfig, parse_label_config
+from backend.protocol.project_api import ProjectApi, ProjectApiError, ProjectTask
+from backend.protocol.results import task_results
+from backend.training.files import ProjectFiles
+from backend.worker.client import QueuePredictor, alive_workers
+from backend.worker.jobs import InputError
+
+log = logging.getLogger(__name__)
+
+LOCK_TTL_S = 60.0  # a killed run frees its project this soon
+UNAVAILABLE_RETRIES = 3  # a batch that finds the models loading or no worker alive waits and tries again
+UNAVAILABLE_PAUSE_S = 10.0
+PROGRESS_TTL_S = 7 * 24 * 3600
+PROGRESS_KEY = "sam:preannotate:{project}"
+STOP_KEY = "sam:preannotate:{project}:stop"
+
+
+@dataclass
+class RunProgress:
+    """What a run has done so far; `state` is starting, running, stopped, finished, failed or busy."""
+
+    project: int
+    model_version: str = ""
+    state: str = "starting"
+    total: int = 0  # tasks in the project when the run started
+    predicted: int = 0  # predictions stored by this run
+    skipped: int = 0  # tasks that already had a prediction of this model version (or an annotation, if asked)
+    failed: int = 0  # tasks whose error was recorded
+    message: str = ""
+    started_at: float = field(default_factory=time.time)
+    busy_s: float = 0.0  # time spent on tasks that needed work, the base of the rate
+
+    @property
+    def rate(self) -> float:
+        """Tasks predicted (or failed) per second of work; skipped tasks cost nothing and do not count."""
+        return (self.predicted + self.failed) / self.busy_s if self.busy_s > 0 else 0.0
+
+    @property
+    def eta_s(self) -> float | None:
+        left = self.total - self.predicted - self.failed - self.skipped
+        return max(left, 0) / self.rate if self.rate > 0 else None
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "rate_per_s": round(self.rate, 3), "eta_s": self.eta_s}
+
+
+@dataclass
+class RunOptions:
+    page_size: int = 100  # tasks per Label Studio page
+    batch_size: int = 4  # tasks per prediction batch (one GroundingDINO pass, one queue job)
+    parallel: int = 1  # batches in flight at once: more than one only helps with several queue workers
+    max_tasks: int | None = None  # stop after submitting this many tasks (try a project on a few first)
+    skip_annotated: bool = False
+
+
+def default_parallel(predictor: Predictor | QueuePredictor) -> int:
+    """Batches in flight: one in-process; with queue workers, two per worker so none waits for its next batch."""
+    if isinstance(predictor, QueuePredictor):
+        return 2 * max(alive_workers(predictor.connection), 1)
+    return 1
+
+
+class ProjectRun:
+    """One pre-annotation run of one project; `run()` blocks until it finished, stopped or failed."""
+
+    def __init__(
+        self,
+        project_id: int,
+        predictor: Predictor | QueuePredictor,
+        api: ProjectApi,
+        settings: Settings,
+        options: RunOptions,
+        report: Callable[[RunProgress], None] = lambda progress: None,
+        should_stop: Callable[[], bool] = lambda: False,
+    ) -> None:
+        self.project_id = project_id
+        self.predictor = predictor
+        self.api = api
+        self.settings = settings
+        self.options = options
+        self.report = report
+        self.should_stop = should_stop
+        self.files = ProjectFiles(settings.model_dir, project_id)
+        self.progress = RunProgress(project_id)
+        self._submitted = 0
+        self._work_started: float | None = None
+
+    def run(self) -> RunProgress:
+        progress = self.progress
+        try:
+            with exclusive(
+                self.files.preannotate_lock,
+                f"sam:preannotate-lock:{self.project_id}",
+                self.settings.redis_url,
+                LOCK_TTL_S,
+            ):
+                self._run_locked()
+        except LockBusy:
+            self._end("busy", "another pre-annotation run of this project is going on")
+        except (ProjectApiError, ConfigError, PromptError, InputError) as error:
+            self._end("failed", str(error))
+        except Exception as error:  # the run ends visibly, whatever went wrong
+            log.exception("project %d: pre-annotation run failed", self.project_id)
+            self._end("failed", f"{type(error).__name__}: {error}")
+        return progress
+
+    def _end(self, state: str, message: str = "") -> None:
+        self.progress.state, self.progress.message = state, message
+        log.log(
+            logging.WARNING if state in ("failed", "busy") else logging.INFO,
+            "project %d: pre-annotation %s (%d predicted, %d skipped, %d failed)%s",
+            self.project_id,
+            state,
+            self.progress.predicted,
+            self.progress.skipped,
+            self.progress.failed,
+            f": {message}" if message else "",
+        )
+        self.report(self.progress)
+
+    def _run_locked(self) -> None:
+        project = self.api.project(self.project_id)
+        config = parse_label_config(project.label_config)
+        version = self.predictor.decoders.current_name(self.project_id)
+        self.progress.total, self.progress.model_version = project.task_count, version
+        self.progress.state = "running"
+        self.report(self.progress)
+        log.info(
+            "project %d (%s): pre-annotating %d tasks as %s",
+            self.project_id,
+            project.title,
+            project.task_count,
+            version,
+        )
+        in_flight: dict[Future, list[ProjectTask]] = {}
+        with ThreadPoolExecutor(max_workers=max(self.options.parallel, 1), thread_name_prefix="preannotate") as pool:
+            for batch in self._batches_to_do(config, version):
+                if self.should_stop():
+                    break
+                while len(in_flight) >= max(self.options.parallel, 1):
+                    self._collect(in_flight, config, version)
+                if self._work_started is None:
+                    self._work_started = time.monotonic()
+                urls = [task.data.get(config.image_field) for task in batch]
+                in_flight[pool.submit(self._predict, urls, config)] = batch
+            stopped = self.should_stop()
+            # Batches already computing are finished and stored even when stopping: their work is not thrown away.
+            while in_flight:
+                self._collect(in_flight, config, version)
+        limit_reached = self.options.max_tasks is not None and self._submitted >= self.options.max_tasks
+        if stopped or limit_reached:
+            self._end("stopped", "stopped on request" if stopped else f"stopped after {self._submitted} tasks (limit)")
+        else:
+            self._end("finished")
+
+    def _batches_to_do(self, config: ProjectConfig, version: str) -> Iterator[list[ProjectTask]]:
+        """Tasks without a prediction of `version`, `batch_size` at a time, up to `max_tasks`."""
+        batch: list[ProjectTask] = []
+        for task in self.api.tasks(self.project_id, self.options.page_size):
+            if version in task.prediction_versions or (self.options.skip_annotated and task.is_labeled):
+                self.progress.skipped += 1
+                continue
+            if self.options.max_tasks is not None and self._submitted >= self.options.max_tasks:
+                break
+            if self.should_stop():
+                return
+            batch.append(task)
+            self._submitted += 1
+            if len(batch) >= self.options.batch_size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+    def _predict(self, urls: list[object], config: ProjectConfig) -> list[TaskPrediction | Exception]:
+        for attempt in range(UNAVAILABLE_RETRIES + 1):
+            try:
+                return self.predictor.predict_batch(urls, config, self.project_id)
+            except ModelNotReady as error:  # loading, or no queue worker alive / answering in time
+                if attempt == UNAVAILABLE_RETRIES:
+                    raise
+                log.warning(
+                    "project %d: %s; trying the batch again in %.0f s", self.project_id, error, UNAVAILABLE_PAUSE_S
+                )
+                time.sleep(UNAVAILABLE_PAUSE_S)
+        raise AssertionError("unreachable")
+
+    def _collect(self, in_flight: dict[Future, list[ProjectTask]], config: ProjectConfig, version: str) -> None:
+        """Store the predictions of the batches that are done (at least one), record the errors."""
+        done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+        for future in done:
+            batch = in_flight.pop(future)
+            try:
+                outcomes = future.result()
+            except ModelNotReady as error:
+                outcomes = [error] * len(batch)  # recorded per task below; the next run tries them again
+            predictions, errors = [], []
+            for task, outcome in zip(batch, outcomes, strict=True):
+                if isinstance(outcome, TaskPrediction):
+                    answer = task_results(outcome, config, outcome.model_version or version)
+                    predictions.append({"task": task.id, **answer})
+                else:
+                    errors.append((task, outcome))
+            self.progress.predicted += self.api.push_predictions(self.project_id, predictions)
+            self._record_errors(errors, version)
+            self.progress.busy_s = time.monotonic() - (self._work_started or time.monotonic())
+            self.report(self.progress)
+
+    def _record_errors(self, errors: list[tuple[ProjectTask, Exception]], version: str) -> None:
+        if not errors:
+            return
+        self.progress.failed += len(errors)
+        self.files.preannotate_errors.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.files.preannotate_errors, "a") as handle:
+            for task, error in errors:
+                status = getattr(error, "status", 503 if isinstance(error, ModelNotReady) else 422)
+                log.warning("project %d task %d: no prediction: %s", self.project_id, task.id, error)
+                entry = {"time": time.time(), "task": task.id, "model_version": version, "status": status}
+                handle.write(json.dumps({**entry, "error": str(error)}) + "\n")
+
+
+class BackgroundRuns:
+    """POST /preannotate's side: runs in a thread of the web process, progress and stop requests in the store,
+    so any web worker can report on or stop a run another one started."""
+
+    def __init__(self, predictor: Predictor | QueuePredictor, settings: Settings, store: ByteStore) -> None:
+        self.predictor = predictor
+        self.settings = settings
+        self.store = store
+        self._threads: dict[int, threading.Thread] = {}
+        self._mutex = threading.Lock()
+
+    def progress(self, project_id: int) -> dict | None:
+        data = self.store.get(PROGRESS_KEY.format(project=project_id))
+        return json.loads(data) if data is not None else None
+
+    def start(self, project_id: int, options: RunOptions, answer_within_s: float = 3.0) -> dict:
+        """Start a run and wait briefly for its first state, so a busy project or a bad key answers at once."""
+        api = ProjectApi(self.settings.label_studio_url, self.settings.label_studio_api_key)
+        with self._mutex:
+            thread = self._threads.get(project_id)
+            if thread is not None and thread.is_alive():
+                return {**(self.progress(project_id) or {}), "state": "busy"}
+            self.store.delete(STOP_KEY.format(project=project_id))
+            first_state = threading.Event()
+
+            def report(progress: RunProgress) -> None:
+                self._save(progress)
+                first_state.set()
+
+            run = ProjectRun(
+                project_id,
+                self.predictor,
+                api,
+                self.settings,
+                options,
+                report,
+                lambda: self.store.get(STOP_KEY.format(project=project_id)) is not None,
+            )
+            thread = threading.Thread(target=run.run, name=f"preannotate-{project_id}", daemon=True)
+            self._threads[project_id] = thread
+            thread.start()
+        first_state.wait(answer_within_s)
+        return run.progress.as_dict()
+
+    def stop(self, project_id: int) -> None:
+        self.store.set(STOP_KEY.format(project=project_id), b"1", PROGRESS_TTL_S)
+
+    def _save(self, progress: RunProgress) -> None:
+        self.store.set(
+            PROGRESS_KEY.format(project=progress.project), json.dumps(progress.as_dict()).encode(), PROGRESS_TTL_S
+        )

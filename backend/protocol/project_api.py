@@ -1,0 +1,108 @@
+"""Label Studio's REST API for whole-project runs, through label-studio-sdk: a project's label config,
+its tasks page by page, and predictions pushed back in bulk.
+
+The SDK takes either kind of key (a legacy token or a personal access token, which it exchanges for
+short-lived access tokens itself), so LABEL_STUDIO_API_KEY works here as it does for image downloads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from label_studio_sdk import LabelStudio, PredictionRequest
+from label_studio_sdk.core.api_error import ApiError
+
+# A project run can be long; one slow Label Studio answer should not end it.
+HTTP_TIMEOUT_S = 120.0
+
+
+class ProjectApiError(RuntimeError):
+    """Label Studio refused or failed a call; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class ProjectTask:
+    id: int
+    data: dict
+    prediction_versions: tuple[str, ...]  # model_version of each prediction the task already holds
+    is_labeled: bool
+
+
+@dataclass(frozen=True)
+class ProjectInfo:
+    id: int
+    title: str
+    label_config: str
+    task_count: int
+
+
+class ProjectApi:
+    def __init__(self, url: str, api_key: str) -> None:
+        if not url or not api_key:
+            raise ProjectApiError("a project run needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY")
+        self.url = url
+        self.client = LabelStudio(base_url=url, api_key=api_key, timeout=HTTP_TIMEOUT_S)
+
+    def _call(self, what: str, call, *args, **kwargs):
+        try:
+            return call(*args, **kwargs)
+        except ApiError as error:
+            raise ProjectApiError(f"Label Studio at {self.url}: {what} -> {error.status_code}: {error.body}") from error
+        except OSError as error:  # connection refused, DNS, time-outs (httpx errors are OSErrors' cousins)
+            raise ProjectApiError(f"Label Studio at {self.url}: {what} failed: {error}") from error
+
+    def project(self, project_id: int) -> ProjectInfo:
+        project = self._call(f"project {project_id}", self.client.projects.get, id=project_id)
+        return ProjectInfo(
+            id=project_id,
+            title=project.title or "",
+            label_config=project.label_config or "",
+            task_count=int(project.task_number or 0),
+        )
+
+    def tasks(self, project_id: int, page_size: int) -> Iterator[ProjectTask]:
+        """Every task of the project, in id order, one page in memory at a time."""
+        page, seen = 1, 0
+        while True:
+            listing = self._call(
+                f"tasks of project {project_id}, page {page}",
+                self.client.tasks.list,
+                project=project_id,
+                page=page,
+                page_size=page_size,
+                fields="all",
+            )
+            tasks = listing.items or []
+            for task in tasks:
+                yield ProjectTask(
+                    id=int(task.id),
+                    data=dict(task.data or {}),
+                    prediction_versions=tuple(_model_version(prediction) for prediction in task.predictions or []),
+                    is_labeled=bool(getattr(task, "is_labeled", False)),
+                )
+            seen += len(tasks)
+            total = listing.response.total if listing.response is not None else seen
+            if not tasks or seen >= total:
+                return
+            page += 1
+
+    def push_predictions(self, project_id: int, predictions: list[dict]) -> int:
+        """Store predictions (dicts with task, result, score, model_version) in one call; how many were stored."""
+        if not predictions:
+            return 0
+        requests = [PredictionRequest(**prediction) for prediction in predictions]
+        answer = self._call(
+            f"import of {len(requests)} predictions into project {project_id}",
+            self.client.projects.import_predictions,
+            id=project_id,
+            request=requests,
+        )
+        return int(getattr(answer, "created", len(requests)) or 0)
+
+
+def _model_version(prediction: object) -> str:
+    value = (
+        prediction.get("model_version") if isinstance(prediction, dict) else getattr(prediction, "model_version", "")
+    )
+    return str(value or "")
