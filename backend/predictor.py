@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from backend.cache.embeddings import EmbeddingCache
+from backend.cache.embeddings import CachedEmbedding, EmbeddingCache
 from backend.cache.sessions import SessionStore
 from backend.cache.store import ByteStore
 from backend.config import Settings
@@ -183,11 +183,19 @@ class Predictor(InteractiveFront):
         self, models: Models, image: FetchedImage, pixels: np.ndarray | None = None
     ) -> tuple[ImageEmbedding, bool, float]:
         """The image's SAM embedding from the cache, encoded (from `pixels` when already decoded) on a miss."""
-        cached = models.embeddings.get_or_encode(
-            image.digest,
-            lambda: pixels if pixels is not None else decode_image(image.data, self.settings.max_image_pixels),
-        )
+        (cached,) = self.embeddings_for(models, [(image, pixels)])
         return cached.embedding, cached.cache_hit, cached.encode_seconds
+
+    def embeddings_for(
+        self, models: Models, images: list[tuple[FetchedImage, np.ndarray | None]]
+    ) -> list[CachedEmbedding]:
+        """Several images' SAM embeddings from the cache; the misses go through the encoder together."""
+        return models.embeddings.get_or_encode_many(
+            [(image.digest, self._loader(image, pixels)) for image, pixels in images]
+        )
+
+    def _loader(self, image: FetchedImage, pixels: np.ndarray | None) -> Callable[[], np.ndarray]:
+        return lambda: pixels if pixels is not None else decode_image(image.data, self.settings.max_image_pixels)
 
     def predict_for_image(
         self,
@@ -351,25 +359,28 @@ class Predictor(InteractiveFront):
         images = [item for item in loaded if isinstance(item, tuple)]
         found = iter(self._detect(detector, [pixels for _, pixels in images], query, thresholds))
         detect_share = (time.perf_counter() - fetched) / max(len(images), 1)
+        embeddings = iter(self.embeddings_for(models, images) if models else [])
         outcomes: list[TaskPrediction | Exception] = []
         for item in loaded:
             if isinstance(item, ImageError):
                 outcomes.append(item)
                 continue
-            image, pixels = item
+            _, pixels = item
             segment_started = time.perf_counter()
-            embedding, hit, encode_s = self.embedding_for(models, image, pixels) if models else (None, False, 0.0)
-            objects = self._segment_detections(segmenter, embedding, next(found), query, config)
+            cached = next(embeddings, None)
+            objects = self._segment_detections(
+                segmenter, cached.embedding if cached else None, next(found), query, config
+            )
             outcomes.append(
                 TaskPrediction(
                     objects=objects,
                     image_size=(pixels.shape[0], pixels.shape[1]),
-                    cache_hit=hit,
+                    cache_hit=cached.cache_hit if cached else False,
                     timings={
                         "fetch": fetched - started,
                         "detect": detect_share,
-                        "encode": encode_s,
-                        "decode": time.perf_counter() - segment_started - encode_s,
+                        "encode": cached.encode_seconds if cached else 0.0,
+                        "decode": time.perf_counter() - segment_started,
                     },
                     model_version=version,
                 )

@@ -30,7 +30,8 @@ class CountingSegmenter:
 
     def __init__(self, inner: SamSegmenter) -> None:
         self.inner = inner
-        self.encodes = 0
+        self.encodes = 0  # images
+        self.passes = 0  # encoder passes
         self._mutex = threading.Lock()
 
     @property
@@ -38,9 +39,14 @@ class CountingSegmenter:
         return self.inner.identity
 
     def encode(self, image):
+        (embedding,) = self.encode_batch([image])
+        return embedding
+
+    def encode_batch(self, images):
         with self._mutex:
-            self.encodes += 1
-        return self.inner.encode(image)
+            self.encodes += len(images)
+            self.passes += 1
+        return self.inner.encode_batch(images)
 
     def decode(self, embedding, prompts):
         return self.inner.decode(embedding, prompts)
@@ -82,6 +88,51 @@ def test_an_image_is_encoded_once_under_concurrent_requests(segmenter, redis_url
         thread.join()
     assert counting.encodes == 1
     assert sorted(result.cache_hit for result in results) == [False] + [True] * 5
+
+
+def test_a_batch_encodes_its_misses_in_one_pass_as_one_at_a_time_would(segmenter, redis_url):
+    counting = CountingSegmenter(segmenter)
+    cache = EmbeddingCache(make_store(redis_url, 1 << 26), counting, ttl_s=60, lock_timeout_s=60)
+    images = {"digest-e": smooth_object_image(320, 240, 11), "digest-f": smooth_object_image(200, 360, 12)}
+    cache.get_or_encode("digest-cached", lambda: smooth_object_image(240, 240, 13))
+    results = cache.get_or_encode_many(
+        [
+            ("digest-e", lambda: images["digest-e"]),
+            ("digest-cached", lambda: pytest.fail("a cached image must not be decoded again")),
+            ("digest-f", lambda: images["digest-f"]),
+            ("digest-e", lambda: images["digest-e"]),
+        ]
+    )
+    assert [result.cache_hit for result in results] == [False, True, False, False]
+    assert counting.passes == 2 and counting.encodes == 3  # the cached image's own pass, then one for both misses
+    for digest, result in zip(["digest-e", "digest-f"], [results[0], results[2]], strict=True):
+        alone = segmenter.encode(images[digest])
+        assert (result.embedding.original_size, result.embedding.input_size) == (alone.original_size, alone.input_size)
+        # The cache keeps float16: compare within its rounding.
+        np.testing.assert_allclose(result.embedding.features.astype(np.float32), alone.features, rtol=2e-3, atol=2e-3)
+
+
+def test_overlapping_batches_in_two_processes_encode_each_image_once(segmenter, redis_url):
+    counting = CountingSegmenter(segmenter)
+    images = {digest: smooth_object_image(160, 120, seed) for seed, digest in enumerate(["digest-h", "digest-i"])}
+    # Two caches with their own in-process locks stand for two workers: only the Redis locks order them, and
+    # they list the images in opposite orders, which would deadlock if the locks were taken in list order.
+    caches = [EmbeddingCache(make_store(redis_url, 1 << 26), counting, 60, 60) for _ in range(2)]
+    start = threading.Barrier(2)
+
+    def run(cache, order):
+        start.wait()
+        cache.get_or_encode_many([(digest, lambda digest=digest: images[digest]) for digest in order])
+
+    threads = [
+        threading.Thread(target=run, args=(cache, order))
+        for cache, order in zip(caches, [["digest-h", "digest-i"], ["digest-i", "digest-h"]], strict=True)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert counting.encodes == 2
 
 
 def test_a_second_process_reuses_the_first_ones_embedding_through_redis(segmenter, redis_url):

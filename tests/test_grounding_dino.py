@@ -251,11 +251,14 @@ def assert_object_pairs(entry: dict, width: int, height: int) -> list[tuple[dict
     return pairs
 
 
-def test_preannotation_batch_detects_all_images_at_once_and_segments_each_in_one_call(grounded_settings, label_studio):
+def test_preannotation_batch_detects_and_encodes_all_images_at_once_and_segments_each_in_one_call(
+    grounded_settings, label_studio
+):
     client, predictor = grounded_client(grounded_settings)
     detector, segmenter = predictor.detector.get(1), predictor.models.get(1).segmenter
-    batches, decodes = [], []
+    batches, encodes, decodes = [], [], []
     detector.model.register_forward_pre_hook(lambda module, inputs: batches.append(inputs[0].tensors.shape[0]))
+    segmenter.sam.image_encoder.register_forward_pre_hook(lambda module, inputs: encodes.append(inputs[0].shape[0]))
     original_run = segmenter.decoder.run
 
     def counting_run(*arrays):
@@ -268,7 +271,7 @@ def test_preannotation_batch_detects_all_images_at_once_and_segments_each_in_one
     assert response.status_code == 200, response.json
     results = response.json["results"]
     assert len(results) == 4 and "errors" not in response.json
-    assert batches == [4]  # one GroundingDINO pass for the four tasks
+    assert batches == [4] and encodes == [4]  # one GroundingDINO pass and one SAM encoder pass for the four tasks
     sizes = [(1024, 768), (640, 480), (300, 400), (512, 384)]  # the third is shown EXIF-rotated
     counts = [len(assert_object_pairs(entry, *size)) for entry, size in zip(results, sizes, strict=True)]
     assert all(0 < count <= 3 for count in counts)

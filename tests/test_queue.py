@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import subprocess
@@ -13,15 +14,17 @@ from pathlib import Path
 
 import pytest
 import redis
-from rq import Queue, Worker
+from rq import Queue, Retry, Worker
 from rq.job import Job
 from rq.registry import StartedJobRegistry
 
+from backend.images import ImageError
+from backend.predictor import TaskPrediction
 from backend.protocol.label_config import parse_label_config
 from backend.protocol.results import decode_brush
 from backend.protocol.server import create_app
 from backend.worker import jobs
-from backend.worker.client import INTERACTIVE_QUEUE, QueuePredictor, alive_workers
+from backend.worker.client import INTERACTIVE_QUEUE, PREANNOTATE_QUEUE, QueuePredictor, alive_workers
 from tests.conftest import REPO, recorded
 from tests.services import RedisServer
 
@@ -224,3 +227,77 @@ def test_clicks_go_ahead_of_waiting_pre_annotation_jobs(web_settings, workers, g
     for job in [*bulk, click_job]:
         job.refresh()
     assert click_job.ended_at <= min(job.started_at for job in bulk)
+
+
+CAR_IMAGES = {  # path: (height, width) as the worker reads it
+    "/data/upload/1/b2b9d834-car_1024x768.jpg": (768, 1024),
+    "/data/upload/1/e0d87ad7-car_640x480.jpg": (480, 640),
+    "/data/upload/1/a5529614-car_400x300_exif6.png": (400, 300),  # EXIF-rotated
+}
+
+
+def waiting_pre_annotation_jobs(predictor: QueuePredictor, images: list[bytes], timeout_s: int) -> list[Job]:
+    """One single-image pre-annotation job per image, enqueued as the web tier does, while no worker runs."""
+    config = parse_label_config(recorded("03-predict-batch.json")["label_config"])
+    enqueued = []
+    for data in images:
+        digest = hashlib.sha256(data).hexdigest()
+        predictor.connection.set(jobs.IMAGE_KEY.format(digest=digest), data)
+        enqueued.append(
+            predictor.preannotate_queue.enqueue(
+                jobs.preannotate, [jobs.stored_url(digest)], config, None, job_timeout=timeout_s, retry=Retry(max=2)
+            )
+        )
+    return enqueued
+
+
+def wait_finished(waiting: list[Job], bound_s: float = 300) -> None:
+    deadline = time.time() + bound_s
+    while time.time() < deadline and not all(job.get_status(refresh=True) == "finished" for job in waiting):
+        time.sleep(0.5)
+    for job in waiting:
+        job.refresh()
+
+
+def test_waiting_pre_annotation_jobs_run_as_one_batch_and_a_bad_image_fails_alone(
+    web_settings, workers, grounding_dino_files, tmp_path
+):
+    predictor = QueuePredictor(web_settings, redis.Redis.from_url(web_settings.redis_url))
+    images = [predictor.fetcher.fetch(path).data for path in CAR_IMAGES] + [b"not an image"]
+    waiting = waiting_pre_annotation_jobs(predictor, images, timeout_s=120)
+    workers.start(1, **grounding_env(grounding_dino_files), PREANNOTATE_BATCH="4")
+    wait_finished(waiting)
+    assert [job.get_status() for job in waiting] == ["finished"] * 4
+    assert all(job.meta["batch"] == {"jobs": 4, "images": 4} for job in waiting)
+    assert "batch of 4 jobs / 4 images (1 label configs)" in (tmp_path / "worker0.log").read_text()
+    for job, size in zip(waiting, CAR_IMAGES.values(), strict=False):
+        (prediction,) = job.latest_result().return_value
+        assert isinstance(prediction, TaskPrediction) and prediction.image_size == size
+        masks = [obj.mask for obj in prediction.objects if obj.mask is not None]
+        assert masks and all(mask.shape == size for mask in masks)
+        assert {obj.label for obj in prediction.objects} <= {"Car", "Wheel"}
+    (error,) = waiting[3].latest_result().return_value
+    assert isinstance(error, ImageError) and error.status == 422
+
+
+def test_jobs_claimed_into_a_batch_by_a_killed_worker_are_finished_by_another(
+    web_settings, workers, grounding_dino_files, queue_redis
+):
+    connection = redis.Redis.from_url(queue_redis.url)
+    predictor = QueuePredictor(web_settings, connection)
+    # The job timeout bounds how long a dead worker's claims hold: short, yet long enough for a batch of three.
+    waiting = waiting_pre_annotation_jobs(predictor, [predictor.fetcher.fetch(path).data for path in CAR_IMAGES], 40)
+    env = dict(grounding_env(grounding_dino_files), PREANNOTATE_BATCH="3")
+    workers.start(1, **env)
+    registry = StartedJobRegistry(PREANNOTATE_QUEUE, connection=connection)
+    deadline = time.time() + 120
+    while len(registry.get_job_ids(cleanup=False)) < 3 and time.time() < deadline:
+        time.sleep(0.005)
+    assert sorted(registry.get_job_ids(cleanup=False)) == sorted(job.id for job in waiting)
+    (victim,) = Worker.all(connection=connection)
+    os.kill(victim.pid, signal.SIGKILL)
+    workers.start(1, **env)
+    wait_finished(waiting)
+    assert [job.get_status() for job in waiting] == ["finished"] * 3
+    assert all(job.worker_name != victim.name for job in waiting)
+    assert all(job.meta["batch"]["jobs"] >= 1 for job in waiting)

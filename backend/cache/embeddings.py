@@ -7,6 +7,7 @@ click gives the same mask whether the image was just encoded or encoded a day ag
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -74,23 +75,66 @@ class EmbeddingCache:
 
     def get_or_encode(self, image_digest: str, load_image: Callable[[], np.ndarray]) -> CachedEmbedding:
         """`load_image` is only called on a miss, so a cached image is never decoded again."""
-        key = self.key(image_digest)
-        cached = self.lookup(image_digest)
-        if cached is not None:
-            self.hits += 1
-            return CachedEmbedding(cached, cache_hit=True)
-        stripe = self._stripes[zlib.crc32(key.encode()) % _LOCK_STRIPES]
-        with stripe, self.store.lock(f"{key}:lock", self.lock_timeout_s):
-            # Whoever held the lock before us may have just stored it.
-            cached = self.lookup(image_digest)
-            if cached is not None:
-                self.hits += 1
-                return CachedEmbedding(cached, cache_hit=True)
+        (cached,) = self.get_or_encode_many([(image_digest, load_image)])
+        return cached
+
+    def get_or_encode_many(self, images: list[tuple[str, Callable[[], np.ndarray]]]) -> list[CachedEmbedding]:
+        """Embeddings of (digest, load_image) pairs, in their order: the misses are encoded together in one
+        encoder pass, each image once however often it is listed."""
+        results: dict[str, CachedEmbedding] = {}
+        loaders: dict[str, Callable[[], np.ndarray]] = {}
+        for digest, load_image in images:
+            if digest in results or digest in loaders:
+                continue
+            cached = self.lookup(digest)
+            if cached is None:
+                loaders[digest] = load_image
+            else:
+                results[digest] = CachedEmbedding(cached, cache_hit=True)
+        if loaders:
+            results.update(self._encode_misses(loaders))
+        encoded = sum(not cached.cache_hit for cached in results.values())
+        self.misses += encoded
+        self.hits += len(results) - encoded
+        return [results[digest] for digest, _ in images]
+
+    def _encode_misses(self, loaders: dict[str, Callable[[], np.ndarray]]) -> dict[str, CachedEmbedding]:
+        """Encode and store the images still missing once this process's and every process's locks for them
+        are held. Locks are taken in one global order (stripes by index, then keys sorted), so two batches
+        that share images wait for each other instead of deadlocking."""
+        keys = {digest: self.key(digest) for digest in loaders}
+        stripes = sorted({zlib.crc32(key.encode()) % _LOCK_STRIPES for key in keys.values()})
+        with contextlib.ExitStack() as held:
+            for stripe in stripes:
+                held.enter_context(self._stripes[stripe])
+            for key in sorted(keys.values()):
+                held.enter_context(self.store.lock(f"{key}:lock", self.lock_timeout_s))
+            results: dict[str, CachedEmbedding] = {}
+            for digest in loaders:
+                # Whoever held the locks before us may have just stored it.
+                cached = self.lookup(digest)
+                if cached is not None:
+                    results[digest] = CachedEmbedding(cached, cache_hit=True)
+            missing = [digest for digest in loaders if digest not in results]
+            if not missing:
+                return results
             started = time.perf_counter()
-            fresh = self.segmenter.encode(load_image())
+            encoded = self.segmenter.encode_batch([loaders[digest]() for digest in missing])
             elapsed = time.perf_counter() - started
-            data = serialize_embedding(fresh)
-            self.store.set(key, data, self.ttl_s)
-            self.misses += 1
-            log.info("encoded image %s in %.2fs (%d bytes cached)", image_digest[:12], elapsed, len(data))
-            return CachedEmbedding(deserialize_embedding(data), cache_hit=False, encode_seconds=elapsed)
+            stored_bytes = 0
+            for digest, embedding in zip(missing, encoded, strict=True):
+                data = serialize_embedding(embedding)
+                self.store.set(keys[digest], data, self.ttl_s)
+                stored_bytes += len(data)
+                # Each image is charged its share of the pass, so per-image timings still add up.
+                results[digest] = CachedEmbedding(
+                    deserialize_embedding(data), cache_hit=False, encode_seconds=elapsed / len(missing)
+                )
+            log.info(
+                "encoded %d image(s) (%s) in %.2fs (%d bytes cached)",
+                len(missing),
+                ", ".join(digest[:12] for digest in missing),
+                elapsed,
+                stored_bytes,
+            )
+            return results

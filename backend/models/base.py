@@ -56,5 +56,8 @@ class Segmenter(Protocol):
     def encode(self, image: np.ndarray) -> ImageEmbedding:
         """Encode an RGB uint8 (H, W, 3) image."""
 
+    def encode_batch(self, images: list[np.ndarray]) -> list[ImageEmbedding]:
+        """Encode several RGB uint8 images, of any sizes, in one pass of the encoder."""
+
     def decode(self, embedding: ImageEmbedding, prompts: list[SegmentPrompt]) -> list[MaskPrediction]:
         """Decode each prompt against the embedding into one mask."""

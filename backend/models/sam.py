@@ -155,18 +155,32 @@ class SamSegmenter:
         return SamSegmenter(tuned, self._identity, self.device, self.decoder_runtime, self._encode_lock)
 
     def encode(self, image: np.ndarray) -> ImageEmbedding:
-        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            raise ValueError("encode expects an RGB uint8 (H, W, 3) image")
-        resized = self._resize.apply_image(image)
-        pixels = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None]
+        (embedding,) = self.encode_batch([image])
+        return embedding
+
+    def encode_batch(self, images: list[np.ndarray]) -> list[ImageEmbedding]:
+        """One encoder pass over all `images`: each is resized and padded to the encoder's square input, so
+        images of any sizes stack into one batch."""
+        if any(image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8 for image in images):
+            raise ValueError("encode expects RGB uint8 (H, W, 3) images")
+        resized = [self._resize.apply_image(image) for image in images]
         with self._encode_lock, torch.inference_mode():
+            pixels = torch.cat(
+                [
+                    self.sam.preprocess(torch.as_tensor(each, device=self.device).permute(2, 0, 1)[None].float())
+                    for each in resized
+                ]
+            )
             with torch.autocast(self.device.type, dtype=torch.float16, enabled=self._encoder_autocast):
-                features = self.sam.image_encoder(self.sam.preprocess(pixels.float()))
-        return ImageEmbedding(
-            features=features[0].float().cpu().numpy(),
-            original_size=(image.shape[0], image.shape[1]),
-            input_size=(resized.shape[0], resized.shape[1]),
-        )
+                features = self.sam.image_encoder(pixels).float().cpu().numpy()
+        return [
+            ImageEmbedding(
+                features=features[index],
+                original_size=(image.shape[0], image.shape[1]),
+                input_size=(each.shape[0], each.shape[1]),
+            )
+            for index, (image, each) in enumerate(zip(images, resized, strict=True))
+        ]
 
     def decode(self, embedding: ImageEmbedding, prompts: list[SegmentPrompt]) -> list[MaskPrediction]:
         """Decode prompts in as few batched calls as their shapes allow, keeping their order."""

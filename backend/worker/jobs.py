@@ -3,12 +3,21 @@
 A worker loads its models once (`install_predictor`); each job reads the image the web tier stored
 in Redis by content hash, runs the model half of the prediction and returns plain data. Input
 errors come back as values, not exceptions, so that RQ does not retry what can never succeed and
-the web tier can answer the right 4xx.
+the web tier can answer the right 4xx. Pre-annotation jobs a worker claimed together
+(`claimed_together`) share one batched model pass.
 """
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from rq import get_current_job
+from rq.exceptions import DeserializationError
+from rq.job import Job
 
 from backend.images import FetchedImage, ImageError, ImageFetcher
 from backend.predictor import Predictor, TaskPrediction
@@ -19,6 +28,7 @@ from backend.training.trainer import train_project
 log = logging.getLogger(__name__)
 
 _predictor: Predictor | None = None
+_batch: PreannotateBatch | None = None
 
 IMAGE_KEY = "sam:img:{digest}"
 STORED_PREFIX = "redis-image:"
@@ -86,10 +96,108 @@ def preannotate(
     image_urls: list[str], config: ProjectConfig, project_id: int | None = None
 ) -> list[TaskPrediction | Exception] | InputError:
     assert _predictor is not None, "the worker installs its predictor before taking jobs"
+    job = get_current_job()
+    if _batch is not None and job is not None and (outcome := _batch.outcome(job.id)) is not None:
+        return outcome
     try:
-        return _predictor.predict_batch(image_urls, config, project_id)
+        outcome = _predictor.predict_batch(image_urls, config, project_id)
     except (PromptError, ConfigError, InputError) as error:
         return _refusal(error)
+    if job is not None:
+        _record_pass(job, jobs=1, images=len(image_urls))
+    return outcome
+
+
+def _record_pass(job: Job, jobs: int, images: int) -> None:
+    """The job's meta says how large the model pass that answered it was, for operators (rq-dashboard)."""
+    job.meta["batch"] = {"jobs": jobs, "images": images}
+    job.save_meta()
+
+
+@dataclass
+class _Group:
+    """Claimed jobs of one project and label config: their images can share one GroundingDINO caption."""
+
+    config: ProjectConfig
+    project_id: int | None
+    jobs: list[tuple[Job, list[str]]] = field(default_factory=list)  # with their image URLs
+    ran: bool = False
+
+
+class PreannotateBatch:
+    """Pre-annotation jobs that a worker claimed together. The first job of a group to run computes the whole
+    group in one `predict_batch`; the group's other jobs then return their share of it."""
+
+    def __init__(self, claimed: list[Job]) -> None:
+        self.groups: list[_Group] = []
+        self._group_of: dict[str, _Group] = {}
+        self._outcomes: dict[str, list[TaskPrediction | Exception]] = {}
+        for job in claimed:
+            call = _preannotate_call(job)
+            if call is None:
+                continue
+            urls, config, project_id = call
+            group = next((g for g in self.groups if g.config == config and g.project_id == project_id), None)
+            if group is None:
+                group = _Group(config, project_id)
+                self.groups.append(group)
+            group.jobs.append((job, urls))
+            self._group_of[job.id] = group
+
+    @property
+    def images(self) -> int:
+        return sum(len(urls) for group in self.groups for _, urls in group.jobs)
+
+    def outcome(self, job_id: str) -> list[TaskPrediction | Exception] | None:
+        """The job's share of its group's pass, running the pass if it has not run; None when the job is to run
+        alone (not in the batch, or its group's pass failed)."""
+        group = self._group_of.get(job_id)
+        if group is None:
+            return None
+        if not group.ran:
+            group.ran = True  # even if the pass raises: the group's other jobs then run alone
+            self._run(group)
+        return self._outcomes.pop(job_id, None)
+
+    def _run(self, group: _Group) -> None:
+        assert _predictor is not None
+        urls = [url for _, job_urls in group.jobs for url in job_urls]
+        try:
+            outcomes = iter(_predictor.predict_batch(urls, group.config, group.project_id))
+        except (PromptError, ConfigError, InputError) as error:
+            # One job's refusal (its image expired from Redis, say) must not become the others': each runs alone.
+            log.warning(
+                "batched pre-annotation of %d jobs refused (%s); they run one at a time", len(group.jobs), error
+            )
+            return
+        for job, job_urls in group.jobs:
+            self._outcomes[job.id] = [next(outcomes) for _ in job_urls]
+            _record_pass(job, jobs=len(group.jobs), images=len(urls))
+
+
+def _preannotate_call(job: Job) -> tuple[list[str], ProjectConfig, int | None] | None:
+    """A pre-annotation job's arguments; None for any other job, or one whose data cannot be read (RQ fails it
+    when it runs)."""
+    try:
+        if job.func_name != f"{preannotate.__module__}.{preannotate.__qualname__}":
+            return None
+        call = inspect.signature(preannotate).bind(*job.args, **job.kwargs)
+    except (DeserializationError, TypeError):
+        return None
+    call.apply_defaults()
+    urls = call.arguments["image_urls"]
+    return (urls, call.arguments["config"], call.arguments["project_id"]) if isinstance(urls, list) else None
+
+
+@contextlib.contextmanager
+def claimed_together(claimed: list[Job]) -> Iterator[PreannotateBatch]:
+    """While a worker performs the jobs it claimed together, their pre-annotation runs as one batch."""
+    global _batch
+    _batch = PreannotateBatch(claimed)
+    try:
+        yield _batch
+    finally:
+        _batch = None
 
 
 def learn(project_id: int) -> dict | None:

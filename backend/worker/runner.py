@@ -4,6 +4,8 @@ It is RQ's SimpleWorker (jobs run in the worker process itself), because a forke
 start without the loaded models and must never fork after CUDA is initialised. Two changes to RQ's
 defaults: a dead worker is noticed within seconds instead of minutes (short heartbeats), and a
 worker re-registers when Redis comes back empty after a restart, so the web tier still sees it.
+And one addition: a pre-annotation job takes along the pre-annotation jobs already waiting behind it,
+up to PREANNOTATE_BATCH in all, so their images go through the models together.
 """
 
 from __future__ import annotations
@@ -12,7 +14,10 @@ import logging
 
 import redis
 from rq import Queue, SimpleWorker, worker_registration
+from rq.executions import Execution
 from rq.job import Job
+from rq.utils import as_text
+from rq.worker import WorkerStatus
 
 from backend.cache.store import make_store
 from backend.config import Settings
@@ -26,6 +31,10 @@ HEARTBEAT_MARGIN_S = 5
 
 
 class ModelWorker(SimpleWorker):
+    def __init__(self, *args, preannotate_batch: int = 1, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.preannotate_batch = preannotate_batch
+
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
         # Jobs run inline, so nothing heartbeats during one: its timeout plus a margin bounds it.
         return int(job.timeout or self.worker_ttl) + HEARTBEAT_MARGIN_S
@@ -37,6 +46,61 @@ class ModelWorker(SimpleWorker):
             self.connection.hset(self.key, mapping=self.serialize())
             self.connection.expire(self.key, timeout or self.worker_ttl + HEARTBEAT_MARGIN_S)
             worker_registration.register(self)
+
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        """As SimpleWorker, except that a pre-annotation job is performed together with the pre-annotation jobs
+        claimed behind it: each still goes through RQ's own perform_job (results, retries, failures), and the
+        first of a label config's jobs computes all of theirs in one batch."""
+        if queue.name != PREANNOTATE_QUEUE or self.preannotate_batch <= 1:
+            return super().execute_job(job, queue)
+        claimed = [(job, self.prepare_execution(job)), *self._claim_waiting(queue, self.preannotate_batch - 1)]
+        with jobs.claimed_together([each for each, _ in claimed]) as batch:
+            if len(claimed) > 1:
+                log.info(
+                    "worker %s: batch of %d jobs / %d images (%d label configs)",
+                    self.name,
+                    len(claimed),
+                    batch.images,
+                    len(batch.groups),
+                )
+            for index, (each, execution) in enumerate(claimed):
+                self._extend_leases(queue, claimed[index:])
+                self.perform_job(each, queue, execution)
+        self.set_state(WorkerStatus.IDLE)
+
+    def _claim_waiting(self, queue: Queue, limit: int) -> list[tuple[Job, Execution]]:
+        """Up to `limit` jobs already waiting on `queue`; never waits for more, so a click that arrives meanwhile
+        waits for one batch at most. A job is never only in this process's memory: LMOVE puts it in RQ's
+        intermediate list, and one transaction moves it from there into the started registry as this worker's
+        STARTED job. From either place another worker's maintenance re-enqueues it if this worker dies."""
+        intermediate = queue.intermediate_queue
+        job_ids: list[str] = []
+        while len(job_ids) < limit and (job_id := self.connection.lmove(queue.key, intermediate.key)) is not None:
+            job_ids.append(as_text(job_id))
+        if not job_ids:
+            return []
+        claimed = []
+        fetched = self.job_class.fetch_many(job_ids, self.connection, self.serializer)
+        with self.connection.pipeline() as pipeline:
+            for job_id, job in zip(job_ids, fetched, strict=True):
+                pipeline.lrem(intermediate.key, 1, job_id)
+                pipeline.delete(intermediate.get_first_seen_key(job_id))
+                if job is None:
+                    continue  # deleted while it waited; RQ's own dequeue skips these too
+                execution = Execution.create(job, self.get_heartbeat_ttl(job), pipeline, worker_name=self.name)
+                self.executions[execution.id] = execution
+                job.prepare_for_execution(self.name, pipeline)
+                claimed.append((job, execution))
+            pipeline.execute()
+        return claimed
+
+    def _extend_leases(self, queue: Queue, waiting: list[tuple[Job, Execution]]) -> None:
+        """Claimed jobs wait while the batch's earlier jobs run: renew their leases in the started registry, or
+        another worker's maintenance would take them for abandoned and run them again."""
+        with self.connection.pipeline() as pipeline:
+            for job, execution in waiting:
+                execution.heartbeat(queue.started_job_registry, self.get_heartbeat_ttl(job), pipeline)
+            pipeline.execute()
 
 
 def run_worker(settings: Settings, burst: bool = False) -> int:
@@ -52,6 +116,7 @@ def run_worker(settings: Settings, burst: bool = False) -> int:
         connection=connection,
         worker_ttl=settings.worker_ttl_s,
         maintenance_interval=settings.worker_maintenance_s,
+        preannotate_batch=settings.preannotate_batch,
     )
     log.info("worker %s ready, taking jobs from %s", worker.name, [queue.name for queue in queues])
     worker.work(burst=burst, logging_level=settings.log_level, with_scheduler=False)
