@@ -106,6 +106,7 @@ class Settings:
     job_timeout_s: int = 180
     worker_ttl_s: int = 20
     worker_maintenance_s: int = 10
+    interactive_thread: bool = True  # each worker also runs a clicks-only loop, so no click waits for a batch
     preannotate_batch: int = 4  # pre-annotation jobs a worker takes from the queue at once (1: one at a time)
 
     # Storage of trained models and weights.
@@ -167,6 +168,7 @@ class Settings:
             job_timeout_s=_env_int("JOB_TIMEOUT", cls.job_timeout_s),
             worker_ttl_s=_env_int("WORKER_TTL", cls.worker_ttl_s),
             worker_maintenance_s=_env_int("WORKER_MAINTENANCE_INTERVAL", cls.worker_maintenance_s),
+            interactive_thread=_env_bool("INTERACTIVE_THREAD", cls.interactive_thread),
             preannotate_batch=_env_int("PREANNOTATE_BATCH", cls.preannotate_batch),
             model_dir=_env_str("MODEL_DIR", cls.model_dir),
             weights_dir=_env_str("WEIGHTS_DIR", cls.weights_dir),

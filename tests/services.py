@@ -1,14 +1,20 @@
-"""Real services for tests and benchmarks: a redis-server process on a free port."""
+"""Real services for tests and benchmarks: a redis-server process on a free port, and inference workers."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import redis
+
+from backend.worker.client import alive_workers
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
@@ -64,3 +70,55 @@ class RedisServer:
             self.process.terminate()
             self.process.wait(timeout=10)
             self.process = None
+
+
+class Workers:
+    """`python -m backend worker` processes, started and killed by the test."""
+
+    def __init__(self, redis_url: str, checkpoint: Path, log_dir: Path) -> None:
+        self.redis_url = redis_url
+        self.checkpoint = checkpoint
+        self.log_dir = log_dir
+        self.processes: list[subprocess.Popen] = []
+
+    def start(self, count: int, **extra_env: str) -> Workers:
+        env = dict(
+            os.environ,
+            REDIS_URL=self.redis_url,
+            SAM_CHECKPOINT=str(self.checkpoint),
+            JOB_TIMEOUT="6",
+            WORKER_TTL="3",
+            WORKER_MAINTENANCE_INTERVAL="1",
+            TORCH_THREADS="1",
+        )
+        env.update(extra_env)
+        for _ in range(count):
+            log = open(self.log_dir / f"worker{len(self.processes)}.log", "w")  # noqa: SIM115 (lives with the process)
+            self.processes.append(
+                subprocess.Popen([sys.executable, "-m", "backend", "worker"], cwd=REPO, env=env, stdout=log, stderr=log)
+            )
+        self.wait_alive(len([p for p in self.processes if p.poll() is None]))
+        return self
+
+    def wait_alive(self, count: int, timeout_s: float = 120) -> None:
+        connection = redis.Redis.from_url(self.redis_url)
+        deadline = time.time() + timeout_s
+        while time.time() < deadline:
+            try:
+                if alive_workers(connection) == count:
+                    return
+            except redis.ConnectionError:
+                pass
+            time.sleep(0.2)
+        logs = "\n".join(path.read_text()[-2000:] for path in self.log_dir.glob("worker*.log"))
+        raise RuntimeError(f"expected {count} live workers\n{logs}")
+
+    def stop(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.terminate()
+        for process in self.processes:
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()

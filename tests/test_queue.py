@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -10,10 +11,10 @@ import sys
 import threading
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import redis
+import requests
 from rq import Queue, Retry, Worker
 from rq.job import Job
 from rq.registry import StartedJobRegistry
@@ -24,61 +25,9 @@ from backend.protocol.label_config import parse_label_config
 from backend.protocol.results import decode_brush
 from backend.protocol.server import create_app
 from backend.worker import jobs
-from backend.worker.client import INTERACTIVE_QUEUE, PREANNOTATE_QUEUE, QueuePredictor, alive_workers
-from tests.conftest import REPO, recorded
-from tests.services import RedisServer
-
-
-class Workers:
-    """`python -m backend worker` processes, started and killed by the test."""
-
-    def __init__(self, redis_url: str, checkpoint: Path, log_dir: Path) -> None:
-        self.redis_url = redis_url
-        self.checkpoint = checkpoint
-        self.log_dir = log_dir
-        self.processes: list[subprocess.Popen] = []
-
-    def start(self, count: int, **extra_env: str) -> Workers:
-        env = dict(
-            os.environ,
-            REDIS_URL=self.redis_url,
-            SAM_CHECKPOINT=str(self.checkpoint),
-            JOB_TIMEOUT="6",
-            WORKER_TTL="3",
-            WORKER_MAINTENANCE_INTERVAL="1",
-            TORCH_THREADS="1",
-        )
-        env.update(extra_env)
-        for _ in range(count):
-            log = open(self.log_dir / f"worker{len(self.processes)}.log", "w")  # noqa: SIM115 (lives with the process)
-            self.processes.append(
-                subprocess.Popen([sys.executable, "-m", "backend", "worker"], cwd=REPO, env=env, stdout=log, stderr=log)
-            )
-        self.wait_alive(len([p for p in self.processes if p.poll() is None]))
-        return self
-
-    def wait_alive(self, count: int, timeout_s: float = 120) -> None:
-        connection = redis.Redis.from_url(self.redis_url)
-        deadline = time.time() + timeout_s
-        while time.time() < deadline:
-            try:
-                if alive_workers(connection) == count:
-                    return
-            except redis.ConnectionError:
-                pass
-            time.sleep(0.2)
-        logs = "\n".join(path.read_text()[-2000:] for path in self.log_dir.glob("worker*.log"))
-        raise RuntimeError(f"expected {count} live workers\n{logs}")
-
-    def stop(self) -> None:
-        for process in self.processes:
-            if process.poll() is None:
-                process.terminate()
-        for process in self.processes:
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
+from backend.worker.client import CLICK_LANE_SUFFIX, INTERACTIVE_QUEUE, PREANNOTATE_QUEUE, QueuePredictor, alive_workers
+from tests.conftest import encode, recorded, smooth_object_image
+from tests.services import RedisServer, Workers, free_port
 
 
 @pytest.fixture
@@ -219,7 +168,8 @@ def test_clicks_go_ahead_of_waiting_pre_annotation_jobs(web_settings, workers, g
     click_job = predictor.interactive_queue.enqueue(
         jobs.interactive, image.digest, 1, recorded("04-predict-interactive-keypoints.json")["params"]["context"]
     )
-    workers.start(1, **grounding_env(grounding_dino_files))
+    # Queue priority alone: without the clicks-only thread, one loop must take the click before any bulk job.
+    workers.start(1, **grounding_env(grounding_dino_files), INTERACTIVE_THREAD="false")
     deadline = time.time() + 240
     while time.time() < deadline and not all(job.get_status(refresh=True) == "finished" for job in [*bulk, click_job]):
         time.sleep(0.5)
@@ -227,6 +177,36 @@ def test_clicks_go_ahead_of_waiting_pre_annotation_jobs(web_settings, workers, g
     for job in [*bulk, click_job]:
         job.refresh()
     assert click_job.ended_at <= min(job.started_at for job in bulk)
+
+
+def test_a_click_is_answered_while_the_only_worker_runs_a_long_pre_annotation_job(
+    web_settings, workers, grounding_dino_files, queue_redis
+):
+    connection = redis.Redis.from_url(queue_redis.url)
+    predictor = QueuePredictor(web_settings, connection)
+    config = parse_label_config(recorded("03-predict-batch.json")["label_config"])
+    digests = []
+    for seed in range(12):  # one job of twelve 1024x768 images: many clicks' worth of work
+        data = encode(smooth_object_image(1024, 768, seed))
+        digests.append(hashlib.sha256(data).hexdigest())
+        connection.set(jobs.IMAGE_KEY.format(digest=digests[-1]), data)
+    bulk = predictor.preannotate_queue.enqueue(
+        jobs.preannotate, [jobs.stored_url(digest) for digest in digests], config, None, job_timeout=600
+    )
+    workers.start(1, **grounding_env(grounding_dino_files))
+    deadline = time.time() + 300
+    while time.time() < deadline and bulk.get_status(refresh=True) != "started":
+        time.sleep(0.1)
+    context = recorded("04-predict-interactive-keypoints.json")["params"]["context"]
+    click_job = predictor.interactive_queue.enqueue(jobs.interactive, digests[0], 1, context)
+    while time.time() < deadline and not all(job.get_status(refresh=True) == "finished" for job in (bulk, click_job)):
+        time.sleep(0.2)
+    assert click_job.get_status() == "finished" and bulk.get_status() == "finished"
+    bulk.refresh()
+    click_job.refresh()
+    assert bulk.started_at < click_job.enqueued_at and click_job.ended_at < bulk.ended_at
+    assert click_job.worker_name.endswith(CLICK_LANE_SUFFIX), click_job.worker_name
+    assert alive_workers(connection) == 1  # the clicks-only loop is not counted as another worker
 
 
 CAR_IMAGES = {  # path: (height, width) as the worker reads it
@@ -294,10 +274,53 @@ def test_jobs_claimed_into_a_batch_by_a_killed_worker_are_finished_by_another(
     while len(registry.get_job_ids(cleanup=False)) < 3 and time.time() < deadline:
         time.sleep(0.005)
     assert sorted(registry.get_job_ids(cleanup=False)) == sorted(job.id for job in waiting)
-    (victim,) = Worker.all(connection=connection)
+    (victim,) = [worker for worker in Worker.all(connection=connection) if not worker.name.endswith(CLICK_LANE_SUFFIX)]
     os.kill(victim.pid, signal.SIGKILL)
     workers.start(1, **env)
     wait_finished(waiting)
     assert [job.get_status() for job in waiting] == ["finished"] * 3
     assert all(job.worker_name != victim.name for job in waiting)
     assert all(job.meta["batch"]["jobs"] >= 1 for job in waiting)
+
+
+def test_rq_dashboard_reads_the_same_redis(workers, queue_redis, tmp_path):
+    """The job library's own dashboard, pointed at the backend's Redis, sees its queues, jobs and workers."""
+    workers.start(1)
+    connection = redis.Redis.from_url(queue_redis.url)
+    waiting = Queue("sam-dashboard-check", connection=connection).enqueue(jobs.learn, 1)
+    port = free_port()
+    log = open(tmp_path / "rq-dashboard.log", "w")  # noqa: SIM115 (lives with the process)
+    dashboard = subprocess.Popen(
+        [
+            os.path.join(os.path.dirname(sys.executable), "rq-dashboard"),
+            "--redis-url",
+            queue_redis.url,
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        stdout=log,
+        stderr=log,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}/0/data"
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                queues = requests.get(f"{base}/queues.json", timeout=5).json()["queues"]
+                break
+            except requests.RequestException:
+                time.sleep(0.5)
+        else:
+            raise AssertionError((tmp_path / "rq-dashboard.log").read_text())
+        assert "sam-dashboard-check" in {queue["name"] for queue in queues}, queues
+        listed_workers = requests.get(f"{base}/workers.json", timeout=5).json()["workers"]
+        names = [worker["name"] for worker in listed_workers]
+        assert len(names) == 2 and sum(name.endswith(CLICK_LANE_SUFFIX) for name in names) == 1, names
+        assert INTERACTIVE_QUEUE in json.dumps(listed_workers), listed_workers
+        listed = requests.get(f"{base}/jobs/sam-dashboard-check/queued/8/asc/1.json", timeout=5).json()["jobs"]
+        assert [job["id"] for job in listed] == [waiting.id], listed
+    finally:
+        dashboard.terminate()
+        dashboard.wait(timeout=10)

@@ -33,6 +33,7 @@ PREANNOTATE_QUEUE = "sam-preannotate"
 TRAINING_QUEUE = "sam-training"  # webhook events and trainings; taken when the other queues are empty
 WORKER_KEY_PREFIX = "rq:worker:"
 STATE_FALLBACK_BYTES = 16 * 1024 * 1024
+CLICK_LANE_SUFFIX = "-clicks"  # a worker process's second, clicks-only loop registers under its name + this
 
 
 class InferenceUnavailable(ModelNotReady):
@@ -40,10 +41,10 @@ class InferenceUnavailable(ModelNotReady):
 
 
 def alive_workers(connection: redis.Redis) -> int:
-    """Workers whose registration has not expired (a killed worker's key expires after its TTL)."""
+    """Worker processes whose registration has not expired (a killed worker's key expires after its TTL)."""
     from rq import Worker
 
-    keys = Worker.all_keys(connection=connection)
+    keys = [key for key in Worker.all_keys(connection=connection) if not key.endswith(CLICK_LANE_SUFFIX)]
     if not keys:
         return 0
     with connection.pipeline() as pipeline:

@@ -4,18 +4,22 @@ It is RQ's SimpleWorker (jobs run in the worker process itself), because a forke
 start without the loaded models and must never fork after CUDA is initialised. Two changes to RQ's
 defaults: a dead worker is noticed within seconds instead of minutes (short heartbeats), and a
 worker re-registers when Redis comes back empty after a restart, so the web tier still sees it.
-And one addition: a pre-annotation job takes along the pre-annotation jobs already waiting behind it,
-up to PREANNOTATE_BATCH in all, so their images go through the models together.
+And two additions: a pre-annotation job takes along the pre-annotation jobs already waiting behind it,
+up to PREANNOTATE_BATCH in all, so their images go through the models together; and a second RQ worker
+in a thread of the same process takes clicks only (INTERACTIVE_THREAD), sharing the loaded models, so a
+click never waits for a pre-annotation batch to finish.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 
 import redis
 from rq import Queue, SimpleWorker, worker_registration
 from rq.executions import Execution
 from rq.job import Job
+from rq.timeouts import TimerDeathPenalty
 from rq.utils import as_text
 from rq.worker import WorkerStatus
 
@@ -23,7 +27,7 @@ from backend.cache.store import make_store
 from backend.config import Settings
 from backend.predictor import Predictor
 from backend.worker import jobs
-from backend.worker.client import INTERACTIVE_QUEUE, PREANNOTATE_QUEUE, TRAINING_QUEUE
+from backend.worker.client import CLICK_LANE_SUFFIX, INTERACTIVE_QUEUE, PREANNOTATE_QUEUE, TRAINING_QUEUE
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +107,35 @@ class ModelWorker(SimpleWorker):
             pipeline.execute()
 
 
+class ClickLane(ModelWorker):
+    """The worker's second loop, in a thread, on the interactive queue alone."""
+
+    # SIGALRM, which RQ's default job time-out uses, reaches only the main thread: time jobs out with a timer.
+    death_penalty_class = TimerDeathPenalty
+
+    def _install_signal_handlers(self) -> None:
+        """Signals belong to the main worker, which stops this lane when it stops."""
+
+    def stop(self, wait_s: float) -> None:
+        """Finish the click in hand (up to `wait_s`), then leave; an idle lane unregisters at once."""
+        self._stop_requested = True
+        thread = getattr(self, "thread", None)
+        if thread is not None and self.get_state() == WorkerStatus.BUSY:
+            thread.join(wait_s)
+        if thread is not None and thread.is_alive():
+            # Blocked waiting for a job: the process exits under it, so say goodbye on its behalf.
+            self.register_death()
+
+    def start(self, logging_level: str) -> None:
+        self.thread = threading.Thread(
+            target=self.work,
+            kwargs={"logging_level": logging_level, "with_scheduler": False},
+            name="click-lane",
+            daemon=True,
+        )
+        self.thread.start()
+
+
 def run_worker(settings: Settings, burst: bool = False) -> int:
     if not settings.redis_url:
         raise SystemExit("the worker needs REDIS_URL: it takes its jobs from Redis")
@@ -118,6 +151,25 @@ def run_worker(settings: Settings, burst: bool = False) -> int:
         maintenance_interval=settings.worker_maintenance_s,
         preannotate_batch=settings.preannotate_batch,
     )
-    log.info("worker %s ready, taking jobs from %s", worker.name, [queue.name for queue in queues])
-    worker.work(burst=burst, logging_level=settings.log_level, with_scheduler=False)
+    lane = None
+    if settings.interactive_thread and not burst:
+        lane = ClickLane(
+            [queues[0]],
+            name=worker.name + CLICK_LANE_SUFFIX,
+            connection=connection,
+            worker_ttl=settings.worker_ttl_s,
+            maintenance_interval=settings.worker_maintenance_s,
+        )
+        lane.start(settings.log_level)
+    log.info(
+        "worker %s ready, taking jobs from %s%s",
+        worker.name,
+        [queue.name for queue in queues],
+        f"; clicks also on {lane.name}" if lane else "",
+    )
+    try:
+        worker.work(burst=burst, logging_level=settings.log_level, with_scheduler=False)
+    finally:
+        if lane is not None:
+            lane.stop(wait_s=settings.job_timeout_s)
     return 0
