@@ -107,7 +107,7 @@ class GunicornServer:
         return sorted(children)
 
     def wait_ready(self, timeout_s: float) -> None:
-        """Until every worker has answered /health with its models loaded."""
+        """Until every worker has answered /health with its models loaded (in queue mode: has answered)."""
         give_up_at = time.monotonic() + timeout_s
         ready: set[int] = set()
         while time.monotonic() < give_up_at:
@@ -116,7 +116,8 @@ class GunicornServer:
             pids = set(self.worker_pids())
             try:
                 answer = requests.get(self.url + "/health", timeout=2, auth=self.auth)
-                if answer.json().get("models") == "ready":
+                health = answer.json()
+                if health.get("models") == "ready" or health.get("inference") == "queue":
                     ready.add(int(answer.headers["X-Worker-Pid"]))
             except (requests.RequestException, ValueError):
                 pass
