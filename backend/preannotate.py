@@ -124,7 +124,7 @@ class ProjectRun:
                 self._run_locked()
         except LockBusy:
             self._end("busy", "another pre-annotation run of this project is going on")
-        except (ProjectApiError, ConfigError, PromptError, InputError) as error:
+        except (ProjectApiError, ConfigError, PromptError, InputError, ModelNotReady) as error:
             self._end("failed", str(error))
         except Exception as error:  # the run ends visibly, whatever went wrong
             log.exception("project %d: pre-annotation run failed", self.project_id)
@@ -217,10 +217,9 @@ class ProjectRun:
         done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
         for future in done:
             batch = in_flight.pop(future)
-            try:
-                outcomes = future.result()
-            except ModelNotReady as error:
-                outcomes = [error] * len(batch)  # recorded per task below; the next run tries them again
+            # A batch the models could not take after every retry (failed to load, no worker answering) ends the run
+            # visibly instead of writing an error for every task left; its tasks stay unpredicted for the next run.
+            outcomes = future.result()
             predictions, errors = [], []
             for task, outcome in zip(batch, outcomes, strict=True):
                 if isinstance(outcome, TaskPrediction):
@@ -240,7 +239,7 @@ class ProjectRun:
         self.files.preannotate_errors.parent.mkdir(parents=True, exist_ok=True)
         with open(self.files.preannotate_errors, "a") as handle:
             for task, error in errors:
-                status = getattr(error, "status", 503 if isinstance(error, ModelNotReady) else 422)
+                status = getattr(error, "status", 422)
                 log.warning("project %d task %d: no prediction: %s", self.project_id, task.id, error)
                 entry = {"time": time.time(), "task": task.id, "model_version": version, "status": status}
                 handle.write(json.dumps({**entry, "error": str(error)}) + "\n")

@@ -9,7 +9,8 @@ downloaded): SAM small (the tests' reduced encoder) or ViT-B, and GroundingDINO 
 one decoder layer reading 256-pixel images. Each worker count gets its own fresh images, so every bulk image
 is encoded. The machine's cores are shared out: TORCH_THREADS = cores / workers.
 
-Per worker count it prints: bulk images/s (POST /predict with --batch tasks per request, as "Retrieve
+Rows: each worker count with the clicks-only thread (INTERACTIVE_THREAD, the default), then the first
+count without it. Per row: bulk images/s (POST /predict with --batch tasks per request, as "Retrieve
 predictions" sends, 2 requests in flight per worker), warm-click p50/p95 idle and during the bulk run,
 and the p95 ratio (goal: below 2).
 """
@@ -121,13 +122,15 @@ class Rig:
         return time.perf_counter() - started
 
 
-def measure(rig: Rig, redis_url: str, web: GunicornServer, models: dict[str, str], workers: int) -> dict:
+def measure(rig: Rig, redis_url: str, web: GunicornServer, models: dict[str, str], workers: int, lane: bool) -> dict:
     cores = os.cpu_count() or 1
-    pool = Workers(redis_url, Path(models["SAM_CHECKPOINT"]), rig.workdir / f"logs-{workers}")
-    (rig.workdir / f"logs-{workers}").mkdir(exist_ok=True)
-    images = write_images(rig.media / "upload" / "1", rig.args.images, size=(1024, 768), seed=1000 * workers)
+    logs = rig.workdir / f"logs-{workers}-{lane}"
+    logs.mkdir()
+    pool = Workers(redis_url, Path(models["SAM_CHECKPOINT"]), logs)
+    images = write_images(rig.media / "upload" / "1", rig.args.images, size=(1024, 768), seed=1000 * workers + lane)
     try:
-        pool.start(workers, **models, TORCH_THREADS=str(max(cores // workers, 1)), JOB_TIMEOUT="3600")
+        threads = str(max(cores // workers, 1))
+        pool.start(workers, **models, TORCH_THREADS=threads, JOB_TIMEOUT="3600", INTERACTIVE_THREAD=str(lane).lower())
         rig.clicks(web.url, 2)  # encode the annotator's image, warm both sides
         idle = rig.clicks(web.url, rig.args.clicks)
         during: list[float] = []
@@ -147,6 +150,7 @@ def measure(rig: Rig, redis_url: str, web: GunicornServer, models: dict[str, str
         pool.stop()
     return {
         "workers": workers,
+        "lane": lane,
         "torch_threads": max(cores // workers, 1),
         "images_per_s": len(images) / wall,
         "bulk_s": wall,
@@ -184,7 +188,9 @@ def main() -> None:
         web = GunicornServer(environment, rig.workdir / "gunicorn.log", workers=2, threads=8)
         try:
             web.start()
-            rows = [measure(rig, redis_server.url, web, models, count) for count in args.workers]
+            # With the clicks-only thread for each worker count, then one worker without it, for comparison.
+            configurations = [(count, True) for count in args.workers] + [(args.workers[0], False)]
+            rows = [measure(rig, redis_server.url, web, models, count, lane) for count, lane in configurations]
         finally:
             web.stop()
             label_studio.stop()
@@ -194,19 +200,21 @@ def main() -> None:
         f"SAM {args.sam}, GroundingDINO 1+1 layers at 256 px, {args.images} images 1024x768, batch {args.batch}, "
         f"load average {os.getloadavg()[0]:.1f}"
     )
-    header = "workers  threads  images/s  idle p50/p95 ms   bulk p50/p95 ms   clicks  p95 ratio"
+    header = "workers  click thread  torch threads  images/s  idle p50/p95 ms   bulk p50/p95 ms   clicks  p95 ratio"
     print(header)
     for row in rows:
         print(
-            f"{row['workers']:>7}  {row['torch_threads']:>7}  {row['images_per_s']:>8.2f}  "
+            f"{row['workers']:>7}  {'yes' if row['lane'] else 'no':>12}  {row['torch_threads']:>13}  "
+            f"{row['images_per_s']:>8.2f}  "
             f"{row['idle_p50_ms']:>7.0f}/{row['idle_p95_ms']:<7.0f}  "
             f"{row['bulk_p50_ms']:>7.0f}/{row['bulk_p95_ms']:<7.0f}  "
             f"{row['clicks_during']:>6}  {row['p95_ratio']:>9.2f}"
         )
-    if len(rows) > 1:
+    with_lane = [row for row in rows if row["lane"]]
+    if len(with_lane) > 1:
         print(
-            f"throughput {rows[-1]['workers']} vs {rows[0]['workers']} workers: "
-            f"{rows[-1]['images_per_s'] / rows[0]['images_per_s']:.2f}x"
+            f"throughput {with_lane[-1]['workers']} vs {with_lane[0]['workers']} workers: "
+            f"{with_lane[-1]['images_per_s'] / with_lane[0]['images_per_s']:.2f}x"
         )
 
 
