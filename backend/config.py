@@ -83,6 +83,7 @@ class Settings:
     device: str = "auto"
     decoder_runtime: str = "auto"
     torch_threads: int = 0
+    sam_encoder_batch: int = 0  # images per SAM encoder pass; 0: 4 on a GPU, 1 on CPU
 
     # GroundingDINO (pre-annotation and text prompts); optional: SAM serves clicks without it.
     grounding_dino_config: str = ""
@@ -151,6 +152,7 @@ class Settings:
             device=_env_str("DEVICE", cls.device),
             decoder_runtime=_env_str("DECODER_RUNTIME", cls.decoder_runtime),
             torch_threads=_env_int("TORCH_THREADS", cls.torch_threads),
+            sam_encoder_batch=_env_int("SAM_ENCODER_BATCH", cls.sam_encoder_batch),
             grounding_dino_config=_env_str("GROUNDING_DINO_CONFIG"),
             grounding_dino_checkpoint=_env_str("GROUNDING_DINO_CHECKPOINT"),
             grounding_dino_text_encoder=_env_str("GROUNDING_DINO_TEXT_ENCODER", cls.grounding_dino_text_encoder),

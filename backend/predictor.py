@@ -111,7 +111,11 @@ class Predictor(InteractiveFront):
         settings = self.settings
         with MODEL_BUILD_LOCK:
             segmenter = load_sam(
-                settings.sam_checkpoint_path, settings.sam_model_type, settings.device, settings.decoder_runtime
+                settings.sam_checkpoint_path,
+                settings.sam_model_type,
+                settings.device,
+                settings.decoder_runtime,
+                settings.sam_encoder_batch,
             )
         self.detector.start()  # after SAM, which clicks need first
         return self.models_for(segmenter)

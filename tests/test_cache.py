@@ -90,6 +90,16 @@ def test_an_image_is_encoded_once_under_concurrent_requests(segmenter, redis_url
     assert sorted(result.cache_hit for result in results) == [False] + [True] * 5
 
 
+def test_encoder_passes_hold_at_most_the_configured_number_of_images(sam_checkpoint):
+    segmenter = load_sam(sam_checkpoint, encoder_batch=2)
+    passes = []
+    segmenter.sam.image_encoder.register_forward_pre_hook(lambda module, inputs: passes.append(inputs[0].shape[0]))
+    images = [smooth_object_image(160 + 40 * index, 120, index) for index in range(3)]
+    embeddings = segmenter.encode_batch(images)
+    assert passes == [2, 1] and [each.original_size for each in embeddings] == [(120, 160), (120, 200), (120, 240)]
+    assert load_sam(sam_checkpoint).encoder_batch == (4 if torch.cuda.is_available() else 1)
+
+
 def test_a_batch_encodes_its_misses_in_one_pass_as_one_at_a_time_would(segmenter, redis_url):
     counting = CountingSegmenter(segmenter)
     cache = EmbeddingCache(make_store(redis_url, 1 << 26), counting, ttl_s=60, lock_timeout_s=60)

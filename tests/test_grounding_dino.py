@@ -254,7 +254,8 @@ def assert_object_pairs(entry: dict, width: int, height: int) -> list[tuple[dict
 def test_preannotation_batch_detects_and_encodes_all_images_at_once_and_segments_each_in_one_call(
     grounded_settings, label_studio
 ):
-    client, predictor = grounded_client(grounded_settings)
+    # Four images per encoder pass, as on a GPU (on CPU the default is one).
+    client, predictor = grounded_client(replace(grounded_settings, sam_encoder_batch=4))
     detector, segmenter = predictor.detector.get(1), predictor.models.get(1).segmenter
     batches, encodes, decodes = [], [], []
     detector.model.register_forward_pre_hook(lambda module, inputs: batches.append(inputs[0].tensors.shape[0]))
