@@ -112,10 +112,14 @@ def _preannotate(args: argparse.Namespace, settings: Settings) -> int:
 
     configure_logging(settings.log_level)
     # A bulk run waits for the models and for busy workers longer than a Label Studio request may.
-    settings = replace(settings, model_ready_timeout_s=max(settings.model_ready_timeout_s, 600.0))
+    settings = replace(
+        settings,
+        model_ready_timeout_s=max(settings.model_ready_timeout_s, 600.0),
+        predict_deadline_s=max(settings.predict_deadline_s, 600.0),
+    )
     try:
         api = ProjectApi(settings.label_studio_url, settings.label_studio_api_key)
-        predictor = make_predictor(replace(settings, predict_deadline_s=max(settings.predict_deadline_s, 600.0)))
+        predictor = make_predictor(settings)
     except (ProjectApiError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -151,7 +155,9 @@ def _preannotate(args: argparse.Namespace, settings: Settings) -> int:
     if progress.state == "finished":
         return 0
     print(f"{progress.state}: {progress.message}; run the same command again to resume", file=sys.stderr)
-    return 130 if progress.state == "stopped" and stop.is_set() else (0 if progress.state == "stopped" else 1)
+    if progress.state != "stopped":
+        return 1
+    return 130 if stop.is_set() else 0  # stopped by a signal, or by --max-tasks as asked
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -200,17 +200,15 @@ class ProjectRun:
             yield batch
 
     def _predict(self, urls: list[object], config: ProjectConfig) -> list[TaskPrediction | Exception]:
-        for attempt in range(UNAVAILABLE_RETRIES + 1):
+        for _ in range(UNAVAILABLE_RETRIES):
             try:
                 return self.predictor.predict_batch(urls, config, self.project_id)
             except ModelNotReady as error:  # loading, or no queue worker alive / answering in time
-                if attempt == UNAVAILABLE_RETRIES:
-                    raise
                 log.warning(
                     "project %d: %s; trying the batch again in %.0f s", self.project_id, error, UNAVAILABLE_PAUSE_S
                 )
                 time.sleep(UNAVAILABLE_PAUSE_S)
-        raise AssertionError("unreachable")
+        return self.predictor.predict_batch(urls, config, self.project_id)  # the last try: its error ends the run
 
     def _collect(self, in_flight: dict[Future, list[ProjectTask]], config: ProjectConfig, version: str) -> None:
         """Store the predictions of the batches that are done (at least one), record the errors."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import httpx
 from label_studio_sdk import LabelStudio, PredictionRequest
 from label_studio_sdk.core.api_error import ApiError
 
@@ -49,7 +50,7 @@ class ProjectApi:
             return call(*args, **kwargs)
         except ApiError as error:
             raise ProjectApiError(f"Label Studio at {self.url}: {what} -> {error.status_code}: {error.body}") from error
-        except OSError as error:  # connection refused, DNS, time-outs (httpx errors are OSErrors' cousins)
+        except (httpx.HTTPError, OSError) as error:  # connection refused, DNS, time-outs: the SDK speaks httpx
             raise ProjectApiError(f"Label Studio at {self.url}: {what} failed: {error}") from error
 
     def project(self, project_id: int) -> ProjectInfo:

@@ -119,10 +119,9 @@ class ClickLane(ModelWorker):
     def stop(self, wait_s: float) -> None:
         """Finish the click in hand (up to `wait_s`), then leave; an idle lane unregisters at once."""
         self._stop_requested = True
-        thread = getattr(self, "thread", None)
-        if thread is not None and self.get_state() == WorkerStatus.BUSY:
-            thread.join(wait_s)
-        if thread is not None and thread.is_alive():
+        if self.get_state() == WorkerStatus.BUSY:
+            self.thread.join(wait_s)
+        if self.thread.is_alive():
             # Blocked waiting for a job: the process exits under it, so say goodbye on its behalf.
             self.register_death()
 
