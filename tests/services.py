@@ -11,8 +11,9 @@ import time
 from pathlib import Path
 
 import redis
+from rq import Worker
 
-from backend.worker.client import alive_workers
+from backend.worker.client import CLICK_LANE_SUFFIX
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -97,21 +98,29 @@ class Workers:
             self.processes.append(
                 subprocess.Popen([sys.executable, "-m", "backend", "worker"], cwd=REPO, env=env, stdout=log, stderr=log)
             )
-        self.wait_alive(len([p for p in self.processes if p.poll() is None]))
+        self.wait_alive()
         return self
 
-    def wait_alive(self, count: int, timeout_s: float = 120) -> None:
+    def wait_alive(self, timeout_s: float = 120) -> None:
+        """Until every running process is a registered worker: counted by pid, since a killed worker's
+        registration lingers for its TTL and would otherwise stand in for one still loading its models."""
         connection = redis.Redis.from_url(self.redis_url)
         deadline = time.time() + timeout_s
         while time.time() < deadline:
+            running = {process.pid for process in self.processes if process.poll() is None}
             try:
-                if alive_workers(connection) == count:
-                    return
+                registered = {
+                    worker.pid
+                    for worker in Worker.all(connection=connection)
+                    if not worker.name.endswith(CLICK_LANE_SUFFIX)
+                }
             except redis.ConnectionError:
-                pass
+                registered = set()
+            if running <= registered:
+                return
             time.sleep(0.2)
         logs = "\n".join(path.read_text()[-2000:] for path in self.log_dir.glob("worker*.log"))
-        raise RuntimeError(f"expected {count} live workers\n{logs}")
+        raise RuntimeError(f"workers {sorted(running - registered)} never registered\n{logs}")
 
     def stop(self) -> None:
         for process in self.processes:

@@ -121,7 +121,7 @@ def test_web_and_workers_reconnect_after_a_redis_restart(web, workers, queue_red
     down = click(web, 45.0)
     assert down.status_code == 503 and "Redis" in down.json["error"]
     queue_redis.start()
-    workers.wait_alive(1)
+    workers.wait_alive()
     after = click(web, 55.0)
     assert after.status_code == 200, after.json
 
