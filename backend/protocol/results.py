@@ -1,14 +1,13 @@
-"""Label Studio result JSON for a task's prediction: brush masks in Label Studio's RLE (label-studio-sdk's codec)
-and rectangles."""
+"""Label Studio result JSON for a task's prediction: brush masks in Label Studio's RLE and rectangles."""
 
 from __future__ import annotations
 
 import uuid
 
 import numpy as np
-from label_studio_sdk.converter.brush import decode_rle, mask2rle
 
 from backend.predictor import TaskPrediction
+from backend.protocol.brush_rle import decode_mask, encode_mask
 from backend.protocol.label_config import ProjectConfig
 
 
@@ -31,7 +30,7 @@ def brush_result(
         "image_rotation": 0,
         "readonly": False,
         "score": float(score),
-        "value": {"format": "rle", "rle": mask2rle(mask.astype(np.uint8) * 255), "brushlabels": [label]},
+        "value": {"format": "rle", "rle": encode_mask(mask), "brushlabels": [label]},
     }
 
 
@@ -88,6 +87,4 @@ def task_results(prediction: TaskPrediction, config: ProjectConfig, model_versio
 
 def decode_brush(result: dict) -> np.ndarray:
     """The (H, W) bool mask of a brushlabels result, as Label Studio would draw it."""
-    height, width = result["original_height"], result["original_width"]
-    rgba = decode_rle(result["value"]["rle"]).reshape(height, width, 4)
-    return rgba[:, :, 3] > 0
+    return decode_mask(result["value"]["rle"], result["original_height"], result["original_width"])

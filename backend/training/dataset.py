@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from label_studio_sdk.converter.brush import decode_rle
 
+from backend.protocol.brush_rle import RleError, decode_mask
 from backend.protocol.label_config import ProjectConfig
 from backend.training.files import ProjectFiles, fsync_directory, write_atomically
 
@@ -71,15 +71,10 @@ def _brush_region(result: dict, config: ProjectConfig) -> Region:
         isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 256 for x in rle
     ):
         raise Rejected("rle is not a list of byte values")
-    # The first 32 bits say how many values follow; checked first, as the decoder allocates that many.
-    declared = int.from_bytes(bytes(rle[:4]), "big") if len(rle) >= 4 else 0
-    if declared != height * width * 4:
-        raise Rejected(f"rle holds {declared} values, not {width}x{height}x4 as original_width/height say")
     try:
-        rgba = decode_rle(rle)
-    except Exception as error:  # the SDK's decoder raises whatever malformed bytes make it raise
-        raise Rejected(f"rle does not decode: {type(error).__name__}: {error}") from error
-    mask = rgba.reshape(height, width, 4)[:, :, 3] > 0
+        mask = decode_mask(rle, height, width)
+    except RleError as error:
+        raise Rejected(f"rle does not decode: {error}") from error
     if not mask.any():
         raise Rejected("the mask is empty")
     return Region(str(result.get("id") or ""), labels[0], mask)
