@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -135,3 +136,17 @@ def test_a_project_run_without_label_studio_credentials_is_a_422(settings, redis
     test_client, _ = make_client(replace(settings, label_studio_url="", redis_url=redis_url))
     response = test_client.post("/preannotate", json={"project": 3})
     assert response.status_code == 422 and "LABEL_STUDIO_URL" in response.json["error"]
+
+
+@pytest.mark.parametrize(
+    "project",
+    ["1" + "0" * 300 + ".1700000000", 10**300, -5, "１２.3", True, "12.1700000000"],
+    ids=["300-digit string", "300-digit int", "negative", "full-width digits", "bool", "ordinary"],
+)
+def test_setup_with_an_out_of_range_project_id_answers_the_default_version(client, settings, project):
+    """Found by the fuzzer: a 300-digit project id became a path too long for the file system (a 500)."""
+    Path(settings.model_dir).mkdir(parents=True, exist_ok=True)  # so the lookup reaches the id's folder
+    body = dict(recorded("02-setup.json"), project=project)
+    response = client.post("/setup", json=body)
+    assert response.status_code == 200, response.get_data(as_text=True)
+    assert response.json["model_version"]

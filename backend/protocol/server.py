@@ -11,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import os
+import re
 import time
 
 from flask import Flask, Response, g, jsonify, request
@@ -74,11 +75,14 @@ def record_prediction_metrics(prediction: TaskPrediction) -> None:
 
 
 def project_id_of(value: object) -> int | None:
-    """Label Studio names the project "<id>.<created timestamp>" in /setup and /predict."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value if value > 0 else None
-    head = value.split(".", 1)[0] if isinstance(value, str) else ""
-    return int(head) if head.isdigit() and int(head) > 0 else None
+    """Label Studio names the project "<id>.<created timestamp>" in /setup and /predict. Ids outside Label
+    Studio's bigint range are no project (a 300-digit one would otherwise become a too-long path)."""
+    if isinstance(value, str):
+        head = value.split(".", 1)[0]
+        value = int(head) if re.fullmatch(r"[0-9]{1,19}", head) else None
+    if isinstance(value, bool) or not isinstance(value, int):
+        return None
+    return value if 0 < value < 2**63 else None
 
 
 def _parse_predict_body(body: object, settings: Settings) -> tuple[list[dict], ProjectConfig, object]:
