@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test unit e2e install install-test lint
+.PHONY: run test unit e2e label-studio install install-test lint
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,11 +22,20 @@ lint: install-test
 	$(BIN)/ruff check backend tests bench
 	$(BIN)/ruff format --check backend tests bench
 
-# Two stages: the unit suite, then the end-to-end test against the real Label Studio (installs it on first use).
-test: install-test lint unit e2e
+# Two stages: the unit suite, then the end-to-end test against the real Label Studio. Label Studio's install
+# (minutes of pip, on first use) runs beside the unit suite so that the e2e stage starts without it.
+test: install-test lint
+	$(MAKE) -j2 --output-sync=target unit label-studio
+	$(MAKE) e2e
+
+# Test processes for the unit suite; 2 suits the 2-core CI machine (each test process also starts servers).
+TEST_PROCESSES ?= 2
 
 unit: install-test
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_PROCESSES)
+
+label-studio: install-test
+	$(BIN)/python -m tests.e2e.label_studio
 
 e2e: install-test
 	$(BIN)/python -m pytest -q -m e2e tests/e2e

@@ -186,7 +186,7 @@ def test_a_click_is_answered_while_the_only_worker_runs_a_long_pre_annotation_jo
     predictor = QueuePredictor(web_settings, connection)
     config = parse_label_config(recorded("03-predict-batch.json")["label_config"])
     digests = []
-    for seed in range(12):  # one job of twelve 1024x768 images: many clicks' worth of work
+    for seed in range(6):  # one job of six 1024x768 images: many clicks' worth of work
         data = encode(smooth_object_image(1024, 768, seed))
         digests.append(hashlib.sha256(data).hexdigest())
         connection.set(jobs.IMAGE_KEY.format(digest=digests[-1]), data)

@@ -133,3 +133,8 @@ class LabelStudioApi:
         expected = (expect,) if isinstance(expect, int) else expect
         assert response.status_code in expected, f"{method} {path} -> {response.status_code}: {response.text[:500]}"
         return response.json() if response.content else None
+
+
+if __name__ == "__main__":
+    # `make label-studio`: install ahead of the e2e stage (make test runs it beside the unit suite).
+    print(ensure_label_studio())

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.e2e
 
 LABEL_CONFIG = (REPO / "label_config.xml").read_text()
 MODEL_VERSION = "sam-vit_b"
-IMAGES = 10  # enough that a Ctrl-C after the first new prediction lands mid-run
+IMAGES = 7  # enough that a Ctrl-C after the first new prediction lands mid-run (4 left after the trial)
 UNREACHABLE = "/data/upload/999/missing.jpg"
 
 
