@@ -27,6 +27,16 @@ from tests.grounding_dino_weights import write_checkpoint, write_config, write_t
 from tests.label_studio_standin import LabelStudioStandIn
 from tests.services import RedisServer
 
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """The fuzz tests feed the backend lone surrogates, which its log lines quote; pytest-xdist cannot send such
+    text from a test process to the main one (it must be UTF-8), so captured output is escaped before it goes."""
+    report.sections = [
+        (title, text.encode("utf-8", "backslashreplace").decode("utf-8")) for title, text in report.sections
+    ]
+
+
 REPO = Path(__file__).resolve().parents[1]
 PROTOCOL_DIR = Path(os.environ.get("LS_PROTOCOL_DIR", REPO.parent / "shared" / "ls-protocol"))
 
