@@ -26,6 +26,7 @@ from backend.preannotate import BackgroundRuns, RunOptions, default_parallel
 from backend.predictor import Predictor, TaskPrediction
 from backend.prompts.interactive import PromptError
 from backend.protocol.access import AccessControl
+from backend.protocol.ids import is_label_studio_id
 from backend.protocol.label_config import ConfigError, ProjectConfig, parse_label_config
 from backend.protocol.results import task_results
 from backend.training.service import WebhookError
@@ -80,9 +81,7 @@ def project_id_of(value: object) -> int | None:
     if isinstance(value, str):
         head = value.split(".", 1)[0]
         value = int(head) if re.fullmatch(r"[0-9]{1,19}", head) else None
-    if isinstance(value, bool) or not isinstance(value, int):
-        return None
-    return value if 0 < value < 2**63 else None
+    return value if is_label_studio_id(value) else None
 
 
 def _parse_predict_body(body: object, settings: Settings) -> tuple[list[dict], ProjectConfig, object]:

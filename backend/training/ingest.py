@@ -22,6 +22,7 @@ from pathlib import Path
 from backend.cache.locks import file_lock
 from backend.images import ImageError
 from backend.models.loader import ModelNotReady
+from backend.protocol.ids import is_label_studio_id
 from backend.protocol.label_config import ConfigError, parse_label_config
 from backend.training.dataset import Rejected, TrainingSet, record_from_webhook
 from backend.training.files import ProjectFiles, write_atomically
@@ -124,7 +125,7 @@ def _apply(
         dropped = [
             annotation_id
             for annotation_id in ids
-            if isinstance(annotation_id, int) and 0 < annotation_id < 2**63 and training_set.drop(annotation_id)
+            if is_label_studio_id(annotation_id) and training_set.drop(annotation_id)
         ]
         log.info("project %d: dropped annotations %s from the training set", training_set.files.project_id, dropped)
     elif action == START_TRAINING:

@@ -13,6 +13,7 @@ import threading
 from collections.abc import Callable
 
 from backend.config import Settings
+from backend.protocol.ids import is_label_studio_id
 from backend.training.dataset import TrainingSet
 from backend.training.files import ProjectFiles
 from backend.training.ingest import (
@@ -38,7 +39,7 @@ class WebhookError(ValueError):
 def _project_id(body: dict) -> int:
     project = body.get("project")
     project_id = project.get("id") if isinstance(project, dict) else None
-    if isinstance(project_id, bool) or not isinstance(project_id, int) or not 0 < project_id < 2**63:
+    if not is_label_studio_id(project_id):
         raise WebhookError(f"{body.get('action')} webhook without a valid project.id")
     return project_id
 
