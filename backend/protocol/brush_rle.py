@@ -106,7 +106,9 @@ def decode_values(rle: list[int] | bytes) -> np.ndarray:
         series = bits[cursor] == 49  # b"1"
         length_bits = field_bits[int(bits[cursor + 1 : cursor + 3], 2)]
         cursor += 3
-        end = position + 1 + int(bits[cursor : cursor + length_bits] or b"0", 2)
+        if cursor + length_bits > available:
+            raise RleError("the stream ends inside a run length")
+        end = position + 1 + int(bits[cursor : cursor + length_bits], 2)
         cursor += length_bits
         words = 1 if series else end - position
         if end > count or cursor + words * word_bits > available:
