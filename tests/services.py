@@ -73,6 +73,11 @@ class RedisServer:
             self.process = None
 
 
+def model_workers(connection: redis.Redis) -> list[Worker]:
+    """Registered workers, without each one's clicks-only lane (same process, its own RQ name)."""
+    return [worker for worker in Worker.all(connection=connection) if not worker.name.endswith(CLICK_LANE_SUFFIX)]
+
+
 class Workers:
     """`python -m backend worker` processes, started and killed by the test."""
 
@@ -109,11 +114,7 @@ class Workers:
         while time.time() < deadline:
             running = {process.pid for process in self.processes if process.poll() is None}
             try:
-                registered = {
-                    worker.pid
-                    for worker in Worker.all(connection=connection)
-                    if not worker.name.endswith(CLICK_LANE_SUFFIX)
-                }
+                registered = {worker.pid for worker in model_workers(connection)}
             except redis.ConnectionError:
                 registered = set()
             if running <= registered:

@@ -27,7 +27,7 @@ from backend.protocol.server import create_app
 from backend.worker import jobs
 from backend.worker.client import CLICK_LANE_SUFFIX, INTERACTIVE_QUEUE, PREANNOTATE_QUEUE, QueuePredictor, alive_workers
 from tests.conftest import encode, recorded, smooth_object_image
-from tests.services import RedisServer, Workers, free_port
+from tests.services import RedisServer, Workers, free_port, model_workers
 
 
 @pytest.fixture
@@ -274,7 +274,7 @@ def test_jobs_claimed_into_a_batch_by_a_killed_worker_are_finished_by_another(
     while len(registry.get_job_ids(cleanup=False)) < 3 and time.time() < deadline:
         time.sleep(0.005)
     assert sorted(registry.get_job_ids(cleanup=False)) == sorted(job.id for job in waiting)
-    (victim,) = [worker for worker in Worker.all(connection=connection) if not worker.name.endswith(CLICK_LANE_SUFFIX)]
+    (victim,) = model_workers(connection)
     os.kill(victim.pid, signal.SIGKILL)
     workers.start(1, **env)
     wait_finished(waiting)
