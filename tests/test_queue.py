@@ -25,7 +25,15 @@ from backend.protocol.label_config import parse_label_config
 from backend.protocol.results import decode_brush
 from backend.protocol.server import create_app
 from backend.worker import jobs
-from backend.worker.client import CLICK_LANE_SUFFIX, INTERACTIVE_QUEUE, PREANNOTATE_QUEUE, QueuePredictor, alive_workers
+from backend.worker.client import (
+    CLICK_LANE_SUFFIX,
+    INTERACTIVE_QUEUE,
+    PREANNOTATE_QUEUE,
+    TRAINING_QUEUE,
+    QueuePredictor,
+    alive_workers,
+)
+from backend.worker.runner import ModelWorker
 from tests.conftest import encode, recorded, smooth_object_image
 from tests.services import RedisServer, Workers, free_port, model_workers
 
@@ -258,6 +266,35 @@ def test_waiting_pre_annotation_jobs_run_as_one_batch_and_a_bad_image_fails_alon
         assert {obj.label for obj in prediction.objects} <= {"Car", "Wheel"}
     (error,) = waiting[3].latest_result().return_value
     assert isinstance(error, ImageError) and error.status == 422
+
+
+def test_jobs_a_worker_took_but_had_not_begun_come_back_when_it_dies(queue_redis):
+    """RQ marks a job STARTED only as it begins to run it, and its clean-up of a dead worker's jobs re-enqueues
+    STARTED ones alone: the first job of a batch, registered while the others were claimed, was lost if the
+    worker died then. Here a worker takes three pre-annotation jobs as it does for a batch, its click lane
+    takes a click, and both die before running any."""
+    connection = redis.Redis.from_url(queue_redis.url)
+    queues = [Queue(name, connection=connection) for name in (INTERACTIVE_QUEUE, PREANNOTATE_QUEUE, TRAINING_QUEUE)]
+    interactive, preannotate, _ = queues
+    waiting = [preannotate.enqueue(jobs.learn, project, retry=Retry(max=2)) for project in (1, 2, 3)]
+    worker = ModelWorker(queues, connection=connection, preannotate_batch=3)
+    first, queue = Queue.dequeue_any(queues, None, connection=connection)
+    assert (first.id, queue.name) == (waiting[0].id, PREANNOTATE_QUEUE)
+    worker.prepare_execution(first)
+    worker._claim_waiting(queue, 2)
+    click = interactive.enqueue(jobs.learn, 4, retry=Retry(max=2))
+    lane = ModelWorker([interactive], connection=connection)
+    taken, _ = Queue.dequeue_any([interactive], None, connection=connection)  # through RQ's intermediate list
+    lane.prepare_execution(taken)
+    for queue, taken_jobs in ((preannotate, waiting), (interactive, [click])):
+        registry = StartedJobRegistry(queue.name, connection=connection)
+        assert sorted(registry.get_job_ids(cleanup=False)) == sorted(job.id for job in taken_jobs)
+        assert queue.get_job_ids() == [] and queue.intermediate_queue.get_job_ids() == []
+        registry.cleanup(timestamp=time.time() + 3600)  # as another worker's maintenance, once the leases lapse
+        assert sorted(queue.get_job_ids()) == sorted(job.id for job in taken_jobs)
+        for job in taken_jobs:
+            job.refresh()
+            assert (job.get_status(), job.retries_left) == ("queued", 1), job.id
 
 
 def test_jobs_claimed_into_a_batch_by_a_killed_worker_are_finished_by_another(

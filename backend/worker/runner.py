@@ -1,13 +1,15 @@
 """`python -m backend worker`: an RQ worker that loads the models once and keeps them.
 
 It is RQ's SimpleWorker (jobs run in the worker process itself), because a forked job process would
-start without the loaded models and must never fork after CUDA is initialised. Two changes to RQ's
-defaults: a dead worker is noticed within seconds instead of minutes (short heartbeats), and a
-worker re-registers when Redis comes back empty after a restart, so the web tier still sees it.
-And two additions: a pre-annotation job takes along the pre-annotation jobs already waiting behind it,
-up to PREANNOTATE_BATCH in all, so their images go through the models together; and a second RQ worker
-in a thread of the same process takes clicks only (INTERACTIVE_THREAD), sharing the loaded models, so a
-click never waits for a pre-annotation batch to finish.
+start without the loaded models and must never fork after CUDA is initialised. Three changes to RQ:
+a dead worker is noticed within seconds instead of minutes (short heartbeats); a worker re-registers
+when Redis comes back empty after a restart, so the web tier still sees it; and a job it takes is
+registered as this worker's and marked STARTED in one transaction (RQ marks it only when the job begins,
+and its clean-up of a dead worker's jobs re-enqueues STARTED ones alone, so a worker killed in between
+lost the job). And two additions: a pre-annotation job takes along the pre-annotation jobs already
+waiting behind it, up to PREANNOTATE_BATCH in all, so their images go through the models together; and
+a second RQ worker in a thread of the same process takes clicks only (INTERACTIVE_THREAD), sharing the
+loaded models, so a click never waits for a pre-annotation batch to finish.
 """
 
 from __future__ import annotations
@@ -51,6 +53,25 @@ class ModelWorker(SimpleWorker):
             self.connection.expire(self.key, timeout or self.worker_ttl + HEARTBEAT_MARGIN_S)
             worker_registration.register(self)
 
+    def prepare_execution(self, job: Job) -> Execution:
+        """Register `job` as this worker's and mark it STARTED in one transaction (see the module docstring)."""
+        with self.connection.pipeline() as pipeline:
+            execution = self._take(job, pipeline)
+            self.set_state(WorkerStatus.BUSY, pipeline=pipeline)
+            pipeline.execute()
+        return execution
+
+    def _take(self, job: Job, pipeline) -> Execution:
+        # A job taken off a single queue (the click lane's) or claimed for a batch passed through RQ's
+        # intermediate list; were it left there, RQ's clean-up of that list would fail it a second time.
+        intermediate = Queue(job.origin, connection=self.connection).intermediate_queue
+        pipeline.lrem(intermediate.key, 1, job.id)
+        pipeline.delete(intermediate.get_first_seen_key(job.id))
+        execution = Execution.create(job, self.get_heartbeat_ttl(job), pipeline, worker_name=self.name)
+        self.executions[execution.id] = execution
+        job.prepare_for_execution(self.name, pipeline)
+        return execution
+
     def execute_job(self, job: Job, queue: Queue) -> None:
         """As SimpleWorker, except that a pre-annotation job is performed together with the pre-annotation jobs
         claimed behind it: each still goes through RQ's own perform_job (results, retries, failures), and the
@@ -87,14 +108,10 @@ class ModelWorker(SimpleWorker):
         fetched = self.job_class.fetch_many(job_ids, self.connection, self.serializer)
         with self.connection.pipeline() as pipeline:
             for job_id, job in zip(job_ids, fetched, strict=True):
-                pipeline.lrem(intermediate.key, 1, job_id)
-                pipeline.delete(intermediate.get_first_seen_key(job_id))
-                if job is None:
-                    continue  # deleted while it waited; RQ's own dequeue skips these too
-                execution = Execution.create(job, self.get_heartbeat_ttl(job), pipeline, worker_name=self.name)
-                self.executions[execution.id] = execution
-                job.prepare_for_execution(self.name, pipeline)
-                claimed.append((job, execution))
+                if job is None:  # deleted while it waited; RQ's own dequeue skips these too
+                    pipeline.lrem(intermediate.key, 1, job_id)
+                else:
+                    claimed.append((job, self._take(job, pipeline)))
             pipeline.execute()
         return claimed
 
