@@ -78,6 +78,10 @@ def model_workers(connection: redis.Redis) -> list[Worker]:
     return [worker for worker in Worker.all(connection=connection) if not worker.name.endswith(CLICK_LANE_SUFFIX)]
 
 
+# Short times, so that the tests of a worker's faults and of its leases run in seconds.
+WORKER_ENV = {"JOB_TIMEOUT": "6", "WORKER_TTL": "3", "WORKER_MAINTENANCE_INTERVAL": "1", "TORCH_THREADS": "1"}
+
+
 class Workers:
     """`python -m backend worker` processes, started and killed by the test."""
 
@@ -88,15 +92,7 @@ class Workers:
         self.processes: list[subprocess.Popen] = []
 
     def start(self, count: int, **extra_env: str) -> Workers:
-        env = dict(
-            os.environ,
-            REDIS_URL=self.redis_url,
-            SAM_CHECKPOINT=str(self.checkpoint),
-            JOB_TIMEOUT="6",
-            WORKER_TTL="3",
-            WORKER_MAINTENANCE_INTERVAL="1",
-            TORCH_THREADS="1",
-        )
+        env = dict(os.environ, REDIS_URL=self.redis_url, SAM_CHECKPOINT=str(self.checkpoint), **WORKER_ENV)
         env.update(extra_env)
         for _ in range(count):
             log = open(self.log_dir / f"worker{len(self.processes)}.log", "w")  # noqa: SIM115 (lives with the process)

@@ -33,9 +33,11 @@ from backend.worker.client import (
     QueuePredictor,
     alive_workers,
 )
-from backend.worker.runner import ModelWorker
+from backend.worker.runner import HEARTBEAT_MARGIN_S, ModelWorker
 from tests.conftest import encode, recorded, smooth_object_image
-from tests.services import RedisServer, Workers, free_port, model_workers
+from tests.services import WORKER_ENV, RedisServer, Workers, free_port, model_workers
+
+LEASE_S = int(WORKER_ENV["WORKER_TTL"]) + HEARTBEAT_MARGIN_S  # the test workers' job lease
 
 
 @pytest.fixture
@@ -302,8 +304,8 @@ def test_jobs_claimed_into_a_batch_by_a_killed_worker_are_finished_by_another(
 ):
     connection = redis.Redis.from_url(queue_redis.url)
     predictor = QueuePredictor(web_settings, connection)
-    # The job timeout bounds how long a dead worker's claims hold: short, yet long enough for a batch of three.
-    waiting = waiting_pre_annotation_jobs(predictor, [predictor.fetcher.fetch(path).data for path in CAR_IMAGES], 40)
+    # A dead worker's claims hold for a lease (WORKER_TTL + 5 s), not the job timeout, which only bounds the batch.
+    waiting = waiting_pre_annotation_jobs(predictor, [predictor.fetcher.fetch(path).data for path in CAR_IMAGES], 120)
     env = dict(grounding_env(grounding_dino_files), PREANNOTATE_BATCH="3")
     workers.start(1, **env)
     registry = StartedJobRegistry(PREANNOTATE_QUEUE, connection=connection)
@@ -311,6 +313,8 @@ def test_jobs_claimed_into_a_batch_by_a_killed_worker_are_finished_by_another(
     while len(registry.get_job_ids(cleanup=False)) < 3 and time.time() < deadline:
         time.sleep(0.005)
     assert sorted(registry.get_job_ids(cleanup=False)) == sorted(job.id for job in waiting)
+    leases = [score for _, score in connection.zrange(registry.key, 0, -1, withscores=True)]
+    assert max(leases) <= time.time() + LEASE_S + 1, leases
     (victim,) = model_workers(connection)
     os.kill(victim.pid, signal.SIGKILL)
     workers.start(1, **env)
@@ -318,6 +322,29 @@ def test_jobs_claimed_into_a_batch_by_a_killed_worker_are_finished_by_another(
     assert [job.get_status() for job in waiting] == ["finished"] * 3
     assert all(job.worker_name != victim.name for job in waiting)
     assert all(job.meta["batch"]["jobs"] >= 1 for job in waiting)
+
+
+def test_a_live_worker_keeps_its_jobs_past_one_lease(workers, queue_redis):
+    """A lease lasts WORKER_TTL + 5 s and is renewed while the worker holds the job: neither a job that runs
+    longer nor the job claimed behind it is taken for abandoned by the maintenance other workers run."""
+    connection = redis.Redis.from_url(queue_redis.url)
+    preannotate = Queue(PREANNOTATE_QUEUE, connection=connection)
+    held_s = LEASE_S + 2
+    sleepers = [preannotate.enqueue(time.sleep, held_s, job_timeout=60, retry=Retry(max=2)) for _ in range(2)]
+    workers.start(1, PREANNOTATE_BATCH="2")
+    registry = StartedJobRegistry(PREANNOTATE_QUEUE, connection=connection)
+    deadline = time.time() + 120
+    while len(registry.get_job_ids(cleanup=False)) < 2 and time.time() < deadline:
+        time.sleep(0.01)
+    claimed_at = time.time()
+    while time.time() < deadline and not all(job.get_status(refresh=True) == "finished" for job in sleepers):
+        registry.cleanup()  # what another worker's maintenance does, every half second
+        time.sleep(0.5)
+    assert time.time() - claimed_at > 2 * held_s - 1  # the second job waited its turn, claimed, past a lease
+    for job in sleepers:
+        job.refresh()
+        assert (job.get_status(), job.retries_left) == ("finished", 2), job.id
+    assert len({job.worker_name for job in sleepers}) == 1
 
 
 def test_rq_dashboard_reads_the_same_redis(workers, queue_redis, tmp_path):

@@ -2,7 +2,8 @@
 
 It is RQ's SimpleWorker (jobs run in the worker process itself), because a forked job process would
 start without the loaded models and must never fork after CUDA is initialised. Three changes to RQ:
-a dead worker is noticed within seconds instead of minutes (short heartbeats); a worker re-registers
+a dead worker and the jobs it held are noticed within seconds instead of minutes (short leases, which a
+thread renews while the worker holds jobs); a worker re-registers
 when Redis comes back empty after a restart, so the web tier still sees it; and a job it takes is
 registered as this worker's and marked STARTED in one transaction (RQ marks it only when the job begins,
 and its clean-up of a dead worker's jobs re-enqueues STARTED ones alone, so a worker killed in between
@@ -14,8 +15,10 @@ loaded models, so a click never waits for a pre-annotation batch to finish.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
+from collections.abc import Iterator
 
 import redis
 from rq import Queue, SimpleWorker, worker_registration
@@ -34,6 +37,7 @@ from backend.worker.client import CLICK_LANE_SUFFIX, INTERACTIVE_QUEUE, PREANNOT
 log = logging.getLogger(__name__)
 
 HEARTBEAT_MARGIN_S = 5
+LEASE_RENEWALS = 3  # per WORKER_TTL: a lease outlives a late renewal or two
 
 
 class ModelWorker(SimpleWorker):
@@ -42,8 +46,9 @@ class ModelWorker(SimpleWorker):
         self.preannotate_batch = preannotate_batch
 
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
-        # Jobs run inline, so nothing heartbeats during one: its timeout plus a margin bounds it.
-        return int(job.timeout or self.worker_ttl) + HEARTBEAT_MARGIN_S
+        # A lease lasts a few renewals (`_leases_renewed`), not the job's timeout: jobs of a killed worker come
+        # back within seconds, and the timeout alone says how long a job may run.
+        return self.worker_ttl + HEARTBEAT_MARGIN_S
 
     def heartbeat(self, timeout: int | None = None, pipeline=None) -> None:
         super().heartbeat(timeout or self.worker_ttl + HEARTBEAT_MARGIN_S, pipeline=pipeline)
@@ -76,22 +81,54 @@ class ModelWorker(SimpleWorker):
         """As SimpleWorker, except that a pre-annotation job is performed together with the pre-annotation jobs
         claimed behind it: each still goes through RQ's own perform_job (results, retries, failures), and the
         first of a label config's jobs computes all of theirs in one batch."""
-        if queue.name != PREANNOTATE_QUEUE or self.preannotate_batch <= 1:
-            return super().execute_job(job, queue)
-        claimed = [(job, self.prepare_execution(job)), *self._claim_waiting(queue, self.preannotate_batch - 1)]
-        with jobs.claimed_together([each for each, _ in claimed]) as batch:
-            if len(claimed) > 1:
-                log.info(
-                    "worker %s: batch of %d jobs / %d images (%d label configs)",
-                    self.name,
-                    len(claimed),
-                    batch.images,
-                    len(batch.groups),
-                )
-            for index, (each, execution) in enumerate(claimed):
-                self._extend_leases(queue, claimed[index:])
-                self.perform_job(each, queue, execution)
+        with self._leases_renewed():
+            if queue.name != PREANNOTATE_QUEUE or self.preannotate_batch <= 1:
+                return super().execute_job(job, queue)
+            claimed = [(job, self.prepare_execution(job)), *self._claim_waiting(queue, self.preannotate_batch - 1)]
+            with jobs.claimed_together([each for each, _ in claimed]) as batch:
+                if len(claimed) > 1:
+                    log.info(
+                        "worker %s: batch of %d jobs / %d images (%d label configs)",
+                        self.name,
+                        len(claimed),
+                        batch.images,
+                        len(batch.groups),
+                    )
+                for each, execution in claimed:
+                    self.perform_job(each, queue, execution)
         self.set_state(WorkerStatus.IDLE)
+
+    @contextlib.contextmanager
+    def _leases_renewed(self) -> Iterator[None]:
+        """While jobs run here, a thread renews this worker's registration and the lease of every job it holds
+        (RQ's `executions`: the job running and those claimed behind it), as RQ's forking worker does from
+        the parent of its job process. Jobs run in this process, so the renewals need a thread of their own."""
+        stop = threading.Event()
+
+        def renew() -> None:
+            while not stop.wait(self.worker_ttl / LEASE_RENEWALS):
+                try:
+                    self._renew_leases()
+                except redis.RedisError as error:  # Redis restarting: the next renewal may reach it
+                    log.warning("worker %s: could not renew its leases: %s", self.name, error)
+
+        renewer = threading.Thread(target=renew, name=f"{self.name}-leases", daemon=True)
+        renewer.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            renewer.join()
+
+    def _renew_leases(self) -> None:
+        ttl = self.worker_ttl + HEARTBEAT_MARGIN_S
+        with self.connection.pipeline() as pipeline:
+            self.heartbeat(ttl, pipeline=pipeline)
+            # A job that ends while this runs leaves only a stray last_heartbeat for one lease: the registries
+            # are renewed only where the job still is (RQ's xx), and nothing reads an execution's hash otherwise.
+            for execution in self.executions.copy().values():
+                execution.heartbeat(execution.job.started_job_registry, ttl, pipeline)
+            pipeline.execute()
 
     def _claim_waiting(self, queue: Queue, limit: int) -> list[tuple[Job, Execution]]:
         """Up to `limit` jobs already waiting on `queue`; never waits for more, so a click that arrives meanwhile
@@ -114,14 +151,6 @@ class ModelWorker(SimpleWorker):
                     claimed.append((job, self._take(job, pipeline)))
             pipeline.execute()
         return claimed
-
-    def _extend_leases(self, queue: Queue, waiting: list[tuple[Job, Execution]]) -> None:
-        """Claimed jobs wait while the batch's earlier jobs run: renew their leases in the started registry, or
-        another worker's maintenance would take them for abandoned and run them again."""
-        with self.connection.pipeline() as pipeline:
-            for job, execution in waiting:
-                execution.heartbeat(queue.started_job_registry, self.get_heartbeat_ttl(job), pipeline)
-            pipeline.execute()
 
 
 class ClickLane(ModelWorker):
