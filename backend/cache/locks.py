@@ -1,6 +1,7 @@
 """Locks that one holder keeps against every other thread, process and host: a `flock` for this host,
 a Redis lease (when REDIS_URL is set) for all hosts. Both free themselves if their holder dies: the
-kernel drops the flock, and the lease is only renewed while its holder lives."""
+kernel drops the flock, and the lease is only renewed while its holder lives (`renewed`, which the queue
+worker also uses for its job leases)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import contextlib
 import fcntl
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import redis
@@ -38,6 +39,29 @@ def file_lock(path: Path, blocking: bool = True) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def renewed(renew: Callable[[], object], every_s: float, name: str) -> Iterator[None]:
+    """Calls `renew` every `every_s` seconds from a thread of its own while the block runs, so that a lease
+    outlasts its holder's long work (which may keep the holder's thread busy) but not its holder. A failed
+    renewal is logged and the next one tried: Redis may be back by then."""
+    stop = threading.Event()
+
+    def keep_alive() -> None:
+        while not stop.wait(every_s):
+            try:
+                renew()
+            except (LockError, redis.RedisError) as error:
+                log.warning("could not renew %s: %s", name, error)
+
+    renewer = threading.Thread(target=keep_alive, name=f"{name}-renewal", daemon=True)
+    renewer.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        renewer.join()
+
+
+@contextlib.contextmanager
 def redis_lease(name: str, url: str, ttl_s: float) -> Iterator[None]:
     """Held while the block runs, kept alive every ttl/3 so a killed holder frees it within `ttl_s`;
     `LockBusy` at once if another holder has it. Without Redis only the caller's file lock guards."""
@@ -52,22 +76,10 @@ def redis_lease(name: str, url: str, ttl_s: float) -> Iterator[None]:
         return
     if not acquired:
         raise LockBusy(name)
-    stop = threading.Event()
-
-    def keep_alive() -> None:
-        while not stop.wait(ttl_s / 3):
-            try:
-                lock.extend(ttl_s, replace_ttl=True)
-            except (LockError, redis.RedisError) as error:
-                log.warning("could not extend %s: %s", name, error)
-
-    heartbeat = threading.Thread(target=keep_alive, name=f"{name}-heartbeat", daemon=True)
-    heartbeat.start()
     try:
-        yield
+        with renewed(lambda: lock.extend(ttl_s, replace_ttl=True), ttl_s / 3, name):
+            yield
     finally:
-        stop.set()
-        heartbeat.join()
         with contextlib.suppress(LockError, redis.RedisError):
             lock.release()
 

@@ -15,10 +15,8 @@ loaded models, so a click never waits for a pre-annotation batch to finish.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
-from collections.abc import Iterator
 
 import redis
 from rq import Queue, SimpleWorker, worker_registration
@@ -28,6 +26,7 @@ from rq.timeouts import TimerDeathPenalty
 from rq.utils import as_text
 from rq.worker import WorkerStatus
 
+from backend.cache.locks import renewed
 from backend.cache.store import make_store
 from backend.config import Settings
 from backend.predictor import Predictor
@@ -46,7 +45,7 @@ class ModelWorker(SimpleWorker):
         self.preannotate_batch = preannotate_batch
 
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
-        # A lease lasts a few renewals (`_leases_renewed`), not the job's timeout: jobs of a killed worker come
+        # A lease lasts a few renewals (`_renew_leases`), not the job's timeout: jobs of a killed worker come
         # back within seconds, and the timeout alone says how long a job may run.
         return self.worker_ttl + HEARTBEAT_MARGIN_S
 
@@ -81,7 +80,7 @@ class ModelWorker(SimpleWorker):
         """As SimpleWorker, except that a pre-annotation job is performed together with the pre-annotation jobs
         claimed behind it: each still goes through RQ's own perform_job (results, retries, failures), and the
         first of a label config's jobs computes all of theirs in one batch."""
-        with self._leases_renewed():
+        with renewed(self._renew_leases, self.worker_ttl / LEASE_RENEWALS, f"{self.name}'s job leases"):
             if queue.name != PREANNOTATE_QUEUE or self.preannotate_batch <= 1:
                 return super().execute_job(job, queue)
             claimed = [(job, self.prepare_execution(job)), *self._claim_waiting(queue, self.preannotate_batch - 1)]
@@ -98,29 +97,9 @@ class ModelWorker(SimpleWorker):
                     self.perform_job(each, queue, execution)
         self.set_state(WorkerStatus.IDLE)
 
-    @contextlib.contextmanager
-    def _leases_renewed(self) -> Iterator[None]:
-        """While jobs run here, a thread renews this worker's registration and the lease of every job it holds
-        (RQ's `executions`: the job running and those claimed behind it), as RQ's forking worker does from
-        the parent of its job process. Jobs run in this process, so the renewals need a thread of their own."""
-        stop = threading.Event()
-
-        def renew() -> None:
-            while not stop.wait(self.worker_ttl / LEASE_RENEWALS):
-                try:
-                    self._renew_leases()
-                except redis.RedisError as error:  # Redis restarting: the next renewal may reach it
-                    log.warning("worker %s: could not renew its leases: %s", self.name, error)
-
-        renewer = threading.Thread(target=renew, name=f"{self.name}-leases", daemon=True)
-        renewer.start()
-        try:
-            yield
-        finally:
-            stop.set()
-            renewer.join()
-
     def _renew_leases(self) -> None:
+        """This worker's registration and the lease of every job it holds (RQ's `executions`: the job running and
+        those claimed behind it), as RQ's forking worker renews them from the parent of its job process."""
         ttl = self.worker_ttl + HEARTBEAT_MARGIN_S
         with self.connection.pipeline() as pipeline:
             self.heartbeat(ttl, pipeline=pipeline)
