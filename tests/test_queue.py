@@ -33,7 +33,7 @@ from backend.worker.client import (
     QueuePredictor,
     alive_workers,
 )
-from backend.worker.runner import HEARTBEAT_MARGIN_S, ModelWorker
+from backend.worker.runner import HEARTBEAT_MARGIN_S, ClaimingQueue, ModelWorker
 from tests.conftest import encode, recorded, smooth_object_image
 from tests.services import WORKER_ENV, RedisServer, Workers, free_port, model_workers
 
@@ -271,22 +271,25 @@ def test_waiting_pre_annotation_jobs_run_as_one_batch_and_a_bad_image_fails_alon
 
 
 def test_jobs_a_worker_took_but_had_not_begun_come_back_when_it_dies(queue_redis):
-    """RQ marks a job STARTED only as it begins to run it, and its clean-up of a dead worker's jobs re-enqueues
-    STARTED ones alone: the first job of a batch, registered while the others were claimed, was lost if the
-    worker died then. Here a worker takes three pre-annotation jobs as it does for a batch, its click lane
-    takes a click, and both die before running any."""
+    """A job a worker takes is never in its memory alone: taken off one of several queues it lies in RQ's
+    intermediate list until the worker registers it, and it is registered already STARTED (RQ marks it only
+    as it begins, and its clean-up of a dead worker's jobs re-enqueues STARTED ones alone: the first job of a
+    batch, registered while the others were claimed, was lost). Here a worker takes three pre-annotation
+    jobs as it does for a batch, its click lane takes a click, and both die before running any."""
     connection = redis.Redis.from_url(queue_redis.url)
-    queues = [Queue(name, connection=connection) for name in (INTERACTIVE_QUEUE, PREANNOTATE_QUEUE, TRAINING_QUEUE)]
+    names = (INTERACTIVE_QUEUE, PREANNOTATE_QUEUE, TRAINING_QUEUE)
+    queues = [ClaimingQueue(name, connection=connection) for name in names]
     interactive, preannotate, _ = queues
     waiting = [preannotate.enqueue(jobs.learn, project, retry=Retry(max=2)) for project in (1, 2, 3)]
     worker = ModelWorker(queues, connection=connection, preannotate_batch=3)
-    first, queue = Queue.dequeue_any(queues, None, connection=connection)
+    first, queue = ClaimingQueue.dequeue_any(queues, None, connection=connection)
     assert (first.id, queue.name) == (waiting[0].id, PREANNOTATE_QUEUE)
+    assert preannotate.intermediate_queue.get_job_ids() == [first.id]
     worker.prepare_execution(first)
     worker._claim_waiting(queue, 2)
     click = interactive.enqueue(jobs.learn, 4, retry=Retry(max=2))
     lane = ModelWorker([interactive], connection=connection)
-    taken, _ = Queue.dequeue_any([interactive], None, connection=connection)  # through RQ's intermediate list
+    taken, _ = ClaimingQueue.dequeue_any([interactive], None, connection=connection)
     lane.prepare_execution(taken)
     for queue, taken_jobs in ((preannotate, waiting), (interactive, [click])):
         registry = StartedJobRegistry(queue.name, connection=connection)
@@ -297,6 +300,26 @@ def test_jobs_a_worker_took_but_had_not_begun_come_back_when_it_dies(queue_redis
         for job in taken_jobs:
             job.refresh()
             assert (job.get_status(), job.retries_left) == ("queued", 1), job.id
+
+
+def test_a_job_a_worker_dies_holding_before_registering_it_comes_back(queue_redis):
+    """Taken off one of the worker's three queues, a job lies in RQ's intermediate list until it is
+    registered; a worker dying in between leaves it there, and RQ's maintenance re-enqueues it after a minute
+    (RQ's own BLPOP over several queues left it nowhere but in the dead worker's memory)."""
+    connection = redis.Redis.from_url(queue_redis.url)
+    names = (INTERACTIVE_QUEUE, PREANNOTATE_QUEUE, TRAINING_QUEUE)
+    queues = [ClaimingQueue(name, connection=connection) for name in names]
+    job = queues[1].enqueue(jobs.learn, 1, retry=Retry(max=2))
+    taken, queue = ClaimingQueue.dequeue_any(queues, None, connection=connection)  # and the worker dies
+    intermediate = queue.intermediate_queue
+    assert taken.id == job.id and queue.get_job_ids() == [] and intermediate.get_job_ids() == [job.id]
+    other = ModelWorker(queues, connection=connection)
+    other.clean_registries()  # another worker's maintenance sees the job in the list
+    connection.set(intermediate.get_first_seen_key(job.id), time.time() - 120)  # and sees it again later
+    other.clean_registries()
+    assert queue.get_job_ids() == [job.id] and intermediate.get_job_ids() == []
+    job.refresh()
+    assert (job.get_status(), job.retries_left) == ("queued", 1)
 
 
 def test_jobs_claimed_into_a_batch_by_a_killed_worker_are_finished_by_another(

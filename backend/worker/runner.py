@@ -1,25 +1,32 @@
 """`python -m backend worker`: an RQ worker that loads the models once and keeps them.
 
 It is RQ's SimpleWorker (jobs run in the worker process itself), because a forked job process would
-start without the loaded models and must never fork after CUDA is initialised. Three changes to RQ:
-a dead worker and the jobs it held are noticed within seconds instead of minutes (short leases, which a
-thread renews while the worker holds jobs); a worker re-registers
-when Redis comes back empty after a restart, so the web tier still sees it; and a job it takes is
-registered as this worker's and marked STARTED in one transaction (RQ marks it only when the job begins,
-and its clean-up of a dead worker's jobs re-enqueues STARTED ones alone, so a worker killed in between
-lost the job). And two additions: a pre-annotation job takes along the pre-annotation jobs already
-waiting behind it, up to PREANNOTATE_BATCH in all, so their images go through the models together; and
-a second RQ worker in a thread of the same process takes clicks only (INTERACTIVE_THREAD), sharing the
-loaded models, so a click never waits for a pre-annotation batch to finish.
+start without the loaded models and must never fork after CUDA is initialised. Four changes to RQ:
+- a dead worker and the jobs it held are noticed within seconds instead of minutes: short leases, which a
+  thread renews while the worker holds jobs;
+- a worker re-registers when Redis comes back empty after a restart, so the web tier still sees it;
+- a job it takes is registered as this worker's and marked STARTED in one transaction (RQ marks it only
+  when the job begins, and re-enqueues only the STARTED jobs of a dead worker: one killed in between lost
+  the job);
+- a job taken off several queues goes through RQ's intermediate list, as one taken off one queue does
+  (ClaimingQueue), so it is never in the worker's memory alone.
+And two additions: a pre-annotation job takes along the pre-annotation jobs already waiting behind it, up
+to PREANNOTATE_BATCH in all, so their images go through the models together; and a second RQ worker in a
+thread of the same process takes clicks only (INTERACTIVE_THREAD), sharing the loaded models, so a click
+never waits for a pre-annotation batch to finish.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
+import time
+from collections.abc import Iterable
 
 import redis
 from rq import Queue, SimpleWorker, worker_registration
+from rq.exceptions import DequeueTimeout
 from rq.executions import Execution
 from rq.job import Job
 from rq.timeouts import TimerDeathPenalty
@@ -37,9 +44,57 @@ log = logging.getLogger(__name__)
 
 HEARTBEAT_MARGIN_S = 5
 LEASE_RENEWALS = 3  # per WORKER_TTL: a lease outlives a late renewal or two
+DEQUEUE_POLL_S = 0.5  # an idle worker looks at its lower-priority queues this often
+
+
+class ClaimingQueue(Queue):
+    """RQ's queue, except that a worker on several queues takes a job as RQ's worker on one queue does: LMOVE
+    into the queue's intermediate list, from which the job is registered as the worker's. RQ's BLPOP over
+    several queues held the job in the worker's memory alone until then, and a worker killed in that moment
+    lost it; from the intermediate list RQ's maintenance re-enqueues it (after a minute)."""
+
+    @classmethod
+    def dequeue_any(
+        cls,
+        queues: Iterable[Queue],
+        timeout: int | None,
+        connection: redis.Redis,
+        job_class: type[Job] | None = None,
+        serializer=None,
+        death_penalty_class=None,
+    ) -> tuple[Job, Queue] | None:
+        queues = list(queues)
+        if len(queues) == 1:  # RQ's own single-queue dequeue already moves through the intermediate list
+            return super().dequeue_any(queues, timeout, connection, job_class, serializer, death_penalty_class)
+        fetch = functools.partial(
+            cls._fetch_dequeued_job,
+            connection,
+            job_class=job_class,
+            serializer=serializer,
+            death_penalty_class=death_penalty_class,
+        )
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            for queue in queues:  # in priority order: clicks first
+                job_id = connection.lmove(queue.key, queue.intermediate_queue.key)
+                if job_id is not None and (found := fetch(queue.key, as_text(job_id))) is not None:
+                    return found
+            if deadline is None:
+                return None
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise DequeueTimeout(timeout, [queue.key for queue in queues])
+            # Block on the clicks' queue so that a click is taken the moment it arrives; the other queues are
+            # looked at again within DEQUEUE_POLL_S.
+            clicks = queues[0]
+            job_id = connection.blmove(clicks.key, clicks.intermediate_queue.key, min(left, DEQUEUE_POLL_S))
+            if job_id is not None and (found := fetch(clicks.key, as_text(job_id))) is not None:
+                return found
 
 
 class ModelWorker(SimpleWorker):
+    queue_class = ClaimingQueue
+
     def __init__(self, *args, preannotate_batch: int = 1, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.preannotate_batch = preannotate_batch
@@ -167,7 +222,9 @@ def run_worker(settings: Settings, burst: bool = False) -> int:
     predictor = Predictor(settings, make_store(settings.redis_url, settings.memory_cache_bytes))
     predictor.models.get(timeout_s=24 * 3600)  # load before announcing ourselves to the web tier
     jobs.install_predictor(predictor)
-    queues = [Queue(name, connection=connection) for name in (INTERACTIVE_QUEUE, PREANNOTATE_QUEUE, TRAINING_QUEUE)]
+    queues = [
+        ClaimingQueue(name, connection=connection) for name in (INTERACTIVE_QUEUE, PREANNOTATE_QUEUE, TRAINING_QUEUE)
+    ]
     worker = ModelWorker(
         queues,
         connection=connection,
