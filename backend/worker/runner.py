@@ -93,6 +93,8 @@ class ClaimingQueue(Queue):
 
 
 class ModelWorker(SimpleWorker):
+    """RQ's SimpleWorker with the changes and the batching that the module docstring lists."""
+
     queue_class = ClaimingQueue
 
     def __init__(self, *args, preannotate_batch: int = 1, **kwargs) -> None:
@@ -121,8 +123,8 @@ class ModelWorker(SimpleWorker):
         return execution
 
     def _take(self, job: Job, pipeline) -> Execution:
-        # A job taken off a single queue (the click lane's) or claimed for a batch passed through RQ's
-        # intermediate list; were it left there, RQ's clean-up of that list would fail it a second time.
+        # Every job a worker takes comes through RQ's intermediate list (ClaimingQueue, RQ's own single-queue
+        # dequeue, the batch claims); were it left there, RQ's clean-up of the list would retry or fail it too.
         intermediate = Queue(job.origin, connection=self.connection).intermediate_queue
         pipeline.lrem(intermediate.key, 1, job.id)
         pipeline.delete(intermediate.get_first_seen_key(job.id))
