@@ -101,17 +101,23 @@ class ModelWorker(SimpleWorker):
         super().__init__(*args, **kwargs)
         self.preannotate_batch = preannotate_batch
 
+    @property
+    def lease_s(self) -> int:
+        """How long this worker's registration and each job it holds last unless renewed."""
+        return self.worker_ttl + HEARTBEAT_MARGIN_S
+
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
         # A lease lasts a few renewals (`_renew_leases`), not the job's timeout: jobs of a killed worker come
         # back within seconds, and the timeout alone says how long a job may run.
-        return self.worker_ttl + HEARTBEAT_MARGIN_S
+        return self.lease_s
 
     def heartbeat(self, timeout: int | None = None, pipeline=None) -> None:
-        super().heartbeat(timeout or self.worker_ttl + HEARTBEAT_MARGIN_S, pipeline=pipeline)
+        timeout = timeout or self.lease_s
+        super().heartbeat(timeout, pipeline=pipeline)
         if pipeline is None and not self.connection.sismember(worker_registration.REDIS_WORKER_KEYS, self.key):
             log.warning("worker %s: Redis lost its registration (restarted?); registering again", self.name)
             self.connection.hset(self.key, mapping=self.serialize())
-            self.connection.expire(self.key, timeout or self.worker_ttl + HEARTBEAT_MARGIN_S)
+            self.connection.expire(self.key, timeout)
             worker_registration.register(self)
 
     def prepare_execution(self, job: Job) -> Execution:
@@ -157,13 +163,12 @@ class ModelWorker(SimpleWorker):
     def _renew_leases(self) -> None:
         """This worker's registration and the lease of every job it holds (RQ's `executions`: the job running and
         those claimed behind it), as RQ's forking worker renews them from the parent of its job process."""
-        ttl = self.worker_ttl + HEARTBEAT_MARGIN_S
         with self.connection.pipeline() as pipeline:
-            self.heartbeat(ttl, pipeline=pipeline)
+            self.heartbeat(pipeline=pipeline)
             # A job that ends while this runs leaves only a stray last_heartbeat for one lease: the registries
             # are renewed only where the job still is (RQ's xx), and nothing reads an execution's hash otherwise.
             for execution in self.executions.copy().values():
-                execution.heartbeat(execution.job.started_job_registry, ttl, pipeline)
+                execution.heartbeat(execution.job.started_job_registry, self.lease_s, pipeline)
             pipeline.execute()
 
     def _claim_waiting(self, queue: Queue, limit: int) -> list[tuple[Job, Execution]]:
