@@ -1,19 +1,31 @@
-"""gunicorn settings from the environment (PORT, WORKERS, THREADS, LOG_LEVEL); read by plain `gunicorn`."""
+"""gunicorn settings from the backend's own settings (HOST, PORT, WORKERS, THREADS, GUNICORN_TIMEOUT, LOG_LEVEL).
+
+Read by plain `gunicorn backend.wsgi:app`. Reading them through `Settings.from_env()` here means a wrong value
+anywhere stops gunicorn's master at start with a message naming the variable, before any worker starts.
+"""
 
 import os
+import sys
 import tempfile
+
+from backend.config import Settings, SettingsError
 
 # Every worker writes its metrics here so that /metrics on any worker reports them all. It must be set
 # before prometheus_client is first imported: the library picks its storage at import time.
 os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="sam-backend-metrics-"))
 
-bind = f"{os.environ.get('HOST', '0.0.0.0')}:{os.environ.get('PORT', '9090')}"
-workers = int(os.environ.get("WORKERS", "1"))
-threads = int(os.environ.get("THREADS", "4"))
+try:
+    _settings = Settings.from_env()
+except SettingsError as error:
+    sys.exit(f"configuration error: {error}")
+
+bind = f"{_settings.host}:{_settings.port}"
+workers = _settings.workers
+threads = _settings.threads
 worker_class = "gthread"
 # Model loading and a cold encode can take minutes on a CPU; Label Studio's own predict timeout is 100 s.
-timeout = int(os.environ.get("GUNICORN_TIMEOUT", "300"))
-loglevel = os.environ.get("LOG_LEVEL", "info").lower()
+timeout = _settings.gunicorn_timeout_s
+loglevel = _settings.log_level.lower()
 accesslog = "-"
 
 

@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from backend.config import Settings
+from backend.config import Settings, SettingsError, describe_markdown
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
@@ -160,6 +160,25 @@ def _preannotate(args: argparse.Namespace, settings: Settings) -> int:
     return 130 if stop.is_set() else 0  # stopped by a signal, or by --max-tasks as asked
 
 
+def _settings(args: argparse.Namespace, settings: Settings) -> int:
+    if args.markdown:
+        print(describe_markdown(), end="")
+    else:
+        print(json.dumps(settings_summary(settings), indent=2))
+    return 0
+
+
+def settings_summary(settings: Settings) -> dict[str, object]:
+    """The settings in force, secrets left out: what an operator checks when a value seems ignored."""
+    from dataclasses import fields
+
+    return {
+        definition.metadata["env"]: getattr(settings, definition.name)
+        for definition in fields(settings)
+        if definition.repr
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m backend", description="SAM backend for Label Studio")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -202,5 +221,14 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--port", type=int, default=7860)
     demo.set_defaults(run=_demo)
 
+    described = commands.add_parser("settings", help="print the settings in force (secrets left out)")
+    described.add_argument("--markdown", action="store_true", help="print docs/configuration.md instead")
+    described.set_defaults(run=_settings)
+
     args = parser.parse_args(argv)
-    return args.run(args, Settings.from_env())
+    try:
+        settings = Settings.from_env()
+    except SettingsError as error:
+        print(f"configuration error: {error}", file=sys.stderr)
+        return 2
+    return args.run(args, settings)

@@ -1,190 +1,368 @@
-"""All configuration, read once from environment variables with documented defaults.
+"""All configuration: one frozen dataclass whose fields carry their environment variable, default and meaning.
 
-Names follow label-studio-ml's where they exist (LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY,
-BASIC_AUTH_USER, BASIC_AUTH_PASS, MODEL_DIR, WORKERS, THREADS, LOG_LEVEL). The README's
-configuration table is the user-facing copy of this file.
+`Settings.from_env()` is the only reader of os.environ for the backend. Each field's metadata names its
+variable (following label-studio-ml's names where they exist: LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY,
+BASIC_AUTH_USER, BASIC_AUTH_PASS, MODEL_DIR, WORKERS, THREADS, LOG_LEVEL), what it means and, for a choice,
+the allowed values; docs/configuration.md is generated from the same metadata (`python -m backend settings
+--markdown`), so the table cannot drift from the code. A value that cannot be parsed or is not among the
+allowed ones stops the process at start-up with a message naming the variable and what it accepts.
+
+Why a dataclass and not pydantic-settings: the fields are flat strings and numbers, the names are fixed by
+label-studio-ml's conventions rather than derived from field names, and the parser below is short; a frozen
+dataclass also keeps `dataclasses.replace`, which the tests and the CLI use to derive variants.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
+import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 
-def _env_str(name: str, default: str = "") -> str:
-    return os.environ.get(name, default).strip()
+class SettingsError(ValueError):
+    """A setting that cannot be used: the message names the variable and what it accepts."""
 
 
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        return int(raw)
-    except ValueError as exc:
-        raise ValueError(f"environment variable {name} must be an integer, got {raw!r}") from exc
+def setting(
+    env: str,
+    default: object,
+    doc: str,
+    *,
+    choices: tuple[str, ...] = (),
+    minimum: float | None = None,
+    pattern: str = "",
+    secret: bool = False,
+    section: str = "",
+) -> typing.Any:
+    """A field read from environment variable `env`; `doc` is its line in docs/configuration.md."""
+    metadata = {"env": env, "doc": doc, "choices": choices, "minimum": minimum, "pattern": pattern, "section": section}
+    return field(default=default, repr=not secret, metadata=metadata)
 
 
-def _env_float(name: str, default: float) -> float:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        return float(raw)
-    except ValueError as exc:
-        raise ValueError(f"environment variable {name} must be a number, got {raw!r}") from exc
-
-
-def _env_bool(name: str, default: bool) -> bool:
-    raw = os.environ.get(name, "").strip().lower()
-    if not raw:
-        return default
-    if raw in ("1", "true", "yes", "on"):
-        return True
-    if raw in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"environment variable {name} must be true or false, got {raw!r}")
-
-
-def _env_list(name: str) -> tuple[str, ...]:
-    return tuple(item.strip().lower() for item in os.environ.get(name, "").split(",") if item.strip())
+S_LABEL_STUDIO = "Label Studio and images"
+S_HTTP = "HTTP server"
+S_MODELS = "Models"
+S_DETECTOR = "GroundingDINO"
+S_CACHE = "Cache"
+S_QUEUE = "Queue mode"
+S_TRAINING = "Active learning"
 
 
 @dataclass(frozen=True)
 class Settings:
-    """Everything the backend can be told; `Settings.from_env()` is the only reader of os.environ."""
+    """Everything the backend can be told."""
 
-    # Label Studio connection (image downloads).
-    label_studio_url: str = ""
-    label_studio_api_key: str = field(default="", repr=False)
-    local_files_document_root: str = ""
-    allowed_image_hosts: tuple[str, ...] = ()
-    allow_private_image_hosts: bool = False  # may ALLOWED_IMAGE_HOSTS resolve to private/loopback addresses
-    download_timeout_s: float = 10.0
-    max_download_bytes: int = 50 * 1024 * 1024
-    max_image_pixels: int = 40_000_000
+    label_studio_url: str = setting(
+        "LABEL_STUDIO_URL",
+        "",
+        "Label Studio's base URL, for `/data/upload/...` and `/data/local-files/...` images",
+        section=S_LABEL_STUDIO,
+    )
+    label_studio_api_key: str = setting(
+        "LABEL_STUDIO_API_KEY",
+        "",
+        "legacy token (sent as `Token`) or personal access token (exchanged for a short-lived `Bearer` token); "
+        "the kind is detected",
+        secret=True,
+        section=S_LABEL_STUDIO,
+    )
+    local_files_document_root: str = setting(
+        "LOCAL_FILES_DOCUMENT_ROOT",
+        "",
+        "read `/data/local-files/?d=...` from this folder directly (nothing outside it)",
+        section=S_LABEL_STUDIO,
+    )
+    allowed_image_hosts: tuple[str, ...] = setting(
+        "ALLOWED_IMAGE_HOSTS",
+        (),
+        "comma-separated hosts whose `http(s)://` images may be fetched (no credentials sent)",
+        section=S_LABEL_STUDIO,
+    )
+    allow_private_image_hosts: bool = setting(
+        "ALLOW_PRIVATE_IMAGE_HOSTS",
+        False,
+        "let `ALLOWED_IMAGE_HOSTS` resolve to loopback or private addresses",
+        section=S_LABEL_STUDIO,
+    )
+    download_timeout_s: float = setting(
+        "DOWNLOAD_TIMEOUT", 10.0, "seconds per image download", minimum=0.001, section=S_LABEL_STUDIO
+    )
+    max_download_bytes: int = setting(
+        "MAX_DOWNLOAD_BYTES", 50 * 1024 * 1024, "largest image file accepted", minimum=1, section=S_LABEL_STUDIO
+    )
+    max_image_pixels: int = setting(
+        "MAX_IMAGE_PIXELS",
+        40_000_000,
+        "largest image (width × height) decoded; larger is refused as a bomb",
+        minimum=1,
+        section=S_LABEL_STUDIO,
+    )
 
-    # HTTP server.
-    basic_auth_user: str = ""
-    basic_auth_pass: str = field(default="", repr=False)
-    bearer_token: str = field(default="", repr=False)
-    max_request_bytes: int = 20 * 1024 * 1024
-    max_tasks_per_request: int = 1000
-    max_prompts_per_task: int = 100
-    model_ready_timeout_s: float = 60.0
-    predict_deadline_s: float = 90.0  # below Label Studio's 100 s, so it gets our answer, not its timeout
-    predict_threads: int = 8
-    log_level: str = "INFO"
+    host: str = setting("HOST", "0.0.0.0", "address gunicorn binds", section=S_HTTP)
+    port: int = setting("PORT", 9090, "port gunicorn binds", minimum=1, section=S_HTTP)
+    workers: int = setting("WORKERS", 1, "gunicorn worker processes", minimum=1, section=S_HTTP)
+    threads: int = setting("THREADS", 4, "threads per gunicorn worker", minimum=1, section=S_HTTP)
+    gunicorn_timeout_s: int = setting(
+        "GUNICORN_TIMEOUT",
+        300,
+        "seconds gunicorn lets a worker be silent before restarting it",
+        minimum=1,
+        section=S_HTTP,
+    )
+    basic_auth_user: str = setting("BASIC_AUTH_USER", "", "require HTTP basic auth on every route", section=S_HTTP)
+    basic_auth_pass: str = setting(
+        "BASIC_AUTH_PASS", "", "the basic-auth password (set both or neither)", secret=True, section=S_HTTP
+    )
+    bearer_token: str = setting(
+        "BEARER_TOKEN", "", "accept `Authorization: Bearer <token>` (besides basic auth)", secret=True, section=S_HTTP
+    )
+    max_request_bytes: int = setting(
+        "MAX_REQUEST_BYTES", 20 * 1024 * 1024, "largest request body", minimum=1, section=S_HTTP
+    )
+    max_tasks_per_request: int = setting(
+        "MAX_TASKS_PER_REQUEST", 1000, "tasks in one `/predict`", minimum=1, section=S_HTTP
+    )
+    max_prompts_per_task: int = setting(
+        "MAX_PROMPTS_PER_TASK", 100, "smart regions in one context", minimum=1, section=S_HTTP
+    )
+    model_ready_timeout_s: float = setting(
+        "MODEL_READY_TIMEOUT",
+        60.0,
+        "seconds a `/predict` waits for models still loading before answering 503",
+        minimum=0,
+        section=S_HTTP,
+    )
+    predict_deadline_s: float = setting(
+        "PREDICT_DEADLINE",
+        90.0,
+        "seconds a `/predict` may take before it answers what is done (Label Studio gives up at 100)",
+        minimum=0.001,
+        section=S_HTTP,
+    )
+    predict_threads: int = setting(
+        "PREDICT_THREADS",
+        8,
+        "model calls running at once per worker; more wait, and are dropped at their deadline",
+        minimum=1,
+        section=S_HTTP,
+    )
+    log_level: str = setting(
+        "LOG_LEVEL",
+        "INFO",
+        "logging level",
+        choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
+        section=S_HTTP,
+    )
 
-    # SAM.
-    sam_model_type: str = "vit_b"
-    sam_checkpoint: str = ""
-    device: str = "auto"
-    decoder_runtime: str = "auto"
-    torch_threads: int = 0
-    sam_encoder_batch: int = 0  # images per SAM encoder pass; 0: 4 on a GPU, 1 on CPU
+    sam_model_type: str = setting(
+        "SAM_MODEL_TYPE", "vit_b", "SAM model", choices=("vit_b", "vit_l", "vit_h"), section=S_MODELS
+    )
+    sam_checkpoint: str = setting(
+        "SAM_CHECKPOINT",
+        "",
+        "Meta's `.pth` checkpoint; default: the official file name in `WEIGHTS_DIR`",
+        section=S_MODELS,
+    )
+    weights_dir: str = setting(
+        "WEIGHTS_DIR", "./weights", "where `python -m backend weights download` puts checkpoints", section=S_MODELS
+    )
+    device: str = setting(
+        "DEVICE",
+        "auto",
+        "`auto` (CUDA when present), `cpu`, `cuda` or `cuda:N`",
+        pattern=r"auto|cpu|cuda(:[0-9]+)?",
+        section=S_MODELS,
+    )
+    decoder_runtime: str = setting(
+        "DECODER_RUNTIME",
+        "auto",
+        "SAM's prompt decoder: `onnx` (ONNX Runtime, default on CPU) or `torch` (default on GPU)",
+        choices=("auto", "onnx", "torch"),
+        section=S_MODELS,
+    )
+    torch_threads: int = setting(
+        "TORCH_THREADS", 0, "torch CPU threads per process; 0 keeps torch's default", minimum=0, section=S_MODELS
+    )
+    sam_encoder_batch: int = setting(
+        "SAM_ENCODER_BATCH", 0, "images per SAM encoder pass; 0: 4 on a GPU, 1 on CPU", minimum=0, section=S_MODELS
+    )
 
-    # GroundingDINO (pre-annotation and text prompts); optional: SAM serves clicks without it.
-    grounding_dino_config: str = ""
-    grounding_dino_checkpoint: str = ""
-    grounding_dino_text_encoder: str = "bert-base-uncased"
-    grounding_dino_image_size: int = 800
-    grounding_dino_batch: int = 4
-    box_threshold: float = 0.3
-    text_threshold: float = 0.25
-    max_objects: int = 20
+    grounding_dino_config: str = setting(
+        "GROUNDING_DINO_CONFIG",
+        "",
+        "model config matching the checkpoint; default: groundingdino-py's `GroundingDINO_SwinT_OGC.py`",
+        section=S_DETECTOR,
+    )
+    grounding_dino_checkpoint: str = setting(
+        "GROUNDING_DINO_CHECKPOINT",
+        "",
+        'official checkpoint (`{"model": state_dict}`); default: `WEIGHTS_DIR/groundingdino_swint_ogc.pth`',
+        section=S_DETECTOR,
+    )
+    grounding_dino_text_encoder: str = setting(
+        "GROUNDING_DINO_TEXT_ENCODER",
+        "bert-base-uncased",
+        "Hugging Face name or a local folder (config, vocab, weights)",
+        section=S_DETECTOR,
+    )
+    grounding_dino_image_size: int = setting(
+        "GROUNDING_DINO_IMAGE_SIZE", 800, "short side GroundingDINO reads images at", minimum=32, section=S_DETECTOR
+    )
+    grounding_dino_batch: int = setting(
+        "GROUNDING_DINO_BATCH",
+        4,
+        "images per GroundingDINO pass in a pre-annotation batch",
+        minimum=1,
+        section=S_DETECTOR,
+    )
+    box_threshold: float = setting(
+        "BOX_THRESHOLD", 0.3, "a box is kept when its best token scores above this", minimum=0, section=S_DETECTOR
+    )
+    text_threshold: float = setting(
+        "TEXT_THRESHOLD",
+        0.25,
+        "... and the mean token score of its phrase is above this",
+        minimum=0,
+        section=S_DETECTOR,
+    )
+    max_objects: int = setting(
+        "MAX_OBJECTS", 20, "objects kept per image (best first) before SAM", minimum=1, section=S_DETECTOR
+    )
 
-    # Embedding cache.
-    redis_url: str = ""
-    embedding_ttl_s: int = 7 * 24 * 3600
-    session_ttl_s: int = 2 * 3600
-    memory_cache_bytes: int = 512 * 1024 * 1024
-    encode_lock_timeout_s: float = 120.0
+    redis_url: str = setting(
+        "REDIS_URL", "", "shared cache and job queue; without it an in-process cache is used", section=S_CACHE
+    )
+    embedding_ttl_s: int = setting(
+        "EMBEDDING_TTL", 7 * 24 * 3600, "seconds an image embedding is kept", minimum=1, section=S_CACHE
+    )
+    session_ttl_s: int = setting(
+        "SESSION_TTL",
+        2 * 3600,
+        "seconds the remembered boxes and logits of a task and label are kept",
+        minimum=1,
+        section=S_CACHE,
+    )
+    memory_cache_bytes: int = setting(
+        "MEMORY_CACHE_BYTES",
+        512 * 1024 * 1024,
+        "bound of the in-process cache (also the fallback while Redis is down)",
+        minimum=0,
+        section=S_CACHE,
+    )
+    encode_lock_timeout_s: float = setting(
+        "ENCODE_LOCK_TIMEOUT",
+        120.0,
+        "seconds other workers wait for one worker's encoding of the same image",
+        minimum=0,
+        section=S_CACHE,
+    )
 
-    # Where the models run: "local" (in the web process) or "queue" (RQ workers through Redis).
-    inference: str = "local"
-    job_timeout_s: int = 180
-    worker_ttl_s: int = 20
-    worker_maintenance_s: int = 10
-    interactive_thread: bool = True  # each worker also runs a clicks-only loop, so no click waits for a batch
-    preannotate_batch: int = 4  # pre-annotation jobs a worker takes from the queue at once (1: one at a time)
+    inference: str = setting(
+        "INFERENCE",
+        "local",
+        "where the models run: in the web process, or on RQ workers through Redis",
+        choices=("local", "queue"),
+        section=S_QUEUE,
+    )
+    job_timeout_s: int = setting("JOB_TIMEOUT", 180, "seconds a job may run on a worker", minimum=1, section=S_QUEUE)
+    worker_ttl_s: int = setting(
+        "WORKER_TTL",
+        20,
+        "seconds after which a silent worker counts as gone; its jobs' leases lapse 5 s later",
+        minimum=1,
+        section=S_QUEUE,
+    )
+    worker_maintenance_s: int = setting(
+        "WORKER_MAINTENANCE_INTERVAL",
+        10,
+        "seconds between a worker's registry clean-ups (abandoned-job retries)",
+        minimum=1,
+        section=S_QUEUE,
+    )
+    interactive_thread: bool = setting(
+        "INTERACTIVE_THREAD",
+        True,
+        "each worker process also runs a clicks-only loop, so no click waits for a batch",
+        section=S_QUEUE,
+    )
+    preannotate_batch: int = setting(
+        "PREANNOTATE_BATCH",
+        4,
+        "pre-annotation jobs a worker takes from the queue at once (1: one at a time)",
+        minimum=1,
+        section=S_QUEUE,
+    )
 
-    # Storage of trained models and weights.
-    model_dir: str = "./models"
-    weights_dir: str = "./weights"
-    model_version: str = ""
+    model_dir: str = setting("MODEL_DIR", "./models", "trained models and training data", section=S_TRAINING)
+    model_version: str = setting(
+        "MODEL_VERSION",
+        "",
+        "the `model_version` reported to Label Studio; default `sam-<type>`; a project's "
+        "fine-tuned decoder reports `<MODEL_VERSION>-p<project>-v<N>`",
+        section=S_TRAINING,
+    )
+    train_after_annotations: int = setting(
+        "TRAIN_AFTER_ANNOTATIONS",
+        10,
+        "train a project after this many new annotations with masks; 0: only on *Start training*",
+        minimum=0,
+        section=S_TRAINING,
+    )
+    train_steps: int = setting("TRAIN_STEPS", 200, "optimiser steps of one training", minimum=1, section=S_TRAINING)
+    train_batch_size: int = setting("TRAIN_BATCH_SIZE", 4, "masks per step", minimum=1, section=S_TRAINING)
+    train_learning_rate: float = setting(
+        "TRAIN_LEARNING_RATE", 1e-4, "AdamW learning rate (weight decay 0.01)", minimum=0, section=S_TRAINING
+    )
+    train_correction_rounds: int = setting(
+        "TRAIN_CORRECTION_ROUNDS",
+        2,
+        "simulated correction clicks per mask after the first prompt",
+        minimum=0,
+        section=S_TRAINING,
+    )
+    train_held_out_fraction: float = setting(
+        "TRAIN_HELD_OUT_FRACTION",
+        0.2,
+        "share of a project's tasks held out to score each new version (at least one)",
+        minimum=0,
+        section=S_TRAINING,
+    )
+    train_lock_ttl_s: float = setting(
+        "TRAIN_LOCK_TTL", 60.0, "seconds a dead training's Redis lock outlives it", minimum=1, section=S_TRAINING
+    )
+    train_job_timeout_s: int = setting(
+        "TRAIN_JOB_TIMEOUT",
+        3600,
+        "seconds a training may run on a queue worker (`INFERENCE=queue`)",
+        minimum=1,
+        section=S_TRAINING,
+    )
+    model_version_pin: str = setting(
+        "MODEL_VERSION_PIN",
+        "",
+        "rollback: `1=v2,3=base` serves version v2 to project 1 and the original SAM to "
+        "project 3; a bare `v2` or `base` pins every project",
+        section=S_TRAINING,
+    )
 
-    # Active learning (fine-tuning the prompt encoder and mask decoder on the project's annotations).
-    train_after_annotations: int = 10
-    train_steps: int = 200
-    train_batch_size: int = 4
-    train_learning_rate: float = 1e-4
-    train_correction_rounds: int = 2
-    train_held_out_fraction: float = 0.2
-    train_lock_ttl_s: float = 60.0
-    train_job_timeout_s: int = 3600
-    model_version_pin: str = ""
+    def __post_init__(self) -> None:
+        for definition in dataclasses.fields(self):
+            _check(definition, getattr(self, definition.name))
 
     @classmethod
-    def from_env(cls) -> Settings:
-        return cls(
-            label_studio_url=_env_str("LABEL_STUDIO_URL").rstrip("/"),
-            label_studio_api_key=_env_str("LABEL_STUDIO_API_KEY"),
-            local_files_document_root=_env_str("LOCAL_FILES_DOCUMENT_ROOT"),
-            allowed_image_hosts=_env_list("ALLOWED_IMAGE_HOSTS"),
-            allow_private_image_hosts=_env_bool("ALLOW_PRIVATE_IMAGE_HOSTS", cls.allow_private_image_hosts),
-            download_timeout_s=_env_float("DOWNLOAD_TIMEOUT", cls.download_timeout_s),
-            max_download_bytes=_env_int("MAX_DOWNLOAD_BYTES", cls.max_download_bytes),
-            max_image_pixels=_env_int("MAX_IMAGE_PIXELS", cls.max_image_pixels),
-            basic_auth_user=_env_str("BASIC_AUTH_USER"),
-            basic_auth_pass=_env_str("BASIC_AUTH_PASS"),
-            bearer_token=_env_str("BEARER_TOKEN"),
-            max_request_bytes=_env_int("MAX_REQUEST_BYTES", cls.max_request_bytes),
-            max_tasks_per_request=_env_int("MAX_TASKS_PER_REQUEST", cls.max_tasks_per_request),
-            max_prompts_per_task=_env_int("MAX_PROMPTS_PER_TASK", cls.max_prompts_per_task),
-            model_ready_timeout_s=_env_float("MODEL_READY_TIMEOUT", cls.model_ready_timeout_s),
-            predict_deadline_s=_env_float("PREDICT_DEADLINE", cls.predict_deadline_s),
-            predict_threads=_env_int("PREDICT_THREADS", cls.predict_threads),
-            log_level=_env_str("LOG_LEVEL", cls.log_level).upper(),
-            sam_model_type=_env_str("SAM_MODEL_TYPE", cls.sam_model_type),
-            sam_checkpoint=_env_str("SAM_CHECKPOINT"),
-            device=_env_str("DEVICE", cls.device),
-            decoder_runtime=_env_str("DECODER_RUNTIME", cls.decoder_runtime),
-            torch_threads=_env_int("TORCH_THREADS", cls.torch_threads),
-            sam_encoder_batch=_env_int("SAM_ENCODER_BATCH", cls.sam_encoder_batch),
-            grounding_dino_config=_env_str("GROUNDING_DINO_CONFIG"),
-            grounding_dino_checkpoint=_env_str("GROUNDING_DINO_CHECKPOINT"),
-            grounding_dino_text_encoder=_env_str("GROUNDING_DINO_TEXT_ENCODER", cls.grounding_dino_text_encoder),
-            grounding_dino_image_size=_env_int("GROUNDING_DINO_IMAGE_SIZE", cls.grounding_dino_image_size),
-            grounding_dino_batch=_env_int("GROUNDING_DINO_BATCH", cls.grounding_dino_batch),
-            box_threshold=_env_float("BOX_THRESHOLD", cls.box_threshold),
-            text_threshold=_env_float("TEXT_THRESHOLD", cls.text_threshold),
-            max_objects=_env_int("MAX_OBJECTS", cls.max_objects),
-            redis_url=_env_str("REDIS_URL"),
-            embedding_ttl_s=_env_int("EMBEDDING_TTL", cls.embedding_ttl_s),
-            session_ttl_s=_env_int("SESSION_TTL", cls.session_ttl_s),
-            memory_cache_bytes=_env_int("MEMORY_CACHE_BYTES", cls.memory_cache_bytes),
-            encode_lock_timeout_s=_env_float("ENCODE_LOCK_TIMEOUT", cls.encode_lock_timeout_s),
-            inference=_env_str("INFERENCE", cls.inference).lower(),
-            job_timeout_s=_env_int("JOB_TIMEOUT", cls.job_timeout_s),
-            worker_ttl_s=_env_int("WORKER_TTL", cls.worker_ttl_s),
-            worker_maintenance_s=_env_int("WORKER_MAINTENANCE_INTERVAL", cls.worker_maintenance_s),
-            interactive_thread=_env_bool("INTERACTIVE_THREAD", cls.interactive_thread),
-            preannotate_batch=_env_int("PREANNOTATE_BATCH", cls.preannotate_batch),
-            model_dir=_env_str("MODEL_DIR", cls.model_dir),
-            weights_dir=_env_str("WEIGHTS_DIR", cls.weights_dir),
-            model_version=_env_str("MODEL_VERSION"),
-            train_after_annotations=_env_int("TRAIN_AFTER_ANNOTATIONS", cls.train_after_annotations),
-            train_steps=_env_int("TRAIN_STEPS", cls.train_steps),
-            train_batch_size=_env_int("TRAIN_BATCH_SIZE", cls.train_batch_size),
-            train_learning_rate=_env_float("TRAIN_LEARNING_RATE", cls.train_learning_rate),
-            train_correction_rounds=_env_int("TRAIN_CORRECTION_ROUNDS", cls.train_correction_rounds),
-            train_held_out_fraction=_env_float("TRAIN_HELD_OUT_FRACTION", cls.train_held_out_fraction),
-            train_lock_ttl_s=_env_float("TRAIN_LOCK_TTL", cls.train_lock_ttl_s),
-            train_job_timeout_s=_env_int("TRAIN_JOB_TIMEOUT", cls.train_job_timeout_s),
-            model_version_pin=_env_str("MODEL_VERSION_PIN"),
-        )
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """The settings in `environ` (default: the process's environment); an empty variable means unset."""
+        environ = os.environ if environ is None else environ
+        values = {}
+        for definition in dataclasses.fields(cls):
+            raw = environ.get(definition.metadata["env"], "").strip()
+            if raw:
+                values[definition.name] = _parse(definition, raw)
+        return cls(**values)
 
     @property
     def base_model_version(self) -> str:
@@ -208,3 +386,72 @@ class Settings:
         from backend.models.checkpoints import GROUNDING_DINO_CHECKPOINT
 
         return Path(self.weights_dir) / GROUNDING_DINO_CHECKPOINT.filename
+
+
+_TYPES = typing.get_type_hints(Settings)
+
+
+def _parse(definition: dataclasses.Field, raw: str) -> object:
+    env, kind = definition.metadata["env"], _TYPES[definition.name]
+    if kind is bool:
+        lowered = raw.lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise SettingsError(f"{env} must be true or false, got {raw!r}")
+    if kind is int or kind is float:
+        try:
+            return kind(raw)
+        except ValueError:
+            raise SettingsError(f"{env} must be {'an integer' if kind is int else 'a number'}, got {raw!r}") from None
+    if typing.get_origin(kind) is tuple:
+        return tuple(item.strip().lower() for item in raw.split(",") if item.strip())
+    if definition.name == "label_studio_url":
+        return raw.rstrip("/")
+    if definition.metadata["choices"] and definition.name != "log_level":
+        return raw.lower()
+    return raw.upper() if definition.name == "log_level" else raw
+
+
+def _check(definition: dataclasses.Field, value: object) -> None:
+    env, choices, minimum, pattern = (definition.metadata[key] for key in ("env", "choices", "minimum", "pattern"))
+    if choices and value not in choices:
+        raise SettingsError(f"{env} must be one of {', '.join(choices)}; got {value!r}")
+    if pattern and not re.fullmatch(pattern, str(value)):
+        raise SettingsError(f"{env} got {value!r}; it accepts {definition.metadata['doc']}")
+    if minimum is not None and isinstance(value, int | float) and value < minimum:
+        raise SettingsError(f"{env} must be at least {minimum:g}, got {value!r}")
+
+
+def describe_markdown() -> str:
+    """docs/configuration.md: every setting, by section, from the fields' own metadata."""
+    lines = [
+        "# Configuration",
+        "",
+        "Every setting is an environment variable, read once at start-up (`backend/config.py`); an empty value",
+        "means unset. A value that cannot be used stops the process with a message naming the variable.",
+        "This file is generated by `python -m backend settings --markdown > docs/configuration.md`; a test",
+        "checks that it matches the code.",
+    ]
+    section = None
+    for definition in dataclasses.fields(Settings):
+        meta = definition.metadata
+        if meta["section"] != section:
+            section = meta["section"]
+            lines += ["", f"## {section}", "", "| variable | default | meaning |", "|---|---|---|"]
+        meaning = meta["doc"]
+        if meta["choices"]:
+            meaning += f" (one of: {', '.join(f'`{choice}`' for choice in meta['choices'])})"
+        lines.append(f"| `{meta['env']}` | {_shown_default(definition.default)} | {meaning} |")
+    return "\n".join(lines) + "\n"
+
+
+def _shown_default(default: object) -> str:
+    if default in ("", ()):
+        return "–"
+    if isinstance(default, bool):
+        return f"`{str(default).lower()}`"
+    if isinstance(default, tuple):
+        return f"`{','.join(default)}`"
+    return f"`{default}`"
