@@ -8,7 +8,8 @@ import os
 import sys
 import tempfile
 
-from backend.config import Settings, SettingsError
+from backend.config import Settings
+from backend.errors import SettingsError
 
 # Every worker writes its metrics here so that /metrics on any worker reports them all. It must be set
 # before prometheus_client is first imported: the library picks its storage at import time.

@@ -10,9 +10,9 @@ from flask import Flask
 
 from backend.cache.store import make_store
 from backend.config import Settings
-from backend.predictor import Predictor
-from backend.protocol.server import create_app
-from backend.worker.client import QueuePredictor
+from backend.http.routes import create_app
+from backend.inference.local import Predictor
+from backend.inference.queue import QueuePredictor
 
 
 def configure_logging(level: str) -> None:

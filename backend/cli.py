@@ -8,7 +8,8 @@ import logging
 import sys
 from pathlib import Path
 
-from backend.config import Settings, SettingsError, describe_markdown
+from backend.config import Settings, describe_markdown
+from backend.errors import SettingsError
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
@@ -48,10 +49,9 @@ def _predict(args: argparse.Namespace, settings: Settings) -> int:
     from backend.app import configure_logging
     from backend.cache.store import make_store
     from backend.demo import LOAD_WAIT_S
-    from backend.images import FetchedImage, ImageError
-    from backend.models.loader import ModelNotReady
-    from backend.predictor import Predictor
-    from backend.prompts.interactive import PromptError
+    from backend.errors import ImageError, ModelNotReady, PromptError
+    from backend.images import FetchedImage
+    from backend.inference.local import Predictor
     from backend.segment_text import detections_json, overlay, segment_text
 
     configure_logging(settings.log_level)
@@ -107,8 +107,9 @@ def _preannotate(args: argparse.Namespace, settings: Settings) -> int:
     from tqdm import tqdm
 
     from backend.app import configure_logging, make_predictor
-    from backend.preannotate import ProjectRun, RunOptions, RunProgress, default_parallel
-    from backend.protocol.project_api import ProjectApi, ProjectApiError
+    from backend.errors import ProjectApiError
+    from backend.protocol.project_api import ProjectApi
+    from backend.runs.preannotate import ProjectRun, RunOptions, RunProgress, default_parallel
 
     configure_logging(settings.log_level)
     # A bulk run waits for the models and for busy workers longer than a Label Studio request may.

@@ -20,11 +20,8 @@ import re
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 
-
-class SettingsError(ValueError):
-    """A setting that cannot be used: the message names the variable and what it accepts."""
+from backend.errors import SettingsError
 
 
 def setting(
@@ -368,24 +365,6 @@ class Settings:
     def base_model_version(self) -> str:
         """The name predictions of the loaded SAM carry; fine-tuned versions extend it."""
         return self.model_version or f"sam-{self.sam_model_type}"
-
-    @property
-    def sam_checkpoint_path(self) -> Path:
-        """The SAM checkpoint to load: SAM_CHECKPOINT, else the official file name in WEIGHTS_DIR."""
-        if self.sam_checkpoint:
-            return Path(self.sam_checkpoint)
-        from backend.models.checkpoints import SAM_CHECKPOINTS
-
-        return Path(self.weights_dir) / SAM_CHECKPOINTS[self.sam_model_type].filename
-
-    @property
-    def grounding_dino_checkpoint_path(self) -> Path:
-        """GROUNDING_DINO_CHECKPOINT, else the official file name in WEIGHTS_DIR."""
-        if self.grounding_dino_checkpoint:
-            return Path(self.grounding_dino_checkpoint)
-        from backend.models.checkpoints import GROUNDING_DINO_CHECKPOINT
-
-        return Path(self.weights_dir) / GROUNDING_DINO_CHECKPOINT.filename
 
 
 _TYPES = typing.get_type_hints(Settings)

@@ -15,10 +15,9 @@ from pathlib import Path
 
 from backend.cache.store import ByteStore, make_store
 from backend.config import Settings
-from backend.images import FetchedImage, ImageError
-from backend.models.loader import ModelNotReady
-from backend.predictor import Predictor
-from backend.prompts.interactive import PromptError
+from backend.errors import ImageError, ModelNotReady, PromptError
+from backend.images import FetchedImage
+from backend.inference.local import Predictor
 from backend.segment_text import detections_json, overlay, segment_text
 
 SAM_MODEL_TYPES = ["vit_h", "vit_l", "vit_b"]  # the choices, and their order, of lang-segment-anything's app

@@ -24,8 +24,9 @@ import requests
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from backend.config import Settings
-from backend.labelstudio_auth import AuthError, LabelStudioAuth
-from backend.netguard import AddressPolicy, BlockedAddress, GuardedAdapter
+from backend.errors import AuthError, BlockedAddress, ImageError
+from backend.netguard import AddressPolicy, GuardedAdapter
+from backend.protocol.auth import LabelStudioAuth
 
 log = logging.getLogger(__name__)
 
@@ -43,14 +44,6 @@ def redact_url(url: str) -> str:
         return "<unparsable URL>"
     masked = urlencode([(key, value if key == "d" else "***") for key, values in query.items() for value in values])
     return urlunsplit((parts.scheme, netloc, parts.path, masked, ""))
-
-
-class ImageError(Exception):
-    """An image that cannot be used; `status` is the HTTP status to answer with."""
-
-    def __init__(self, message: str, status: int = 422) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 @dataclass

@@ -20,11 +20,9 @@ from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError
 
+from backend.errors import BlockedAddress
+
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
-
-
-class BlockedAddress(Exception):
-    """The host resolved only to addresses that image downloads must not reach."""
 
 
 def _category(address: Address) -> str | None:

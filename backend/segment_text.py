@@ -9,9 +9,10 @@ from __future__ import annotations
 import imgviz
 import numpy as np
 
+from backend.errors import PromptError
 from backend.images import FetchedImage, decode_image
-from backend.predictor import Predictor, TaskPrediction
-from backend.prompts.interactive import PromptError
+from backend.inference.local import Predictor
+from backend.outcomes import TaskPrediction
 from backend.prompts.text import SEPARATORS, normalise_phrase
 from backend.protocol.label_config import Control, ProjectConfig
 

@@ -21,8 +21,8 @@ from segment_anything.build_sam import _build_sam
 
 from backend.cache.store import make_store
 from backend.config import Settings
-from backend.predictor import Predictor
-from backend.protocol.server import create_app
+from backend.http.routes import create_app
+from backend.inference.local import Predictor
 from tests.grounding_dino_weights import write_checkpoint, write_config, write_text_encoder
 from tests.label_studio_standin import LabelStudioStandIn
 from tests.services import RedisServer

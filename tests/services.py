@@ -13,7 +13,7 @@ from pathlib import Path
 import redis
 from rq import Worker
 
-from backend.worker.client import CLICK_LANE_SUFFIX
+from backend.inference.queue import CLICK_LANE_SUFFIX
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -19,14 +19,14 @@ import redis
 import torch
 from label_studio_sdk.converter.brush import mask2rle
 
+from backend.decoders.versions import PARTIAL_PREFIX, VersionStore
+from backend.http.routes import create_app
+from backend.inference.queue import QueuePredictor
 from backend.models.sam import decoder_state, load_sam
-from backend.protocol.server import create_app
+from backend.project_files import ProjectFiles
 from backend.training.dataset import AnnotationRecord, Region, TrainingSet
-from backend.training.files import ProjectFiles
 from backend.training.ingest import Inbox
 from backend.training.trainer import train_project, training_lock
-from backend.training.versions import PARTIAL_PREFIX, VersionStore
-from backend.worker.client import QueuePredictor
 from tests.conftest import REPO, encode, make_client, recorded
 from tests.services import RedisServer
 from tests.synthetic_shapes import shape_image

@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from label_studio_sdk.converter.brush import decode_rle, encode_rle, mask2rle
 
-from backend.protocol.brush_rle import RleError, decode_mask, decode_values, encode_mask, encode_values
+from backend.errors import RleError
+from backend.protocol.brush_rle import decode_mask, decode_values, encode_mask, encode_values
 
 # Run lengths around each length field's limits (1, 8, 16, 256, 65536) and beyond.
 RUN_LENGTHS = st.sampled_from([1, 2, 7, 8, 9, 16, 17, 255, 256, 257, 4096, 65535, 65536, 65537, 140_001])

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from backend.config import Settings, SettingsError, describe_markdown
+from backend.config import Settings, describe_markdown
+from backend.errors import SettingsError
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 
 from backend.cache.store import make_store
 from backend.config import Settings
-from backend.predictor import Predictor
-from backend.protocol.server import create_app
+from backend.http.routes import create_app
+from backend.inference.local import Predictor
 from tests.conftest import recorded
 
 settings.register_profile(

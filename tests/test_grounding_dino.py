@@ -14,12 +14,13 @@ import pytest
 import torch
 
 from backend.cache.store import MemoryStore
+from backend.errors import CheckpointMissing, PromptError
 from backend.images import decode_image
+from backend.inference.local import Predictor
 from backend.models.base import SegmentPrompt
-from backend.models.checkpoints import WEIGHTS_COMMAND, CheckpointMissing
+from backend.models.checkpoints import WEIGHTS_COMMAND
 from backend.models.grounding_dino import GroundingDino, load_grounding_dino
-from backend.predictor import MODEL_BUILD_LOCK, Predictor
-from backend.prompts.interactive import PromptError
+from backend.models.registry import MODEL_BUILD_LOCK, grounding_dino_checkpoint_path
 from backend.prompts.text import MAX_PHRASES, build_query, labels_query, text_query, thresholds_for
 from backend.protocol.label_config import parse_label_config
 from backend.protocol.results import decode_brush
@@ -384,7 +385,7 @@ def test_without_grounding_dino_clicks_work_and_text_says_what_is_missing(settin
         predictor.detector.get(60)
     click = client.post("/predict", json=recorded("04-predict-interactive-keypoints.json"))
     assert click.status_code == 200 and click.json["results"][0]["result"]
-    expected = str(settings.grounding_dino_checkpoint_path)
+    expected = str(grounding_dino_checkpoint_path(settings))
     for body in (recorded("03-predict-batch.json"), recorded("06-predict-interactive-text.json")):
         response = client.post("/predict", json=body)
         assert response.status_code == 503

@@ -7,8 +7,9 @@ import pytest
 
 from backend.cache.sessions import SessionStore
 from backend.cache.store import MemoryStore
+from backend.errors import PromptError
 from backend.models.base import MaskPrediction
-from backend.prompts.interactive import InteractivePrompter, PromptError, parse_context
+from backend.prompts.interactive import InteractivePrompter, parse_context
 from tests.conftest import recorded
 
 SIZE = (768, 1024)  # height, width

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from backend.cache.store import MemoryStore
+from backend.http.routes import create_app
+from backend.inference.local import Predictor
 from backend.models.loader import BackgroundLoader
-from backend.predictor import Predictor
 from backend.protocol.results import decode_brush
-from backend.protocol.server import create_app
 from tests.conftest import make_client, recorded
 
 

@@ -19,20 +19,22 @@ from rq import Queue, Retry, Worker
 from rq.job import Job
 from rq.registry import StartedJobRegistry
 
-from backend.images import ImageError
-from backend.predictor import TaskPrediction
-from backend.protocol.label_config import parse_label_config
-from backend.protocol.results import decode_brush
-from backend.protocol.server import create_app
-from backend.worker import jobs
-from backend.worker.client import (
+from backend.errors import ImageError
+from backend.http.routes import create_app
+from backend.inference.queue import (
     CLICK_LANE_SUFFIX,
+    IMAGE_KEY,
     INTERACTIVE_QUEUE,
     PREANNOTATE_QUEUE,
     TRAINING_QUEUE,
     QueuePredictor,
     alive_workers,
+    stored_url,
 )
+from backend.outcomes import TaskPrediction
+from backend.protocol.label_config import parse_label_config
+from backend.protocol.results import decode_brush
+from backend.worker import jobs
 from backend.worker.runner import HEARTBEAT_MARGIN_S, ClaimingQueue, ModelWorker
 from tests.conftest import encode, recorded, smooth_object_image
 from tests.services import WORKER_ENV, RedisServer, Workers, free_port, model_workers
@@ -169,10 +171,10 @@ def test_clicks_go_ahead_of_waiting_pre_annotation_jobs(web_settings, workers, g
     predictor = QueuePredictor(web_settings, connection)
     config = parse_label_config(recorded("03-predict-batch.json")["label_config"])
     image = predictor.fetcher.fetch("/data/upload/1/b2b9d834-car_1024x768.jpg")
-    connection.set(jobs.IMAGE_KEY.format(digest=image.digest), image.data)
+    connection.set(IMAGE_KEY.format(digest=image.digest), image.data)
     # Bulk jobs wait first, then a click arrives; one worker then starts taking jobs.
     bulk = [
-        predictor.preannotate_queue.enqueue(jobs.preannotate, [jobs.stored_url(image.digest)], config, None)
+        predictor.preannotate_queue.enqueue(jobs.preannotate, [stored_url(image.digest)], config, None)
         for _ in range(3)
     ]
     click_job = predictor.interactive_queue.enqueue(
@@ -199,9 +201,9 @@ def test_a_click_is_answered_while_the_only_worker_runs_a_long_pre_annotation_jo
     for seed in range(6):  # one job of six 1024x768 images: many clicks' worth of work
         data = encode(smooth_object_image(1024, 768, seed))
         digests.append(hashlib.sha256(data).hexdigest())
-        connection.set(jobs.IMAGE_KEY.format(digest=digests[-1]), data)
+        connection.set(IMAGE_KEY.format(digest=digests[-1]), data)
     bulk = predictor.preannotate_queue.enqueue(
-        jobs.preannotate, [jobs.stored_url(digest) for digest in digests], config, None, job_timeout=600
+        jobs.preannotate, [stored_url(digest) for digest in digests], config, None, job_timeout=600
     )
     workers.start(1, **grounding_env(grounding_dino_files))
     deadline = time.time() + 300
@@ -232,10 +234,10 @@ def waiting_pre_annotation_jobs(predictor: QueuePredictor, images: list[bytes], 
     enqueued = []
     for data in images:
         digest = hashlib.sha256(data).hexdigest()
-        predictor.connection.set(jobs.IMAGE_KEY.format(digest=digest), data)
+        predictor.connection.set(IMAGE_KEY.format(digest=digest), data)
         enqueued.append(
             predictor.preannotate_queue.enqueue(
-                jobs.preannotate, [jobs.stored_url(digest)], config, None, job_timeout=timeout_s, retry=Retry(max=2)
+                jobs.preannotate, [stored_url(digest)], config, None, job_timeout=timeout_s, retry=Retry(max=2)
             )
         )
     return enqueued

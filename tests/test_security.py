@@ -20,10 +20,10 @@ import pytest
 
 from backend.cache.store import MemoryStore
 from backend.config import Settings
+from backend.http.routes import create_app
 from backend.images import ImageFetcher, decode_image, redact_url
+from backend.inference.local import Predictor
 from backend.models.loader import BackgroundLoader
-from backend.predictor import Predictor
-from backend.protocol.server import create_app
 from tests.conftest import make_client, recorded
 from tests.label_studio_standin import make_personal_access_token
 from tests.test_protocol import assert_brush_results, interactive

@@ -1,1 +1,1 @@
-"""Shared state in Redis (or in-process): image embeddings and per-task prompt sessions."""
+"""State shared between processes, in Redis or in-process: image embeddings, per-task prompt sessions, locks."""

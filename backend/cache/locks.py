@@ -15,11 +15,9 @@ from pathlib import Path
 import redis
 from redis.exceptions import LockError
 
+from backend.errors import LockBusy
+
 log = logging.getLogger(__name__)
-
-
-class LockBusy(RuntimeError):
-    """Someone else holds the lock."""
 
 
 @contextlib.contextmanager

@@ -1,1 +1,1 @@
-"""The models (SAM, later GroundingDINO and training) and how their weights are found and loaded."""
+"""SAM and GroundingDINO behind small interfaces (`base`), their official checkpoints and background loading."""

@@ -60,17 +60,6 @@ GROUNDING_DINO_CHECKPOINT = OfficialCheckpoint(
 )
 
 
-class CheckpointMissing(FileNotFoundError):
-    """A checkpoint file is absent; the message names the file and the command that fetches it."""
-
-    def __init__(self, what: str, path: Path) -> None:
-        super().__init__(
-            f"{what} checkpoint not found at {path}. Download the official weights with "
-            f"`{WEIGHTS_COMMAND}` or point the setting at an existing file."
-        )
-        self.path = path
-
-
 def sha256_of(path: Path, chunk_bytes: int = 8 * 1024 * 1024) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

@@ -22,7 +22,8 @@ import torch
 from PIL import Image
 from torchvision.ops import batched_nms, box_convert
 
-from backend.models.checkpoints import GROUNDING_DINO_CHECKPOINT, CheckpointMissing, sha256_of
+from backend.errors import CheckpointMissing
+from backend.models.checkpoints import GROUNDING_DINO_CHECKPOINT, sha256_of
 from backend.models.sam import resolve_device
 
 log = logging.getLogger(__name__)

@@ -7,13 +7,11 @@ import threading
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
+from backend.errors import ModelNotReady
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-
-class ModelNotReady(RuntimeError):
-    """The models are still loading, or failed to load (then the message says why)."""
 
 
 class BackgroundLoader(Generic[T]):

@@ -20,8 +20,9 @@ from segment_anything.build_sam import _build_sam
 from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 
+from backend.errors import CheckpointMissing
 from backend.models.base import ImageEmbedding, MaskPrediction, SegmentPrompt
-from backend.models.checkpoints import CheckpointMissing, sha256_of
+from backend.models.checkpoints import sha256_of
 from backend.models.sam_decoder import PromptDecoder, make_decoder
 
 log = logging.getLogger(__name__)

@@ -13,15 +13,8 @@ import math
 from dataclasses import dataclass
 
 from backend.cache.sessions import Box, Point, Session, SessionStore
+from backend.errors import PromptError
 from backend.models.base import MaskPrediction, SegmentPrompt
-
-
-class PromptError(ValueError):
-    """The context cannot be turned into prompts; `status` is the HTTP status to answer with."""
-
-    def __init__(self, message: str, status: int = 422) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 @dataclass

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from backend.prompts.interactive import PromptError
+from backend.errors import PromptError
 from backend.protocol.label_config import ProjectConfig
 
 # At most this many phrases in one caption; GroundingDINO itself reads at most 256 tokens of it.

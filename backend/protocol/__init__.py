@@ -1,1 +1,1 @@
-"""The Label Studio wire format: label configs, result JSON and the HTTP routes."""
+"""The Label Studio format at the bottom of the stack: label configs, ids, results, brush RLE, REST client, tokens."""

@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from backend.errors import RleError
+
 LENGTH_FIELD_BITS = (3, 4, 8, 16)
 LONGEST_RUN = 1 << LENGTH_FIELD_BITS[-1]  # longer runs are written as several series of this length
 WORD_BITS = 8
 HEADER_BITS = 32 + 5 + 4 * len(LENGTH_FIELD_BITS)
-
-
-class RleError(ValueError):
-    """Bytes that are not a brush RLE stream of the expected size."""
 
 
 def encode_values(values: np.ndarray) -> list[int]:

@@ -12,11 +12,9 @@ from dataclasses import dataclass, field
 
 from label_studio_sdk.label_interface import LabelInterface
 
+from backend.errors import ConfigError
+
 log = logging.getLogger(__name__)
-
-
-class ConfigError(ValueError):
-    """The label config cannot be served by this backend."""
 
 
 @dataclass(frozen=True)

@@ -14,12 +14,10 @@ import httpx
 from label_studio_sdk import LabelStudio, PredictionRequest
 from label_studio_sdk.core.api_error import ApiError
 
+from backend.errors import ProjectApiError
+
 # A project run can be long; one slow Label Studio answer should not end it.
 HTTP_TIMEOUT_S = 120.0
-
-
-class ProjectApiError(RuntimeError):
-    """Label Studio refused or failed a call; the message says which and why."""
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ import uuid
 
 import numpy as np
 
-from backend.predictor import TaskPrediction
+from backend.outcomes import TaskPrediction
 from backend.protocol.brush_rle import decode_mask, encode_mask
 from backend.protocol.label_config import ProjectConfig
 

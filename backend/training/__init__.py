@@ -1,1 +1,1 @@
-"""Active learning: a project's annotations become a training set, fine-tuned SAM decoders, and versions."""
+"""Active learning: webhook events become a training set; fine-tuning writes decoder versions (`backend.decoders`)."""

@@ -17,15 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
-from backend.protocol.brush_rle import RleError, decode_mask
+from backend.errors import Rejected, RleError
+from backend.project_files import ProjectFiles, fsync_directory, write_atomically
+from backend.protocol.brush_rle import decode_mask
 from backend.protocol.label_config import ProjectConfig
-from backend.training.files import ProjectFiles, fsync_directory, write_atomically
 
 log = logging.getLogger(__name__)
-
-
-class Rejected(ValueError):
-    """An annotation (or one region of it) that cannot become training data; the message says why."""
 
 
 @dataclass

@@ -20,12 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from backend.cache.locks import file_lock
-from backend.images import ImageError
-from backend.models.loader import ModelNotReady
+from backend.errors import ConfigError, ImageError, ModelNotReady, Rejected
+from backend.project_files import ProjectFiles, write_atomically
 from backend.protocol.ids import is_label_studio_id
-from backend.protocol.label_config import ConfigError, parse_label_config
-from backend.training.dataset import Rejected, TrainingSet, record_from_webhook
-from backend.training.files import ProjectFiles, write_atomically
+from backend.protocol.label_config import parse_label_config
+from backend.training.dataset import TrainingSet, record_from_webhook
 from backend.training.resources import TrainingResources
 
 log = logging.getLogger(__name__)

@@ -9,10 +9,12 @@ from dataclasses import dataclass
 from backend.cache.embeddings import EmbeddingCache
 from backend.cache.store import make_store
 from backend.config import Settings
-from backend.images import ImageError, ImageFetcher, decode_image
+from backend.decoders.serving import ProjectDecoders
+from backend.errors import ImageError
+from backend.images import ImageFetcher, decode_image
 from backend.models.base import ImageEmbedding
-from backend.models.sam import SamSegmenter, load_sam
-from backend.training.serving import ProjectDecoders
+from backend.models.registry import load_segmenter
+from backend.models.sam import SamSegmenter
 
 
 @dataclass
@@ -41,7 +43,7 @@ class TrainingResources:
 @functools.lru_cache(maxsize=1)
 def shared_resources(settings: Settings) -> TrainingResources:
     """Resources for a process that has no backend running (a queue worker); built once per process."""
-    segmenter = load_sam(settings.sam_checkpoint_path, settings.sam_model_type, settings.device, "torch")
+    segmenter = load_segmenter(settings, decoder_runtime="torch")
     store = make_store(settings.redis_url, settings.memory_cache_bytes)
     embeddings = EmbeddingCache(store, segmenter, settings.embedding_ttl_s, settings.encode_lock_timeout_s)
     return TrainingResources(segmenter, embeddings, ImageFetcher(settings), settings.max_image_pixels)

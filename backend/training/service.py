@@ -13,9 +13,11 @@ import threading
 from collections.abc import Callable
 
 from backend.config import Settings
+from backend.decoders.serving import ProjectDecoders
+from backend.errors import WebhookError
+from backend.project_files import ProjectFiles
 from backend.protocol.ids import is_label_studio_id
 from backend.training.dataset import TrainingSet
-from backend.training.files import ProjectFiles
 from backend.training.ingest import (
     ANNOTATION_SAVED,
     ANNOTATIONS_DELETED,
@@ -26,14 +28,9 @@ from backend.training.ingest import (
     read_annotation_count,
 )
 from backend.training.resources import TrainingResources
-from backend.training.serving import ProjectDecoders
 from backend.training.trainer import last_training, train_project
 
 log = logging.getLogger(__name__)
-
-
-class WebhookError(ValueError):
-    """A webhook body that cannot be recorded; answered with HTTP 400."""
 
 
 def _project_id(body: dict) -> int:

@@ -17,17 +17,17 @@ import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
-from backend.cache.locks import LockBusy, exclusive, file_lock
+from backend.cache.locks import exclusive, file_lock
 from backend.config import Settings
-from backend.images import ImageError
+from backend.decoders.versions import VersionStore, parse_pins, pin_for
+from backend.errors import CorruptVersion, ImageError, LockBusy
 from backend.models.base import ImageEmbedding
 from backend.models.sam import decoder_state, with_decoder_state
+from backend.project_files import ProjectFiles, write_atomically
 from backend.training.dataset import AnnotationRecord, TrainingSet
-from backend.training.files import ProjectFiles, write_atomically
 from backend.training.finetune import Example, FinetuneConfig, evaluate_miou, finetune, make_example
 from backend.training.ingest import write_annotation_count
 from backend.training.resources import TrainingResources, shared_resources
-from backend.training.versions import CorruptVersion, VersionStore, parse_pins, pin_for
 
 log = logging.getLogger(__name__)
 

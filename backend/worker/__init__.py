@@ -1,1 +1,1 @@
-"""Model execution in worker processes fed through Redis (RQ), for INFERENCE=queue."""
+"""What runs inside an inference worker process (INFERENCE=queue): the RQ worker loop and the jobs it runs."""

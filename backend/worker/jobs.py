@@ -19,36 +19,18 @@ from rq import get_current_job
 from rq.exceptions import DeserializationError
 from rq.job import Job
 
-from backend.images import FetchedImage, ImageError, ImageFetcher
-from backend.predictor import Predictor, TaskPrediction
-from backend.prompts.interactive import PromptError
-from backend.protocol.label_config import ConfigError, ProjectConfig
+from backend.errors import BackendError, ConfigError, ImageError, PromptError
+from backend.images import FetchedImage, ImageFetcher
+from backend.inference.local import Predictor
+from backend.inference.queue import IMAGE_KEY, STORED_PREFIX, stored_url
+from backend.outcomes import TaskPrediction
+from backend.protocol.label_config import ProjectConfig
 from backend.training.trainer import train_project
 
 log = logging.getLogger(__name__)
 
 _predictor: Predictor | None = None
 _batch: PreannotateBatch | None = None
-
-IMAGE_KEY = "sam:img:{digest}"
-STORED_PREFIX = "redis-image:"
-
-
-class InputError(Exception):
-    """A job's input was refused; carries the HTTP status the web tier answers with."""
-
-    def __init__(self, message: str, status: int) -> None:
-        super().__init__(message, status)  # both in args, so the error survives RQ's pickling
-        self.message = message
-        self.status = status
-
-    def __str__(self) -> str:
-        return self.message
-
-
-def stored_url(digest: str) -> str:
-    """How a job names an image the web tier stored in Redis."""
-    return STORED_PREFIX + digest
 
 
 class StoredImageFetcher(ImageFetcher):
@@ -65,7 +47,7 @@ class StoredImageFetcher(ImageFetcher):
         data = self.store.get(IMAGE_KEY.format(digest=digest))
         if data is None:
             # The web tier stores the image before enqueuing; only an expired or flushed key lands here.
-            raise InputError("the image is no longer in Redis; send the request again", 503)
+            raise ImageError("the image is no longer in Redis; send the request again", 503)
         return FetchedImage(url=url, data=data)
 
 
@@ -76,32 +58,32 @@ def install_predictor(predictor: Predictor) -> None:
     _predictor = predictor
 
 
-def _refusal(error: Exception) -> InputError:
+def _refusal(error: BackendError) -> BackendError:
     log.warning("job refused: %s", error)
-    return error if isinstance(error, InputError) else InputError(str(error), getattr(error, "status", 422))
+    return error
 
 
 def interactive(
     digest: str, task_id: object, context: object, project_id: int | None = None, config: ProjectConfig | None = None
-) -> TaskPrediction | InputError:
+) -> TaskPrediction | BackendError:
     assert _predictor is not None, "the worker installs its predictor before taking jobs"
     try:
         image = _predictor.fetcher.fetch(stored_url(digest))
         return _predictor.predict_for_image(image, task_id, context, project_id, config)
-    except (ImageError, PromptError, ConfigError, InputError) as error:
+    except (ImageError, PromptError, ConfigError) as error:
         return _refusal(error)
 
 
 def preannotate(
     image_urls: list[str], config: ProjectConfig, project_id: int | None = None
-) -> list[TaskPrediction | Exception] | InputError:
+) -> list[TaskPrediction | Exception] | BackendError:
     assert _predictor is not None, "the worker installs its predictor before taking jobs"
     job = get_current_job()
     if _batch is not None and job is not None and (outcome := _batch.outcome(job.id)) is not None:
         return outcome
     try:
         outcome = _predictor.predict_batch(image_urls, config, project_id)
-    except (PromptError, ConfigError, InputError) as error:
+    except (PromptError, ConfigError, ImageError) as error:
         return _refusal(error)
     if job is not None:
         _record_pass(job, jobs=1, images=len(image_urls))
@@ -164,7 +146,7 @@ class PreannotateBatch:
         urls = [url for _, job_urls in group.jobs for url in job_urls]
         try:
             outcomes = iter(_predictor.predict_batch(urls, group.config, group.project_id))
-        except (PromptError, ConfigError, InputError) as error:
+        except (PromptError, ConfigError, ImageError) as error:
             # One job's refusal (its image expired from Redis, say) must not become the others': each runs alone.
             log.warning(
                 "batched pre-annotation of %d jobs refused (%s); they run one at a time", len(group.jobs), error

@@ -36,9 +36,9 @@ from rq.worker import WorkerStatus
 from backend.cache.locks import renewed
 from backend.cache.store import make_store
 from backend.config import Settings
-from backend.predictor import Predictor
+from backend.inference.local import Predictor
+from backend.inference.queue import CLICK_LANE_SUFFIX, INTERACTIVE_QUEUE, PREANNOTATE_QUEUE, TRAINING_QUEUE
 from backend.worker import jobs
-from backend.worker.client import CLICK_LANE_SUFFIX, INTERACTIVE_QUEUE, PREANNOTATE_QUEUE, TRAINING_QUEUE
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import requests
 
-from backend.labelstudio_auth import LabelStudioAuth
+from backend.protocol.auth import LabelStudioAuth
 from tests.conftest import REPO
 from tests.services import free_port
 

@@ -13,10 +13,11 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from backend.config import Settings
+from backend.decoders.versions import Version, VersionStore, parse_pins, pin_for, public_name
+from backend.errors import CorruptVersion
 from backend.models.base import Segmenter
 from backend.models.sam import SamSegmenter
-from backend.training.files import ProjectFiles
-from backend.training.versions import CorruptVersion, Version, VersionStore, parse_pins, pin_for, public_name
+from backend.project_files import ProjectFiles
 
 log = logging.getLogger(__name__)
 

@@ -8,12 +8,10 @@ layer turns into Label Studio's JSON.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -21,42 +19,22 @@ from backend.cache.embeddings import CachedEmbedding, EmbeddingCache
 from backend.cache.sessions import SessionStore
 from backend.cache.store import ByteStore
 from backend.config import Settings
-from backend.images import FetchedImage, ImageError, ImageFetcher, decode_image
+from backend.decoders.serving import ProjectDecoders
+from backend.errors import ImageError, ModelNotReady, PromptError
+from backend.images import FetchedImage, ImageFetcher, decode_image
+from backend.inference.base import FETCH_THREADS, InteractiveFront
 from backend.models.base import ImageEmbedding, Segmenter, SegmentPrompt
-from backend.models.grounding_dino import Detection, GroundingDino, load_grounding_dino
-from backend.models.loader import BackgroundLoader, ModelNotReady
-from backend.models.sam import load_sam
-from backend.prompts.interactive import InteractivePrompter, PromptError, parse_context
+from backend.models.grounding_dino import Detection, GroundingDino
+from backend.models.loader import BackgroundLoader
+from backend.models.registry import load_detector, load_segmenter
+from backend.outcomes import DetectedObject, TaskPrediction
+from backend.prompts.interactive import InteractivePrompter, parse_context
 from backend.prompts.text import TextQuery, Thresholds, labels_query, text_query, thresholds_for
 from backend.protocol.label_config import ProjectConfig
 from backend.training.resources import TrainingResources
 from backend.training.service import ActiveLearning
-from backend.training.serving import ProjectDecoders
 
 log = logging.getLogger(__name__)
-
-FETCH_THREADS = 8  # image downloads of one batch run side by side; they wait on the network, not the CPU
-
-# transformers builds BERT under init_empty_weights, which patches torch.nn.Module for every thread: a SAM
-# built at that moment would get empty (meta) parameters. So models are built one at a time.
-MODEL_BUILD_LOCK = threading.Lock()
-
-
-@dataclass
-class DetectedObject:
-    label: str
-    mask: np.ndarray | None  # (H, W) bool; None when the project only wants the box
-    score: float
-    box: tuple[float, float, float, float] | None = None  # pixel box, when the object came from one
-
-
-@dataclass
-class TaskPrediction:
-    objects: list[DetectedObject]
-    image_size: tuple[int, int]  # (height, width)
-    cache_hit: bool
-    timings: dict[str, float] = field(default_factory=dict)
-    model_version: str = ""  # the decoder version that made the masks
 
 
 @dataclass
@@ -66,34 +44,6 @@ class Models:
     segmenter: Segmenter
     embeddings: EmbeddingCache
     sessions: SessionStore
-
-
-class InteractiveFront:
-    """What both predictors do before the models run: skip empty contexts and fetch the image.
-    Subclasses provide `fetcher`, `decoders` and the model half, `predict_for_image`."""
-
-    fetcher: ImageFetcher
-    decoders: ProjectDecoders
-    predict_for_image: Callable[..., TaskPrediction]
-
-    def predict_interactive(
-        self,
-        image_url: str,
-        task_id: object,
-        context: object,
-        project_id: int | None = None,
-        config: ProjectConfig | None = None,
-    ) -> TaskPrediction:
-        """Masks for the smart regions in `context`; an empty context gives no objects, not an error."""
-        if not context:
-            version = self.decoders.current_name(project_id)
-            return TaskPrediction(objects=[], image_size=(0, 0), cache_hit=False, model_version=version)
-        started = time.perf_counter()
-        image = self.fetcher.fetch(image_url)
-        fetch_s = time.perf_counter() - started
-        prediction = self.predict_for_image(image, task_id, context, project_id, config)
-        prediction.timings["fetch"] = fetch_s
-        return prediction
 
 
 class Predictor(InteractiveFront):
@@ -108,15 +58,7 @@ class Predictor(InteractiveFront):
         self.learning = ActiveLearning(settings, self.training_resources, self.decoders)
 
     def _load_models(self) -> Models:
-        settings = self.settings
-        with MODEL_BUILD_LOCK:
-            segmenter = load_sam(
-                settings.sam_checkpoint_path,
-                settings.sam_model_type,
-                settings.device,
-                settings.decoder_runtime,
-                settings.sam_encoder_batch,
-            )
+        segmenter = load_segmenter(self.settings)
         self.detector.start()  # after SAM, which clicks need first
         return self.models_for(segmenter)
 
@@ -153,15 +95,7 @@ class Predictor(InteractiveFront):
         }
 
     def _load_detector(self) -> GroundingDino:
-        settings = self.settings
-        with MODEL_BUILD_LOCK:
-            return load_grounding_dino(
-                settings.grounding_dino_checkpoint_path,
-                Path(settings.grounding_dino_config) if settings.grounding_dino_config else None,
-                settings.grounding_dino_text_encoder,
-                settings.device,
-                settings.grounding_dino_image_size,
-            )
+        return load_detector(self.settings)
 
     def detector_ready(self, query: TextQuery) -> GroundingDino:
         """GroundingDINO, able to read `query`'s caption; a 503 naming what is missing if it could not load."""

@@ -17,36 +17,35 @@ import time
 from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from backend import metrics
 from backend.config import Settings
-from backend.deadline import Deadline, DeadlineExceeded
-from backend.images import ImageError
-from backend.models.loader import ModelNotReady
-from backend.preannotate import BackgroundRuns, RunOptions, default_parallel
-from backend.predictor import Predictor, TaskPrediction
-from backend.prompts.interactive import PromptError
-from backend.protocol.access import AccessControl
+from backend.errors import (
+    RETRY_AFTER_S,
+    BackendError,
+    BadRequest,
+    ConfigError,
+    DeadlineExceeded,
+    ImageError,
+    PromptError,
+    WebhookError,
+)
+from backend.http import metrics
+from backend.http.access import AccessControl
+from backend.http.deadline import Deadline
+from backend.inference.local import Predictor
+from backend.inference.queue import QueuePredictor
+from backend.outcomes import TaskPrediction
 from backend.protocol.ids import is_label_studio_id
-from backend.protocol.label_config import ConfigError, ProjectConfig, parse_label_config
+from backend.protocol.label_config import ProjectConfig, parse_label_config
 from backend.protocol.results import task_results
-from backend.training.service import WebhookError
-from backend.worker.client import QueuePredictor
-from backend.worker.jobs import InputError
+from backend.runs.preannotate import BackgroundRuns, RunOptions, default_parallel
 
 log = logging.getLogger(__name__)
 
 MODEL_CLASS = "SamBackend"
 
 
-class BadRequest(Exception):
-    def __init__(self, message: str, status: int = 400, **details: object) -> None:
-        super().__init__(message)
-        self.status = status
-        self.details = details
-
-
 # What one task can fail with and still leave the others of its request answered.
-TASK_ERRORS = (BadRequest, ImageError, PromptError, ConfigError, InputError, DeadlineExceeded)
+TASK_ERRORS = (BadRequest, ImageError, PromptError, ConfigError, DeadlineExceeded)
 
 
 def error_response(message: str, status: int, **details: object) -> tuple[Response, int]:
@@ -54,7 +53,7 @@ def error_response(message: str, status: int, **details: object) -> tuple[Respon
     response = jsonify({"error": message, "status": status, **details})
     if status == 503:
         # Every 503 is temporary (models loading, no worker, a deadline): say when to come back.
-        response.headers["Retry-After"] = str(DeadlineExceeded.retry_after_s)
+        response.headers["Retry-After"] = str(RETRY_AFTER_S)
     return response, status
 
 
@@ -142,13 +141,9 @@ def create_app(settings: Settings, predictor: Predictor | QueuePredictor) -> Fla
     def http_error(error: HTTPException) -> tuple[Response, int]:
         return error_response(error.description or error.name, error.code or 500)
 
-    @app.errorhandler(BadRequest)
-    def bad_request(error: BadRequest) -> tuple[Response, int]:
-        return error_response(str(error), error.status, **error.details)
-
-    @app.errorhandler(ModelNotReady)
-    def not_ready(error: ModelNotReady) -> tuple[Response, int]:
-        return error_response(str(error), 503)
+    @app.errorhandler(BackendError)
+    def backend_error(error: BackendError) -> tuple[Response, int]:
+        return error_response(str(error), error.status)
 
     @app.get("/livez")
     def livez() -> Response:
@@ -201,7 +196,7 @@ def create_app(settings: Settings, predictor: Predictor | QueuePredictor) -> Fla
                 outcomes = deadline.run(predictor.predict_batch, image_urls, config, project_id)
             except PromptError as error:
                 raise BadRequest(str(error), error.status) from error
-            except (DeadlineExceeded, InputError) as error:
+            except (DeadlineExceeded, ImageError, ConfigError) as error:
                 outcomes = [error] * len(tasks)
         else:
             outcomes = [_predict_interactive(task, config, context, project_id, deadline) for task in tasks]
@@ -217,7 +212,7 @@ def create_app(settings: Settings, predictor: Predictor | QueuePredictor) -> Fla
                     continue
                 except ConfigError as error:
                     outcome = error
-            status = getattr(outcome, "status", 422)
+            status = outcome.status
             log.warning("task %s (#%d): %s", task.get("id"), index, outcome)
             metrics.PREDICT_ERRORS.labels(str(status)).inc()
             errors.append({"task": task.get("id"), "index": index, "error": str(outcome), "status": status})

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from backend.training.files import ProjectFiles, fsync_directory
+from backend.errors import CorruptVersion
+from backend.project_files import ProjectFiles, fsync_directory
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +36,6 @@ METRICS_FILE = "metrics.json"
 BASE = "base"
 PARTIAL_PREFIX = ".partial-"
 _VERSION_NAME = re.compile(r"^v(\d+)$")
-
-
-class CorruptVersion(RuntimeError):
-    """A version whose files are missing, damaged, or do not fit the loaded SAM."""
 
 
 @dataclass

@@ -19,18 +19,17 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 
-from backend.cache.locks import LockBusy, exclusive
+from backend.cache.locks import exclusive
 from backend.cache.store import ByteStore
 from backend.config import Settings
-from backend.models.loader import ModelNotReady
-from backend.predictor import Predictor, TaskPrediction
-from backend.prompts.interactive import PromptError
-from backend.protocol.label_config import ConfigError, ProjectConfig, parse_label_config
-from backend.protocol.project_api import ProjectApi, ProjectApiError, ProjectTask
+from backend.errors import BackendError, ConfigError, ImageError, LockBusy, ModelNotReady, ProjectApiError, PromptError
+from backend.inference.local import Predictor
+from backend.inference.queue import QueuePredictor, alive_workers
+from backend.outcomes import TaskPrediction
+from backend.project_files import ProjectFiles
+from backend.protocol.label_config import ProjectConfig, parse_label_config
+from backend.protocol.project_api import ProjectApi, ProjectTask
 from backend.protocol.results import task_results
-from backend.training.files import ProjectFiles
-from backend.worker.client import QueuePredictor, alive_workers
-from backend.worker.jobs import InputError
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +123,7 @@ class ProjectRun:
                 self._run_locked()
         except LockBusy:
             self._end("busy", "another pre-annotation run of this project is going on")
-        except (ProjectApiError, ConfigError, PromptError, InputError, ModelNotReady) as error:
+        except (ProjectApiError, ConfigError, PromptError, ImageError, ModelNotReady) as error:
             self._end("failed", str(error))
         except Exception as error:  # the run ends visibly, whatever went wrong
             log.exception("project %d: pre-annotation run failed", self.project_id)
@@ -230,14 +229,14 @@ class ProjectRun:
             self.progress.busy_s = time.monotonic() - (self._work_started or time.monotonic())
             self.report(self.progress)
 
-    def _record_errors(self, errors: list[tuple[ProjectTask, Exception]], version: str) -> None:
+    def _record_errors(self, errors: list[tuple[ProjectTask, BackendError]], version: str) -> None:
         if not errors:
             return
         self.progress.failed += len(errors)
         self.files.preannotate_errors.parent.mkdir(parents=True, exist_ok=True)
         with open(self.files.preannotate_errors, "a") as handle:
             for task, error in errors:
-                status = getattr(error, "status", 422)
+                status = error.status
                 log.warning("project %d task %d: no prediction: %s", self.project_id, task.id, error)
                 entry = {"time": time.time(), "task": task.id, "model_version": version, "status": status}
                 handle.write(json.dumps({**entry, "error": str(error)}) + "\n")

@@ -18,13 +18,13 @@ from rq.results import Result
 
 from backend.cache.store import MemoryStore, ResilientStore
 from backend.config import Settings
-from backend.images import FetchedImage, ImageError, ImageFetcher
-from backend.models.loader import ModelNotReady
-from backend.predictor import FETCH_THREADS, InteractiveFront, TaskPrediction
+from backend.decoders.serving import ProjectDecoders
+from backend.errors import BackendError, ImageError, InferenceUnavailable
+from backend.images import FetchedImage, ImageFetcher
+from backend.inference.base import FETCH_THREADS, InteractiveFront
+from backend.outcomes import TaskPrediction
 from backend.protocol.label_config import ProjectConfig
 from backend.training.service import ActiveLearning
-from backend.training.serving import ProjectDecoders
-from backend.worker import jobs
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +33,18 @@ PREANNOTATE_QUEUE = "sam-preannotate"
 TRAINING_QUEUE = "sam-training"  # webhook events and trainings; taken when the other queues are empty
 WORKER_KEY_PREFIX = "rq:worker:"
 STATE_FALLBACK_BYTES = 16 * 1024 * 1024
+IMAGE_KEY = "sam:img:{digest}"  # an image the web tier stored for the workers, by content hash
+STORED_PREFIX = "redis-image:"  # how a job names such an image in place of its URL
+# The functions a worker runs (backend.worker.jobs), named rather than imported: the web tier loads no model code.
+INTERACTIVE_JOB = "backend.worker.jobs.interactive"
+PREANNOTATE_JOB = "backend.worker.jobs.preannotate"
+LEARN_JOB = "backend.worker.jobs.learn"
 CLICK_LANE_SUFFIX = "-clicks"  # a worker process's second, clicks-only loop registers under its name + this
 
 
-class InferenceUnavailable(ModelNotReady):
-    """No worker can answer in time; the HTTP layer turns it into 503 with Retry-After."""
+def stored_url(digest: str) -> str:
+    """How a job names an image the web tier stored in Redis."""
+    return STORED_PREFIX + digest
 
 
 def alive_workers(connection: redis.Redis) -> int:
@@ -75,7 +82,7 @@ class QueuePredictor(InteractiveFront):
     def _learn_on_a_worker(self, project_id: int) -> None:
         try:
             self.training_queue.enqueue(
-                jobs.learn,
+                LEARN_JOB,
                 project_id,
                 job_timeout=self.settings.train_job_timeout_s,
                 result_ttl=24 * 3600,
@@ -111,7 +118,7 @@ class QueuePredictor(InteractiveFront):
     ) -> TaskPrediction:
         """The model half runs on a worker, from the image stored in Redis."""
         return self._run(
-            self.interactive_queue, [image], jobs.interactive, image.digest, task_id, context, project_id, config
+            self.interactive_queue, [image], INTERACTIVE_JOB, image.digest, task_id, context, project_id, config
         )
 
     def predict_batch(
@@ -124,8 +131,8 @@ class QueuePredictor(InteractiveFront):
         images = [item for item in loaded if not isinstance(item, ImageError)]
         if not images:
             return loaded
-        stored_urls = [jobs.stored_url(image.digest) for image in images]
-        found = iter(self._run(self.preannotate_queue, images, jobs.preannotate, stored_urls, config, project_id))
+        stored_urls = [stored_url(image.digest) for image in images]
+        found = iter(self._run(self.preannotate_queue, images, PREANNOTATE_JOB, stored_urls, config, project_id))
         return [item if isinstance(item, ImageError) else next(found) for item in loaded]
 
     def _fetch_or_error(self, url: object) -> FetchedImage | ImageError:
@@ -142,7 +149,7 @@ class QueuePredictor(InteractiveFront):
                 raise InferenceUnavailable("no inference worker is running; start `python -m backend worker`")
             with self.connection.pipeline() as pipeline:
                 for image in images:
-                    key = jobs.IMAGE_KEY.format(digest=image.digest)
+                    key = IMAGE_KEY.format(digest=image.digest)
                     pipeline.set(key, image.data, ex=self.settings.job_timeout_s * 4, nx=True)
                 pipeline.execute()
             job = queue.enqueue(
@@ -164,7 +171,7 @@ class QueuePredictor(InteractiveFront):
             result = job.latest_result(timeout=max(1, min(int(left), 2)))
             if result is not None and result.type == Result.Type.SUCCESSFUL:
                 value = result.return_value
-                if isinstance(value, jobs.InputError):
+                if isinstance(value, BackendError):
                     raise value
                 return value
             status = job.get_status(refresh=True)

@@ -15,6 +15,8 @@ import time
 
 import requests
 
+from backend.errors import AuthError
+
 REFRESH_MARGIN_S = 30.0
 
 
@@ -31,10 +33,6 @@ def _jwt_claims(token: str) -> dict | None:
     if not isinstance(header, dict) or "alg" not in header or not isinstance(payload, dict):
         return None
     return payload
-
-
-class AuthError(RuntimeError):
-    """Label Studio refused the API key."""
 
 
 class LabelStudioAuth:

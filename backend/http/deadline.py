@@ -13,16 +13,9 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
+from backend.errors import RETRY_AFTER_S, DeadlineExceeded
+
 T = TypeVar("T")
-
-RETRY_AFTER_S = 5
-
-
-class DeadlineExceeded(Exception):
-    """The request ran out of time; `status` and `retry_after_s` tell the caller what to do."""
-
-    status = 503
-    retry_after_s = RETRY_AFTER_S
 
 
 class Deadline:

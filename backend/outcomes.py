@@ -1,0 +1,25 @@
+"""What a prediction produces, as plain data: the objects found in one task's image, before and after they
+become Label Studio's JSON. Below every layer that makes or reads them, so none of those imports another."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class DetectedObject:
+    label: str
+    mask: np.ndarray | None  # (H, W) bool; None when the project only wants the box
+    score: float
+    box: tuple[float, float, float, float] | None = None  # pixel box, when the object came from one
+
+
+@dataclass
+class TaskPrediction:
+    objects: list[DetectedObject]
+    image_size: tuple[int, int]  # (height, width)
+    cache_hit: bool
+    timings: dict[str, float] = field(default_factory=dict)
+    model_version: str = ""  # the decoder version that made the masks

@@ -1,0 +1,1 @@
+"""Project-wide runs that page through a Label Studio project: whole-project pre-annotation."""
