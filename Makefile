@@ -21,6 +21,8 @@ run: install
 lint: install-test
 	$(BIN)/ruff check backend tests bench
 	$(BIN)/ruff format --check backend tests bench
+	$(BIN)/lint-imports
+	$(BIN)/mypy backend
 
 # Two stages: the unit suite, then the end-to-end test against the real Label Studio. Label Studio's install
 # (minutes of pip, on first use) runs beside the unit suite so that the e2e stage starts without it.

@@ -15,9 +15,19 @@ from pathlib import Path
 
 import requests
 
+from backend.errors import CheckpointMissing
+
 log = logging.getLogger(__name__)
 
 WEIGHTS_COMMAND = "python -m backend weights download"
+
+
+def missing_checkpoint(what: str, path: Path) -> CheckpointMissing:
+    """The error for an absent checkpoint: it names the file and the command that fetches it."""
+    return CheckpointMissing(
+        f"{what} checkpoint not found at {path}. Download the official weights with "
+        f"`{WEIGHTS_COMMAND}` or point the setting at an existing file."
+    )
 
 
 @dataclass(frozen=True)

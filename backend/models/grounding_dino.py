@@ -22,8 +22,7 @@ import torch
 from PIL import Image
 from torchvision.ops import batched_nms, box_convert
 
-from backend.errors import CheckpointMissing
-from backend.models.checkpoints import GROUNDING_DINO_CHECKPOINT, sha256_of
+from backend.models.checkpoints import GROUNDING_DINO_CHECKPOINT, missing_checkpoint, sha256_of
 from backend.models.sam import resolve_device
 
 log = logging.getLogger(__name__)
@@ -74,7 +73,7 @@ def load_grounding_dino(
     """Build the model described by `config` (default: the packaged SwinT OGC) and load the official-format
     `checkpoint`; `text_encoder` is a Hugging Face BERT name or a local folder holding its config and vocab."""
     if not checkpoint.is_file():
-        raise CheckpointMissing("GroundingDINO", checkpoint)
+        raise missing_checkpoint("GroundingDINO", checkpoint)
     config = config or packaged_config()
     if not config.is_file():
         raise FileNotFoundError(f"GroundingDINO config {config} does not exist (GROUNDING_DINO_CONFIG)")

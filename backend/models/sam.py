@@ -20,9 +20,8 @@ from segment_anything.build_sam import _build_sam
 from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 
-from backend.errors import CheckpointMissing
 from backend.models.base import ImageEmbedding, MaskPrediction, SegmentPrompt
-from backend.models.checkpoints import sha256_of
+from backend.models.checkpoints import missing_checkpoint, sha256_of
 from backend.models.sam_decoder import PromptDecoder, make_decoder
 
 log = logging.getLogger(__name__)
@@ -106,7 +105,7 @@ def load_sam(
 ) -> SamSegmenter:
     """Build SAM from an official-format state dict; `model_type` (vit_b/l/h), if given, must match."""
     if not checkpoint.is_file():
-        raise CheckpointMissing("SAM", checkpoint)
+        raise missing_checkpoint("SAM", checkpoint)
     state_dict = torch.load(checkpoint, map_location="cpu", weights_only=True)
     shape = infer_encoder_shape(state_dict)
     expected = OFFICIAL_ENCODERS.get(model_type)
