@@ -26,7 +26,7 @@ from backend.models.base import ImageEmbedding, Segmenter, SegmentPrompt
 from backend.models.grounding_dino import Detection, GroundingDino, load_grounding_dino
 from backend.models.loader import BackgroundLoader, ModelNotReady
 from backend.models.sam import load_sam
-from backend.prompts.interactive import InteractivePrompter, PromptError, parse_context
+from backend.prompts.interactive import ContextPrompts, InteractivePrompter, PromptError, read_context
 from backend.prompts.text import TextQuery, Thresholds, labels_query, text_query, thresholds_for
 from backend.protocol.label_config import ProjectConfig
 from backend.training.resources import TrainingResources
@@ -69,29 +69,43 @@ class Models:
 
 
 class InteractiveFront:
-    """What both predictors do before the models run: skip empty contexts and fetch the image.
-    Subclasses provide `fetcher`, `decoders` and the model half, `predict_for_image`."""
+    """What both predictors do before the models run: check the context, skip empty ones and fetch the image.
+    Subclasses provide `settings`, `fetcher`, `decoders` and the model half, `predict_for_image`."""
 
+    settings: Settings
     fetcher: ImageFetcher
     decoders: ProjectDecoders
     predict_for_image: Callable[..., TaskPrediction]
+
+    def read_context(self, context: object, config: ProjectConfig) -> ContextPrompts:
+        """The request's smart-tool context, checked in full against the project before any image is fetched:
+        only the step to pixels needs the image, and it can refuse nothing but a turned rectangle reaching out
+        of the image."""
+        prompts = read_context(context, self.settings.max_prompts_per_task)
+        for label in prompts.region_labels:
+            config.brush_for(label)
+        if prompts.texts:
+            text_query(prompts.texts, config, prompts.text_label)
+            thresholds_for(config, self.settings.box_threshold, self.settings.text_threshold)
+        return prompts
 
     def predict_interactive(
         self,
         image_url: str,
         task_id: object,
-        context: object,
+        prompts: ContextPrompts,
         project_id: int | None = None,
         config: ProjectConfig | None = None,
     ) -> TaskPrediction:
-        """Masks for the smart regions in `context`; an empty context gives no objects, not an error."""
-        if not context:
+        """Masks for the smart regions of a context read by `read_context`; an empty one gives no objects, not an
+        error."""
+        if prompts.empty:
             version = self.decoders.current_name(project_id)
             return TaskPrediction(objects=[], image_size=(0, 0), cache_hit=False, model_version=version)
         started = time.perf_counter()
         image = self.fetcher.fetch(image_url)
         fetch_s = time.perf_counter() - started
-        prediction = self.predict_for_image(image, task_id, context, project_id, config)
+        prediction = self.predict_for_image(image, task_id, prompts, project_id, config)
         prediction.timings["fetch"] = fetch_s
         return prediction
 
@@ -205,7 +219,7 @@ class Predictor(InteractiveFront):
         self,
         image: FetchedImage,
         task_id: object,
-        context: object,
+        prompts: ContextPrompts,
         project_id: int | None = None,
         config: ProjectConfig | None = None,
     ) -> TaskPrediction:
@@ -215,9 +229,8 @@ class Predictor(InteractiveFront):
         started = time.perf_counter()
         embedding, hit, encode_s = self.embedding_for(models, image)
         embedded = time.perf_counter()
-        parsed = parse_context(context, embedding.original_size, self.settings.max_prompts_per_task)
         prompter = InteractivePrompter(models.sessions, image.digest, task_id)
-        objects = prompter.prompts(parsed)
+        objects = prompter.prompts(prompts.in_pixels(embedding.original_size))
         predictions = segmenter.decode(embedding, [obj.prompt for obj in objects]) if objects else []
         decoded = time.perf_counter()
         prompter.remember(objects, predictions)
@@ -226,9 +239,9 @@ class Predictor(InteractiveFront):
             for obj, prediction in zip(objects, predictions, strict=True)
         ]
         timings = {"embedding": embedded - started, "encode": encode_s, "decode": decoded - embedded}
-        if parsed.texts:
+        if prompts.texts:
             detected += self._text_objects(
-                segmenter, image, embedding, parsed.texts, parsed.text_label, config, timings
+                segmenter, image, embedding, prompts.texts, prompts.text_label, config, timings
             )
         return TaskPrediction(
             objects=detected,

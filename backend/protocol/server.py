@@ -24,7 +24,7 @@ from backend.images import ImageError
 from backend.models.loader import ModelNotReady
 from backend.preannotate import BackgroundRuns, RunOptions, default_parallel
 from backend.predictor import Predictor, TaskPrediction
-from backend.prompts.interactive import PromptError
+from backend.prompts.interactive import ContextPrompts, PromptError
 from backend.protocol.access import AccessControl
 from backend.protocol.ids import is_label_studio_id
 from backend.protocol.label_config import ConfigError, ProjectConfig, parse_label_config
@@ -176,13 +176,13 @@ def create_app(settings: Settings, predictor: Predictor | QueuePredictor) -> Fla
         return jsonify({"model_version": predictor.decoders.current_name(project_id_of(body.get("project")))})
 
     def _predict_interactive(
-        task: dict, config: ProjectConfig, context: object, project_id: int | None, deadline: Deadline
+        task: dict, config: ProjectConfig, prompts: ContextPrompts, project_id: int | None, deadline: Deadline
     ) -> TaskPrediction | Exception:
         try:
             image_url = task["data"].get(config.image_field)
             if image_url is None:
                 raise BadRequest(f"task has no data.{config.image_field}")
-            return deadline.run(predictor.predict_interactive, image_url, task.get("id"), context, project_id, config)
+            return deadline.run(predictor.predict_interactive, image_url, task.get("id"), prompts, project_id, config)
         except TASK_ERRORS as error:
             return error
 
@@ -204,7 +204,12 @@ def create_app(settings: Settings, predictor: Predictor | QueuePredictor) -> Fla
             except (DeadlineExceeded, InputError) as error:
                 outcomes = [error] * len(tasks)
         else:
-            outcomes = [_predict_interactive(task, config, context, project_id, deadline) for task in tasks]
+            try:
+                prompts = predictor.read_context(context, config)
+            except (PromptError, ConfigError) as error:
+                # One context serves every task of the request: a bad one is refused whole, before any download.
+                raise BadRequest(str(error), getattr(error, "status", 422)) from error
+            outcomes = [_predict_interactive(task, config, prompts, project_id, deadline) for task in tasks]
         results, errors, last_prediction = [], [], None
         for index, (task, outcome) in enumerate(zip(tasks, outcomes, strict=True)):
             if isinstance(outcome, TaskPrediction):

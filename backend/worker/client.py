@@ -21,6 +21,7 @@ from backend.config import Settings
 from backend.images import FetchedImage, ImageError, ImageFetcher
 from backend.models.loader import ModelNotReady
 from backend.predictor import FETCH_THREADS, InteractiveFront, TaskPrediction
+from backend.prompts.interactive import ContextPrompts
 from backend.protocol.label_config import ProjectConfig
 from backend.training.service import ActiveLearning
 from backend.training.serving import ProjectDecoders
@@ -105,13 +106,13 @@ class QueuePredictor(InteractiveFront):
         self,
         image: FetchedImage,
         task_id: object,
-        context: object,
+        prompts: ContextPrompts,
         project_id: int | None = None,
         config: ProjectConfig | None = None,
     ) -> TaskPrediction:
         """The model half runs on a worker, from the image stored in Redis."""
         return self._run(
-            self.interactive_queue, [image], jobs.interactive, image.digest, task_id, context, project_id, config
+            self.interactive_queue, [image], jobs.interactive, image.digest, task_id, prompts, project_id, config
         )
 
     def predict_batch(

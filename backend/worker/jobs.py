@@ -21,7 +21,7 @@ from rq.job import Job
 
 from backend.images import FetchedImage, ImageError, ImageFetcher
 from backend.predictor import Predictor, TaskPrediction
-from backend.prompts.interactive import PromptError
+from backend.prompts.interactive import ContextPrompts, PromptError
 from backend.protocol.label_config import ConfigError, ProjectConfig
 from backend.training.trainer import train_project
 
@@ -82,12 +82,17 @@ def _refusal(error: Exception) -> InputError:
 
 
 def interactive(
-    digest: str, task_id: object, context: object, project_id: int | None = None, config: ProjectConfig | None = None
+    digest: str,
+    task_id: object,
+    prompts: ContextPrompts,
+    project_id: int | None = None,
+    config: ProjectConfig | None = None,
 ) -> TaskPrediction | InputError:
+    """Masks for prompts the web tier has read and checked (`InteractiveFront.read_context`)."""
     assert _predictor is not None, "the worker installs its predictor before taking jobs"
     try:
         image = _predictor.fetcher.fetch(stored_url(digest))
-        return _predictor.predict_for_image(image, task_id, context, project_id, config)
+        return _predictor.predict_for_image(image, task_id, prompts, project_id, config)
     except (ImageError, PromptError, ConfigError, InputError) as error:
         return _refusal(error)
 
