@@ -61,6 +61,11 @@ BAD_BODIES = {
     "label not in brush control": lambda b: [
         item["value"].update(keypointlabels=["Truck"], labels=["Truck"]) for item in b["params"]["context"]["result"]
     ],
+    "region not a smart prompt": lambda b: b["params"]["context"]["result"][0].update(type="polygonlabels"),
+    "image rotation not a number": lambda b: b["params"]["context"]["result"][0].update(image_rotation="90deg"),
+    "text naming no label": lambda b: b["params"]["context"]["result"].append(
+        {"type": "textarea", "value": {"text": ["zebra"]}}
+    ),
     "unsupported URL scheme": lambda b: b["tasks"][0]["data"].update(image="ftp://example.com/a.jpg"),
     "host not allowed": lambda b: b["tasks"][0]["data"].update(image="http://example.com/a.jpg"),
     "missing upload": lambda b: b["tasks"][0]["data"].update(image="/data/upload/1/missing.jpg"),
@@ -76,6 +81,28 @@ def test_bad_predict_bodies_get_a_clear_4xx_and_the_server_keeps_serving(client,
     assert isinstance(response.json["error"], str) and response.json["error"]
     assert any(str(response.status_code) in record.getMessage() for record in caplog.records)
     assert client.post("/predict", json=keypoints_body()).status_code == 200
+
+
+BAD_CONTEXTS = [
+    "context not an object",
+    "point outside the image",
+    "label not in brush control",
+    "region not a smart prompt",
+    "image rotation not a number",
+    "text naming no label",
+]
+
+
+@pytest.mark.parametrize("name", BAD_CONTEXTS)
+def test_a_bad_context_is_refused_before_the_image_is_downloaded_or_encoded(settings, redis_url, label_studio, name):
+    client, predictor = make_client(replace(settings, redis_url=redis_url))
+    body = mutate(BAD_BODIES[name])
+    image_path = body["tasks"][0]["data"]["image"]
+    seen = len(label_studio.requests)
+    response = client.post("/predict", json=body)
+    assert 400 <= response.status_code < 500, response.json
+    assert [path for _, path, _ in label_studio.requests[seen:] if path.startswith(image_path)] == []
+    assert predictor.models.get(1).embeddings.misses == 0
 
 
 @pytest.mark.parametrize(

@@ -32,6 +32,7 @@ from backend.inference.queue import (
     stored_url,
 )
 from backend.outcomes import TaskPrediction
+from backend.prompts.interactive import ContextPrompts, read_context
 from backend.protocol.label_config import parse_label_config
 from backend.protocol.results import decode_brush
 from backend.worker import jobs
@@ -67,6 +68,11 @@ def web(web_settings):
     return create_app(web_settings, predictor).test_client()
 
 
+def recorded_click() -> ContextPrompts:
+    """The recorded click's context as the web tier hands it to a worker job."""
+    return read_context(recorded("04-predict-interactive-keypoints.json")["params"]["context"], 100)
+
+
 def click(web, x: float = 50.0):
     body = recorded("04-predict-interactive-keypoints.json")
     body["params"]["context"]["result"][0]["value"]["x"] = x
@@ -97,12 +103,26 @@ def test_no_worker_alive_answers_503_with_retry_advice(web, queue_redis):
 
 def test_bad_input_found_on_the_worker_comes_back_as_4xx_and_is_not_retried(web, workers, queue_redis):
     workers.start(1)
-    body = recorded("04-predict-interactive-keypoints.json")
-    body["params"]["context"]["result"][0]["value"]["x"] = 140.0
+    body = recorded("05-predict-interactive-rectangle.json")
+    # Turned half round about its top-left corner (20%, 30%), the rectangle reaches left of the image: only the
+    # worker, which has the image's size, can tell.
+    body["params"]["context"]["result"][0]["value"]["rotation"] = 180
     response = web.post("/predict", json=body)
     assert response.status_code == 422 and "outside" in response.json["error"]
     queue = Queue(INTERACTIVE_QUEUE, connection=redis.Redis.from_url(queue_redis.url))
-    assert queue.failed_job_registry.count == 0
+    assert queue.finished_job_registry.count == 1 and queue.failed_job_registry.count == 0
+
+
+def test_a_bad_context_is_refused_before_any_download_upload_or_job(web, workers, queue_redis, label_studio):
+    workers.start(1)
+    seen = len(label_studio.requests)
+    response = click(web, x=140.0)
+    assert response.status_code == 422 and "outside" in response.json["error"]
+    assert [path for _, path, _ in label_studio.requests[seen:] if path.startswith("/data/")] == []
+    connection = redis.Redis.from_url(queue_redis.url)
+    queue = Queue(INTERACTIVE_QUEUE, connection=connection)
+    assert queue.count == 0 and queue.finished_job_registry.count == 0 and queue.failed_job_registry.count == 0
+    assert list(connection.scan_iter(IMAGE_KEY.format(digest="*"))) == []
 
 
 def test_a_worker_killed_mid_job_has_its_job_finished_by_another(web, workers, queue_redis):
@@ -177,9 +197,7 @@ def test_clicks_go_ahead_of_waiting_pre_annotation_jobs(web_settings, workers, g
         predictor.preannotate_queue.enqueue(jobs.preannotate, [stored_url(image.digest)], config, None)
         for _ in range(3)
     ]
-    click_job = predictor.interactive_queue.enqueue(
-        jobs.interactive, image.digest, 1, recorded("04-predict-interactive-keypoints.json")["params"]["context"]
-    )
+    click_job = predictor.interactive_queue.enqueue(jobs.interactive, image.digest, 1, recorded_click())
     # Queue priority alone: without the clicks-only thread, one loop must take the click before any bulk job.
     workers.start(1, **grounding_env(grounding_dino_files), INTERACTIVE_THREAD="false")
     deadline = time.time() + 240
@@ -209,8 +227,7 @@ def test_a_click_is_answered_while_the_only_worker_runs_a_long_pre_annotation_jo
     deadline = time.time() + 300
     while time.time() < deadline and bulk.get_status(refresh=True) != "started":
         time.sleep(0.1)
-    context = recorded("04-predict-interactive-keypoints.json")["params"]["context"]
-    click_job = predictor.interactive_queue.enqueue(jobs.interactive, digests[0], 1, context)
+    click_job = predictor.interactive_queue.enqueue(jobs.interactive, digests[0], 1, recorded_click())
     while time.time() < deadline and not all(job.get_status(refresh=True) == "finished" for job in (bulk, click_job)):
         time.sleep(0.2)
     assert click_job.get_status() == "finished" and bulk.get_status() == "finished"

@@ -34,6 +34,7 @@ from backend.http.deadline import Deadline
 from backend.inference.local import Predictor
 from backend.inference.queue import QueuePredictor
 from backend.outcomes import TaskPrediction
+from backend.prompts.interactive import ContextPrompts
 from backend.protocol.ids import is_label_studio_id
 from backend.protocol.label_config import ProjectConfig, parse_label_config
 from backend.protocol.results import task_results
@@ -171,13 +172,13 @@ def create_app(settings: Settings, predictor: Predictor | QueuePredictor) -> Fla
         return jsonify({"model_version": predictor.decoders.current_name(project_id_of(body.get("project")))})
 
     def _predict_interactive(
-        task: dict, config: ProjectConfig, context: object, project_id: int | None, deadline: Deadline
+        task: dict, config: ProjectConfig, prompts: ContextPrompts, project_id: int | None, deadline: Deadline
     ) -> TaskPrediction | Exception:
         try:
             image_url = task["data"].get(config.image_field)
             if image_url is None:
                 raise BadRequest(f"task has no data.{config.image_field}")
-            return deadline.run(predictor.predict_interactive, image_url, task.get("id"), context, project_id, config)
+            return deadline.run(predictor.predict_interactive, image_url, task.get("id"), prompts, project_id, config)
         except TASK_ERRORS as error:
             return error
 
@@ -199,7 +200,12 @@ def create_app(settings: Settings, predictor: Predictor | QueuePredictor) -> Fla
             except (DeadlineExceeded, ImageError, ConfigError) as error:
                 outcomes = [error] * len(tasks)
         else:
-            outcomes = [_predict_interactive(task, config, context, project_id, deadline) for task in tasks]
+            try:
+                prompts = predictor.read_context(context, config)
+            except (PromptError, ConfigError) as error:
+                # One context serves every task of the request: a bad one is refused whole, before any download.
+                raise BadRequest(str(error), error.status) from error
+            outcomes = [_predict_interactive(task, config, prompts, project_id, deadline) for task in tasks]
         results, errors, last_prediction = [], [], None
         for index, (task, outcome) in enumerate(zip(tasks, outcomes, strict=True)):
             if isinstance(outcome, TaskPrediction):

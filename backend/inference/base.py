@@ -6,37 +6,54 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from backend.config import Settings
 from backend.decoders.serving import ProjectDecoders
 from backend.images import ImageFetcher
 from backend.outcomes import TaskPrediction
+from backend.prompts.interactive import ContextPrompts, read_context
+from backend.prompts.text import text_query, thresholds_for
 from backend.protocol.label_config import ProjectConfig
 
 FETCH_THREADS = 8  # image downloads of one batch run side by side; they wait on the network, not the CPU
 
 
 class InteractiveFront:
-    """What both predictors do before the models run: skip empty contexts and fetch the image.
-    Subclasses provide `fetcher`, `decoders` and the model half, `predict_for_image`."""
+    """What both predictors do before the models run: check the context, skip empty ones and fetch the image.
+    Subclasses provide `settings`, `fetcher`, `decoders` and the model half, `predict_for_image`."""
 
+    settings: Settings
     fetcher: ImageFetcher
     decoders: ProjectDecoders
     predict_for_image: Callable[..., TaskPrediction]
+
+    def read_context(self, context: object, config: ProjectConfig) -> ContextPrompts:
+        """The request's smart-tool context, checked in full against the project before any image is fetched:
+        only the step to pixels needs the image, and it can refuse nothing but a turned rectangle reaching out
+        of the image."""
+        prompts = read_context(context, self.settings.max_prompts_per_task)
+        for label in prompts.region_labels:
+            config.brush_for(label)
+        if prompts.texts:
+            text_query(prompts.texts, config, prompts.text_label)
+            thresholds_for(config, self.settings.box_threshold, self.settings.text_threshold)
+        return prompts
 
     def predict_interactive(
         self,
         image_url: str,
         task_id: object,
-        context: object,
+        prompts: ContextPrompts,
         project_id: int | None = None,
         config: ProjectConfig | None = None,
     ) -> TaskPrediction:
-        """Masks for the smart regions in `context`; an empty context gives no objects, not an error."""
-        if not context:
+        """Masks for the smart regions of a context read by `read_context`; an empty one gives no objects, not an
+        error."""
+        if prompts.empty:
             version = self.decoders.current_name(project_id)
             return TaskPrediction(objects=[], image_size=(0, 0), cache_hit=False, model_version=version)
         started = time.perf_counter()
         image = self.fetcher.fetch(image_url)
         fetch_s = time.perf_counter() - started
-        prediction = self.predict_for_image(image, task_id, context, project_id, config)
+        prediction = self.predict_for_image(image, task_id, prompts, project_id, config)
         prediction.timings["fetch"] = fetch_s
         return prediction

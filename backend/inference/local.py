@@ -28,7 +28,7 @@ from backend.models.grounding_dino import Detection, GroundingDino
 from backend.models.loader import BackgroundLoader
 from backend.models.registry import load_detector, load_segmenter
 from backend.outcomes import DetectedObject, TaskPrediction
-from backend.prompts.interactive import InteractivePrompter, parse_context
+from backend.prompts.interactive import ContextPrompts, InteractivePrompter
 from backend.prompts.text import TextQuery, Thresholds, labels_query, text_query, thresholds_for
 from backend.protocol.label_config import ProjectConfig
 from backend.training.resources import TrainingResources
@@ -139,7 +139,7 @@ class Predictor(InteractiveFront):
         self,
         image: FetchedImage,
         task_id: object,
-        context: object,
+        prompts: ContextPrompts,
         project_id: int | None = None,
         config: ProjectConfig | None = None,
     ) -> TaskPrediction:
@@ -149,9 +149,8 @@ class Predictor(InteractiveFront):
         started = time.perf_counter()
         embedding, hit, encode_s = self.embedding_for(models, image)
         embedded = time.perf_counter()
-        parsed = parse_context(context, embedding.original_size, self.settings.max_prompts_per_task)
         prompter = InteractivePrompter(models.sessions, image.digest, task_id)
-        objects = prompter.prompts(parsed)
+        objects = prompter.prompts(prompts.in_pixels(embedding.original_size))
         predictions = segmenter.decode(embedding, [obj.prompt for obj in objects]) if objects else []
         decoded = time.perf_counter()
         prompter.remember(objects, predictions)
@@ -160,9 +159,9 @@ class Predictor(InteractiveFront):
             for obj, prediction in zip(objects, predictions, strict=True)
         ]
         timings = {"embedding": embedded - started, "encode": encode_s, "decode": decoded - embedded}
-        if parsed.texts:
+        if prompts.texts:
             detected += self._text_objects(
-                segmenter, image, embedding, parsed.texts, parsed.text_label, config, timings
+                segmenter, image, embedding, prompts.texts, prompts.text_label, config, timings
             )
         return TaskPrediction(
             objects=detected,

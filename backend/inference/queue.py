@@ -23,6 +23,7 @@ from backend.errors import BackendError, ImageError, InferenceUnavailable
 from backend.images import FetchedImage, ImageFetcher
 from backend.inference.base import FETCH_THREADS, InteractiveFront
 from backend.outcomes import TaskPrediction
+from backend.prompts.interactive import ContextPrompts
 from backend.protocol.label_config import ProjectConfig
 from backend.training.service import ActiveLearning
 
@@ -112,13 +113,13 @@ class QueuePredictor(InteractiveFront):
         self,
         image: FetchedImage,
         task_id: object,
-        context: object,
+        prompts: ContextPrompts,
         project_id: int | None = None,
         config: ProjectConfig | None = None,
     ) -> TaskPrediction:
         """The model half runs on a worker, from the image stored in Redis."""
         return self._run(
-            self.interactive_queue, [image], INTERACTIVE_JOB, image.digest, task_id, context, project_id, config
+            self.interactive_queue, [image], INTERACTIVE_JOB, image.digest, task_id, prompts, project_id, config
         )
 
     def predict_batch(

@@ -1,6 +1,7 @@
 """SAM's prompt encoder + mask decoder + upscaling as one graph, run by PyTorch or ONNX Runtime.
 
-Both runtimes execute segment-anything's own `SamOnnxModel` wrapper, so they compute the same masks;
+Both runtimes execute segment-anything's own `SamOnnxModel` wrapper (with a mask upscaling that exports for any
+image size, `AnySizeSamOnnxModel`), so they compute the same masks;
 ONNX Runtime is about twice as fast on a CPU (bench/interactive.py measures both), PyTorch is used on
 GPUs. The ONNX graph is exported from the loaded weights at start-up, so a fine-tuned decoder is
 exported like the original.
@@ -15,6 +16,7 @@ from typing import Protocol
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from segment_anything.modeling import Sam
 from segment_anything.utils.onnx import SamOnnxModel
 
@@ -38,10 +40,26 @@ class PromptDecoder(Protocol):
     ) -> DecoderOutput: ...
 
 
+class AnySizeSamOnnxModel(SamOnnxModel):
+    """SamOnnxModel whose mask upscaling follows the image size given at run time. SamOnnxModel crops the padded
+    1024x1024 mask with `int(...)` of the size, which the ONNX tracer freezes at the export example's: every image
+    was then cropped as a 4:3 one, and on any other shape the masks came out stretched away from the clicks."""
+
+    def mask_postprocessing(self, masks: torch.Tensor, orig_im_size: torch.Tensor) -> torch.Tensor:
+        masks = F.interpolate(masks, size=(self.img_size, self.img_size), mode="bilinear", align_corners=False)
+        prepadded_size = self.resize_longest_image_size(orig_im_size, self.img_size)
+        # index_select with a range traces as ONNX Range + Gather, which keep the size an input of the graph.
+        rows = torch.arange(prepadded_size[0], device=masks.device)
+        columns = torch.arange(prepadded_size[1], device=masks.device)
+        masks = masks.index_select(2, rows).index_select(3, columns)
+        height, width = orig_im_size.to(torch.int64)
+        return F.interpolate(masks, size=(height, width), mode="bilinear", align_corners=False)
+
+
 class TorchDecoder:
     def __init__(self, sam: Sam, device: torch.device) -> None:
         self.device = device
-        self.module = SamOnnxModel(sam, return_single_mask=True).to(device).eval()
+        self.module = AnySizeSamOnnxModel(sam, return_single_mask=True).to(device).eval()
 
     def run(self, *arrays: np.ndarray) -> DecoderOutput:
         tensors = [torch.as_tensor(array, device=self.device) for array in arrays]
@@ -54,7 +72,7 @@ class OnnxDecoder:
     def __init__(self, sam: Sam, threads: int) -> None:
         import onnxruntime
 
-        module = SamOnnxModel(sam, return_single_mask=True).eval()
+        module = AnySizeSamOnnxModel(sam, return_single_mask=True).eval()
         example = (
             torch.zeros(1, 256, 64, 64),
             torch.zeros(1, 2, 2),

@@ -10,7 +10,7 @@ mask's logits are fed back while points are only being added.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from backend.cache.sessions import Box, Point, Session, SessionStore
 from backend.errors import PromptError
@@ -24,22 +24,65 @@ class ObjectPrompt:
     from_keypoints: bool  # keypoint groups update the refinement state, rectangles the remembered boxes
 
 
+@dataclass(frozen=True)
+class PercentRectangle:
+    """A rectangle as Label Studio sends it: top-left corner, width and height in percent of the image's width
+    and height, turned `rotation` degrees clockwise about that corner."""
+
+    x: float
+    y: float
+    width: float
+    height: float
+    rotation: float
+
+
 @dataclass
-class ParsedContext:
+class PixelPrompts:
     keypoints: dict[str, list[Point]]  # label -> points in pixels
     rectangles: dict[str, list[Box]]  # label -> boxes in pixels
-    texts: list[str]
+
+
+@dataclass
+class ContextPrompts:
+    """A smart-tool context, checked in full, in Label Studio's percent of the image: reading it needs no image,
+    so a bad one is refused before any download."""
+
+    keypoints: dict[str, list[Point]] = field(default_factory=dict)  # label -> points in percent
+    rectangles: dict[str, list[PercentRectangle]] = field(default_factory=dict)
+    texts: list[str] = field(default_factory=list)
     text_label: str | None = None  # the label a text prompt was given, when the client sends one
 
+    @property
+    def empty(self) -> bool:
+        return not (self.keypoints or self.rectangles or self.texts)
 
-def _percent(value: dict, key: str, default: float | None = None) -> float:
+    @property
+    def region_labels(self) -> list[str]:
+        """The labels the keypoints and rectangles ask masks for."""
+        return list(dict.fromkeys([*self.keypoints, *self.rectangles]))
+
+    def in_pixels(self, image_size: tuple[int, int]) -> PixelPrompts:
+        """The keypoints and rectangles in pixels of the (height, width) image."""
+        height, width = image_size
+        keypoints = {
+            label: [(x / 100 * width, y / 100 * height, positive) for x, y, positive in points]
+            for label, points in self.keypoints.items()
+        }
+        rectangles = {
+            label: [_pixel_box(rectangle, width, height) for rectangle in boxes]
+            for label, boxes in self.rectangles.items()
+        }
+        return PixelPrompts(keypoints, rectangles)
+
+
+def _number(value: dict, key: str, unit: str, default: float | None = None) -> float:
     raw = value.get(key, default)
     try:
         number = float(raw) if isinstance(raw, (int, float)) and not isinstance(raw, bool) else math.nan
     except OverflowError:  # a JSON integer beyond float range
         number = math.nan
     if not math.isfinite(number):
-        raise PromptError(f"context value {key!r} must be a number of percent, got {repr(raw)[:40]}", 400)
+        raise PromptError(f"context value {key!r} must be a number of {unit}, got {repr(raw)[:40]}", 400)
     return number
 
 
@@ -56,10 +99,9 @@ def _check_inside(x: float, y: float, what: str) -> None:
         raise PromptError(f"{what} at ({x:.2f}%, {y:.2f}%) lies outside the image", 422)
 
 
-def _rotated_bounds(x: float, y: float, width: float, height: float, degrees: float) -> tuple[float, ...]:
-    """Axis-aligned bounds of a rectangle rotated about its top-left corner, as Label Studio rotates."""
-    if not degrees:
-        return x, y, x + width, y + height
+def _rotated_bounds(x: float, y: float, width: float, height: float, degrees: float) -> Box:
+    """Axis-aligned bounds of a rectangle turned `degrees` clockwise (y pointing down) about its top-left corner,
+    as Label Studio's canvas turns it. Lengths must share one unit (pixels): a turn mixes width and height."""
     angle = math.radians(degrees)
     cos, sin = math.cos(angle), math.sin(angle)
     corners = [
@@ -70,57 +112,81 @@ def _rotated_bounds(x: float, y: float, width: float, height: float, degrees: fl
     return min(xs), min(ys), max(xs), max(ys)
 
 
-def parse_context(context: object, image_size: tuple[int, int], max_prompts: int) -> ParsedContext:
-    """Read the context's regions; coordinates become pixels of the (height, width) image."""
-    parsed = ParsedContext({}, {}, [])
+def _pixel_box(rectangle: PercentRectangle, width: int, height: int) -> Box:
+    """The pixel box SAM gets for a rectangle: its bounds, once turned, clipped to the image."""
+    x0, y0, x1, y1 = _rotated_bounds(
+        rectangle.x / 100 * width,
+        rectangle.y / 100 * height,
+        rectangle.width / 100 * width,
+        rectangle.height / 100 * height,
+        rectangle.rotation,
+    )
+    # Only a turned rectangle can reach outside here: read_context checked an unturned one in full.
+    _check_inside(x0 / width * 100, y0 / height * 100, "rectangle corner")
+    _check_inside(x1 / width * 100, y1 / height * 100, "rectangle corner")
+    return max(x0, 0.0), max(y0, 0.0), min(x1, float(width)), min(y1, float(height))
+
+
+def _read_rectangle(value: dict) -> PercentRectangle:
+    rectangle = PercentRectangle(
+        _number(value, "x", "percent"),
+        _number(value, "y", "percent"),
+        _number(value, "width", "percent"),
+        _number(value, "height", "percent"),
+        _number(value, "rotation", "degrees", 0.0) % 360,
+    )
+    if rectangle.width <= 0 or rectangle.height <= 0:
+        raise PromptError("a rectangle needs a positive width and height", 422)
+    _check_inside(rectangle.x, rectangle.y, "rectangle corner")
+    if rectangle.rotation == 0:
+        _check_inside(rectangle.x + rectangle.width, rectangle.y + rectangle.height, "rectangle corner")
+    return rectangle
+
+
+def read_context(context: object, max_prompts: int) -> ContextPrompts:
+    """Read and check every region of a smart-tool context; coordinates stay in percent of the image.
+
+    Label Studio 1.23 sends x/y/width/height in percent of the image as decoded (its natural size, which
+    original_width/original_height repeat), whatever `image_rotation` the annotator turned the view by: the Image
+    tag turns its whole canvas (ImageView.jsx's Stage gets `rotation`), maps each pointer position back through
+    the inverse of that transform (Image.js `fixZoomedCoords`) and only then into percent of the unturned image
+    (`canvasToInternalX/Y`). So `image_rotation` is read as a number and otherwise needs no handling here."""
+    prompts = ContextPrompts()
     if not context:
-        return parsed
+        return prompts
     if not isinstance(context, dict) or not isinstance(context.get("result", []), list):
         raise PromptError("params.context must be an object with a 'result' list", 400)
     items = context.get("result") or []
     if len(items) > max_prompts:
         raise PromptError(f"context holds {len(items)} regions; at most {max_prompts} are accepted", 413)
-    height, width = image_size
     for item in items:
         if not isinstance(item, dict) or not isinstance(item.get("value"), dict):
             raise PromptError("every context region needs a 'value' object", 400)
+        _number(item, "image_rotation", "degrees", 0.0)
         value = item["value"]
         kind = item.get("type")
         if kind == "keypointlabels":
-            x, y = _percent(value, "x"), _percent(value, "y")
+            x, y = _number(value, "x", "percent"), _number(value, "y", "percent")
             _check_inside(x, y, "keypoint")
             positive = item.get("is_positive", True) is not False
             label = _label_of(item, value, "keypointlabels")
-            parsed.keypoints.setdefault(label, []).append((x / 100 * width, y / 100 * height, int(positive)))
+            prompts.keypoints.setdefault(label, []).append((x, y, int(positive)))
         elif kind == "rectanglelabels":
-            x, y = _percent(value, "x"), _percent(value, "y")
-            w, h = _percent(value, "width"), _percent(value, "height")
-            if w <= 0 or h <= 0:
-                raise PromptError("a rectangle needs a positive width and height", 422)
-            x0, y0, x1, y1 = _rotated_bounds(x, y, w, h, _percent(value, "rotation", 0.0))
-            _check_inside(x0, y0, "rectangle corner")
-            _check_inside(x1, y1, "rectangle corner")
-            label = _label_of(item, value, "rectanglelabels")
-            box = (
-                max(x0, 0) / 100 * width,
-                max(y0, 0) / 100 * height,
-                min(x1, 100) / 100 * width,
-                min(y1, 100) / 100 * height,
-            )
-            parsed.rectangles.setdefault(label, []).append(box)
+            rectangle = _read_rectangle(value)
+            prompts.rectangles.setdefault(_label_of(item, value, "rectanglelabels"), []).append(rectangle)
         elif kind == "textarea":
             texts = value.get("text")
             if isinstance(texts, str):
                 texts = [texts]
             if not isinstance(texts, list) or not all(isinstance(text, str) for text in texts):
                 raise PromptError("a textarea region needs value.text as a list of strings", 400)
-            parsed.texts.extend(texts)
+            prompts.texts.extend(texts)
             chosen = value.get("brushlabels") or value.get("rectanglelabels") or value.get("labels")
             if isinstance(chosen, list) and chosen and isinstance(chosen[0], str):
-                parsed.text_label = chosen[0]
+                prompts.text_label = chosen[0]
         else:
             raise PromptError(f"context region type {kind!r} is not a smart keypoint, rectangle or text prompt", 422)
-    return parsed
+    return prompts
 
 
 def _box_contains(box: Box, points: list[Point]) -> bool:
@@ -139,7 +205,7 @@ class InteractivePrompter:
         self.image_digest = image_digest
         self.task_id = task_id
 
-    def prompts(self, parsed: ParsedContext) -> list[ObjectPrompt]:
+    def prompts(self, parsed: PixelPrompts) -> list[ObjectPrompt]:
         objects: list[ObjectPrompt] = []
         for label, boxes in parsed.rectangles.items():
             objects.extend(ObjectPrompt(label, SegmentPrompt(box=box), from_keypoints=False) for box in boxes)

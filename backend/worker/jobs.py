@@ -24,6 +24,7 @@ from backend.images import FetchedImage, ImageFetcher
 from backend.inference.local import Predictor
 from backend.inference.queue import IMAGE_KEY, STORED_PREFIX, stored_url
 from backend.outcomes import TaskPrediction
+from backend.prompts.interactive import ContextPrompts
 from backend.protocol.label_config import ProjectConfig
 from backend.training.trainer import train_project
 
@@ -64,12 +65,17 @@ def _refusal(error: BackendError) -> BackendError:
 
 
 def interactive(
-    digest: str, task_id: object, context: object, project_id: int | None = None, config: ProjectConfig | None = None
+    digest: str,
+    task_id: object,
+    prompts: ContextPrompts,
+    project_id: int | None = None,
+    config: ProjectConfig | None = None,
 ) -> TaskPrediction | BackendError:
+    """Masks for prompts the web tier has read and checked (`InteractiveFront.read_context`)."""
     assert _predictor is not None, "the worker installs its predictor before taking jobs"
     try:
         image = _predictor.fetcher.fetch(stored_url(digest))
-        return _predictor.predict_for_image(image, task_id, context, project_id, config)
+        return _predictor.predict_for_image(image, task_id, prompts, project_id, config)
     except (ImageError, PromptError, ConfigError) as error:
         return _refusal(error)
 
