@@ -87,6 +87,17 @@ def test_basic_and_bearer_are_both_accepted_when_both_are_set(settings):
     assert challenge == 'Basic realm="sam-backend", Bearer realm="sam-backend"'
 
 
+@pytest.mark.parametrize(
+    ("user", "password", "missing"), [("", "pw", "BASIC_AUTH_USER"), ("ls", "", "BASIC_AUTH_PASS")]
+)
+def test_half_a_basic_auth_credential_refuses_to_start(settings, user, password, missing):
+    # A password alone used to leave every route open, and a user alone accepted `ls:` with no password.
+    half = replace(settings, basic_auth_user=user, basic_auth_pass=password)
+    with pytest.raises(ValueError, match="BASIC_AUTH_USER and BASIC_AUTH_PASS") as refused:
+        unloaded_client(half)
+    assert f"{missing} is empty" in str(refused.value)
+
+
 def test_credentials_never_reach_logs_or_answers(settings, label_studio, caplog):
     secrets = {"password": "pw-Secret-123", "token": "bearer-Secret-456"}
     pat = make_personal_access_token()
