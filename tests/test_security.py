@@ -260,6 +260,64 @@ def test_local_files_inside_the_root_are_read_through_inner_links(settings, loca
     assert fetcher.fetch("/data/local-files/?d=sub%2Finside.jpg").data[:2] == b"\xff\xd8"
 
 
+class TrickleServer:
+    """A real HTTP server on loopback that sends its answer one byte every 0.5 s: the whole answer (`headers`)
+    or, after prompt headers, its body; it counts what it got out before the client hung up."""
+
+    PAYLOAD_BYTES = 20  # 10 s of trickle
+
+    def __init__(self, trickle: str) -> None:
+        self.trickle = trickle
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}/slow.jpg"
+        self.sent: list[int] = []
+        self.total = 0
+        threading.Thread(target=self._serve_one, daemon=True).start()
+
+    def _serve_one(self) -> None:
+        connection, _ = self.listener.accept()
+        with connection:
+            connection.recv(65536)
+            body = b"\xff" * self.PAYLOAD_BYTES
+            head = f"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            if self.trickle == "body":
+                connection.sendall(head)
+                slow = body
+            else:
+                slow = head + body
+            self.total = len(slow)
+            sent = 0
+            try:
+                for byte in slow:
+                    connection.sendall(bytes([byte]))
+                    sent += 1
+                    time.sleep(0.5)
+            except OSError:  # the client hung up
+                pass
+            self.sent.append(sent)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.mark.parametrize("trickle", ["body", "headers"])
+def test_a_trickling_image_server_is_cut_off_at_download_timeout(settings, trickle):
+    """Each byte comes well within the read timeout, so only a bound on the whole download ends it."""
+    server = TrickleServer(trickle)
+    fetcher = ImageFetcher(replace(settings, allowed_image_hosts=("127.0.0.1",), download_timeout_s=2.0))
+    try:
+        with pytest.raises(Exception, match="DOWNLOAD_TIMEOUT") as caught:
+            fetcher.fetch(server.url)
+        assert caught.value.status == 504
+        for _ in range(40):  # the server notices the hang-up at its next byte
+            if server.sent:
+                break
+            time.sleep(0.25)
+    finally:
+        server.close()
+    assert server.sent and server.sent[0] < server.total / 2, (server.sent, server.total)
+
+
 # --- size and pixel caps --------------------------------------------------------------------------
 
 
