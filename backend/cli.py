@@ -46,7 +46,7 @@ def _predict(args: argparse.Namespace, settings: Settings) -> int:
 
     from PIL import Image
 
-    from backend.app import configure_logging
+    from backend.app import configure_process
     from backend.cache.store import make_store
     from backend.demo import LOAD_WAIT_S
     from backend.errors import ImageError, ModelNotReady, PromptError
@@ -54,7 +54,7 @@ def _predict(args: argparse.Namespace, settings: Settings) -> int:
     from backend.inference.local import Predictor
     from backend.segment_text import detections_json, overlay, segment_text
 
-    configure_logging(settings.log_level)
+    configure_process(settings)
     settings = replace(settings, model_ready_timeout_s=LOAD_WAIT_S)
     predictor = Predictor(settings, make_store(settings.redis_url, settings.memory_cache_bytes))
     try:
@@ -77,23 +77,23 @@ def _predict(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _demo(args: argparse.Namespace, settings: Settings) -> int:
-    from backend.app import configure_logging
+    from backend.app import configure_process
 
     try:
         from backend.demo import build_demo
     except ImportError as error:  # gradio is an optional extra
         print(f"error: the demo needs `pip install -r requirements-demo.txt` ({error})", file=sys.stderr)
         return 1
-    configure_logging(settings.log_level)
+    configure_process(settings)
     build_demo(settings).launch(server_name=args.host, server_port=args.port)
     return 0
 
 
 def _worker(args: argparse.Namespace, settings: Settings) -> int:
-    from backend.app import configure_logging
+    from backend.app import configure_process
     from backend.worker.runner import run_worker
 
-    configure_logging(settings.log_level)
+    configure_process(settings)
     return run_worker(settings, burst=args.burst)
 
 
@@ -106,12 +106,12 @@ def _preannotate(args: argparse.Namespace, settings: Settings) -> int:
 
     from tqdm import tqdm
 
-    from backend.app import configure_logging, make_predictor
+    from backend.app import configure_process, make_predictor
     from backend.errors import ProjectApiError
     from backend.protocol.project_api import ProjectApi
     from backend.runs.preannotate import ProjectRun, RunOptions, RunProgress, default_parallel
 
-    configure_logging(settings.log_level)
+    configure_process(settings)
     # A bulk run waits for the models and for busy workers longer than a Label Studio request may.
     settings = replace(
         settings,

@@ -86,7 +86,11 @@ class Settings:
         section=S_LABEL_STUDIO,
     )
     download_timeout_s: float = setting(
-        "DOWNLOAD_TIMEOUT", 10.0, "seconds per image download", minimum=0.001, section=S_LABEL_STUDIO
+        "DOWNLOAD_TIMEOUT",
+        10.0,
+        "seconds an image download may take in all (connecting, redirects, headers and body)",
+        minimum=0.001,
+        section=S_LABEL_STUDIO,
     )
     max_download_bytes: int = setting(
         "MAX_DOWNLOAD_BYTES", 50 * 1024 * 1024, "largest image file accepted", minimum=1, section=S_LABEL_STUDIO
@@ -112,7 +116,11 @@ class Settings:
     )
     basic_auth_user: str = setting("BASIC_AUTH_USER", "", "require HTTP basic auth on every route", section=S_HTTP)
     basic_auth_pass: str = setting(
-        "BASIC_AUTH_PASS", "", "the basic-auth password (set both or neither)", secret=True, section=S_HTTP
+        "BASIC_AUTH_PASS",
+        "",
+        "the basic-auth password; set both or neither (half of them refuses to start)",
+        secret=True,
+        section=S_HTTP,
     )
     bearer_token: str = setting(
         "BEARER_TOKEN", "", "accept `Authorization: Bearer <token>` (besides basic auth)", secret=True, section=S_HTTP

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from backend.config import Settings
 from backend.errors import AuthError, BlockedAddress, ImageError
-from backend.netguard import AddressPolicy, GuardedAdapter
+from backend.netguard import AddressPolicy, CutOff, GuardedAdapter
 from backend.protocol.auth import LabelStudioAuth
 
 log = logging.getLogger(__name__)
@@ -117,6 +116,22 @@ class ImageFetcher:
         )
 
     def _download(self, url: str) -> bytes:
+        """The body at `url`, all of it within DOWNLOAD_TIMEOUT (redirects included)."""
+        timeout_s = self.settings.download_timeout_s
+        too_slow = f"download of {redact_url(url)} took longer than DOWNLOAD_TIMEOUT ({timeout_s:g} s)"
+        with CutOff(timeout_s) as cut_off:
+            try:
+                data = self._follow_redirects(url)
+            except ImageError as error:
+                if cut_off.expired.is_set():
+                    raise ImageError(too_slow, 504) from error
+                raise
+            # A body that lasts until the connection closes ends early, and without an error, when it is cut.
+            if cut_off.expired.is_set():
+                raise ImageError(too_slow, 504)
+            return data
+
+    def _follow_redirects(self, url: str) -> bytes:
         for _ in range(MAX_REDIRECTS + 1):
             parts = urlsplit(url)
             if parts.scheme not in ("http", "https"):
@@ -168,16 +183,12 @@ class ImageFetcher:
             declared = response.headers.get("Content-Length")
             if declared and declared.isdigit() and int(declared) > limit:
                 raise ImageError(f"image at {shown} is larger than MAX_DOWNLOAD_BYTES ({limit})", 413)
-            # The read timeout bounds each wait; this bounds a server that trickles bytes forever.
-            give_up_at = time.monotonic() + self.settings.predict_deadline_s
             body = bytearray()
             try:
                 for chunk in response.iter_content(chunk_size=256 * 1024):
                     body += chunk
                     if len(body) > limit:
                         raise ImageError(f"image at {shown} is larger than MAX_DOWNLOAD_BYTES ({limit})", 413)
-                    if time.monotonic() > give_up_at:
-                        raise ImageError(f"download of {shown} took longer than PREDICT_DEADLINE", 504)
             except requests.RequestException as error:
                 raise ImageError(f"download of {shown} broke off: {type(error).__name__}", 422) from error
             return bytes(body)

@@ -7,12 +7,18 @@ made before `requests` resolves it again. So the check runs inside urllib3's con
 on the addresses the socket is then opened to; TLS still verifies the certificate against the host
 name. Label Studio's own host (LABEL_STUDIO_URL) is trusted whatever it resolves to, since users run
 it on the same machine or network.
+
+How long a download may take in all is bounded here too (`CutOff`): read timeouts bound each wait only,
+and a server that sends a byte every half second never trips them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import socket
+import threading
+from contextvars import ContextVar, Token
 from dataclasses import dataclass
 
 from requests.adapters import HTTPAdapter
@@ -81,10 +87,72 @@ class AddressPolicy:
         return allowed
 
 
+class CutOff:
+    """A time limit on all that one download does in this thread (connecting, waiting for the headers, reading
+    the body, following redirects): when it runs out, the sockets the download uses are shut down, which ends
+    whatever read is blocked in them, and `expired` is set, so the caller can tell a cut from a server's close."""
+
+    def __init__(self, seconds: float) -> None:
+        self.expired = threading.Event()
+        self._sockets: list[socket.socket] = []
+        self._mutex = threading.Lock()
+        self._over = False
+        self._timer = threading.Timer(seconds, self._cut)
+        self._timer.daemon = True
+        self._token: Token | None = None
+
+    def __enter__(self) -> CutOff:
+        self._token = _active_cut_off.set(self)
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._timer.cancel()
+        with self._mutex:  # a cut running now finishes first; none comes after (the sockets may go back to a pool)
+            self._over = True
+            self._sockets.clear()
+        _active_cut_off.reset(self._token)
+
+    def watch(self, sock: socket.socket) -> None:
+        with self._mutex:
+            if not self._over:
+                self._sockets.append(sock)
+                if self.expired.is_set():
+                    _shut(sock)
+
+    def _cut(self) -> None:
+        with self._mutex:
+            if self._over:
+                return
+            self.expired.set()
+            for sock in self._sockets:
+                _shut(sock)
+
+
+_active_cut_off: ContextVar[CutOff | None] = ContextVar("download_cut_off", default=None)
+
+
+def _shut(sock: socket.socket) -> None:
+    # A socket already closed, or handed over to TLS (which detaches the plain one), has nothing left to cut.
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+def _watched(sock: socket.socket | None) -> None:
+    cut_off = _active_cut_off.get()
+    if cut_off is not None and sock is not None:
+        cut_off.watch(sock)
+
+
 class _PinnedConnection:
-    """Mixed into urllib3's connections: resolve, check, and connect to the checked address only."""
+    """Mixed into urllib3's connections: resolve, check, and connect to the checked address only; and let the
+    download's `CutOff` reach every socket it uses."""
 
     policy: AddressPolicy
+
+    def request(self, *args, **kwargs) -> None:
+        _watched(self.sock)  # a pooled connection, or a TLS one (connected before the request, over a new socket)
+        super().request(*args, **kwargs)
 
     def _new_conn(self) -> socket.socket:
         try:
@@ -94,6 +162,7 @@ class _PinnedConnection:
         last_error: OSError | None = None
         for family, kind, protocol, _, address in answers:
             sock = socket.socket(family, kind, protocol)
+            _watched(sock)
             try:
                 for option in self.socket_options or ():
                     sock.setsockopt(*option)

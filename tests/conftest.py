@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import io
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -38,7 +37,7 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 
 
 REPO = Path(__file__).resolve().parents[1]
-PROTOCOL_DIR = Path(os.environ.get("LS_PROTOCOL_DIR", REPO.parent / "shared" / "ls-protocol"))
+PROTOCOL_DIR = REPO / "tests" / "fixtures" / "ls-protocol"
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,6 @@
 """A real HTTP server that serves task images the way Label Studio 1.23 does, for tests.
 
-It answers only what an ML backend asks Label Studio for (recorded in ../shared/ls-protocol):
+It answers only what an ML backend asks Label Studio for (recorded in tests/fixtures/ls-protocol):
 `/data/upload/...` and `/data/local-files/?d=...` need `Authorization: Token <legacy>` (when legacy
 tokens are enabled) or `Bearer <access>`, where the access token comes from
 `POST /api/token/refresh/ {"refresh": <personal access token>}` and expires. Everything else is a

@@ -1,6 +1,6 @@
 """Random and mutated Label Studio payloads against /predict, /webhook and /setup: never a 500.
 
-Mutations start from what Label Studio 1.23 really sent (../shared/ls-protocol) and drop keys, swap
+Mutations start from what Label Studio 1.23 really sent (tests/fixtures/ls-protocol) and drop keys, swap
 types, put huge numbers, NaN, odd unicode and nested junk anywhere in the tree. Every answer must be
 JSON; a 4xx carries an "error" string; the only 5xx allowed is a 503 with retry advice (the deadline
 or models still loading). The app serves on a real Redis and fetches from the Label Studio stand-in.

@@ -1,12 +1,19 @@
-"""The app under real gunicorn with several workers: an image encoded by one worker is reused by the others."""
+"""The app under real gunicorn with several workers: an image encoded by one worker is reused by the others, metrics
+add up over the workers, and a whole-project run started by one worker is safe from starts on the others."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import subprocess
 import sys
+import threading
 import time
+from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -17,8 +24,9 @@ from tests.conftest import REPO, recorded
 from tests.services import free_port
 
 
-@pytest.fixture
-def gunicorn(sam_checkpoint: Path, label_studio, redis_url: str, tmp_path: Path):
+@contextlib.contextmanager
+def running_gunicorn(sam_checkpoint: Path, redis_url: str, tmp_path: Path, **env: str) -> Iterator[str]:
+    """The backend under real gunicorn with two workers, until the block ends; yields its URL."""
     port = free_port()
     env = dict(
         os.environ,
@@ -28,9 +36,8 @@ def gunicorn(sam_checkpoint: Path, label_studio, redis_url: str, tmp_path: Path)
         THREADS="2",
         REDIS_URL=redis_url,
         SAM_CHECKPOINT=str(sam_checkpoint),
-        LABEL_STUDIO_URL=label_studio.url,
-        LABEL_STUDIO_API_KEY=label_studio.legacy_token,
         MODEL_DIR=str(tmp_path / "models"),
+        **env,
     )
     log_path = tmp_path / "gunicorn.log"
     with open(log_path, "w") as log:
@@ -51,6 +58,18 @@ def gunicorn(sam_checkpoint: Path, label_studio, redis_url: str, tmp_path: Path)
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+@pytest.fixture
+def gunicorn(sam_checkpoint: Path, label_studio, redis_url: str, tmp_path: Path) -> Iterator[str]:
+    with running_gunicorn(
+        sam_checkpoint,
+        redis_url,
+        tmp_path,
+        LABEL_STUDIO_URL=label_studio.url,
+        LABEL_STUDIO_API_KEY=label_studio.legacy_token,
+    ) as url:
+        yield url
 
 
 def click() -> requests.Response:
@@ -94,12 +113,107 @@ def metric(text: str, name: str) -> float:
 
 def test_metrics_add_up_over_all_workers(gunicorn):
     click.url = gunicorn
+    served: Counter[str] = Counter()
     with ThreadPoolExecutor(4) as pool:
-        responses = list(pool.map(lambda _: click(), range(8)))
-    pids = {response.headers["X-Worker-Pid"] for response in responses}
-    text = requests.get(f"{gunicorn}/metrics", timeout=10).text
-    assert metric(text, 'sam_embedding_cache_total{result="miss"}') == 1
-    assert metric(text, 'sam_embedding_cache_total{result="hit"}') == 7
-    assert metric(text, 'sam_http_requests_total{route="/predict",status="200"}') == 8
-    assert metric(text, "sam_encoder_seconds_count") == 1 and metric(text, "sam_decoder_seconds_count") == 8
-    assert len(pids) >= 1
+        for _ in range(10):  # until both workers have answered clicks
+            responses = list(pool.map(lambda _: click(), range(4)))
+            assert all(response.status_code == 200 for response in responses)
+            served.update(response.headers["X-Worker-Pid"] for response in responses)
+            if len(served) == 2:
+                break
+    assert len(served) == 2, f"every click went to one worker: {served}"
+    clicks = sum(served.values())
+    # Each worker counted only its own clicks (fewer than all); whichever one answers /metrics reports the sum.
+    reporters = set()
+    for _ in range(20):
+        answer = requests.get(f"{gunicorn}/metrics", timeout=10, headers={"Connection": "close"})
+        reporters.add(answer.headers["X-Worker-Pid"])
+        text = answer.text
+        assert metric(text, 'sam_http_requests_total{route="/predict",status="200"}') == clicks
+        assert metric(text, 'sam_embedding_cache_total{result="miss"}') == 1
+        assert metric(text, 'sam_embedding_cache_total{result="hit"}') == clicks - 1
+        assert metric(text, "sam_encoder_seconds_count") == 1 and metric(text, "sam_decoder_seconds_count") == clicks
+        if len(reporters) == 2:
+            break
+    assert reporters == set(served)
+
+
+class ProjectApiStandIn:
+    """Label Studio's project API for one project of 3 tasks, whose task listing waits until `release` is set: a
+    run of it stays running for as long as a test needs."""
+
+    PROJECT = 7
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        project = {
+            "id": self.PROJECT,
+            "title": "held open",
+            "label_config": (REPO / "label_config.xml").read_text(),
+            "task_number": 3,
+        }
+        release = self.release
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.path.startswith(f"/api/projects/{ProjectApiStandIn.PROJECT}/"):
+                    self._answer(project)
+                elif self.path.startswith("/api/tasks/"):
+                    release.wait(120)
+                    self._answer({"tasks": [], "total": 0})
+                else:
+                    self._answer({"detail": "not found"}, 404)
+
+            def _answer(self, body: dict, status: int = 200) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: object) -> None:
+                """Quiet: failures show in the test's asserts."""
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.release.set()
+        self.server.shutdown()
+
+
+def test_a_start_on_another_worker_leaves_the_running_project_run_alone(sam_checkpoint, redis_url, tmp_path):
+    """A second POST /preannotate that a different gunicorn worker takes must neither clear the stop asked of the
+    run going on nor overwrite its progress."""
+    label_studio = ProjectApiStandIn()
+    try:
+        with running_gunicorn(
+            sam_checkpoint, redis_url, tmp_path, LABEL_STUDIO_URL=label_studio.url, LABEL_STUDIO_API_KEY="key"
+        ) as url:
+            fresh = {"Connection": "close"}  # a new connection each, so either worker may take it
+            project = {"project": ProjectApiStandIn.PROJECT}
+            started = requests.post(f"{url}/preannotate", json=project, timeout=30, headers=fresh)
+            assert started.status_code == 202 and started.json()["state"] == "running", started.text
+            runner = started.headers["X-Worker-Pid"]
+            stopping = requests.delete(f"{url}/preannotate", params=project, timeout=30, headers=fresh)
+            assert stopping.status_code == 202
+            for _ in range(40):
+                again = requests.post(f"{url}/preannotate", json=project, timeout=30, headers=fresh)
+                assert again.status_code == 409, again.text
+                if again.headers["X-Worker-Pid"] != runner:
+                    break
+            else:
+                pytest.fail("every start went to the worker running the project")
+            progress = requests.get(f"{url}/preannotate", params=project, timeout=30).json()
+            assert progress["state"] == "running" and progress["total"] == 3, progress
+            label_studio.release.set()
+            for _ in range(100):
+                progress = requests.get(f"{url}/preannotate", params=project, timeout=30).json()
+                if progress["state"] not in ("starting", "running"):
+                    break
+                time.sleep(0.2)
+            assert progress["state"] == "stopped" and progress["message"] == "stopped on request", progress
+    finally:
+        label_studio.close()

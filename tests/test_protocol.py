@@ -1,4 +1,4 @@
-"""The Label Studio wire format, replayed from what Label Studio 1.23 really sent (../shared/ls-protocol)."""
+"""The Label Studio wire format, replayed from what Label Studio 1.23 really sent (tests/fixtures/ls-protocol)."""
 
 from __future__ import annotations
 

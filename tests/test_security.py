@@ -87,6 +87,17 @@ def test_basic_and_bearer_are_both_accepted_when_both_are_set(settings):
     assert challenge == 'Basic realm="sam-backend", Bearer realm="sam-backend"'
 
 
+@pytest.mark.parametrize(
+    ("user", "password", "missing"), [("", "pw", "BASIC_AUTH_USER"), ("ls", "", "BASIC_AUTH_PASS")]
+)
+def test_half_a_basic_auth_credential_refuses_to_start(settings, user, password, missing):
+    # A password alone used to leave every route open, and a user alone accepted `ls:` with no password.
+    half = replace(settings, basic_auth_user=user, basic_auth_pass=password)
+    with pytest.raises(ValueError, match="BASIC_AUTH_USER and BASIC_AUTH_PASS") as refused:
+        unloaded_client(half)
+    assert f"{missing} is empty" in str(refused.value)
+
+
 def test_credentials_never_reach_logs_or_answers(settings, label_studio, caplog):
     secrets = {"password": "pw-Secret-123", "token": "bearer-Secret-456"}
     pat = make_personal_access_token()
@@ -247,6 +258,64 @@ def test_local_files_inside_the_root_are_read_through_inner_links(settings, loca
     assert fetcher.fetch("/data/local-files/?d=sub/inside.jpg").data[:2] == b"\xff\xd8"
     assert fetcher.fetch("/data/local-files/?d=link-in.jpg").data[:2] == b"\xff\xd8"
     assert fetcher.fetch("/data/local-files/?d=sub%2Finside.jpg").data[:2] == b"\xff\xd8"
+
+
+class TrickleServer:
+    """A real HTTP server on loopback that sends its answer one byte every 0.5 s: the whole answer (`headers`)
+    or, after prompt headers, its body; it counts what it got out before the client hung up."""
+
+    PAYLOAD_BYTES = 20  # 10 s of trickle
+
+    def __init__(self, trickle: str) -> None:
+        self.trickle = trickle
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}/slow.jpg"
+        self.sent: list[int] = []
+        self.total = 0
+        threading.Thread(target=self._serve_one, daemon=True).start()
+
+    def _serve_one(self) -> None:
+        connection, _ = self.listener.accept()
+        with connection:
+            connection.recv(65536)
+            body = b"\xff" * self.PAYLOAD_BYTES
+            head = f"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            if self.trickle == "body":
+                connection.sendall(head)
+                slow = body
+            else:
+                slow = head + body
+            self.total = len(slow)
+            sent = 0
+            try:
+                for byte in slow:
+                    connection.sendall(bytes([byte]))
+                    sent += 1
+                    time.sleep(0.5)
+            except OSError:  # the client hung up
+                pass
+            self.sent.append(sent)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.mark.parametrize("trickle", ["body", "headers"])
+def test_a_trickling_image_server_is_cut_off_at_download_timeout(settings, trickle):
+    """Each byte comes well within the read timeout, so only a bound on the whole download ends it."""
+    server = TrickleServer(trickle)
+    fetcher = ImageFetcher(replace(settings, allowed_image_hosts=("127.0.0.1",), download_timeout_s=2.0))
+    try:
+        with pytest.raises(Exception, match="DOWNLOAD_TIMEOUT") as caught:
+            fetcher.fetch(server.url)
+        assert caught.value.status == 504
+        for _ in range(40):  # the server notices the hang-up at its next byte
+            if server.sent:
+                break
+            time.sleep(0.25)
+    finally:
+        server.close()
+    assert server.sent and server.sent[0] < server.total / 2, (server.sent, server.total)
 
 
 # --- size and pixel caps --------------------------------------------------------------------------

@@ -11,6 +11,7 @@ and its error is written to MODEL_DIR/<project>/preannotate-errors.jsonl and cou
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -111,24 +112,32 @@ class ProjectRun:
         self._submitted = 0
         self._work_started: float | None = None
 
+    def claim(self) -> contextlib.AbstractContextManager[None]:
+        """The project's one run at a time, against every thread and process of this host and (with Redis) every
+        host; `LockBusy` at once if another run holds it."""
+        return exclusive(
+            self.files.preannotate_lock, f"sam:preannotate-lock:{self.project_id}", self.settings.redis_url, LOCK_TTL_S
+        )
+
     def run(self) -> RunProgress:
-        progress = self.progress
+        """Claim the project, then run; a project another run holds ends this one as busy."""
         try:
-            with exclusive(
-                self.files.preannotate_lock,
-                f"sam:preannotate-lock:{self.project_id}",
-                self.settings.redis_url,
-                LOCK_TTL_S,
-            ):
-                self._run_locked()
+            with self.claim():
+                return self.run_claimed()
         except LockBusy:
             self._end("busy", "another pre-annotation run of this project is going on")
+            return self.progress
+
+    def run_claimed(self) -> RunProgress:
+        """The run itself, by the holder of `claim()`."""
+        try:
+            self._run_locked()
         except (ProjectApiError, ConfigError, PromptError, ImageError, ModelNotReady) as error:
             self._end("failed", str(error))
         except Exception as error:  # the run ends visibly, whatever went wrong
             log.exception("project %d: pre-annotation run failed", self.project_id)
             self._end("failed", f"{type(error).__name__}: {error}")
-        return progress
+        return self.progress
 
     def _end(self, state: str, message: str = "") -> None:
         self.progress.state, self.progress.message = state, message
@@ -244,14 +253,14 @@ class ProjectRun:
 
 class BackgroundRuns:
     """POST /preannotate's side: runs in a thread of the web process, progress and stop requests in the store,
-    so any web worker can report on or stop a run another one started."""
+    so any web worker can report on or stop a run another one started. Only the run that holds the project's
+    claim (`ProjectRun.claim`) writes its progress or clears a stop: a start that finds the project claimed, by
+    another thread, web worker or host, answers busy and leaves the running run's progress and stop alone."""
 
     def __init__(self, predictor: Predictor | QueuePredictor, settings: Settings, store: ByteStore) -> None:
         self.predictor = predictor
         self.settings = settings
         self.store = store
-        self._threads: dict[int, threading.Thread] = {}
-        self._mutex = threading.Lock()
 
     def progress(self, project_id: int) -> dict | None:
         data = self.store.get(PROGRESS_KEY.format(project=project_id))
@@ -260,31 +269,36 @@ class BackgroundRuns:
     def start(self, project_id: int, options: RunOptions, answer_within_s: float = 3.0) -> dict:
         """Start a run and wait briefly for its first state, so a busy project or a bad key answers at once."""
         api = ProjectApi(self.settings.label_studio_url, self.settings.label_studio_api_key)
-        with self._mutex:
-            thread = self._threads.get(project_id)
-            if thread is not None and thread.is_alive():
-                return {**(self.progress(project_id) or {}), "state": "busy"}
-            self.store.delete(STOP_KEY.format(project=project_id))
-            first_state = threading.Event()
+        first_state = threading.Event()
 
-            def report(progress: RunProgress) -> None:
-                self._save(progress)
-                first_state.set()
+        def report(progress: RunProgress) -> None:
+            self._save(progress)
+            first_state.set()
 
-            run = ProjectRun(
-                project_id,
-                self.predictor,
-                api,
-                self.settings,
-                options,
-                report,
-                lambda: self.store.get(STOP_KEY.format(project=project_id)) is not None,
-            )
-            thread = threading.Thread(target=run.run, name=f"preannotate-{project_id}", daemon=True)
-            self._threads[project_id] = thread
-            thread.start()
+        stop_key = STOP_KEY.format(project=project_id)
+        run = ProjectRun(
+            project_id,
+            self.predictor,
+            api,
+            self.settings,
+            options,
+            report,
+            lambda: self.store.get(stop_key) is not None,
+        )
+        claim = contextlib.ExitStack()
+        try:
+            claim.enter_context(run.claim())
+        except LockBusy:
+            return {**(self.progress(project_id) or {}), "state": "busy"}
+        self.store.delete(stop_key)  # a stop asked of an earlier run, which ended before it saw it
+        threading.Thread(target=self._run, args=(run, claim), name=f"preannotate-{project_id}", daemon=True).start()
         first_state.wait(answer_within_s)
         return run.progress.as_dict()
+
+    @staticmethod
+    def _run(run: ProjectRun, claim: contextlib.ExitStack) -> None:
+        with claim:  # taken by the request that started the run, let go when the run ends
+            run.run_claimed()
 
     def stop(self, project_id: int) -> None:
         self.store.set(STOP_KEY.format(project=project_id), b"1", PROGRESS_TTL_S)
