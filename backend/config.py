@@ -357,6 +357,13 @@ class Settings:
     def __post_init__(self) -> None:
         for definition in dataclasses.fields(self):
             _check(definition, getattr(self, definition.name))
+        # Half a credential would leave every route open (no user) or accept `user:` (no password).
+        if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
+            missing = "BASIC_AUTH_PASS" if self.basic_auth_user else "BASIC_AUTH_USER"
+            raise SettingsError(
+                f"BASIC_AUTH_USER and BASIC_AUTH_PASS go together, but {missing} is empty: "
+                "set both to require basic auth, or neither"
+            )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

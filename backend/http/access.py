@@ -25,13 +25,6 @@ class AccessControl:
     """Checks an Authorization header against the configured credentials; open when none are set."""
 
     def __init__(self, basic_user: str = "", basic_pass: str = "", bearer_token: str = "") -> None:
-        # Half a credential would leave every route open (no user) or accept `user:` (no password).
-        if bool(basic_user) != bool(basic_pass):
-            missing = "BASIC_AUTH_PASS" if basic_user else "BASIC_AUTH_USER"
-            raise ValueError(
-                f"BASIC_AUTH_USER and BASIC_AUTH_PASS go together, but {missing} is empty: "
-                "set both to require basic auth, or neither"
-            )
         self._basic = (basic_user, basic_pass) if basic_user else None
         self._bearer = bearer_token or None
 
