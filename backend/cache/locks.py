@@ -37,10 +37,12 @@ def file_lock(path: Path, blocking: bool = True) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def renewed(renew: Callable[[], object], every_s: float, name: str) -> Iterator[None]:
+def renewed(renew: Callable[[], object], every_s: float, name: str, wait: bool = True) -> Iterator[None]:
     """Calls `renew` every `every_s` seconds from a thread of its own while the block runs, so that a lease
     outlasts its holder's long work (which may keep the holder's thread busy) but not its holder. A failed
-    renewal is logged and the next one tried: Redis may be back by then."""
+    renewal is logged and the next one tried: Redis may be back by then. Leaving the block waits for a renewal
+    in flight unless `wait` is false, for holders that must not wait on a Redis gone silent and whose late
+    renewal is harmless."""
     stop = threading.Event()
 
     def keep_alive() -> None:
@@ -56,7 +58,8 @@ def renewed(renew: Callable[[], object], every_s: float, name: str) -> Iterator[
         yield
     finally:
         stop.set()
-        renewer.join()
+        if wait:
+            renewer.join()
 
 
 @contextlib.contextmanager

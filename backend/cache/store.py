@@ -17,6 +17,8 @@ from typing import Protocol
 import redis
 import redis.lock
 
+from backend.cache.locks import renewed
+
 log = logging.getLogger(__name__)
 
 
@@ -169,23 +171,17 @@ class ResilientStore:
             except redis.RedisError as error:
                 self._mark_down(error)
                 redis_lock = None
-        released = threading.Event()
-        if redis_lock is not None:
-            threading.Thread(target=self._renew, args=(redis_lock, released), daemon=True).start()
-        try:
+        if redis_lock is None:
             yield
+            return
+        # A click holding the lock must not wait on a Redis gone silent when it leaves, and a late renewal of a
+        # released lock only fails (its token no longer matches), so the renewal is not waited for.
+        try:
+            with renewed(redis_lock.reacquire, self.LOCK_LEASE_S / 3, name, wait=False):
+                yield
         finally:
-            released.set()
-            if redis_lock is not None:
-                with contextlib.suppress(redis.RedisError):
-                    redis_lock.release()
-
-    def _renew(self, redis_lock: redis.lock.Lock, released: threading.Event) -> None:
-        while not released.wait(self.LOCK_LEASE_S / 3):
-            try:
-                redis_lock.reacquire()
-            except redis.RedisError:
-                return
+            with contextlib.suppress(redis.RedisError):
+                redis_lock.release()
 
 
 def make_store(redis_url: str, memory_bytes: int) -> ByteStore:
