@@ -95,8 +95,10 @@ class Settings:
     text_threshold: float = 0.25
     max_objects: int = 20
 
-    # Embedding cache.
+    # Redis: REDIS_URL holds the job queue and the locks, which must never be evicted; the embedding cache, which
+    # may be, goes to CACHE_REDIS_URL when it is set (see `cache_url`).
     redis_url: str = ""
+    cache_redis_url: str = ""
     embedding_ttl_s: int = 7 * 24 * 3600
     session_ttl_s: int = 2 * 3600
     memory_cache_bytes: int = 512 * 1024 * 1024
@@ -162,6 +164,7 @@ class Settings:
             text_threshold=_env_float("TEXT_THRESHOLD", cls.text_threshold),
             max_objects=_env_int("MAX_OBJECTS", cls.max_objects),
             redis_url=_env_str("REDIS_URL"),
+            cache_redis_url=_env_str("CACHE_REDIS_URL"),
             embedding_ttl_s=_env_int("EMBEDDING_TTL", cls.embedding_ttl_s),
             session_ttl_s=_env_int("SESSION_TTL", cls.session_ttl_s),
             memory_cache_bytes=_env_int("MEMORY_CACHE_BYTES", cls.memory_cache_bytes),
@@ -190,6 +193,11 @@ class Settings:
     def base_model_version(self) -> str:
         """The name predictions of the loaded SAM carry; fine-tuned versions extend it."""
         return self.model_version or f"sam-{self.sam_model_type}"
+
+    @property
+    def cache_url(self) -> str:
+        """The Redis of cached embeddings and prompt sessions: CACHE_REDIS_URL, else REDIS_URL."""
+        return self.cache_redis_url or self.redis_url
 
     @property
     def sam_checkpoint_path(self) -> Path:
