@@ -16,8 +16,29 @@ from typing import Protocol
 
 import redis
 import redis.lock
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.retry import Retry
 
 log = logging.getLogger(__name__)
+
+# Every Redis command fails within SOCKET_TIMEOUT_S when Redis hangs (paused, partitioned) instead of blocking its
+# thread without limit; blocking reads (XREAD, BLMOVE) wait at most BLOCKING_READ_S, so that their wait is never
+# taken for a hung Redis.
+SOCKET_TIMEOUT_S = 5.0
+CONNECT_TIMEOUT_S = 1.0
+BLOCKING_READ_S = 2
+
+
+def redis_client(url: str) -> redis.Redis:
+    """The backend's one way to make a Redis client. A command that timed out is not sent again (redis-py's
+    default sends it ten more times, ten socket time-outs); one whose connection dropped is, once."""
+    return redis.Redis.from_url(
+        url,
+        socket_connect_timeout=CONNECT_TIMEOUT_S,
+        socket_timeout=SOCKET_TIMEOUT_S,
+        health_check_interval=30,
+        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), 1, supported_errors=(redis.ConnectionError,)),
+    )
 
 
 class ByteStore(Protocol):
@@ -99,10 +120,7 @@ class ResilientStore:
 
     @classmethod
     def from_url(cls, url: str, fallback: MemoryStore) -> ResilientStore:
-        client = redis.Redis.from_url(
-            url, socket_connect_timeout=1.0, socket_timeout=5.0, health_check_interval=30, retry_on_timeout=False
-        )
-        return cls(client, fallback)
+        return cls(redis_client(url), fallback)
 
     @property
     def redis_up(self) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from backend.config import Settings
@@ -33,8 +34,11 @@ class _Choice:
 class ProjectDecoders:
     """Per-project serving segmenters, thread-safe."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, base_name: Callable[[], str] | None = None) -> None:
+        """`base_name`: the model_version of the original SAM, when not this process's settings' (the web tier
+        of queue mode reports the workers')."""
         self.settings = settings
+        self.base_name = base_name or (lambda: settings.base_model_version)
         self.pins = parse_pins(settings.model_version_pin)
         self._variants: OrderedDict[tuple[int, str, str], SamSegmenter] = OrderedDict()
         self._choices: dict[int, _Choice] = {}
@@ -52,7 +56,7 @@ class ProjectDecoders:
 
     def serving(self, project_id: int | None, base: Segmenter) -> tuple[Segmenter, str]:
         """The segmenter and model_version that serve `project_id` (None: no project, the original SAM)."""
-        base_name = self.settings.base_model_version
+        base_name = self.base_name()
         if project_id is None or not isinstance(base, SamSegmenter):
             return base, base_name
         files = ProjectFiles(self.settings.model_dir, project_id)
@@ -89,7 +93,7 @@ class ProjectDecoders:
 
     def current_name(self, project_id: int | None) -> str:
         """The model_version a project is served with, without loading anything (for /setup's 3 s)."""
-        base_name = self.settings.base_model_version
+        base_name = self.base_name()
         if project_id is None:
             return base_name
         files = ProjectFiles(self.settings.model_dir, project_id)
@@ -110,7 +114,7 @@ class ProjectDecoders:
         files = ProjectFiles(self.settings.model_dir, project_id)
         versions, broken = VersionStore(files).scan()
         serving = self.current_name(project_id)
-        base_name = self.settings.base_model_version
+        base_name = self.base_name()
         listed = []
         for version in versions:
             name = public_name(base_name, project_id, version)

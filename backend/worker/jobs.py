@@ -15,10 +15,12 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import redis
 from rq import get_current_job
 from rq.exceptions import DeserializationError
 from rq.job import Job
 
+from backend.config import Settings
 from backend.images import FetchedImage, ImageError, ImageFetcher
 from backend.predictor import Predictor, TaskPrediction
 from backend.prompts.interactive import ContextPrompts, PromptError
@@ -52,27 +54,28 @@ def stored_url(digest: str) -> str:
 
 
 class StoredImageFetcher(ImageFetcher):
-    """The worker's fetcher: images the web tier stored in Redis, by content hash."""
+    """The worker's fetcher: images the web tier stored in the queue's Redis (where no cache entry can evict
+    them while their job waits), by content hash."""
 
-    def __init__(self, predictor: Predictor) -> None:
-        super().__init__(predictor.settings)
-        self.store = predictor.store
+    def __init__(self, settings: Settings, queue_connection: redis.Redis) -> None:
+        super().__init__(settings)
+        self.queue_connection = queue_connection
 
     def fetch(self, url: str) -> FetchedImage:
         if not isinstance(url, str) or not url.startswith(STORED_PREFIX):
             return super().fetch(url)
         digest = url[len(STORED_PREFIX) :]
-        data = self.store.get(IMAGE_KEY.format(digest=digest))
+        data = self.queue_connection.get(IMAGE_KEY.format(digest=digest))
         if data is None:
             # The web tier stores the image before enqueuing; only an expired or flushed key lands here.
             raise InputError("the image is no longer in Redis; send the request again", 503)
         return FetchedImage(url=url, data=data)
 
 
-def install_predictor(predictor: Predictor) -> None:
+def install_predictor(predictor: Predictor, queue_connection: redis.Redis) -> None:
     """Called once by the worker before it takes jobs."""
     global _predictor
-    predictor.fetcher = StoredImageFetcher(predictor)
+    predictor.fetcher = StoredImageFetcher(predictor.settings, queue_connection)
     _predictor = predictor
 
 
