@@ -20,10 +20,11 @@ import torch
 from label_studio_sdk.converter.brush import mask2rle
 
 from backend.models.sam import decoder_state, load_sam
+from backend.protocol.brush_rle import _encode_runs
 from backend.protocol.server import create_app
 from backend.training.dataset import AnnotationRecord, Region, TrainingSet
 from backend.training.files import ProjectFiles
-from backend.training.ingest import Inbox
+from backend.training.ingest import EVENT_ATTEMPTS, Inbox
 from backend.training.trainer import train_project, training_lock
 from backend.training.versions import PARTIAL_PREFIX, VersionStore
 from backend.worker.client import QueuePredictor
@@ -227,6 +228,112 @@ def test_events_recorded_by_a_process_that_died_are_applied_on_start(learning_se
     assert predictor.learning.wait_idle(60)
     assert client.get("/versions?project=5").json["training_set"]["annotations"] == 1
     assert not Inbox(files).pending()
+
+
+def peak_rss_since_reset_bytes() -> int:
+    """The process's peak resident memory since `reset_peak_rss` (Linux's VmHWM)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM in /proc/self/status")
+
+
+def reset_peak_rss() -> None:
+    Path("/proc/self/clear_refs").write_text("5")  # 5: reset the peak to the current resident size
+
+
+def test_a_brush_declaring_a_huge_image_is_rejected_undecoded_and_the_next_event_applied(learning_settings, shapes):
+    """32768x32767 pixels, all inside: an RLE of under 1 MB that would decode to 4 GiB of RGBA and a 1 GiB mask."""
+    client, predictor = make_client(learning_settings)
+    url, mask = shapes[20]
+    # The valid annotation's image is fetched and encoded once first, so that the measured round only repeats work.
+    post_webhook(client, annotation_event("ANNOTATION_CREATED", 13, 1300, 20, url, mask))
+    assert predictor.learning.wait_idle(120)
+    huge = annotation_event("ANNOTATION_CREATED", 13, 1301, 21, url, mask)
+    width, height = 32768, 32767
+    values = 4 * width * height
+    region = huge["annotation"]["result"][0]
+    region.update(original_width=width, original_height=height)
+    region["value"]["rle"] = _encode_runs(values, np.array([values]), np.array([255]))
+    assert len(region["value"]["rle"]) < 1024 * 1024
+
+    reset_peak_rss()
+    before = peak_rss_since_reset_bytes()
+    assert post_webhook(client, huge)["status"] == "queued"
+    post_webhook(client, annotation_event("ANNOTATION_CREATED", 13, 1302, 20, url, mask))
+    assert predictor.learning.wait_idle(120)
+    risen = peak_rss_since_reset_bytes() - before
+
+    assert risen < 50 * 1024 * 1024, f"resident memory rose {risen / 2**20:.0f} MiB"
+    rejected = TrainingSet(ProjectFiles(learning_settings.model_dir, 13)).rejections()
+    assert [(entry["annotation"], entry["reason"]) for entry in rejected] == [
+        (1301, "original_width x original_height is 32768x32767 = 1073709056 pixels, over MAX_IMAGE_PIXELS (40000000)")
+    ]
+    listing = client.get("/versions?project=13").json
+    assert listing["training_set"]["annotations"] == 2 and listing["annotations_since_training"] == 2
+    assert not Inbox(ProjectFiles(learning_settings.model_dir, 13)).pending()
+
+
+APPLY_RECORDED_EVENTS = """
+import contextlib
+
+from backend.app import build_app
+from backend.config import Settings
+from backend.models.loader import ModelNotReady
+
+predictor = build_app(Settings.from_env()).extensions["predictor"]
+assert predictor.learning.wait_idle(120)
+with contextlib.suppress(ModelNotReady):  # exit only once no loader thread runs
+    predictor.detector.get(120)
+"""
+
+
+def test_an_event_that_kills_the_process_applying_it_is_set_aside_after_a_few_restarts(
+    learning_settings, shapes, label_studio, tmp_path
+):
+    """The backend applies recorded events as it starts; one that kills it (here: killed while it fetches the
+    image, as the kernel's out-of-memory killer would) must not kill every start after it."""
+    files = ProjectFiles(learning_settings.model_dir, 14)
+    url, mask = shapes[21]
+    deadly_image = "/data/upload/shapes/deadly.png"
+    Inbox(files).record(annotation_event("ANNOTATION_CREATED", 14, 1401, 21, deadly_image, mask))
+    Inbox(files).record(annotation_event("ANNOTATION_CREATED", 14, 1402, 21, url, mask))
+    env = dict(
+        os.environ,
+        MODEL_DIR=learning_settings.model_dir,
+        WEIGHTS_DIR=str(tmp_path / "weights"),
+        SAM_CHECKPOINT=learning_settings.sam_checkpoint,
+        LABEL_STUDIO_URL=learning_settings.label_studio_url,
+        LABEL_STUDIO_API_KEY=learning_settings.label_studio_api_key,
+        ALLOW_PRIVATE_IMAGE_HOSTS="true",
+        TORCH_THREADS="1",
+    )
+
+    def fetches(path: str) -> int:
+        return sum(full_path.partition("?")[0] == path for _, full_path, _ in label_studio.requests)
+
+    label_studio.stalls[deadly_image] = 60.0
+    try:
+        for _ in range(EVENT_ATTEMPTS):
+            fetched = fetches(deadly_image)
+            start = subprocess.Popen([sys.executable, "-c", APPLY_RECORDED_EVENTS], cwd=REPO, env=env)
+            deadline = time.monotonic() + 120
+            while fetches(deadly_image) == fetched:
+                assert start.poll() is None and time.monotonic() < deadline, "the start never fetched the image"
+                time.sleep(0.05)
+            start.kill()
+            assert start.wait() == -9
+        start = subprocess.run([sys.executable, "-c", APPLY_RECORDED_EVENTS], cwd=REPO, env=env, timeout=300)
+    finally:
+        del label_studio.stalls[deadly_image]
+    assert start.returncode == 0
+    assert fetches(deadly_image) == EVENT_ATTEMPTS  # the last start set the event aside without applying it
+    (set_aside,) = files.failed.glob("*.json")
+    assert json.loads(set_aside.read_text())["annotation"]["id"] == 1401
+    error = files.failed / f"{set_aside.stem}.error.txt"
+    assert error.read_text() == f"the process applying it died in each of {EVENT_ATTEMPTS} attempts\n"
+    assert [record.annotation_id for record in TrainingSet(files).records()] == [1402]
+    assert not list(files.inbox.iterdir())
 
 
 def write_version(settings, project_id: int, score_shift: float, accepted: bool = True) -> str:

@@ -123,7 +123,9 @@ class ActiveLearning:
         """Apply the project's recorded events now; True if a training is due."""
         if self.resources is None:
             raise RuntimeError("applying events needs the models; this process has none loaded")
-        outcome = apply_pending(ProjectFiles(self.settings.model_dir, project_id), self.resources)
+        outcome = apply_pending(
+            ProjectFiles(self.settings.model_dir, project_id), self.resources, self.settings.max_image_pixels
+        )
         threshold = self.settings.train_after_annotations
         # Only new annotations count towards the threshold: a round that stored none leaves the count
         # to the training it already started.
