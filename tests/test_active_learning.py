@@ -4,12 +4,15 @@ rollback by pin, interrupted trainings and damaged versions. Real Redis, real La
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
 import subprocess
 import sys
+import threading
 import time
+import weakref
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -25,6 +28,7 @@ from backend.protocol.server import create_app
 from backend.training.dataset import AnnotationRecord, Region, TrainingSet
 from backend.training.files import ProjectFiles
 from backend.training.ingest import EVENT_ATTEMPTS, Inbox
+from backend.training.serving import MAX_VARIANTS, ProjectDecoders
 from backend.training.trainer import train_project, training_lock
 from backend.training.versions import PARTIAL_PREFIX, VersionStore
 from backend.worker.client import QueuePredictor
@@ -376,6 +380,73 @@ def test_pin_rolls_back_to_an_earlier_version_or_the_original(learning_settings,
     original, _ = make_client(replace(learning_settings, model_version_pin="base"))
     version, score = served(original, 6, image)
     assert version == BASE and score == pytest.approx(base_score, abs=1e-5)
+
+
+def test_clicks_and_setup_are_answered_while_another_projects_decoder_loads(learning_settings, shapes):
+    """Project 16's v1 loads from a FIFO in place of its decoder.pt, so its load lasts until the test writes the
+    weights; meanwhile project 15 (served by its own fine-tuned decoder) gets its click and 16 its /setup."""
+    client, _ = make_client(learning_settings)
+    image = shapes[24][0]
+    write_version(learning_settings, 15, 1.0)
+    assert served(client, 15, image)[0] == f"{BASE}-p15-v1"  # loaded before project 16's load begins
+    write_version(learning_settings, 16, 2.0)
+    weights_path = Path(learning_settings.model_dir) / "16" / "versions" / "v1" / "decoder.pt"
+    weights = weights_path.read_bytes()
+    weights_path.unlink()
+    os.mkfifo(weights_path)
+
+    answers: dict[str, object] = {}
+
+    def answer(name: str, call) -> threading.Thread:
+        thread = threading.Thread(target=lambda: answers.__setitem__(name, call()), daemon=True)
+        thread.start()
+        return thread
+
+    loading = answer("16", lambda: served(client, 16, image))
+    writer = None
+    try:
+        deadline = time.monotonic() + 120
+        while writer is None:  # opening the FIFO for writing succeeds once the load has opened it for reading
+            try:
+                writer = os.open(weights_path, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError:
+                assert loading.is_alive() and time.monotonic() < deadline, answers
+                time.sleep(0.05)
+        setup_body = {**recorded("02-setup.json"), "project": "16.1795623701"}
+        others = [
+            answer("15", lambda: served(client, 15, image)),
+            answer("setup 16", lambda: client.post("/setup", json=setup_body).json),
+        ]
+        for thread in others:
+            thread.join(60)
+        assert answers.get("15", (None,))[0] == f"{BASE}-p15-v1", "project 15's click waited for 16's load"
+        assert answers.get("setup 16") == {"model_version": f"{BASE}-p16-v1"}, "/setup waited for the load"
+        assert loading.is_alive()
+    finally:
+        if writer is not None:
+            os.set_blocking(writer, True)
+            with os.fdopen(writer, "wb") as fifo:
+                fifo.write(weights)
+        loading.join(120)
+    assert answers["16"][0] == f"{BASE}-p16-v1"
+
+
+def test_loaded_decoders_stay_bounded_however_many_projects_are_served(learning_settings):
+    base = load_sam(Path(learning_settings.sam_checkpoint), decoder_runtime="torch")
+    state = decoder_state(base.sam)
+    metrics = {"held_out_miou_before": 0.5, "held_out_miou_after": 0.6, "accepted": True, "parent": "base"}
+    decoders = ProjectDecoders(replace(learning_settings, decoder_runtime="torch"))
+    loaded = []
+    for project_id in range(100, 100 + MAX_VARIANTS + 4):
+        VersionStore(ProjectFiles(learning_settings.model_dir, project_id)).write(state, metrics)
+        segmenter, version = decoders.serving(project_id, base)
+        assert version == f"{BASE}-p{project_id}-v1" and segmenter is not base
+        loaded.append(weakref.ref(segmenter))
+        del segmenter
+    gc.collect()
+    assert sum(ref() is not None for ref in loaded) == MAX_VARIANTS
+    # A project whose decoder was let go is served again, loading it anew.
+    assert decoders.serving(100, base)[1] == f"{BASE}-p100-v1"
 
 
 def test_damaged_version_is_skipped_with_an_error_and_the_previous_serves(learning_settings, shapes, caplog):
