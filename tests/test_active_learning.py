@@ -21,6 +21,7 @@ import pytest
 import redis
 import torch
 from label_studio_sdk.converter.brush import mask2rle
+from rq.job import Job
 
 from backend.models.sam import decoder_state, load_sam
 from backend.protocol.brush_rle import _encode_runs
@@ -612,5 +613,51 @@ def test_queue_mode_workers_apply_webhooks_train_and_serve_the_version(settings,
         assert response.status_code == 200, response.json
         assert response.json["results"][0]["model_version"] == f"{BASE}-p12-v1"
     finally:
+        pool.stop()
+        server.stop()
+
+
+def test_queue_mode_workers_with_another_model_dir_than_the_web_tier_refuse_to_learn(
+    settings, shapes, sam_checkpoint, tmp_path
+):
+    """The web tier records webhook events in its MODEL_DIR; a worker that mounts another folder would find
+    nothing there to apply, and say nothing. One started after the web tier refuses to start; one started
+    before it fails its training jobs, naming both folders, and the events stay recorded."""
+    server = RedisServer(tmp_path).start()
+    pool = Workers(server.url, sam_checkpoint, tmp_path)
+    worker_model_dir = tmp_path / "worker-models"
+    refused = None
+    try:
+        pool.start(1, MODEL_DIR=str(worker_model_dir), LABEL_STUDIO_URL=settings.label_studio_url)
+        queue_settings = replace(settings, inference="queue", redis_url=server.url)
+        predictor = QueuePredictor(queue_settings, redis.Redis.from_url(server.url))
+        web = create_app(queue_settings, predictor).test_client()
+        predictor.warm_up()
+        url, mask = shapes[20]
+        assert post_webhook(web, annotation_event("ANNOTATION_CREATED", 17, 1701, 20, url, mask))["status"] == "queued"
+        queue = predictor.training_queue
+        deadline = time.monotonic() + 300
+        while not (ended := queue.finished_job_registry.get_job_ids() + queue.failed_job_registry.get_job_ids()):
+            assert time.monotonic() < deadline, "the training job never ran"
+            time.sleep(0.2)
+        (job_id,) = ended
+        failure = Job.fetch(job_id, connection=predictor.connection).latest_result().exc_string or ""
+        assert f"MODEL_DIR {worker_model_dir} on " in failure
+        assert f"is not the web tier's MODEL_DIR ({settings.model_dir} on " in failure
+        assert len(Inbox(ProjectFiles(settings.model_dir, 17)).pending()) == 1
+        assert not (worker_model_dir / "17").exists()
+
+        env = dict(os.environ, REDIS_URL=server.url, MODEL_DIR=str(worker_model_dir))
+        env["SAM_CHECKPOINT"] = str(sam_checkpoint)
+        refused = subprocess.Popen(
+            [sys.executable, "-m", "backend", "worker"], cwd=REPO, env=env, stderr=subprocess.PIPE, text=True
+        )
+        _, stderr = refused.communicate(timeout=120)
+        assert refused.returncode == 1
+        assert "the worker cannot start: MODEL_DIR" in stderr and f"({settings.model_dir} on " in stderr
+    finally:
+        if refused is not None and refused.poll() is None:
+            refused.kill()
+            refused.wait()
         pool.stop()
         server.stop()

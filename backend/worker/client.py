@@ -22,7 +22,7 @@ from backend.images import FetchedImage, ImageError, ImageFetcher
 from backend.models.loader import ModelNotReady
 from backend.predictor import FETCH_THREADS, InteractiveFront, TaskPrediction
 from backend.protocol.label_config import ProjectConfig
-from backend.training.service import ActiveLearning
+from backend.training.service import ActiveLearning, model_dir_stamp, publish_model_dir
 from backend.training.serving import ProjectDecoders
 from backend.worker import jobs
 
@@ -69,7 +69,12 @@ class QueuePredictor(InteractiveFront):
         self.learning = ActiveLearning(settings, None, self.decoders, dispatch=self._learn_on_a_worker)
 
     def warm_up(self) -> None:
-        """Nothing to load here (the workers hold the models); hand on webhook events recorded earlier."""
+        """Nothing to load here (the workers hold the models); say which MODEL_DIR the workers must share, and
+        hand on webhook events recorded earlier."""
+        try:
+            publish_model_dir(self.connection, self.settings)
+        except redis.RedisError as error:  # each training job carries it too
+            log.warning("MODEL_DIR not published for the workers to check, Redis unreachable: %s", error)
         self.learning.start()
 
     def _learn_on_a_worker(self, project_id: int) -> None:
@@ -77,6 +82,7 @@ class QueuePredictor(InteractiveFront):
             self.training_queue.enqueue(
                 jobs.learn,
                 project_id,
+                model_dir_stamp(self.settings),
                 job_timeout=self.settings.train_job_timeout_s,
                 result_ttl=24 * 3600,
                 failure_ttl=24 * 3600,
