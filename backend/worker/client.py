@@ -24,7 +24,7 @@ from backend.models.loader import ModelNotReady
 from backend.predictor import FETCH_THREADS, InteractiveFront, TaskPrediction
 from backend.prompts.interactive import ContextPrompts
 from backend.protocol.label_config import ProjectConfig
-from backend.training.service import ActiveLearning
+from backend.training.service import ActiveLearning, model_dir_stamp, publish_model_dir
 from backend.training.serving import ProjectDecoders
 from backend.worker import jobs
 
@@ -103,7 +103,12 @@ class QueuePredictor(InteractiveFront):
         return self._served_version
 
     def warm_up(self) -> None:
-        """Nothing to load here (the workers hold the models); hand on webhook events recorded earlier."""
+        """Nothing to load here (the workers hold the models); say which MODEL_DIR the workers must share, and
+        hand on webhook events recorded earlier."""
+        try:
+            publish_model_dir(self.connection, self.settings)
+        except redis.RedisError as error:  # each training job carries it too
+            log.warning("MODEL_DIR not published for the workers to check, Redis unreachable: %s", error)
         self.learning.start()
 
     def _learn_on_a_worker(self, project_id: int) -> None:
@@ -111,6 +116,7 @@ class QueuePredictor(InteractiveFront):
             self.training_queue.enqueue(
                 jobs.learn,
                 project_id,
+                model_dir_stamp(self.settings),
                 job_timeout=self.settings.train_job_timeout_s,
                 result_ttl=24 * 3600,
                 failure_ttl=24 * 3600,

@@ -25,6 +25,7 @@ from backend.images import FetchedImage, ImageError, ImageFetcher
 from backend.predictor import Predictor, TaskPrediction
 from backend.prompts.interactive import ContextPrompts, PromptError
 from backend.protocol.label_config import ConfigError, ProjectConfig
+from backend.training.service import check_model_dir
 from backend.training.trainer import train_project
 
 log = logging.getLogger(__name__)
@@ -208,9 +209,12 @@ def claimed_together(claimed: list[Job]) -> Iterator[PreannotateBatch]:
         _batch = None
 
 
-def learn(project_id: int) -> dict | None:
-    """Apply a project's recorded webhook events and, if that makes a training due, train it here."""
+def learn(project_id: int, web_model_dir: dict | None = None) -> dict | None:
+    """Apply a project's recorded webhook events and, if that makes a training due, train it here. The job fails
+    (ModelDirNotShared) if this worker's MODEL_DIR is not `web_model_dir`, where the web tier recorded them."""
     assert _predictor is not None
+    if web_model_dir is not None:
+        check_model_dir(_predictor.settings, web_model_dir)
     if not _predictor.learning.apply(project_id):
         return None
     return train_project(project_id, _predictor.settings, _predictor.training_resources()).as_dict()

@@ -37,6 +37,7 @@ from backend.cache.locks import renewed
 from backend.cache.store import BLOCKING_READ_S, SOCKET_TIMEOUT_S, make_store, redis_client
 from backend.config import Settings
 from backend.predictor import Predictor
+from backend.training.service import ModelDirNotShared, check_published_model_dir
 from backend.worker import jobs
 from backend.worker.client import (
     CLICK_LANE_SUFFIX,
@@ -248,6 +249,10 @@ def run_worker(settings: Settings, burst: bool = False) -> int:
     if not settings.redis_url:
         raise SystemExit("the worker needs REDIS_URL: it takes its jobs from Redis")
     connection = redis_client(settings.redis_url)
+    try:
+        check_published_model_dir(connection, settings)
+    except ModelDirNotShared as error:
+        raise SystemExit(f"the worker cannot start: {error}") from error
     predictor = Predictor(settings, make_store(settings.cache_url, settings.memory_cache_bytes))
     predictor.models.get(timeout_s=24 * 3600)  # load before announcing ourselves to the web tier
     jobs.install_predictor(predictor, connection)
