@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import logging
 
-import redis
 import torch
 from flask import Flask
 
+from backend.cache.connection import redis_client
 from backend.cache.store import make_store
 from backend.config import Settings
 from backend.http.routes import create_app
@@ -36,11 +36,11 @@ def configure_process(settings: Settings) -> None:
 def make_predictor(settings: Settings) -> Predictor | QueuePredictor:
     """The models in this process (INFERENCE=local) or on RQ workers (INFERENCE=queue)."""
     if settings.inference == "local":
-        return Predictor(settings, make_store(settings.redis_url, settings.memory_cache_bytes))
+        return Predictor(settings, make_store(settings.cache_url, settings.memory_cache_bytes))
     if settings.inference == "queue":
         if not settings.redis_url:
             raise ValueError("INFERENCE=queue needs REDIS_URL")
-        return QueuePredictor(settings, redis.Redis.from_url(settings.redis_url))
+        return QueuePredictor(settings, redis_client(settings.redis_url))
     raise ValueError(f"INFERENCE must be local or queue, not {settings.inference!r}")
 
 

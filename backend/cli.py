@@ -56,7 +56,7 @@ def _predict(args: argparse.Namespace, settings: Settings) -> int:
 
     configure_process(settings)
     settings = replace(settings, model_ready_timeout_s=LOAD_WAIT_S)
-    predictor = Predictor(settings, make_store(settings.redis_url, settings.memory_cache_bytes))
+    predictor = Predictor(settings, make_store(settings.cache_url, settings.memory_cache_bytes))
     try:
         image = FetchedImage(str(args.image), args.image.read_bytes())
         prediction = segment_text(

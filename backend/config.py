@@ -239,7 +239,17 @@ class Settings:
     )
 
     redis_url: str = setting(
-        "REDIS_URL", "", "shared cache and job queue; without it an in-process cache is used", section=S_CACHE
+        "REDIS_URL",
+        "",
+        "shared cache, locks and (with `INFERENCE=queue`) the job queue, which must never be evicted "
+        "(`maxmemory-policy noeviction`); without it an in-process cache is used",
+        section=S_CACHE,
+    )
+    cache_redis_url: str = setting(
+        "CACHE_REDIS_URL",
+        "",
+        "the Redis of embeddings and prompt sessions, which may evict (`allkeys-lru`); default: `REDIS_URL`",
+        section=S_CACHE,
     )
     embedding_ttl_s: int = setting(
         "EMBEDDING_TTL", 7 * 24 * 3600, "seconds an image embedding is kept", minimum=1, section=S_CACHE
@@ -307,7 +317,8 @@ class Settings:
         "MODEL_VERSION",
         "",
         "the `model_version` reported to Label Studio; default `sam-<type>`; a project's "
-        "fine-tuned decoder reports `<MODEL_VERSION>-p<project>-v<N>`",
+        "fine-tuned decoder reports `<MODEL_VERSION>-p<project>-v<N>`; with `INFERENCE=queue` the web tier reports "
+        "the workers' (each publishes its own in its RQ registration)",
         section=S_TRAINING,
     )
     train_after_annotations: int = setting(
@@ -380,6 +391,11 @@ class Settings:
     def base_model_version(self) -> str:
         """The name predictions of the loaded SAM carry; fine-tuned versions extend it."""
         return self.model_version or f"sam-{self.sam_model_type}"
+
+    @property
+    def cache_url(self) -> str:
+        """The Redis of cached embeddings and prompt sessions: CACHE_REDIS_URL, else REDIS_URL."""
+        return self.cache_redis_url or self.redis_url
 
 
 _TYPES = typing.get_type_hints(Settings)

@@ -53,7 +53,7 @@ class DemoPredictors:
 def build_demo(settings: Settings):  # -> gradio.Blocks; gradio is imported here only
     import gradio as gr
 
-    predictors = DemoPredictors(settings, make_store(settings.redis_url, settings.memory_cache_bytes))
+    predictors = DemoPredictors(settings, make_store(settings.cache_url, settings.memory_cache_bytes))
     default_type = settings.sam_model_type if settings.sam_model_type in SAM_MODEL_TYPES else "vit_b"
 
     def run(sam_model_type: str, box_threshold: float, text_threshold: float, image_path: str, text_prompt: str):

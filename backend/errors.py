@@ -110,6 +110,12 @@ class DeadlineExceeded(BackendError):
     status = 503
 
 
+class ModelDirNotShared(BackendError, RuntimeError):
+    """A worker's MODEL_DIR is not the folder the web tier records webhook events in."""
+
+    status = 503
+
+
 class CheckpointMissing(BackendError, FileNotFoundError):
     """A checkpoint file is absent; the message names the file and what fetches it."""
 

@@ -33,6 +33,28 @@ def write_atomically(path: Path, data: bytes) -> None:
     fsync_directory(path.parent)
 
 
+IDENTITY_FILE = ".identity"
+
+
+def model_dir_identity(model_dir: str | Path) -> str:
+    """A random id written into MODEL_DIR once, by which processes on different machines tell whether they
+    see the same folder."""
+    path = Path(model_dir) / IDENTITY_FILE
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        pass
+    written = path.with_name(f"{IDENTITY_FILE}.{uuid.uuid4().hex[:8]}.tmp")
+    write_atomically(written, uuid.uuid4().hex.encode())
+    try:
+        os.link(written, path)  # complete or absent, and never replaces one another process wrote first
+    except FileExistsError:
+        pass
+    finally:
+        written.unlink()
+    return path.read_text().strip()
+
+
 class ProjectFiles:
     """Where one project's active-learning state lives: MODEL_DIR/<project id>/..."""
 

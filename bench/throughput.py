@@ -130,7 +130,14 @@ def measure(rig: Rig, redis_url: str, web: GunicornServer, models: dict[str, str
     images = write_images(rig.media / "upload" / "1", rig.args.images, size=(1024, 768), seed=1000 * workers + lane)
     try:
         threads = str(max(cores // workers, 1))
-        pool.start(workers, **models, TORCH_THREADS=threads, JOB_TIMEOUT="3600", INTERACTIVE_THREAD=str(lane).lower())
+        pool.start(
+            workers,
+            **models,
+            MODEL_DIR=str(rig.workdir / "models"),  # the web tier's: queue mode shares one
+            TORCH_THREADS=threads,
+            JOB_TIMEOUT="3600",
+            INTERACTIVE_THREAD=str(lane).lower(),
+        )
         rig.clicks(web.url, 2)  # encode the annotator's image, warm both sides
         idle = rig.clicks(web.url, rig.args.clicks)
         during: list[float] = []

@@ -4,14 +4,18 @@ It answers only what an ML backend asks Label Studio for (recorded in tests/fixt
 `/data/upload/...` and `/data/local-files/?d=...` need `Authorization: Token <legacy>` (when legacy
 tokens are enabled) or `Bearer <access>`, where the access token comes from
 `POST /api/token/refresh/ {"refresh": <personal access token>}` and expires. Everything else is a
-plain file server for "other hosts". Faults for tests: `stalls` (path -> seconds to wait before
+plain file server for "other hosts". Projects added with `add_project` are served through the three
+REST calls a whole-project run makes (the project, its tasks page by page, a bulk import of
+predictions), with the same credentials. Faults for tests: `stalls` (path -> seconds to wait before
 answering), `redirects` (path -> Location), and `?chunked=1` streams a file without Content-Length.
 The real Label Studio is exercised by tests/e2e.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 import threading
 import time
 from pathlib import Path
@@ -40,6 +44,8 @@ class LabelStudioStandIn:
         self.delay_s = 0.0
         self.stalls: dict[str, float] = {}
         self.redirects: dict[str, str] = {}
+        self.projects: dict[int, dict] = {}
+        self.imported: dict[int, list[dict]] = {}  # project id -> every prediction imported, in order
         self._server = make_server("127.0.0.1", 0, self._app, threaded=True)
         self.url = f"http://127.0.0.1:{self._server.server_port}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
@@ -76,11 +82,54 @@ class LabelStudioStandIn:
             response = Response("", 302, headers={"Location": self.redirects[request.path]})
         elif request.path == "/api/token/refresh/" and request.method == "POST":
             response = self._refresh(request)
+        elif request.path.startswith("/api/") and not self._authorized(request.headers.get("Authorization", "")):
+            response = Response('{"detail": "Authentication credentials were not provided."}', 401)
+        elif request.path.startswith("/api/"):
+            response = self._api(request)
         elif request.path.startswith("/data/"):
             response = self._data(request)
         else:
             response = self._file(self.media_root / "public" / request.path.lstrip("/"), "chunked" in request.args)
         return response(environ, start_response)
+
+    def add_project(self, label_config: str, image_urls: list[str]) -> int:
+        """A project with one task per image URL and no predictions; its id."""
+        project_id = len(self.projects) + 1
+        first_task = sum(len(project["tasks"]) for project in self.projects.values()) + 1
+        tasks = [
+            {"id": first_task + index, "data": {"image": url}, "predictions": [], "is_labeled": False}
+            for index, url in enumerate(image_urls)
+        ]
+        self.projects[project_id] = {"title": f"project {project_id}", "label_config": label_config, "tasks": tasks}
+        self.imported[project_id] = []
+        return project_id
+
+    def _api(self, request: Request) -> Response:
+        if match := re.fullmatch(r"/api/projects/([0-9]+)/", request.path):
+            project = self.projects.get(int(match[1]))
+            if project is None:
+                return Response('{"detail": "Not found."}', 404, content_type="application/json")
+            body = {"id": int(match[1]), "title": project["title"], "label_config": project["label_config"]}
+            return _json({**body, "task_number": len(project["tasks"])})
+        if request.path == "/api/tasks/":
+            tasks = self.projects[int(request.args["project"])]["tasks"]
+            size, page = int(request.args.get("page_size", 100)), int(request.args.get("page", 1))
+            listed = tasks[(page - 1) * size : page * size]
+            predictions = sum(len(task["predictions"]) for task in tasks)
+            return _json(
+                {"tasks": listed, "total": len(tasks), "total_annotations": 0, "total_predictions": predictions}
+            )
+        if (
+            match := re.fullmatch(r"/api/projects/([0-9]+)/import/predictions", request.path)
+        ) and request.method == "POST":
+            project_id = int(match[1])
+            predictions = request.get_json()
+            tasks = {task["id"]: task for task in self.projects[project_id]["tasks"]}
+            for prediction in predictions:
+                tasks[prediction["task"]]["predictions"].append(prediction)
+            self.imported[project_id].extend(predictions)
+            return _json({"created": len(predictions)}, 201)
+        return Response('{"detail": "Not found."}', 404, content_type="application/json")
 
     def _refresh(self, request: Request) -> Response:
         refresh = (request.get_json(silent=True) or {}).get("refresh", "")
@@ -114,3 +163,7 @@ class LabelStudioStandIn:
         if chunked:  # a generator body has no Content-Length: only counting the bytes can stop it
             return Response((data[i : i + 4096] for i in range(0, len(data), 4096)), 200)
         return Response(data, 200, content_type="application/octet-stream")
+
+
+def _json(body: object, status: int = 200) -> Response:
+    return Response(json.dumps(body), status, content_type="application/json")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -27,8 +28,10 @@ def free_port() -> int:
 class RedisServer:
     """A real redis-server process owned by the test suite."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *options: str) -> None:
+        """`options`: more redis-server arguments, e.g. "--maxmemory", "8mb"."""
         self.directory = directory
+        self.options = options
         self.port = free_port()
         self.process: subprocess.Popen | None = None
 
@@ -53,6 +56,7 @@ class RedisServer:
                 "no",
                 "--dir",
                 str(self.directory),
+                *self.options,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -66,8 +70,18 @@ class RedisServer:
                 time.sleep(0.05)
         raise RuntimeError("redis-server did not start")
 
+    def pause(self) -> None:
+        """Hung, not gone: connections are still accepted by the kernel, and nothing answers them."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGCONT)
+
     def stop(self) -> None:
         if self.process is not None:
+            self.process.send_signal(signal.SIGCONT)  # a paused server would not act on the terminate
             self.process.terminate()
             self.process.wait(timeout=10)
             self.process = None

@@ -4,12 +4,15 @@ rollback by pin, interrupted trainings and damaged versions. Real Redis, real La
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
 import subprocess
 import sys
+import threading
 import time
+import weakref
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -18,14 +21,17 @@ import pytest
 import redis
 import torch
 from label_studio_sdk.converter.brush import mask2rle
+from rq.job import Job
 
+from backend.decoders.serving import MAX_VARIANTS, ProjectDecoders
 from backend.decoders.versions import PARTIAL_PREFIX, VersionStore
 from backend.http.routes import create_app
 from backend.inference.queue import QueuePredictor
 from backend.models.sam import decoder_state, load_sam
 from backend.project_files import ProjectFiles
+from backend.protocol.brush_rle import _encode_runs
 from backend.training.dataset import AnnotationRecord, Region, TrainingSet
-from backend.training.ingest import Inbox
+from backend.training.ingest import EVENT_ATTEMPTS, Inbox
 from backend.training.trainer import train_project, training_lock
 from tests.conftest import REPO, encode, make_client, recorded
 from tests.services import RedisServer
@@ -229,6 +235,112 @@ def test_events_recorded_by_a_process_that_died_are_applied_on_start(learning_se
     assert not Inbox(files).pending()
 
 
+def peak_rss_since_reset_bytes() -> int:
+    """The process's peak resident memory since `reset_peak_rss` (Linux's VmHWM)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM in /proc/self/status")
+
+
+def reset_peak_rss() -> None:
+    Path("/proc/self/clear_refs").write_text("5")  # 5: reset the peak to the current resident size
+
+
+def test_a_brush_declaring_a_huge_image_is_rejected_undecoded_and_the_next_event_applied(learning_settings, shapes):
+    """32768x32767 pixels, all inside: an RLE of under 1 MB that would decode to 4 GiB of RGBA and a 1 GiB mask."""
+    client, predictor = make_client(learning_settings)
+    url, mask = shapes[20]
+    # The valid annotation's image is fetched and encoded once first, so that the measured round only repeats work.
+    post_webhook(client, annotation_event("ANNOTATION_CREATED", 13, 1300, 20, url, mask))
+    assert predictor.learning.wait_idle(120)
+    huge = annotation_event("ANNOTATION_CREATED", 13, 1301, 21, url, mask)
+    width, height = 32768, 32767
+    values = 4 * width * height
+    region = huge["annotation"]["result"][0]
+    region.update(original_width=width, original_height=height)
+    region["value"]["rle"] = _encode_runs(values, np.array([values]), np.array([255]))
+    assert len(region["value"]["rle"]) < 1024 * 1024
+
+    reset_peak_rss()
+    before = peak_rss_since_reset_bytes()
+    assert post_webhook(client, huge)["status"] == "queued"
+    post_webhook(client, annotation_event("ANNOTATION_CREATED", 13, 1302, 20, url, mask))
+    assert predictor.learning.wait_idle(120)
+    risen = peak_rss_since_reset_bytes() - before
+
+    assert risen < 50 * 1024 * 1024, f"resident memory rose {risen / 2**20:.0f} MiB"
+    rejected = TrainingSet(ProjectFiles(learning_settings.model_dir, 13)).rejections()
+    assert [(entry["annotation"], entry["reason"]) for entry in rejected] == [
+        (1301, "original_width x original_height is 32768x32767 = 1073709056 pixels, over MAX_IMAGE_PIXELS (40000000)")
+    ]
+    listing = client.get("/versions?project=13").json
+    assert listing["training_set"]["annotations"] == 2 and listing["annotations_since_training"] == 2
+    assert not Inbox(ProjectFiles(learning_settings.model_dir, 13)).pending()
+
+
+APPLY_RECORDED_EVENTS = """
+import contextlib
+
+from backend.app import build_app
+from backend.config import Settings
+from backend.models.loader import ModelNotReady
+
+predictor = build_app(Settings.from_env()).extensions["predictor"]
+assert predictor.learning.wait_idle(120)
+with contextlib.suppress(ModelNotReady):  # exit only once no loader thread runs
+    predictor.detector.get(120)
+"""
+
+
+def test_an_event_that_kills_the_process_applying_it_is_set_aside_after_a_few_restarts(
+    learning_settings, shapes, label_studio, tmp_path
+):
+    """The backend applies recorded events as it starts; one that kills it (here: killed while it fetches the
+    image, as the kernel's out-of-memory killer would) must not kill every start after it."""
+    files = ProjectFiles(learning_settings.model_dir, 14)
+    url, mask = shapes[21]
+    deadly_image = "/data/upload/shapes/deadly.png"
+    Inbox(files).record(annotation_event("ANNOTATION_CREATED", 14, 1401, 21, deadly_image, mask))
+    Inbox(files).record(annotation_event("ANNOTATION_CREATED", 14, 1402, 21, url, mask))
+    env = dict(
+        os.environ,
+        MODEL_DIR=learning_settings.model_dir,
+        WEIGHTS_DIR=str(tmp_path / "weights"),
+        SAM_CHECKPOINT=learning_settings.sam_checkpoint,
+        LABEL_STUDIO_URL=learning_settings.label_studio_url,
+        LABEL_STUDIO_API_KEY=learning_settings.label_studio_api_key,
+        ALLOW_PRIVATE_IMAGE_HOSTS="true",
+        TORCH_THREADS="1",
+    )
+
+    def fetches(path: str) -> int:
+        return sum(full_path.partition("?")[0] == path for _, full_path, _ in label_studio.requests)
+
+    label_studio.stalls[deadly_image] = 60.0
+    try:
+        for _ in range(EVENT_ATTEMPTS):
+            fetched = fetches(deadly_image)
+            start = subprocess.Popen([sys.executable, "-c", APPLY_RECORDED_EVENTS], cwd=REPO, env=env)
+            deadline = time.monotonic() + 120
+            while fetches(deadly_image) == fetched:
+                assert start.poll() is None and time.monotonic() < deadline, "the start never fetched the image"
+                time.sleep(0.05)
+            start.kill()
+            assert start.wait() == -9
+        start = subprocess.run([sys.executable, "-c", APPLY_RECORDED_EVENTS], cwd=REPO, env=env, timeout=300)
+    finally:
+        del label_studio.stalls[deadly_image]
+    assert start.returncode == 0
+    assert fetches(deadly_image) == EVENT_ATTEMPTS  # the last start set the event aside without applying it
+    (set_aside,) = files.failed.glob("*.json")
+    assert json.loads(set_aside.read_text())["annotation"]["id"] == 1401
+    error = files.failed / f"{set_aside.stem}.error.txt"
+    assert error.read_text() == f"the process applying it died in each of {EVENT_ATTEMPTS} attempts\n"
+    assert [record.annotation_id for record in TrainingSet(files).records()] == [1402]
+    assert not list(files.inbox.iterdir())
+
+
 def write_version(settings, project_id: int, score_shift: float, accepted: bool = True) -> str:
     """A version whose IoU head scores `score_shift` higher than the original's: served scores show it."""
     state = decoder_state(load_sam(Path(settings.sam_checkpoint), decoder_runtime="torch").sam)
@@ -269,6 +381,73 @@ def test_pin_rolls_back_to_an_earlier_version_or_the_original(learning_settings,
     original, _ = make_client(replace(learning_settings, model_version_pin="base"))
     version, score = served(original, 6, image)
     assert version == BASE and score == pytest.approx(base_score, abs=1e-5)
+
+
+def test_clicks_and_setup_are_answered_while_another_projects_decoder_loads(learning_settings, shapes):
+    """Project 16's v1 loads from a FIFO in place of its decoder.pt, so its load lasts until the test writes the
+    weights; meanwhile project 15 (served by its own fine-tuned decoder) gets its click and 16 its /setup."""
+    client, _ = make_client(learning_settings)
+    image = shapes[24][0]
+    write_version(learning_settings, 15, 1.0)
+    assert served(client, 15, image)[0] == f"{BASE}-p15-v1"  # loaded before project 16's load begins
+    write_version(learning_settings, 16, 2.0)
+    weights_path = Path(learning_settings.model_dir) / "16" / "versions" / "v1" / "decoder.pt"
+    weights = weights_path.read_bytes()
+    weights_path.unlink()
+    os.mkfifo(weights_path)
+
+    answers: dict[str, object] = {}
+
+    def answer(name: str, call) -> threading.Thread:
+        thread = threading.Thread(target=lambda: answers.__setitem__(name, call()), daemon=True)
+        thread.start()
+        return thread
+
+    loading = answer("16", lambda: served(client, 16, image))
+    writer = None
+    try:
+        deadline = time.monotonic() + 120
+        while writer is None:  # opening the FIFO for writing succeeds once the load has opened it for reading
+            try:
+                writer = os.open(weights_path, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError:
+                assert loading.is_alive() and time.monotonic() < deadline, answers
+                time.sleep(0.05)
+        setup_body = {**recorded("02-setup.json"), "project": "16.1795623701"}
+        others = [
+            answer("15", lambda: served(client, 15, image)),
+            answer("setup 16", lambda: client.post("/setup", json=setup_body).json),
+        ]
+        for thread in others:
+            thread.join(60)
+        assert answers.get("15", (None,))[0] == f"{BASE}-p15-v1", "project 15's click waited for 16's load"
+        assert answers.get("setup 16") == {"model_version": f"{BASE}-p16-v1"}, "/setup waited for the load"
+        assert loading.is_alive()
+    finally:
+        if writer is not None:
+            os.set_blocking(writer, True)
+            with os.fdopen(writer, "wb") as fifo:
+                fifo.write(weights)
+        loading.join(120)
+    assert answers["16"][0] == f"{BASE}-p16-v1"
+
+
+def test_loaded_decoders_stay_bounded_however_many_projects_are_served(learning_settings):
+    base = load_sam(Path(learning_settings.sam_checkpoint), decoder_runtime="torch")
+    state = decoder_state(base.sam)
+    metrics = {"held_out_miou_before": 0.5, "held_out_miou_after": 0.6, "accepted": True, "parent": "base"}
+    decoders = ProjectDecoders(replace(learning_settings, decoder_runtime="torch"))
+    loaded = []
+    for project_id in range(100, 100 + MAX_VARIANTS + 4):
+        VersionStore(ProjectFiles(learning_settings.model_dir, project_id)).write(state, metrics)
+        segmenter, version = decoders.serving(project_id, base)
+        assert version == f"{BASE}-p{project_id}-v1" and segmenter is not base
+        loaded.append(weakref.ref(segmenter))
+        del segmenter
+    gc.collect()
+    assert sum(ref() is not None for ref in loaded) == MAX_VARIANTS
+    # A project whose decoder was let go is served again, loading it anew.
+    assert decoders.serving(100, base)[1] == f"{BASE}-p100-v1"
 
 
 def test_damaged_version_is_skipped_with_an_error_and_the_previous_serves(learning_settings, shapes, caplog):
@@ -434,5 +613,51 @@ def test_queue_mode_workers_apply_webhooks_train_and_serve_the_version(settings,
         assert response.status_code == 200, response.json
         assert response.json["results"][0]["model_version"] == f"{BASE}-p12-v1"
     finally:
+        pool.stop()
+        server.stop()
+
+
+def test_queue_mode_workers_with_another_model_dir_than_the_web_tier_refuse_to_learn(
+    settings, shapes, sam_checkpoint, tmp_path
+):
+    """The web tier records webhook events in its MODEL_DIR; a worker that mounts another folder would find
+    nothing there to apply, and say nothing. One started after the web tier refuses to start; one started
+    before it fails its training jobs, naming both folders, and the events stay recorded."""
+    server = RedisServer(tmp_path).start()
+    pool = Workers(server.url, sam_checkpoint, tmp_path)
+    worker_model_dir = tmp_path / "worker-models"
+    refused = None
+    try:
+        pool.start(1, MODEL_DIR=str(worker_model_dir), LABEL_STUDIO_URL=settings.label_studio_url)
+        queue_settings = replace(settings, inference="queue", redis_url=server.url)
+        predictor = QueuePredictor(queue_settings, redis.Redis.from_url(server.url))
+        web = create_app(queue_settings, predictor).test_client()
+        predictor.warm_up()
+        url, mask = shapes[20]
+        assert post_webhook(web, annotation_event("ANNOTATION_CREATED", 17, 1701, 20, url, mask))["status"] == "queued"
+        queue = predictor.training_queue
+        deadline = time.monotonic() + 300
+        while not (ended := queue.finished_job_registry.get_job_ids() + queue.failed_job_registry.get_job_ids()):
+            assert time.monotonic() < deadline, "the training job never ran"
+            time.sleep(0.2)
+        (job_id,) = ended
+        failure = Job.fetch(job_id, connection=predictor.connection).latest_result().exc_string or ""
+        assert f"MODEL_DIR {worker_model_dir} on " in failure
+        assert f"is not the web tier's MODEL_DIR ({settings.model_dir} on " in failure
+        assert len(Inbox(ProjectFiles(settings.model_dir, 17)).pending()) == 1
+        assert not (worker_model_dir / "17").exists()
+
+        env = dict(os.environ, REDIS_URL=server.url, MODEL_DIR=str(worker_model_dir))
+        env["SAM_CHECKPOINT"] = str(sam_checkpoint)
+        refused = subprocess.Popen(
+            [sys.executable, "-m", "backend", "worker"], cwd=REPO, env=env, stderr=subprocess.PIPE, text=True
+        )
+        _, stderr = refused.communicate(timeout=120)
+        assert refused.returncode == 1
+        assert "the worker cannot start: MODEL_DIR" in stderr and f"({settings.model_dir} on " in stderr
+    finally:
+        if refused is not None and refused.poll() is None:
+            refused.kill()
+            refused.wait()
         pool.stop()
         server.stop()

@@ -14,7 +14,11 @@ from backend.cache.store import MemoryStore
 from backend.http.routes import create_app
 from backend.inference.local import Predictor
 from backend.models.loader import BackgroundLoader
+from backend.project_files import ProjectFiles
 from backend.protocol.results import decode_brush
+from backend.training.dataset import AnnotationRecord, Region, TrainingSet
+from backend.training.ingest import Inbox
+from backend.training.trainer import last_training
 from tests.conftest import make_client, recorded
 
 
@@ -120,11 +124,31 @@ def test_empty_interactive_context_is_an_empty_prediction(client, context):
         "10-webhook-start-training.json",
     ],
 )
-def test_webhooks_answer_200_at_once(client, name):
+def test_webhooks_answer_200_at_once_and_their_events_are_recorded_and_applied(settings, redis_url, name):
+    """Each recorded webhook of project 1, which holds annotation 1 (the one the recordings create, update and
+    delete): answered within Label Studio's 1 s, then applied in the background."""
+    client, predictor = make_client(replace(settings, redis_url=redis_url))
+    files = ProjectFiles(settings.model_dir, 1)
+    training_set = TrainingSet(files)
+    training_set.put(AnnotationRecord(1, 1, "/data/upload/1/x.png", [Region("r", "Car", np.ones((4, 4), bool))]))
+    body = recorded(name)
     started = time.perf_counter()
-    response = client.post("/webhook", json=recorded(name))
+    response = client.post("/webhook", json=body)
     assert response.status_code == 200
     assert time.perf_counter() - started < 1.0
+    assert response.json == {"status": "queued", "action": body["action"], "project": 1}
+    assert predictor.learning.wait_idle(60)
+    assert not Inbox(files).pending() and not files.failed.exists()
+    if body["action"] == "START_TRAINING":
+        assert last_training(files)["status"] == "skipped"  # one task: too few to hold any out
+    else:
+        # Created and updated: the recordings' RLE is cut short, so the region is rejected and the annotation,
+        # left with no region, dropped; deleted: dropped.
+        assert training_set.summary()["annotations"] == 0
+    if body["action"] in ("ANNOTATION_CREATED", "ANNOTATION_UPDATED"):
+        (rejection,) = training_set.rejections()
+        assert (rejection["annotation"], rejection["region"]) == (1, "7248e69e40")
+        assert rejection["reason"] == "rle is not a list of byte values"
 
 
 def test_exif_orientation_gives_the_size_label_studio_shows(client):

@@ -10,15 +10,20 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import replace
+from urllib.parse import urlparse
 
 import pytest
 import redis
 import requests
+import yaml
 from rq import Queue, Retry, Worker
 from rq.job import Job
 from rq.registry import StartedJobRegistry
 
+from backend.app import make_predictor
+from backend.cache.connection import SOCKET_TIMEOUT_S, redis_client
 from backend.errors import ImageError
 from backend.http.routes import create_app
 from backend.inference.queue import (
@@ -38,7 +43,7 @@ from backend.protocol.results import decode_brush
 from backend.worker import jobs
 from backend.worker.runner import HEARTBEAT_MARGIN_S, ClaimingQueue, ModelWorker
 from tests.conftest import encode, recorded, smooth_object_image
-from tests.services import WORKER_ENV, RedisServer, Workers, free_port, model_workers
+from tests.services import REPO, WORKER_ENV, RedisServer, Workers, free_port, model_workers
 
 LEASE_S = int(WORKER_ENV["WORKER_TTL"]) + HEARTBEAT_MARGIN_S  # the test workers' job lease
 
@@ -430,3 +435,155 @@ def test_rq_dashboard_reads_the_same_redis(workers, queue_redis, tmp_path):
     finally:
         dashboard.terminate()
         dashboard.wait(timeout=10)
+
+
+def test_a_click_enqueued_after_the_only_worker_was_killed_answers_503_within_a_lease(web, workers, queue_redis):
+    """The killed worker's registration outlives it by up to a lease, so the click is enqueued; the web tier then
+    notices that no worker is alive to take it instead of waiting out PREDICT_DEADLINE (60 s here)."""
+    workers.start(1)
+    connection = redis.Redis.from_url(queue_redis.url)
+    (victim,) = model_workers(connection)
+    os.kill(victim.pid, signal.SIGKILL)
+    assert alive_workers(connection) == 1
+    started = time.monotonic()
+    response = click(web)
+    waited_s = time.monotonic() - started
+    assert response.status_code == 503 and response.headers["Retry-After"], response.json
+    assert "no inference worker is alive" in response.json["error"], response.json
+    # It was enqueued, and no one runs it: it waits in the queue, or in RQ's intermediate list when the dead click
+    # lane's blocking read was still registered in Redis.
+    queue = Queue(INTERACTIVE_QUEUE, connection=connection)
+    assert len(queue.get_job_ids() + queue.intermediate_queue.get_job_ids()) == 1
+    assert waited_s < 2 * LEASE_S, waited_s
+
+
+def outcome_while_paused(server: RedisServer, call: Callable[[], object]) -> tuple[bool, dict]:
+    """Runs `call` in a thread while `server` is paused (SIGSTOP: the kernel still accepts connections, nothing
+    answers them): whether it ended before the server was resumed, three socket time-outs later, and its value
+    or Redis error."""
+    outcome = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = call()
+        except redis.RedisError as error:
+            outcome["error"] = error
+
+    thread = threading.Thread(target=run, daemon=True)
+    server.pause()
+    try:
+        thread.start()
+        thread.join(timeout=3 * SOCKET_TIMEOUT_S)
+        ended_while_paused = not thread.is_alive()
+    finally:
+        server.resume()
+    thread.join(timeout=60)
+    return ended_while_paused, outcome
+
+
+def test_a_hung_redis_costs_a_click_one_socket_timeout_not_its_thread(web_settings, queue_redis):
+    """The web tier's client, made as `python -m backend` makes it, gives up on each command after its socket
+    time-out, and the click answers 503."""
+    web = create_app(web_settings, make_predictor(web_settings)).test_client()
+    ended_while_paused, outcome = outcome_while_paused(queue_redis, lambda: click(web))
+    assert ended_while_paused
+    response = outcome["value"]
+    assert response.status_code == 503 and response.headers["Retry-After"] and "Redis" in response.json["error"]
+
+
+def test_a_worker_keeps_its_socket_timeout_whatever_its_ttl_and_a_hung_redis_fails_within_it(queue_redis):
+    """RQ raises a worker connection's socket time-out to the worker's wait for a job plus 10 s (595 s with
+    WORKER_TTL=600): a paused Redis then held a worker's threads for minutes. The worker's waits for a job stay
+    below the backend's socket time-out instead, and a command on a paused Redis fails within it."""
+    connection = redis_client(queue_redis.url)
+    lane = ModelWorker([ClaimingQueue(INTERACTIVE_QUEUE, connection=connection)], connection=connection, worker_ttl=600)
+    assert lane.dequeue_timeout < SOCKET_TIMEOUT_S
+    ended_while_paused, outcome = outcome_while_paused(queue_redis, lane.connection.ping)
+    assert ended_while_paused and isinstance(outcome.get("error"), redis.TimeoutError), outcome
+
+
+COMPOSE = REPO / "docker" / "docker-compose.yml"
+
+
+def compose_services() -> dict:
+    return yaml.safe_load(COMPOSE.read_text())["services"]
+
+
+def test_the_compose_file_gives_the_web_tier_and_the_workers_one_model_and_one_redis_layout():
+    web, worker = (compose_services()[name]["environment"] for name in ("web", "worker"))
+    for name in ("SAM_MODEL_TYPE", "MODEL_VERSION", "REDIS_URL", "CACHE_REDIS_URL"):
+        assert name in web and web[name] == worker.get(name), name
+
+
+def test_the_shipped_redis_layout_keeps_every_queued_job_when_the_cache_overflows(
+    web_settings, sam_checkpoint, grounding_dino_files, tmp_path
+):
+    """One redis-server per Redis of docker/docker-compose.yml, with its eviction policy; the one the workers cache
+    embeddings in gets a small memory bound. Pre-annotation jobs wait while the cache is filled to three times its
+    bound, then a worker (configured as the compose file configures it) runs them all."""
+    services = compose_services()
+    worker_env = services["worker"]["environment"]
+    cache_host = urlparse(worker_env.get("CACHE_REDIS_URL", worker_env["REDIS_URL"])).hostname
+    cache_bytes = 8 << 20
+    servers = {}
+    for name, service in services.items():
+        if service.get("image", "").startswith("redis"):
+            command = service["command"]
+            policy = command[command.index("--maxmemory-policy") + 1]
+            bound = cache_bytes if name == cache_host else 256 << 20
+            directory = tmp_path / name
+            directory.mkdir()
+            servers[name] = RedisServer(directory, "--maxmemory", str(bound), "--maxmemory-policy", policy).start()
+    pool = None
+    try:
+
+        def local(url: str) -> str:
+            return servers[urlparse(url).hostname].url
+
+        queue_url, cache_url = local(worker_env["REDIS_URL"]), servers[cache_host].url
+        predictor = QueuePredictor(replace(web_settings, redis_url=queue_url), redis_client(queue_url))
+        images = [encode(smooth_object_image(160, 120, seed)) for seed in range(4)]
+        waiting = waiting_pre_annotation_jobs(predictor, images, timeout_s=120)
+        cache = redis.Redis.from_url(cache_url)
+        for index in range(3 * cache_bytes // (256 << 10)):
+            cache.set(f"sam:emb:filler:{index}", os.urandom(256 << 10), ex=600)
+        assert cache.info("stats")["evicted_keys"] > 0
+        pool = Workers(queue_url, sam_checkpoint, tmp_path).start(
+            1, **grounding_env(grounding_dino_files), CACHE_REDIS_URL=cache_url
+        )
+        wait_finished(waiting)
+        assert [job.get_status() for job in waiting] == ["finished"] * 4
+        assert all(isinstance(job.latest_result().return_value[0], TaskPrediction) for job in waiting)
+        assert cache.keys("sam:emb:*") != [] and redis.Redis.from_url(queue_url).keys("sam:emb:*") == []
+    finally:
+        if pool is not None:
+            pool.stop()
+        for server in servers.values():
+            server.stop()
+
+
+def test_the_web_tier_reports_the_workers_model_version_so_a_second_project_run_imports_nothing(
+    web_settings, workers, grounding_dino_files, label_studio
+):
+    workers_version = "sam-vit_h"
+    assert web_settings.base_model_version != workers_version
+    workers.start(1, **grounding_env(grounding_dino_files), MODEL_VERSION=workers_version)
+    web_settings = replace(web_settings, job_timeout_s=120, predict_deadline_s=240)
+    web = create_app(web_settings, make_predictor(web_settings)).test_client()
+    images = ["/data/upload/1/e0d87ad7-car_640x480.jpg", "/data/upload/1/a5529614-car_400x300_exif6.png"]
+    project = label_studio.add_project(recorded("03-predict-batch.json")["label_config"], images)
+    setup = web.post("/setup", json={"project": f"{project}.1764087701"})
+    assert setup.status_code == 200 and setup.json["model_version"] == workers_version
+    assert web.get("/status").json["model_version"] == workers_version
+    for run in range(2):
+        assert web.post("/preannotate", json={"project": project}).status_code == 202
+        deadline = time.time() + 300
+        while (progress := web.get("/preannotate", query_string={"project": project}).json)["state"] in (
+            "starting",
+            "running",
+        ) and time.time() < deadline:
+            time.sleep(0.5)
+        assert progress["state"] == "finished" and progress["model_version"] == workers_version, progress
+        assert (progress["predicted"], progress["skipped"]) == ((2, 0) if run == 0 else (0, 2)), progress
+    imported = label_studio.imported[project]
+    assert len(imported) == 2 and {prediction["model_version"] for prediction in imported} == {workers_version}

@@ -15,6 +15,7 @@ from pathlib import Path
 import redis
 from redis.exceptions import LockError
 
+from backend.cache.connection import redis_client
 from backend.errors import LockBusy
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ def renewed(renew: Callable[[], object], every_s: float, name: str, wait: bool =
 def redis_lease(name: str, url: str, ttl_s: float) -> Iterator[None]:
     """Held while the block runs, kept alive every ttl/3 so a killed holder frees it within `ttl_s`;
     `LockBusy` at once if another holder has it. Without Redis only the caller's file lock guards."""
-    client = redis.Redis.from_url(url, socket_connect_timeout=1.0, socket_timeout=5.0)
+    client = redis_client(url)
     # Not thread-local: the keep-alive thread extends the lock this thread took.
     lock = client.lock(name, timeout=ttl_s, blocking=False, thread_local=False)
     try:

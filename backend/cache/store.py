@@ -17,6 +17,7 @@ from typing import Protocol
 import redis
 import redis.lock
 
+from backend.cache.connection import redis_client
 from backend.cache.locks import renewed
 
 log = logging.getLogger(__name__)
@@ -101,10 +102,7 @@ class ResilientStore:
 
     @classmethod
     def from_url(cls, url: str, fallback: MemoryStore) -> ResilientStore:
-        client = redis.Redis.from_url(
-            url, socket_connect_timeout=1.0, socket_timeout=5.0, health_check_interval=30, retry_on_timeout=False
-        )
-        return cls(client, fallback)
+        return cls(redis_client(url), fallback)
 
     @property
     def redis_up(self) -> bool:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 from backend.config import Settings
@@ -21,25 +23,34 @@ from backend.project_files import ProjectFiles
 
 log = logging.getLogger(__name__)
 
-MAX_VARIANTS = 8
+MAX_VARIANTS = 8  # fine-tuned decoders kept loaded, over all projects
+MAX_CHOICES = 1024  # projects whose choice is remembered; a forgotten one is chosen again from its folder
+
+VariantKey = tuple[int, str, str]  # project, version name, weights' SHA-256
 
 
 @dataclass
 class _Choice:
     folder_stamp: int  # the versions folder's mtime when chosen
     version: Version | None
-    segmenter: Segmenter
+    variant: VariantKey | None  # None: the original SAM serves
 
 
 class ProjectDecoders:
-    """Per-project serving segmenters, thread-safe."""
+    """Per-project serving segmenters, thread-safe. A decoder loads (weights, and on CPU an ONNX export: seconds)
+    outside the mutex, so clicks and /setup of every project go on meanwhile; one thread loads each variant,
+    and the project's other requests keep the version they had until it is ready."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, base_name: Callable[[], str] | None = None) -> None:
+        """`base_name`: the model_version of the original SAM, when not this process's settings' (the web tier
+        of queue mode reports the workers')."""
         self.settings = settings
+        self.base_name = base_name or (lambda: settings.base_model_version)
         self.pins = parse_pins(settings.model_version_pin)
-        self._variants: OrderedDict[tuple[int, str, str], SamSegmenter] = OrderedDict()
-        self._choices: dict[int, _Choice] = {}
-        self._broken: set[tuple[int, str, str]] = set()
+        self._variants: OrderedDict[VariantKey, SamSegmenter] = OrderedDict()
+        self._choices: OrderedDict[int, _Choice] = OrderedDict()
+        self._loading: dict[VariantKey, Future[SamSegmenter | None]] = {}
+        self._broken: set[VariantKey] = set()
         self._mutex = threading.Lock()
 
     def pin_for(self, project_id: int) -> str | None:
@@ -53,44 +64,106 @@ class ProjectDecoders:
 
     def serving(self, project_id: int | None, base: Segmenter) -> tuple[Segmenter, str]:
         """The segmenter and model_version that serve `project_id` (None: no project, the original SAM)."""
-        base_name = self.settings.base_model_version
+        base_name = self.base_name()
         if project_id is None or not isinstance(base, SamSegmenter):
             return base, base_name
         files = ProjectFiles(self.settings.model_dir, project_id)
         stamp = self._stamp(files)
         with self._mutex:
-            choice = self._choices.get(project_id)
-            if choice is None or choice.folder_stamp != stamp:
-                choice = self._choose(files, stamp, base)
-                self._choices[project_id] = choice
-        return choice.segmenter, public_name(base_name, project_id, choice.version)
+            previous = self._served(project_id, base)
+        if previous is not None and previous[0].folder_stamp == stamp:
+            choice, segmenter = previous
+        else:
+            choice, segmenter = self._choose(files, stamp, base, previous)
+        return segmenter, public_name(base_name, project_id, choice.version)
 
-    def _choose(self, files: ProjectFiles, stamp: int, base: SamSegmenter) -> _Choice:
+    def _served(self, project_id: int, base: SamSegmenter) -> tuple[_Choice, SamSegmenter] | None:
+        """The project's current choice and its loaded segmenter; None if there is none or its decoder was
+        dropped from memory. Callers hold the mutex."""
+        choice = self._choices.get(project_id)
+        if choice is None:
+            return None
+        segmenter = base if choice.variant is None else self._variants.get(choice.variant)
+        if segmenter is None:
+            return None
+        self._choices.move_to_end(project_id)
+        if choice.variant is not None:
+            self._variants.move_to_end(choice.variant)
+        return choice, segmenter
+
+    def _remember(self, project_id: int, choice: _Choice) -> None:
+        """Callers hold the mutex."""
+        self._choices[project_id] = choice
+        self._choices.move_to_end(project_id)
+        while len(self._choices) > MAX_CHOICES:
+            self._choices.popitem(last=False)
+
+    def _choose(
+        self, files: ProjectFiles, stamp: int, base: SamSegmenter, previous: tuple[_Choice, SamSegmenter] | None
+    ) -> tuple[_Choice, SamSegmenter]:
         store = VersionStore(files)
         versions, _ = store.scan()
         for version in VersionStore.candidates(versions, self.pin_for(files.project_id)) or []:
             key = (files.project_id, version.name, version.metrics["weights_sha256"])
-            if key in self._broken:
-                continue
-            variant = self._variants.get(key)
-            if variant is None:
-                try:
-                    variant = base.with_decoder_state(store.load_state(version))
-                except (CorruptVersion, ValueError) as error:
-                    log.error("project %d: version %s cannot serve, skipped: %s", files.project_id, version.name, error)
-                    self._broken.add(key)
+            with self._mutex:
+                if key in self._broken:
                     continue
-                self._variants[key] = variant
-                while len(self._variants) > MAX_VARIANTS:
-                    self._variants.popitem(last=False)
-                log.info("project %d: serving fine-tuned decoder %s", files.project_id, version.name)
-            self._variants.move_to_end(key)
-            return _Choice(stamp, version, variant)
-        return _Choice(stamp, None, base)
+                segmenter = self._variants.get(key)
+                loading = self._loading.get(key)
+                loads_here = segmenter is None and loading is None
+                if loads_here:
+                    loading = self._loading[key] = Future()
+            if segmenter is None:
+                if loads_here:
+                    segmenter = self._load(store, version, key, base, loading)
+                elif previous is not None:
+                    return previous  # another thread loads this version; until then the previous one serves
+                else:
+                    segmenter = loading.result()
+                if segmenter is None:  # the version cannot serve: the next candidate
+                    continue
+            choice = _Choice(stamp, version, key)
+            with self._mutex:
+                self._remember(files.project_id, choice)
+            return choice, segmenter
+        choice = _Choice(stamp, None, None)
+        with self._mutex:
+            self._remember(files.project_id, choice)
+        return choice, base
+
+    def _load(
+        self,
+        store: VersionStore,
+        version: Version,
+        key: VariantKey,
+        base: SamSegmenter,
+        loading: Future[SamSegmenter | None],
+    ) -> SamSegmenter | None:
+        """Build a version's segmenter, outside the mutex; None (and marked broken) if it cannot serve. Threads
+        waiting for `loading` get None too should the build fail unexpectedly, and serve another candidate."""
+        segmenter: SamSegmenter | None = None
+        try:
+            try:
+                segmenter = base.with_decoder_state(store.load_state(version))
+            except (CorruptVersion, ValueError) as error:
+                log.error("project %d: version %s cannot serve, skipped: %s", key[0], version.name, error)
+                with self._mutex:
+                    self._broken.add(key)
+            else:
+                log.info("project %d: serving fine-tuned decoder %s", key[0], version.name)
+        finally:
+            with self._mutex:
+                del self._loading[key]
+                if segmenter is not None:
+                    self._variants[key] = segmenter
+                    while len(self._variants) > MAX_VARIANTS:
+                        self._variants.popitem(last=False)
+            loading.set_result(segmenter)
+        return segmenter
 
     def current_name(self, project_id: int | None) -> str:
         """The model_version a project is served with, without loading anything (for /setup's 3 s)."""
-        base_name = self.settings.base_model_version
+        base_name = self.base_name()
         if project_id is None:
             return base_name
         files = ProjectFiles(self.settings.model_dir, project_id)
@@ -111,7 +184,7 @@ class ProjectDecoders:
         files = ProjectFiles(self.settings.model_dir, project_id)
         versions, broken = VersionStore(files).scan()
         serving = self.current_name(project_id)
-        base_name = self.settings.base_model_version
+        base_name = self.base_name()
         listed = []
         for version in versions:
             name = public_name(base_name, project_id, version)

@@ -238,7 +238,8 @@ def create_app(settings: Settings, predictor: Predictor | QueuePredictor) -> Fla
 
     @app.get("/status")
     def status() -> Response:
-        return jsonify({"model_class": MODEL_CLASS, "model_version": model_version, **predictor.status()})
+        served = predictor.decoders.current_name(None)  # in queue mode, the workers' model_version
+        return jsonify({"model_class": MODEL_CLASS, "model_version": served, **predictor.status()})
 
     @app.get("/metrics")
     def metrics_text() -> Response:

@@ -13,9 +13,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import redis
 from rq import Queue, Retry
+from rq.exceptions import InvalidJobOperation
 from rq.job import Job, JobStatus
 from rq.results import Result
 
+from backend.cache.connection import BLOCKING_READ_S
 from backend.cache.store import MemoryStore, ResilientStore
 from backend.config import Settings
 from backend.decoders.serving import ProjectDecoders
@@ -25,7 +27,7 @@ from backend.inference.base import FETCH_THREADS, InteractiveFront
 from backend.outcomes import TaskPrediction
 from backend.prompts.interactive import ContextPrompts
 from backend.protocol.label_config import ProjectConfig
-from backend.training.service import ActiveLearning
+from backend.training.service import ActiveLearning, model_dir_stamp, publish_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,7 @@ INTERACTIVE_JOB = "backend.worker.jobs.interactive"
 PREANNOTATE_JOB = "backend.worker.jobs.preannotate"
 LEARN_JOB = "backend.worker.jobs.learn"
 CLICK_LANE_SUFFIX = "-clicks"  # a worker process's second, clicks-only loop registers under its name + this
+MODEL_VERSION_FIELD = "model_version"  # in a worker's registration: the model_version its predictions carry
 
 
 def stored_url(digest: str) -> str:
@@ -48,17 +51,29 @@ def stored_url(digest: str) -> str:
     return STORED_PREFIX + digest
 
 
-def alive_workers(connection: redis.Redis) -> int:
-    """Worker processes whose registration has not expired (a killed worker's key expires after its TTL)."""
+def _live_worker_versions(connection: redis.Redis) -> list[str]:
+    """One entry per worker process whose registration has not expired (a killed worker's expires one lease after
+    it died; click lanes are not counted): the model_version it published, "" if none."""
     from rq import Worker
 
     keys = [key for key in Worker.all_keys(connection=connection) if not key.endswith(CLICK_LANE_SUFFIX)]
     if not keys:
-        return 0
+        return []
     with connection.pipeline() as pipeline:
         for key in keys:
-            pipeline.exists(key)
-        return sum(pipeline.execute())
+            pipeline.hmget(key, "pid", MODEL_VERSION_FIELD)
+        registrations = pipeline.execute()
+    return [(version or b"").decode() for pid, version in registrations if pid is not None]
+
+
+def alive_workers(connection: redis.Redis) -> int:
+    """Worker processes whose registration has not expired."""
+    return len(_live_worker_versions(connection))
+
+
+def served_model_versions(connection: redis.Redis) -> set[str]:
+    """The model_versions the live workers' predictions carry, as each published it in its registration."""
+    return {version for version in _live_worker_versions(connection) if version}
 
 
 class QueuePredictor(InteractiveFront):
@@ -73,11 +88,35 @@ class QueuePredictor(InteractiveFront):
         self.interactive_queue = Queue(INTERACTIVE_QUEUE, connection=connection)
         self.preannotate_queue = Queue(PREANNOTATE_QUEUE, connection=connection)
         self.training_queue = Queue(TRAINING_QUEUE, connection=connection)
-        self.decoders = ProjectDecoders(settings)
+        self._served_version = settings.base_model_version
+        self.decoders = ProjectDecoders(settings, base_name=self.served_model_version)
         self.learning = ActiveLearning(settings, None, self.decoders, dispatch=self._learn_on_a_worker)
 
+    def served_model_version(self) -> str:
+        """The model_version of the workers' predictions, which /setup and project runs must report too (Label
+        Studio and project runs skip the tasks holding a prediction of that version). While no worker is alive or
+        Redis is unreachable: the last one seen, or before any, this process's settings."""
+        try:
+            versions = served_model_versions(self.connection)
+        except redis.RedisError as error:
+            log.warning("Redis unreachable, reporting the workers' last model_version: %s", error)
+            versions = set()
+        if len(versions) > 1:
+            log.warning(
+                "workers serve different models %s: give every worker the same SAM_MODEL_TYPE and MODEL_VERSION",
+                sorted(versions),
+            )
+        if versions:
+            self._served_version = min(versions)
+        return self._served_version
+
     def warm_up(self) -> None:
-        """Nothing to load here (the workers hold the models); hand on webhook events recorded earlier."""
+        """Nothing to load here (the workers hold the models); say which MODEL_DIR the workers must share, and
+        hand on webhook events recorded earlier."""
+        try:
+            publish_model_dir(self.connection, self.settings)
+        except redis.RedisError as error:  # each training job carries it too
+            log.warning("MODEL_DIR not published for the workers to check, Redis unreachable: %s", error)
         self.learning.start()
 
     def _learn_on_a_worker(self, project_id: int) -> None:
@@ -85,6 +124,7 @@ class QueuePredictor(InteractiveFront):
             self.training_queue.enqueue(
                 LEARN_JOB,
                 project_id,
+                model_dir_stamp(self.settings),
                 job_timeout=self.settings.train_job_timeout_s,
                 result_ttl=24 * 3600,
                 failure_ttl=24 * 3600,
@@ -168,16 +208,25 @@ class QueuePredictor(InteractiveFront):
 
     def _wait(self, job: Job, deadline: float):
         while (left := deadline - time.monotonic()) > 0:
-            # Block briefly: redis-py's default socket timeout (5 s) must outlast the blocking read.
-            result = job.latest_result(timeout=max(1, min(int(left), 2)))
+            result = job.latest_result(timeout=max(1, min(int(left), BLOCKING_READ_S)))
             if result is not None and result.type == Result.Type.SUCCESSFUL:
                 value = result.return_value
                 if isinstance(value, BackendError):
                     raise value
                 return value
-            status = job.get_status(refresh=True)
+            try:
+                status = job.get_status(refresh=True)
+            except InvalidJobOperation as error:  # RQ's word for a job whose hash is gone
+                raise InferenceUnavailable(
+                    f"inference job {job.id} was lost (Redis restarted?); send it again"
+                ) from error
             if status == JobStatus.FAILED:
                 raise InferenceUnavailable(f"inference job {job.id} failed on the worker; see the worker's log")
-            if status is None:
-                raise InferenceUnavailable(f"inference job {job.id} was lost (Redis restarted?); send it again")
+            # A dead worker's registration lapses one lease after its last renewal: from then on no worker holds
+            # the job or can take it, and waiting out the deadline would only delay the same 503.
+            if status != JobStatus.FINISHED and not alive_workers(self.connection):
+                raise InferenceUnavailable(
+                    f"no inference worker is alive to run job {job.id} (the last one stopped); "
+                    "start `python -m backend worker`"
+                )
         raise InferenceUnavailable(f"no answer from the workers within {self.settings.predict_deadline_s:.0f} s")

@@ -47,7 +47,7 @@ def _positive_int(value: object, what: str) -> int:
     return value
 
 
-def _brush_region(result: dict, config: ProjectConfig) -> Region:
+def _brush_region(result: dict, config: ProjectConfig, max_pixels: int) -> Region:
     brush = config.brush
     if brush is None:
         raise Rejected("the label config has no BrushLabels control")
@@ -63,6 +63,13 @@ def _brush_region(result: dict, config: ProjectConfig) -> Region:
         raise Rejected(f"brush format {value.get('format')!r} is not 'rle'")
     width = _positive_int(result.get("original_width"), "original_width")
     height = _positive_int(result.get("original_height"), "original_height")
+    # Decoding allocates what the size declares (four bytes a pixel), so the size is checked before anything
+    # is decoded; decode_mask then checks the RLE's own declared length against it.
+    if width * height > max_pixels:
+        raise Rejected(
+            f"original_width x original_height is {width}x{height} = {width * height} pixels,"
+            f" over MAX_IMAGE_PIXELS ({max_pixels})"
+        )
     rle = value.get("rle")
     if not isinstance(rle, list) or not all(
         isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 256 for x in rle
@@ -78,10 +85,11 @@ def _brush_region(result: dict, config: ProjectConfig) -> Region:
 
 
 def record_from_webhook(
-    annotation: dict, task: dict, config: ProjectConfig
+    annotation: dict, task: dict, config: ProjectConfig, max_pixels: int
 ) -> tuple[AnnotationRecord, list[tuple[str, str]]]:
-    """The brush regions of an ANNOTATION_CREATED/UPDATED payload and, for each region left out, (id, reason).
-    Raises Rejected when the annotation as a whole is unusable."""
+    """The brush regions of an ANNOTATION_CREATED/UPDATED payload and, for each region left out, (id, reason);
+    a region declaring more than `max_pixels` pixels is left out undecoded. Raises Rejected when the annotation
+    as a whole is unusable."""
     annotation_id = _positive_int(annotation.get("id"), "annotation.id")
     task_id = _positive_int(task.get("id"), "task.id")
     image_url = (task.get("data") or {}).get(config.image_field)
@@ -95,7 +103,7 @@ def record_from_webhook(
         if not isinstance(result, dict) or result.get("type") != "brushlabels":
             continue  # keypoints, rectangles, text: not masks to learn from
         try:
-            record.regions.append(_brush_region(result, config))
+            record.regions.append(_brush_region(result, config, max_pixels))
         except Rejected as reason:
             left_out.append((str(result.get("id")), str(reason)))
     return record, left_out

@@ -5,7 +5,9 @@ the event to the project's inbox (one file, flushed, renamed into place) and ret
 thread then applies inbox files in arrival order: decodes the masks, fetches the image to check their
 size and cache its embedding, stores or drops the annotation, and removes the file only once its effect
 is stored, so a crash replays it (applying is idempotent). An event that fails unexpectedly moves to
-failed/ with its error; regions that cannot be learnt from are logged and listed in rejections.jsonl.
+failed/ with its error; so does one whose applying killed the process EVENT_ATTEMPTS times (each attempt is
+counted on disk before it starts), so that an event that runs the process out of memory cannot make every
+restart die again. Regions that cannot be learnt from are logged and listed in rejections.jsonl.
 Secrets in the payload's project object (its token, task data password) are not written.
 """
 
@@ -33,6 +35,7 @@ ANNOTATION_SAVED = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED")
 ANNOTATIONS_DELETED = "ANNOTATIONS_DELETED"
 START_TRAINING = "START_TRAINING"
 LEARNED_FROM = (*ANNOTATION_SAVED, ANNOTATIONS_DELETED, START_TRAINING)
+EVENT_ATTEMPTS = 3  # applies of one event that may end with the process dead before it is set aside
 
 
 def read_annotation_count(files: ProjectFiles) -> int:
@@ -69,6 +72,30 @@ class Inbox:
     def pending(self) -> list[Path]:
         return sorted(self.files.inbox.glob("*.json")) if self.files.inbox.is_dir() else []
 
+    @staticmethod
+    def _attempts_path(event: Path) -> Path:
+        return event.with_suffix(".attempts")
+
+    def begin_attempt(self, event: Path) -> int:
+        """Count one more attempt at applying `event`, durably, before it starts; returns the count."""
+        try:
+            attempts = int(self._attempts_path(event).read_text()) + 1
+        except (OSError, ValueError):
+            attempts = 1
+        write_atomically(self._attempts_path(event), str(attempts).encode())
+        return attempts
+
+    def applied(self, event: Path) -> None:
+        self._attempts_path(event).unlink(missing_ok=True)
+        event.unlink()
+
+    def set_aside(self, event: Path, error: str) -> None:
+        """Move an event that cannot be applied to failed/, beside a file saying why."""
+        self.files.failed.mkdir(parents=True, exist_ok=True)
+        event.rename(self.files.failed / event.name)
+        write_atomically(self.files.failed / f"{event.stem}.error.txt", f"{error}\n".encode())
+        self._attempts_path(event).unlink(missing_ok=True)
+
 
 @dataclass
 class IngestOutcome:
@@ -78,12 +105,14 @@ class IngestOutcome:
     annotation_count: int = 0  # annotations stored since the last training, after this round
 
 
-def _saved_annotation(event: dict, training_set: TrainingSet, resources: Callable[[], TrainingResources]) -> bool:
+def _saved_annotation(
+    event: dict, training_set: TrainingSet, resources: Callable[[], TrainingResources], max_pixels: int
+) -> bool:
     """Store an annotation's masks; True if it holds any."""
     annotation, task = event.get("annotation") or {}, event.get("task") or {}
     try:
         config = parse_label_config(event["project"].get("label_config") or "")
-        record, left_out = record_from_webhook(annotation, task, config)
+        record, left_out = record_from_webhook(annotation, task, config, max_pixels)
     except (ConfigError, Rejected) as error:
         training_set.reject(annotation.get("id"), task.get("id"), [("*", str(error))])
         return False
@@ -113,12 +142,16 @@ def _saved_annotation(event: dict, training_set: TrainingSet, resources: Callabl
 
 
 def _apply(
-    event: dict, training_set: TrainingSet, resources: Callable[[], TrainingResources], outcome: IngestOutcome
+    event: dict,
+    training_set: TrainingSet,
+    resources: Callable[[], TrainingResources],
+    max_pixels: int,
+    outcome: IngestOutcome,
 ) -> int:
     """Apply one event; returns how many annotations with masks it stored."""
     action = event.get("action")
     if action in ANNOTATION_SAVED:
-        return int(_saved_annotation(event, training_set, resources))
+        return int(_saved_annotation(event, training_set, resources, max_pixels))
     if action == ANNOTATIONS_DELETED:
         ids = [item.get("id") for item in event.get("annotations") or [] if isinstance(item, dict)]
         dropped = [
@@ -132,24 +165,34 @@ def _apply(
     return 0
 
 
-def apply_pending(files: ProjectFiles, resources: Callable[[], TrainingResources]) -> IngestOutcome:
-    """Apply every recorded event of the project, oldest first; safe to run from several processes."""
+def apply_pending(files: ProjectFiles, resources: Callable[[], TrainingResources], max_pixels: int) -> IngestOutcome:
+    """Apply every recorded event of the project, oldest first; safe to run from several processes.
+    `max_pixels` (MAX_IMAGE_PIXELS) bounds the masks an event may declare."""
     outcome = IngestOutcome()
     training_set = TrainingSet(files)
+    inbox = Inbox(files)
     with file_lock(files.ingest_lock):
-        for path in Inbox(files).pending():
+        for path in inbox.pending():
+            if inbox.begin_attempt(path) > EVENT_ATTEMPTS:
+                log.error(
+                    "project %d: event %s ended the process in each of %d attempts; set aside in %s",
+                    files.project_id,
+                    path.name,
+                    EVENT_ATTEMPTS,
+                    files.failed,
+                )
+                inbox.set_aside(path, f"the process applying it died in each of {EVENT_ATTEMPTS} attempts")
+                continue
             try:
                 event = json.loads(path.read_bytes())
-                outcome.stored += _apply(event, training_set, resources, outcome)
+                outcome.stored += _apply(event, training_set, resources, max_pixels, outcome)
             except Exception as error:  # a bug or a full disk must not block the events behind it
                 log.exception(
                     "project %d: event %s could not be applied; kept in %s", files.project_id, path.name, files.failed
                 )
-                files.failed.mkdir(parents=True, exist_ok=True)
-                path.rename(files.failed / path.name)
-                write_atomically(files.failed / f"{path.stem}.error.txt", f"{type(error).__name__}: {error}\n".encode())
+                inbox.set_aside(path, f"{type(error).__name__}: {error}")
                 continue
-            path.unlink()
+            inbox.applied(path)
             outcome.applied += 1
         outcome.annotation_count = read_annotation_count(files) + outcome.stored
         if outcome.stored:

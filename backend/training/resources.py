@@ -44,6 +44,6 @@ class TrainingResources:
 def shared_resources(settings: Settings) -> TrainingResources:
     """Resources for a process that has no backend running (a queue worker); built once per process."""
     segmenter = load_segmenter(settings, decoder_runtime="torch")
-    store = make_store(settings.redis_url, settings.memory_cache_bytes)
+    store = make_store(settings.cache_url, settings.memory_cache_bytes)
     embeddings = EmbeddingCache(store, segmenter, settings.embedding_ttl_s, settings.encode_lock_timeout_s)
     return TrainingResources(segmenter, embeddings, ImageFetcher(settings), settings.max_image_pixels)

@@ -2,20 +2,27 @@
 
 With INFERENCE=local a background thread here applies them and trainings run in background threads,
 one at a time per project. With INFERENCE=queue the web tier loads no model: `dispatch` enqueues a job,
-and a worker calls `apply` and then `trainer.train_project` itself (backend/worker/jobs.py).
+and a worker calls `apply` and then `trainer.train_project` itself (backend/worker/jobs.py). The worker
+reads the events from, and writes the training set and versions to, the MODEL_DIR the web tier recorded
+them in and serves versions from: one folder both must mount. Each checks it (`check_model_dir`), as a
+worker with a folder of its own would otherwise find nothing to apply and say nothing.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
+import socket
 import threading
 from collections.abc import Callable
 
+import redis
+
 from backend.config import Settings
 from backend.decoders.serving import ProjectDecoders
-from backend.errors import WebhookError
-from backend.project_files import ProjectFiles
+from backend.errors import ModelDirNotShared, WebhookError
+from backend.project_files import ProjectFiles, model_dir_identity
 from backend.protocol.ids import is_label_studio_id
 from backend.training.dataset import TrainingSet
 from backend.training.ingest import (
@@ -31,6 +38,40 @@ from backend.training.resources import TrainingResources
 from backend.training.trainer import last_training, train_project
 
 log = logging.getLogger(__name__)
+
+
+MODEL_DIR_KEY = "sam:model-dir"  # the web tier's MODEL_DIR stamp, for workers to check theirs against
+
+
+def model_dir_stamp(settings: Settings) -> dict:
+    """Which MODEL_DIR this process uses: its identity, and where it is for people to read."""
+    identity = model_dir_identity(settings.model_dir)
+    return {"identity": identity, "path": str(settings.model_dir), "host": socket.gethostname()}
+
+
+def check_model_dir(settings: Settings, web_tier: dict) -> None:
+    """Raise ModelDirNotShared unless this process's MODEL_DIR is the one `web_tier` (its stamp) uses."""
+    if model_dir_identity(settings.model_dir) != web_tier["identity"]:
+        raise ModelDirNotShared(
+            f"MODEL_DIR {settings.model_dir} on {socket.gethostname()} is not the web tier's MODEL_DIR"
+            f" ({web_tier['path']} on {web_tier['host']}). With INFERENCE=queue the web tier records webhook"
+            " events there and workers train from them and write the versions that serve, so the web tier and"
+            " every worker must mount one shared folder (a network volume) as MODEL_DIR."
+        )
+
+
+def publish_model_dir(connection: redis.Redis, settings: Settings) -> None:
+    """The web tier says in Redis which MODEL_DIR it uses, for workers to check theirs at start."""
+    connection.set(MODEL_DIR_KEY, json.dumps(model_dir_stamp(settings)))
+
+
+def check_published_model_dir(connection: redis.Redis, settings: Settings) -> None:
+    """A worker's check at start, against the MODEL_DIR the web tier published (if one has yet)."""
+    published = connection.get(MODEL_DIR_KEY)
+    if published is None:
+        log.info("no web tier has said which MODEL_DIR it uses yet; each training job checks it")
+        return
+    check_model_dir(settings, json.loads(published))
 
 
 def _project_id(body: dict) -> int:
@@ -120,7 +161,9 @@ class ActiveLearning:
         """Apply the project's recorded events now; True if a training is due."""
         if self.resources is None:
             raise RuntimeError("applying events needs the models; this process has none loaded")
-        outcome = apply_pending(ProjectFiles(self.settings.model_dir, project_id), self.resources)
+        outcome = apply_pending(
+            ProjectFiles(self.settings.model_dir, project_id), self.resources, self.settings.max_image_pixels
+        )
         threshold = self.settings.train_after_annotations
         # Only new annotations count towards the threshold: a round that stored none leaves the count
         # to the training it already started.

@@ -15,10 +15,12 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import redis
 from rq import get_current_job
 from rq.exceptions import DeserializationError
 from rq.job import Job
 
+from backend.config import Settings
 from backend.errors import BackendError, ConfigError, ImageError, PromptError
 from backend.images import FetchedImage, ImageFetcher
 from backend.inference.local import Predictor
@@ -26,6 +28,7 @@ from backend.inference.queue import IMAGE_KEY, STORED_PREFIX, stored_url
 from backend.outcomes import TaskPrediction
 from backend.prompts.interactive import ContextPrompts
 from backend.protocol.label_config import ProjectConfig
+from backend.training.service import check_model_dir
 from backend.training.trainer import train_project
 
 log = logging.getLogger(__name__)
@@ -35,27 +38,28 @@ _batch: PreannotateBatch | None = None
 
 
 class StoredImageFetcher(ImageFetcher):
-    """The worker's fetcher: images the web tier stored in Redis, by content hash."""
+    """The worker's fetcher: images the web tier stored in the queue's Redis (where no cache entry can evict
+    them while their job waits), by content hash."""
 
-    def __init__(self, predictor: Predictor) -> None:
-        super().__init__(predictor.settings)
-        self.store = predictor.store
+    def __init__(self, settings: Settings, queue_connection: redis.Redis) -> None:
+        super().__init__(settings)
+        self.queue_connection = queue_connection
 
     def fetch(self, url: str) -> FetchedImage:
         if not isinstance(url, str) or not url.startswith(STORED_PREFIX):
             return super().fetch(url)
         digest = url[len(STORED_PREFIX) :]
-        data = self.store.get(IMAGE_KEY.format(digest=digest))
+        data = self.queue_connection.get(IMAGE_KEY.format(digest=digest))
         if data is None:
             # The web tier stores the image before enqueuing; only an expired or flushed key lands here.
             raise ImageError("the image is no longer in Redis; send the request again", 503)
         return FetchedImage(url=url, data=data)
 
 
-def install_predictor(predictor: Predictor) -> None:
+def install_predictor(predictor: Predictor, queue_connection: redis.Redis) -> None:
     """Called once by the worker before it takes jobs."""
     global _predictor
-    predictor.fetcher = StoredImageFetcher(predictor)
+    predictor.fetcher = StoredImageFetcher(predictor.settings, queue_connection)
     _predictor = predictor
 
 
@@ -188,9 +192,12 @@ def claimed_together(claimed: list[Job]) -> Iterator[PreannotateBatch]:
         _batch = None
 
 
-def learn(project_id: int) -> dict | None:
-    """Apply a project's recorded webhook events and, if that makes a training due, train it here."""
+def learn(project_id: int, web_model_dir: dict | None = None) -> dict | None:
+    """Apply a project's recorded webhook events and, if that makes a training due, train it here. The job fails
+    (ModelDirNotShared) if this worker's MODEL_DIR is not `web_model_dir`, where the web tier recorded them."""
     assert _predictor is not None
+    if web_model_dir is not None:
+        check_model_dir(_predictor.settings, web_model_dir)
     if not _predictor.learning.apply(project_id):
         return None
     return train_project(project_id, _predictor.settings, _predictor.training_resources()).as_dict()

@@ -33,11 +33,20 @@ from rq.timeouts import TimerDeathPenalty
 from rq.utils import as_text
 from rq.worker import WorkerStatus
 
+from backend.cache.connection import BLOCKING_READ_S, SOCKET_TIMEOUT_S, redis_client
 from backend.cache.locks import renewed
 from backend.cache.store import make_store
 from backend.config import Settings
+from backend.errors import ModelDirNotShared
 from backend.inference.local import Predictor
-from backend.inference.queue import CLICK_LANE_SUFFIX, INTERACTIVE_QUEUE, PREANNOTATE_QUEUE, TRAINING_QUEUE
+from backend.inference.queue import (
+    CLICK_LANE_SUFFIX,
+    INTERACTIVE_QUEUE,
+    MODEL_VERSION_FIELD,
+    PREANNOTATE_QUEUE,
+    TRAINING_QUEUE,
+)
+from backend.training.service import check_published_model_dir
 from backend.worker import jobs
 
 log = logging.getLogger(__name__)
@@ -97,14 +106,30 @@ class ModelWorker(SimpleWorker):
 
     queue_class = ClaimingQueue
 
-    def __init__(self, *args, preannotate_batch: int = 1, **kwargs) -> None:
+    def __init__(self, *args, preannotate_batch: int = 1, model_version: str = "", **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.preannotate_batch = preannotate_batch
+        self.model_version = model_version
 
     @property
     def lease_s(self) -> int:
         """How long this worker's registration and each job it holds last unless renewed."""
         return self.worker_ttl + HEARTBEAT_MARGIN_S
+
+    @property
+    def dequeue_timeout(self) -> int:
+        # Each wait for a job is a blocking read, which must end before the connection's socket time-out.
+        return min(super().dequeue_timeout, BLOCKING_READ_S)
+
+    @property
+    def connection_timeout(self) -> float:
+        # RQ raises the connection's socket time-out to this; redis_client's already outlasts every blocking read.
+        return SOCKET_TIMEOUT_S
+
+    def serialize(self) -> dict:
+        """RQ's registration, plus the model_version this worker's predictions carry, which the web tier reports
+        as its own (`served_model_version`)."""
+        return {**super().serialize(), MODEL_VERSION_FIELD: self.model_version}
 
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
         # A lease lasts a few renewals (`_renew_leases`), not the job's timeout: jobs of a killed worker come
@@ -225,10 +250,14 @@ class ClickLane(ModelWorker):
 def run_worker(settings: Settings, burst: bool = False) -> int:
     if not settings.redis_url:
         raise SystemExit("the worker needs REDIS_URL: it takes its jobs from Redis")
-    connection = redis.Redis.from_url(settings.redis_url)
-    predictor = Predictor(settings, make_store(settings.redis_url, settings.memory_cache_bytes))
+    connection = redis_client(settings.redis_url)
+    try:
+        check_published_model_dir(connection, settings)
+    except ModelDirNotShared as error:
+        raise SystemExit(f"the worker cannot start: {error}") from error
+    predictor = Predictor(settings, make_store(settings.cache_url, settings.memory_cache_bytes))
     predictor.models.get(timeout_s=24 * 3600)  # load before announcing ourselves to the web tier
-    jobs.install_predictor(predictor)
+    jobs.install_predictor(predictor, connection)
     queues = [
         ClaimingQueue(name, connection=connection) for name in (INTERACTIVE_QUEUE, PREANNOTATE_QUEUE, TRAINING_QUEUE)
     ]
@@ -238,6 +267,7 @@ def run_worker(settings: Settings, burst: bool = False) -> int:
         worker_ttl=settings.worker_ttl_s,
         maintenance_interval=settings.worker_maintenance_s,
         preannotate_batch=settings.preannotate_batch,
+        model_version=settings.base_model_version,
     )
     lane = None
     if settings.interactive_thread and not burst:
