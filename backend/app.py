@@ -1,17 +1,20 @@
-"""Wires settings, cache, predictor and HTTP routes into one Flask app."""
+"""The composition root: builds settings, store, inference and the HTTP app, and sets up each process.
+
+The one module that knows every concrete class. It imports the models (and so torch) only for INFERENCE=local:
+the queue-mode web tier runs no model and must start without torch installed (docker/Dockerfile.web).
+"""
 
 from __future__ import annotations
 
 import logging
 
-import torch
 from flask import Flask
 
 from backend.cache.connection import redis_client
 from backend.cache.store import make_store
 from backend.config import Settings
 from backend.http.routes import create_app
-from backend.inference.local import Predictor
+from backend.inference.base import Inference
 from backend.inference.queue import QueuePredictor
 
 log = logging.getLogger(__name__)
@@ -24,29 +27,30 @@ def configure_logging(level: str) -> None:
     )
 
 
-def configure_process(settings: Settings) -> None:
-    """Logging and torch's CPU threads (TORCH_THREADS), alike in every process that may run a model: the web
-    tier, a queue worker and the command-line runs."""
+def configure_process(settings: Settings, runs_models: bool = True) -> None:
+    """Logging, and for a process that runs models torch's CPU threads (TORCH_THREADS): alike in the web tier,
+    a queue worker and the command-line runs."""
     configure_logging(settings.log_level)
-    if settings.torch_threads > 0:
-        torch.set_num_threads(settings.torch_threads)
-    log.info("torch runs with %d CPU threads (TORCH_THREADS=%d)", torch.get_num_threads(), settings.torch_threads)
+    if not runs_models:
+        return
+    from backend.models.registry import apply_torch_threads
+
+    threads = apply_torch_threads(settings.torch_threads)
+    log.info("torch runs with %d CPU threads (TORCH_THREADS=%d)", threads, settings.torch_threads)
 
 
-def make_predictor(settings: Settings) -> Predictor | QueuePredictor:
+def make_predictor(settings: Settings) -> Inference:
     """The models in this process (INFERENCE=local) or on RQ workers (INFERENCE=queue)."""
-    if settings.inference == "local":
-        return Predictor(settings, make_store(settings.cache_url, settings.memory_cache_bytes))
     if settings.inference == "queue":
-        if not settings.redis_url:
-            raise ValueError("INFERENCE=queue needs REDIS_URL")
         return QueuePredictor(settings, redis_client(settings.redis_url))
-    raise ValueError(f"INFERENCE must be local or queue, not {settings.inference!r}")
+    from backend.inference.local import Predictor
+
+    return Predictor(settings, make_store(settings.cache_url, settings.memory_cache_bytes))
 
 
 def build_app(settings: Settings | None = None) -> Flask:
     settings = settings or Settings.from_env()
-    configure_process(settings)
+    configure_process(settings, runs_models=settings.inference == "local")
     app = create_app(settings, make_predictor(settings))
     # Start loading right away, in the background, so the first click does not pay for it.
     app.extensions["predictor"].warm_up()

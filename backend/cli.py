@@ -109,7 +109,7 @@ def _preannotate(args: argparse.Namespace, settings: Settings) -> int:
     from backend.app import configure_process, make_predictor
     from backend.errors import ProjectApiError
     from backend.protocol.project_api import ProjectApi
-    from backend.runs.preannotate import ProjectRun, RunOptions, RunProgress, default_parallel
+    from backend.runs.preannotate import ProjectRun, RunOptions, RunProgress
 
     configure_process(settings)
     # A bulk run waits for the models and for busy workers longer than a Label Studio request may.
@@ -127,7 +127,7 @@ def _preannotate(args: argparse.Namespace, settings: Settings) -> int:
     options = RunOptions(
         page_size=args.page_size,
         batch_size=args.batch_size or settings.grounding_dino_batch,
-        parallel=args.parallel or default_parallel(predictor),
+        parallel=args.parallel or predictor.parallel_batches(),
         max_tasks=args.max_tasks,
         skip_annotated=args.skip_annotated,
     )

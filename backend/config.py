@@ -368,6 +368,8 @@ class Settings:
     def __post_init__(self) -> None:
         for definition in dataclasses.fields(self):
             _check(definition, getattr(self, definition.name))
+        if self.inference == "queue" and not self.redis_url:
+            raise SettingsError("INFERENCE=queue needs REDIS_URL: the job queue lives in Redis")
         # Half a credential would leave every route open (no user) or accept `user:` (no password).
         if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
             missing = "BASIC_AUTH_PASS" if self.basic_auth_user else "BASIC_AUTH_USER"

@@ -24,7 +24,7 @@ from backend.http.routes import create_app
 from backend.inference.local import Predictor
 from tests.grounding_dino_weights import write_checkpoint, write_config, write_text_encoder
 from tests.label_studio_standin import LabelStudioStandIn
-from tests.services import RedisServer
+from tests.services import RedisServer, Workers
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -187,3 +187,19 @@ def recorded(name: str) -> dict:
     """What Label Studio 1.23 sent in the recorded file `name` (a deep copy, safe to edit)."""
     with open(PROTOCOL_DIR / name) as handle:
         return copy.deepcopy(json.load(handle)["label_studio_sent"]["json"])
+
+
+@pytest.fixture
+def queue_redis(tmp_path):
+    """A Redis of the test's own for the job queue (queue mode)."""
+    server = RedisServer(tmp_path).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def workers(queue_redis, sam_checkpoint, tmp_path):
+    """`python -m backend worker` processes on `queue_redis`, started by the test."""
+    pool = Workers(queue_redis.url, sam_checkpoint, tmp_path)
+    yield pool
+    pool.stop()

@@ -27,7 +27,7 @@ from backend.decoders.serving import MAX_VARIANTS, ProjectDecoders
 from backend.decoders.versions import PARTIAL_PREFIX, VersionStore
 from backend.http.routes import create_app
 from backend.inference.queue import QueuePredictor
-from backend.models.sam import decoder_state, load_sam
+from backend.models.sam import decoder_state, load_sam, serialize_decoder_state
 from backend.project_files import ProjectFiles
 from backend.protocol.brush_rle import _encode_runs
 from backend.training.dataset import AnnotationRecord, Region, TrainingSet
@@ -346,7 +346,9 @@ def write_version(settings, project_id: int, score_shift: float, accepted: bool 
     state = decoder_state(load_sam(Path(settings.sam_checkpoint), decoder_runtime="torch").sam)
     state[IOU_BIAS] = state[IOU_BIAS] + score_shift
     metrics = {"held_out_miou_before": 0.5, "held_out_miou_after": 0.6, "accepted": accepted, "parent": "base"}
-    return VersionStore(ProjectFiles(settings.model_dir, project_id)).write(state, metrics).name
+    return (
+        VersionStore(ProjectFiles(settings.model_dir, project_id)).write(serialize_decoder_state(state), metrics).name
+    )
 
 
 def served(client, project_id: int, image_url: str) -> tuple[str, float]:
@@ -439,7 +441,9 @@ def test_loaded_decoders_stay_bounded_however_many_projects_are_served(learning_
     decoders = ProjectDecoders(replace(learning_settings, decoder_runtime="torch"))
     loaded = []
     for project_id in range(100, 100 + MAX_VARIANTS + 4):
-        VersionStore(ProjectFiles(learning_settings.model_dir, project_id)).write(state, metrics)
+        VersionStore(ProjectFiles(learning_settings.model_dir, project_id)).write(
+            serialize_decoder_state(state), metrics
+        )
         segmenter, version = decoders.serving(project_id, base)
         assert version == f"{BASE}-p{project_id}-v1" and segmenter is not base
         loaded.append(weakref.ref(segmenter))

@@ -42,6 +42,7 @@ def test_every_setting_has_its_own_variable_and_a_meaning() -> None:
         ("WORKERS", "0", "at least 1"),
         ("PORT", "http", "an integer"),
         ("INTERACTIVE_THREAD", "maybe", "true or false"),
+        ("INFERENCE", "queue", "needs REDIS_URL"),
     ],
 )
 def test_an_unusable_value_names_the_variable_and_what_it_accepts(variable: str, value: str, named: str) -> None:
@@ -56,6 +57,7 @@ def test_values_are_parsed_and_an_empty_variable_means_unset() -> None:
             "GROUNDING_DINO_TEXT_ENCODER": "  ",
             "DEVICE": "cuda:1",
             "INFERENCE": "Queue",
+            "REDIS_URL": "redis://cache:6379/0",
             "ALLOWED_IMAGE_HOSTS": "Images.Example.com, cdn.example.com",
             "LABEL_STUDIO_URL": "http://ls:8080/",
             "PREDICT_DEADLINE": "12.5",
@@ -70,7 +72,9 @@ def test_values_are_parsed_and_an_empty_variable_means_unset() -> None:
 
 
 def test_secrets_stay_out_of_the_settings_repr_and_summary() -> None:
-    settings = Settings(label_studio_api_key="key-123", basic_auth_pass="pw-456", bearer_token="tok-789")
+    settings = Settings(
+        label_studio_api_key="key-123", basic_auth_user="ls", basic_auth_pass="pw-456", bearer_token="tok-789"
+    )
     text = repr(settings)
     output = subprocess.run(
         [sys.executable, "-m", "backend", "settings"],

@@ -17,8 +17,7 @@ from backend.models.loader import BackgroundLoader
 from backend.project_files import ProjectFiles
 from backend.protocol.results import decode_brush
 from backend.training.dataset import AnnotationRecord, Region, TrainingSet
-from backend.training.ingest import Inbox
-from backend.training.trainer import last_training
+from backend.training.ingest import Inbox, last_training
 from tests.conftest import make_client, recorded
 
 

@@ -49,20 +49,6 @@ LEASE_S = int(WORKER_ENV["WORKER_TTL"]) + HEARTBEAT_MARGIN_S  # the test workers
 
 
 @pytest.fixture
-def queue_redis(tmp_path):
-    server = RedisServer(tmp_path).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def workers(queue_redis, sam_checkpoint, tmp_path):
-    pool = Workers(queue_redis.url, sam_checkpoint, tmp_path)
-    yield pool
-    pool.stop()
-
-
-@pytest.fixture
 def web_settings(settings, queue_redis):
     return replace(settings, inference="queue", redis_url=queue_redis.url, predict_deadline_s=60, job_timeout_s=6)
 

@@ -17,8 +17,7 @@ from dataclasses import dataclass
 from backend.config import Settings
 from backend.decoders.versions import Version, VersionStore, parse_pins, pin_for, public_name
 from backend.errors import CorruptVersion
-from backend.models.base import Segmenter
-from backend.models.sam import SamSegmenter
+from backend.models.base import FineTunable, Segmenter
 from backend.project_files import ProjectFiles
 
 log = logging.getLogger(__name__)
@@ -47,9 +46,9 @@ class ProjectDecoders:
         self.settings = settings
         self.base_name = base_name or (lambda: settings.base_model_version)
         self.pins = parse_pins(settings.model_version_pin)
-        self._variants: OrderedDict[VariantKey, SamSegmenter] = OrderedDict()
+        self._variants: OrderedDict[VariantKey, FineTunable] = OrderedDict()
         self._choices: OrderedDict[int, _Choice] = OrderedDict()
-        self._loading: dict[VariantKey, Future[SamSegmenter | None]] = {}
+        self._loading: dict[VariantKey, Future[FineTunable | None]] = {}
         self._broken: set[VariantKey] = set()
         self._mutex = threading.Lock()
 
@@ -65,7 +64,7 @@ class ProjectDecoders:
     def serving(self, project_id: int | None, base: Segmenter) -> tuple[Segmenter, str]:
         """The segmenter and model_version that serve `project_id` (None: no project, the original SAM)."""
         base_name = self.base_name()
-        if project_id is None or not isinstance(base, SamSegmenter):
+        if project_id is None or not isinstance(base, FineTunable):
             return base, base_name
         files = ProjectFiles(self.settings.model_dir, project_id)
         stamp = self._stamp(files)
@@ -77,7 +76,7 @@ class ProjectDecoders:
             choice, segmenter = self._choose(files, stamp, base, previous)
         return segmenter, public_name(base_name, project_id, choice.version)
 
-    def _served(self, project_id: int, base: SamSegmenter) -> tuple[_Choice, SamSegmenter] | None:
+    def _served(self, project_id: int, base: FineTunable) -> tuple[_Choice, FineTunable] | None:
         """The project's current choice and its loaded segmenter; None if there is none or its decoder was
         dropped from memory. Callers hold the mutex."""
         choice = self._choices.get(project_id)
@@ -99,8 +98,8 @@ class ProjectDecoders:
             self._choices.popitem(last=False)
 
     def _choose(
-        self, files: ProjectFiles, stamp: int, base: SamSegmenter, previous: tuple[_Choice, SamSegmenter] | None
-    ) -> tuple[_Choice, SamSegmenter]:
+        self, files: ProjectFiles, stamp: int, base: FineTunable, previous: tuple[_Choice, FineTunable] | None
+    ) -> tuple[_Choice, FineTunable]:
         store = VersionStore(files)
         versions, _ = store.scan()
         for version in VersionStore.candidates(versions, self.pin_for(files.project_id)) or []:
@@ -136,15 +135,15 @@ class ProjectDecoders:
         store: VersionStore,
         version: Version,
         key: VariantKey,
-        base: SamSegmenter,
-        loading: Future[SamSegmenter | None],
-    ) -> SamSegmenter | None:
+        base: FineTunable,
+        loading: Future[FineTunable | None],
+    ) -> FineTunable | None:
         """Build a version's segmenter, outside the mutex; None (and marked broken) if it cannot serve. Threads
         waiting for `loading` get None too should the build fail unexpectedly, and serve another candidate."""
-        segmenter: SamSegmenter | None = None
+        segmenter: FineTunable | None = None
         try:
             try:
-                segmenter = base.with_decoder_state(store.load_state(version))
+                segmenter = base.with_decoder_weights(store.load_weights(version))
             except (CorruptVersion, ValueError) as error:
                 log.error("project %d: version %s cannot serve, skipped: %s", key[0], version.name, error)
                 with self._mutex:

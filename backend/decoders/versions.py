@@ -14,7 +14,6 @@ else the original SAM.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
@@ -23,8 +22,6 @@ import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
 
 from backend.errors import CorruptVersion
 from backend.project_files import ProjectFiles, fsync_directory
@@ -112,16 +109,14 @@ class VersionStore:
         numbers = [int(m.group(1)) for e in self.root.iterdir() if (m := _VERSION_NAME.match(e.name))]
         return f"v{max(numbers, default=0) + 1}"
 
-    def write(self, state: dict[str, torch.Tensor], metrics: dict) -> Version:
-        """Write a complete version or nothing. Callers hold the project's training lock."""
+    def write(self, weights: bytes, metrics: dict) -> Version:
+        """Write a complete version (the decoder weights, as the segmenter serialised them) or nothing. Callers hold
+        the project's training lock."""
         self.root.mkdir(parents=True, exist_ok=True)
         name = self._next_name()
         partial = self.root / f"{PARTIAL_PREFIX}{name}-{uuid.uuid4().hex[:8]}"
         partial.mkdir()
         try:
-            buffer = io.BytesIO()
-            torch.save(state, buffer)
-            weights = buffer.getvalue()
             complete = {**metrics, "version": name, "weights_sha256": hashlib.sha256(weights).hexdigest()}
             for file_name, data in ((WEIGHTS_FILE, weights), (METRICS_FILE, json.dumps(complete, indent=2).encode())):
                 with open(partial / file_name, "wb") as handle:
@@ -145,20 +140,15 @@ class VersionStore:
                 log.warning("project %d: removing %s left by an interrupted training", self.files.project_id, entry)
                 shutil.rmtree(entry, ignore_errors=True)
 
-    def load_state(self, version: Version) -> dict[str, torch.Tensor]:
+    def load_weights(self, version: Version) -> bytes:
+        """The version's decoder weights, checked against the checksum its metrics recorded."""
         try:
             weights = (version.path / WEIGHTS_FILE).read_bytes()
         except OSError as error:
             raise CorruptVersion(f"{version.name}: cannot read {WEIGHTS_FILE}: {error}") from error
         if hashlib.sha256(weights).hexdigest() != version.metrics["weights_sha256"]:
             raise CorruptVersion(f"{version.name}: {WEIGHTS_FILE} does not match the checksum in {METRICS_FILE}")
-        try:
-            state = torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True)
-        except Exception as error:  # a file with the right checksum that torch cannot read: written wrong
-            raise CorruptVersion(f"{version.name}: {WEIGHTS_FILE} does not load: {error}") from error
-        if not isinstance(state, dict):
-            raise CorruptVersion(f"{version.name}: {WEIGHTS_FILE} holds no state dict")
-        return state
+        return weights
 
     @staticmethod
     def candidates(versions: list[Version], pin: str | None) -> list[Version] | None:

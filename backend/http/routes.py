@@ -31,14 +31,13 @@ from backend.errors import (
 from backend.http import metrics
 from backend.http.access import AccessControl
 from backend.http.deadline import Deadline
-from backend.inference.local import Predictor
-from backend.inference.queue import QueuePredictor
+from backend.inference.base import Inference
 from backend.outcomes import TaskPrediction
 from backend.prompts.interactive import ContextPrompts
 from backend.protocol.ids import is_label_studio_id
 from backend.protocol.label_config import ProjectConfig, parse_label_config
 from backend.protocol.results import task_results
-from backend.runs.preannotate import BackgroundRuns, RunOptions, default_parallel
+from backend.runs.preannotate import BackgroundRuns, RunOptions
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +109,7 @@ def _parse_predict_body(body: object, settings: Settings) -> tuple[list[dict], P
     return tasks, config, params.get("context")
 
 
-def create_app(settings: Settings, predictor: Predictor | QueuePredictor) -> Flask:
+def create_app(settings: Settings, predictor: Inference) -> Flask:
     app = Flask(__name__)
     app.extensions["predictor"] = predictor
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
@@ -269,7 +268,7 @@ def create_app(settings: Settings, predictor: Predictor | QueuePredictor) -> Fla
             raise BadRequest(f"'project' must be a Label Studio project id, got {body.get('project')!r}")
         if not settings.label_studio_url or not settings.label_studio_api_key:
             raise BadRequest("whole-project pre-annotation needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY", 422)
-        options = RunOptions(batch_size=settings.grounding_dino_batch, parallel=default_parallel(predictor))
+        options = RunOptions(batch_size=settings.grounding_dino_batch, parallel=predictor.parallel_batches())
         for name in ("max_tasks", "batch_size"):
             value = body.get(name)
             if value is not None:

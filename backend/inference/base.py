@@ -1,11 +1,14 @@
-"""What both kinds of inference share, and nothing that needs torch: the queue-mode web tier imports this,
-never `backend.inference.local`."""
+"""`Inference`, what the HTTP layer and project runs ask of the models wherever they run, and what both of its
+implementations share. Nothing here needs torch: the queue-mode web tier imports this, never
+`backend.inference.local`."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Protocol
 
+from backend.cache.store import ByteStore
 from backend.config import Settings
 from backend.decoders.serving import ProjectDecoders
 from backend.images import ImageFetcher
@@ -13,8 +16,44 @@ from backend.outcomes import TaskPrediction
 from backend.prompts.interactive import ContextPrompts, read_context
 from backend.prompts.text import text_query, thresholds_for
 from backend.protocol.label_config import ProjectConfig
+from backend.training.service import ActiveLearning
 
 FETCH_THREADS = 8  # image downloads of one batch run side by side; they wait on the network, not the CPU
+
+
+class Inference(Protocol):
+    """The models, in this process (`local.Predictor`) or on queue workers (`queue.QueuePredictor`)."""
+
+    store: ByteStore  # small shared state: project-run progress
+    decoders: ProjectDecoders
+    learning: ActiveLearning
+
+    def warm_up(self) -> None:
+        """Start whatever loading this inference needs, in the background; returns at once."""
+
+    def status(self) -> dict:
+        """What /health, /status and /metrics report of the models or workers."""
+
+    def read_context(self, context: object, config: ProjectConfig) -> ContextPrompts:
+        """The smart-tool context, checked in full before any image is fetched."""
+
+    def predict_interactive(
+        self,
+        image_url: str,
+        task_id: object,
+        prompts: ContextPrompts,
+        project_id: int | None = None,
+        config: ProjectConfig | None = None,
+    ) -> TaskPrediction:
+        """Masks for one task's smart regions."""
+
+    def predict_batch(
+        self, image_urls: list[object], config: ProjectConfig, project_id: int | None = None
+    ) -> list[TaskPrediction | Exception]:
+        """Pre-annotation of several tasks; a task that fails gets its error in its place."""
+
+    def parallel_batches(self) -> int:
+        """How many pre-annotation batches a project run keeps in flight."""
 
 
 class InteractiveFront:

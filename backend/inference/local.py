@@ -33,6 +33,7 @@ from backend.prompts.text import TextQuery, Thresholds, labels_query, text_query
 from backend.protocol.label_config import ProjectConfig
 from backend.training.resources import TrainingResources
 from backend.training.service import ActiveLearning
+from backend.training.trainer import TrainingResult, train_project
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ class Predictor(InteractiveFront):
         # Optional: without GroundingDINO's weights SAM still serves clicks; text and pre-annotation say why not.
         self.detector = BackgroundLoader(self._load_detector)
         self.decoders = ProjectDecoders(settings)
-        self.learning = ActiveLearning(settings, self.training_resources, self.decoders)
+        self.learning = ActiveLearning(settings, self.training_resources, self.decoders, train=self.train_project)
 
     def _load_models(self) -> Models:
         segmenter = load_segmenter(self.settings)
@@ -71,6 +72,10 @@ class Predictor(InteractiveFront):
             sessions=SessionStore(self.store, segmenter.identity, self.settings.session_ttl_s),
         )
 
+    def train_project(self, project_id: int) -> TrainingResult:
+        """Fine-tune the project's decoder now, in this thread, on this process's models."""
+        return train_project(project_id, self.settings, self.training_resources())
+
     def training_resources(self) -> TrainingResources:
         models = self.models.get(self.settings.model_ready_timeout_s)
         return TrainingResources(
@@ -80,6 +85,10 @@ class Predictor(InteractiveFront):
     def segmenter_for(self, models: Models, project_id: int | None) -> tuple[Segmenter, str]:
         """The project's serving decoder (fine-tuned or the original) and the model_version it reports."""
         return self.decoders.serving(project_id, models.segmenter)
+
+    def parallel_batches(self) -> int:
+        """One batch at a time: this process's models are the only ones."""
+        return 1
 
     def warm_up(self) -> None:
         """Start loading the models in the background, and apply webhook events recorded but not applied."""

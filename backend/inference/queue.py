@@ -110,6 +110,10 @@ class QueuePredictor(InteractiveFront):
             self._served_version = min(versions)
         return self._served_version
 
+    def parallel_batches(self) -> int:
+        """Two batches per live worker, so that no worker waits for its next one."""
+        return 2 * max(alive_workers(self.connection), 1)
+
     def warm_up(self) -> None:
         """Nothing to load here (the workers hold the models); say which MODEL_DIR the workers must share, and
         hand on webhook events recorded earlier."""

@@ -7,7 +7,7 @@ encoder) plugs in by implementing `Segmenter` without touching them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -61,3 +61,12 @@ class Segmenter(Protocol):
 
     def decode(self, embedding: ImageEmbedding, prompts: list[SegmentPrompt]) -> list[MaskPrediction]:
         """Decode each prompt against the embedding into one mask."""
+
+
+@runtime_checkable
+class FineTunable(Protocol):
+    """A segmenter whose prompt decoder active learning can fine-tune: a version stores its decoder weights as
+    bytes, and serving builds the variant that shares this segmenter's image encoder (and so its cache)."""
+
+    def with_decoder_weights(self, weights: bytes) -> Segmenter:
+        """This segmenter with the given decoder weights; ValueError if they do not fit it."""

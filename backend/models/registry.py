@@ -6,6 +6,8 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+import torch
+
 from backend.config import Settings
 from backend.models.checkpoints import GROUNDING_DINO_CHECKPOINT, SAM_CHECKPOINTS
 from backend.models.grounding_dino import GroundingDino, load_grounding_dino
@@ -14,6 +16,13 @@ from backend.models.sam import SamSegmenter, load_sam
 # transformers builds BERT under init_empty_weights, which patches torch.nn.Module for every thread: a SAM
 # built at that moment would get empty (meta) parameters. So models are built one at a time.
 MODEL_BUILD_LOCK = threading.Lock()
+
+
+def apply_torch_threads(threads: int) -> int:
+    """Set torch's CPU threads for this process (0 keeps torch's default); the number it now runs with."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
 
 
 def sam_checkpoint_path(settings: Settings) -> Path:

@@ -8,6 +8,7 @@ tensor shapes, so the official ViT-B/L/H files and reduced test builds go throug
 from __future__ import annotations
 
 import copy
+import io
 import logging
 import threading
 from collections import defaultdict
@@ -71,6 +72,28 @@ def decoder_state(sam: Sam) -> dict[str, torch.Tensor]:
     return {
         key: value.detach().cpu().clone() for key, value in sam.state_dict().items() if key.startswith(DECODER_PREFIXES)
     }
+
+
+def decoder_weights(sam: Sam) -> bytes:
+    """`decoder_state` serialised: what a fine-tuned version stores."""
+    return serialize_decoder_state(decoder_state(sam))
+
+
+def serialize_decoder_state(state: dict[str, torch.Tensor]) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
+def load_decoder_weights(weights: bytes) -> dict[str, torch.Tensor]:
+    """The state `decoder_weights` wrote; ValueError for bytes that hold none."""
+    try:
+        state = torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True)
+    except Exception as error:  # bytes with the right checksum that torch cannot read: written wrong
+        raise ValueError(f"the decoder weights do not load: {error}") from error
+    if not isinstance(state, dict):
+        raise ValueError("the decoder weights hold no state dict")
+    return state
 
 
 def with_decoder_state(sam: Sam, state: dict[str, torch.Tensor] | None = None) -> Sam:
@@ -162,6 +185,10 @@ class SamSegmenter:
         return SamSegmenter(
             tuned, self._identity, self.device, self.decoder_runtime, self._encode_lock, self.encoder_batch
         )
+
+    def with_decoder_weights(self, weights: bytes) -> SamSegmenter:
+        """`with_decoder_state` from a version's stored weights; ValueError if they do not fit this SAM."""
+        return self.with_decoder_state(load_decoder_weights(weights))
 
     def encode(self, image: np.ndarray) -> ImageEmbedding:
         (embedding,) = self.encode_batch([image])

@@ -24,8 +24,7 @@ from backend.cache.locks import exclusive
 from backend.cache.store import ByteStore
 from backend.config import Settings
 from backend.errors import BackendError, ConfigError, ImageError, LockBusy, ModelNotReady, ProjectApiError, PromptError
-from backend.inference.local import Predictor
-from backend.inference.queue import QueuePredictor, alive_workers
+from backend.inference.base import Inference
 from backend.outcomes import TaskPrediction
 from backend.project_files import ProjectFiles
 from backend.protocol.label_config import ProjectConfig, parse_label_config
@@ -80,20 +79,13 @@ class RunOptions:
     skip_annotated: bool = False
 
 
-def default_parallel(predictor: Predictor | QueuePredictor) -> int:
-    """Batches in flight: one in-process; with queue workers, two per worker so none waits for its next batch."""
-    if isinstance(predictor, QueuePredictor):
-        return 2 * max(alive_workers(predictor.connection), 1)
-    return 1
-
-
 class ProjectRun:
     """One pre-annotation run of one project; `run()` blocks until it finished, stopped or failed."""
 
     def __init__(
         self,
         project_id: int,
-        predictor: Predictor | QueuePredictor,
+        predictor: Inference,
         api: ProjectApi,
         settings: Settings,
         options: RunOptions,
@@ -257,7 +249,7 @@ class BackgroundRuns:
     claim (`ProjectRun.claim`) writes its progress or clears a stop: a start that finds the project claimed, by
     another thread, web worker or host, answers busy and leaves the running run's progress and stop alone."""
 
-    def __init__(self, predictor: Predictor | QueuePredictor, settings: Settings, store: ByteStore) -> None:
+    def __init__(self, predictor: Inference, settings: Settings, store: ByteStore) -> None:
         self.predictor = predictor
         self.settings = settings
         self.store = store

@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from backend.cache.locks import file_lock
 from backend.errors import ConfigError, ImageError, ModelNotReady, Rejected
@@ -27,7 +28,9 @@ from backend.project_files import ProjectFiles, write_atomically
 from backend.protocol.ids import is_label_studio_id
 from backend.protocol.label_config import parse_label_config
 from backend.training.dataset import TrainingSet, record_from_webhook
-from backend.training.resources import TrainingResources
+
+if TYPE_CHECKING:  # the models: the queue-mode web tier records events without importing them
+    from backend.training.resources import TrainingResources
 
 log = logging.getLogger(__name__)
 
@@ -198,3 +201,11 @@ def apply_pending(files: ProjectFiles, resources: Callable[[], TrainingResources
         if outcome.stored:
             write_annotation_count(files, outcome.annotation_count)
     return outcome
+
+
+def last_training(files: ProjectFiles) -> dict | None:
+    """The project's last training result, as any process of the deployment wrote it."""
+    try:
+        return json.loads(files.last_training.read_text())
+    except (OSError, ValueError):
+        return None

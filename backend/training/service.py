@@ -16,6 +16,7 @@ import queue
 import socket
 import threading
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import redis
 
@@ -32,10 +33,12 @@ from backend.training.ingest import (
     START_TRAINING,
     Inbox,
     apply_pending,
+    last_training,
     read_annotation_count,
 )
-from backend.training.resources import TrainingResources
-from backend.training.trainer import last_training, train_project
+
+if TYPE_CHECKING:  # the models: the queue-mode web tier records events without importing them
+    from backend.training.resources import TrainingResources
 
 log = logging.getLogger(__name__)
 
@@ -98,13 +101,16 @@ class ActiveLearning:
         resources: Callable[[], TrainingResources] | None,
         decoders: ProjectDecoders,
         dispatch: Callable[[int], None] | None = None,
+        train: Callable[[int], object] | None = None,
     ) -> None:
         """`resources` gives the loaded models (None where there are none); `dispatch(project_id)` hands
-        recorded events to whoever applies them, by default this object's background thread."""
+        recorded events to whoever applies them, by default this object's background thread, which trains a
+        project with `train(project_id)` when one is due."""
         self.settings = settings
         self.resources = resources
         self.decoders = decoders
         self._dispatch = dispatch or self._enqueue
+        self._train_project = train
         self._events: queue.Queue[int] = queue.Queue()
         self._mutex = threading.Lock()
         self._idle = threading.Condition(self._mutex)
@@ -194,8 +200,10 @@ class ActiveLearning:
     def _train(self, project_id: int) -> None:
         try:
             while True:
+                if self._train_project is None:
+                    raise RuntimeError("this process does not train; its dispatch hands events to a worker")
                 try:
-                    train_project(project_id, self.settings, self.resources())
+                    self._train_project(project_id)
                 except Exception:  # recorded as the project's last training by train_project
                     log.exception("project %d: training failed", project_id)
                 with self._mutex:

@@ -22,7 +22,7 @@ from backend.config import Settings
 from backend.decoders.versions import VersionStore, parse_pins, pin_for
 from backend.errors import CorruptVersion, ImageError, LockBusy
 from backend.models.base import ImageEmbedding
-from backend.models.sam import decoder_state, with_decoder_state
+from backend.models.sam import decoder_weights, load_decoder_weights, with_decoder_state
 from backend.project_files import ProjectFiles, write_atomically
 from backend.training.dataset import AnnotationRecord, TrainingSet
 from backend.training.finetune import Example, FinetuneConfig, evaluate_miou, finetune, make_example
@@ -102,14 +102,6 @@ def _examples(
     return examples
 
 
-def last_training(files: ProjectFiles) -> dict | None:
-    """The project's last training result, as any process of the deployment wrote it."""
-    try:
-        return json.loads(files.last_training.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def train_project(
     project_id: int,
     settings: Settings,
@@ -162,10 +154,10 @@ def _train_locked(
     parent, state = None, None
     for candidate in VersionStore.candidates(versions, pin) or []:
         try:
-            state = store.load_state(candidate)
+            state = load_decoder_weights(store.load_weights(candidate))
             parent = candidate
             break
-        except CorruptVersion as error:
+        except (CorruptVersion, ValueError) as error:
             log.error("project %d: version %s cannot be trained from, skipped: %s", project_id, candidate.name, error)
     model = with_decoder_state(resources.segmenter.sam, state)
     config = finetune_config(settings)
@@ -201,7 +193,7 @@ def _train_locked(
         "config": asdict(config),
         "seconds": round(time.perf_counter() - started, 2),
     }
-    version = store.write(decoder_state(model), metrics)
+    version = store.write(decoder_weights(model), metrics)
     log.info(
         "project %d: wrote %s, held-out mIoU %.3f -> %.3f: %s",
         project_id,

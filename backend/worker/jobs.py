@@ -29,7 +29,6 @@ from backend.outcomes import TaskPrediction
 from backend.prompts.interactive import ContextPrompts
 from backend.protocol.label_config import ProjectConfig
 from backend.training.service import check_model_dir
-from backend.training.trainer import train_project
 
 log = logging.getLogger(__name__)
 
@@ -200,4 +199,4 @@ def learn(project_id: int, web_model_dir: dict | None = None) -> dict | None:
         check_model_dir(_predictor.settings, web_model_dir)
     if not _predictor.learning.apply(project_id):
         return None
-    return train_project(project_id, _predictor.settings, _predictor.training_resources()).as_dict()
+    return _predictor.train_project(project_id).as_dict()
