@@ -2,9 +2,9 @@
 
 Same inputs as that app (SAM model type, box threshold, text threshold, image, text prompt); the overlay
 picture and the detections come back. Each SAM model type gets its own Predictor, made when first chosen;
-all of them share the configured embedding store (REDIS_URL), so an image segmented here is already
-encoded when an annotator clicks on it in Label Studio, and the other way round. Gradio is an optional
-extra (requirements-demo.txt): the backend never imports this module.
+all of them share the configured embedding store (CACHE_REDIS_URL, else REDIS_URL), so an image segmented
+here is already encoded when an annotator clicks on it in Label Studio, and the other way round. Gradio is an
+optional extra (requirements-demo.txt): only `python -m backend demo` imports this module.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ import numpy as np
 from backend.errors import Rejected, RleError
 from backend.project_files import ProjectFiles, fsync_directory, write_atomically
 from backend.protocol.brush_rle import decode_mask
+from backend.protocol.ids import is_label_studio_id
 from backend.protocol.label_config import ProjectConfig
 
 log = logging.getLogger(__name__)
@@ -41,9 +42,15 @@ class AnnotationRecord:
     image_digest: str | None = None  # set once the image was fetched and the masks' size checked against it
 
 
-def _positive_int(value: object, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 2**63:
-        raise Rejected(f"{what} must be a positive 64-bit integer")
+def _label_studio_id(value: object, what: str) -> int:
+    if not is_label_studio_id(value):
+        raise Rejected(f"{what} must be a Label Studio id (a positive 64-bit integer)")
+    return value  # type: ignore[return-value]  # is_label_studio_id proved it an int
+
+
+def _pixels(value: object, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise Rejected(f"{what} must be a positive number of pixels")
     return value
 
 
@@ -61,8 +68,8 @@ def _brush_region(result: dict, config: ProjectConfig, max_pixels: int) -> Regio
         )
     if value.get("format") != "rle":
         raise Rejected(f"brush format {value.get('format')!r} is not 'rle'")
-    width = _positive_int(result.get("original_width"), "original_width")
-    height = _positive_int(result.get("original_height"), "original_height")
+    width = _pixels(result.get("original_width"), "original_width")
+    height = _pixels(result.get("original_height"), "original_height")
     # Decoding allocates what the size declares (four bytes a pixel), so the size is checked before anything
     # is decoded; decode_mask then checks the RLE's own declared length against it.
     if width * height > max_pixels:
@@ -90,8 +97,8 @@ def record_from_webhook(
     """The brush regions of an ANNOTATION_CREATED/UPDATED payload and, for each region left out, (id, reason);
     a region declaring more than `max_pixels` pixels is left out undecoded. Raises Rejected when the annotation
     as a whole is unusable."""
-    annotation_id = _positive_int(annotation.get("id"), "annotation.id")
-    task_id = _positive_int(task.get("id"), "task.id")
+    annotation_id = _label_studio_id(annotation.get("id"), "annotation.id")
+    task_id = _label_studio_id(task.get("id"), "task.id")
     image_url = (task.get("data") or {}).get(config.image_field)
     if not isinstance(image_url, str) or not image_url:
         raise Rejected(f"task {task_id} has no image in data.{config.image_field}")

@@ -1,5 +1,5 @@
 """What training and ingestion borrow from a running backend (the loaded SAM, the embedding cache, the
-image fetcher), or build once per process where no backend runs (a queue worker)."""
+image fetcher), or build once per process where none runs (`shared_resources`: a standalone training)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from backend.models.sam import SamSegmenter
 
 @dataclass
 class TrainingResources:
-    """What training borrows from a running backend, or builds itself in a worker (`shared_resources`)."""
+    """What training borrows from a running backend (`Predictor.training_resources`), or `shared_resources`."""
 
     segmenter: SamSegmenter
     embeddings: EmbeddingCache
