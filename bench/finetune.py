@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from backend.models.sam import load_sam, with_decoder_state  # noqa: E402
 from backend.training.finetune import FinetuneConfig, evaluate_miou, finetune, make_example  # noqa: E402
-from tests.conftest import build_small_sam  # noqa: E402
+from tests.assets import build_small_sam  # noqa: E402
 from tests.synthetic_shapes import shape_images  # noqa: E402
 
 

@@ -43,7 +43,7 @@ from backend.cache.embeddings import deserialize_embedding  # noqa: E402
 from backend.models.base import SegmentPrompt  # noqa: E402
 from backend.models.sam import SamSegmenter, load_sam  # noqa: E402
 from backend.protocol.brush_rle import encode_mask  # noqa: E402
-from tests.conftest import recorded, smooth_object_image  # noqa: E402
+from tests.assets import recorded, smooth_object_image  # noqa: E402
 from tests.label_studio_standin import LabelStudioStandIn  # noqa: E402
 from tests.services import RedisServer, free_port  # noqa: E402
 

@@ -5,7 +5,7 @@ all on loopback; each phase is bounded in clicks and in time, and the script sto
 
     python -m bench.load [--checkpoint sam.pth] [--workers 3] [--annotators 8] [--clicks 25]
 
-Without --checkpoint it builds the small random-weight SAM of tests/conftest.build_small_sam, so the
+Without --checkpoint it builds the small random-weight SAM of tests/assets.build_small_sam, so the
 latencies are the serving stack's (HTTP, fetch, cache, decode, RLE), not ViT-B's. Prints one line of
 JSON per phase and a Markdown table for the README.
 """
@@ -17,12 +17,15 @@ import json
 import logging
 import os
 import platform
+import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-from tests.load_harness import LoadRig, PhaseReport, run_phase, warm_up
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from any folder
+
+from tests.load_harness import LoadRig, PhaseReport, run_phase, warm_up  # noqa: E402
 
 
 def table(reports: list[PhaseReport]) -> str:
@@ -95,7 +98,7 @@ def main() -> None:
         f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
         f"{args.workers} gunicorn workers x {args.threads} threads, {args.annotators} annotators x {args.clicks} "
         f"clicks per phase, {args.images} images 1024x768, PREDICT_DEADLINE {args.deadline:g} s, "
-        f"checkpoint {args.checkpoint or 'small random SAM (tests/conftest.build_small_sam)'}, "
+        f"checkpoint {args.checkpoint or 'small random SAM (tests/assets.build_small_sam)'}, "
         f"load average {load_before:.1f} before / {os.getloadavg()[0]:.1f} after, {os.cpu_count()} CPUs"
     )
     for report in reports:

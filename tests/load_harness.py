@@ -30,7 +30,7 @@ import numpy as np
 import requests
 import torch
 
-from tests.conftest import PROTOCOL_DIR, REPO, build_small_sam, encode, smooth_object_image
+from tests.assets import PROTOCOL_DIR, REPO, build_small_sam, encode, smooth_object_image
 from tests.label_studio_standin import LabelStudioStandIn
 from tests.services import RedisServer, free_port
 
@@ -343,7 +343,7 @@ class LoadRig:
     def __enter__(self) -> LoadRig:
         if self.checkpoint is None:
             self.checkpoint = self.work_dir / "sam_small.pth"
-            torch.save(build_small_sam().state_dict(), self.checkpoint)  # Meta's format, as tests/conftest
+            torch.save(build_small_sam().state_dict(), self.checkpoint)  # Meta's format, as tests/assets
         self.redis = RedisServer(self.work_dir).start()
         media = self.work_dir / "media"
         self.images = write_images(media / "upload" / "1", self.image_count)

@@ -33,7 +33,8 @@ from backend.protocol.brush_rle import _encode_runs
 from backend.training.dataset import AnnotationRecord, Region, TrainingSet
 from backend.training.ingest import EVENT_ATTEMPTS, Inbox
 from backend.training.trainer import train_project, training_lock
-from tests.conftest import REPO, encode, make_client, recorded
+from tests.assets import REPO, encode, recorded
+from tests.conftest import make_client
 from tests.services import RedisServer
 from tests.synthetic_shapes import shape_image
 from tests.test_queue import Workers

@@ -16,7 +16,7 @@ from backend.cache.embeddings import EmbeddingCache, deserialize_embedding, seri
 from backend.cache.store import MemoryStore, ResilientStore, make_store
 from backend.models.base import SegmentPrompt
 from backend.models.sam import SamSegmenter, load_sam
-from tests.conftest import smooth_object_image
+from tests.assets import smooth_object_image
 from tests.services import RedisServer, free_port
 
 

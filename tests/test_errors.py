@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.conftest import make_client, recorded
+from tests.assets import recorded
+from tests.conftest import make_client
 
 CONFIG_WITHOUT_BRUSH = (
     '<View><Image name="image" value="$image"/><KeyPointLabels name="kp" toName="image">'

@@ -18,7 +18,7 @@ import pytest
 import redis
 import requests
 
-from tests.conftest import REPO
+from tests.assets import REPO
 from tests.load_harness import LoadRig, PhaseReport, click_body, run_phase, send_click, warm_up
 
 ANNOTATORS, CLICKS = 4, 12

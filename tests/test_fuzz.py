@@ -20,7 +20,7 @@ from backend.cache.store import make_store
 from backend.config import Settings
 from backend.http.routes import create_app
 from backend.inference.local import Predictor
-from tests.conftest import recorded
+from tests.assets import recorded
 
 settings.register_profile(
     "fuzz", max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]

@@ -24,7 +24,8 @@ from backend.models.registry import MODEL_BUILD_LOCK, grounding_dino_checkpoint_
 from backend.prompts.text import MAX_PHRASES, build_query, labels_query, text_query, thresholds_for
 from backend.protocol.label_config import parse_label_config
 from backend.protocol.results import decode_brush
-from tests.conftest import make_client, recorded
+from tests.assets import recorded
+from tests.conftest import make_client
 
 LABEL_CONFIG = recorded("03-predict-batch.json")["label_config"]
 

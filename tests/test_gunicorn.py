@@ -20,7 +20,7 @@ import pytest
 import redis
 import requests
 
-from tests.conftest import REPO, recorded
+from tests.assets import REPO, recorded
 from tests.services import free_port
 
 

@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 
-from tests.conftest import REPO
+from tests.assets import REPO
 from tests.services import free_port
 
 THREADS_LINE = re.compile(r"torch runs with (\d+) CPU threads")

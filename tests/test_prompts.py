@@ -13,7 +13,7 @@ from backend.cache.store import MemoryStore
 from backend.errors import PromptError
 from backend.models.base import MaskPrediction
 from backend.prompts.interactive import InteractivePrompter, PixelPrompts, read_context
-from tests.conftest import recorded
+from tests.assets import recorded
 
 SIZE = (768, 1024)  # height, width
 

@@ -18,7 +18,8 @@ from backend.project_files import ProjectFiles
 from backend.protocol.results import decode_brush
 from backend.training.dataset import AnnotationRecord, Region, TrainingSet
 from backend.training.ingest import Inbox, last_training
-from tests.conftest import make_client, recorded
+from tests.assets import recorded
+from tests.conftest import make_client
 
 
 def interactive(name: str, image: str | None = None) -> dict:
@@ -240,7 +241,7 @@ def test_basic_auth_guards_every_route(settings):
 
 def test_the_shipped_label_config_is_what_the_backend_expects():
     from backend.protocol.label_config import parse_label_config
-    from tests.conftest import REPO
+    from tests.assets import REPO
 
     config = parse_label_config((REPO / "label_config.xml").read_text())
     assert config.image_field == "image" and config.brush is not None

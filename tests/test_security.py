@@ -25,7 +25,8 @@ from backend.http.routes import create_app
 from backend.images import ImageFetcher, decode_image, redact_url
 from backend.inference.local import Predictor
 from backend.models.loader import BackgroundLoader
-from tests.conftest import make_client, recorded
+from tests.assets import recorded
+from tests.conftest import make_client
 from tests.label_studio_standin import make_personal_access_token
 from tests.test_protocol import assert_brush_results, interactive
 

@@ -15,7 +15,8 @@ import pytest
 import requests
 from PIL import Image
 
-from tests.conftest import REPO, make_client, recorded
+from tests.assets import REPO, recorded
+from tests.conftest import make_client
 from tests.services import free_port
 
 

@@ -18,7 +18,7 @@ from backend.training.finetune import (
     finetune,
     make_example,
 )
-from tests.conftest import build_small_sam
+from tests.assets import build_small_sam
 from tests.synthetic_shapes import shape_images
 
 # From random weights the decoder needs about ten steps to start learning; twelve give a clear margin.

@@ -10,7 +10,7 @@ import time
 
 import requests
 
-from tests.conftest import recorded
+from tests.assets import recorded
 from tests.services import REPO, free_port
 
 MODEL_PACKAGES = ("torch", "torchvision", "segment_anything", "groundingdino", "onnxruntime", "transformers")

@@ -17,7 +17,7 @@ from pathlib import Path
 import requests
 
 from backend.protocol.auth import LabelStudioAuth
-from tests.conftest import REPO
+from tests.assets import REPO
 from tests.services import free_port
 
 LABEL_STUDIO_VERSION = "1.23.2"

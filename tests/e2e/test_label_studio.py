@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from backend.protocol.results import decode_brush
-from tests.conftest import REPO, encode, smooth_object_image
+from tests.assets import REPO, encode, smooth_object_image
 from tests.e2e.conftest import backend_environment
 from tests.e2e.label_studio import LabelStudioApi, LabelStudioProcess
 from tests.load_harness import GunicornServer

@@ -14,7 +14,7 @@ import time
 import pytest
 import requests
 
-from tests.conftest import REPO, encode, smooth_object_image
+from tests.assets import REPO, encode, smooth_object_image
 from tests.e2e.conftest import backend_environment
 from tests.e2e.label_studio import LabelStudioApi
 from tests.load_harness import GunicornServer
