@@ -39,7 +39,7 @@ from backend.inference.queue import (
 from backend.outcomes import TaskPrediction
 from backend.prompts.interactive import ContextPrompts, read_context
 from backend.protocol.label_config import parse_label_config
-from backend.protocol.results import decode_brush
+from backend.protocol.results import TaskAnswer, decode_brush
 from backend.worker import jobs
 from backend.worker.runner import HEARTBEAT_MARGIN_S, ClaimingQueue, ModelWorker
 from tests.assets import encode, recorded, smooth_object_image
@@ -177,6 +177,28 @@ def test_pre_annotation_runs_on_the_workers_and_bad_images_fail_alone(
         assert {region["value"]["brushlabels"][0] for region in brushes} <= {"Car", "Wheel"}
 
 
+def test_a_pre_annotation_through_a_worker_leaves_no_redis_value_larger_than_an_embedding(
+    web_settings, workers, grounding_dino_files, queue_redis
+):
+    """The worker sends back Label Studio's JSON (RLE), not the full-size masks: three 1024x768 bool masks alone
+    would make a 2.36 MB result, more than the image's 2.00 MiB embedding that the same Redis holds."""
+    workers.start(1, **grounding_env(grounding_dino_files), MAX_OBJECTS="3")
+    web_settings = replace(web_settings, job_timeout_s=120, predict_deadline_s=240)
+    web = create_app(web_settings, QueuePredictor(web_settings, redis.Redis.from_url(web_settings.redis_url)))
+    body = recorded("03-predict-batch.json")
+    body["tasks"] = body["tasks"][:1]  # the 1024x768 image
+    response = web.test_client().post("/predict", json=body)
+    assert response.status_code == 200, response.json
+    brushes = [region for region in response.json["results"][0]["result"] if region["type"] == "brushlabels"]
+    assert brushes and all(decode_brush(region).shape == (768, 1024) for region in brushes)
+    connection = redis.Redis.from_url(queue_redis.url)
+    sizes = {key.decode(): connection.memory_usage(key, samples=0) for key in connection.scan_iter(count=1000)}
+    assert any(key.startswith("sam:emb:") for key in sizes) and any(key.startswith("rq:results:") for key in sizes)
+    others = {key: size for key, size in sizes.items() if not key.startswith("sam:emb:")}
+    largest = max(others, key=others.get)
+    assert others[largest] < 2.1 * 2**20, (largest, others[largest])
+
+
 def test_clicks_go_ahead_of_waiting_pre_annotation_jobs(web_settings, workers, grounding_dino_files, queue_redis):
     connection = redis.Redis.from_url(queue_redis.url)
     predictor = QueuePredictor(web_settings, connection)
@@ -271,11 +293,11 @@ def test_waiting_pre_annotation_jobs_run_as_one_batch_and_a_bad_image_fails_alon
     assert all(job.meta["batch"] == {"jobs": 4, "images": 4} for job in waiting)
     assert "batch of 4 jobs / 4 images (1 label configs)" in (tmp_path / "worker0.log").read_text()
     for job, size in zip(waiting, CAR_IMAGES.values(), strict=False):
-        (prediction,) = job.latest_result().return_value
-        assert isinstance(prediction, TaskPrediction) and prediction.image_size == size
-        masks = [obj.mask for obj in prediction.objects if obj.mask is not None]
-        assert masks and all(mask.shape == size for mask in masks)
-        assert {obj.label for obj in prediction.objects} <= {"Car", "Wheel"}
+        (answer,) = job.latest_result().return_value
+        assert isinstance(answer, TaskAnswer)
+        brushes = [region for region in answer.entry["result"] if region["type"] == "brushlabels"]
+        assert brushes and all(decode_brush(region).shape == size for region in brushes)
+        assert {region["value"]["brushlabels"][0] for region in brushes} <= {"Car", "Wheel"}
     (error,) = waiting[3].latest_result().return_value
     assert isinstance(error, ImageError) and error.status == 422
 

@@ -25,6 +25,12 @@ log = logging.getLogger(__name__)
 
 _LOCK_STRIPES = 64
 
+EncodeStep = Callable[[int], contextlib.AbstractContextManager[object]]
+
+
+def no_step(images: int) -> contextlib.AbstractContextManager[object]:
+    return contextlib.nullcontext()
+
 
 def serialize_embedding(embedding: ImageEmbedding) -> bytes:
     features = np.ascontiguousarray(embedding.features, dtype=np.float16)
@@ -78,9 +84,12 @@ class EmbeddingCache:
         (cached,) = self.get_or_encode_many([(image_digest, load_image)])
         return cached
 
-    def get_or_encode_many(self, images: list[tuple[str, Callable[[], np.ndarray]]]) -> list[CachedEmbedding]:
+    def get_or_encode_many(
+        self, images: list[tuple[str, Callable[[], np.ndarray]]], encode_step: EncodeStep = no_step
+    ) -> list[CachedEmbedding]:
         """Embeddings of (digest, load_image) pairs, in their order: the misses are encoded together in one
-        encoder pass, each image once however often it is listed."""
+        encoder pass, each image once however often it is listed. The pass runs inside `encode_step(misses)`,
+        which may refuse it (a deadline) by raising."""
         results: dict[str, CachedEmbedding] = {}
         loaders: dict[str, Callable[[], np.ndarray]] = {}
         for digest, load_image in images:
@@ -92,13 +101,15 @@ class EmbeddingCache:
             else:
                 results[digest] = CachedEmbedding(cached, cache_hit=True)
         if loaders:
-            results.update(self._encode_misses(loaders))
+            results.update(self._encode_misses(loaders, encode_step))
         encoded = sum(not cached.cache_hit for cached in results.values())
         self.misses += encoded
         self.hits += len(results) - encoded
         return [results[digest] for digest, _ in images]
 
-    def _encode_misses(self, loaders: dict[str, Callable[[], np.ndarray]]) -> dict[str, CachedEmbedding]:
+    def _encode_misses(
+        self, loaders: dict[str, Callable[[], np.ndarray]], encode_step: EncodeStep
+    ) -> dict[str, CachedEmbedding]:
         """Encode and store the images still missing once this process's and every process's locks for them
         are held. Locks are taken in one global order (stripes by index, then keys sorted), so two batches
         that share images wait for each other instead of deadlocking."""
@@ -119,7 +130,8 @@ class EmbeddingCache:
             if not missing:
                 return results
             started = time.perf_counter()
-            encoded = self.segmenter.encode_batch([loaders[digest]() for digest in missing])
+            with encode_step(len(missing)):
+                encoded = self.segmenter.encode_batch([loaders[digest]() for digest in missing])
             elapsed = time.perf_counter() - started
             for digest, embedding in zip(missing, encoded, strict=True):
                 data = serialize_embedding(embedding)

@@ -18,6 +18,7 @@ from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from backend.config import Settings
+from backend.deadline import Deadline
 from backend.errors import (
     RETRY_AFTER_S,
     BackendError,
@@ -30,13 +31,11 @@ from backend.errors import (
 )
 from backend.http import metrics
 from backend.http.access import AccessControl
-from backend.http.deadline import Deadline
 from backend.inference.base import Inference
-from backend.outcomes import TaskPrediction
 from backend.prompts.interactive import ContextPrompts
 from backend.protocol.ids import is_label_studio_id
 from backend.protocol.label_config import ProjectConfig, parse_label_config
-from backend.protocol.results import task_results
+from backend.protocol.results import TaskAnswer, task_answer
 from backend.runs.preannotate import BackgroundRuns, RunOptions
 
 log = logging.getLogger(__name__)
@@ -65,13 +64,13 @@ def json_body() -> object:
         return None
 
 
-def record_prediction_metrics(prediction: TaskPrediction) -> None:
-    if "embedding" not in prediction.timings:
+def record_prediction_metrics(answer: TaskAnswer) -> None:
+    if "embedding" not in answer.timings:
         return  # nothing was computed (an empty context)
-    metrics.CACHE.labels("hit" if prediction.cache_hit else "miss").inc()
-    if not prediction.cache_hit:
-        metrics.ENCODE.observe(prediction.timings.get("encode", 0.0))
-    metrics.DECODE.observe(prediction.timings.get("decode", 0.0))
+    metrics.CACHE.labels("hit" if answer.cache_hit else "miss").inc()
+    if not answer.cache_hit:
+        metrics.ENCODE.observe(answer.timings.get("encode", 0.0))
+    metrics.DECODE.observe(answer.timings.get("decode", 0.0))
 
 
 def project_id_of(value: object) -> int | None:
@@ -172,12 +171,15 @@ def create_app(settings: Settings, predictor: Inference) -> Flask:
 
     def _predict_interactive(
         task: dict, config: ProjectConfig, prompts: ContextPrompts, project_id: int | None, deadline: Deadline
-    ) -> TaskPrediction | Exception:
+    ) -> TaskAnswer | Exception:
         try:
             image_url = task["data"].get(config.image_field)
             if image_url is None:
                 raise BadRequest(f"task has no data.{config.image_field}")
-            return deadline.run(predictor.predict_interactive, image_url, task.get("id"), prompts, project_id, config)
+            prediction = deadline.run(
+                predictor.predict_interactive, image_url, task.get("id"), prompts, project_id, config
+            )
+            return task_answer(prediction, config, model_version)
         except TASK_ERRORS as error:
             return error
 
@@ -190,10 +192,11 @@ def create_app(settings: Settings, predictor: Inference) -> Flask:
         deadline = Deadline(model_calls, settings.predict_deadline_s)
         project_id = project_id_of(body.get("project"))
         if context is None:
-            # "Retrieve predictions" or a task opened without one: pre-annotate every task in one batch.
+            # "Retrieve predictions" or a task opened without one: pre-annotate the tasks chunk by chunk; those
+            # not done by the deadline are answered [] (see below), so Label Studio asks for them again.
             image_urls = [task["data"].get(config.image_field) for task in tasks]
             try:
-                outcomes = deadline.run(predictor.predict_batch, image_urls, config, project_id)
+                outcomes = deadline.run_in_steps(predictor.predict_batch, image_urls, config, project_id)
             except PromptError as error:
                 raise BadRequest(str(error), error.status) from error
             except (DeadlineExceeded, ImageError, ConfigError) as error:
@@ -205,18 +208,13 @@ def create_app(settings: Settings, predictor: Inference) -> Flask:
                 # One context serves every task of the request: a bad one is refused whole, before any download.
                 raise BadRequest(str(error), error.status) from error
             outcomes = [_predict_interactive(task, config, prompts, project_id, deadline) for task in tasks]
-        results, errors, last_prediction = [], [], None
+        results, errors, last_answer = [], [], None
         for index, (task, outcome) in enumerate(zip(tasks, outcomes, strict=True)):
-            if isinstance(outcome, TaskPrediction):
-                try:
-                    encoding_started = time.perf_counter()
-                    results.append(task_results(outcome, config, outcome.model_version or model_version))
-                    outcome.timings["results"] = time.perf_counter() - encoding_started
-                    record_prediction_metrics(outcome)
-                    last_prediction = outcome
-                    continue
-                except ConfigError as error:
-                    outcome = error
+            if isinstance(outcome, TaskAnswer):
+                results.append(outcome.entry)
+                record_prediction_metrics(outcome)
+                last_answer = outcome
+                continue
             status = outcome.status
             log.warning("task %s (#%d): %s", task.get("id"), index, outcome)
             metrics.PREDICT_ERRORS.labels(str(status)).inc()
@@ -228,10 +226,10 @@ def create_app(settings: Settings, predictor: Inference) -> Flask:
             # Nothing to show: answer the first error's status so the caller sees why.
             return error_response(errors[0]["error"], errors[0]["status"], errors=errors)
         response = jsonify({"results": results, **({"errors": errors} if errors else {})})
-        if last_prediction is not None and len(tasks) == 1:
-            response.headers["X-Embedding-Cache"] = "hit" if last_prediction.cache_hit else "miss"
+        if last_answer is not None and len(tasks) == 1:
+            response.headers["X-Embedding-Cache"] = "hit" if last_answer.cache_hit else "miss"
             response.headers["Server-Timing"] = ", ".join(
-                f"{name};dur={seconds * 1000:.1f}" for name, seconds in last_prediction.timings.items()
+                f"{name};dur={seconds * 1000:.1f}" for name, seconds in last_answer.timings.items()
             )
         return response
 

@@ -2,7 +2,8 @@
 
 This is where the layers meet in one direction: the protocol layer calls in with parsed requests,
 this module asks images, prompts, cache and models, and hands back plain objects that the protocol
-layer turns into Label Studio's JSON.
+layer turns into Label Studio's JSON. Pre-annotation batches are the exception: each task is encoded (by
+the protocol layer's `task_answer`) as its chunk ends, so a batch never holds more than a chunk of masks.
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from backend.cache.detections import DetectionCache
 from backend.cache.embeddings import CachedEmbedding, EmbeddingCache
 from backend.cache.sessions import SessionStore
 from backend.cache.store import ByteStore
 from backend.config import Settings
+from backend.deadline import NO_LIMIT, StepTimes, TimeLimit
 from backend.decoders.serving import ProjectDecoders
-from backend.errors import ImageError, ModelNotReady, PromptError
+from backend.errors import ConfigError, DeadlineExceeded, ImageError, ModelNotReady, PromptError
 from backend.images import FetchedImage, ImageFetcher, decode_image
 from backend.inference.base import FETCH_THREADS, InteractiveFront
 from backend.models.base import ImageEmbedding, Segmenter, SegmentPrompt
@@ -31,6 +34,7 @@ from backend.outcomes import DetectedObject, TaskPrediction
 from backend.prompts.interactive import ContextPrompts, InteractivePrompter
 from backend.prompts.text import TextQuery, Thresholds, labels_query, text_query, thresholds_for
 from backend.protocol.label_config import ProjectConfig
+from backend.protocol.results import TaskAnswer, task_answer
 from backend.training.resources import TrainingResources
 from backend.training.service import ActiveLearning
 from backend.training.trainer import TrainingResult, train_project
@@ -57,6 +61,8 @@ class Predictor(InteractiveFront):
         self.detector = BackgroundLoader(self._load_detector)
         self.decoders = ProjectDecoders(settings)
         self.learning = ActiveLearning(settings, self.training_resources, self.decoders, train=self.train_project)
+        self.detections = DetectionCache(store, settings.embedding_ttl_s)
+        self.step_times = StepTimes()
 
     def _load_models(self) -> Models:
         segmenter = load_segmenter(self.settings)
@@ -134,11 +140,13 @@ class Predictor(InteractiveFront):
         return cached.embedding, cached.cache_hit, cached.encode_seconds
 
     def embeddings_for(
-        self, models: Models, images: list[tuple[FetchedImage, np.ndarray | None]]
+        self, models: Models, images: list[tuple[FetchedImage, np.ndarray | None]], limit: TimeLimit = NO_LIMIT
     ) -> list[CachedEmbedding]:
-        """Several images' SAM embeddings from the cache; the misses go through the encoder together."""
+        """Several images' SAM embeddings from the cache; the misses go through the encoder together, unless
+        that pass would end past `limit`."""
         return models.embeddings.get_or_encode_many(
-            [(image.digest, self._loader(image, pixels)) for image, pixels in images]
+            [(image.digest, self._loader(image, pixels)) for image, pixels in images],
+            lambda misses: self.step_times.step("encode", misses, limit),
         )
 
     def _loader(self, image: FetchedImage, pixels: np.ndarray | None) -> Callable[[], np.ndarray]:
@@ -263,14 +271,22 @@ class Predictor(InteractiveFront):
             return error
 
     def predict_batch(
-        self, image_urls: list[object], config: ProjectConfig, project_id: int | None = None
-    ) -> list[TaskPrediction | Exception]:
-        """Pre-annotation of several tasks at once, GROUNDING_DINO_BATCH images at a time (so a request of a
-        thousand tasks never holds a thousand decoded images): the images of a chunk are fetched side by side
-        and searched for the project's labels in one GroundingDINO pass, then each image's boxes are segmented
-        from its SAM embedding (from the cache, or encoded now and cached, so later clicks on the image find
-        it). A task whose image fails gets its error in place of a prediction; a problem with the request as a
-        whole raises PromptError."""
+        self,
+        image_urls: list[object],
+        config: ProjectConfig,
+        project_id: int | None = None,
+        limit: TimeLimit = NO_LIMIT,
+    ) -> list[TaskAnswer | Exception]:
+        """Pre-annotation of several tasks, GROUNDING_DINO_BATCH images (a chunk) at a time: the images of a
+        chunk are fetched side by side and searched for the project's labels in one GroundingDINO pass, then
+        each image's boxes are segmented from its SAM embedding (from the cache, or encoded now and cached, so
+        later clicks on the image find it). Boxes are cached per image too, so that no work finished before a
+        deadline is done again by the retry. Each task's answer is encoded to Label Studio's JSON as its chunk
+        ends and the masks dropped: memory holds one chunk's images and masks, whatever the batch's size.
+
+        Under `limit`, no step (fetch, detect, encode, segment a chunk) starts that would end past it: the
+        tasks not done get DeadlineExceeded. A task whose image fails gets its error in place of an answer; a
+        problem with the request as a whole raises PromptError."""
         query = labels_query(config)
         thresholds = thresholds_for(config, self.settings.box_threshold, self.settings.text_threshold)
         detector = self.detector_ready(query)
@@ -279,46 +295,58 @@ class Predictor(InteractiveFront):
         segmenter, version = (
             self.segmenter_for(models, project_id) if models else (None, self.decoders.current_name(project_id))
         )
+        asked = [query.caption, list(query.spans), query.label_groups, thresholds.box, thresholds.text]
+        detections_key = DetectionCache.query_key(detector.identity, [*asked, self.settings.max_objects])
         chunk = max(self.settings.grounding_dino_batch, 1)
-        outcomes: list[TaskPrediction | Exception] = []
+        outcomes: list[TaskAnswer | Exception] = []
         for first in range(0, len(image_urls), chunk):
-            outcomes += self._preannotate(
-                image_urls[first : first + chunk], detector, models, segmenter, version, query, thresholds, config
-            )
+            urls = image_urls[first : first + chunk]
+            try:
+                outcomes += self._preannotate(
+                    urls, detector, detections_key, models, segmenter, version, query, thresholds, config, limit
+                )
+            except DeadlineExceeded as error:
+                log.info("pre-annotation stopped at its deadline: %d of %d tasks done", first, len(image_urls))
+                outcomes += [error] * (len(image_urls) - first)
+                break
         return outcomes
 
     def _preannotate(
         self,
         image_urls: list[object],
         detector: GroundingDino,
+        detections_key: str,
         models: Models | None,
         segmenter: Segmenter | None,
         version: str,
         query: TextQuery,
         thresholds: Thresholds,
         config: ProjectConfig,
-    ) -> list[TaskPrediction | Exception]:
+        limit: TimeLimit,
+    ) -> list[TaskAnswer | Exception]:
+        """One chunk, each step under `limit`."""
         started = time.perf_counter()
-        with ThreadPoolExecutor(max_workers=min(FETCH_THREADS, len(image_urls))) as pool:
-            loaded = list(pool.map(self._load_image, image_urls))
+        with self.step_times.step("fetch", len(image_urls), limit):
+            with ThreadPoolExecutor(max_workers=min(FETCH_THREADS, len(image_urls))) as pool:
+                loaded = list(pool.map(self._load_image, image_urls))
         fetched = time.perf_counter()
         images = [item for item in loaded if isinstance(item, tuple)]
-        found = iter(self._detect(detector, [pixels for _, pixels in images], query, thresholds))
+        found = iter(self._detections(detector, detections_key, images, query, thresholds, limit))
         detect_share = (time.perf_counter() - fetched) / max(len(images), 1)
-        embeddings = iter(self.embeddings_for(models, images) if models else [])
-        outcomes: list[TaskPrediction | Exception] = []
-        for item in loaded:
-            if isinstance(item, ImageError):
-                outcomes.append(item)
-                continue
-            _, pixels = item
-            segment_started = time.perf_counter()
-            cached = next(embeddings, None)
-            objects = self._segment_detections(
-                segmenter, cached.embedding if cached else None, next(found), query, config
-            )
-            outcomes.append(
-                TaskPrediction(
+        embeddings = iter(self.embeddings_for(models, images, limit) if models else [])
+        outcomes: list[TaskAnswer | Exception] = []
+        with self.step_times.step("segment", len(images), limit):
+            for item in loaded:
+                if isinstance(item, ImageError):
+                    outcomes.append(item)
+                    continue
+                _, pixels = item
+                segment_started = time.perf_counter()
+                cached = next(embeddings, None)
+                objects = self._segment_detections(
+                    segmenter, cached.embedding if cached else None, next(found), query, config
+                )
+                prediction = TaskPrediction(
                     objects=objects,
                     image_size=(pixels.shape[0], pixels.shape[1]),
                     cache_hit=cached.cache_hit if cached else False,
@@ -330,5 +358,36 @@ class Predictor(InteractiveFront):
                     },
                     model_version=version,
                 )
-            )
+                try:
+                    outcomes.append(task_answer(prediction, config, version))
+                except ConfigError as error:
+                    outcomes.append(error)
         return outcomes
+
+    def _detections(
+        self,
+        detector: GroundingDino,
+        detections_key: str,
+        images: list[tuple[FetchedImage, np.ndarray]],
+        query: TextQuery,
+        thresholds: Thresholds,
+        limit: TimeLimit,
+    ) -> list[list[Detection]]:
+        """Each image's boxes: from the cache, the others found in one GroundingDINO pass and cached."""
+        found = [self.detections.get(detections_key, image.digest) for image, _ in images]
+        missing = [index for index, detections in enumerate(found) if detections is None]
+        if missing:
+            started = time.perf_counter()
+            with self.step_times.step("detect", len(missing), limit):
+                detected = self._detect(detector, [images[index][1] for index in missing], query, thresholds)
+            for index, detections in zip(missing, detected, strict=True):
+                self.detections.put(detections_key, images[index][0].digest, detections)
+                found[index] = detections
+            # One line per pass, naming its images (operators and the tests see which images were detected).
+            log.info(
+                "detected %d images in one pass (%.2fs): %s",
+                len(missing),
+                time.perf_counter() - started,
+                " ".join(images[index][0].digest[:12] for index in missing),
+            )
+        return [detections for detections in found if detections is not None]

@@ -20,6 +20,7 @@ from rq.results import Result
 from backend.cache.connection import BLOCKING_READ_S
 from backend.cache.store import MemoryStore, ResilientStore
 from backend.config import Settings
+from backend.deadline import NO_LIMIT, TimeLimit
 from backend.decoders.serving import ProjectDecoders
 from backend.errors import BackendError, ImageError, InferenceUnavailable
 from backend.images import FetchedImage, ImageFetcher
@@ -27,6 +28,7 @@ from backend.inference.base import FETCH_THREADS, InteractiveFront
 from backend.outcomes import TaskPrediction
 from backend.prompts.interactive import ContextPrompts
 from backend.protocol.label_config import ProjectConfig
+from backend.protocol.results import TaskAnswer
 from backend.training.service import ActiveLearning, model_dir_stamp, publish_model_dir
 
 log = logging.getLogger(__name__)
@@ -167,18 +169,62 @@ class QueuePredictor(InteractiveFront):
         )
 
     def predict_batch(
-        self, image_urls: list[object], config: ProjectConfig, project_id: int | None = None
-    ) -> list[TaskPrediction | Exception]:
-        """Pre-annotation on the low-priority queue: the images are fetched here, side by side, and the
-        worker runs the same batched GroundingDINO + SAM pass as the local mode."""
-        with ThreadPoolExecutor(max_workers=min(FETCH_THREADS, len(image_urls))) as pool:
-            loaded = list(pool.map(self._fetch_or_error, image_urls))
-        images = [item for item in loaded if not isinstance(item, ImageError)]
-        if not images:
-            return loaded
-        stored_urls = [stored_url(image.digest) for image in images]
-        found = iter(self._run(self.preannotate_queue, images, PREANNOTATE_JOB, stored_urls, config, project_id))
-        return [item if isinstance(item, ImageError) else next(found) for item in loaded]
+        self,
+        image_urls: list[object],
+        config: ProjectConfig,
+        project_id: int | None = None,
+        limit: TimeLimit = NO_LIMIT,
+    ) -> list[TaskAnswer | Exception]:
+        """Pre-annotation on the low-priority queue, one job per chunk of GROUNDING_DINO_BATCH images: each
+        chunk's images are fetched here side by side, stored in Redis and let go before the next chunk's, so
+        the web tier holds one chunk at a time. The workers run the same pass as the local mode and send back
+        each task's Label Studio JSON. The jobs carry the limit (`limit`, PREDICT_DEADLINE at most), so a
+        worker starts no step past it; a chunk not answered by then gives its tasks the reason as their error,
+        and when no chunk is answered at all that reason is raised."""
+        waited = TimeLimit(min(limit.remaining(), self.settings.predict_deadline_s))
+        chunk = max(self.settings.grounding_dino_batch, 1)
+        # Per chunk: each task's error, or None for an image sent in the chunk's job.
+        sent: list[tuple[list[Exception | None], Job | None]] = []
+        for first in range(0, len(image_urls), chunk):
+            urls = image_urls[first : first + chunk]
+            if waited.expired():
+                sent.append(([waited.exceeded()] * len(urls), None))
+                continue
+            with ThreadPoolExecutor(max_workers=min(FETCH_THREADS, len(urls))) as pool:
+                loaded = list(pool.map(self._fetch_or_error, urls))
+            images = [item for item in loaded if not isinstance(item, ImageError)]
+            stored = [stored_url(image.digest) for image in images]
+            job_args = (stored, config, project_id, waited.wall_clock())
+            job = self._enqueue(self.preannotate_queue, images, PREANNOTATE_JOB, *job_args) if images else None
+            sent.append(([item if isinstance(item, ImageError) else None for item in loaded], job))
+        outcomes: list[TaskAnswer | Exception] = []
+        unanswered: list[InferenceUnavailable] = []
+        for slots, job in sent:
+            answers: list[TaskAnswer | Exception] = []
+            if job is not None:
+                try:
+                    answers = self._chunk_answers(job, waited)
+                except (InferenceUnavailable, BackendError) as error:
+                    if isinstance(error, InferenceUnavailable):
+                        unanswered.append(error)
+                    answers = [error] * slots.count(None)
+            found = iter(answers)
+            outcomes += [slot if slot is not None else next(found) for slot in slots]
+        if unanswered and len(unanswered) == sum(job is not None for _, job in sent):
+            raise unanswered[0]
+        return outcomes
+
+    def _chunk_answers(self, job: Job, waited: TimeLimit) -> list[TaskAnswer | Exception]:
+        """A chunk job's answers; looked up once more past the limit, for a chunk answered while earlier ones
+        were awaited."""
+        if not waited.expired():
+            return self._wait(job, waited.expires_at)
+        result = job.latest_result()
+        if result is None or result.type != Result.Type.SUCCESSFUL:
+            raise InferenceUnavailable(f"no answer from the workers within {waited.seconds:.0f} s")
+        if isinstance(result.return_value, BackendError):
+            raise result.return_value
+        return result.return_value
 
     def _fetch_or_error(self, url: object) -> FetchedImage | ImageError:
         try:
@@ -189,6 +235,10 @@ class QueuePredictor(InteractiveFront):
     def _run(self, queue: Queue, images: list[FetchedImage], function, *args):
         """Store the images for the workers, enqueue `function(*args)` and wait for its answer."""
         deadline = time.monotonic() + self.settings.predict_deadline_s
+        return self._wait(self._enqueue(queue, images, function, *args), deadline)
+
+    def _enqueue(self, queue: Queue, images: list[FetchedImage], function, *args) -> Job:
+        """Store the images for the workers and enqueue `function(*args)`."""
         try:
             if not alive_workers(self.connection):
                 raise InferenceUnavailable("no inference worker is running; start `python -m backend worker`")
@@ -197,7 +247,7 @@ class QueuePredictor(InteractiveFront):
                     key = IMAGE_KEY.format(digest=image.digest)
                     pipeline.set(key, image.data, ex=self.settings.job_timeout_s * 4, nx=True)
                 pipeline.execute()
-            job = queue.enqueue(
+            return queue.enqueue(
                 function,
                 *args,
                 job_timeout=self.settings.job_timeout_s,
@@ -205,7 +255,6 @@ class QueuePredictor(InteractiveFront):
                 result_ttl=60,
                 failure_ttl=24 * 3600,
             )
-            return self._wait(job, deadline)
         except redis.RedisError as error:
             log.warning("Redis error while queueing an inference job", exc_info=True)
             raise InferenceUnavailable(f"the job queue (Redis) is unreachable: {type(error).__name__}") from error

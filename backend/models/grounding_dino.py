@@ -9,6 +9,7 @@ untrained weights nearly all 900 queries pass any threshold.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import pickle
@@ -103,14 +104,19 @@ def load_grounding_dino(
         )
     if unexpected:
         log.info("ignored %d tensors of %s that the model does not use", len(unexpected), checkpoint)
-    log.info("loaded GroundingDINO from %s (config %s, text encoder %s)", checkpoint, config.name, text_encoder)
-    return GroundingDino(model, target, image_size)
+    # What the boxes depend on besides the image and the query: cached detections are keyed by it.
+    made_of = [sha256_of(checkpoint), hashlib.sha256(config.read_bytes()).hexdigest(), text_encoder, image_size]
+    identity = "gdino-" + hashlib.sha256(repr(made_of).encode()).hexdigest()[:16]
+    log.info(
+        "loaded GroundingDINO %s from %s (config %s, text encoder %s)", identity, checkpoint, config.name, text_encoder
+    )
+    return GroundingDino(model, target, identity, image_size)
 
 
 class GroundingDino:
     """A loaded GroundingDINO model; `detect` is safe to call from many threads (one pass at a time)."""
 
-    def __init__(self, model: torch.nn.Module, device: torch.device, image_size: int = 800) -> None:
+    def __init__(self, model: torch.nn.Module, device: torch.device, identity: str, image_size: int = 800) -> None:
         import groundingdino.datasets.transforms as transforms
         from groundingdino.util.misc import nested_tensor_from_tensor_list
 
@@ -118,6 +124,7 @@ class GroundingDino:
 
         self.model = model.to(device).eval()
         self.device = device
+        self.identity = identity
         self.tokenizer = model.tokenizer
         self.max_text_tokens: int = model.max_text_len
         self._transform = transforms.Compose(

@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+import time
 import uuid
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from backend.outcomes import TaskPrediction
 from backend.protocol.brush_rle import decode_mask, encode_mask
 from backend.protocol.label_config import ProjectConfig
+
+
+@dataclass
+class TaskAnswer:
+    """One task's entry of the /predict answer ("result" regions, "score", "model_version"), and how it was
+    made: kilobytes of RLE where the prediction's full-size masks were megabytes, so it is what a batch keeps
+    and what a queue worker sends back."""
+
+    entry: dict
+    cache_hit: bool = False
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 def region_id() -> str:
@@ -83,6 +96,14 @@ def task_results(prediction: TaskPrediction, config: ProjectConfig, model_versio
             )
     scores = [obj.score for obj in prediction.objects]
     return {"result": regions, "score": float(min(scores)) if scores else 0.0, "model_version": model_version}
+
+
+def task_answer(prediction: TaskPrediction, config: ProjectConfig, model_version: str) -> TaskAnswer:
+    """`task_results` with the prediction's cache state and timings, the encoding's own time included."""
+    started = time.perf_counter()
+    entry = task_results(prediction, config, prediction.model_version or model_version)
+    timings = {**prediction.timings, "results": time.perf_counter() - started}
+    return TaskAnswer(entry, prediction.cache_hit, timings)
 
 
 def decode_brush(result: dict) -> np.ndarray:

@@ -25,11 +25,10 @@ from backend.cache.store import ByteStore
 from backend.config import Settings
 from backend.errors import BackendError, ConfigError, ImageError, LockBusy, ModelNotReady, ProjectApiError, PromptError
 from backend.inference.base import Inference
-from backend.outcomes import TaskPrediction
 from backend.project_files import ProjectFiles
 from backend.protocol.label_config import ProjectConfig, parse_label_config
 from backend.protocol.project_api import ProjectApi, ProjectTask
-from backend.protocol.results import task_results
+from backend.protocol.results import TaskAnswer
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +164,7 @@ class ProjectRun:
                 if self.should_stop():
                     break
                 while len(in_flight) >= max(self.options.parallel, 1):
-                    self._collect(in_flight, config, version)
+                    self._collect(in_flight, version)
                 if self._work_started is None:
                     self._work_started = time.monotonic()
                 urls = [task.data.get(config.image_field) for task in batch]
@@ -173,7 +172,7 @@ class ProjectRun:
             stopped = self.should_stop()
             # Batches already computing are finished and stored even when stopping: their work is not thrown away.
             while in_flight:
-                self._collect(in_flight, config, version)
+                self._collect(in_flight, version)
         limit_reached = self.options.max_tasks is not None and self._submitted >= self.options.max_tasks
         if stopped or limit_reached:
             self._end("stopped", "stopped on request" if stopped else f"stopped after {self._submitted} tasks (limit)")
@@ -199,7 +198,7 @@ class ProjectRun:
         if batch:
             yield batch
 
-    def _predict(self, urls: list[object], config: ProjectConfig) -> list[TaskPrediction | Exception]:
+    def _predict(self, urls: list[object], config: ProjectConfig) -> list[TaskAnswer | Exception]:
         for _ in range(UNAVAILABLE_RETRIES):
             try:
                 return self.predictor.predict_batch(urls, config, self.project_id)
@@ -210,7 +209,7 @@ class ProjectRun:
                 time.sleep(UNAVAILABLE_PAUSE_S)
         return self.predictor.predict_batch(urls, config, self.project_id)  # the last try: its error ends the run
 
-    def _collect(self, in_flight: dict[Future, list[ProjectTask]], config: ProjectConfig, version: str) -> None:
+    def _collect(self, in_flight: dict[Future, list[ProjectTask]], version: str) -> None:
         """Store the predictions of the batches that are done (at least one), record the errors."""
         done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
         for future in done:
@@ -220,9 +219,8 @@ class ProjectRun:
             outcomes = future.result()
             predictions, errors = [], []
             for task, outcome in zip(batch, outcomes, strict=True):
-                if isinstance(outcome, TaskPrediction):
-                    answer = task_results(outcome, config, outcome.model_version or version)
-                    predictions.append({"task": task.id, **answer})
+                if isinstance(outcome, TaskAnswer):
+                    predictions.append({"task": task.id, **outcome.entry})
                 else:
                     errors.append((task, outcome))
             self.progress.predicted += self.api.push_predictions(self.project_id, predictions)

@@ -1,7 +1,8 @@
 """The functions RQ runs inside a worker process, against that process's loaded models.
 
 A worker loads its models once (`install_predictor`); each job reads the image the web tier stored
-in Redis by content hash, runs the model half of the prediction and returns plain data. Input
+in Redis by content hash, runs the model half of the prediction and returns plain data (a pre-annotation
+job: each task's Label Studio JSON, kilobytes, never the full-size masks). Input
 errors come back as values, not exceptions, so that RQ does not retry what can never succeed and
 the web tier can answer the right 4xx. Pre-annotation jobs a worker claimed together
 (`claimed_together`) share one batched model pass.
@@ -21,6 +22,7 @@ from rq.exceptions import DeserializationError
 from rq.job import Job
 
 from backend.config import Settings
+from backend.deadline import TimeLimit
 from backend.errors import BackendError, ConfigError, ImageError, PromptError
 from backend.images import FetchedImage, ImageFetcher
 from backend.inference.local import Predictor
@@ -28,6 +30,7 @@ from backend.inference.queue import IMAGE_KEY, STORED_PREFIX, stored_url
 from backend.outcomes import TaskPrediction
 from backend.prompts.interactive import ContextPrompts
 from backend.protocol.label_config import ProjectConfig
+from backend.protocol.results import TaskAnswer
 from backend.training.service import check_model_dir
 
 log = logging.getLogger(__name__)
@@ -84,14 +87,16 @@ def interactive(
 
 
 def preannotate(
-    image_urls: list[str], config: ProjectConfig, project_id: int | None = None
-) -> list[TaskPrediction | Exception] | BackendError:
+    image_urls: list[str], config: ProjectConfig, project_id: int | None = None, deadline_at: float | None = None
+) -> list[TaskAnswer | Exception] | BackendError:
+    """Each task's answer; those not done by `deadline_at` (wall-clock time, the web tier's request deadline)
+    get DeadlineExceeded."""
     assert _predictor is not None, "the worker installs its predictor before taking jobs"
     job = get_current_job()
     if _batch is not None and job is not None and (outcome := _batch.outcome(job.id)) is not None:
         return outcome
     try:
-        outcome = _predictor.predict_batch(image_urls, config, project_id)
+        outcome = _predictor.predict_batch(image_urls, config, project_id, TimeLimit.until_wall_clock(deadline_at))
     except (PromptError, ConfigError, ImageError) as error:
         return _refusal(error)
     if job is not None:
@@ -107,10 +112,11 @@ def _record_pass(job: Job, jobs: int, images: int) -> None:
 
 @dataclass
 class _Group:
-    """Claimed jobs of one project and label config: their images can share one GroundingDINO caption."""
+    """Claimed jobs of one project, label config and deadline: their images can share one GroundingDINO caption."""
 
     config: ProjectConfig
     project_id: int | None
+    deadline_at: float | None
     jobs: list[tuple[Job, list[str]]] = field(default_factory=list)  # with their image URLs
     ran: bool = False
 
@@ -122,15 +128,15 @@ class PreannotateBatch:
     def __init__(self, claimed: list[Job]) -> None:
         self.groups: list[_Group] = []
         self._group_of: dict[str, _Group] = {}
-        self._outcomes: dict[str, list[TaskPrediction | Exception]] = {}
+        self._outcomes: dict[str, list[TaskAnswer | Exception]] = {}
         for job in claimed:
             call = _preannotate_call(job)
             if call is None:
                 continue
-            urls, config, project_id = call
-            group = next((g for g in self.groups if g.config == config and g.project_id == project_id), None)
+            urls, *shared = call
+            group = next((g for g in self.groups if [g.config, g.project_id, g.deadline_at] == shared), None)
             if group is None:
-                group = _Group(config, project_id)
+                group = _Group(*shared)
                 self.groups.append(group)
             group.jobs.append((job, urls))
             self._group_of[job.id] = group
@@ -139,7 +145,7 @@ class PreannotateBatch:
     def images(self) -> int:
         return sum(len(urls) for group in self.groups for _, urls in group.jobs)
 
-    def outcome(self, job_id: str) -> list[TaskPrediction | Exception] | None:
+    def outcome(self, job_id: str) -> list[TaskAnswer | Exception] | None:
         """The job's share of its group's pass, running the pass if it has not run; None when the job is to run
         alone (not in the batch, or its group's pass failed)."""
         group = self._group_of.get(job_id)
@@ -154,7 +160,8 @@ class PreannotateBatch:
         assert _predictor is not None
         urls = [url for _, job_urls in group.jobs for url in job_urls]
         try:
-            outcomes = iter(_predictor.predict_batch(urls, group.config, group.project_id))
+            limit = TimeLimit.until_wall_clock(group.deadline_at)
+            outcomes = iter(_predictor.predict_batch(urls, group.config, group.project_id, limit))
         except (PromptError, ConfigError, ImageError) as error:
             # One job's refusal (its image expired from Redis, say) must not become the others': each runs alone.
             log.warning(
@@ -166,7 +173,7 @@ class PreannotateBatch:
             _record_pass(job, jobs=len(group.jobs), images=len(urls))
 
 
-def _preannotate_call(job: Job) -> tuple[list[str], ProjectConfig, int | None] | None:
+def _preannotate_call(job: Job) -> tuple[list[str], ProjectConfig, int | None, float | None] | None:
     """A pre-annotation job's arguments; None for any other job, or one whose data cannot be read (RQ fails it
     when it runs)."""
     try:
@@ -177,7 +184,9 @@ def _preannotate_call(job: Job) -> tuple[list[str], ProjectConfig, int | None] |
         return None
     call.apply_defaults()
     urls = call.arguments["image_urls"]
-    return (urls, call.arguments["config"], call.arguments["project_id"]) if isinstance(urls, list) else None
+    if not isinstance(urls, list):
+        return None
+    return urls, call.arguments["config"], call.arguments["project_id"], call.arguments["deadline_at"]
 
 
 @contextlib.contextmanager
