@@ -10,12 +10,14 @@ from typing import Protocol
 
 from backend.cache.store import ByteStore
 from backend.config import Settings
+from backend.deadline import NO_LIMIT, TimeLimit
 from backend.decoders.serving import ProjectDecoders
 from backend.images import ImageFetcher
 from backend.outcomes import TaskPrediction
 from backend.prompts.interactive import ContextPrompts, read_context
 from backend.prompts.text import text_query, thresholds_for
 from backend.protocol.label_config import ProjectConfig
+from backend.protocol.results import TaskAnswer
 from backend.training.service import ActiveLearning
 
 FETCH_THREADS = 8  # image downloads of one batch run side by side; they wait on the network, not the CPU
@@ -48,9 +50,14 @@ class Inference(Protocol):
         """Masks for one task's smart regions."""
 
     def predict_batch(
-        self, image_urls: list[object], config: ProjectConfig, project_id: int | None = None
-    ) -> list[TaskPrediction | Exception]:
-        """Pre-annotation of several tasks; a task that fails gets its error in its place."""
+        self,
+        image_urls: list[object],
+        config: ProjectConfig,
+        project_id: int | None = None,
+        limit: TimeLimit = NO_LIMIT,
+    ) -> list[TaskAnswer | Exception]:
+        """Pre-annotation of several tasks, each answered as Label Studio's JSON; a task that fails, or is not
+        done within `limit`, gets its error in its place."""
 
     def parallel_batches(self) -> int:
         """How many pre-annotation batches a project run keeps in flight."""
