@@ -13,7 +13,7 @@ from flask import Flask
 from backend.cache.connection import redis_client
 from backend.cache.store import make_store
 from backend.config import Settings
-from backend.http.routes import create_app
+from backend.http.server import create_app
 from backend.inference.base import Inference
 from backend.inference.queue import QueuePredictor
 

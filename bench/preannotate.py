@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from backend.cache.store import MemoryStore  # noqa: E402
 from backend.config import Settings  # noqa: E402
-from backend.http.routes import create_app  # noqa: E402
+from backend.http.server import create_app  # noqa: E402
 from backend.inference.local import Predictor  # noqa: E402
 from tests.assets import smooth_object_image  # noqa: E402
 from tests.grounding_dino_weights import write_checkpoint, write_config, write_text_encoder  # noqa: E402

@@ -14,7 +14,7 @@ import torch
 
 from backend.cache.store import make_store
 from backend.config import Settings
-from backend.http.routes import create_app
+from backend.http.server import create_app
 from backend.inference.local import Predictor
 from tests.assets import build_small_sam, encode, smooth_object_image
 from tests.grounding_dino_weights import write_checkpoint, write_config, write_text_encoder

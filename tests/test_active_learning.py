@@ -25,7 +25,7 @@ from rq.job import Job
 
 from backend.decoders.serving import MAX_VARIANTS, ProjectDecoders
 from backend.decoders.versions import PARTIAL_PREFIX, VersionStore
-from backend.http.routes import create_app
+from backend.http.server import create_app
 from backend.inference.queue import QueuePredictor
 from backend.models.sam import decoder_state, load_sam, serialize_decoder_state
 from backend.project_files import ProjectFiles

@@ -12,7 +12,7 @@ import time
 import tracemalloc
 from dataclasses import replace
 
-from backend.http.routes import create_app
+from backend.http.server import create_app
 from backend.protocol.label_config import parse_label_config
 from tests.conftest import encode, make_client, recorded, smooth_object_image
 

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from backend.cache.store import make_store
 from backend.config import Settings
-from backend.http.routes import create_app
+from backend.http.server import create_app
 from backend.inference.local import Predictor
 from tests.assets import recorded
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from backend.cache.store import MemoryStore
-from backend.http.routes import create_app
+from backend.http.server import create_app
 from backend.inference.local import Predictor
 from backend.models.loader import BackgroundLoader
 from backend.project_files import ProjectFiles

@@ -25,7 +25,7 @@ from rq.registry import StartedJobRegistry
 from backend.app import make_predictor
 from backend.cache.connection import SOCKET_TIMEOUT_S, redis_client
 from backend.errors import ImageError
-from backend.http.routes import create_app
+from backend.http.server import create_app
 from backend.inference.queue import (
     CLICK_LANE_SUFFIX,
     IMAGE_KEY,

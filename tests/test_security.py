@@ -21,7 +21,7 @@ import pytest
 from backend.cache.store import MemoryStore
 from backend.config import Settings
 from backend.errors import SettingsError
-from backend.http.routes import create_app
+from backend.http.server import create_app
 from backend.images import ImageFetcher, decode_image, redact_url
 from backend.inference.local import Predictor
 from backend.models.loader import BackgroundLoader

@@ -1,4 +1,5 @@
-"""Label Studio's ML backend protocol over HTTP (Flask 3), wire-compatible with label-studio-ml 2.x.
+"""Label Studio's ML backend protocol over HTTP (Flask 3), wire-compatible with label-studio-ml 2.x: the
+`routes` Blueprint, which `backend.http.server.create_app` registers.
 
 Routes: GET /health (and /), POST /setup, POST /predict, POST /webhook, GET /versions, GET /status,
 GET /metrics, POST|GET|DELETE /preannotate (whole-project runs in the background), and GET /livez, the
@@ -10,18 +11,15 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
-import os
 import re
-import time
+from dataclasses import dataclass
 
-from flask import Flask, Response, g, jsonify, request
-from werkzeug.exceptions import HTTPException
+from flask import Blueprint, Response, current_app, jsonify, request
 
 from backend.config import Settings
 from backend.deadline import Deadline
 from backend.errors import (
     RETRY_AFTER_S,
-    BackendError,
     BadRequest,
     ConfigError,
     DeadlineExceeded,
@@ -30,7 +28,6 @@ from backend.errors import (
     WebhookError,
 )
 from backend.http import metrics
-from backend.http.access import AccessControl
 from backend.inference.base import Inference
 from backend.prompts.interactive import ContextPrompts
 from backend.protocol.ids import is_label_studio_id
@@ -41,6 +38,22 @@ from backend.runs.preannotate import BackgroundRuns, RunOptions
 log = logging.getLogger(__name__)
 
 MODEL_CLASS = "SamBackend"
+
+routes = Blueprint("ml_backend", __name__)
+
+
+@dataclass(frozen=True)
+class Backend:
+    """What the routes serve with, made once per app by `create_app`."""
+
+    settings: Settings
+    predictor: Inference
+    model_calls: concurrent.futures.Executor  # the bounded pool a request's model calls run on, under its deadline
+    runs: BackgroundRuns
+
+
+def current_backend() -> Backend:
+    return current_app.extensions["backend"]
 
 
 # What one task can fail with and still leave the others of its request answered.
@@ -108,207 +121,188 @@ def _parse_predict_body(body: object, settings: Settings) -> tuple[list[dict], P
     return tasks, config, params.get("context")
 
 
-def create_app(settings: Settings, predictor: Inference) -> Flask:
-    app = Flask(__name__)
-    app.extensions["predictor"] = predictor
-    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
-    model_version = settings.base_model_version
-    access = AccessControl(settings.basic_auth_user, settings.basic_auth_pass, settings.bearer_token)
-    model_calls = concurrent.futures.ThreadPoolExecutor(settings.predict_threads, thread_name_prefix="predict")
+@routes.get("/livez")
+def livez() -> Response:
+    # Liveness only: open to probes without credentials, so it tells nothing about the models.
+    return jsonify({"status": "alive"})
 
-    @app.before_request
-    def authenticate() -> tuple[Response, int] | None:
-        g.started = time.perf_counter()
-        if request.path == "/livez" or access.allows(request.headers.get("Authorization", "")):
-            return None
-        response, status = error_response("authentication required", 401)
-        response.headers["WWW-Authenticate"] = access.challenge()
-        return response, status
 
-    @app.after_request
-    def stamp(response: Response) -> Response:
-        route = request.url_rule.rule if request.url_rule else "unmatched"
-        metrics.REQUESTS.labels(route, str(response.status_code)).inc()
-        metrics.LATENCY.labels(route).observe(time.perf_counter() - g.get("started", time.perf_counter()))
-        response.headers["X-Worker-Pid"] = str(os.getpid())
-        total = f"total;dur={(time.perf_counter() - g.get('started', time.perf_counter())) * 1000:.1f}"
-        parts = [response.headers.get("Server-Timing"), total]
-        response.headers["Server-Timing"] = ", ".join(part for part in parts if part)
-        return response
+@routes.get("/")
+@routes.get("/health")
+def health() -> Response:
+    backend = current_backend()
+    backend.predictor.warm_up()
+    return jsonify({"status": "UP", "model_class": MODEL_CLASS, **backend.predictor.status()})
 
-    @app.errorhandler(HTTPException)
-    def http_error(error: HTTPException) -> tuple[Response, int]:
-        return error_response(error.description or error.name, error.code or 500)
 
-    @app.errorhandler(BackendError)
-    def backend_error(error: BackendError) -> tuple[Response, int]:
-        return error_response(str(error), error.status)
+@routes.post("/setup")
+def setup() -> Response:
+    # Label Studio gives /setup 3 s: start loading, never wait for it here.
+    backend = current_backend()
+    backend.predictor.warm_up()
+    body = json_body()
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object")
+    return jsonify({"model_version": backend.predictor.decoders.current_name(project_id_of(body.get("project")))})
 
-    @app.get("/livez")
-    def livez() -> Response:
-        # Liveness only: open to probes without credentials, so it tells nothing about the models.
-        return jsonify({"status": "alive"})
 
-    @app.errorhandler(Exception)
-    def unexpected(error: Exception) -> tuple[Response, int]:
-        log.exception("unexpected error on %s %s", request.method, request.path)
-        return jsonify({"error": f"internal error: {type(error).__name__}", "status": 500}), 500
+def _predict_interactive(
+    task: dict, config: ProjectConfig, prompts: ContextPrompts, project_id: int | None, deadline: Deadline
+) -> TaskAnswer | Exception:
+    backend = current_backend()
+    try:
+        image_url = task["data"].get(config.image_field)
+        if image_url is None:
+            raise BadRequest(f"task has no data.{config.image_field}")
+        prediction = deadline.run(
+            backend.predictor.predict_interactive, image_url, task.get("id"), prompts, project_id, config
+        )
+        return task_answer(prediction, config, backend.settings.base_model_version)
+    except TASK_ERRORS as error:
+        return error
 
-    @app.get("/")
-    @app.get("/health")
-    def health() -> Response:
-        predictor.warm_up()
-        return jsonify({"status": "UP", "model_class": MODEL_CLASS, **predictor.status()})
 
-    @app.post("/setup")
-    def setup() -> Response:
-        # Label Studio gives /setup 3 s: start loading, never wait for it here.
-        predictor.warm_up()
-        body = json_body()
-        if not isinstance(body, dict):
-            raise BadRequest("the body must be a JSON object")
-        return jsonify({"model_version": predictor.decoders.current_name(project_id_of(body.get("project")))})
-
-    def _predict_interactive(
-        task: dict, config: ProjectConfig, prompts: ContextPrompts, project_id: int | None, deadline: Deadline
-    ) -> TaskAnswer | Exception:
+@routes.post("/predict")
+def predict() -> tuple[Response, int] | Response:
+    backend = current_backend()
+    body = json_body()
+    if body is None:
+        raise BadRequest("the body is not valid JSON")
+    tasks, config, context = _parse_predict_body(body, backend.settings)
+    deadline = Deadline(backend.model_calls, backend.settings.predict_deadline_s)
+    project_id = project_id_of(body.get("project"))
+    if context is None:
+        # "Retrieve predictions" or a task opened without one: pre-annotate the tasks chunk by chunk; those
+        # not done by the deadline are answered [] (see below), so Label Studio asks for them again.
+        image_urls = [task["data"].get(config.image_field) for task in tasks]
         try:
-            image_url = task["data"].get(config.image_field)
-            if image_url is None:
-                raise BadRequest(f"task has no data.{config.image_field}")
-            prediction = deadline.run(
-                predictor.predict_interactive, image_url, task.get("id"), prompts, project_id, config
-            )
-            return task_answer(prediction, config, model_version)
-        except TASK_ERRORS as error:
-            return error
-
-    @app.post("/predict")
-    def predict() -> tuple[Response, int] | Response:
-        body = json_body()
-        if body is None:
-            raise BadRequest("the body is not valid JSON")
-        tasks, config, context = _parse_predict_body(body, settings)
-        deadline = Deadline(model_calls, settings.predict_deadline_s)
-        project_id = project_id_of(body.get("project"))
-        if context is None:
-            # "Retrieve predictions" or a task opened without one: pre-annotate the tasks chunk by chunk; those
-            # not done by the deadline are answered [] (see below), so Label Studio asks for them again.
-            image_urls = [task["data"].get(config.image_field) for task in tasks]
-            try:
-                outcomes = deadline.run_in_steps(predictor.predict_batch, image_urls, config, project_id)
-            except PromptError as error:
-                raise BadRequest(str(error), error.status) from error
-            except (DeadlineExceeded, ImageError, ConfigError) as error:
-                outcomes = [error] * len(tasks)
-        else:
-            try:
-                prompts = predictor.read_context(context, config)
-            except (PromptError, ConfigError) as error:
-                # One context serves every task of the request: a bad one is refused whole, before any download.
-                raise BadRequest(str(error), error.status) from error
-            outcomes = [_predict_interactive(task, config, prompts, project_id, deadline) for task in tasks]
-        results, errors, last_answer = [], [], None
-        for index, (task, outcome) in enumerate(zip(tasks, outcomes, strict=True)):
-            if isinstance(outcome, TaskAnswer):
-                results.append(outcome.entry)
-                record_prediction_metrics(outcome)
-                last_answer = outcome
-                continue
-            status = outcome.status
-            log.warning("task %s (#%d): %s", task.get("id"), index, outcome)
-            metrics.PREDICT_ERRORS.labels(str(status)).inc()
-            errors.append({"task": task.get("id"), "index": index, "error": str(outcome), "status": status})
-            # An empty list makes Label Studio store no prediction for the task (a dict with an empty
-            # result would be stored), so the next "Retrieve predictions" asks for it again.
-            results.append([])
-        if errors and len(errors) == len(tasks):
-            # Nothing to show: answer the first error's status so the caller sees why.
-            return error_response(errors[0]["error"], errors[0]["status"], errors=errors)
-        response = jsonify({"results": results, **({"errors": errors} if errors else {})})
-        if last_answer is not None and len(tasks) == 1:
-            response.headers["X-Embedding-Cache"] = "hit" if last_answer.cache_hit else "miss"
-            response.headers["Server-Timing"] = ", ".join(
-                f"{name};dur={seconds * 1000:.1f}" for name, seconds in last_answer.timings.items()
-            )
-        return response
-
-    @app.get("/status")
-    def status() -> Response:
-        served = predictor.decoders.current_name(None)  # in queue mode, the workers' model_version
-        return jsonify({"model_class": MODEL_CLASS, "model_version": served, **predictor.status()})
-
-    @app.get("/metrics")
-    def metrics_text() -> Response:
-        return Response(metrics.render(predictor.status()), content_type=metrics.CONTENT_TYPE)
-
-    @app.post("/webhook")
-    def webhook() -> tuple[Response, int] | Response:
-        body = json_body()
-        if not isinstance(body, dict) or not isinstance(body.get("action"), str):
-            raise BadRequest("a webhook body is a JSON object with an 'action'")
+            outcomes = deadline.run_in_steps(backend.predictor.predict_batch, image_urls, config, project_id)
+        except PromptError as error:
+            raise BadRequest(str(error), error.status) from error
+        except (DeadlineExceeded, ImageError, ConfigError) as error:
+            outcomes = [error] * len(tasks)
+    else:
         try:
-            answer = predictor.learning.receive(body)
-        except WebhookError as error:
-            raise BadRequest(str(error)) from error
-        log.info("webhook %s for project %s: %s", body["action"], answer.get("project"), answer["status"])
-        return jsonify(answer)
+            prompts = backend.predictor.read_context(context, config)
+        except (PromptError, ConfigError) as error:
+            # One context serves every task of the request: a bad one is refused whole, before any download.
+            raise BadRequest(str(error), error.status) from error
+        outcomes = [_predict_interactive(task, config, prompts, project_id, deadline) for task in tasks]
+    results, errors, last_answer = [], [], None
+    for index, (task, outcome) in enumerate(zip(tasks, outcomes, strict=True)):
+        if isinstance(outcome, TaskAnswer):
+            results.append(outcome.entry)
+            record_prediction_metrics(outcome)
+            last_answer = outcome
+            continue
+        status = outcome.status
+        log.warning("task %s (#%d): %s", task.get("id"), index, outcome)
+        metrics.PREDICT_ERRORS.labels(str(status)).inc()
+        errors.append({"task": task.get("id"), "index": index, "error": str(outcome), "status": status})
+        # An empty list makes Label Studio store no prediction for the task (a dict with an empty
+        # result would be stored), so the next "Retrieve predictions" asks for it again.
+        results.append([])
+    if errors and len(errors) == len(tasks):
+        # Nothing to show: answer the first error's status so the caller sees why.
+        return error_response(errors[0]["error"], errors[0]["status"], errors=errors)
+    response = jsonify({"results": results, **({"errors": errors} if errors else {})})
+    if last_answer is not None and len(tasks) == 1:
+        response.headers["X-Embedding-Cache"] = "hit" if last_answer.cache_hit else "miss"
+        response.headers["Server-Timing"] = ", ".join(
+            f"{name};dur={seconds * 1000:.1f}" for name, seconds in last_answer.timings.items()
+        )
+    return response
 
-    runs = BackgroundRuns(predictor, settings, predictor.store)
 
-    @app.post("/preannotate")
-    def preannotate_start() -> tuple[Response, int]:
-        body = json_body()
-        if not isinstance(body, dict):
-            raise BadRequest("the body must be a JSON object with 'project'")
-        project_id = project_id_of(body.get("project"))
-        if project_id is None:
-            raise BadRequest(f"'project' must be a Label Studio project id, got {body.get('project')!r}")
-        if not settings.label_studio_url or not settings.label_studio_api_key:
-            raise BadRequest("whole-project pre-annotation needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY", 422)
-        options = RunOptions(batch_size=settings.grounding_dino_batch, parallel=predictor.parallel_batches())
-        for name in ("max_tasks", "batch_size"):
-            value = body.get(name)
-            if value is not None:
-                if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                    raise BadRequest(f"'{name}' must be a positive integer, got {value!r}")
-                setattr(options, name, value)
-        options.skip_annotated = bool(body.get("skip_annotated", False))
-        progress = runs.start(project_id, options)
-        if progress["state"] == "busy":
-            return error_response("a pre-annotation run of this project is going on", 409, progress=progress)
-        if progress["state"] == "failed":
-            return error_response(progress["message"], 422, progress=progress)
-        return jsonify(progress), 202
+@routes.get("/status")
+def status() -> Response:
+    backend = current_backend()
+    served = backend.predictor.decoders.current_name(None)  # in queue mode, the workers' model_version
+    return jsonify({"model_class": MODEL_CLASS, "model_version": served, **backend.predictor.status()})
 
-    def requested_project() -> int:
-        project_id = project_id_of(request.args.get("project", ""))
-        if project_id is None:
-            raise BadRequest(f"?project= must be a Label Studio project id, got {request.args.get('project')!r}")
-        return project_id
 
-    @app.get("/preannotate")
-    def preannotate_progress() -> Response:
-        project_id = requested_project()
-        progress = runs.progress(project_id)
-        if progress is None:
-            raise BadRequest(f"no pre-annotation run of project {project_id} is known", 404)
-        return jsonify(progress)
+@routes.get("/metrics")
+def metrics_text() -> Response:
+    backend = current_backend()
+    return Response(metrics.render(backend.predictor.status()), content_type=metrics.CONTENT_TYPE)
 
-    @app.delete("/preannotate")
-    def preannotate_stop() -> tuple[Response, int]:
-        project_id = requested_project()
-        runs.stop(project_id)
-        return jsonify({"project": project_id, "state": "stopping"}), 202
 
-    @app.get("/versions")
-    def versions() -> Response:
-        raw = request.args.get("project")
-        if raw is None:
-            return jsonify(predictor.learning.describe_all())
-        project_id = project_id_of(raw)
-        if project_id is None:
-            raise BadRequest(f"project must be a Label Studio project id, got {raw!r}")
-        return jsonify(predictor.learning.describe(project_id))
+@routes.post("/webhook")
+def webhook() -> tuple[Response, int] | Response:
+    backend = current_backend()
+    body = json_body()
+    if not isinstance(body, dict) or not isinstance(body.get("action"), str):
+        raise BadRequest("a webhook body is a JSON object with an 'action'")
+    try:
+        answer = backend.predictor.learning.receive(body)
+    except WebhookError as error:
+        raise BadRequest(str(error)) from error
+    log.info("webhook %s for project %s: %s", body["action"], answer.get("project"), answer["status"])
+    return jsonify(answer)
 
-    return app
+
+@routes.post("/preannotate")
+def preannotate_start() -> tuple[Response, int]:
+    backend = current_backend()
+    body = json_body()
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object with 'project'")
+    project_id = project_id_of(body.get("project"))
+    if project_id is None:
+        raise BadRequest(f"'project' must be a Label Studio project id, got {body.get('project')!r}")
+    if not backend.settings.label_studio_url or not backend.settings.label_studio_api_key:
+        raise BadRequest("whole-project pre-annotation needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY", 422)
+    options = RunOptions(
+        batch_size=backend.settings.grounding_dino_batch,
+        parallel=backend.predictor.parallel_batches(),
+    )
+    for name in ("max_tasks", "batch_size"):
+        value = body.get(name)
+        if value is not None:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise BadRequest(f"'{name}' must be a positive integer, got {value!r}")
+            setattr(options, name, value)
+    options.skip_annotated = bool(body.get("skip_annotated", False))
+    progress = backend.runs.start(project_id, options)
+    if progress["state"] == "busy":
+        return error_response("a pre-annotation run of this project is going on", 409, progress=progress)
+    if progress["state"] == "failed":
+        return error_response(progress["message"], 422, progress=progress)
+    return jsonify(progress), 202
+
+
+def requested_project() -> int:
+    project_id = project_id_of(request.args.get("project", ""))
+    if project_id is None:
+        raise BadRequest(f"?project= must be a Label Studio project id, got {request.args.get('project')!r}")
+    return project_id
+
+
+@routes.get("/preannotate")
+def preannotate_progress() -> Response:
+    backend = current_backend()
+    project_id = requested_project()
+    progress = backend.runs.progress(project_id)
+    if progress is None:
+        raise BadRequest(f"no pre-annotation run of project {project_id} is known", 404)
+    return jsonify(progress)
+
+
+@routes.delete("/preannotate")
+def preannotate_stop() -> tuple[Response, int]:
+    backend = current_backend()
+    project_id = requested_project()
+    backend.runs.stop(project_id)
+    return jsonify({"project": project_id, "state": "stopping"}), 202
+
+
+@routes.get("/versions")
+def versions() -> Response:
+    backend = current_backend()
+    raw = request.args.get("project")
+    if raw is None:
+        return jsonify(backend.predictor.learning.describe_all())
+    project_id = project_id_of(raw)
+    if project_id is None:
+        raise BadRequest(f"project must be a Label Studio project id, got {raw!r}")
+    return jsonify(backend.predictor.learning.describe(project_id))

@@ -1,0 +1,77 @@
+"""The Flask app factory: one app per process, with authentication, timing and error handling around the
+routes of `backend.http.routes`. `create_app` is the HTTP layer's only entry; the composition root calls it."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import os
+import time
+
+from flask import Flask, Response, g, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from backend.config import Settings
+from backend.errors import BackendError
+from backend.http import metrics
+from backend.http.access import AccessControl
+from backend.http.routes import Backend, error_response, routes
+from backend.inference.base import Inference
+from backend.runs.preannotate import BackgroundRuns
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings, predictor: Inference) -> Flask:
+    """The app serving Label Studio's ML backend protocol with `predictor`'s models."""
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
+    app.extensions["predictor"] = predictor
+    app.extensions["backend"] = Backend(
+        settings=settings,
+        predictor=predictor,
+        model_calls=concurrent.futures.ThreadPoolExecutor(settings.predict_threads, thread_name_prefix="predict"),
+        runs=BackgroundRuns(predictor, settings, predictor.store),
+    )
+    access = AccessControl(settings.basic_auth_user, settings.basic_auth_pass, settings.bearer_token)
+
+    @app.before_request
+    def authenticate() -> tuple[Response, int] | None:
+        g.started = time.perf_counter()
+        if request.path == "/livez" or access.allows(request.headers.get("Authorization", "")):
+            return None
+        response, status = error_response("authentication required", 401)
+        response.headers["WWW-Authenticate"] = access.challenge()
+        return response, status
+
+    app.after_request(_stamp)
+    app.register_error_handler(HTTPException, _http_error)
+    app.register_error_handler(BackendError, _backend_error)
+    app.register_error_handler(Exception, _unexpected)
+    app.register_blueprint(routes)
+    return app
+
+
+def _stamp(response: Response) -> Response:
+    """Metrics by route, and the worker pid and time spent in headers."""
+    route = request.url_rule.rule if request.url_rule else "unmatched"
+    elapsed = time.perf_counter() - g.get("started", time.perf_counter())
+    metrics.REQUESTS.labels(route, str(response.status_code)).inc()
+    metrics.LATENCY.labels(route).observe(elapsed)
+    response.headers["X-Worker-Pid"] = str(os.getpid())
+    parts = [response.headers.get("Server-Timing"), f"total;dur={elapsed * 1000:.1f}"]
+    response.headers["Server-Timing"] = ", ".join(part for part in parts if part)
+    return response
+
+
+def _http_error(error: HTTPException) -> tuple[Response, int]:
+    return error_response(error.description or error.name, error.code or 500)
+
+
+def _backend_error(error: BackendError) -> tuple[Response, int]:
+    return error_response(str(error), error.status)
+
+
+def _unexpected(error: Exception) -> tuple[Response, int]:
+    log.exception("unexpected error on %s %s", request.method, request.path)
+    return jsonify({"error": f"internal error: {type(error).__name__}", "status": 500}), 500
