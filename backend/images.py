@@ -25,7 +25,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from backend.config import Settings
 from backend.errors import AuthError, BlockedAddress, ImageError
 from backend.netguard import AddressPolicy, CutOff, GuardedAdapter
-from backend.protocol.auth import LabelStudioAuth
+from backend.protocol.auth import LabelStudioCredentials
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +61,14 @@ class ImageFetcher:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.label_studio = urlsplit(settings.label_studio_url) if settings.label_studio_url else None
-        self.auth = (
-            LabelStudioAuth(settings.label_studio_url, settings.label_studio_api_key, settings.download_timeout_s)
+        self.credentials = (
+            LabelStudioCredentials(
+                settings.label_studio_url, settings.label_studio_api_key, settings.download_timeout_s
+            )
             if settings.label_studio_url
             else None
         )
-        trusted = frozenset()
+        trusted: frozenset[tuple[str, int]] = frozenset()
         if self.label_studio is not None and self.label_studio.hostname:
             default_port = 443 if self.label_studio.scheme == "https" else 80
             trusted = frozenset({(self.label_studio.hostname.lower(), self.label_studio.port or default_port)})
@@ -151,16 +153,16 @@ class ImageFetcher:
 
     def _get(self, url: str, with_auth: bool) -> requests.Response:
         try:
-            headers = self.auth.header() if with_auth and self.auth else {}
+            credentials = self.credentials if with_auth else None
+            headers = credentials.header() if credentials else {}
             response = self.http.get(
                 url, headers=headers, timeout=self.settings.download_timeout_s, stream=True, allow_redirects=False
             )
-            if response.status_code == 401 and with_auth and self.auth and self.auth.is_personal_access_token:
+            if response.status_code == 401 and credentials and credentials.refused(headers):
                 response.close()
-                self.auth.invalidate()
                 response = self.http.get(
                     url,
-                    headers=self.auth.header(),
+                    headers=credentials.header(),
                     timeout=self.settings.download_timeout_s,
                     stream=True,
                     allow_redirects=False,

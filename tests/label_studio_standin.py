@@ -27,10 +27,10 @@ from werkzeug.wrappers import Request, Response
 SECRET = "test-signing-key-for-the-label-studio-stand-in"
 
 
-def make_personal_access_token(user_id: int = 1) -> str:
+def make_personal_access_token(user_id: int = 1, lifetime_s: int = 3600 * 24, secret: str = SECRET) -> str:
     now = int(time.time())
-    claims = {"token_type": "refresh", "user_id": user_id, "iat": now, "exp": now + 3600 * 24, "jti": "pat"}
-    return jwt.encode(claims, SECRET, algorithm="HS256")
+    claims = {"token_type": "refresh", "user_id": user_id, "iat": now, "exp": now + lifetime_s, "jti": "pat"}
+    return jwt.encode(claims, secret, algorithm="HS256")
 
 
 class LabelStudioStandIn:
@@ -41,6 +41,7 @@ class LabelStudioStandIn:
         self.access_lifetime_s = 300
         self.requests: list[tuple[str, str, str]] = []  # (method, path, auth scheme)
         self.refreshes = 0
+        self.access_generation = 0  # access tokens of an older generation are refused
         self.delay_s = 0.0
         self.stalls: dict[str, float] = {}
         self.redirects: dict[str, str] = {}
@@ -68,7 +69,7 @@ class LabelStudioStandIn:
                 claims = jwt.decode(value, SECRET, algorithms=["HS256"])
             except jwt.PyJWTError:
                 return False
-            return claims.get("token_type") == "access"
+            return claims.get("token_type") == "access" and claims.get("generation") == self.access_generation
         return False
 
     def _app(self, environ, start_response):
@@ -91,6 +92,11 @@ class LabelStudioStandIn:
         else:
             response = self._file(self.media_root / "public" / request.path.lstrip("/"), "chunked" in request.args)
         return response(environ, start_response)
+
+    def revoke_access_tokens(self) -> None:
+        """Refuse every access token issued so far, before its expiry: what a client sees when its token
+        expires in flight or Label Studio's clock runs ahead of its own."""
+        self.access_generation += 1
 
     def add_project(self, label_config: str, image_urls: list[str]) -> int:
         """A project with one task per image URL and no predictions; its id."""
@@ -140,7 +146,13 @@ class LabelStudioStandIn:
         self.refreshes += 1
         now = int(time.time())
         access = jwt.encode(
-            {"token_type": "access", "user_id": claims["user_id"], "iat": now, "exp": now + self.access_lifetime_s},
+            {
+                "token_type": "access",
+                "user_id": claims["user_id"],
+                "iat": now,
+                "exp": now + self.access_lifetime_s,
+                "generation": self.access_generation,
+            },
             SECRET,
             algorithm="HS256",
         )

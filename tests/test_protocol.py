@@ -195,20 +195,93 @@ def test_personal_access_token_is_exchanged_and_reused(settings, label_studio):
     assert label_studio.requests[-1][2] == "Bearer"
 
 
-def test_personal_access_token_is_refreshed_before_it_expires(settings, label_studio):
+def test_personal_access_token_is_exchanged_again_once_the_access_token_expires(settings, label_studio):
     from tests.label_studio_standin import make_personal_access_token
 
     client, _ = make_client(replace(settings, label_studio_api_key=make_personal_access_token()))
-    label_studio.access_lifetime_s = 32  # the backend refreshes 30 s before expiry
+    label_studio.access_lifetime_s = 3
     try:
         before = label_studio.refreshes
-        client.post("/predict", json=interactive("04-predict-interactive-keypoints.json"))
-        time.sleep(2.5)
-        response = client.post("/predict", json=interactive("04-predict-interactive-keypoints.json"))
+        first = client.post("/predict", json=interactive("04-predict-interactive-keypoints.json"))
+        time.sleep(3.2)  # past the access token's `exp`, whole seconds at most 3 after it was issued
+        second = client.post("/predict", json=interactive("04-predict-interactive-keypoints.json"))
     finally:
         label_studio.access_lifetime_s = 300
-    assert response.status_code == 200
+    assert first.status_code == 200 and second.status_code == 200, (first.json, second.json)
     assert label_studio.refreshes == before + 2
+
+
+def test_access_token_refused_before_it_expires_is_exchanged_again(settings, label_studio):
+    from tests.label_studio_standin import make_personal_access_token
+
+    client, _ = make_client(replace(settings, label_studio_api_key=make_personal_access_token()))
+    before = label_studio.refreshes
+    assert client.post("/predict", json=interactive("04-predict-interactive-keypoints.json")).status_code == 200
+    label_studio.revoke_access_tokens()
+    response = client.post("/predict", json=interactive("04-predict-interactive-keypoints.json"))
+    assert response.status_code == 200, response.json
+    assert label_studio.refreshes == before + 2
+    assert [scheme for method, path, scheme in label_studio.requests[-3:]] == ["Bearer", "", "Bearer"]
+
+
+@pytest.mark.parametrize(
+    "key_kind, reason",
+    [("signed by another Label Studio", "HTTP 401"), ("expired", "API key has expired")],
+)
+def test_personal_access_token_refused_says_to_check_the_key(settings, label_studio, key_kind, reason):
+    from tests.label_studio_standin import make_personal_access_token
+
+    key = (
+        make_personal_access_token(secret="signing-key-of-another-label-studio-instance")
+        if key_kind.startswith("signed")
+        else make_personal_access_token(lifetime_s=-60)
+    )
+    client, _ = make_client(replace(settings, label_studio_api_key=key))
+    response = client.post("/predict", json=interactive("04-predict-interactive-keypoints.json"))
+    assert response.status_code == 422
+    error = response.json["error"]
+    assert "refused the personal access token" in error and reason in error and "LABEL_STUDIO_API_KEY" in error
+
+
+def test_unreachable_label_studio_says_the_key_could_not_be_exchanged(settings):
+    from tests.label_studio_standin import make_personal_access_token
+    from tests.services import free_port
+
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    client, _ = make_client(
+        replace(settings, label_studio_url=nowhere, label_studio_api_key=make_personal_access_token())
+    )
+    response = client.post("/predict", json=interactive("04-predict-interactive-keypoints.json"))
+    assert response.status_code == 422
+    assert f"could not exchange the personal access token at {nowhere}/api/token/refresh/" in response.json["error"]
+
+
+def test_label_studio_under_a_sub_path_is_asked_for_tokens_under_it(label_studio):
+    from backend.errors import AuthError
+    from backend.protocol.auth import LabelStudioCredentials
+    from tests.label_studio_standin import make_personal_access_token
+
+    credentials = LabelStudioCredentials(label_studio.url + "/ls", make_personal_access_token(), timeout_s=10)
+    with pytest.raises(AuthError, match="could not exchange"):  # the stand-in serves nothing under /ls/
+        credentials.header()
+    assert label_studio.requests[-1][:2] == ("POST", "/ls/api/token/refresh/?")
+
+
+def test_sdk_authorization_is_token_for_legacy_keys_and_bearer_for_personal_access_tokens(label_studio):
+    import jwt
+    from label_studio_sdk import LabelStudio
+
+    from backend.protocol.auth import sdk_authorization
+    from tests.label_studio_standin import SECRET, make_personal_access_token
+
+    legacy = LabelStudio(base_url=label_studio.url, api_key=label_studio.legacy_token)
+    assert sdk_authorization(legacy) == f"Token {label_studio.legacy_token}"
+    personal = LabelStudio(base_url=label_studio.url, api_key=make_personal_access_token())
+    before = label_studio.refreshes
+    first, second = sdk_authorization(personal), sdk_authorization(personal)
+    assert first == second and first.startswith("Bearer ")
+    assert jwt.decode(first.removeprefix("Bearer "), SECRET, algorithms=["HS256"])["token_type"] == "access"
+    assert label_studio.refreshes == before + 1
 
 
 def test_legacy_token_refused_says_to_check_the_key(settings, label_studio):

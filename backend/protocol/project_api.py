@@ -11,10 +11,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import httpx
-from label_studio_sdk import LabelStudio, PredictionRequest
+from label_studio_sdk import PredictionRequest
 from label_studio_sdk.core.api_error import ApiError
 
 from backend.errors import ProjectApiError
+from backend.protocol.auth import label_studio_client
 
 # A project run can be long; one slow Label Studio answer should not end it.
 HTTP_TIMEOUT_S = 120.0
@@ -41,7 +42,7 @@ class ProjectApi:
         if not url or not api_key:
             raise ProjectApiError("a project run needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY")
         self.url = url
-        self.client = LabelStudio(base_url=url, api_key=api_key, timeout=HTTP_TIMEOUT_S)
+        self.client = label_studio_client(url, api_key, timeout=HTTP_TIMEOUT_S)
 
     def _call(self, what: str, call, *args, **kwargs):
         try:

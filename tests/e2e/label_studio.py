@@ -16,7 +16,7 @@ from pathlib import Path
 
 import requests
 
-from backend.protocol.auth import LabelStudioAuth
+from backend.protocol.auth import LabelStudioCredentials
 from tests.assets import REPO
 from tests.services import free_port
 
@@ -125,11 +125,11 @@ class LabelStudioApi:
 
     def __init__(self, url: str, api_key: str) -> None:
         self.url = url
-        self.auth = LabelStudioAuth(url, api_key)
+        self.credentials = LabelStudioCredentials(url, api_key, timeout_s=300)
         self.http = requests.Session()
 
     def call(self, method: str, path: str, expect: int | tuple[int, ...] = (200, 201), **kwargs) -> object:
-        response = self.http.request(method, self.url + path, headers=self.auth.header(), timeout=300, **kwargs)
+        response = self.http.request(method, self.url + path, headers=self.credentials.header(), timeout=300, **kwargs)
         expected = (expect,) if isinstance(expect, int) else expect
         assert response.status_code in expected, f"{method} {path} -> {response.status_code}: {response.text[:500]}"
         return response.json() if response.content else None
