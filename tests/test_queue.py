@@ -30,10 +30,12 @@ from backend.inference.queue import (
     CLICK_LANE_SUFFIX,
     IMAGE_KEY,
     INTERACTIVE_QUEUE,
+    PREANNOTATE_JOB,
     PREANNOTATE_QUEUE,
     TRAINING_QUEUE,
     QueuePredictor,
     alive_workers,
+    preannotate_job,
     stored_url,
 )
 from backend.outcomes import TaskPrediction
@@ -207,7 +209,9 @@ def test_clicks_go_ahead_of_waiting_pre_annotation_jobs(web_settings, workers, g
     connection.set(IMAGE_KEY.format(digest=image.digest), image.data)
     # Bulk jobs wait first, then a click arrives; one worker then starts taking jobs.
     bulk = [
-        predictor.preannotate_queue.enqueue(jobs.preannotate, [stored_url(image.digest)], config, None)
+        predictor.preannotate_queue.enqueue(
+            PREANNOTATE_JOB, **preannotate_job([stored_url(image.digest)], config, None, None)
+        )
         for _ in range(3)
     ]
     click_job = predictor.interactive_queue.enqueue(jobs.interactive, image.digest, 1, recorded_click())
@@ -234,7 +238,9 @@ def test_a_click_is_answered_while_the_only_worker_runs_a_long_pre_annotation_jo
         digests.append(hashlib.sha256(data).hexdigest())
         connection.set(IMAGE_KEY.format(digest=digests[-1]), data)
     bulk = predictor.preannotate_queue.enqueue(
-        jobs.preannotate, [stored_url(digest) for digest in digests], config, None, job_timeout=600
+        PREANNOTATE_JOB,
+        job_timeout=600,
+        **preannotate_job([stored_url(digest) for digest in digests], config, None, None),
     )
     workers.start(1, **grounding_env(grounding_dino_files))
     deadline = time.time() + 300
@@ -267,7 +273,10 @@ def waiting_pre_annotation_jobs(predictor: QueuePredictor, images: list[bytes], 
         predictor.connection.set(IMAGE_KEY.format(digest=digest), data)
         enqueued.append(
             predictor.preannotate_queue.enqueue(
-                jobs.preannotate, [stored_url(digest)], config, None, job_timeout=timeout_s, retry=Retry(max=2)
+                PREANNOTATE_JOB,
+                job_timeout=timeout_s,
+                retry=Retry(max=2),
+                **preannotate_job([stored_url(digest)], config, None, None),
             )
         )
     return enqueued

@@ -7,6 +7,7 @@ has no answer within PREDICT_DEADLINE, or finds no worker alive, answers 503 wit
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -45,7 +46,19 @@ INTERACTIVE_JOB = "backend.worker.jobs.interactive"
 PREANNOTATE_JOB = "backend.worker.jobs.preannotate"
 LEARN_JOB = "backend.worker.jobs.learn"
 CLICK_LANE_SUFFIX = "-clicks"  # a worker process's second, clicks-only loop registers under its name + this
+BATCH_GROUP_META = "batch_group"  # jobs with the same value may share one model pass on a worker
 MODEL_VERSION_FIELD = "model_version"  # in a worker's registration: the model_version its predictions carry
+
+
+def preannotate_job(
+    image_urls: list[str], config: ProjectConfig, project_id: int | None, deadline_at: float | None
+) -> dict[str, object]:
+    """RQ's enqueue options for a pre-annotation job (`backend.worker.jobs.preannotate`): its arguments by name,
+    and in its meta the group it may be batched with on a worker, the jobs of one project, label config and
+    deadline, whose images can share one GroundingDINO caption."""
+    group = hashlib.sha256(repr((config, project_id, deadline_at)).encode()).hexdigest()[:24]
+    kwargs = {"image_urls": image_urls, "config": config, "project_id": project_id, "deadline_at": deadline_at}
+    return {"kwargs": kwargs, "meta": {BATCH_GROUP_META: group}}
 
 
 def stored_url(digest: str) -> str:
@@ -194,8 +207,16 @@ class QueuePredictor(InteractiveFront):
                 loaded = list(pool.map(self._fetch_or_error, urls))
             images = [item for item in loaded if not isinstance(item, ImageError)]
             stored = [stored_url(image.digest) for image in images]
-            job_args = (stored, config, project_id, waited.wall_clock())
-            job = self._enqueue(self.preannotate_queue, images, PREANNOTATE_JOB, *job_args) if images else None
+            job = (
+                self._enqueue(
+                    self.preannotate_queue,
+                    images,
+                    PREANNOTATE_JOB,
+                    **preannotate_job(stored, config, project_id, waited.wall_clock()),
+                )
+                if images
+                else None
+            )
             sent.append(([item if isinstance(item, ImageError) else None for item in loaded], job))
         outcomes: list[TaskAnswer | Exception] = []
         unanswered: list[InferenceUnavailable] = []
@@ -237,8 +258,10 @@ class QueuePredictor(InteractiveFront):
         deadline = time.monotonic() + self.settings.predict_deadline_s
         return self._wait(self._enqueue(queue, images, function, *args), deadline)
 
-    def _enqueue(self, queue: Queue, images: list[FetchedImage], function, *args) -> Job:
-        """Store the images for the workers and enqueue `function(*args)`."""
+    def _enqueue(
+        self, queue: Queue, images: list[FetchedImage], function: str, *args: object, **options: object
+    ) -> Job:
+        """Store the images for the workers and enqueue `function(*args)` (with RQ's `options`: kwargs, meta)."""
         try:
             if not alive_workers(self.connection):
                 raise InferenceUnavailable("no inference worker is running; start `python -m backend worker`")
@@ -254,6 +277,7 @@ class QueuePredictor(InteractiveFront):
                 retry=Retry(max=2),
                 result_ttl=60,
                 failure_ttl=24 * 3600,
+                **options,  # type: ignore[arg-type]  # RQ's enqueue options (kwargs, meta) are its own keywords
             )
         except redis.RedisError as error:
             log.warning("Redis error while queueing an inference job", exc_info=True)

@@ -11,7 +11,6 @@ the web tier can answer the right 4xx. Pre-annotation jobs a worker claimed toge
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from backend.deadline import TimeLimit
 from backend.errors import BackendError, ConfigError, ImageError, PromptError
 from backend.images import FetchedImage, ImageFetcher
 from backend.inference.local import Predictor
-from backend.inference.queue import IMAGE_KEY, STORED_PREFIX, stored_url
+from backend.inference.queue import BATCH_GROUP_META, IMAGE_KEY, PREANNOTATE_JOB, STORED_PREFIX, stored_url
 from backend.outcomes import TaskPrediction
 from backend.prompts.interactive import ContextPrompts
 from backend.protocol.label_config import ProjectConfig
@@ -58,6 +57,13 @@ class StoredImageFetcher(ImageFetcher):
         return FetchedImage(url=url, data=data)
 
 
+def _installed() -> Predictor:
+    """The worker's predictor; RuntimeError for a job run where none was installed (not a model worker)."""
+    if _predictor is None:
+        raise RuntimeError("backend.worker.jobs runs in a model worker, which installs its predictor first")
+    return _predictor
+
+
 def install_predictor(predictor: Predictor, queue_connection: redis.Redis) -> None:
     """Called once by the worker before it takes jobs."""
     global _predictor
@@ -78,10 +84,10 @@ def interactive(
     config: ProjectConfig | None = None,
 ) -> TaskPrediction | BackendError:
     """Masks for prompts the web tier has read and checked (`InteractiveFront.read_context`)."""
-    assert _predictor is not None, "the worker installs its predictor before taking jobs"
+    predictor = _installed()
     try:
-        image = _predictor.fetcher.fetch(stored_url(digest))
-        return _predictor.predict_for_image(image, task_id, prompts, project_id, config)
+        image = predictor.fetcher.fetch(stored_url(digest))
+        return predictor.predict_for_image(image, task_id, prompts, project_id, config)
     except (ImageError, PromptError, ConfigError) as error:
         return _refusal(error)
 
@@ -91,12 +97,12 @@ def preannotate(
 ) -> list[TaskAnswer | Exception] | BackendError:
     """Each task's answer; those not done by `deadline_at` (wall-clock time, the web tier's request deadline)
     get DeadlineExceeded."""
-    assert _predictor is not None, "the worker installs its predictor before taking jobs"
+    predictor = _installed()
     job = get_current_job()
     if _batch is not None and job is not None and (outcome := _batch.outcome(job.id)) is not None:
         return outcome
     try:
-        outcome = _predictor.predict_batch(image_urls, config, project_id, TimeLimit.until_wall_clock(deadline_at))
+        outcome = predictor.predict_batch(image_urls, config, project_id, TimeLimit.until_wall_clock(deadline_at))
     except (PromptError, ConfigError, ImageError) as error:
         return _refusal(error)
     if job is not None:
@@ -129,14 +135,15 @@ class PreannotateBatch:
         self.groups: list[_Group] = []
         self._group_of: dict[str, _Group] = {}
         self._outcomes: dict[str, list[TaskAnswer | Exception]] = {}
+        by_key: dict[str, _Group] = {}
         for job in claimed:
             call = _preannotate_call(job)
             if call is None:
                 continue
-            urls, *shared = call
-            group = next((g for g in self.groups if [g.config, g.project_id, g.deadline_at] == shared), None)
+            key, urls, config, project_id, deadline_at = call
+            group = by_key.get(key)
             if group is None:
-                group = _Group(*shared)
+                group = by_key[key] = _Group(config, project_id, deadline_at)
                 self.groups.append(group)
             group.jobs.append((job, urls))
             self._group_of[job.id] = group
@@ -157,11 +164,11 @@ class PreannotateBatch:
         return self._outcomes.pop(job_id, None)
 
     def _run(self, group: _Group) -> None:
-        assert _predictor is not None
+        predictor = _installed()
         urls = [url for _, job_urls in group.jobs for url in job_urls]
         try:
             limit = TimeLimit.until_wall_clock(group.deadline_at)
-            outcomes = iter(_predictor.predict_batch(urls, group.config, group.project_id, limit))
+            outcomes = iter(predictor.predict_batch(urls, group.config, group.project_id, limit))
         except (PromptError, ConfigError, ImageError) as error:
             # One job's refusal (its image expired from Redis, say) must not become the others': each runs alone.
             log.warning(
@@ -173,20 +180,17 @@ class PreannotateBatch:
             _record_pass(job, jobs=len(group.jobs), images=len(urls))
 
 
-def _preannotate_call(job: Job) -> tuple[list[str], ProjectConfig, int | None, float | None] | None:
-    """A pre-annotation job's arguments; None for any other job, or one whose data cannot be read (RQ fails it
-    when it runs)."""
+def _preannotate_call(job: Job) -> tuple[str, list[str], ProjectConfig, int | None, float | None] | None:
+    """A pre-annotation job's batch group and arguments (as `preannotate_job` enqueued them); None for any other
+    job, or one whose data cannot be read (RQ fails it when it runs)."""
     try:
-        if job.func_name != f"{preannotate.__module__}.{preannotate.__qualname__}":
-            return None
-        call = inspect.signature(preannotate).bind(*job.args, **job.kwargs)
-    except (DeserializationError, TypeError):
+        group = job.meta.get(BATCH_GROUP_META)
+        kwargs = job.kwargs
+    except DeserializationError:
         return None
-    call.apply_defaults()
-    urls = call.arguments["image_urls"]
-    if not isinstance(urls, list):
+    if group is None or job.func_name != PREANNOTATE_JOB or not isinstance(kwargs.get("image_urls"), list):
         return None
-    return urls, call.arguments["config"], call.arguments["project_id"], call.arguments["deadline_at"]
+    return group, kwargs["image_urls"], kwargs["config"], kwargs.get("project_id"), kwargs.get("deadline_at")
 
 
 @contextlib.contextmanager
@@ -203,9 +207,9 @@ def claimed_together(claimed: list[Job]) -> Iterator[PreannotateBatch]:
 def learn(project_id: int, web_model_dir: dict | None = None) -> dict | None:
     """Apply a project's recorded webhook events and, if that makes a training due, train it here. The job fails
     (ModelDirNotShared) if this worker's MODEL_DIR is not `web_model_dir`, where the web tier recorded them."""
-    assert _predictor is not None
+    predictor = _installed()
     if web_model_dir is not None:
-        check_model_dir(_predictor.settings, web_model_dir)
-    if not _predictor.learning.apply(project_id):
+        check_model_dir(predictor.settings, web_model_dir)
+    if not predictor.learning.apply(project_id):
         return None
-    return _predictor.train_project(project_id).as_dict()
+    return predictor.train_project(project_id).as_dict()
