@@ -48,11 +48,11 @@ def _predict(args: argparse.Namespace, settings: Settings) -> int:
 
     from backend.app import configure_process
     from backend.cache.store import make_store
-    from backend.demo import LOAD_WAIT_S
     from backend.errors import ImageError, ModelNotReady, PromptError
     from backend.images import FetchedImage
     from backend.inference.local import Predictor
-    from backend.segment_text import detections_json, overlay, segment_text
+    from backend.tools.demo import LOAD_WAIT_S
+    from backend.tools.segment_text import detections_json, overlay, segment_text
 
     configure_process(settings)
     settings = replace(settings, model_ready_timeout_s=LOAD_WAIT_S)
@@ -80,7 +80,7 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
     from backend.app import configure_process
 
     try:
-        from backend.demo import build_demo
+        from backend.tools.demo import build_demo
     except ImportError as error:  # gradio is an optional extra
         print(f"error: the demo needs `pip install -r requirements-demo.txt` ({error})", file=sys.stderr)
         return 1

@@ -18,7 +18,7 @@ from backend.config import Settings
 from backend.errors import ImageError, ModelNotReady, PromptError
 from backend.images import FetchedImage
 from backend.inference.local import Predictor
-from backend.segment_text import detections_json, overlay, segment_text
+from backend.tools.segment_text import detections_json, overlay, segment_text
 
 SAM_MODEL_TYPES = ["vit_h", "vit_l", "vit_b"]  # the choices, and their order, of lang-segment-anything's app
 LOAD_WAIT_S = 600.0  # a first request waits for the weights to load rather than failing
