@@ -14,7 +14,7 @@ import hashlib
 import io
 import logging
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from urllib.parse import parse_qs, urlencode, urljoin, urlsplit, urlunsplit
 
@@ -57,22 +57,37 @@ class FetchedImage:
         return hashlib.sha256(self.data).hexdigest()
 
 
+@dataclass(frozen=True)
+class FetchRules:
+    """Where image downloads may go and what they may cost; `FetchRules.of(settings)` reads them."""
+
+    label_studio_url: str = ""
+    label_studio_api_key: str = field(default="", repr=False)
+    local_files_document_root: str = ""
+    allowed_image_hosts: tuple[str, ...] = ()
+    allow_private_image_hosts: bool = False
+    download_timeout_s: float = 10.0
+    max_download_bytes: int = 50 * 1024 * 1024
+
+    @classmethod
+    def of(cls, settings: Settings) -> FetchRules:
+        return cls(**{name.name: getattr(settings, name.name) for name in fields(cls)})
+
+
 class ImageFetcher:
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.label_studio = urlsplit(settings.label_studio_url) if settings.label_studio_url else None
+    def __init__(self, rules: FetchRules) -> None:
+        self.rules = rules
+        self.label_studio = urlsplit(rules.label_studio_url) if rules.label_studio_url else None
         self.credentials = (
-            LabelStudioCredentials(
-                settings.label_studio_url, settings.label_studio_api_key, settings.download_timeout_s
-            )
-            if settings.label_studio_url
+            LabelStudioCredentials(rules.label_studio_url, rules.label_studio_api_key, rules.download_timeout_s)
+            if rules.label_studio_url
             else None
         )
         trusted: frozenset[tuple[str, int]] = frozenset()
         if self.label_studio is not None and self.label_studio.hostname:
             default_port = 443 if self.label_studio.scheme == "https" else 80
             trusted = frozenset({(self.label_studio.hostname.lower(), self.label_studio.port or default_port)})
-        adapter = GuardedAdapter(AddressPolicy(trusted, settings.allow_private_image_hosts))
+        adapter = GuardedAdapter(AddressPolicy(trusted, rules.allow_private_image_hosts))
         self.http = requests.Session()
         # No proxies or ~/.netrc from the environment: the address check must see the real target.
         self.http.trust_env = False
@@ -82,14 +97,14 @@ class ImageFetcher:
     def fetch(self, url: str) -> FetchedImage:
         if not isinstance(url, str) or not url:
             raise ImageError("the task's image field is empty or not a string", 400)
-        if url.startswith("/data/local-files/") and self.settings.local_files_document_root:
+        if url.startswith("/data/local-files/") and self.rules.local_files_document_root:
             return FetchedImage(url, self._read_local(url))
         if url.startswith("/"):
             if self.label_studio is None:
                 raise ImageError(
                     f"image {redact_url(url)!r} is relative to Label Studio, but LABEL_STUDIO_URL is not set", 422
                 )
-            url = self.settings.label_studio_url + url
+            url = self.rules.label_studio_url + url
         return FetchedImage(url, self._download(url))
 
     def _read_local(self, url: str) -> bytes:
@@ -97,7 +112,7 @@ class ImageFetcher:
         relative = parse_qs(urlsplit(url).query).get("d", [""])[0].lstrip("/")
         if not relative or "\x00" in relative:
             raise ImageError("local file URL needs a ?d= path without NUL bytes", 400)
-        root = Path(self.settings.local_files_document_root).resolve()
+        root = Path(self.rules.local_files_document_root).resolve()
         try:
             # resolve() follows symlinks, so a link pointing out of the root is judged by its target.
             target = (root / relative).resolve()
@@ -105,7 +120,7 @@ class ImageFetcher:
                 raise ImageError(f"local file {relative!r} is outside LOCAL_FILES_DOCUMENT_ROOT", 403)
             if not target.is_file():
                 raise ImageError(f"local file {relative!r} does not exist", 404)
-            if target.stat().st_size > self.settings.max_download_bytes:
+            if target.stat().st_size > self.rules.max_download_bytes:
                 raise ImageError(f"local file {relative!r} is larger than MAX_DOWNLOAD_BYTES", 413)
             return target.read_bytes()
         except OSError as error:
@@ -119,7 +134,7 @@ class ImageFetcher:
 
     def _download(self, url: str) -> bytes:
         """The body at `url`, all of it within DOWNLOAD_TIMEOUT (redirects included)."""
-        timeout_s = self.settings.download_timeout_s
+        timeout_s = self.rules.download_timeout_s
         too_slow = f"download of {redact_url(url)} took longer than DOWNLOAD_TIMEOUT ({timeout_s:g} s)"
         with CutOff(timeout_s) as cut_off:
             try:
@@ -139,7 +154,7 @@ class ImageFetcher:
             if parts.scheme not in ("http", "https"):
                 raise ImageError(f"unsupported image URL scheme {parts.scheme!r}", 400)
             to_label_studio = self._is_label_studio(parts)
-            if not to_label_studio and (parts.hostname or "").lower() not in self.settings.allowed_image_hosts:
+            if not to_label_studio and (parts.hostname or "").lower() not in self.rules.allowed_image_hosts:
                 raise ImageError(
                     f"image host {parts.hostname!r} is neither LABEL_STUDIO_URL nor in ALLOWED_IMAGE_HOSTS", 403
                 )
@@ -156,14 +171,14 @@ class ImageFetcher:
             credentials = self.credentials if with_auth else None
             headers = credentials.header() if credentials else {}
             response = self.http.get(
-                url, headers=headers, timeout=self.settings.download_timeout_s, stream=True, allow_redirects=False
+                url, headers=headers, timeout=self.rules.download_timeout_s, stream=True, allow_redirects=False
             )
             if response.status_code == 401 and credentials and credentials.refused(headers):
                 response.close()
                 response = self.http.get(
                     url,
                     headers=credentials.header(),
-                    timeout=self.settings.download_timeout_s,
+                    timeout=self.rules.download_timeout_s,
                     stream=True,
                     allow_redirects=False,
                 )
@@ -181,7 +196,7 @@ class ImageFetcher:
             if response.status_code != 200:
                 hint = " (check LABEL_STUDIO_API_KEY)" if response.status_code in (401, 403) else ""
                 raise ImageError(f"downloading {shown} answered HTTP {response.status_code}{hint}", 422)
-            limit = self.settings.max_download_bytes
+            limit = self.rules.max_download_bytes
             declared = response.headers.get("Content-Length")
             if declared and declared.isdigit() and int(declared) > limit:
                 raise ImageError(f"image at {shown} is larger than MAX_DOWNLOAD_BYTES ({limit})", 413)

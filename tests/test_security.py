@@ -22,7 +22,7 @@ from backend.cache.store import MemoryStore
 from backend.config import Settings
 from backend.errors import SettingsError
 from backend.http.server import create_app
-from backend.images import ImageFetcher, decode_image, redact_url
+from backend.images import FetchRules, ImageFetcher, decode_image, redact_url
 from backend.inference.local import Predictor
 from backend.models.loader import BackgroundLoader
 from tests.assets import recorded
@@ -144,7 +144,9 @@ def test_urls_in_messages_lose_user_info_and_query_values():
     "host", ["169.254.169.254", "127.0.0.1", "[::1]", "[::ffff:127.0.0.1]", "0.0.0.0", "10.1.2.3", "224.0.0.1"]
 )
 def test_allowed_host_resolving_to_an_internal_address_is_refused(settings, host):
-    fetcher = ImageFetcher(replace(settings, allowed_image_hosts=(host.strip("[]"),), allow_private_image_hosts=False))
+    fetcher = ImageFetcher(
+        FetchRules.of(replace(settings, allowed_image_hosts=(host.strip("[]"),), allow_private_image_hosts=False))
+    )
     with pytest.raises(Exception) as caught:
         fetcher.fetch(f"http://{host}/latest/meta-data/")
     assert getattr(caught.value, "status", None) == 403, caught.value
@@ -154,11 +156,13 @@ def test_allowed_host_resolving_to_an_internal_address_is_refused(settings, host
 def test_private_addresses_need_the_explicit_setting_and_link_local_never_passes(settings, label_studio):
     name = "localhost"
     url = label_studio.url.replace("127.0.0.1", name) + "/car_512x384_http.jpg"
-    strict = ImageFetcher(replace(settings, allowed_image_hosts=(name,), allow_private_image_hosts=False))
+    strict = ImageFetcher(
+        FetchRules.of(replace(settings, allowed_image_hosts=(name,), allow_private_image_hosts=False))
+    )
     with pytest.raises(Exception, match="loopback"):
         strict.fetch(url)
     relaxed = ImageFetcher(
-        replace(settings, allowed_image_hosts=(name, "169.254.169.254"), allow_private_image_hosts=True)
+        FetchRules.of(replace(settings, allowed_image_hosts=(name, "169.254.169.254"), allow_private_image_hosts=True))
     )
     assert relaxed.fetch(url).data[:2] == b"\xff\xd8"
     with pytest.raises(Exception, match="link-local"):
@@ -166,7 +170,7 @@ def test_private_addresses_need_the_explicit_setting_and_link_local_never_passes
 
 
 def test_label_studio_host_is_trusted_on_loopback(settings):
-    fetcher = ImageFetcher(replace(settings, allowed_image_hosts=(), allow_private_image_hosts=False))
+    fetcher = ImageFetcher(FetchRules.of(replace(settings, allowed_image_hosts=(), allow_private_image_hosts=False)))
     assert fetcher.fetch("/data/upload/1/voc.jpg").data[:2] == b"\xff\xd8"
 
 
@@ -185,7 +189,7 @@ def test_connection_goes_to_the_address_that_was_checked(settings, label_studio,
 
     monkeypatch.setattr(socket, "getaddrinfo", rebinding_dns)
     fetcher = ImageFetcher(
-        replace(settings, allowed_image_hosts=("images.rebind.test",), allow_private_image_hosts=True)
+        FetchRules.of(replace(settings, allowed_image_hosts=("images.rebind.test",), allow_private_image_hosts=True))
     )
     port = label_studio.url.rsplit(":", 1)[1]
     image = fetcher.fetch(f"http://images.rebind.test:{port}/car_512x384_http.jpg")
@@ -197,7 +201,7 @@ def test_redirect_to_a_host_off_the_allow_list_is_refused(settings, label_studio
     label_studio.redirects["/car_512x384_http.jpg"] = "http://169.254.169.254/latest/meta-data/"
     label_studio.redirects["/hop-to-elsewhere.jpg"] = "http://not-allowed.example/x.jpg"
     try:
-        fetcher = ImageFetcher(replace(settings, allowed_image_hosts=("localhost",)))
+        fetcher = ImageFetcher(FetchRules.of(replace(settings, allowed_image_hosts=("localhost",))))
         base = label_studio.url.replace("127.0.0.1", "localhost")
         with pytest.raises(Exception, match="link-local|ALLOWED_IMAGE_HOSTS"):
             fetcher.fetch(base + "/car_512x384_http.jpg")
@@ -208,7 +212,7 @@ def test_redirect_to_a_host_off_the_allow_list_is_refused(settings, label_studio
 
 
 def test_only_http_schemes_are_fetched(settings):
-    fetcher = ImageFetcher(settings)
+    fetcher = ImageFetcher(FetchRules.of(settings))
     for url in ["file:///etc/passwd", "gopher://localhost/x", "ftp://localhost/x.jpg"]:
         with pytest.raises(Exception) as caught:
             fetcher.fetch(url)
@@ -248,14 +252,14 @@ def local_root(tmp_path, media_root):
     ],
 )
 def test_local_files_outside_the_root_are_refused(settings, local_root, d, status):
-    fetcher = ImageFetcher(replace(settings, local_files_document_root=str(local_root)))
+    fetcher = ImageFetcher(FetchRules.of(replace(settings, local_files_document_root=str(local_root))))
     with pytest.raises(Exception) as caught:
         fetcher.fetch(f"/data/local-files/?d={d}")
     assert caught.value.status == status, caught.value
 
 
 def test_local_files_inside_the_root_are_read_through_inner_links(settings, local_root):
-    fetcher = ImageFetcher(replace(settings, local_files_document_root=str(local_root)))
+    fetcher = ImageFetcher(FetchRules.of(replace(settings, local_files_document_root=str(local_root))))
     assert fetcher.fetch("/data/local-files/?d=sub/inside.jpg").data[:2] == b"\xff\xd8"
     assert fetcher.fetch("/data/local-files/?d=link-in.jpg").data[:2] == b"\xff\xd8"
     assert fetcher.fetch("/data/local-files/?d=sub%2Finside.jpg").data[:2] == b"\xff\xd8"
@@ -305,7 +309,7 @@ class TrickleServer:
 def test_a_trickling_image_server_is_cut_off_at_download_timeout(settings, trickle):
     """Each byte comes well within the read timeout, so only a bound on the whole download ends it."""
     server = TrickleServer(trickle)
-    fetcher = ImageFetcher(replace(settings, allowed_image_hosts=("127.0.0.1",), download_timeout_s=2.0))
+    fetcher = ImageFetcher(FetchRules.of(replace(settings, allowed_image_hosts=("127.0.0.1",), download_timeout_s=2.0)))
     try:
         with pytest.raises(Exception, match="DOWNLOAD_TIMEOUT") as caught:
             fetcher.fetch(server.url)
@@ -324,7 +328,7 @@ def test_a_trickling_image_server_is_cut_off_at_download_timeout(settings, trick
 
 @pytest.mark.parametrize("chunked", [False, True])
 def test_downloads_stop_at_the_size_cap(settings, label_studio, chunked):
-    fetcher = ImageFetcher(replace(settings, max_download_bytes=4_000))
+    fetcher = ImageFetcher(FetchRules.of(replace(settings, max_download_bytes=4_000)))
     url = (
         label_studio.url.replace("127.0.0.1", "localhost") + "/car_512x384_http.jpg" + ("?chunked=1" if chunked else "")
     )

@@ -24,7 +24,7 @@ from backend.config import Settings
 from backend.deadline import NO_LIMIT, StepTimes, TimeLimit
 from backend.decoders.serving import ProjectDecoders
 from backend.errors import ConfigError, DeadlineExceeded, ImageError, ModelNotReady, PromptError
-from backend.images import FetchedImage, ImageFetcher, decode_image
+from backend.images import FetchedImage, FetchRules, ImageFetcher, decode_image
 from backend.inference.base import FETCH_THREADS, InteractiveFront
 from backend.models.base import ImageEmbedding, Segmenter, SegmentPrompt
 from backend.models.grounding_dino import Detection, GroundingDino
@@ -55,7 +55,7 @@ class Predictor(InteractiveFront):
     def __init__(self, settings: Settings, store: ByteStore, fetcher: ImageFetcher | None = None) -> None:
         self.settings = settings
         self.store = store
-        self.fetcher = fetcher or ImageFetcher(settings)
+        self.fetcher = fetcher or ImageFetcher(FetchRules.of(settings))
         self.models = BackgroundLoader(self._load_models)
         # Optional: without GroundingDINO's weights SAM still serves clicks; text and pre-annotation say why not.
         self.detector = BackgroundLoader(self._load_detector)

@@ -24,7 +24,7 @@ from backend.config import Settings
 from backend.deadline import NO_LIMIT, TimeLimit
 from backend.decoders.serving import ProjectDecoders
 from backend.errors import BackendError, ImageError, InferenceUnavailable
-from backend.images import FetchedImage, ImageFetcher
+from backend.images import FetchedImage, FetchRules, ImageFetcher
 from backend.inference.base import FETCH_THREADS, InteractiveFront
 from backend.outcomes import TaskPrediction
 from backend.prompts.interactive import ContextPrompts
@@ -97,7 +97,7 @@ class QueuePredictor(InteractiveFront):
     def __init__(self, settings: Settings, connection: redis.Redis, fetcher: ImageFetcher | None = None) -> None:
         self.settings = settings
         self.connection = connection
-        self.fetcher = fetcher or ImageFetcher(settings)
+        self.fetcher = fetcher or ImageFetcher(FetchRules.of(settings))
         # Small state the web tier keeps (project-run progress); image embeddings live with the workers.
         self.store = ResilientStore(connection, MemoryStore(STATE_FALLBACK_BYTES))
         self.interactive_queue = Queue(INTERACTIVE_QUEUE, connection=connection)

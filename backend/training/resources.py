@@ -11,7 +11,7 @@ from backend.cache.store import make_store
 from backend.config import Settings
 from backend.decoders.serving import ProjectDecoders
 from backend.errors import ImageError
-from backend.images import ImageFetcher, decode_image
+from backend.images import FetchRules, ImageFetcher, decode_image
 from backend.models.base import ImageEmbedding
 from backend.models.registry import load_segmenter
 from backend.models.sam import SamSegmenter
@@ -46,4 +46,4 @@ def shared_resources(settings: Settings) -> TrainingResources:
     segmenter = load_segmenter(settings, decoder_runtime="torch")
     store = make_store(settings.cache_url, settings.memory_cache_bytes)
     embeddings = EmbeddingCache(store, segmenter, settings.embedding_ttl_s, settings.encode_lock_timeout_s)
-    return TrainingResources(segmenter, embeddings, ImageFetcher(settings), settings.max_image_pixels)
+    return TrainingResources(segmenter, embeddings, ImageFetcher(FetchRules.of(settings)), settings.max_image_pixels)

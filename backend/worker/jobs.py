@@ -20,10 +20,9 @@ from rq import get_current_job
 from rq.exceptions import DeserializationError
 from rq.job import Job
 
-from backend.config import Settings
 from backend.deadline import TimeLimit
 from backend.errors import BackendError, ConfigError, ImageError, PromptError
-from backend.images import FetchedImage, ImageFetcher
+from backend.images import FetchedImage, FetchRules, ImageFetcher
 from backend.inference.local import Predictor
 from backend.inference.queue import BATCH_GROUP_META, IMAGE_KEY, PREANNOTATE_JOB, STORED_PREFIX, stored_url
 from backend.outcomes import TaskPrediction
@@ -42,8 +41,8 @@ class StoredImageFetcher(ImageFetcher):
     """The worker's fetcher: images the web tier stored in the queue's Redis (where no cache entry can evict
     them while their job waits), by content hash."""
 
-    def __init__(self, settings: Settings, queue_connection: redis.Redis) -> None:
-        super().__init__(settings)
+    def __init__(self, rules: FetchRules, queue_connection: redis.Redis) -> None:
+        super().__init__(rules)
         self.queue_connection = queue_connection
 
     def fetch(self, url: str) -> FetchedImage:
@@ -67,7 +66,7 @@ def _installed() -> Predictor:
 def install_predictor(predictor: Predictor, queue_connection: redis.Redis) -> None:
     """Called once by the worker before it takes jobs."""
     global _predictor
-    predictor.fetcher = StoredImageFetcher(predictor.settings, queue_connection)
+    predictor.fetcher = StoredImageFetcher(FetchRules.of(predictor.settings), queue_connection)
     _predictor = predictor
 
 
