@@ -13,6 +13,8 @@ import torch
 from PIL import Image
 from segment_anything.build_sam import _build_sam
 
+from backend.protocol.brush_rle import decode_mask
+
 REPO = Path(__file__).resolve().parents[1]
 PROTOCOL_DIR = REPO / "tests" / "fixtures" / "ls-protocol"
 
@@ -53,3 +55,15 @@ def recorded(name: str) -> dict:
     """What Label Studio 1.23 sent in the recorded file `name` (a deep copy, safe to edit)."""
     with open(PROTOCOL_DIR / name) as handle:
         return copy.deepcopy(json.load(handle)["label_studio_sent"]["json"])
+
+
+def encodes_logged(records: list) -> int:
+    """Images the encoder ran on, from the embedding cache's one log line per encoded image (pytest's caplog)."""
+    return sum(
+        record.name == "backend.cache.embeddings" and "encoded image" in record.getMessage() for record in records
+    )
+
+
+def decode_brush(result: dict) -> np.ndarray:
+    """The (H, W) bool mask of a brushlabels result, as Label Studio would draw it."""
+    return decode_mask(result["value"]["rle"], result["original_height"], result["original_width"])

@@ -11,11 +11,19 @@ from hypothesis import strategies as st
 from label_studio_sdk.converter.brush import decode_rle, encode_rle, mask2rle
 
 from backend.errors import RleError
-from backend.protocol.brush_rle import decode_mask, decode_values, encode_mask, encode_values
+from backend.protocol.brush_rle import _encode_runs, _runs, decode_mask, decode_values, encode_mask
 
 # Run lengths around each length field's limits (1, 8, 16, 256, 65536) and beyond.
 RUN_LENGTHS = st.sampled_from([1, 2, 7, 8, 9, 16, 17, 255, 256, 257, 4096, 65535, 65536, 65537, 140_001])
 RUNS = st.lists(st.tuples(RUN_LENGTHS, st.integers(0, 255)), min_size=1, max_size=12)
+
+
+def encode_values(values: np.ndarray) -> list[int]:
+    """Our codec's stream for any byte values (the backend only ever writes masks, `encode_mask`), to hold it
+    to the SDK's `encode_rle` on arbitrary data."""
+    values = np.asarray(values).ravel()
+    lengths, run_values = _runs(values)
+    return _encode_runs(values.size, lengths, run_values)
 
 
 def values_of(runs: list[tuple[int, int]]) -> np.ndarray:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import io
+import logging
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from tests.assets import recorded
+from tests.assets import encodes_logged, recorded
 from tests.conftest import make_client
 
 CONFIG_WITHOUT_BRUSH = (
@@ -95,15 +96,18 @@ BAD_CONTEXTS = [
 
 
 @pytest.mark.parametrize("name", BAD_CONTEXTS)
-def test_a_bad_context_is_refused_before_the_image_is_downloaded_or_encoded(settings, redis_url, label_studio, name):
-    client, predictor = make_client(replace(settings, redis_url=redis_url))
+def test_a_bad_context_is_refused_before_the_image_is_downloaded_or_encoded(
+    settings, redis_url, label_studio, name, caplog
+):
+    client, _ = make_client(replace(settings, redis_url=redis_url))
+    caplog.set_level(logging.INFO, logger="backend.cache.embeddings")
     body = mutate(BAD_BODIES[name])
     image_path = body["tasks"][0]["data"]["image"]
     seen = len(label_studio.requests)
     response = client.post("/predict", json=body)
     assert 400 <= response.status_code < 500, response.json
     assert [path for _, path, _ in label_studio.requests[seen:] if path.startswith(image_path)] == []
-    assert predictor.models.get(1).embeddings.misses == 0
+    assert encodes_logged(caplog.records) == 0
 
 
 @pytest.mark.parametrize(

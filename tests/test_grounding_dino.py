@@ -7,6 +7,7 @@ backend's own loader.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 
 import numpy as np
@@ -23,8 +24,7 @@ from backend.models.grounding_dino import GroundingDino, load_grounding_dino
 from backend.models.registry import MODEL_BUILD_LOCK, grounding_dino_checkpoint_path
 from backend.prompts.text import MAX_PHRASES, build_query, labels_query, text_query, thresholds_for
 from backend.protocol.label_config import parse_label_config
-from backend.protocol.results import decode_brush
-from tests.assets import recorded
+from tests.assets import decode_brush, encodes_logged, recorded
 from tests.conftest import make_client
 
 LABEL_CONFIG = recorded("03-predict-batch.json")["label_config"]
@@ -282,8 +282,9 @@ def test_preannotation_batch_detects_and_encodes_all_images_at_once_and_segments
     assert all(entry["model_version"] for entry in results)
 
 
-def test_a_preannotated_image_is_clicked_from_the_cached_embedding(grounded_settings):
-    client, predictor = grounded_client(grounded_settings)
+def test_a_preannotated_image_is_clicked_from_the_cached_embedding(grounded_settings, caplog):
+    client, _ = grounded_client(grounded_settings)
+    caplog.set_level(logging.INFO, logger="backend.cache.embeddings")
     batch = recorded("03-predict-batch.json")
     batch["tasks"] = batch["tasks"][:1]
     first = client.post("/predict", json=batch)
@@ -291,7 +292,7 @@ def test_a_preannotated_image_is_clicked_from_the_cached_embedding(grounded_sett
     click = client.post("/predict", json=recorded("04-predict-interactive-keypoints.json"))
     assert click.status_code == 200, click.json
     assert click.headers["X-Embedding-Cache"] == "hit"
-    assert predictor.models.get(1).embeddings.misses == 1
+    assert encodes_logged(caplog.records) == 1
 
 
 def test_one_bad_image_in_a_batch_fails_alone(grounded_settings, label_studio):
@@ -323,8 +324,9 @@ def test_labels_without_detections_give_an_empty_valid_prediction(grounded_setti
     assert all(entry["score"] == 0.0 for entry in response.json["results"])
 
 
-def test_rectangle_only_projects_get_boxes_without_sam(grounded_settings):
-    client, predictor = grounded_client(grounded_settings)
+def test_rectangle_only_projects_get_boxes_without_sam(grounded_settings, caplog):
+    client, _ = grounded_client(grounded_settings)
+    caplog.set_level(logging.INFO, logger="backend.cache.embeddings")
     body = recorded("03-predict-batch.json")
     body["tasks"] = body["tasks"][:2]
     body["label_config"] = (
@@ -335,7 +337,7 @@ def test_rectangle_only_projects_get_boxes_without_sam(grounded_settings):
     assert response.status_code == 200, response.json
     regions = [region for entry in response.json["results"] for region in entry["result"]]
     assert regions and {region["type"] for region in regions} == {"rectanglelabels"}
-    assert predictor.models.get(1).embeddings.misses == 0
+    assert encodes_logged(caplog.records) == 0
 
 
 def test_configs_without_brush_or_rectangle_and_huge_label_sets_are_refused(grounded_settings):

@@ -15,10 +15,9 @@ from backend.http.server import create_app
 from backend.inference.local import Predictor
 from backend.models.loader import BackgroundLoader
 from backend.project_files import ProjectFiles
-from backend.protocol.results import decode_brush
 from backend.training.dataset import AnnotationRecord, Region, TrainingSet
 from backend.training.ingest import Inbox, last_training
-from tests.assets import recorded
+from tests.assets import decode_brush, recorded
 from tests.conftest import make_client
 
 

@@ -41,10 +41,10 @@ from backend.inference.queue import (
 from backend.outcomes import TaskPrediction
 from backend.prompts.interactive import ContextPrompts, read_context
 from backend.protocol.label_config import parse_label_config
-from backend.protocol.results import TaskAnswer, decode_brush
+from backend.protocol.results import TaskAnswer
 from backend.worker import jobs
 from backend.worker.runner import HEARTBEAT_MARGIN_S, ClaimingQueue, ModelWorker
-from tests.assets import encode, recorded, smooth_object_image
+from tests.assets import decode_brush, encode, recorded, smooth_object_image
 from tests.services import REPO, WORKER_ENV, RedisServer, Workers, free_port, model_workers
 
 LEASE_S = int(WORKER_ENV["WORKER_TTL"]) + HEARTBEAT_MARGIN_S  # the test workers' job lease

@@ -16,8 +16,7 @@ from PIL import Image, ImageOps
 from segment_anything import SamPredictor
 
 from backend.models.sam_decoder import OnnxDecoder, TorchDecoder
-from backend.protocol.results import decode_brush
-from tests.assets import build_small_sam, encode, recorded, smooth_object_image
+from tests.assets import build_small_sam, decode_brush, encode, recorded, smooth_object_image
 from tests.conftest import make_client
 
 EXIF_ROTATED = "upload/1/parity_480x320_exif6.jpg"  # stored 480 wide; EXIF orientation 6 shows it 320 wide, 480 high

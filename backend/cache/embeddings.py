@@ -69,8 +69,6 @@ class EmbeddingCache:
         self.ttl_s = ttl_s
         self.lock_timeout_s = lock_timeout_s
         self._stripes = [threading.Lock() for _ in range(_LOCK_STRIPES)]
-        self.hits = 0
-        self.misses = 0
 
     def key(self, image_digest: str) -> str:
         return f"sam:emb:{self.segmenter.identity}:{image_digest}"
@@ -102,9 +100,6 @@ class EmbeddingCache:
                 results[digest] = CachedEmbedding(cached, cache_hit=True)
         if loaders:
             results.update(self._encode_misses(loaders, encode_step))
-        encoded = sum(not cached.cache_hit for cached in results.values())
-        self.misses += encoded
-        self.hits += len(results) - encoded
         return [results[digest] for digest, _ in images]
 
     def _encode_misses(

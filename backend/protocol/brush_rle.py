@@ -22,15 +22,6 @@ WORD_BITS = 8
 HEADER_BITS = 32 + 5 + 4 * len(LENGTH_FIELD_BITS)
 
 
-def encode_values(values: np.ndarray) -> list[int]:
-    """RLE of a flat array of byte values, as the SDK's `encode_rle` writes it."""
-    values = np.asarray(values).ravel()
-    if values.size and (values.min() < 0 or values.max() > 255):
-        raise ValueError("brush RLE holds byte values (0..255)")
-    lengths, run_values = _runs(values)
-    return _encode_runs(values.size, lengths, run_values)
-
-
 def encode_mask(mask: np.ndarray) -> list[int]:
     """RLE of an (H, W) mask as Label Studio stores a brush: RGBA, every channel 255 inside, 0 outside."""
     flat = np.asarray(mask, dtype=bool).ravel()

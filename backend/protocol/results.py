@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from backend.outcomes import TaskPrediction
-from backend.protocol.brush_rle import decode_mask, encode_mask
+from backend.protocol.brush_rle import encode_mask
 from backend.protocol.label_config import ProjectConfig
 
 
@@ -104,8 +104,3 @@ def task_answer(prediction: TaskPrediction, config: ProjectConfig, model_version
     entry = task_results(prediction, config, prediction.model_version or model_version)
     timings = {**prediction.timings, "results": time.perf_counter() - started}
     return TaskAnswer(entry, prediction.cache_hit, timings)
-
-
-def decode_brush(result: dict) -> np.ndarray:
-    """The (H, W) bool mask of a brushlabels result, as Label Studio would draw it."""
-    return decode_mask(result["value"]["rle"], result["original_height"], result["original_width"])

@@ -19,8 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from backend.protocol.results import decode_brush
-from tests.assets import REPO, encode, smooth_object_image
+from tests.assets import REPO, decode_brush, encode, smooth_object_image
 from tests.e2e.conftest import backend_environment
 from tests.e2e.label_studio import LabelStudioApi, LabelStudioProcess
 from tests.load_harness import GunicornServer
