@@ -108,7 +108,7 @@ class CheckpointLocation:
     def describe(self) -> str:
         if self.official is None:
             return f"{self.setting}={self.path}"
-        return f"{self.path} (the official file in WEIGHTS_DIR; {self.setting} unset)"
+        return f"{self.path} (the official file in WEIGHTS_DIR that {self.setting} defaults to)"
 
 
 def missing_checkpoint(location: CheckpointLocation) -> CheckpointMissing:
@@ -119,8 +119,9 @@ def missing_checkpoint(location: CheckpointLocation) -> CheckpointMissing:
             f"point {location.setting} at an existing file"
         )
     return CheckpointMissing(
-        f"{location.what} weights not found at {location.path} ({location.setting} is unset, so the official file "
-        f"in WEIGHTS_DIR is expected); fetch it with `{WEIGHTS_COMMAND}` or set {location.setting} to a copy you have"
+        f"{location.what} weights not found at {location.path}, the official file in WEIGHTS_DIR that "
+        f"{location.setting} defaults to; fetch it with `{WEIGHTS_COMMAND}` or set {location.setting} to a copy "
+        "you have"
     )
 
 
