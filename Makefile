@@ -2,6 +2,11 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# TORCH=cpu: PyTorch's CPU-only wheels (no CUDA libraries), at the versions requirements.txt pins, installed first.
+TORCH ?= default
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+# Options of `python -m backend weights download` run before the start, e.g. WEIGHTS=--no-grounding-dino.
+WEIGHTS ?=
 
 .PHONY: run test unit e2e label-studio install install-test lint
 
@@ -9,13 +14,17 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 install: $(BIN)/python
+ifeq ($(TORCH),cpu)
+	$(BIN)/pip install -q --index-url $(TORCH_CPU_INDEX) $(shell grep -E '^torch(vision)?==' requirements.txt)
+endif
 	$(BIN)/pip install -q -r requirements.txt
 
 install-test: $(BIN)/python
 	$(BIN)/pip install -q -r requirements-test.txt
 
+# Fetches only the official weights that are missing; files the settings point at are used as they are.
 run: install
-	$(BIN)/python -m backend weights download
+	$(BIN)/python -m backend weights download $(WEIGHTS)
 	$(BIN)/gunicorn backend.wsgi:app
 
 lint: install-test

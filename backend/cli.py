@@ -20,24 +20,35 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _weights(args: argparse.Namespace, settings: Settings) -> int:
+    """Fetch the official weights the settings expect and lack; files already there, and files a setting points
+    at, are used as they are. Each failure is one line on stderr."""
+    from dataclasses import replace
+
     from backend.app import configure_logging
-    from backend.models.checkpoints import (
-        GROUNDING_DINO_CHECKPOINT,
-        SAM_CHECKPOINTS,
-        download_checkpoint,
-        download_text_encoder,
-    )
+    from backend.errors import BackendError
+    from backend.models.checkpoints import download_checkpoint, missing_checkpoint
+    from backend.models.registry import grounding_dino_checkpoint, sam_checkpoint, text_encoder
 
     configure_logging(settings.log_level)
     log = logging.getLogger(__name__)
-    for model_type in args.sam or [settings.sam_model_type]:
-        path = download_checkpoint(SAM_CHECKPOINTS[model_type], Path(settings.weights_dir))
-        log.info("SAM %s ready at %s", model_type, path)
+    # Types named on the command line are official files asked for by name; otherwise, what the settings load.
+    wanted = [sam_checkpoint(replace(settings, sam_checkpoint="", sam_model_type=kind)) for kind in args.sam or []]
+    wanted = wanted or [sam_checkpoint(settings)]
     if not args.no_grounding_dino:
-        path = download_checkpoint(GROUNDING_DINO_CHECKPOINT, Path(settings.weights_dir))
-        log.info("GroundingDINO ready at %s", path)
-        log.info("text encoder ready at %s", download_text_encoder(settings.grounding_dino_text_encoder))
-    return 0
+        wanted += [grounding_dino_checkpoint(settings), text_encoder(settings)]
+    failures = 0
+    for location in wanted:
+        if location.path.exists():
+            log.info("%s weights: using %s", location.what, location.describe())
+            continue
+        try:
+            if location.official is None:
+                raise missing_checkpoint(location)
+            log.info("%s weights ready at %s", location.what, download_checkpoint(location))
+        except (BackendError, ValueError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            failures += 1
+    return 1 if failures else 0
 
 
 def _predict(args: argparse.Namespace, settings: Settings) -> int:
@@ -189,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--port", type=int, default=9090)
     serve.set_defaults(run=_serve)
 
-    weights = commands.add_parser("weights", help="download and verify the official checkpoints")
+    weights = commands.add_parser("weights", help="download the official weights that are missing (and verify them)")
     weights.add_argument("action", choices=["download"])
     weights.add_argument("--sam", action="append", choices=["vit_b", "vit_l", "vit_h"], help="SAM model type(s)")
     weights.add_argument("--no-grounding-dino", action="store_true", help="skip GroundingDINO and its text encoder")

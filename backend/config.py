@@ -169,11 +169,14 @@ class Settings:
     sam_checkpoint: str = setting(
         "SAM_CHECKPOINT",
         "",
-        "Meta's `.pth` checkpoint; default: the official file name in `WEIGHTS_DIR`",
+        "Meta's `.pth` checkpoint, used as it is; default: the official file of `SAM_MODEL_TYPE` in `WEIGHTS_DIR`",
         section=S_MODELS,
     )
     weights_dir: str = setting(
-        "WEIGHTS_DIR", "./weights", "where `python -m backend weights download` puts checkpoints", section=S_MODELS
+        "WEIGHTS_DIR",
+        "./weights",
+        "where the official weights are looked for and `python -m backend weights download` puts those missing",
+        section=S_MODELS,
     )
     device: str = setting(
         "DEVICE",
@@ -205,13 +208,14 @@ class Settings:
     grounding_dino_checkpoint: str = setting(
         "GROUNDING_DINO_CHECKPOINT",
         "",
-        'official checkpoint (`{"model": state_dict}`); default: `WEIGHTS_DIR/groundingdino_swint_ogc.pth`',
+        'checkpoint (`{"model": state_dict}`), used as it is; default: `WEIGHTS_DIR/groundingdino_swint_ogc.pth`',
         section=S_DETECTOR,
     )
     grounding_dino_text_encoder: str = setting(
         "GROUNDING_DINO_TEXT_ENCODER",
         "bert-base-uncased",
-        "Hugging Face name or a local folder (config, vocab, weights)",
+        "a local folder (config, vocab, weights); `bert-base-uncased` means `WEIGHTS_DIR/bert-base-uncased`, "
+        "which `python -m backend weights download` fetches (no hub is contacted otherwise)",
         section=S_DETECTOR,
     )
     grounding_dino_image_size: int = setting(

@@ -122,6 +122,18 @@ class CheckpointMissing(BackendError, FileNotFoundError):
     status = 503
 
 
+class DownloadFailed(BackendError, RuntimeError):
+    """Official weights could not be fetched; the message names the address, the setting for a local copy and
+    a command that fetches them elsewhere."""
+
+
+class WrongCheckpoint(BackendError, ValueError):
+    """A weights file that is not what its setting takes (another model's, truncated, a folder); the message
+    says which."""
+
+    status = 503
+
+
 class CorruptVersion(BackendError, RuntimeError):
     """A fine-tuned version whose files are missing, damaged, or do not fit the loaded SAM."""
 

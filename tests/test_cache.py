@@ -219,12 +219,6 @@ def test_sam_checkpoint_loader_reads_the_architecture_from_the_file(sam_checkpoi
     assert torch.equal(loaded.sam.mask_decoder.iou_token.weight, state["mask_decoder.iou_token.weight"])
 
 
-def test_missing_checkpoint_names_the_file_and_the_download_command(tmp_path):
-    with pytest.raises(FileNotFoundError) as error:
-        load_sam(tmp_path / "nope.pth")
-    assert "nope.pth" in str(error.value) and "python -m backend weights download" in str(error.value)
-
-
 def test_the_encode_lock_is_renewed_while_held_and_released_after(redis_url):
     holder = ResilientStore.from_url(redis_url, MemoryStore(1024))
     other = redis.Redis.from_url(redis_url)

@@ -6,22 +6,38 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 import pytest
-import requests
 import torch
 from segment_anything import sam_model_registry
 from segment_anything.build_sam import _build_sam
 
-from backend.models.checkpoints import SAM_CHECKPOINTS, OfficialCheckpoint, download_checkpoint
+from backend.cli import main
+from backend.errors import CheckpointMissing, DownloadFailed, WrongCheckpoint
+from backend.models.checkpoints import (
+    BERT_BASE_UNCASED,
+    SAM_CHECKPOINTS,
+    WEIGHTS_COMMAND,
+    CheckpointLocation,
+    OfficialCheckpoint,
+    OfficialTextEncoder,
+    download_checkpoint,
+    download_text_encoder,
+)
 from backend.models.grounding_dino import load_grounding_dino
+from backend.models.registry import load_detector, load_segmenter
 from backend.models.sam import OFFICIAL_ENCODERS, infer_encoder_shape, load_sam
+from tests.conftest import REPO
 
 
 def official_shapes(model_type: str) -> dict[str, torch.Tensor]:
@@ -66,7 +82,7 @@ def test_grounding_dino_saved_from_distributed_training_loads_without_its_module
     prefixed = tmp_path / "groundingdino_ddp.pth"
     torch.save({"model": {f"module.{key}": value for key, value in official.items()}}, prefixed)
     model = load_grounding_dino(
-        prefixed, grounding_dino_files.config, str(grounding_dino_files.text_encoder), device="cpu"
+        prefixed, grounding_dino_files.config, grounding_dino_files.text_encoder, device="cpu"
     ).model
     loaded = model.state_dict()
     compared = [key for key in official if not key.startswith("bert.")]
@@ -75,63 +91,295 @@ def test_grounding_dino_saved_from_distributed_training_loads_without_its_module
 
 @dataclass
 class CheckpointServer:
-    """A real HTTP server for one checkpoint file; `/broken` promises the whole file and hangs up halfway."""
+    """A real HTTP server answering `files` by path (404 for others); `/broken` promises the payload and hangs up
+    halfway, `/hang-up` closes the connection without an answer."""
 
     url: str
     payload: bytes
+    files: dict[str, bytes]
     requests: list[str]
 
 
 @pytest.fixture
 def checkpoint_server() -> Iterator[CheckpointServer]:
     payload = np.random.default_rng(0).integers(0, 256, 3 * 1024 * 1024, dtype=np.uint8).tobytes()
+    files = {"/file": payload}
     served: list[str] = []
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             served.append(self.path)
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            if self.path == "/broken":
-                self.wfile.write(payload[: len(payload) // 2])
+            if self.path == "/hang-up":
                 self.close_connection = True
                 return
-            self.wfile.write(payload)
+            body = payload if self.path == "/broken" else files.get(self.path)
+            if body is None:
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if self.path == "/broken":
+                self.wfile.write(body[: len(body) // 2])
+                self.close_connection = True
+                return
+            self.wfile.write(body)
 
         def log_message(self, *args: object) -> None:
             """Quiet: what was served is in `served`."""
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield CheckpointServer(f"http://127.0.0.1:{server.server_port}", payload, served)
+    yield CheckpointServer(f"http://127.0.0.1:{server.server_port}", payload, files, served)
     server.shutdown()
     server.server_close()
 
 
 def leftovers(directory: Path) -> list[str]:
-    return sorted(path.name for path in directory.iterdir())
+    return sorted(path.name for path in directory.iterdir()) if directory.exists() else []
+
+
+def official_sam_at(url: str, sha256: str, directory: Path) -> CheckpointLocation:
+    official = OfficialCheckpoint("sam_vit_b_01ec64.pth", url, sha256, 3)
+    return CheckpointLocation("SAM", "SAM_CHECKPOINT", directory / official.filename, official)
 
 
 def test_a_checkpoint_with_the_wrong_checksum_is_refused_and_leaves_nothing(checkpoint_server, tmp_path):
-    wrong = OfficialCheckpoint("sam_vit_b_01ec64.pth", f"{checkpoint_server.url}/file", "0" * 64, 3)
     with pytest.raises(ValueError, match="checksum mismatch"):
-        download_checkpoint(wrong, tmp_path)
+        download_checkpoint(official_sam_at(f"{checkpoint_server.url}/file", "0" * 64, tmp_path))
     assert checkpoint_server.requests == ["/file"] and leftovers(tmp_path) == []
 
 
 def test_a_download_broken_off_halfway_leaves_no_partial_file(checkpoint_server, tmp_path):
     sha256 = hashlib.sha256(checkpoint_server.payload).hexdigest()
-    broken = OfficialCheckpoint("sam_vit_b_01ec64.pth", f"{checkpoint_server.url}/broken", sha256, 3)
-    with pytest.raises(requests.RequestException):
-        download_checkpoint(broken, tmp_path)
+    with pytest.raises(DownloadFailed):
+        download_checkpoint(official_sam_at(f"{checkpoint_server.url}/broken", sha256, tmp_path))
     assert checkpoint_server.requests == ["/broken"] and leftovers(tmp_path) == []
 
 
-def test_a_verified_checkpoint_replaces_a_corrupt_one_and_is_not_fetched_again(checkpoint_server, tmp_path):
+def test_a_verified_download_is_kept_and_not_fetched_again(checkpoint_server, tmp_path):
     sha256 = hashlib.sha256(checkpoint_server.payload).hexdigest()
-    good = OfficialCheckpoint("sam_vit_b_01ec64.pth", f"{checkpoint_server.url}/file", sha256, 3)
-    (tmp_path / good.filename).write_bytes(b"truncated by an earlier tool")
-    assert download_checkpoint(good, tmp_path).read_bytes() == checkpoint_server.payload
-    assert download_checkpoint(good, tmp_path) == tmp_path / good.filename
-    assert checkpoint_server.requests == ["/file"] and leftovers(tmp_path) == [good.filename]
+    location = official_sam_at(f"{checkpoint_server.url}/file", sha256, tmp_path)
+    assert download_checkpoint(location).read_bytes() == checkpoint_server.payload
+    assert download_checkpoint(location) == location.path
+    assert checkpoint_server.requests == ["/file"] and leftovers(tmp_path) == [location.path.name]
+
+
+# --- `weights download` (what `make run` runs): the user's files first, one line when a server is unreachable --
+
+
+def run_weights_download(monkeypatch, environ: dict[str, str], *args: str) -> int:
+    for variable in ("SAM_CHECKPOINT", "SAM_MODEL_TYPE", "GROUNDING_DINO_CHECKPOINT", "GROUNDING_DINO_TEXT_ENCODER"):
+        monkeypatch.delenv(variable, raising=False)
+    for variable, value in environ.items():
+        monkeypatch.setenv(variable, value)
+    return main(["weights", "download", *args])
+
+
+@pytest.fixture
+def sam_served_by(monkeypatch, checkpoint_server):
+    """Points the official ViT-B address at the local server's `path`, or at an address nothing listens on
+    (`None`): there is no internet here."""
+
+    def serve(path: str | None) -> str:
+        url = f"{checkpoint_server.url}{path}" if path else refused_url()
+        sha256 = hashlib.sha256(checkpoint_server.payload).hexdigest()
+        monkeypatch.setitem(SAM_CHECKPOINTS, "vit_b", OfficialCheckpoint("sam_vit_b_01ec64.pth", url, sha256, 3))
+        return url
+
+    return serve
+
+
+def refused_url() -> str:
+    """An address nothing listens on: connecting is refused."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return f"http://127.0.0.1:{port}/sam_vit_b_01ec64.pth"
+
+
+def test_weights_download_uses_the_files_the_settings_name_and_contacts_no_server(
+    monkeypatch, sam_served_by, checkpoint_server, sam_checkpoint, grounding_dino_files, tmp_path
+):
+    sam_served_by("/file")
+    environ = {
+        "WEIGHTS_DIR": str(tmp_path / "weights"),
+        "SAM_CHECKPOINT": str(sam_checkpoint),
+        "GROUNDING_DINO_CHECKPOINT": str(grounding_dino_files.checkpoint),
+        "GROUNDING_DINO_TEXT_ENCODER": str(grounding_dino_files.text_encoder),
+    }
+    assert run_weights_download(monkeypatch, environ) == 0
+    assert checkpoint_server.requests == [] and leftovers(tmp_path / "weights") == []
+
+
+def test_a_users_own_file_in_weights_dir_is_used_never_downloaded_again(
+    monkeypatch, sam_served_by, checkpoint_server, tmp_path
+):
+    sam_served_by("/file")
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    own = weights / "sam_vit_b_01ec64.pth"
+    own.write_bytes(b"a fine-tuned ViT-B of the user's, not Meta's bytes")
+    assert run_weights_download(monkeypatch, {"WEIGHTS_DIR": str(weights)}, "--no-grounding-dino") == 0
+    assert checkpoint_server.requests == [] and own.read_bytes().startswith(b"a fine-tuned ViT-B")
+
+
+@pytest.mark.parametrize("path", [None, "/hang-up", "/missing"], ids=["refused", "hung-up", "404"])
+def test_an_unreachable_server_is_one_line_naming_the_address_the_setting_and_a_command(
+    monkeypatch, sam_served_by, capsys, tmp_path, path
+):
+    url = sam_served_by(path)
+    weights = tmp_path / "weights"
+    assert run_weights_download(monkeypatch, {"WEIGHTS_DIR": str(weights)}, "--no-grounding-dino") == 1
+    error = capsys.readouterr().err
+    target = weights / "sam_vit_b_01ec64.pth"
+    assert error.count("\n") == 1 and "Traceback" not in error
+    assert url in error and "SAM_CHECKPOINT" in error and f"curl -L --create-dirs -o {target} {url}" in error
+    assert leftovers(weights) == []
+
+
+# --- The text encoder: fetched at a pinned revision and checked; never looked up on a hub at start-up ---------
+
+
+@pytest.fixture
+def text_encoder_served(checkpoint_server, grounding_dino_files) -> OfficialTextEncoder:
+    """The tiny test BERT's files, served where the official repository's pinned revision has them."""
+    encoder = BERT_BASE_UNCASED
+    for filename in (*encoder.files, encoder.weights):
+        path = "/" + encoder.url(filename, "").lstrip("/")
+        checkpoint_server.files[path] = (grounding_dino_files.text_encoder / filename).read_bytes()
+    return encoder
+
+
+def text_encoder_location(weights: Path) -> CheckpointLocation:
+    return CheckpointLocation("text encoder", "GROUNDING_DINO_TEXT_ENCODER", weights / "bert-base-uncased", None)
+
+
+def test_the_text_encoder_is_fetched_from_its_pinned_revision_and_refused_when_the_weights_differ(
+    checkpoint_server, text_encoder_served, tmp_path
+):
+    encoder = text_encoder_served  # the official checksum: the tiny BERT's weights do not match it
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        download_text_encoder(text_encoder_location(tmp_path), encoder, checkpoint_server.url)
+    revision = "/google-bert/bert-base-uncased/resolve/86b5e0934494bd15c9632b12f734a8a67f723594/"
+    assert checkpoint_server.requests[-1] == revision + "model.safetensors"
+    assert all(path.startswith(revision) for path in checkpoint_server.requests)
+    assert leftovers(tmp_path) == []
+
+
+def test_a_fetched_text_encoder_is_a_folder_grounding_dino_loads(
+    checkpoint_server, text_encoder_served, grounding_dino_files, tmp_path
+):
+    weights_sha256 = hashlib.sha256((grounding_dino_files.text_encoder / "model.safetensors").read_bytes()).hexdigest()
+    encoder = replace(text_encoder_served, weights_sha256=weights_sha256)
+    folder = download_text_encoder(text_encoder_location(tmp_path), encoder, checkpoint_server.url)
+    assert leftovers(tmp_path) == ["bert-base-uncased"]
+    assert sorted(leftovers(folder)) == sorted((*encoder.files, encoder.weights))
+    detector = load_grounding_dino(grounding_dino_files.checkpoint, grounding_dino_files.config, folder, "cpu", 128)
+    assert detector.caption_tokens("car . wheel .") == 6
+
+
+def test_the_default_text_encoder_missing_fails_at_once_naming_the_setting_without_contacting_a_hub(
+    checkpoint_server, grounding_dino_files, tmp_path
+):
+    """In a fresh process, with the Hugging Face hub address pointed at the local server: nothing may ask it."""
+    script = (
+        "from backend.config import Settings\n"
+        "from backend.models.registry import load_detector\n"
+        "try:\n"
+        "    load_detector(Settings.from_env())\n"
+        "except Exception as error:\n"
+        "    print(type(error).__name__, error)\n"
+    )
+    environ = {
+        "PATH": os.environ["PATH"],
+        "HF_ENDPOINT": checkpoint_server.url,
+        "HF_HOME": str(tmp_path / "hf"),
+        "WEIGHTS_DIR": str(tmp_path / "weights"),
+        "GROUNDING_DINO_CONFIG": str(grounding_dino_files.config),
+        "GROUNDING_DINO_CHECKPOINT": str(grounding_dino_files.checkpoint),
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=environ, cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert done.stdout.startswith("CheckpointMissing"), done.stdout + done.stderr
+    expected = tmp_path / "weights" / "bert-base-uncased"
+    assert "GROUNDING_DINO_TEXT_ENCODER" in done.stdout and str(expected) in done.stdout
+    assert WEIGHTS_COMMAND in done.stdout
+    assert checkpoint_server.requests == []
+
+
+# --- What a SAM setting points at: named when absent, recognised when it is the wrong file -------------------
+
+
+def test_an_explicit_sam_checkpoint_that_is_absent_is_named_without_suggesting_a_download(settings, tmp_path):
+    mine = tmp_path / "mine.pth"
+    with pytest.raises(CheckpointMissing) as error:
+        load_segmenter(replace(settings, sam_checkpoint=str(mine)))
+    assert f"SAM_CHECKPOINT={mine}" in str(error.value) and WEIGHTS_COMMAND not in str(error.value)
+
+
+def test_the_default_sam_checkpoint_absent_names_the_setting_the_file_and_the_download(settings):
+    with pytest.raises(CheckpointMissing) as error:
+        load_segmenter(replace(settings, sam_checkpoint="", sam_model_type="vit_l"))
+    expected = Path(settings.weights_dir) / "sam_vit_l_0b3195.pth"
+    message = str(error.value)
+    assert str(expected) in message and "SAM_CHECKPOINT" in message and WEIGHTS_COMMAND in message
+
+
+def test_an_explicit_text_encoder_folder_that_is_absent_is_named_without_suggesting_a_download(
+    grounded_settings, tmp_path
+):
+    with pytest.raises(CheckpointMissing) as error:
+        load_detector(replace(grounded_settings, grounding_dino_text_encoder=str(tmp_path / "bert")))
+    message = str(error.value)
+    assert f"GROUNDING_DINO_TEXT_ENCODER={tmp_path / 'bert'}" in message and WEIGHTS_COMMAND not in message
+
+
+def official_encoder_keys(model_type: str) -> dict[str, torch.Tensor]:
+    """Only the tensors that tell an encoder's type (patch embedding and relative positions), at their official
+    shapes: a few MB instead of the whole file."""
+    return {
+        key: torch.zeros(value.shape)
+        for key, value in official_shapes(model_type).items()
+        if key == "image_encoder.patch_embed.proj.weight" or key.endswith("attn.rel_pos_h")
+    }
+
+
+def test_a_sam_file_of_another_official_type_than_sam_model_type_is_refused_naming_both(settings, tmp_path):
+    path = tmp_path / "my_sam.pth"
+    torch.save(official_encoder_keys("vit_b"), path)
+    with pytest.raises(WrongCheckpoint) as error:
+        load_segmenter(replace(settings, sam_checkpoint=str(path), sam_model_type="vit_h"))
+    message = str(error.value)
+    assert "SAM_MODEL_TYPE=vit_h" in message and "holds SAM vit_b" in message and "SAM_MODEL_TYPE=vit_b" in message
+
+
+def write_wrong_file(kind: str, folder: Path, sam_checkpoint: Path) -> Path:
+    tensor = torch.zeros(2, 2)
+    if kind == "a Hugging Face model folder":
+        path = folder / "sam-vit-base"
+        path.mkdir()
+        (path / "config.json").write_text('{"model_type": "sam"}')
+        return path
+    path = folder / f"{kind.replace(' ', '_')}.pth"
+    if kind == "truncated":
+        whole = sam_checkpoint.read_bytes()
+        path.write_bytes(whole[: len(whole) // 2])
+    elif kind == "a GroundingDINO checkpoint":
+        keys = ["backbone.0.patch_embed.proj.weight", "transformer.encoder.layers.0.linear1.weight", "bert.pooler.w"]
+        torch.save({"model": {key: tensor for key in keys}}, path)
+    elif kind == "a SAM 2 checkpoint":
+        keys = ["image_encoder.trunk.patch_embed.proj.weight", "memory_encoder.out_proj.weight", "sam_mask_decoder.w"]
+        torch.save({"model": {key: tensor for key in keys}}, path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "kind", ["a GroundingDINO checkpoint", "a SAM 2 checkpoint", "a Hugging Face model folder", "truncated"]
+)
+def test_a_wrong_file_in_sam_checkpoint_is_named_for_what_it_is(settings, sam_checkpoint, tmp_path, kind):
+    path = write_wrong_file(kind, tmp_path, sam_checkpoint)
+    with pytest.raises(WrongCheckpoint) as error:
+        load_segmenter(replace(settings, sam_checkpoint=str(path)))
+    assert f"SAM_CHECKPOINT={path}" in str(error.value) and kind in str(error.value)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,7 +22,7 @@ from backend.inference.local import Predictor
 from backend.models.base import SegmentPrompt
 from backend.models.checkpoints import WEIGHTS_COMMAND
 from backend.models.grounding_dino import GroundingDino, load_grounding_dino
-from backend.models.registry import MODEL_BUILD_LOCK, grounding_dino_checkpoint_path
+from backend.models.registry import MODEL_BUILD_LOCK, grounding_dino_checkpoint, load_detector
 from backend.prompts.text import MAX_PHRASES, build_query, labels_query, text_query, thresholds_for
 from backend.protocol.label_config import parse_label_config
 from tests.assets import decode_brush, encodes_logged, recorded
@@ -61,7 +62,7 @@ def text_body(text: str | list[str], **value: object) -> dict:
 @pytest.fixture
 def detector(grounding_dino_files) -> GroundingDino:
     return load_grounding_dino(
-        grounding_dino_files.checkpoint, grounding_dino_files.config, str(grounding_dino_files.text_encoder), "cpu", 128
+        grounding_dino_files.checkpoint, grounding_dino_files.config, grounding_dino_files.text_encoder, "cpu", 128
     )
 
 
@@ -142,11 +143,12 @@ def test_models_are_built_one_at_a_time(grounded_settings):
         assert not any(parameter.is_meta for parameter in model.parameters())
 
 
-def test_missing_checkpoint_names_the_file_and_the_download_command(tmp_path, grounding_dino_files):
-    missing = tmp_path / "groundingdino_swint_ogc.pth"
+def test_missing_checkpoint_names_the_setting_the_file_and_the_download_command(settings):
     with pytest.raises(CheckpointMissing) as error:
-        load_grounding_dino(missing, grounding_dino_files.config, str(grounding_dino_files.text_encoder))
-    assert str(missing) in str(error.value) and WEIGHTS_COMMAND in str(error.value)
+        load_detector(settings)
+    expected = Path(settings.weights_dir) / "groundingdino_swint_ogc.pth"
+    message = str(error.value)
+    assert str(expected) in message and "GROUNDING_DINO_CHECKPOINT" in message and WEIGHTS_COMMAND in message
 
 
 def test_a_checkpoint_of_another_architecture_is_refused(tmp_path, grounding_dino_files):
@@ -155,7 +157,7 @@ def test_a_checkpoint_of_another_architecture_is_refused(tmp_path, grounding_din
     path = tmp_path / "partial.pth"
     torch.save({"model": partial}, path)
     with pytest.raises(ValueError, match="does not match"):
-        load_grounding_dino(path, grounding_dino_files.config, str(grounding_dino_files.text_encoder))
+        load_grounding_dino(path, grounding_dino_files.config, grounding_dino_files.text_encoder)
 
 
 def crafted_scores(detector: GroundingDino, caption: str, peaks: list[dict[str, float]]) -> torch.Tensor:
@@ -388,7 +390,7 @@ def test_without_grounding_dino_clicks_work_and_text_says_what_is_missing(settin
         predictor.detector.get(60)
     click = client.post("/predict", json=recorded("04-predict-interactive-keypoints.json"))
     assert click.status_code == 200 and click.json["results"][0]["result"]
-    expected = str(grounding_dino_checkpoint_path(settings))
+    expected = str(grounding_dino_checkpoint(settings).path)
     for body in (recorded("03-predict-batch.json"), recorded("06-predict-interactive-text.json")):
         response = client.post("/predict", json=body)
         assert response.status_code == 503

@@ -1,7 +1,10 @@
-"""Official checkpoints: where to download them, how to verify them, and how to tell a missing one.
+"""Model weights: where the backend looks for them, the official files `python -m backend weights download`
+fetches (each at a pinned address, checked by SHA-256), and the errors that say what to do when one is absent,
+cannot be fetched, or is not the file it should be.
 
-The download goes to a temporary file that is renamed only once its SHA-256 matches, so a half
-downloaded or corrupted checkpoint is never loaded.
+Nothing here contacts a server unless a download is asked for. A download goes to a temporary file that is
+renamed only once complete (and, for weights, once its SHA-256 matches), so a half-downloaded or corrupted
+file is never loaded; a file already in place is the user's and is used as it is, never fetched again.
 """
 
 from __future__ import annotations
@@ -15,19 +18,12 @@ from pathlib import Path
 
 import requests
 
-from backend.errors import CheckpointMissing
+from backend.errors import CheckpointMissing, DownloadFailed
 
 log = logging.getLogger(__name__)
 
 WEIGHTS_COMMAND = "python -m backend weights download"
-
-
-def missing_checkpoint(what: str, path: Path) -> CheckpointMissing:
-    """The error for an absent checkpoint: it names the file and the command that fetches it."""
-    return CheckpointMissing(
-        f"{what} checkpoint not found at {path}. Download the official weights with "
-        f"`{WEIGHTS_COMMAND}` or point the setting at an existing file."
-    )
+HUGGING_FACE = "https://huggingface.co"
 
 
 @dataclass(frozen=True)
@@ -38,6 +34,23 @@ class OfficialCheckpoint:
     url: str
     sha256: str
     size_mb: int
+
+
+@dataclass(frozen=True)
+class OfficialTextEncoder:
+    """A Hugging Face model repository at a pinned commit: the files GroundingDINO's tokenizer and BERT read,
+    the weights checked by SHA-256 (the small files are fixed by the commit)."""
+
+    name: str  # what GROUNDING_DINO_TEXT_ENCODER says to mean it; also its folder in WEIGHTS_DIR
+    repo: str
+    revision: str
+    files: tuple[str, ...]
+    weights: str
+    weights_sha256: str
+    size_mb: int
+
+    def url(self, filename: str, endpoint: str = HUGGING_FACE) -> str:
+        return f"{endpoint}/{self.repo}/resolve/{self.revision}/{filename}"
 
 
 SAM_CHECKPOINTS: dict[str, OfficialCheckpoint] = {
@@ -69,6 +82,48 @@ GROUNDING_DINO_CHECKPOINT = OfficialCheckpoint(
     694,
 )
 
+# GroundingDINO's text encoder, the BERT its checkpoint was trained with.
+BERT_BASE_UNCASED = OfficialTextEncoder(
+    name="bert-base-uncased",
+    repo="google-bert/bert-base-uncased",
+    revision="86b5e0934494bd15c9632b12f734a8a67f723594",
+    files=("config.json", "vocab.txt", "tokenizer.json", "tokenizer_config.json"),
+    weights="model.safetensors",
+    weights_sha256="68d45e234eb4a928074dfd868cead0219ab85354cc53d20e772753c6bb9169d3",
+    size_mb=440,
+)
+
+
+@dataclass(frozen=True)
+class CheckpointLocation:
+    """Where the backend looks for one model's weights and which setting decides it. `official` is what
+    `weights download` puts at `path` when the setting is left unset; None when the setting names the user's own
+    file or folder, which no download would replace."""
+
+    what: str  # "SAM", "GroundingDINO", "text encoder"
+    setting: str  # the variable that points at a local file instead
+    path: Path
+    official: OfficialCheckpoint | OfficialTextEncoder | None
+
+    def describe(self) -> str:
+        if self.official is None:
+            return f"{self.setting}={self.path}"
+        return f"{self.path} (the official file in WEIGHTS_DIR that {self.setting} defaults to)"
+
+
+def missing_checkpoint(location: CheckpointLocation) -> CheckpointMissing:
+    """The error for absent weights: the setting and the file it expected, and only a remedy that would work."""
+    if location.official is None:
+        return CheckpointMissing(
+            f"{location.what} weights not found: {location.setting}={location.path} does not exist; "
+            f"point {location.setting} at an existing file"
+        )
+    return CheckpointMissing(
+        f"{location.what} weights not found at {location.path}, the official file in WEIGHTS_DIR that "
+        f"{location.setting} defaults to; fetch it with `{WEIGHTS_COMMAND}` or set {location.setting} to a copy "
+        "you have"
+    )
+
 
 def sha256_of(path: Path, chunk_bytes: int = 8 * 1024 * 1024) -> str:
     digest = hashlib.sha256()
@@ -78,42 +133,80 @@ def sha256_of(path: Path, chunk_bytes: int = 8 * 1024 * 1024) -> str:
     return digest.hexdigest()
 
 
-def download_checkpoint(checkpoint: OfficialCheckpoint, directory: Path, timeout_s: float = 60.0) -> Path:
-    """Download `checkpoint` into `directory` unless a verified copy is already there."""
-    directory.mkdir(parents=True, exist_ok=True)
-    target = directory / checkpoint.filename
-    if target.exists():
-        if sha256_of(target) == checkpoint.sha256:
-            log.info("%s already present and verified", target)
-            return target
-        log.warning("%s has the wrong checksum; downloading it again", target)
-    log.info("downloading %s (%d MB) from %s", checkpoint.filename, checkpoint.size_mb, checkpoint.url)
+def _download(url: str, target: Path, sha256: str | None, timeout_s: float) -> None:
+    """`url` into `target`, all or nothing; with `sha256`, only when the bytes match it."""
     digest = hashlib.sha256()
-    handle, partial_name = tempfile.mkstemp(dir=directory, prefix=checkpoint.filename, suffix=".part")
+    handle, partial_name = tempfile.mkstemp(dir=target.parent, prefix=target.name, suffix=".part")
     try:
-        with os.fdopen(handle, "wb") as out, requests.get(checkpoint.url, stream=True, timeout=timeout_s) as response:
+        with os.fdopen(handle, "wb") as out, requests.get(url, stream=True, timeout=timeout_s) as response:
             response.raise_for_status()
             for chunk in response.iter_content(chunk_size=1024 * 1024):
                 out.write(chunk)
                 digest.update(chunk)
-        if digest.hexdigest() != checkpoint.sha256:
-            raise ValueError(
-                f"checksum mismatch for {checkpoint.url}: got {digest.hexdigest()}, expected {checkpoint.sha256}"
-            )
+        if sha256 is not None and digest.hexdigest() != sha256:
+            raise ValueError(f"checksum mismatch for {url}: got {digest.hexdigest()}, expected {sha256}")
         os.replace(partial_name, target)
     finally:
         if os.path.exists(partial_name):
             os.unlink(partial_name)
-    return target
 
 
-def download_text_encoder(name: str) -> str:
-    """Fetch a Hugging Face text encoder (config, vocabulary, weights) into the Hugging Face cache so that
-    GroundingDINO loads it offline later; a local folder is returned as it is."""
-    if os.path.isdir(name):
-        return name
-    from huggingface_hub import snapshot_download
-
-    return snapshot_download(
-        name, allow_patterns=["config.json", "vocab.txt", "tokenizer.json", "tokenizer_config.json", "*.safetensors"]
+def _unreachable(location: CheckpointLocation, url: str, error: requests.RequestException, elsewhere: str) -> str:
+    """One line: what was tried, the setting that takes a local copy, the command that fetches it elsewhere."""
+    reason = type(error).__name__
+    if isinstance(error, requests.HTTPError) and error.response is not None:
+        reason = f"HTTP {error.response.status_code}"
+    return (
+        f"could not download {location.what} weights from {url} ({reason}); set {location.setting} to a local "
+        f"copy, or fetch it on a machine with access: {elsewhere}"
     )
+
+
+def download_checkpoint(location: CheckpointLocation, timeout_s: float = 60.0) -> Path:
+    """Fetch `location`'s official file into place unless a file is already there, which is used as it is."""
+    official = location.official
+    if location.path.exists() or official is None:
+        return location.path
+    if isinstance(official, OfficialTextEncoder):
+        return download_text_encoder(location, official, timeout_s=timeout_s)
+    location.path.parent.mkdir(parents=True, exist_ok=True)
+    log.info("downloading %s (%d MB) from %s", official.filename, official.size_mb, official.url)
+    try:
+        _download(official.url, location.path, official.sha256, timeout_s)
+    except requests.RequestException as error:
+        elsewhere = f"curl -L --create-dirs -o {location.path} {official.url}"
+        raise DownloadFailed(_unreachable(location, official.url, error, elsewhere)) from error
+    return location.path
+
+
+def download_text_encoder(
+    location: CheckpointLocation,
+    encoder: OfficialTextEncoder,
+    endpoint: str = HUGGING_FACE,
+    timeout_s: float = 60.0,
+) -> Path:
+    """`encoder`'s files at its pinned revision into the folder `location.path`, which appears only once every
+    file is in and the weights' SHA-256 matches."""
+    folder = location.path
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f"{folder.name}.", suffix=".part"))
+    log.info("downloading %s (%d MB) at revision %s", encoder.repo, encoder.size_mb, encoder.revision)
+    try:
+        for filename in (*encoder.files, encoder.weights):
+            url = encoder.url(filename, endpoint)
+            checksum = encoder.weights_sha256 if filename == encoder.weights else None
+            try:
+                _download(url, staging / filename, checksum, timeout_s)
+            except requests.RequestException as error:
+                elsewhere = (
+                    f"huggingface-cli download {encoder.repo} {' '.join((*encoder.files, encoder.weights))} "
+                    f"--revision {encoder.revision} --local-dir {folder}"
+                )
+                raise DownloadFailed(_unreachable(location, url, error, elsewhere)) from error
+        os.replace(staging, folder)
+    finally:
+        if staging.exists():
+            for leftover in staging.iterdir():
+                leftover.unlink()
+            staging.rmdir()
+    return folder

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import os
 import pickle
 import sys
 import threading
@@ -23,13 +22,13 @@ import torch
 from PIL import Image
 from torchvision.ops import batched_nms, box_convert
 
-from backend.models.checkpoints import GROUNDING_DINO_CHECKPOINT, missing_checkpoint, sha256_of
+from backend.errors import WrongCheckpoint
+from backend.models.checkpoints import GROUNDING_DINO_CHECKPOINT, sha256_of
 from backend.models.sam import resolve_device
 
 log = logging.getLogger(__name__)
 
 NMS_IOU = 0.5  # boxes of one label overlapping more than this are one object
-OFFICIAL_TEXT_ENCODER = "bert-base-uncased"
 # The long side limit GroundingDINO was trained with for its 800-pixel short side.
 MAX_SIZE_PER_SHORT_SIDE = 1333 / 800
 
@@ -66,27 +65,27 @@ def _read_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
 
 def load_grounding_dino(
     checkpoint: Path,
-    config: Path | None = None,
-    text_encoder: str = OFFICIAL_TEXT_ENCODER,
+    config: Path | None,
+    text_encoder: Path,
     device: str = "auto",
     image_size: int = 800,
 ) -> GroundingDino:
     """Build the model described by `config` (default: the packaged SwinT OGC) and load the official-format
-    `checkpoint`; `text_encoder` is a Hugging Face BERT name or a local folder holding its config and vocab."""
-    if not checkpoint.is_file():
-        raise missing_checkpoint("GroundingDINO", checkpoint)
+    `checkpoint`; `text_encoder` is a local folder holding the BERT's config, vocabulary and weights (never a hub
+    name: nothing is downloaded here)."""
     config = config or packaged_config()
     if not config.is_file():
         raise FileNotFoundError(f"GroundingDINO config {config} does not exist (GROUNDING_DINO_CONFIG)")
-    if text_encoder != OFFICIAL_TEXT_ENCODER and not os.path.isdir(text_encoder):
-        raise ValueError(
-            f"GROUNDING_DINO_TEXT_ENCODER {text_encoder!r} is neither {OFFICIAL_TEXT_ENCODER!r} nor a local folder"
+    if not (text_encoder / "config.json").is_file():
+        raise WrongCheckpoint(
+            f"GROUNDING_DINO_TEXT_ENCODER={text_encoder} is not a folder holding a Hugging Face BERT (config.json, "
+            "vocab.txt, weights)"
         )
     from groundingdino.models import build_model
     from groundingdino.util.slconfig import SLConfig
 
     args = SLConfig.fromfile(str(config))
-    args.text_encoder_type = text_encoder
+    args.text_encoder_type = str(text_encoder)
     target = resolve_device(device)
     args.device = target.type
     # Activation checkpointing only saves memory when training; at inference it costs time.

@@ -9,7 +9,13 @@ from pathlib import Path
 import torch
 
 from backend.config import Settings
-from backend.models.checkpoints import GROUNDING_DINO_CHECKPOINT, SAM_CHECKPOINTS
+from backend.models.checkpoints import (
+    BERT_BASE_UNCASED,
+    GROUNDING_DINO_CHECKPOINT,
+    SAM_CHECKPOINTS,
+    CheckpointLocation,
+    missing_checkpoint,
+)
 from backend.models.grounding_dino import GroundingDino, load_grounding_dino
 from backend.models.sam import SamSegmenter, load_sam
 
@@ -25,25 +31,46 @@ def apply_torch_threads(threads: int) -> int:
     return torch.get_num_threads()
 
 
-def sam_checkpoint_path(settings: Settings) -> Path:
-    """The SAM checkpoint to load: SAM_CHECKPOINT, else the official file name in WEIGHTS_DIR."""
+def sam_checkpoint(settings: Settings, model_type: str | None = None) -> CheckpointLocation:
+    """SAM_CHECKPOINT, else the official file of `model_type` (default SAM_MODEL_TYPE) in WEIGHTS_DIR."""
     if settings.sam_checkpoint:
-        return Path(settings.sam_checkpoint)
-    return Path(settings.weights_dir) / SAM_CHECKPOINTS[settings.sam_model_type].filename
+        return CheckpointLocation("SAM", "SAM_CHECKPOINT", Path(settings.sam_checkpoint), None)
+    official = SAM_CHECKPOINTS[model_type or settings.sam_model_type]
+    return CheckpointLocation("SAM", "SAM_CHECKPOINT", Path(settings.weights_dir) / official.filename, official)
 
 
-def grounding_dino_checkpoint_path(settings: Settings) -> Path:
-    """GROUNDING_DINO_CHECKPOINT, else the official file name in WEIGHTS_DIR."""
+def grounding_dino_checkpoint(settings: Settings) -> CheckpointLocation:
+    """GROUNDING_DINO_CHECKPOINT, else the official file in WEIGHTS_DIR."""
     if settings.grounding_dino_checkpoint:
-        return Path(settings.grounding_dino_checkpoint)
-    return Path(settings.weights_dir) / GROUNDING_DINO_CHECKPOINT.filename
+        path = Path(settings.grounding_dino_checkpoint)
+        return CheckpointLocation("GroundingDINO", "GROUNDING_DINO_CHECKPOINT", path, None)
+    path = Path(settings.weights_dir) / GROUNDING_DINO_CHECKPOINT.filename
+    return CheckpointLocation("GroundingDINO", "GROUNDING_DINO_CHECKPOINT", path, GROUNDING_DINO_CHECKPOINT)
+
+
+def text_encoder(settings: Settings) -> CheckpointLocation:
+    """GROUNDING_DINO_TEXT_ENCODER as a local folder; its default name means the official BERT's folder in
+    WEIGHTS_DIR, so no Hugging Face hub is ever contacted to resolve it."""
+    if settings.grounding_dino_text_encoder == BERT_BASE_UNCASED.name:
+        path = Path(settings.weights_dir) / BERT_BASE_UNCASED.name
+        return CheckpointLocation("text encoder", "GROUNDING_DINO_TEXT_ENCODER", path, BERT_BASE_UNCASED)
+    return CheckpointLocation(
+        "text encoder", "GROUNDING_DINO_TEXT_ENCODER", Path(settings.grounding_dino_text_encoder), None
+    )
+
+
+def present(location: CheckpointLocation) -> Path:
+    """The location's path; CheckpointMissing naming the setting and the file when nothing is there."""
+    if not location.path.exists():
+        raise missing_checkpoint(location)
+    return location.path
 
 
 def load_segmenter(settings: Settings, decoder_runtime: str | None = None) -> SamSegmenter:
     """The configured SAM; `decoder_runtime` overrides DECODER_RUNTIME (training needs the PyTorch decoder)."""
     with MODEL_BUILD_LOCK:
         return load_sam(
-            sam_checkpoint_path(settings),
+            present(sam_checkpoint(settings)),
             settings.sam_model_type,
             settings.device,
             decoder_runtime or settings.decoder_runtime,
@@ -55,9 +82,9 @@ def load_detector(settings: Settings) -> GroundingDino:
     """The configured GroundingDINO."""
     with MODEL_BUILD_LOCK:
         return load_grounding_dino(
-            grounding_dino_checkpoint_path(settings),
+            present(grounding_dino_checkpoint(settings)),
             Path(settings.grounding_dino_config) if settings.grounding_dino_config else None,
-            settings.grounding_dino_text_encoder,
+            present(text_encoder(settings)),
             settings.device,
             settings.grounding_dino_image_size,
         )

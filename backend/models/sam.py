@@ -1,8 +1,11 @@
 """Segment Anything (Meta's segment-anything package) behind the `Segmenter` interface.
 
 Loads Meta's official `.pth` state dicts. The image-encoder architecture is read off the checkpoint's
-tensor shapes, so the official ViT-B/L/H files and reduced test builds go through the same loader;
-`SAM_MODEL_TYPE` is checked against what the file holds.
+tensor shapes, so the official ViT-B/L/H files and reduced test builds go through the same loader. A file of
+another official type than `SAM_MODEL_TYPE` is refused rather than served: the type names the `model_version`
+Label Studio stores with every prediction (and skips tasks by), fixed at start-up before any file is read, so
+serving the file's type under the setting's name would label predictions with a model that did not make them.
+The common wrong files (GroundingDINO's, SAM 2's, a Hugging Face folder, a truncated download) are named.
 """
 
 from __future__ import annotations
@@ -10,7 +13,9 @@ from __future__ import annotations
 import copy
 import io
 import logging
+import pickle
 import threading
+import zipfile
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +26,9 @@ from segment_anything.build_sam import _build_sam
 from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 
+from backend.errors import WrongCheckpoint
 from backend.models.base import ImageEmbedding, MaskPrediction, SegmentPrompt
-from backend.models.checkpoints import missing_checkpoint, sha256_of
+from backend.models.checkpoints import GROUNDING_DINO_CHECKPOINT, SAM_CHECKPOINTS, sha256_of
 from backend.models.sam_decoder import PromptDecoder, make_decoder
 
 log = logging.getLogger(__name__)
@@ -123,20 +129,86 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+# Key prefixes that give away another model's checkpoint.
+GROUNDING_DINO_KEYS = ("backbone.0.", "transformer.", "bert.", "feat_map.", "input_proj.")
+SAM2_KEYS = ("image_encoder.trunk.", "memory_encoder.", "memory_attention.", "sam_mask_decoder.")
+SAM_ENCODER_KEY = "image_encoder.patch_embed.proj.weight"
+
+
+def read_sam_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """Meta's plain state dict in `checkpoint`; WrongCheckpoint saying what the file is when it holds none."""
+    where = f"SAM_CHECKPOINT={checkpoint}"
+    official = SAM_CHECKPOINTS["vit_b"]
+    if checkpoint.is_dir():
+        kind = "a Hugging Face model folder (config.json)" if (checkpoint / "config.json").is_file() else "a folder"
+        raise WrongCheckpoint(
+            f"{where} is {kind}; SAM_CHECKPOINT takes Meta's single .pth file, e.g. {official.filename} "
+            f"from {official.url}"
+        )
+    try:
+        data = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if not zipfile.is_zipfile(checkpoint):
+            raise WrongCheckpoint(f"{where} is not a PyTorch checkpoint ({error.__class__.__name__})") from error
+        if sha256_of(checkpoint) == GROUNDING_DINO_CHECKPOINT.sha256:
+            raise WrongCheckpoint(
+                f"{where} is the official GroundingDINO checkpoint; set it as GROUNDING_DINO_CHECKPOINT and point "
+                "SAM_CHECKPOINT at a SAM file"
+            ) from error
+        raise WrongCheckpoint(
+            f"{where} pickles objects besides tensors; Meta's SAM files are plain state dicts"
+        ) from error
+    except (RuntimeError, EOFError) as error:  # torch's reader on a cut-off zip archive or an empty file
+        raise WrongCheckpoint(
+            f"{where} is truncated or damaged ({checkpoint.stat().st_size} bytes; the official SAM files are "
+            f"{official.size_mb} MB and more): download it again"
+        ) from error
+    state = data.get("model", data) if isinstance(data, dict) else None
+    if not isinstance(state, dict):
+        raise WrongCheckpoint(f"{where} holds no state dict")
+    keys = [str(key).removeprefix("module.") for key in state]
+    if any(key.startswith(GROUNDING_DINO_KEYS) for key in keys):
+        raise WrongCheckpoint(
+            f"{where} is a GroundingDINO checkpoint; set it as GROUNDING_DINO_CHECKPOINT and point SAM_CHECKPOINT "
+            f"at a SAM file such as {official.filename}"
+        )
+    if any(key.startswith(SAM2_KEYS) for key in keys):
+        raise WrongCheckpoint(
+            f"{where} is a SAM 2 checkpoint, which this backend does not run; use a SAM (1) file such as "
+            f"{official.filename}"
+        )
+    if SAM_ENCODER_KEY not in state:
+        raise WrongCheckpoint(f"{where} holds no SAM image encoder ({len(keys)} tensors, e.g. {keys[:3]})")
+    return state
+
+
+def official_type(shape: EncoderShape) -> str | None:
+    """vit_b, vit_l or vit_h when `shape` is one of Meta's encoders."""
+    return next((name for name, known in OFFICIAL_ENCODERS.items() if known == shape), None)
+
+
 def load_sam(
     checkpoint: Path, model_type: str = "", device: str = "auto", decoder_runtime: str = "auto", encoder_batch: int = 0
 ) -> SamSegmenter:
-    """Build SAM from an official-format state dict; `model_type` (vit_b/l/h), if given, must match."""
-    if not checkpoint.is_file():
-        raise missing_checkpoint("SAM", checkpoint)
-    state_dict = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    shape = infer_encoder_shape(state_dict)
-    expected = OFFICIAL_ENCODERS.get(model_type)
-    if model_type and expected is None:
+    """Build SAM from an official-format state dict; a file of another official type than `model_type` is
+    refused (WrongCheckpoint), one of no official type (a reduced build) is served with a warning."""
+    if model_type and model_type not in OFFICIAL_ENCODERS:
         raise ValueError(f"unknown SAM_MODEL_TYPE {model_type!r}; use one of {sorted(OFFICIAL_ENCODERS)}")
-    if expected is not None and expected.embed_dim != shape.embed_dim:
+    state_dict = read_sam_state_dict(checkpoint)
+    shape = infer_encoder_shape(state_dict)
+    holds = official_type(shape)
+    if model_type and holds is not None and holds != model_type:
+        raise WrongCheckpoint(
+            f"SAM_MODEL_TYPE={model_type} but SAM_CHECKPOINT={checkpoint} holds SAM {holds}; set "
+            f"SAM_MODEL_TYPE={holds} (it names the model_version Label Studio stores) or point SAM_CHECKPOINT at "
+            f"the {model_type} file ({SAM_CHECKPOINTS[model_type].filename})"
+        )
+    if model_type and holds is None:
         log.warning(
-            "SAM_MODEL_TYPE=%s but %s holds a %s encoder; using the checkpoint's", model_type, checkpoint, shape
+            "%s holds a SAM encoder of no official type (%s); it is served and reported as SAM_MODEL_TYPE=%s",
+            checkpoint,
+            shape,
+            model_type,
         )
     sam = _build_sam(shape.embed_dim, shape.depth, shape.num_heads, list(shape.global_attn_indexes))
     sam.load_state_dict(state_dict)
