@@ -21,6 +21,7 @@ from rq import get_current_job
 from rq.exceptions import DeserializationError
 from rq.job import Job
 
+from backend.cache.connection import get_bytes
 from backend.config import Settings
 from backend.deadline import TimeLimit
 from backend.errors import BackendError, ConfigError, ImageError, PromptError
@@ -51,7 +52,7 @@ class StoredImageFetcher(ImageFetcher):
         if not isinstance(url, str) or not url.startswith(STORED_PREFIX):
             return super().fetch(url)
         digest = url[len(STORED_PREFIX) :]
-        data = self.queue_connection.get(IMAGE_KEY.format(digest=digest))
+        data = get_bytes(self.queue_connection, IMAGE_KEY.format(digest=digest))
         if data is None:
             # The web tier stores the image before enqueuing; only an expired or flushed key lands here.
             raise ImageError("the image is no longer in Redis; send the request again", 503)
@@ -88,7 +89,7 @@ def interactive(
 
 def preannotate(
     image_urls: list[str], config: ProjectConfig, project_id: int | None = None, deadline_at: float | None = None
-) -> list[TaskAnswer | Exception] | BackendError:
+) -> list[TaskAnswer | BackendError] | BackendError:
     """Each task's answer; those not done by `deadline_at` (wall-clock time, the web tier's request deadline)
     get DeadlineExceeded."""
     assert _predictor is not None, "the worker installs its predictor before taking jobs"
@@ -128,15 +129,16 @@ class PreannotateBatch:
     def __init__(self, claimed: list[Job]) -> None:
         self.groups: list[_Group] = []
         self._group_of: dict[str, _Group] = {}
-        self._outcomes: dict[str, list[TaskAnswer | Exception]] = {}
+        self._outcomes: dict[str, list[TaskAnswer | BackendError]] = {}
         for job in claimed:
             call = _preannotate_call(job)
             if call is None:
                 continue
-            urls, *shared = call
-            group = next((g for g in self.groups if [g.config, g.project_id, g.deadline_at] == shared), None)
+            urls, config, project_id, deadline_at = call
+            shared = (config, project_id, deadline_at)
+            group = next((g for g in self.groups if (g.config, g.project_id, g.deadline_at) == shared), None)
             if group is None:
-                group = _Group(*shared)
+                group = _Group(config, project_id, deadline_at)
                 self.groups.append(group)
             group.jobs.append((job, urls))
             self._group_of[job.id] = group
@@ -145,7 +147,7 @@ class PreannotateBatch:
     def images(self) -> int:
         return sum(len(urls) for group in self.groups for _, urls in group.jobs)
 
-    def outcome(self, job_id: str) -> list[TaskAnswer | Exception] | None:
+    def outcome(self, job_id: str) -> list[TaskAnswer | BackendError] | None:
         """The job's share of its group's pass, running the pass if it has not run; None when the job is to run
         alone (not in the batch, or its group's pass failed)."""
         group = self._group_of.get(job_id)
