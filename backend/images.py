@@ -66,7 +66,7 @@ class ImageFetcher:
             if settings.label_studio_url
             else None
         )
-        trusted = frozenset()
+        trusted: frozenset[tuple[str, int]] = frozenset()
         if self.label_studio is not None and self.label_studio.hostname:
             default_port = 443 if self.label_studio.scheme == "https" else 80
             trusted = frozenset({(self.label_studio.hostname.lower(), self.label_studio.port or default_port)})
