@@ -386,7 +386,7 @@ class Settings:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """The settings in `environ` (default: the process's environment); an empty variable means unset."""
         environ = os.environ if environ is None else environ
-        values = {}
+        values: dict[str, typing.Any] = {}  # each of its own field's type, which `_parse` reads from the field
         for definition in dataclasses.fields(cls):
             raw = environ.get(definition.metadata["env"], "").strip()
             if raw:

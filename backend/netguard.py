@@ -20,6 +20,7 @@ import socket
 import threading
 from contextvars import ContextVar, Token
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
@@ -73,7 +74,8 @@ class AddressPolicy:
             return answers
         allowed, refused = [], []
         for answer in answers:
-            address = ipaddress.ip_address(answer[4][0].split("%", 1)[0])  # drop an IPv6 zone
+            host_text = str(answer[4][0])  # str for every IPv4 and IPv6 answer, the only families a host name gets
+            address = ipaddress.ip_address(host_text.split("%", 1)[0])  # drop an IPv6 zone
             reason = self.refusal(address)
             if reason:
                 refused.append(f"{address} ({reason})")
@@ -99,7 +101,7 @@ class CutOff:
         self._over = False
         self._timer = threading.Timer(seconds, self._cut)
         self._timer.daemon = True
-        self._token: Token | None = None
+        self._token: Token[CutOff | None] | None = None
 
     def __enter__(self) -> CutOff:
         self._token = _active_cut_off.set(self)
@@ -111,7 +113,8 @@ class CutOff:
         with self._mutex:  # a cut running now finishes first; none comes after (the sockets may go back to a pool)
             self._over = True
             self._sockets.clear()
-        _active_cut_off.reset(self._token)
+        if self._token is not None:  # set by __enter__
+            _active_cut_off.reset(self._token)
 
     def watch(self, sock: socket.socket) -> None:
         with self._mutex:
@@ -144,7 +147,15 @@ def _watched(sock: socket.socket | None) -> None:
         cut_off.watch(sock)
 
 
-class _PinnedConnection:
+# Seen by the type checker as what it is mixed into (`GuardedAdapter`), so that its use of urllib3's attributes is
+# checked; at run time it is a plain mixin, which `type()` puts before urllib3's HTTP(S)Connection.
+if TYPE_CHECKING:
+    _Connection = HTTPConnection
+else:
+    _Connection = object
+
+
+class _PinnedConnection(_Connection):
     """Mixed into urllib3's connections: resolve, check, and connect to the checked address only; and let the
     download's `CutOff` reach every socket it uses."""
 

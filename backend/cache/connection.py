@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import redis
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
@@ -24,3 +26,9 @@ def redis_client(url: str) -> redis.Redis:
         health_check_interval=30,
         retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), 1, supported_errors=(redis.ConnectionError,)),
     )
+
+
+def get_bytes(client: redis.Redis, key: str) -> bytes | None:
+    """GET from a client of `redis_client`."""
+    # redis-py's stubs allow str, which only a client made with decode_responses=True returns; these never are.
+    return cast(bytes | None, client.get(key))

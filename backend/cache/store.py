@@ -17,7 +17,7 @@ from typing import Protocol
 import redis
 import redis.lock
 
-from backend.cache.connection import redis_client
+from backend.cache.connection import get_bytes, redis_client
 from backend.cache.locks import renewed
 
 log = logging.getLogger(__name__)
@@ -128,7 +128,7 @@ class ResilientStore:
     def get(self, key: str) -> bytes | None:
         if self._should_try_redis():
             try:
-                value = self.client.get(key)
+                value = get_bytes(self.client, key)
                 self._mark_up()
                 return value
             except redis.RedisError as error:

@@ -46,9 +46,9 @@ class ProjectDecoders:
         self.settings = settings
         self.base_name = base_name or (lambda: settings.base_model_version)
         self.pins = parse_pins(settings.model_version_pin)
-        self._variants: OrderedDict[VariantKey, FineTunable] = OrderedDict()
+        self._variants: OrderedDict[VariantKey, Segmenter] = OrderedDict()
         self._choices: OrderedDict[int, _Choice] = OrderedDict()
-        self._loading: dict[VariantKey, Future[FineTunable | None]] = {}
+        self._loading: dict[VariantKey, Future[Segmenter | None]] = {}
         self._broken: set[VariantKey] = set()
         self._mutex = threading.Lock()
 
@@ -76,7 +76,7 @@ class ProjectDecoders:
             choice, segmenter = self._choose(files, stamp, base, previous)
         return segmenter, public_name(base_name, project_id, choice.version)
 
-    def _served(self, project_id: int, base: FineTunable) -> tuple[_Choice, FineTunable] | None:
+    def _served(self, project_id: int, base: Segmenter) -> tuple[_Choice, Segmenter] | None:
         """The project's current choice and its loaded segmenter; None if there is none or its decoder was
         dropped from memory. Callers hold the mutex."""
         choice = self._choices.get(project_id)
@@ -98,8 +98,8 @@ class ProjectDecoders:
             self._choices.popitem(last=False)
 
     def _choose(
-        self, files: ProjectFiles, stamp: int, base: FineTunable, previous: tuple[_Choice, FineTunable] | None
-    ) -> tuple[_Choice, FineTunable]:
+        self, files: ProjectFiles, stamp: int, base: FineTunable, previous: tuple[_Choice, Segmenter] | None
+    ) -> tuple[_Choice, Segmenter]:
         store = VersionStore(files)
         versions, _ = store.scan()
         for version in VersionStore.candidates(versions, self.pin_for(files.project_id)) or []:
@@ -108,13 +108,12 @@ class ProjectDecoders:
                 if key in self._broken:
                     continue
                 segmenter = self._variants.get(key)
-                loading = self._loading.get(key)
-                loads_here = segmenter is None and loading is None
-                if loads_here:
-                    loading = self._loading[key] = Future()
+                loading = self._loading.get(key)  # another thread's load of this version
+                if segmenter is None and loading is None:
+                    self._loading[key] = Future()
             if segmenter is None:
-                if loads_here:
-                    segmenter = self._load(store, version, key, base, loading)
+                if loading is None:
+                    segmenter = self._load(store, version, key, base)
                 elif previous is not None:
                     return previous  # another thread loads this version; until then the previous one serves
                 else:
@@ -130,17 +129,11 @@ class ProjectDecoders:
             self._remember(files.project_id, choice)
         return choice, base
 
-    def _load(
-        self,
-        store: VersionStore,
-        version: Version,
-        key: VariantKey,
-        base: FineTunable,
-        loading: Future[FineTunable | None],
-    ) -> FineTunable | None:
+    def _load(self, store: VersionStore, version: Version, key: VariantKey, base: FineTunable) -> Segmenter | None:
         """Build a version's segmenter, outside the mutex; None (and marked broken) if it cannot serve. Threads
-        waiting for `loading` get None too should the build fail unexpectedly, and serve another candidate."""
-        segmenter: FineTunable | None = None
+        waiting for its future in `_loading` get None too should the build fail unexpectedly, and serve another
+        candidate."""
+        segmenter: Segmenter | None = None
         try:
             try:
                 segmenter = base.with_decoder_weights(store.load_weights(version))
@@ -152,7 +145,7 @@ class ProjectDecoders:
                 log.info("project %d: serving fine-tuned decoder %s", key[0], version.name)
         finally:
             with self._mutex:
-                del self._loading[key]
+                loading = self._loading.pop(key)
                 if segmenter is not None:
                     self._variants[key] = segmenter
                     while len(self._variants) > MAX_VARIANTS:

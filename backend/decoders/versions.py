@@ -91,7 +91,8 @@ class VersionStore:
 
     def scan(self) -> tuple[list[Version], list[dict]]:
         """Readable versions, oldest first, and {"name", "error"} for each folder that is not one."""
-        versions, broken = [], []
+        versions: list[Version] = []
+        broken: list[dict] = []
         if not self.root.is_dir():
             return versions, broken
         for entry in self.root.iterdir():

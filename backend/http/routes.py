@@ -13,6 +13,7 @@ import concurrent.futures
 import logging
 import re
 from dataclasses import dataclass
+from typing import TypedDict
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
@@ -20,6 +21,7 @@ from backend.config import Settings
 from backend.deadline import Deadline
 from backend.errors import (
     RETRY_AFTER_S,
+    BackendError,
     BadRequest,
     ConfigError,
     DeadlineExceeded,
@@ -60,6 +62,15 @@ def current_backend() -> Backend:
 TASK_ERRORS = (BadRequest, ImageError, PromptError, ConfigError, DeadlineExceeded)
 
 
+class TaskError(TypedDict):
+    """A task /predict could not answer, as listed in its "errors"."""
+
+    task: object  # the task's id, as Label Studio sent it
+    index: int
+    error: str
+    status: int
+
+
 def error_response(message: str, status: int, **details: object) -> tuple[Response, int]:
     log.warning("%s %s -> %d: %s", request.method, request.path, status, message)
     response = jsonify({"error": message, "status": status, **details})
@@ -95,9 +106,7 @@ def project_id_of(value: object) -> int | None:
     return value if is_label_studio_id(value) else None
 
 
-def _parse_predict_body(body: object, settings: Settings) -> tuple[list[dict], ProjectConfig, object]:
-    if not isinstance(body, dict):
-        raise BadRequest("the body must be a JSON object with 'tasks' and 'label_config'")
+def _parse_predict_body(body: dict, settings: Settings) -> tuple[list[dict], ProjectConfig, object]:
     tasks = body.get("tasks")
     if not isinstance(tasks, list) or not tasks:
         raise BadRequest("'tasks' must be a non-empty list")
@@ -148,7 +157,7 @@ def setup() -> Response:
 
 def _predict_interactive(
     task: dict, config: ProjectConfig, prompts: ContextPrompts, project_id: int | None, deadline: Deadline
-) -> TaskAnswer | Exception:
+) -> TaskAnswer | BackendError:
     backend = current_backend()
     try:
         image_url = task["data"].get(config.image_field)
@@ -168,6 +177,8 @@ def predict() -> tuple[Response, int] | Response:
     body = json_body()
     if body is None:
         raise BadRequest("the body is not valid JSON")
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object with 'tasks' and 'label_config'")
     tasks, config, context = _parse_predict_body(body, backend.settings)
     deadline = Deadline(backend.model_calls, backend.settings.predict_deadline_s)
     project_id = project_id_of(body.get("project"))
@@ -188,7 +199,9 @@ def predict() -> tuple[Response, int] | Response:
             # One context serves every task of the request: a bad one is refused whole, before any download.
             raise BadRequest(str(error), error.status) from error
         outcomes = [_predict_interactive(task, config, prompts, project_id, deadline) for task in tasks]
-    results, errors, last_answer = [], [], None
+    results: list[dict | list] = []  # an empty list for a task not answered
+    errors: list[TaskError] = []
+    last_answer: TaskAnswer | None = None
     for index, (task, outcome) in enumerate(zip(tasks, outcomes, strict=True)):
         if isinstance(outcome, TaskAnswer):
             results.append(outcome.entry)

@@ -5,13 +5,14 @@ implementations share. Nothing here needs torch: the queue-mode web tier imports
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from backend.cache.store import ByteStore
 from backend.config import Settings
 from backend.deadline import NO_LIMIT, TimeLimit
 from backend.decoders.serving import ProjectDecoders
+from backend.errors import BackendError
 from backend.images import ImageFetcher
 from backend.outcomes import TaskPrediction
 from backend.prompts.interactive import ContextPrompts, read_context
@@ -26,9 +27,16 @@ FETCH_THREADS = 8  # image downloads of one batch run side by side; they wait on
 class Inference(Protocol):
     """The models, in this process (`local.Predictor`) or on queue workers (`queue.QueuePredictor`)."""
 
-    store: ByteStore  # small shared state: project-run progress
-    decoders: ProjectDecoders
-    learning: ActiveLearning
+    # Read-only to callers, so an implementation may hold a narrower type (QueuePredictor: a ResilientStore).
+    @property
+    def store(self) -> ByteStore:
+        """Small shared state: project-run progress."""
+
+    @property
+    def decoders(self) -> ProjectDecoders: ...
+
+    @property
+    def learning(self) -> ActiveLearning: ...
 
     def warm_up(self) -> None:
         """Start whatever loading this inference needs, in the background; returns at once."""
@@ -51,11 +59,11 @@ class Inference(Protocol):
 
     def predict_batch(
         self,
-        image_urls: list[object],
+        image_urls: Sequence[object],
         config: ProjectConfig,
         project_id: int | None = None,
         limit: TimeLimit = NO_LIMIT,
-    ) -> list[TaskAnswer | Exception]:
+    ) -> list[TaskAnswer | BackendError]:
         """Pre-annotation of several tasks, each answered as Label Studio's JSON; a task that fails, or is not
         done within `limit`, gets its error in its place."""
 

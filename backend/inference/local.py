@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -23,13 +23,14 @@ from backend.cache.store import ByteStore
 from backend.config import Settings
 from backend.deadline import NO_LIMIT, StepTimes, TimeLimit
 from backend.decoders.serving import ProjectDecoders
-from backend.errors import ConfigError, DeadlineExceeded, ImageError, ModelNotReady, PromptError
+from backend.errors import BackendError, ConfigError, DeadlineExceeded, ImageError, ModelNotReady, PromptError
 from backend.images import FetchedImage, FetchRules, ImageFetcher, decode_image
 from backend.inference.base import FETCH_THREADS, InteractiveFront
 from backend.models.base import ImageEmbedding, Segmenter, SegmentPrompt
 from backend.models.grounding_dino import Detection, GroundingDino
 from backend.models.loader import BackgroundLoader
 from backend.models.registry import load_detector, load_segmenter
+from backend.models.sam import SamSegmenter
 from backend.outcomes import DetectedObject, TaskPrediction
 from backend.prompts.interactive import ContextPrompts, InteractivePrompter
 from backend.prompts.text import TextQuery, Thresholds, labels_query, text_query, thresholds_for
@@ -46,7 +47,7 @@ log = logging.getLogger(__name__)
 class Models:
     """Everything that exists only once the weights are loaded."""
 
-    segmenter: Segmenter
+    segmenter: SamSegmenter  # SAM: active learning fine-tunes its mask decoder (`training_resources`)
     embeddings: EmbeddingCache
     sessions: SessionStore
 
@@ -69,7 +70,7 @@ class Predictor(InteractiveFront):
         self.detector.start()  # after SAM, which clicks need first
         return self.models_for(segmenter)
 
-    def models_for(self, segmenter: Segmenter) -> Models:
+    def models_for(self, segmenter: SamSegmenter) -> Models:
         return Models(
             segmenter=segmenter,
             embeddings=EmbeddingCache(
@@ -140,7 +141,7 @@ class Predictor(InteractiveFront):
         return cached.embedding, cached.cache_hit, cached.encode_seconds
 
     def embeddings_for(
-        self, models: Models, images: list[tuple[FetchedImage, np.ndarray | None]], limit: TimeLimit = NO_LIMIT
+        self, models: Models, images: Sequence[tuple[FetchedImage, np.ndarray | None]], limit: TimeLimit = NO_LIMIT
     ) -> list[CachedEmbedding]:
         """Several images' SAM embeddings from the cache; the misses go through the encoder together, unless
         that pass would end past `limit`."""
@@ -272,11 +273,11 @@ class Predictor(InteractiveFront):
 
     def predict_batch(
         self,
-        image_urls: list[object],
+        image_urls: Sequence[object],
         config: ProjectConfig,
         project_id: int | None = None,
         limit: TimeLimit = NO_LIMIT,
-    ) -> list[TaskAnswer | Exception]:
+    ) -> list[TaskAnswer | BackendError]:
         """Pre-annotation of several tasks, GROUNDING_DINO_BATCH images (a chunk) at a time: the images of a
         chunk are fetched side by side and searched for the project's labels in one GroundingDINO pass, then
         each image's boxes are segmented from its SAM embedding (from the cache, or encoded now and cached, so
@@ -298,7 +299,7 @@ class Predictor(InteractiveFront):
         asked = [query.caption, list(query.spans), query.label_groups, thresholds.box, thresholds.text]
         detections_key = DetectionCache.query_key(detector.identity, [*asked, self.settings.max_objects])
         chunk = max(self.settings.grounding_dino_batch, 1)
-        outcomes: list[TaskAnswer | Exception] = []
+        outcomes: list[TaskAnswer | BackendError] = []
         for first in range(0, len(image_urls), chunk):
             urls = image_urls[first : first + chunk]
             try:
@@ -313,7 +314,7 @@ class Predictor(InteractiveFront):
 
     def _preannotate(
         self,
-        image_urls: list[object],
+        image_urls: Sequence[object],
         detector: GroundingDino,
         detections_key: str,
         models: Models | None,
@@ -323,7 +324,7 @@ class Predictor(InteractiveFront):
         thresholds: Thresholds,
         config: ProjectConfig,
         limit: TimeLimit,
-    ) -> list[TaskAnswer | Exception]:
+    ) -> list[TaskAnswer | BackendError]:
         """One chunk, each step under `limit`."""
         started = time.perf_counter()
         with self.step_times.step("fetch", len(image_urls), limit):
@@ -334,7 +335,7 @@ class Predictor(InteractiveFront):
         found = iter(self._detections(detector, detections_key, images, query, thresholds, limit))
         detect_share = (time.perf_counter() - fetched) / max(len(images), 1)
         embeddings = iter(self.embeddings_for(models, images, limit) if models else [])
-        outcomes: list[TaskAnswer | Exception] = []
+        outcomes: list[TaskAnswer | BackendError] = []
         with self.step_times.step("segment", len(images), limit):
             for item in loaded:
                 if isinstance(item, ImageError):

@@ -10,7 +10,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import redis
 from rq import Queue, Retry
@@ -89,6 +91,15 @@ def alive_workers(connection: redis.Redis) -> int:
 def served_model_versions(connection: redis.Redis) -> set[str]:
     """The model_versions the live workers' predictions carry, as each published it in its registration."""
     return {version for version in _live_worker_versions(connection) if version}
+
+
+def _returned(result: Result) -> Any:
+    """A successful job's return value; the refusal a job returns (a BackendError) is raised here. RQ keeps
+    return values untyped (pickled): each caller knows which job function it sent."""
+    value = result.return_value
+    if isinstance(value, BackendError):
+        raise value
+    return value
 
 
 class QueuePredictor(InteractiveFront):
@@ -183,11 +194,11 @@ class QueuePredictor(InteractiveFront):
 
     def predict_batch(
         self,
-        image_urls: list[object],
+        image_urls: Sequence[object],
         config: ProjectConfig,
         project_id: int | None = None,
         limit: TimeLimit = NO_LIMIT,
-    ) -> list[TaskAnswer | Exception]:
+    ) -> list[TaskAnswer | BackendError]:
         """Pre-annotation on the low-priority queue, one job per chunk of GROUNDING_DINO_BATCH images: each
         chunk's images are fetched here side by side, stored in Redis and let go before the next chunk's, so
         the web tier holds one chunk at a time. The workers run the same pass as the local mode and send back
@@ -197,7 +208,7 @@ class QueuePredictor(InteractiveFront):
         waited = TimeLimit(min(limit.remaining(), self.settings.predict_deadline_s))
         chunk = max(self.settings.grounding_dino_batch, 1)
         # Per chunk: each task's error, or None for an image sent in the chunk's job.
-        sent: list[tuple[list[Exception | None], Job | None]] = []
+        sent: list[tuple[list[BackendError | None], Job | None]] = []
         for first in range(0, len(image_urls), chunk):
             urls = image_urls[first : first + chunk]
             if waited.expired():
@@ -218,10 +229,10 @@ class QueuePredictor(InteractiveFront):
                 else None
             )
             sent.append(([item if isinstance(item, ImageError) else None for item in loaded], job))
-        outcomes: list[TaskAnswer | Exception] = []
+        outcomes: list[TaskAnswer | BackendError] = []
         unanswered: list[InferenceUnavailable] = []
         for slots, job in sent:
-            answers: list[TaskAnswer | Exception] = []
+            answers: list[TaskAnswer | BackendError] = []
             if job is not None:
                 try:
                     answers = self._chunk_answers(job, waited)
@@ -235,7 +246,7 @@ class QueuePredictor(InteractiveFront):
             raise unanswered[0]
         return outcomes
 
-    def _chunk_answers(self, job: Job, waited: TimeLimit) -> list[TaskAnswer | Exception]:
+    def _chunk_answers(self, job: Job, waited: TimeLimit) -> list[TaskAnswer | BackendError]:
         """A chunk job's answers; looked up once more past the limit, for a chunk answered while earlier ones
         were awaited."""
         if not waited.expired():
@@ -243,9 +254,7 @@ class QueuePredictor(InteractiveFront):
         result = job.latest_result()
         if result is None or result.type != Result.Type.SUCCESSFUL:
             raise InferenceUnavailable(f"no answer from the workers within {waited.seconds:.0f} s")
-        if isinstance(result.return_value, BackendError):
-            raise result.return_value
-        return result.return_value
+        return _returned(result)
 
     def _fetch_or_error(self, url: object) -> FetchedImage | ImageError:
         try:
@@ -283,14 +292,12 @@ class QueuePredictor(InteractiveFront):
             log.warning("Redis error while queueing an inference job", exc_info=True)
             raise InferenceUnavailable(f"the job queue (Redis) is unreachable: {type(error).__name__}") from error
 
-    def _wait(self, job: Job, deadline: float):
+    def _wait(self, job: Job, deadline: float) -> Any:
+        """The job's return value, waited for until `deadline` (monotonic); InferenceUnavailable if none comes."""
         while (left := deadline - time.monotonic()) > 0:
             result = job.latest_result(timeout=max(1, min(int(left), BLOCKING_READ_S)))
             if result is not None and result.type == Result.Type.SUCCESSFUL:
-                value = result.return_value
-                if isinstance(value, BackendError):
-                    raise value
-                return value
+                return _returned(result)
             try:
                 status = job.get_status(refresh=True)
             except InvalidJobOperation as error:  # RQ's word for a job whose hash is gone

@@ -64,7 +64,7 @@ class Segmenter(Protocol):
 
 
 @runtime_checkable
-class FineTunable(Protocol):
+class FineTunable(Segmenter, Protocol):
     """A segmenter whose prompt decoder active learning can fine-tune: a version stores its decoder weights as
     bytes, and serving builds the variant that shares this segmenter's image encoder (and so its cache)."""
 

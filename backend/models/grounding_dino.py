@@ -16,6 +16,7 @@ import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -25,6 +26,10 @@ from torchvision.ops import batched_nms, box_convert
 from backend.errors import WrongCheckpoint
 from backend.models.checkpoints import GROUNDING_DINO_CHECKPOINT, sha256_of
 from backend.models.sam import resolve_device
+
+if TYPE_CHECKING:
+    # Untyped (Any to the checker), but the model class, with the tokenizer and max_text_len a Module lacks.
+    from groundingdino.models.GroundingDINO.groundingdino import GroundingDINO
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +120,7 @@ def load_grounding_dino(
 class GroundingDino:
     """A loaded GroundingDINO model; `detect` is safe to call from many threads (one pass at a time)."""
 
-    def __init__(self, model: torch.nn.Module, device: torch.device, identity: str, image_size: int = 800) -> None:
+    def __init__(self, model: GroundingDINO, device: torch.device, identity: str, image_size: int = 800) -> None:
         import groundingdino.datasets.transforms as transforms
         from groundingdino.util.misc import nested_tensor_from_tensor_list
 
@@ -217,7 +222,9 @@ class GroundingDino:
         sized = (pixel_boxes[:, 2] - pixel_boxes[:, 0] >= 1) & (pixel_boxes[:, 3] - pixel_boxes[:, 1] >= 1)
         keep = ((score > box_threshold) & (best_mean > text_threshold) & sized).nonzero()[:, 0]
         order = keep[batched_nms(pixel_boxes[keep], score[keep], phrase_groups[best_phrase[keep]], NMS_IOU)]
-        return [
-            Detection(tuple(float(v) for v in pixel_boxes[i].tolist()), float(score[i]), int(best_phrase[i]))
-            for i in order.tolist()
-        ]
+        detections = []
+        for i in order.tolist():
+            x0, y0, x1, y1 = pixel_boxes[i].tolist()
+            box = (float(x0), float(y0), float(x1), float(y1))
+            detections.append(Detection(box, float(score[i]), int(best_phrase[i])))
+        return detections

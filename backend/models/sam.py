@@ -311,8 +311,9 @@ class SamSegmenter:
         for (_, has_mask), indices in batches.items():
             coords = np.stack([inputs[i][0] for i in indices])
             labels = np.stack([inputs[i][1] for i in indices])
-            if has_mask:
-                mask_input = np.stack([inputs[i][2] for i in indices]).astype(np.float32)[:, None]
+            if has_mask:  # every prompt of this batch has its logits
+                mask_input = np.stack([logits for i in indices if (logits := inputs[i][2]) is not None])
+                mask_input = mask_input.astype(np.float32)[:, None]
             else:
                 mask_input = np.zeros((len(indices), 1, LOW_RES_SIZE, LOW_RES_SIZE), dtype=np.float32)
             has_mask_input = np.array([float(has_mask)], dtype=np.float32)

@@ -89,7 +89,7 @@ class OnnxDecoder:
             torch.onnx.export(
                 module,
                 example,
-                graph,
+                graph,  # type: ignore[arg-type]  # torch's stub names paths only; its docs and code take a file object
                 input_names=INPUT_NAMES,
                 output_names=OUTPUT_NAMES,
                 dynamic_axes=dynamic,

@@ -244,7 +244,7 @@ class InteractivePrompter:
                 session.box = prompt.box
                 session.mask_logits = prediction.low_res_logits
                 self.sessions.save(self.image_digest, self.task_id, obj.label, session)
-            else:
+            elif obj.prompt.box is not None:  # a rectangle's prompt, which always has its box
                 boxes_by_label.setdefault(obj.label, []).append(obj.prompt.box)
         for label, boxes in boxes_by_label.items():
             session = self.sessions.load(self.image_digest, self.task_id, label)

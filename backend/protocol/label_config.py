@@ -83,6 +83,8 @@ def parse_label_config(xml: str) -> ProjectConfig:
     for control in interface.controls:
         if control.tag == "Number":
             default = (control.attr or {}).get("defaultValue")
+            if default is None:
+                continue
             try:
                 numbers[control.name] = float(default)
             except (TypeError, ValueError):

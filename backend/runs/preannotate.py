@@ -198,7 +198,7 @@ class ProjectRun:
         if batch:
             yield batch
 
-    def _predict(self, urls: list[object], config: ProjectConfig) -> list[TaskAnswer | Exception]:
+    def _predict(self, urls: list[object], config: ProjectConfig) -> list[TaskAnswer | BackendError]:
         for _ in range(UNAVAILABLE_RETRIES):
             try:
                 return self.predictor.predict_batch(urls, config, self.project_id)

@@ -45,7 +45,7 @@ class AnnotationRecord:
 def _label_studio_id(value: object, what: str) -> int:
     if not is_label_studio_id(value):
         raise Rejected(f"{what} must be a Label Studio id (a positive 64-bit integer)")
-    return value  # type: ignore[return-value]  # is_label_studio_id proved it an int
+    return value
 
 
 def _pixels(value: object, what: str) -> int:
@@ -139,7 +139,9 @@ class TrainingSet:
         }
         arrays = {f"mask{i}": np.packbits(region.mask, axis=None) for i, region in enumerate(record.regions)}
         buffer = io.BytesIO()
-        np.savez_compressed(buffer, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8), **arrays)
+        meta_array = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+        # mypy reads **arrays as possibly numpy's `allow_pickle: bool` keyword; its keys are all mask{i}.
+        np.savez_compressed(buffer, meta=meta_array, **arrays)  # type: ignore[arg-type]
         write_atomically(self._path(record.annotation_id), buffer.getvalue())
 
     def drop(self, annotation_id: int) -> bool:

@@ -69,7 +69,7 @@ def make_example(embedding: ImageEmbedding, mask: np.ndarray) -> Example:
         target=target,
         mask=mask.astype(bool),
         input_size=(height, width),
-        original_size=tuple(embedding.original_size),
+        original_size=embedding.original_size,
     )
 
 

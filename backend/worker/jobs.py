@@ -20,6 +20,7 @@ from rq import get_current_job
 from rq.exceptions import DeserializationError
 from rq.job import Job
 
+from backend.cache.connection import get_bytes
 from backend.deadline import TimeLimit
 from backend.errors import BackendError, ConfigError, ImageError, PromptError
 from backend.images import FetchedImage, FetchRules, ImageFetcher
@@ -49,7 +50,7 @@ class StoredImageFetcher(ImageFetcher):
         if not isinstance(url, str) or not url.startswith(STORED_PREFIX):
             return super().fetch(url)
         digest = url[len(STORED_PREFIX) :]
-        data = self.queue_connection.get(IMAGE_KEY.format(digest=digest))
+        data = get_bytes(self.queue_connection, IMAGE_KEY.format(digest=digest))
         if data is None:
             # The web tier stores the image before enqueuing; only an expired or flushed key lands here.
             raise ImageError("the image is no longer in Redis; send the request again", 503)
@@ -93,7 +94,7 @@ def interactive(
 
 def preannotate(
     image_urls: list[str], config: ProjectConfig, project_id: int | None = None, deadline_at: float | None = None
-) -> list[TaskAnswer | Exception] | BackendError:
+) -> list[TaskAnswer | BackendError] | BackendError:
     """Each task's answer; those not done by `deadline_at` (wall-clock time, the web tier's request deadline)
     get DeadlineExceeded."""
     predictor = _installed()
@@ -133,7 +134,7 @@ class PreannotateBatch:
     def __init__(self, claimed: list[Job]) -> None:
         self.groups: list[_Group] = []
         self._group_of: dict[str, _Group] = {}
-        self._outcomes: dict[str, list[TaskAnswer | Exception]] = {}
+        self._outcomes: dict[str, list[TaskAnswer | BackendError]] = {}
         by_key: dict[str, _Group] = {}
         for job in claimed:
             call = _preannotate_call(job)
@@ -151,7 +152,7 @@ class PreannotateBatch:
     def images(self) -> int:
         return sum(len(urls) for group in self.groups for _, urls in group.jobs)
 
-    def outcome(self, job_id: str) -> list[TaskAnswer | Exception] | None:
+    def outcome(self, job_id: str) -> list[TaskAnswer | BackendError] | None:
         """The job's share of its group's pass, running the pass if it has not run; None when the job is to run
         alone (not in the batch, or its group's pass failed)."""
         group = self._group_of.get(job_id)

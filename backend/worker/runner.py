@@ -96,7 +96,9 @@ class ClaimingQueue(Queue):
             # Block on the clicks' queue so that a click is taken the moment it arrives; the other queues are
             # looked at again within DEQUEUE_POLL_S.
             clicks = queues[0]
-            job_id = connection.blmove(clicks.key, clicks.intermediate_queue.key, min(left, DEQUEUE_POLL_S))
+            wait_s = min(left, DEQUEUE_POLL_S)
+            # redis-py types BLMOVE's timeout as int; Redis 6+ takes fractions of a second, as this poll needs.
+            job_id = connection.blmove(clicks.key, clicks.intermediate_queue.key, wait_s)  # type: ignore[arg-type]
             if job_id is not None and (found := fetch(clicks.key, as_text(job_id))) is not None:
                 return found
 
@@ -122,9 +124,10 @@ class ModelWorker(SimpleWorker):
         return min(super().dequeue_timeout, BLOCKING_READ_S)
 
     @property
-    def connection_timeout(self) -> float:
-        # RQ raises the connection's socket time-out to this; redis_client's already outlasts every blocking read.
-        return SOCKET_TIMEOUT_S
+    def connection_timeout(self) -> int:
+        # RQ raises the connection's socket time-out to this; redis_client's already outlasts every blocking read,
+        # and rounding down keeps it from being raised.
+        return int(SOCKET_TIMEOUT_S)
 
     def serialize(self) -> dict:
         """RQ's registration, plus the model_version this worker's predictions carry, which the web tier reports
