@@ -286,7 +286,7 @@ class QueuePredictor(InteractiveFront):
                 retry=Retry(max=2),
                 result_ttl=60,
                 failure_ttl=24 * 3600,
-                **options,  # type: ignore[arg-type]  # RQ's enqueue options (kwargs, meta) are its own keywords
+                **options,  # RQ's own enqueue keywords: the job's kwargs and meta
             )
         except redis.RedisError as error:
             log.warning("Redis error while queueing an inference job", exc_info=True)
