@@ -42,19 +42,29 @@ from backend.runs.preannotate import BackgroundRuns, RunOptions
 log = logging.getLogger(__name__)
 
 MODEL_CLASS = "SamBackend"
+REASON_PHRASE_CHARS = 400
 
 
 # What one task can fail with and still leave the others of its request answered.
 TASK_ERRORS = (BadRequest, ImageError, PromptError, ConfigError, DeadlineExceeded)
 
 
-def error_response(message: str, status: int, **details: object) -> tuple[Response, int]:
+def reason_phrase(message: str) -> str:
+    """`message` fit for the HTTP status line: printable ASCII on one line, at most REASON_PHRASE_CHARS."""
+    printable = "".join(char if " " <= char <= "~" else "?" for char in " ".join(message.split()))
+    return printable[:REASON_PHRASE_CHARS]
+
+
+def error_response(message: str, status: int, **details: object) -> Response:
     log.warning("%s %s -> %d: %s", request.method, request.path, status, message)
     response = jsonify({"error": message, "status": status, **details})
+    # Label Studio shows a failed /health or /setup as requests' "<status> Client Error: <reason> for url: ..."
+    # and never the body, so the reason phrase carries the message to the "Connect Model" dialog.
+    response.status = f"{status} {reason_phrase(message)}"
     if status == 503:
         # Every 503 is temporary (models loading, no worker, a deadline): say when to come back.
         response.headers["Retry-After"] = str(RETRY_AFTER_S)
-    return response, status
+    return response
 
 
 def json_body() -> object:
@@ -81,6 +91,20 @@ def project_id_of(value: object) -> int | None:
         head = value.split(".", 1)[0]
         value = int(head) if re.fullmatch(r"[0-9]{1,19}", head) else None
     return value if is_label_studio_id(value) else None
+
+
+def usable_label_config(label_config: object) -> ProjectConfig:
+    """The project's label config, or a 422 naming what the backend needs of it: an Image with a BrushLabels or
+    RectangleLabels control to put its answers in."""
+    if not isinstance(label_config, str):
+        raise BadRequest("the label config must be the project's label config XML as a string", 422)
+    config = parse_label_config(label_config)
+    if config.brush is None and config.rectangle is None:
+        raise ConfigError(
+            f"the label config has no BrushLabels or RectangleLabels control for the Image {config.image_name!r}; "
+            f'add one, e.g. <BrushLabels name="tag" toName="{config.image_name}"><Label value="car"/></BrushLabels>'
+        )
+    return config
 
 
 def _parse_predict_body(body: object, settings: Settings) -> tuple[list[dict], ProjectConfig, object]:
@@ -118,13 +142,13 @@ def create_app(settings: Settings, predictor: Inference) -> Flask:
     model_calls = concurrent.futures.ThreadPoolExecutor(settings.predict_threads, thread_name_prefix="predict")
 
     @app.before_request
-    def authenticate() -> tuple[Response, int] | None:
+    def authenticate() -> Response | None:
         g.started = time.perf_counter()
         if request.path == "/livez" or access.allows(request.headers.get("Authorization", "")):
             return None
-        response, status = error_response("authentication required", 401)
+        response = error_response("authentication required", 401)
         response.headers["WWW-Authenticate"] = access.challenge()
-        return response, status
+        return response
 
     @app.after_request
     def stamp(response: Response) -> Response:
@@ -138,11 +162,11 @@ def create_app(settings: Settings, predictor: Inference) -> Flask:
         return response
 
     @app.errorhandler(HTTPException)
-    def http_error(error: HTTPException) -> tuple[Response, int]:
+    def http_error(error: HTTPException) -> Response:
         return error_response(error.description or error.name, error.code or 500)
 
     @app.errorhandler(BackendError)
-    def backend_error(error: BackendError) -> tuple[Response, int]:
+    def backend_error(error: BackendError) -> Response:
         return error_response(str(error), error.status)
 
     @app.get("/livez")
@@ -158,8 +182,14 @@ def create_app(settings: Settings, predictor: Inference) -> Flask:
     @app.get("/")
     @app.get("/health")
     def health() -> Response:
+        # Label Studio gives /health 1 s: report the loading state, never wait for it. A load that failed is
+        # not UP, so that "Connect Model" fails showing why (while loading, a prediction's 503 says to retry).
         predictor.warm_up()
-        return jsonify({"status": "UP", "model_class": MODEL_CLASS, **predictor.status()})
+        state = predictor.status()
+        if state.get("models") == "failed":
+            message = f"SAM could not be loaded, fix the setting and restart the backend: {state['model_error']}"
+            return error_response(message, 500, model_class=MODEL_CLASS, **state)
+        return jsonify({"status": "UP", "model_class": MODEL_CLASS, **state})
 
     @app.post("/setup")
     def setup() -> Response:
@@ -168,6 +198,10 @@ def create_app(settings: Settings, predictor: Inference) -> Flask:
         body = json_body()
         if not isinstance(body, dict):
             raise BadRequest("the body must be a JSON object")
+        schema = body.get("schema")
+        if schema is not None:
+            # The project's label config, checked when the model is connected rather than at the first task.
+            usable_label_config(schema)
         return jsonify({"model_version": predictor.decoders.current_name(project_id_of(body.get("project")))})
 
     def _predict_interactive(
@@ -182,7 +216,7 @@ def create_app(settings: Settings, predictor: Inference) -> Flask:
             return error
 
     @app.post("/predict")
-    def predict() -> tuple[Response, int] | Response:
+    def predict() -> Response:
         body = json_body()
         if body is None:
             raise BadRequest("the body is not valid JSON")
@@ -259,7 +293,7 @@ def create_app(settings: Settings, predictor: Inference) -> Flask:
     runs = BackgroundRuns(predictor, settings, predictor.store)
 
     @app.post("/preannotate")
-    def preannotate_start() -> tuple[Response, int]:
+    def preannotate_start() -> tuple[Response, int] | Response:
         body = json_body()
         if not isinstance(body, dict):
             raise BadRequest("the body must be a JSON object with 'project'")
