@@ -27,7 +27,7 @@ from backend.models.base import ImageEmbedding, Segmenter, SegmentPrompt
 from backend.models.grounding_dino import Detection, GroundingDino
 from backend.models.loader import BackgroundLoader
 from backend.models.registry import load_detector, load_segmenter
-from backend.outcomes import DetectedObject, TaskPrediction
+from backend.outcomes import DetectedObject, TaskPrediction, iou_score
 from backend.prompts.interactive import ContextPrompts, InteractivePrompter
 from backend.prompts.text import TextQuery, Thresholds, labels_query, text_query, thresholds_for
 from backend.protocol.label_config import ProjectConfig
@@ -164,7 +164,7 @@ class Predictor(InteractiveFront):
         decoded = time.perf_counter()
         prompter.remember(objects, predictions)
         detected = [
-            DetectedObject(obj.label, prediction.mask, prediction.score)
+            DetectedObject(obj.label, prediction.mask, iou_score(prediction.score))
             for obj, prediction in zip(objects, predictions, strict=True)
         ]
         timings = {"embedding": embedded - started, "encode": encode_s, "decode": decoded - embedded}
@@ -251,7 +251,7 @@ class Predictor(InteractiveFront):
             if prediction is None:
                 objects.append(DetectedObject(label, None, detection.score, detection.box))
                 continue
-            score = detection.score * min(max(prediction.score, 0.0), 1.0)
+            score = detection.score * iou_score(prediction.score)
             objects.append(DetectedObject(label, prediction.mask, score, detection.box))
         return objects
 
