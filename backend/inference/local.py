@@ -103,6 +103,15 @@ class Predictor(InteractiveFront):
             "detector_error": self.detector.error,
         }
 
+    def read_context(self, context: object, config: ProjectConfig) -> ContextPrompts:
+        """As `InteractiveFront.read_context`, and a text prompt is refused before its image is fetched when
+        GroundingDINO could not be loaded (or cannot read the prompt). While it still loads, the image is fetched
+        and encoded meanwhile."""
+        prompts = super().read_context(context, config)
+        if prompts.texts and self.detector.state in ("ready", "failed"):
+            self.detector_ready(text_query(prompts.texts, config, prompts.text_label))
+        return prompts
+
     def _load_detector(self) -> GroundingDino:
         return load_detector(self.settings)
 
@@ -155,6 +164,9 @@ class Predictor(InteractiveFront):
         """The model half of an interactive prediction, for an image already fetched."""
         models = self.models.get(self.settings.model_ready_timeout_s)
         segmenter, version = self.segmenter_for(models, project_id)
+        if prompts.texts:
+            # On a queue worker the web tier could not know: refuse before the encoder runs, not after.
+            self.detector_ready(text_query(prompts.texts, self._text_config(config), prompts.text_label))
         started = time.perf_counter()
         embedding, hit, encode_s = self.embedding_for(models, image)
         embedded = time.perf_counter()
@@ -199,8 +211,7 @@ class Predictor(InteractiveFront):
         timings: dict[str, float],
     ) -> list[DetectedObject]:
         """Masks for what a typed prompt names in this image."""
-        if config is None:
-            raise PromptError("text prompts need the project's label config to name their labels", 422)
+        config = self._text_config(config)
         query = text_query(texts, config, selected_label)
         thresholds = thresholds_for(config, self.settings.box_threshold, self.settings.text_threshold)
         detector = self.detector_ready(query)
@@ -212,6 +223,12 @@ class Predictor(InteractiveFront):
         objects = self._segment_detections(segmenter, embedding, detections, query, config)
         timings.update({"detect": detected - started, "decode": timings["decode"] + time.perf_counter() - detected})
         return objects
+
+    @staticmethod
+    def _text_config(config: ProjectConfig | None) -> ProjectConfig:
+        if config is None:
+            raise PromptError("text prompts need the project's label config to name their labels", 422)
+        return config
 
     def _detect(
         self, detector: GroundingDino, images: list[np.ndarray], query: TextQuery, thresholds: Thresholds
