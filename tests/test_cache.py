@@ -232,3 +232,23 @@ def test_the_encode_lock_is_renewed_while_held_and_released_after(redis_url):
         time.sleep(holder.LOCK_LEASE_S * 1.5)  # past one lease: only renewal keeps it
         assert not other.lock("sam:test-lock", timeout=1).acquire(blocking=False)
     assert other.lock("sam:test-lock", timeout=1).acquire(blocking=False)
+
+
+def test_an_image_encoded_during_a_redis_outage_is_not_encoded_again_when_an_empty_redis_returns(segmenter, tmp_path):
+    server = RedisServer(tmp_path).start()
+    try:
+        store = ResilientStore.from_url(server.url, MemoryStore(1 << 26))
+        store.RETRY_AFTER_S = 0.0
+        counting = CountingSegmenter(segmenter)
+        cache = EmbeddingCache(store, counting, 60, 60)
+        image = smooth_object_image(320, 240, 11)
+        server.stop()
+        assert not cache.get_or_encode("digest-outage", lambda: image).cache_hit
+        server.start()  # empty: nothing was saved
+        again = cache.get_or_encode("digest-outage", lambda: image)
+        assert store.redis_up and again.cache_hit and counting.encodes == 1
+        # Written back, so another process finds it in Redis too.
+        other = EmbeddingCache(make_store(server.url, 1 << 20), counting, 60, 60)
+        assert other.get_or_encode("digest-outage", lambda: image).cache_hit and counting.encodes == 1
+    finally:
+        server.stop()

@@ -1,7 +1,8 @@
 """Byte stores behind the cache: Redis shared by every worker, or an in-process LRU bounded in bytes.
 
 `ResilientStore` puts Redis first and falls back to the in-process LRU while Redis is unreachable,
-so predictions keep working; it logs the outage once and the recovery once, not per request.
+so predictions keep working; it logs the outage once and the recovery once, not per request. What it
+stored in-process during an outage it still finds, and writes back, when Redis returns without it.
 """
 
 from __future__ import annotations
@@ -50,16 +51,22 @@ class MemoryStore:
         return self._bytes
 
     def get(self, key: str) -> bytes | None:
+        entry = self.get_with_ttl(key)
+        return entry[0] if entry is not None else None
+
+    def get_with_ttl(self, key: str) -> tuple[bytes, float] | None:
+        """The value and the seconds it has left to live."""
         with self._mutex:
             item = self._items.get(key)
             if item is None:
                 return None
             value, expires_at = item
-            if expires_at < time.monotonic():
+            left = expires_at - time.monotonic()
+            if left < 0:
                 self._drop(key)
                 return None
             self._items.move_to_end(key)
-            return value
+            return value, left
 
     def set(self, key: str, value: bytes, ttl_s: int) -> None:
         if len(value) > self.max_bytes:
@@ -130,10 +137,24 @@ class ResilientStore:
             try:
                 value = self.client.get(key)
                 self._mark_up()
-                return value
+                return value if value is not None else self._write_back(key)
             except redis.RedisError as error:
                 self._mark_down(error)
         return self.fallback.get(key)
+
+    def _write_back(self, key: str) -> bytes | None:
+        """A value this process stored in-process while Redis was down (a Redis that came back empty after a
+        restart has lost it), copied to Redis so no process computes it again. Redis's own value, written by
+        another process meanwhile, is never overwritten."""
+        entry = self.fallback.get_with_ttl(key)
+        if entry is None:
+            return None
+        value, ttl_s = entry
+        try:
+            self.client.set(key, value, ex=max(int(ttl_s), 1), nx=True)
+        except redis.RedisError as error:
+            self._mark_down(error)
+        return value
 
     def set(self, key: str, value: bytes, ttl_s: int) -> None:
         if self._should_try_redis():
