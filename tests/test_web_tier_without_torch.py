@@ -61,6 +61,7 @@ def test_the_queue_mode_web_tier_answers_a_click_without_torch(settings, workers
                 assert time.monotonic() < deadline, log_path.read_text()
                 time.sleep(0.2)
         assert health.status_code == 200 and health.json()["inference"] == "queue"
+        assert health.json()["redis_url"] == queue_redis.url and health.json()["redis_reachable"] is True
         answer = requests.post(f"{url}/predict", json=recorded("04-predict-interactive-keypoints.json"), timeout=90)
         assert answer.status_code == 200, answer.text
         (region,) = answer.json()["results"][0]["result"]

@@ -18,7 +18,7 @@ from typing import Protocol
 import redis
 import redis.lock
 
-from backend.cache.connection import redis_client
+from backend.cache.connection import redacted_url, redis_client
 from backend.cache.locks import renewed
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,9 @@ class ByteStore(Protocol):
 
     def lock(self, name: str, timeout_s: float) -> contextlib.AbstractContextManager[None]:
         """A lock that every process sharing this store respects."""
+
+    def describe(self) -> dict[str, object]:
+        """Which cache serves, for /health, /status and the start-up log."""
 
 
 class MemoryStore:
@@ -88,6 +91,9 @@ class MemoryStore:
         value, _ = self._items.pop(key)
         self._bytes -= len(value)
 
+    def describe(self) -> dict[str, object]:
+        return {"cache": "in-process", "max_bytes": self.max_bytes, "used_bytes": self._bytes}
+
     @contextlib.contextmanager
     def lock(self, name: str, timeout_s: float) -> Iterator[None]:
         # One process only: the in-process single-flight in EmbeddingCache already serialises it.
@@ -101,15 +107,35 @@ class ResilientStore:
     # A lock holder's lease, renewed while it lives: a worker killed mid-encode frees the image this soon.
     LOCK_LEASE_S = 5.0
 
-    def __init__(self, client: redis.Redis, fallback: MemoryStore) -> None:
+    def __init__(self, client: redis.Redis, fallback: MemoryStore, url: str) -> None:
         self.client = client
         self.fallback = fallback
+        self.url = redacted_url(url)
         self._down_since: float | None = None
         self._state_mutex = threading.Lock()
 
     @classmethod
     def from_url(cls, url: str, fallback: MemoryStore) -> ResilientStore:
-        return cls(redis_client(url), fallback)
+        return cls(redis_client(url), fallback, url)
+
+    def describe(self) -> dict[str, object]:
+        """Redis, and whether it answered when last asked (never asked here: /health must answer at once)."""
+        return {
+            "cache": "redis" if self.redis_up else "in-process (Redis unreachable)",
+            "redis_url": self.url,
+            "redis_reachable": self.redis_up,
+            "fallback_used_bytes": self.fallback.used_bytes,
+        }
+
+    def check(self) -> bool:
+        """Ask Redis now (at start-up): whether it answers."""
+        try:
+            self.client.ping()
+        except redis.RedisError as error:
+            self._mark_down(error)
+            return False
+        self._mark_up()
+        return True
 
     @property
     def redis_up(self) -> bool:
@@ -122,14 +148,16 @@ class ResilientStore:
     def _mark_down(self, error: Exception) -> None:
         with self._state_mutex:
             if self._down_since is None:
-                log.warning("Redis unreachable (%s); using the in-process cache until it is back", error)
+                log.warning(
+                    "Redis at %s unreachable (%s); using the in-process cache until it is back", self.url, error
+                )
             self._down_since = time.monotonic()
 
     def _mark_up(self) -> None:
         if self._down_since is not None:
             with self._state_mutex:
                 if self._down_since is not None:
-                    log.warning("Redis reachable again; the shared cache is back in use")
+                    log.warning("Redis at %s reachable again; the shared cache is back in use", self.url)
                 self._down_since = None
 
     def get(self, key: str) -> bytes | None:
@@ -207,5 +235,11 @@ def make_store(redis_url: str, memory_bytes: int) -> ByteStore:
     """The configured store: Redis with an in-process fallback, or the in-process LRU alone."""
     memory = MemoryStore(memory_bytes)
     if not redis_url:
+        log.info(
+            "cache: in-process only (%d MiB), not shared with other processes: no Redis URL is set", memory_bytes >> 20
+        )
         return memory
-    return ResilientStore.from_url(redis_url, memory)
+    store = ResilientStore.from_url(redis_url, memory)
+    if store.check():
+        log.info("cache: Redis at %s, shared by every process (in-process while it is unreachable)", store.url)
+    return store

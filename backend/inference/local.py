@@ -101,6 +101,7 @@ class Predictor(InteractiveFront):
             "model_error": self.models.error,
             "detector": self.detector.state,
             "detector_error": self.detector.error,
+            **self.store.describe(),
         }
 
     def read_context(self, context: object, config: ProjectConfig) -> ContextPrompts:
