@@ -99,7 +99,8 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
 
 def _preannotate(args: argparse.Namespace, settings: Settings) -> int:
     """Pre-annotate a whole project in the foreground, with a progress bar; Ctrl-C stops after the batches in
-    flight are stored, and running the same command again resumes."""
+    flight are stored, and running the same command again resumes (advised only where it helps: not after a
+    refusal such as a wrong URL, key or label config)."""
     import signal
     import threading
     from dataclasses import replace
@@ -155,7 +156,11 @@ def _preannotate(args: argparse.Namespace, settings: Settings) -> int:
     print(json.dumps(progress.as_dict()))
     if progress.state == "finished":
         return 0
-    print(f"{progress.state}: {progress.message}; run the same command again to resume", file=sys.stderr)
+    resume = progress.state == "stopped" or progress.resumable
+    print(
+        f"{progress.state}: {progress.message}{'; run the same command again to resume' if resume else ''}",
+        file=sys.stderr,
+    )
     if progress.state != "stopped":
         return 1
     return 130 if stop.is_set() else 0  # stopped by a signal, or by --max-tasks as asked
