@@ -7,6 +7,8 @@ the queue-mode web tier runs no model and must start without torch installed (do
 from __future__ import annotations
 
 import logging
+import warnings
+from pathlib import Path
 
 from flask import Flask
 
@@ -18,6 +20,7 @@ from backend.inference.base import Inference
 from backend.inference.queue import QueuePredictor
 
 log = logging.getLogger(__name__)
+PACKAGE_DIR = Path(__file__).resolve().parent
 
 
 def configure_logging(level: str) -> None:
@@ -25,6 +28,25 @@ def configure_logging(level: str) -> None:
         level=getattr(logging, level.upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s",
     )
+    warnings.showwarning = log_warning
+
+
+def log_warning(
+    message: Warning | str, category: type[Warning], filename: str, lineno: int, file=None, line=None
+) -> None:
+    """Warnings through logging: ours at WARNING, a library's (deprecations an operator cannot act on) at DEBUG."""
+    ours = Path(filename).resolve().is_relative_to(PACKAGE_DIR)
+    logging.getLogger("py.warnings").log(
+        logging.WARNING if ours else logging.DEBUG, "%s:%d: %s: %s", filename, lineno, category.__name__, message
+    )
+
+
+def quiet_model_libraries() -> None:
+    """GroundingDINO prints its text encoder's name on stdout as it loads: at DEBUG in the log instead."""
+    from groundingdino.util import get_tokenlizer
+
+    library_log = logging.getLogger("groundingdino")
+    get_tokenlizer.print = lambda *parts, **_: library_log.debug(" ".join(map(str, parts)))
 
 
 def configure_process(settings: Settings, runs_models: bool = True) -> None:
@@ -35,6 +57,7 @@ def configure_process(settings: Settings, runs_models: bool = True) -> None:
         return
     from backend.models.registry import apply_torch_threads
 
+    quiet_model_libraries()
     threads = apply_torch_threads(settings.torch_threads)
     log.info("torch runs with %d CPU threads (TORCH_THREADS=%d)", threads, settings.torch_threads)
 
