@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import urllib.parse
-
 import redis
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
@@ -26,12 +24,3 @@ def redis_client(url: str) -> redis.Redis:
         health_check_interval=30,
         retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), 1, supported_errors=(redis.ConnectionError,)),
     )
-
-
-def redacted_url(url: str) -> str:
-    """`url` without its password, for logs and /status."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.netloc.rpartition("@")[2]
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"{parts.username}@{host}" if parts.username else host))

@@ -18,8 +18,9 @@ from typing import Protocol
 import redis
 import redis.lock
 
-from backend.cache.connection import redacted_url, redis_client
+from backend.cache.connection import redis_client
 from backend.cache.locks import renewed
+from backend.images import redact_url
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +111,7 @@ class ResilientStore:
     def __init__(self, client: redis.Redis, fallback: MemoryStore, url: str) -> None:
         self.client = client
         self.fallback = fallback
-        self.url = redacted_url(url)
+        self.url = redact_url(url)
         self._down_since: float | None = None
         self._state_mutex = threading.Lock()
 
