@@ -14,8 +14,12 @@ from backend.errors import SettingsError
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
     from backend.app import build_app
+    from backend.http.access import open_to_the_network
 
-    build_app(settings).run(host=args.host, port=args.port, threaded=True)
+    app = build_app(settings)
+    if warning := open_to_the_network([f"{args.host}:{args.port}"], settings):
+        logging.getLogger(__name__).warning(warning)
+    app.run(host=args.host, port=args.port, threaded=True)
     return 0
 
 
