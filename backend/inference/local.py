@@ -105,13 +105,17 @@ class Predictor(InteractiveFront):
         }
 
     def read_context(self, context: object, config: ProjectConfig) -> ContextPrompts:
-        """As `InteractiveFront.read_context`, and a text prompt is refused before its image is fetched when
-        GroundingDINO could not be loaded (or cannot read the prompt). While it still loads, the image is fetched
-        and encoded meanwhile."""
+        """As `InteractiveFront.read_context`, and a text prompt GroundingDINO cannot answer is refused before its
+        image is fetched."""
         prompts = super().read_context(context, config)
-        if prompts.texts and self.detector.state in ("ready", "failed"):
-            self.detector_ready(text_query(prompts.texts, config, prompts.text_label))
+        self._refuse_unanswerable_text(prompts, config)
         return prompts
+
+    def _refuse_unanswerable_text(self, prompts: ContextPrompts, config: ProjectConfig | None) -> None:
+        """A text prompt's 503 (GroundingDINO could not be loaded) or 413 (too long for it) before any work on its
+        image. While GroundingDINO still loads, the image is fetched and encoded meanwhile."""
+        if prompts.texts and self.detector.state in ("ready", "failed"):
+            self.detector_ready(text_query(prompts.texts, self._text_config(config), prompts.text_label))
 
     def _load_detector(self) -> GroundingDino:
         return load_detector(self.settings)
@@ -165,9 +169,8 @@ class Predictor(InteractiveFront):
         """The model half of an interactive prediction, for an image already fetched."""
         models = self.models.get(self.settings.model_ready_timeout_s)
         segmenter, version = self.segmenter_for(models, project_id)
-        if prompts.texts:
-            # On a queue worker the web tier could not know: refuse before the encoder runs, not after.
-            self.detector_ready(text_query(prompts.texts, self._text_config(config), prompts.text_label))
+        # Again here: on a queue worker, whose GroundingDINO the web tier cannot see, it is the first check.
+        self._refuse_unanswerable_text(prompts, config)
         started = time.perf_counter()
         embedding, hit, encode_s = self.embedding_for(models, image)
         embedded = time.perf_counter()
