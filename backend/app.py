@@ -65,7 +65,9 @@ def configure_process(settings: Settings, runs_models: bool = True) -> None:
 def make_predictor(settings: Settings) -> Inference:
     """The models in this process (INFERENCE=local) or on RQ workers (INFERENCE=queue)."""
     if settings.inference == "queue":
-        return QueuePredictor(settings, redis_client(settings.redis_url))
+        predictor = QueuePredictor(settings, redis_client(settings.redis_url))
+        log.info("INFERENCE=queue: jobs go through Redis at %s; the workers cache the embeddings", predictor.store.url)
+        return predictor
     from backend.inference.local import Predictor
 
     return Predictor(settings, make_store(settings.cache_url, settings.memory_cache_bytes))

@@ -67,6 +67,7 @@ def test_the_queue_mode_web_tier_answers_a_click_without_torch(settings, workers
         (region,) = answer.json()["results"][0]["result"]
         assert region["type"] == "brushlabels" and region["value"]["rle"]
         assert "is not installed on the web tier" not in log_path.read_text()
+        assert f"jobs go through Redis at {queue_redis.url}; the workers cache the embeddings" in log_path.read_text()
     finally:
         web.terminate()
         web.wait(10)
