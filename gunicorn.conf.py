@@ -30,6 +30,13 @@ loglevel = _settings.log_level.lower()
 accesslog = "-"
 
 
+def on_starting(server):
+    from backend.http.access import open_to_the_network
+
+    if warning := open_to_the_network(list(server.cfg.bind), _settings):
+        server.log.warning(warning)
+
+
 def child_exit(server, worker):
     from prometheus_client import multiprocess
 

@@ -7,6 +7,8 @@ the queue-mode web tier runs no model and must start without torch installed (do
 from __future__ import annotations
 
 import logging
+import warnings
+from pathlib import Path
 
 from flask import Flask
 
@@ -18,12 +20,24 @@ from backend.inference.base import Inference
 from backend.inference.queue import QueuePredictor
 
 log = logging.getLogger(__name__)
+PACKAGE_DIR = Path(__file__).resolve().parent
 
 
 def configure_logging(level: str) -> None:
     logging.basicConfig(
         level=getattr(logging, level.upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s",
+    )
+    warnings.showwarning = log_warning
+
+
+def log_warning(
+    message: Warning | str, category: type[Warning], filename: str, lineno: int, file=None, line=None
+) -> None:
+    """Warnings through logging: ours at WARNING, a library's (deprecations an operator cannot act on) at DEBUG."""
+    ours = Path(filename).resolve().is_relative_to(PACKAGE_DIR)
+    logging.getLogger("py.warnings").log(
+        logging.WARNING if ours else logging.DEBUG, "%s:%d: %s: %s", filename, lineno, category.__name__, message
     )
 
 
@@ -42,7 +56,9 @@ def configure_process(settings: Settings, runs_models: bool = True) -> None:
 def make_predictor(settings: Settings) -> Inference:
     """The models in this process (INFERENCE=local) or on RQ workers (INFERENCE=queue)."""
     if settings.inference == "queue":
-        return QueuePredictor(settings, redis_client(settings.redis_url))
+        predictor = QueuePredictor(settings, redis_client(settings.redis_url))
+        log.info("INFERENCE=queue: jobs go through Redis at %s; the workers cache the embeddings", predictor.store.url)
+        return predictor
     from backend.inference.local import Predictor
 
     return Predictor(settings, make_store(settings.cache_url, settings.memory_cache_bytes))

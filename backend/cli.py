@@ -14,8 +14,12 @@ from backend.errors import SettingsError
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
     from backend.app import build_app
+    from backend.http.access import open_to_the_network
 
-    build_app(settings).run(host=args.host, port=args.port, threaded=True)
+    app = build_app(settings)
+    if warning := open_to_the_network([f"{args.host}:{args.port}"], settings):
+        logging.getLogger(__name__).warning(warning)
+    app.run(host=args.host, port=args.port, threaded=True)
     return 0
 
 
@@ -110,7 +114,8 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
 
 def _preannotate(args: argparse.Namespace, settings: Settings) -> int:
     """Pre-annotate a whole project in the foreground, with a progress bar; Ctrl-C stops after the batches in
-    flight are stored, and running the same command again resumes."""
+    flight are stored, and running the same command again resumes (advised only where it helps: not after a
+    refusal such as a wrong URL, key or label config)."""
     import signal
     import threading
     from dataclasses import replace
@@ -166,7 +171,11 @@ def _preannotate(args: argparse.Namespace, settings: Settings) -> int:
     print(json.dumps(progress.as_dict()))
     if progress.state == "finished":
         return 0
-    print(f"{progress.state}: {progress.message}; run the same command again to resume", file=sys.stderr)
+    resume = progress.state == "stopped" or progress.resumable
+    print(
+        f"{progress.state}: {progress.message}{'; run the same command again to resume' if resume else ''}",
+        file=sys.stderr,
+    )
     if progress.state != "stopped":
         return 1
     return 130 if stop.is_set() else 0  # stopped by a signal, or by --max-tasks as asked

@@ -148,3 +148,9 @@ class ProjectApiError(BackendError, RuntimeError):
     """Label Studio refused or failed a REST call; the message says which and why."""
 
     status = 422
+
+
+class LabelStudioUnavailable(ProjectApiError):
+    """Label Studio did not answer a REST call, or failed it (5xx, 429): the same call may succeed later."""
+
+    status = 502

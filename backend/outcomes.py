@@ -8,6 +8,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 
+def iou_score(predicted_iou: float) -> float:
+    """SAM's predicted IoU as a score in 0-1, like GroundingDINO's: the decoder's head is unbounded (slightly
+    negative for a poor mask), and Label Studio sorts tasks by the score."""
+    return min(max(float(predicted_iou), 0.0), 1.0)
+
+
 @dataclass
 class DetectedObject:
     label: str

@@ -79,7 +79,7 @@ class GunicornServer:
         self.workers = workers
         self.process: subprocess.Popen | None = None
 
-    def start(self, ready_timeout_s: float = 180.0) -> GunicornServer:
+    def start(self, ready_timeout_s: float = 180.0, models: str = "ready") -> GunicornServer:
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child process owns it
         self.process = subprocess.Popen(
             [sys.executable, "-m", "gunicorn", "backend.wsgi:app", "-c", str(REPO / "gunicorn.conf.py")],
@@ -89,7 +89,7 @@ class GunicornServer:
             stderr=subprocess.STDOUT,
         )
         log.close()
-        self.wait_ready(ready_timeout_s)
+        self.wait_ready(ready_timeout_s, models)
         return self
 
     def worker_pids(self) -> list[int]:
@@ -106,8 +106,9 @@ class GunicornServer:
                 children.append(int(entry.name))
         return sorted(children)
 
-    def wait_ready(self, timeout_s: float) -> None:
-        """Until every worker has answered /health with its models loaded (in queue mode: has answered)."""
+    def wait_ready(self, timeout_s: float, models: str = "ready") -> None:
+        """Until every worker has answered /health with its models in state `models`, "ready" (loaded) unless a
+        test wants "failed" (in queue mode: has answered)."""
         give_up_at = time.monotonic() + timeout_s
         ready: set[int] = set()
         while time.monotonic() < give_up_at:
@@ -117,7 +118,7 @@ class GunicornServer:
             try:
                 answer = requests.get(self.url + "/health", timeout=2, auth=self.auth)
                 health = answer.json()
-                if health.get("models") == "ready" or health.get("inference") == "queue":
+                if health.get("models") == models or health.get("inference") == "queue":
                     ready.add(int(answer.headers["X-Worker-Pid"]))
             except (requests.RequestException, ValueError):
                 pass

@@ -226,3 +226,58 @@ def test_the_encode_lock_is_renewed_while_held_and_released_after(redis_url):
         time.sleep(holder.LOCK_LEASE_S * 1.5)  # past one lease: only renewal keeps it
         assert not other.lock("sam:test-lock", timeout=1).acquire(blocking=False)
     assert other.lock("sam:test-lock", timeout=1).acquire(blocking=False)
+
+
+def test_an_image_encoded_during_a_redis_outage_is_not_encoded_again_when_an_empty_redis_returns(segmenter, tmp_path):
+    server = RedisServer(tmp_path).start()
+    try:
+        store = ResilientStore.from_url(server.url, MemoryStore(1 << 26))
+        store.RETRY_AFTER_S = 0.0
+        counting = CountingSegmenter(segmenter)
+        cache = EmbeddingCache(store, counting, 60, 60)
+        image = smooth_object_image(320, 240, 11)
+        server.stop()
+        assert not cache.get_or_encode("digest-outage", lambda: image).cache_hit
+        server.start()  # empty: nothing was saved
+        again = cache.get_or_encode("digest-outage", lambda: image)
+        assert store.redis_up and again.cache_hit and counting.encodes == 1
+        # Written back, so another process finds it in Redis too.
+        other = EmbeddingCache(make_store(server.url, 1 << 20), counting, 60, 60)
+        assert other.get_or_encode("digest-outage", lambda: image).cache_hit and counting.encodes == 1
+    finally:
+        server.stop()
+
+
+def test_health_status_and_the_start_up_log_say_which_cache_serves_without_the_password(settings, tmp_path, caplog):
+    from dataclasses import replace
+
+    from tests.conftest import make_client
+
+    server = RedisServer(tmp_path).start()
+    redis.Redis(port=server.port).config_set("requirepass", "s3cret")
+    try:
+        url = f"redis://:s3cret@127.0.0.1:{server.port}/0"
+        with caplog.at_level(logging.INFO, logger="backend.cache.store"):
+            client, predictor = make_client(replace(settings, redis_url=url))
+        shown = f"redis://127.0.0.1:{server.port}/0"
+        assert any(f"Redis at {shown}, shared by every process" in record.getMessage() for record in caplog.records)
+        for route in ("/health", "/status"):
+            answer = client.get(route)
+            assert answer.json["cache"] == "redis" and answer.json["redis_url"] == shown
+            assert answer.json["redis_reachable"] is True and "s3cret" not in answer.get_data(as_text=True)
+        server.stop()
+        predictor.store.get("any key")  # the first call after the outage notices it
+        answer = client.get("/health").json
+        assert answer["redis_reachable"] is False and answer["cache"] == "in-process (Redis unreachable)"
+    finally:
+        server.stop()
+    assert "s3cret" not in caplog.text
+
+
+def test_without_a_redis_url_the_in_process_cache_is_reported(settings, caplog):
+    from tests.conftest import make_client
+
+    with caplog.at_level(logging.INFO, logger="backend.cache.store"):
+        client, _ = make_client(settings)
+    assert "cache: in-process only" in caplog.text
+    assert client.get("/health").json["cache"] == "in-process"

@@ -319,3 +319,23 @@ def test_the_shipped_label_config_is_what_the_backend_expects():
     assert config.image_field == "image" and config.brush is not None
     assert config.keypoint is not None and config.rectangle is not None and config.text_prompt is not None
     assert set(config.keypoint.labels) == set(config.brush.labels) == set(config.rectangle.labels)
+
+
+def test_a_click_whose_predicted_iou_is_negative_scores_zero(settings, redis_url, tmp_path):
+    """SAM's IoU head is unbounded; Label Studio sorts tasks by the score, which elsewhere is in 0-1."""
+    import torch
+
+    from tests.conftest import build_small_sam
+
+    sam = build_small_sam()
+    last = sam.mask_decoder.iou_prediction_head.layers[-1]
+    torch.nn.init.zeros_(last.weight)
+    torch.nn.init.constant_(last.bias, -0.2)  # every mask's predicted IoU: -0.2, as seen from a trained SAM
+    checkpoint = tmp_path / "sam_negative_iou.pth"
+    torch.save(sam.state_dict(), checkpoint)
+    client, _ = make_client(replace(settings, sam_checkpoint=str(checkpoint), redis_url=redis_url))
+    response = client.post("/predict", json=interactive("04-predict-interactive-keypoints.json"))
+    assert response.status_code == 200, response.json
+    (entry,) = response.json["results"]
+    assert entry["result"] and entry["score"] == 0.0
+    assert all(result["score"] == 0.0 for result in entry["result"])

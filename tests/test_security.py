@@ -454,3 +454,51 @@ def test_a_batch_past_its_deadline_keeps_what_finished_and_leaves_the_rest_unans
     first, missed, skipped = response.json["results"]
     assert first["result"] and missed == [] and skipped == []
     assert [(error["task"], error["status"]) for error in response.json["errors"]] == [(999, 503), (1000, 503)]
+
+
+@pytest.mark.parametrize(
+    "binds, credentials, warned",
+    [
+        (["0.0.0.0:9090"], {}, True),
+        (["[::]:9090"], {}, True),
+        (["backend.example:9090"], {}, True),
+        (["127.0.0.1:9090"], {}, False),
+        (["localhost:9090", "[::1]:9090", "unix:/run/sam.sock"], {}, False),
+        (["0.0.0.0:9090"], {"basic_auth_user": "ls", "basic_auth_pass": "s3cret"}, False),
+        (["0.0.0.0:9090"], {"bearer_token": "t0ken"}, False),
+    ],
+)
+def test_listening_beyond_this_machine_without_credentials_is_warned_of(binds, credentials, warned):
+    from backend.http.access import open_to_the_network
+
+    warning = open_to_the_network(binds, Settings(**credentials))
+    assert (warning is not None) == warned
+    if warned:
+        assert binds[0] in warning and "BASIC_AUTH_USER" in warning and "HOST=127.0.0.1" in warning
+
+
+def test_gunicorn_on_all_interfaces_without_auth_warns_once_at_start(sam_checkpoint, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+    from tests.services import free_port
+
+    env = dict(os.environ, HOST="0.0.0.0", PORT=str(free_port()), WORKERS="2", SAM_CHECKPOINT=str(sam_checkpoint))
+    env.update(MODEL_DIR=str(tmp_path / "models"), WEIGHTS_DIR=str(tmp_path / "weights"), REDIS_URL="")
+    log_path = tmp_path / "gunicorn.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "backend.wsgi:app"], cwd=REPO, env=env, stdout=log, stderr=log
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while log_path.read_text().count("Booting worker") < 2:
+            assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.2)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    warnings = [line for line in log_path.read_text().splitlines() if "without authentication" in line]
+    assert len(warnings) == 1 and "0.0.0.0:" in warnings[0]

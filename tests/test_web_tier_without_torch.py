@@ -61,11 +61,13 @@ def test_the_queue_mode_web_tier_answers_a_click_without_torch(settings, workers
                 assert time.monotonic() < deadline, log_path.read_text()
                 time.sleep(0.2)
         assert health.status_code == 200 and health.json()["inference"] == "queue"
+        assert health.json()["redis_url"] == queue_redis.url and health.json()["redis_reachable"] is True
         answer = requests.post(f"{url}/predict", json=recorded("04-predict-interactive-keypoints.json"), timeout=90)
         assert answer.status_code == 200, answer.text
         (region,) = answer.json()["results"][0]["result"]
         assert region["type"] == "brushlabels" and region["value"]["rle"]
         assert "is not installed on the web tier" not in log_path.read_text()
+        assert f"jobs go through Redis at {queue_redis.url}; the workers cache the embeddings" in log_path.read_text()
     finally:
         web.terminate()
         web.wait(10)

@@ -1,7 +1,8 @@
 """Byte stores behind the cache: Redis shared by every worker, or an in-process LRU bounded in bytes.
 
 `ResilientStore` puts Redis first and falls back to the in-process LRU while Redis is unreachable,
-so predictions keep working; it logs the outage once and the recovery once, not per request.
+so predictions keep working; it logs the outage once and the recovery once, not per request. What it
+stored in-process during an outage it still finds, and writes back, when Redis returns without it.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import redis.lock
 
 from backend.cache.connection import get_bytes, redis_client
 from backend.cache.locks import renewed
+from backend.images import redact_url
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,9 @@ class ByteStore(Protocol):
     def lock(self, name: str, timeout_s: float) -> contextlib.AbstractContextManager[None]:
         """A lock that every process sharing this store respects."""
 
+    def describe(self) -> dict[str, object]:
+        """Which cache serves, for /health, /status and the start-up log."""
+
 
 class MemoryStore:
     """Thread-safe LRU of bytes, bounded by the total size of its values."""
@@ -50,16 +55,22 @@ class MemoryStore:
         return self._bytes
 
     def get(self, key: str) -> bytes | None:
+        entry = self.get_with_ttl(key)
+        return entry[0] if entry is not None else None
+
+    def get_with_ttl(self, key: str) -> tuple[bytes, float] | None:
+        """The value and the seconds it has left to live."""
         with self._mutex:
             item = self._items.get(key)
             if item is None:
                 return None
             value, expires_at = item
-            if expires_at < time.monotonic():
+            left = expires_at - time.monotonic()
+            if left < 0:
                 self._drop(key)
                 return None
             self._items.move_to_end(key)
-            return value
+            return value, left
 
     def set(self, key: str, value: bytes, ttl_s: int) -> None:
         if len(value) > self.max_bytes:
@@ -81,6 +92,9 @@ class MemoryStore:
         value, _ = self._items.pop(key)
         self._bytes -= len(value)
 
+    def describe(self) -> dict[str, object]:
+        return {"cache": "in-process", "max_bytes": self.max_bytes, "used_bytes": self._bytes}
+
     @contextlib.contextmanager
     def lock(self, name: str, timeout_s: float) -> Iterator[None]:
         # One process only: the in-process single-flight in EmbeddingCache already serialises it.
@@ -94,15 +108,35 @@ class ResilientStore:
     # A lock holder's lease, renewed while it lives: a worker killed mid-encode frees the image this soon.
     LOCK_LEASE_S = 5.0
 
-    def __init__(self, client: redis.Redis, fallback: MemoryStore) -> None:
+    def __init__(self, client: redis.Redis, fallback: MemoryStore, url: str) -> None:
         self.client = client
         self.fallback = fallback
+        self.url = redact_url(url)
         self._down_since: float | None = None
         self._state_mutex = threading.Lock()
 
     @classmethod
     def from_url(cls, url: str, fallback: MemoryStore) -> ResilientStore:
-        return cls(redis_client(url), fallback)
+        return cls(redis_client(url), fallback, url)
+
+    def describe(self) -> dict[str, object]:
+        """Redis, and whether it answered when last asked (never asked here: /health must answer at once)."""
+        return {
+            "cache": "redis" if self.redis_up else "in-process (Redis unreachable)",
+            "redis_url": self.url,
+            "redis_reachable": self.redis_up,
+            "fallback_used_bytes": self.fallback.used_bytes,
+        }
+
+    def check(self) -> bool:
+        """Ask Redis now (at start-up): whether it answers."""
+        try:
+            self.client.ping()
+        except redis.RedisError as error:
+            self._mark_down(error)
+            return False
+        self._mark_up()
+        return True
 
     @property
     def redis_up(self) -> bool:
@@ -115,14 +149,16 @@ class ResilientStore:
     def _mark_down(self, error: Exception) -> None:
         with self._state_mutex:
             if self._down_since is None:
-                log.warning("Redis unreachable (%s); using the in-process cache until it is back", error)
+                log.warning(
+                    "Redis at %s unreachable (%s); using the in-process cache until it is back", self.url, error
+                )
             self._down_since = time.monotonic()
 
     def _mark_up(self) -> None:
         if self._down_since is not None:
             with self._state_mutex:
                 if self._down_since is not None:
-                    log.warning("Redis reachable again; the shared cache is back in use")
+                    log.warning("Redis at %s reachable again; the shared cache is back in use", self.url)
                 self._down_since = None
 
     def get(self, key: str) -> bytes | None:
@@ -130,10 +166,24 @@ class ResilientStore:
             try:
                 value = get_bytes(self.client, key)
                 self._mark_up()
-                return value
+                return value if value is not None else self._write_back(key)
             except redis.RedisError as error:
                 self._mark_down(error)
         return self.fallback.get(key)
+
+    def _write_back(self, key: str) -> bytes | None:
+        """A value this process stored in-process while Redis was down (a Redis that came back empty after a
+        restart has lost it), copied to Redis so no process computes it again. Redis's own value, written by
+        another process meanwhile, is never overwritten."""
+        entry = self.fallback.get_with_ttl(key)
+        if entry is None:
+            return None
+        value, ttl_s = entry
+        try:
+            self.client.set(key, value, ex=max(int(ttl_s), 1), nx=True)
+        except redis.RedisError as error:
+            self._mark_down(error)
+        return value
 
     def set(self, key: str, value: bytes, ttl_s: int) -> None:
         if self._should_try_redis():
@@ -186,5 +236,11 @@ def make_store(redis_url: str, memory_bytes: int) -> ByteStore:
     """The configured store: Redis with an in-process fallback, or the in-process LRU alone."""
     memory = MemoryStore(memory_bytes)
     if not redis_url:
+        log.info(
+            "cache: in-process only (%d MiB), not shared with other processes: no Redis URL is set", memory_bytes >> 20
+        )
         return memory
-    return ResilientStore.from_url(redis_url, memory)
+    store = ResilientStore.from_url(redis_url, memory)
+    if store.check():
+        log.info("cache: Redis at %s, shared by every process (in-process while it is unreachable)", store.url)
+    return store

@@ -12,6 +12,9 @@ import base64
 import binascii
 import hashlib
 import hmac
+import ipaddress
+
+from backend.config import Settings
 
 
 def _same_secret(given: str, expected: str) -> bool:
@@ -63,3 +66,34 @@ class AccessControl:
         if self._bearer is not None:
             schemes.append('Bearer realm="sam-backend"')
         return ", ".join(schemes)
+
+
+def _loopback(bind: str) -> bool:
+    """Whether a gunicorn-style bind ("host:port", "[::1]:port", "unix:path") is reachable from this machine only."""
+    if bind.startswith("unix:"):
+        return True
+    if bind.startswith("["):  # [::1]:9090
+        host = bind[1:].partition("]")[0]
+    elif bind.count(":") == 1:  # 0.0.0.0:9090
+        host = bind.partition(":")[0]
+    else:  # a bare host or IPv6 address
+        host = bind
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: whatever it resolves to may be reachable
+        return False
+
+
+def open_to_the_network(binds: list[str], settings: Settings) -> str | None:
+    """The start-up warning when anyone who can reach an address the backend listens on may call it: no credentials
+    are set and the address is not loopback. None otherwise."""
+    access = AccessControl(settings.basic_auth_user, settings.basic_auth_pass, settings.bearer_token)
+    exposed = [bind for bind in binds if not _loopback(bind)]
+    if access.enabled or not exposed:
+        return None
+    return (
+        f"listening on {', '.join(exposed)} without authentication: anyone who can reach it may call the backend; "
+        "set BASIC_AUTH_USER and BASIC_AUTH_PASS (or BEARER_TOKEN), or HOST=127.0.0.1 (docs/security.md)"
+    )

@@ -40,6 +40,7 @@ from backend.runs.preannotate import BackgroundRuns, RunOptions
 log = logging.getLogger(__name__)
 
 MODEL_CLASS = "SamBackend"
+REASON_PHRASE_CHARS = 400
 
 routes = Blueprint("ml_backend", __name__)
 
@@ -71,13 +72,22 @@ class TaskError(TypedDict):
     status: int
 
 
-def error_response(message: str, status: int, **details: object) -> tuple[Response, int]:
+def reason_phrase(message: str) -> str:
+    """`message` fit for the HTTP status line: printable ASCII on one line, at most REASON_PHRASE_CHARS."""
+    printable = "".join(char if " " <= char <= "~" else "?" for char in " ".join(message.split()))
+    return printable[:REASON_PHRASE_CHARS]
+
+
+def error_response(message: str, status: int, **details: object) -> Response:
     log.warning("%s %s -> %d: %s", request.method, request.path, status, message)
     response = jsonify({"error": message, "status": status, **details})
+    # Label Studio shows a failed /health or /setup as requests' "<status> Client Error: <reason> for url: ..."
+    # and never the body, so the reason phrase carries the message to the "Connect Model" dialog.
+    response.status = f"{status} {reason_phrase(message)}"
     if status == 503:
         # Every 503 is temporary (models loading, no worker, a deadline): say when to come back.
         response.headers["Retry-After"] = str(RETRY_AFTER_S)
-    return response, status
+    return response
 
 
 def json_body() -> object:
@@ -104,6 +114,20 @@ def project_id_of(value: object) -> int | None:
         head = value.split(".", 1)[0]
         value = int(head) if re.fullmatch(r"[0-9]{1,19}", head) else None
     return value if is_label_studio_id(value) else None
+
+
+def usable_label_config(label_config: object) -> ProjectConfig:
+    """The project's label config, or a 422 naming what the backend needs of it: an Image with a BrushLabels or
+    RectangleLabels control to put its answers in."""
+    if not isinstance(label_config, str):
+        raise BadRequest("the label config must be the project's label config XML as a string", 422)
+    config = parse_label_config(label_config)
+    if config.brush is None and config.rectangle is None:
+        raise ConfigError(
+            f"the label config has no BrushLabels or RectangleLabels control for the Image {config.image_name!r}; "
+            f'add one, e.g. <BrushLabels name="tag" toName="{config.image_name}"><Label value="car"/></BrushLabels>'
+        )
+    return config
 
 
 def _parse_predict_body(body: dict, settings: Settings) -> tuple[list[dict], ProjectConfig, object]:
@@ -139,9 +163,15 @@ def livez() -> Response:
 @routes.get("/")
 @routes.get("/health")
 def health() -> Response:
+    # Label Studio gives /health 1 s: report the loading state, never wait for it. A load that failed is not UP,
+    # so that "Connect Model" fails showing why (while loading, a prediction's 503 says to retry).
     backend = current_backend()
     backend.predictor.warm_up()
-    return jsonify({"status": "UP", "model_class": MODEL_CLASS, **backend.predictor.status()})
+    state = backend.predictor.status()
+    if state.get("models") == "failed":
+        message = f"SAM could not be loaded, fix the setting and restart the backend: {state['model_error']}"
+        return error_response(message, 500, model_class=MODEL_CLASS, **state)
+    return jsonify({"status": "UP", "model_class": MODEL_CLASS, **state})
 
 
 @routes.post("/setup")
@@ -152,6 +182,10 @@ def setup() -> Response:
     body = json_body()
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object")
+    schema = body.get("schema")
+    if schema is not None:
+        # The project's label config, checked when the model is connected rather than at the first task.
+        usable_label_config(schema)
     return jsonify({"model_version": backend.predictor.decoders.current_name(project_id_of(body.get("project")))})
 
 
@@ -255,7 +289,7 @@ def webhook() -> tuple[Response, int] | Response:
 
 
 @routes.post("/preannotate")
-def preannotate_start() -> tuple[Response, int]:
+def preannotate_start() -> tuple[Response, int] | Response:
     backend = current_backend()
     body = json_body()
     if not isinstance(body, dict):

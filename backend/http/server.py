@@ -36,13 +36,13 @@ def create_app(settings: Settings, predictor: Inference) -> Flask:
     access = AccessControl(settings.basic_auth_user, settings.basic_auth_pass, settings.bearer_token)
 
     @app.before_request
-    def authenticate() -> tuple[Response, int] | None:
+    def authenticate() -> Response | None:
         g.started = time.perf_counter()
         if request.path == "/livez" or access.allows(request.headers.get("Authorization", "")):
             return None
-        response, status = error_response("authentication required", 401)
+        response = error_response("authentication required", 401)
         response.headers["WWW-Authenticate"] = access.challenge()
-        return response, status
+        return response
 
     app.after_request(_stamp)
     app.register_error_handler(HTTPException, _http_error)
@@ -64,11 +64,11 @@ def _stamp(response: Response) -> Response:
     return response
 
 
-def _http_error(error: HTTPException) -> tuple[Response, int]:
+def _http_error(error: HTTPException) -> Response:
     return error_response(error.description or error.name, error.code or 500)
 
 
-def _backend_error(error: BackendError) -> tuple[Response, int]:
+def _backend_error(error: BackendError) -> Response:
     return error_response(str(error), error.status)
 
 

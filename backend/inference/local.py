@@ -31,7 +31,7 @@ from backend.models.grounding_dino import Detection, GroundingDino
 from backend.models.loader import BackgroundLoader
 from backend.models.registry import load_detector, load_segmenter
 from backend.models.sam import SamSegmenter
-from backend.outcomes import DetectedObject, TaskPrediction
+from backend.outcomes import DetectedObject, TaskPrediction, iou_score
 from backend.prompts.interactive import ContextPrompts, InteractivePrompter
 from backend.prompts.text import TextQuery, Thresholds, labels_query, text_query, thresholds_for
 from backend.protocol.label_config import ProjectConfig
@@ -108,7 +108,21 @@ class Predictor(InteractiveFront):
             "model_error": self.models.error,
             "detector": self.detector.state,
             "detector_error": self.detector.error,
+            **self.store.describe(),
         }
+
+    def read_context(self, context: object, config: ProjectConfig) -> ContextPrompts:
+        """As `InteractiveFront.read_context`, and a text prompt GroundingDINO cannot answer is refused before its
+        image is fetched."""
+        prompts = super().read_context(context, config)
+        self._refuse_unanswerable_text(prompts, config)
+        return prompts
+
+    def _refuse_unanswerable_text(self, prompts: ContextPrompts, config: ProjectConfig | None) -> None:
+        """A text prompt's 503 (GroundingDINO could not be loaded) or 413 (too long for it) before any work on its
+        image. While GroundingDINO still loads, the image is fetched and encoded meanwhile."""
+        if prompts.texts and self.detector.state in ("ready", "failed"):
+            self.detector_ready(text_query(prompts.texts, self._text_config(config), prompts.text_label))
 
     def _load_detector(self) -> GroundingDino:
         return load_detector(self.settings)
@@ -164,6 +178,8 @@ class Predictor(InteractiveFront):
         """The model half of an interactive prediction, for an image already fetched."""
         models = self.models.get(self.settings.model_ready_timeout_s)
         segmenter, version = self.segmenter_for(models, project_id)
+        # Again here: on a queue worker, whose GroundingDINO the web tier cannot see, it is the first check.
+        self._refuse_unanswerable_text(prompts, config)
         started = time.perf_counter()
         embedding, hit, encode_s = self.embedding_for(models, image)
         embedded = time.perf_counter()
@@ -173,7 +189,7 @@ class Predictor(InteractiveFront):
         decoded = time.perf_counter()
         prompter.remember(objects, predictions)
         detected = [
-            DetectedObject(obj.label, prediction.mask, prediction.score)
+            DetectedObject(obj.label, prediction.mask, iou_score(prediction.score))
             for obj, prediction in zip(objects, predictions, strict=True)
         ]
         timings = {"embedding": embedded - started, "encode": encode_s, "decode": decoded - embedded}
@@ -208,8 +224,7 @@ class Predictor(InteractiveFront):
         timings: dict[str, float],
     ) -> list[DetectedObject]:
         """Masks for what a typed prompt names in this image."""
-        if config is None:
-            raise PromptError("text prompts need the project's label config to name their labels", 422)
+        config = self._text_config(config)
         query = text_query(texts, config, selected_label)
         thresholds = thresholds_for(config, self.settings.box_threshold, self.settings.text_threshold)
         detector = self.detector_ready(query)
@@ -221,6 +236,12 @@ class Predictor(InteractiveFront):
         objects = self._segment_detections(segmenter, embedding, detections, query, config)
         timings.update({"detect": detected - started, "decode": timings["decode"] + time.perf_counter() - detected})
         return objects
+
+    @staticmethod
+    def _text_config(config: ProjectConfig | None) -> ProjectConfig:
+        if config is None:
+            raise PromptError("text prompts need the project's label config to name their labels", 422)
+        return config
 
     def _detect(
         self, detector: GroundingDino, images: list[np.ndarray], query: TextQuery, thresholds: Thresholds
@@ -260,7 +281,7 @@ class Predictor(InteractiveFront):
             if prediction is None:
                 objects.append(DetectedObject(label, None, detection.score, detection.box))
                 continue
-            score = detection.score * min(max(prediction.score, 0.0), 1.0)
+            score = detection.score * iou_score(prediction.score)
             objects.append(DetectedObject(label, prediction.mask, score, detection.box))
         return objects
 

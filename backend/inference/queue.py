@@ -110,7 +110,7 @@ class QueuePredictor(InteractiveFront):
         self.connection = connection
         self.fetcher = fetcher or ImageFetcher(FetchRules.of(settings))
         # Small state the web tier keeps (project-run progress); image embeddings live with the workers.
-        self.store = ResilientStore(connection, MemoryStore(STATE_FALLBACK_BYTES))
+        self.store = ResilientStore(connection, MemoryStore(STATE_FALLBACK_BYTES), settings.redis_url)
         self.interactive_queue = Queue(INTERACTIVE_QUEUE, connection=connection)
         self.preannotate_queue = Queue(PREANNOTATE_QUEUE, connection=connection)
         self.training_queue = Queue(TRAINING_QUEUE, connection=connection)
@@ -164,9 +164,12 @@ class QueuePredictor(InteractiveFront):
             log.warning("project %d: webhook events recorded but not queued, Redis unreachable: %s", project_id, error)
 
     def status(self) -> dict:
+        # The embeddings are cached by the workers, which each log their cache at start-up.
+        where = {"inference": "queue", "cache": "on the workers", "redis_url": self.store.url}
         try:
             return {
-                "inference": "queue",
+                **where,
+                "redis_reachable": True,
                 "workers": alive_workers(self.connection),
                 "queued": {
                     INTERACTIVE_QUEUE: self.interactive_queue.count,
@@ -177,7 +180,7 @@ class QueuePredictor(InteractiveFront):
                 + self.preannotate_queue.failed_job_registry.count,
             }
         except redis.RedisError as error:
-            return {"inference": "queue", "redis_error": type(error).__name__}
+            return {**where, "redis_reachable": False, "redis_error": type(error).__name__}
 
     def predict_for_image(
         self,

@@ -68,6 +68,14 @@ def _read_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
     return {key.removeprefix("module."): value for key, value in state.items()}
 
 
+def _text_encoder_name_to_the_log() -> None:
+    """groundingdino-py prints its text encoder's name on stdout as it loads: at DEBUG in the log instead."""
+    from groundingdino.util import get_tokenlizer
+
+    library_log = logging.getLogger("groundingdino")
+    get_tokenlizer.print = lambda *parts, **_: library_log.debug(" ".join(map(str, parts)))
+
+
 def load_grounding_dino(
     checkpoint: Path,
     config: Path | None,
@@ -78,6 +86,7 @@ def load_grounding_dino(
     """Build the model described by `config` (default: the packaged SwinT OGC) and load the official-format
     `checkpoint`; `text_encoder` is a local folder holding the BERT's config, vocabulary and weights (never a hub
     name: nothing is downloaded here)."""
+    _text_encoder_name_to_the_log()
     config = config or packaged_config()
     if not config.is_file():
         raise FileNotFoundError(f"GroundingDINO config {config} does not exist (GROUNDING_DINO_CONFIG)")

@@ -7,6 +7,7 @@ short-lived access tokens itself), so LABEL_STUDIO_API_KEY works here as it does
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -14,11 +15,12 @@ import httpx
 from label_studio_sdk import PredictionRequest
 from label_studio_sdk.core.api_error import ApiError
 
-from backend.errors import ProjectApiError
+from backend.errors import LabelStudioUnavailable, ProjectApiError
 from backend.protocol.auth import label_studio_client
 
 # A project run can be long; one slow Label Studio answer should not end it.
 HTTP_TIMEOUT_S = 120.0
+SAID_CHARS = 200  # of Label Studio's answer to a failed call, quoted in the error
 
 
 @dataclass(frozen=True)
@@ -48,9 +50,12 @@ class ProjectApi:
         try:
             return call(*args, **kwargs)
         except ApiError as error:
-            raise ProjectApiError(f"Label Studio at {self.url}: {what} -> {error.status_code}: {error.body}") from error
+            status = error.status_code or 0
+            message = f"Label Studio at {self.url}: {what} answered HTTP {status}{_said(error.body)}{_advice(status)}"
+            transient = status >= 500 or status in (0, 408, 429)
+            raise (LabelStudioUnavailable if transient else ProjectApiError)(message) from error
         except (httpx.HTTPError, OSError) as error:  # connection refused, DNS, time-outs: the SDK speaks httpx
-            raise ProjectApiError(f"Label Studio at {self.url}: {what} failed: {error}") from error
+            raise LabelStudioUnavailable(f"Label Studio at {self.url}: {what} failed: {error}") from error
 
     def project(self, project_id: int) -> ProjectInfo:
         project = self._call(f"project {project_id}", self.client.projects.get, id=project_id)
@@ -99,6 +104,23 @@ class ProjectApi:
             request=requests,
         )
         return int(getattr(answer, "created", len(requests)) or 0)
+
+
+def _said(body: object) -> str:
+    """What Label Studio said, in a few words: its JSON `detail`, or the start of a text answer; never a page."""
+    text = str((body.get("detail") or body.get("error") or body) if isinstance(body, dict) else body or "")
+    if re.search(r"<(!doctype|html|head|body)\b", text, re.IGNORECASE):
+        return " (an HTML page, not Label Studio's API)"
+    text = " ".join(text.split())
+    return f": {text[:SAID_CHARS]}" if text else ""
+
+
+def _advice(status: int) -> str:
+    if status in (401, 403):
+        return "; check LABEL_STUDIO_API_KEY"
+    if status == 404:
+        return "; check LABEL_STUDIO_URL (Label Studio's address) and the project id"
+    return ""
 
 
 def _model_version(prediction: object) -> str:

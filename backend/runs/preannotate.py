@@ -23,7 +23,17 @@ from dataclasses import asdict, dataclass, field
 from backend.cache.locks import exclusive
 from backend.cache.store import ByteStore
 from backend.config import Settings
-from backend.errors import BackendError, ConfigError, ImageError, LockBusy, ModelNotReady, ProjectApiError, PromptError
+from backend.errors import (
+    BackendError,
+    ConfigError,
+    ImageError,
+    InferenceUnavailable,
+    LabelStudioUnavailable,
+    LockBusy,
+    ModelNotReady,
+    ProjectApiError,
+    PromptError,
+)
 from backend.inference.base import Inference
 from backend.project_files import ProjectFiles
 from backend.protocol.label_config import ProjectConfig, parse_label_config
@@ -52,6 +62,7 @@ class RunProgress:
     skipped: int = 0  # tasks that already had a prediction of this model version (or an annotation, if asked)
     failed: int = 0  # tasks whose error was recorded
     message: str = ""
+    resumable: bool = False  # a failed run's cause may pass (Label Studio or the workers did not answer)
     started_at: float = field(default_factory=time.time)
     busy_s: float = 0.0  # time spent on tasks that needed work, the base of the rate
 
@@ -124,6 +135,7 @@ class ProjectRun:
         try:
             self._run_locked()
         except (ProjectApiError, ConfigError, PromptError, ImageError, ModelNotReady) as error:
+            self.progress.resumable = isinstance(error, (LabelStudioUnavailable, InferenceUnavailable))
             self._end("failed", str(error))
         except Exception as error:  # the run ends visibly, whatever went wrong
             log.exception("project %d: pre-annotation run failed", self.project_id)

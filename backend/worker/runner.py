@@ -250,9 +250,23 @@ class ClickLane(ModelWorker):
         self.thread.start()
 
 
+class RoutineRqLines(logging.Filter):
+    """RQ logs its registry clean-ups (every WORKER_MAINTENANCE_INTERVAL, per lane) and each result's time to live
+    at INFO; nothing an operator acts on, so at DEBUG."""
+
+    ROUTINE = ("Worker %s: cleaning ", "Worker %s: job %s result ")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and record.msg.startswith(self.ROUTINE):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        return True
+
+
 def run_worker(settings: Settings, burst: bool = False) -> int:
     if not settings.redis_url:
         raise SystemExit("the worker needs REDIS_URL: it takes its jobs from Redis")
+    logging.getLogger("rq.worker").addFilter(RoutineRqLines())
     connection = redis_client(settings.redis_url)
     try:
         check_published_model_dir(connection, settings)
