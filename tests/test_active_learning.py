@@ -502,7 +502,7 @@ def test_training_interrupted_by_an_error_writes_nothing_and_frees_the_lock(lear
 KILLED_TRAINING = """
 import json, os, signal, sys
 from backend.config import Settings
-from backend.training import versions
+from backend.decoders import versions
 from backend.training.trainer import train_project
 
 settings = json.loads(sys.argv[1])

@@ -14,7 +14,8 @@ from dataclasses import replace
 
 from backend.http.server import create_app
 from backend.protocol.label_config import parse_label_config
-from tests.conftest import encode, make_client, recorded, smooth_object_image
+from tests.assets import encode, recorded, smooth_object_image
+from tests.conftest import make_client
 
 CHUNK = 4  # GROUNDING_DINO_BATCH: tasks per chunk
 SIZE = (320, 240)

@@ -37,7 +37,7 @@ from backend.models.checkpoints import (
 from backend.models.grounding_dino import load_grounding_dino
 from backend.models.registry import load_detector, load_segmenter
 from backend.models.sam import OFFICIAL_ENCODERS, infer_encoder_shape, load_sam
-from tests.conftest import REPO
+from tests.assets import REPO
 
 
 def official_shapes(model_type: str) -> dict[str, torch.Tensor]:

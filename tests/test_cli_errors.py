@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import REPO
+from tests.assets import REPO
 from tests.services import free_port
 
 

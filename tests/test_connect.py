@@ -9,9 +9,9 @@ from dataclasses import replace
 import pytest
 
 from backend.cache.store import MemoryStore
-from backend.http.routes import create_app
+from backend.http.server import create_app
 from backend.inference.local import Predictor
-from tests.conftest import recorded
+from tests.assets import recorded
 
 
 def test_health_of_a_backend_whose_sam_failed_to_load_is_an_error_naming_the_file(settings, tmp_path):

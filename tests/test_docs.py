@@ -6,9 +6,9 @@ from __future__ import annotations
 import re
 
 from backend.cache.store import MemoryStore
-from backend.http.routes import create_app
+from backend.http.server import create_app
 from backend.inference.local import Predictor
-from tests.conftest import REPO
+from tests.assets import REPO
 
 HEADING = re.compile(r"^### `([A-Z]+) (/[^`]*)`$", re.MULTILINE)
 

@@ -325,7 +325,7 @@ def test_a_click_whose_predicted_iou_is_negative_scores_zero(settings, redis_url
     """SAM's IoU head is unbounded; Label Studio sorts tasks by the score, which elsewhere is in 0-1."""
     import torch
 
-    from tests.conftest import build_small_sam
+    from tests.assets import build_small_sam
 
     sam = build_small_sam()
     last = sam.mask_decoder.iou_prediction_head.layers[-1]

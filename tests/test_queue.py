@@ -38,7 +38,6 @@ from backend.inference.queue import (
     preannotate_job,
     stored_url,
 )
-from backend.outcomes import TaskPrediction
 from backend.prompts.interactive import ContextPrompts, read_context
 from backend.protocol.label_config import parse_label_config
 from backend.protocol.results import TaskAnswer
@@ -570,7 +569,7 @@ def test_the_shipped_redis_layout_keeps_every_queued_job_when_the_cache_overflow
         )
         wait_finished(waiting)
         assert [job.get_status() for job in waiting] == ["finished"] * 4
-        assert all(isinstance(job.latest_result().return_value[0], TaskPrediction) for job in waiting)
+        assert all(isinstance(job.latest_result().return_value[0], TaskAnswer) for job in waiting)
         assert cache.keys("sam:emb:*") != [] and redis.Redis.from_url(queue_url).keys("sam:emb:*") == []
     finally:
         if pool is not None:

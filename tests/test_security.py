@@ -482,7 +482,7 @@ def test_gunicorn_on_all_interfaces_without_auth_warns_once_at_start(sam_checkpo
     import subprocess
     import sys
 
-    from tests.conftest import REPO
+    from tests.assets import REPO
     from tests.services import free_port
 
     env = dict(os.environ, HOST="0.0.0.0", PORT=str(free_port()), WORKERS="2", SAM_CHECKPOINT=str(sam_checkpoint))

@@ -131,7 +131,7 @@ def test_demo_segments_through_the_backend_and_shares_its_cache(demo_url, ground
     assert again["embedding_cache"] == "hit"
     with pytest.raises(AppError, match="only separators"):
         client.predict("vit_b", 0.3, 0.25, handle_file(str(photo)), " . ", api_name="/predict")
-    with pytest.raises(AppError, match="SAM checkpoint not found"):
+    with pytest.raises(AppError, match="SAM weights not found"):
         client.predict("vit_h", 0.3, 0.25, handle_file(str(photo)), "car", api_name="/predict")
 
 
