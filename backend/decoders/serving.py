@@ -14,7 +14,6 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 
-from backend.config import Settings
 from backend.decoders.versions import Version, VersionStore, parse_pins, pin_for, public_name
 from backend.errors import CorruptVersion
 from backend.models.base import FineTunable, Segmenter
@@ -40,12 +39,12 @@ class ProjectDecoders:
     outside the mutex, so clicks and /setup of every project go on meanwhile; one thread loads each variant,
     and the project's other requests keep the version they had until it is ready."""
 
-    def __init__(self, settings: Settings, base_name: Callable[[], str] | None = None) -> None:
-        """`base_name`: the model_version of the original SAM, when not this process's settings' (the web tier
-        of queue mode reports the workers')."""
-        self.settings = settings
-        self.base_name = base_name or (lambda: settings.base_model_version)
-        self.pins = parse_pins(settings.model_version_pin)
+    def __init__(self, model_dir: str, base_name: Callable[[], str], model_version_pin: str = "") -> None:
+        """Versions are read from `model_dir` (MODEL_DIR); `base_name()` is the model_version of the original SAM
+        (the web tier of queue mode asks the workers for theirs); `model_version_pin` is MODEL_VERSION_PIN."""
+        self.model_dir = model_dir
+        self.base_name = base_name
+        self.pins = parse_pins(model_version_pin)
         self._variants: OrderedDict[VariantKey, Segmenter] = OrderedDict()
         self._choices: OrderedDict[int, _Choice] = OrderedDict()
         self._loading: dict[VariantKey, Future[Segmenter | None]] = {}
@@ -66,7 +65,7 @@ class ProjectDecoders:
         base_name = self.base_name()
         if project_id is None or not isinstance(base, FineTunable):
             return base, base_name
-        files = ProjectFiles(self.settings.model_dir, project_id)
+        files = ProjectFiles(self.model_dir, project_id)
         stamp = self._stamp(files)
         with self._mutex:
             previous = self._served(project_id, base)
@@ -158,7 +157,7 @@ class ProjectDecoders:
         base_name = self.base_name()
         if project_id is None:
             return base_name
-        files = ProjectFiles(self.settings.model_dir, project_id)
+        files = ProjectFiles(self.model_dir, project_id)
         with self._mutex:
             choice = self._choices.get(project_id)
             if choice is not None and choice.folder_stamp == self._stamp(files):
@@ -173,7 +172,7 @@ class ProjectDecoders:
 
     def describe(self, project_id: int) -> dict:
         """What /versions shows for a project: every version with its metrics, the pin, and which serves."""
-        files = ProjectFiles(self.settings.model_dir, project_id)
+        files = ProjectFiles(self.model_dir, project_id)
         versions, broken = VersionStore(files).scan()
         serving = self.current_name(project_id)
         base_name = self.base_name()

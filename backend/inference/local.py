@@ -60,7 +60,9 @@ class Predictor(InteractiveFront):
         self.models = BackgroundLoader(self._load_models)
         # Optional: without GroundingDINO's weights SAM still serves clicks; text and pre-annotation say why not.
         self.detector = BackgroundLoader(self._load_detector)
-        self.decoders = ProjectDecoders(settings)
+        self.decoders = ProjectDecoders(
+            settings.model_dir, lambda: settings.base_model_version, settings.model_version_pin
+        )
         self.learning = ActiveLearning(settings, self.training_resources, self.decoders, train=self.train_project)
         self.detections = DetectionCache(store, settings.embedding_ttl_s)
         self.step_times = StepTimes()

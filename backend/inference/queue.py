@@ -115,7 +115,7 @@ class QueuePredictor(InteractiveFront):
         self.preannotate_queue = Queue(PREANNOTATE_QUEUE, connection=connection)
         self.training_queue = Queue(TRAINING_QUEUE, connection=connection)
         self._served_version = settings.base_model_version
-        self.decoders = ProjectDecoders(settings, base_name=self.served_model_version)
+        self.decoders = ProjectDecoders(settings.model_dir, self.served_model_version, settings.model_version_pin)
         self.learning = ActiveLearning(settings, None, self.decoders, dispatch=self._learn_on_a_worker)
 
     def served_model_version(self) -> str:
