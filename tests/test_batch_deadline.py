@@ -20,6 +20,7 @@ from tests.conftest import make_client
 CHUNK = 4  # GROUNDING_DINO_BATCH: tasks per chunk
 SIZE = (320, 240)
 MASK_BYTES = SIZE[0] * SIZE[1]  # one (H, W) bool mask
+EMBEDDING_BYTES = 256 * 64 * 64 * 2  # one SAM embedding as float16 (held as an array and as its cached bytes)
 PIXEL_BYTES = 3 * SIZE[0] * SIZE[1]  # one decoded RGB image
 
 
@@ -89,9 +90,11 @@ def test_a_batch_past_its_deadline_answers_the_chunks_done_and_leaves_nothing_ru
     assert passes and max(passes) < answered
     late = [record.getMessage() for record in caplog.records if record.created > answered]
     assert not [line for line in late if line.startswith(("encoded", "detected"))], late
-    # Memory: twice one chunk's decoded images and masks (3 objects an image), plus the answers, which the
-    # response holds as Python lists and as JSON (random-weight masks are speckled: ~0.3 MB of JSON a task).
-    chunk_bytes = CHUNK * (PIXEL_BYTES + 3 * MASK_BYTES)
+    # Memory: twice one chunk's working set (decoded images, masks of 3 objects an image, and each image's
+    # embedding both as an array and as the bytes cached), plus the answers, which the response holds as Python
+    # lists and as JSON (random-weight masks are speckled: ~0.3 MB of JSON a task). Holding every task's
+    # embeddings alone would take 40 x 2 x 2 MiB, several times this bound.
+    chunk_bytes = CHUNK * (PIXEL_BYTES + 3 * MASK_BYTES + 2 * EMBEDDING_BYTES)
     assert peak < 2 * chunk_bytes + 5 * len(response.data), (peak, chunk_bytes, len(response.data))
 
 

@@ -413,9 +413,10 @@ def test_a_text_prompt_without_grounding_dino_is_refused_before_its_image_is_fet
     assert response.status_code == 503 and "GroundingDINO" in response.json["error"]
 
 
-def test_a_worker_without_grounding_dino_refuses_a_text_prompt_before_encoding_its_image(settings):
+def test_a_worker_without_grounding_dino_refuses_a_text_prompt_before_encoding_its_image(settings, caplog):
     """In queue mode the web tier cannot know that a worker's GroundingDINO failed: the worker must not encode."""
     _, predictor = make_client(settings)
+    caplog.set_level(logging.INFO, logger="backend.cache.embeddings")
     with pytest.raises(Exception, match="not found"):
         predictor.detector.get(60)
     body = recorded("06-predict-interactive-text.json")
@@ -426,7 +427,7 @@ def test_a_worker_without_grounding_dino_refuses_a_text_prompt_before_encoding_i
     with pytest.raises(PromptError, match="GroundingDINO") as refused:
         predictor.predict_for_image(image, 1, text_prompts, None, config)
     assert refused.value.status == 503
-    assert predictor.models.get(1).embeddings.misses == 0
+    assert encodes_logged(caplog.records) == 0
 
 
 def test_segmentation_masks_follow_the_boxes(grounded_settings):
