@@ -67,7 +67,8 @@ def make_predictor(settings: Settings) -> Inference:
 def build_app(settings: Settings | None = None) -> Flask:
     settings = settings or Settings.from_env()
     configure_process(settings, runs_models=settings.inference == "local")
-    app = create_app(settings, make_predictor(settings))
+    predictor = make_predictor(settings)
+    app = create_app(settings, predictor)
     # Start loading right away, in the background, so the first click does not pay for it.
-    app.extensions["predictor"].warm_up()
+    predictor.warm_up()
     return app

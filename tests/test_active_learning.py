@@ -287,7 +287,7 @@ from backend.app import build_app
 from backend.config import Settings
 from backend.models.loader import ModelNotReady
 
-predictor = build_app(Settings.from_env()).extensions["predictor"]
+predictor = build_app(Settings.from_env()).extensions["backend"].predictor
 assert predictor.learning.wait_idle(120)
 with contextlib.suppress(ModelNotReady):  # exit only once no loader thread runs
     predictor.detector.get(120)

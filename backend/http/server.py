@@ -26,7 +26,6 @@ def create_app(settings: Settings, predictor: Inference) -> Flask:
     """The app serving Label Studio's ML backend protocol with `predictor`'s models."""
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
-    app.extensions["predictor"] = predictor
     app.extensions["backend"] = Backend(
         settings=settings,
         predictor=predictor,
