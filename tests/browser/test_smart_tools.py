@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -23,10 +24,11 @@ LABELS = {"Car", "Wheel"}
 
 @pytest.fixture
 def new_task(page, label_studio, personal_access_token, backend, tmp_path) -> Callable[..., LabelingPage]:
-    """A new project of one task, connected to the backend, and the labelling page of that task (not yet open)."""
+    """A new project of one task, connected to the backend, and the labelling page of that task (not yet open);
+    `options` are create_project's (another label config, predictions shown on opening)."""
     api = LabelStudioApi(label_studio.url, personal_access_token)
 
-    def create(title: str, **options: bool) -> LabelingPage:
+    def create(title: str, **options: Any) -> LabelingPage:
         return LabelingPage(page, label_studio.url, create_project(api, backend.url, title, **options), tmp_path)
 
     return create
