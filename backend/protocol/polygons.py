@@ -49,7 +49,8 @@ class Outline:
 
 def _fill(points: np.ndarray, shape: tuple[int, int], origin: tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
     """The (H, W) bool mask of a polygon in pixel coordinates (pixel (0, 0) spans 0-1), shifted by -`origin`:
-    the pixels whose centre lies inside or on it."""
+    the pixels whose centre lies inside or on it, as OpenCV's fillPoly draws it (vertices to 1/16 of a pixel, an
+    edge exactly between two pixel centres taking the pixel after it)."""
     centred = (np.asarray(points, dtype=np.float64) - origin - 0.5) * (1 << SUBPIXEL_BITS)
     mask = np.zeros(shape, dtype=np.uint8)
     cv2.fillPoly(mask, [np.round(centred).astype(np.int32).reshape(-1, 1, 2)], 1, cv2.LINE_8, SUBPIXEL_BITS)
@@ -63,9 +64,9 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
 
 def _simplified(contour: np.ndarray, rules: PolygonRules) -> np.ndarray | None:
     """A traced outline (in doubled pixels) as a polygon in pixels: at `rules.tolerance`, lowered while the polygon
-    covers its part at an IoU under MIN_PART_IOU, raised while it has over `rules.max_vertices` vertices (the cap
-    wins); None
-    when no tolerance leaves three vertices or more within the cap."""
+    covers its part at an IoU under MIN_PART_IOU or has under three vertices, raised while it has over
+    `rules.max_vertices` vertices (the cap wins); None when no tolerance leaves three vertices or more within the cap.
+    """
     exact = (contour.reshape(-1, 2) + 0.5) / UPSAMPLE
     x, y, width, height = cv2.boundingRect(contour)
     origin = (x // UPSAMPLE, y // UPSAMPLE)
@@ -78,7 +79,11 @@ def _simplified(contour: np.ndarray, rules: PolygonRules) -> np.ndarray | None:
         points = (simplified.reshape(-1, 2) + 0.5) / UPSAMPLE
         if len(points) > rules.max_vertices:
             tolerance, capped = max(tolerance * 2, MIN_TOLERANCE), True
-        elif not capped and tolerance >= MIN_TOLERANCE and _iou(_fill(points, shape, origin), part) < MIN_PART_IOU:
+        elif (
+            not capped
+            and tolerance >= MIN_TOLERANCE
+            and (len(points) < 3 or _iou(_fill(points, shape, origin), part) < MIN_PART_IOU)
+        ):
             tolerance /= 2
         else:
             return points if len(points) >= 3 else None
