@@ -90,12 +90,21 @@ def _simplified(contour: np.ndarray, rules: PolygonRules) -> np.ndarray | None:
     return None
 
 
+def _part_area(contour: np.ndarray, labels: np.ndarray, areas: np.ndarray, origin: tuple[int, int]) -> int:
+    """Pixels of the part a traced outline (in doubled pixels) goes round: the part of its first point."""
+    x, y = contour[0, 0] // UPSAMPLE
+    return int(areas[labels[y - origin[1], x - origin[0]]])
+
+
 def mask_outlines(mask: np.ndarray, rules: PolygonRules) -> list[Outline]:
-    """The outlines of a (H, W) bool mask's parts of at least `rules.min_area` pixels, largest first."""
-    pixels = np.ascontiguousarray(mask, dtype=np.uint8)
-    if not pixels.any():
+    """The outlines of a (H, W) bool mask's parts of at least `rules.min_area` pixels, largest first, until one
+    would take the vertices over the task's cap."""
+    box = tight_box(mask)
+    if box is None:
         return []
-    _, labels, stats, _ = cv2.connectedComponentsWithStats(pixels, connectivity=8)
+    # Only the mask's box is labelled and traced: an object is usually a small part of its image.
+    x0, y0, x1, y1 = (int(value) for value in box)
+    _, labels, stats, _ = cv2.connectedComponentsWithStats(mask[y0:y1, x0:x1].astype(np.uint8), connectivity=8)
     areas = stats[:, cv2.CC_STAT_AREA]
     large = areas >= max(rules.min_area, 1)
     large[0] = False  # component 0 is the background
@@ -103,14 +112,21 @@ def mask_outlines(mask: np.ndarray, rules: PolygonRules) -> list[Outline]:
     # resolution, an outline runs a quarter pixel inside the part's edge rather than through its edge pixels'
     # centres, so a pixel, or a line one pixel wide, still has an area.
     doubled = np.repeat(np.repeat(large[labels].astype(np.uint8), UPSAMPLE, axis=0), UPSAMPLE, axis=1)
-    contours, _ = cv2.findContours(doubled, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    outlines = []
-    for contour in contours:
-        x, y = contour[0, 0] // UPSAMPLE
+    contours, _ = cv2.findContours(
+        doubled, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE, offset=(x0 * UPSAMPLE, y0 * UPSAMPLE)
+    )
+    # Largest first, and no more than the task's cap can hold: a speckled mask has thousands of parts.
+    outlines: list[Outline] = []
+    budget = rules.max_task_vertices
+    sized = [(_part_area(contour, labels, areas, (x0, y0)), contour) for contour in contours]
+    for area, contour in sorted(sized, key=lambda item: -item[0]):
         points = _simplified(contour, rules)
-        if points is not None:
-            outlines.append(Outline(points, int(areas[labels[y, x]])))
-    outlines.sort(key=lambda outline: -outline.area)
+        if points is None:
+            continue
+        if len(points) > budget:
+            break
+        outlines.append(Outline(points, area))
+        budget -= len(points)
     return outlines
 
 
