@@ -41,7 +41,7 @@ class PolygonRules:
 
 @dataclass
 class Outline:
-    """One part's polygon in pixels (x, y as floats, through pixel centres) and its area in pixels."""
+    """One part's polygon in pixel coordinates (x, y as floats; pixel (0, 0) spans 0-1) and its area in pixels."""
 
     points: np.ndarray  # (N, 2) float, N >= 3
     area: int
@@ -157,7 +157,7 @@ def within_task_budget(outlines: list[list[Outline]], max_task_vertices: int) ->
 
 
 def percent_points(points: np.ndarray, image_size: tuple[int, int]) -> list[list[float]]:
-    """Pixel coordinates (through pixel centres) as Label Studio's percent of the image's width and height."""
+    """Pixel coordinates (pixel (0, 0) spans 0-1) as Label Studio's percent of the image's width and height."""
     height, width = image_size
     percent = points * (100.0 / width, 100.0 / height)
     return np.round(percent, PERCENT_DECIMALS).tolist()

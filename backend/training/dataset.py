@@ -63,7 +63,11 @@ def _label(result: dict, control: Control | None, kind: str) -> str:
         raise Rejected(f"the label config has no {tag} control")
     if result.get("from_name") != control.name:
         raise Rejected(f"region from control {result.get('from_name')!r}, not the {tag} {control.name!r}")
-    labels = (result.get("value") or {}).get(f"{kind}labels") or []
+    value = result.get("value")
+    if not isinstance(value, dict):
+        raise Rejected("the region's value is not an object")
+    labels = value.get(f"{kind}labels")
+    labels = labels if isinstance(labels, list) else []
     if not labels or labels[0] not in control.labels:
         raise Rejected(
             f"label {labels[0] if labels else None!r} is not in the label config ({', '.join(control.labels)})"
@@ -91,7 +95,7 @@ def _nonempty(result: dict, label: str, mask: np.ndarray) -> Region:
 
 def _brush_region(result: dict, config: ProjectConfig, max_pixels: int) -> Region:
     label = _label(result, config.brush, "brush")
-    value = result.get("value") or {}
+    value = result["value"]  # an object: _label checked it
     if value.get("format") != "rle":
         raise Rejected(f"brush format {value.get('format')!r} is not 'rle'")
     # Decoding allocates what the size declares (four bytes a pixel); decode_mask checks the RLE's own declared
@@ -122,7 +126,7 @@ def _polygon_region(result: dict, config: ProjectConfig, max_pixels: int) -> Reg
     """A polygon rasterised at the size the image is shown (the pixels whose centre it covers), as a brush is."""
     label = _label(result, config.polygon, "polygon")
     height, width = _image_size(result, max_pixels)
-    points = (result.get("value") or {}).get("points")
+    points = result["value"].get("points")  # value is an object: _label checked it
     if not isinstance(points, list) or len(points) < 3 or not all(_is_point(point) for point in points):
         raise Rejected("points is not a list of three or more [x, y] pairs in percent of the image (0-100)")
     return _nonempty(result, label, rasterise(points, (height, width)))
