@@ -111,6 +111,10 @@ class LabelingPage:
         self.page.locator(".lsf-tool_smart").first.hover()
         self.page.locator(f".lsf-toolbar__smart button[aria-label={tool}]").click()
 
+    def choose_the_one_smart_tool(self) -> None:
+        """With a single smart tool in the config, the Auto-Detect button is that tool and lists nothing."""
+        self.page.locator(".lsf-tool_smart").first.click()
+
     def choose_label(self, control: int, label: str) -> None:
         """Label Studio unselects the label once a region is drawn with it, so each click or box starts here."""
         chip = self.page.locator(".lsf-labels").nth(control).locator(".lsf-label", has_text=label)
@@ -169,8 +173,12 @@ class LabelingPage:
 
     def region_rows(self, expected: int, wait_ms: float = 30_000) -> list[tuple[str, str]]:
         """(region type, label) of each row of the region list, once it shows `expected` rows."""
+        expect(self.page.locator(REGION_ROWS)).to_have_count(expected, timeout=wait_ms)
+        return self.shown_region_rows()
+
+    def shown_region_rows(self) -> list[tuple[str, str]]:
+        """(region type, label) of the rows the region list shows now: a long list renders only those in view."""
         rows = self.page.locator(REGION_ROWS)
-        expect(rows).to_have_count(expected, timeout=wait_ms)
         return [
             (
                 re.search(r"lsf-tree__node_type_(\w+)", row.get_attribute("class") or "")[1],

@@ -16,6 +16,7 @@ import pytest
 from tests.assets import decode_brush
 from tests.browser.labeling import BACKEND_WAIT_MS, KEYPOINTS, RECTANGLES, LabelingPage, Project, create_project
 from tests.e2e.label_studio import LabelStudioApi
+from tests.e2e.test_polygons import LABEL_CONFIG as POLYGON_CONFIG
 
 pytestmark = pytest.mark.browser
 
@@ -150,3 +151,23 @@ def test_opening_a_task_without_a_prediction_shows_the_pre_annotation(
     assert_detections_shown(labeling.region_rows(len(results)))
     assert assert_masks_of_the_labels(results, labeling.project)
     assert console_log.errors == []
+
+
+def test_a_smart_click_in_a_polygon_project_gives_a_polygon_region(new_task):
+    labeling = new_task("smart click, polygons", label_config=POLYGON_CONFIG)
+    labeling.open()
+    labeling.turn_on_auto_annotation()
+    labeling.choose_the_one_smart_tool()  # the smart keypoints
+    labeling.choose_label(1, "Car")  # the keypoint labels: the second row of chips, below the polygon labels
+    answered = labeling.click_image(0.5, 0.4).answered
+    assert answered and {region["type"] for region in answered} == {"polygonlabels"}, answered
+    labeling.wait_for_suggestions([region["id"] for region in answered])
+    labeling.accept_suggestions()
+    # Random weights speckle SAM's mask into hundreds of parts, one polygon each: the list shows the first rows.
+    labeling.wait_for_regions(30_000)
+    assert set(labeling.shown_region_rows()) == {("polygonregion", "Car")}
+    labeling.screenshot("accepted")
+    labeling.submit()
+    stored = stored_results(labeling.project)
+    assert len(stored) == len(answered) and {region["type"] for region in stored} == {"polygonlabels"}, stored
+    assert all(region["value"]["polygonlabels"] == ["Car"] and region["value"]["closed"] for region in stored)
