@@ -18,7 +18,7 @@ from backend.errors import CheckpointMissing, WrongCheckpoint
 from backend.images import FetchRules, ImageFetcher
 from backend.models import registry
 from backend.models.base import SegmentPrompt
-from backend.models.checkpoints import TRANSFORMERS_MODELS
+from backend.models.checkpoints import TRANSFORMERS_MODELS, check_model_folder
 from backend.models.hf_segmenter import HfSegmenter
 from backend.models.registry import load_segmenter
 from backend.training.resources import TrainingResources
@@ -180,3 +180,16 @@ def test_training_is_refused_clearly_for_a_model_it_cannot_fine_tune(segmenters,
     )
     result = train_project(7, settings, resources)
     assert result.as_dict()["status"] == "refused" and result.as_dict()["reason"] == reason
+
+
+def test_a_downloaded_folder_is_checked_to_hold_the_model_it_was_fetched_as(model_folders):
+    check_model_folder(model_folders["sam2.1-hiera-tiny"], TRANSFORMERS_MODELS["sam2.1-hiera-tiny"])
+    with pytest.raises(ValueError, match="holds a 'sam2' model, not a sam_hq one"):
+        check_model_folder(model_folders["sam2.1-hiera-tiny"], TRANSFORMERS_MODELS["sam-hq-vit-b"])
+
+
+def test_the_weights_command_predict_and_the_demo_offer_every_segmenter():
+    from backend.cli import SEGMENTERS
+    from backend.tools.demo import SAM_MODEL_TYPES
+
+    assert set(SEGMENTERS) == set(SAM_MODEL_TYPES) == {"vit_b", "vit_l", "vit_h", *TRANSFORMERS_SEGMENTERS}
