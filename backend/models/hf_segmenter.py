@@ -30,7 +30,7 @@ from backend.models.checkpoints import sha256_of
 log = logging.getLogger(__name__)
 
 # Prompts decoded in one model call: each carries its own copy of the image features (a mask prompt is added to
-# them per prompt), which for SAM 2's high-resolution maps is about 11 MB in float32.
+# them per prompt), which with SAM 2's high-resolution maps is about 17 MB in float32 (so 270 MB a chunk).
 DECODE_CHUNK = 16
 
 Arrays = dict[str, np.ndarray]
