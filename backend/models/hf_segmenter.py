@@ -11,6 +11,7 @@ the image embedding (SAM 2's high-resolution maps, SAM-HQ's early ViT features) 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import threading
@@ -97,11 +98,14 @@ def read_config(folder: Path, where: str) -> dict:
 
 
 def weights_digest(folder: Path) -> str:
-    """SHA-256 over the folder's weight files, in name order: the identity embeddings are cached under."""
+    """The SHA-256 of the folder's weight file (of the shards' digests, in name order, for a sharded model): the
+    identity embeddings are cached under."""
     files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
     if not files:
         raise WrongCheckpoint(f"{folder} holds no model.safetensors")
-    return sha256_of(files[0]) if len(files) == 1 else "".join(sha256_of(path) for path in files)
+    if len(files) == 1:
+        return sha256_of(files[0])
+    return hashlib.sha256("".join(sha256_of(path) for path in files).encode()).hexdigest()
 
 
 def load_hf_segmenter(folder: Path, family_name: str, name: str, device: torch.device) -> HfSegmenter:
