@@ -34,7 +34,7 @@ from backend.outcomes import DetectedObject, TaskPrediction, iou_score
 from backend.prompts.interactive import ContextPrompts, InteractivePrompter
 from backend.prompts.text import TextQuery, Thresholds, labels_query, text_query, thresholds_for
 from backend.protocol.label_config import ProjectConfig
-from backend.protocol.results import TaskAnswer, task_answer
+from backend.protocol.results import RegionRules, TaskAnswer, region_rules, task_answer
 from backend.training.resources import TrainingResources
 from backend.training.service import ActiveLearning
 from backend.training.trainer import TrainingResult, train_project
@@ -267,11 +267,10 @@ class Predictor(InteractiveFront):
         config: ProjectConfig,
     ) -> list[DetectedObject]:
         """One object per box: SAM decodes every box of the image in one batched call (when the project has a
-        BrushLabels control for its label); the object's score is GroundingDINO's box score times SAM's
+        BrushLabels or PolygonLabels control for its label); the object's score is GroundingDINO's box score times SAM's
         predicted IoU, so Label Studio can sort by either model's doubt."""
         labels = [query.labels[detection.phrase] for detection in detections]
-        brush_labels = config.brush.labels if config.brush is not None else ()
-        masked = [index for index, label in enumerate(labels) if label in brush_labels]
+        masked = [index for index, label in enumerate(labels) if label in config.mask_labels]
         predictions = {}
         if masked and segmenter is not None and embedding is not None:
             prompts = [SegmentPrompt(box=detections[index].box) for index in masked]
@@ -313,8 +312,9 @@ class Predictor(InteractiveFront):
         query = labels_query(config)
         thresholds = thresholds_for(config, self.settings.box_threshold, self.settings.text_threshold)
         detector = self.detector_ready(query)
+        rules = region_rules(self.settings, config)
         # Boxes alone need no SAM, for projects that only have a RectangleLabels control.
-        models = self.models.get(self.settings.model_ready_timeout_s) if config.brush is not None else None
+        models = self.models.get(self.settings.model_ready_timeout_s) if config.mask_labels else None
         segmenter, version = (
             self.segmenter_for(models, project_id) if models else (None, self.decoders.current_name(project_id))
         )
@@ -326,7 +326,7 @@ class Predictor(InteractiveFront):
             urls = image_urls[first : first + chunk]
             try:
                 outcomes += self._preannotate(
-                    urls, detector, detections_key, models, segmenter, version, query, thresholds, config, limit
+                    urls, detector, detections_key, models, segmenter, version, query, thresholds, config, rules, limit
                 )
             except DeadlineExceeded as error:
                 log.info("pre-annotation stopped at its deadline: %d of %d tasks done", first, len(image_urls))
@@ -345,6 +345,7 @@ class Predictor(InteractiveFront):
         query: TextQuery,
         thresholds: Thresholds,
         config: ProjectConfig,
+        rules: RegionRules,
         limit: TimeLimit,
     ) -> list[TaskAnswer | BackendError]:
         """One chunk, each step under `limit`."""
@@ -382,7 +383,7 @@ class Predictor(InteractiveFront):
                     model_version=version,
                 )
                 try:
-                    outcomes.append(task_answer(prediction, config, version))
+                    outcomes.append(task_answer(prediction, config, version, rules))
                 except ConfigError as error:
                     outcomes.append(error)
         return outcomes
