@@ -49,6 +49,20 @@ S_CACHE = "Cache"
 S_QUEUE = "Queue mode"
 S_TRAINING = "Active learning"
 
+# Meta's SAM, loaded from its `.pth` files by segment-anything.
+SAM_TYPES = ("vit_b", "vit_l", "vit_h")
+# Models run by Hugging Face transformers, each from a model folder (backend/models/hf_segmenter.py).
+TRANSFORMERS_SEGMENTERS = (
+    "sam2.1-hiera-tiny",
+    "sam2.1-hiera-small",
+    "sam2.1-hiera-base-plus",
+    "sam2.1-hiera-large",
+    "edgetam",
+    "sam-hq-vit-b",
+    "sam-hq-vit-l",
+    "sam-hq-vit-h",
+)
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -165,12 +179,18 @@ class Settings:
     )
 
     sam_model_type: str = setting(
-        "SAM_MODEL_TYPE", "vit_b", "SAM model", choices=("vit_b", "vit_l", "vit_h"), section=S_MODELS
+        "SAM_MODEL_TYPE",
+        "vit_b",
+        "the segmenter: Meta's SAM (`vit_*`), or SAM 2.1, EdgeTAM or SAM-HQ through transformers "
+        "(docs/models.md compares them)",
+        choices=SAM_TYPES + TRANSFORMERS_SEGMENTERS,
+        section=S_MODELS,
     )
     sam_checkpoint: str = setting(
         "SAM_CHECKPOINT",
         "",
-        "Meta's `.pth` checkpoint, used as it is; default: the official file of `SAM_MODEL_TYPE` in `WEIGHTS_DIR`",
+        "Meta's `.pth` checkpoint for a `vit_*` type, a transformers model folder for the others; used as it is; "
+        "default: the official file or folder of `SAM_MODEL_TYPE` in `WEIGHTS_DIR`",
         section=S_MODELS,
     )
     weights_dir: str = setting(

@@ -30,7 +30,6 @@ from backend.models.base import ImageEmbedding, Segmenter, SegmentPrompt
 from backend.models.grounding_dino import Detection, GroundingDino
 from backend.models.loader import BackgroundLoader
 from backend.models.registry import load_detector, load_segmenter
-from backend.models.sam import SamSegmenter
 from backend.outcomes import DetectedObject, TaskPrediction, iou_score
 from backend.prompts.interactive import ContextPrompts, InteractivePrompter
 from backend.prompts.text import TextQuery, Thresholds, labels_query, text_query, thresholds_for
@@ -47,7 +46,7 @@ log = logging.getLogger(__name__)
 class Models:
     """Everything that exists only once the weights are loaded."""
 
-    segmenter: SamSegmenter  # SAM: active learning fine-tunes its mask decoder (`training_resources`)
+    segmenter: Segmenter  # SAM's mask decoder is what active learning fine-tunes (`training_resources`)
     embeddings: EmbeddingCache
     sessions: SessionStore
 
@@ -72,7 +71,7 @@ class Predictor(InteractiveFront):
         self.detector.start()  # after SAM, which clicks need first
         return self.models_for(segmenter)
 
-    def models_for(self, segmenter: SamSegmenter) -> Models:
+    def models_for(self, segmenter: Segmenter) -> Models:
         return Models(
             segmenter=segmenter,
             embeddings=EmbeddingCache(
