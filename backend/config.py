@@ -209,7 +209,7 @@ class Settings:
     decoder_runtime: str = setting(
         "DECODER_RUNTIME",
         "auto",
-        "SAM's prompt decoder: `onnx` (ONNX Runtime, default on CPU) or `torch` (default on GPU)",
+        "every segmenter's prompt decoder: `onnx` (ONNX Runtime, default on CPU) or `torch` (default on GPU)",
         choices=("auto", "onnx", "torch"),
         section=S_MODELS,
     )

@@ -1,10 +1,11 @@
 """Every segmenter side by side at its official size, random weights, one 1024x768 image: the cold click (the
 image's first click: encoder pass + decode), the warm click (decode from the float16 cache entry), the bytes per
-image in the cache, and the process's peak RSS; each with its ratio to SAM ViT-B.
+image in the cache, and the process's peak RSS; each with its ratio to SAM ViT-B. Every decoder runs in ONNX Runtime
+on a CPU (DECODER_RUNTIME's default), in PyTorch on a GPU.
 
 Each model runs in a child process of its own, so its peak RSS is its own. The first encoder pass of a process
-warms torch up on another image and is not counted. Random weights decode to noisier masks than trained ones;
-the sizes and so the compute are the official models'.
+and its first click warm torch and the decoder up on another image and are not counted. Random weights decode to
+noisier masks than trained ones; the sizes and so the compute are the official models'.
 
     python bench/models.py [--device cpu|cuda] [--threads 2] [--repeats 3] [--models vit_b,edgetam,...]
 """
@@ -63,7 +64,9 @@ def measure(name: str, device: str, threads: int, repeats: int) -> dict:
         if device.startswith("cuda"):
             torch.cuda.synchronize()
 
-    segmenter.encode(smooth_object_image(WIDTH, HEIGHT, seed=99))  # warm-up, not counted
+    # Warm-up, not counted: torch's first pass, and the first click's decoder export (ONNX Runtime exports one graph
+    # per prompt shape at its first use; a server pays it once).
+    segmenter.decode(segmenter.encode(smooth_object_image(WIDTH, HEIGHT, seed=99)), click)
     cold, warm, data = [], [], b""
     for repeat in range(repeats):
         image = smooth_object_image(WIDTH, HEIGHT, seed=repeat)

@@ -19,6 +19,7 @@ from backend.images import FetchRules, ImageFetcher
 from backend.models import registry
 from backend.models.base import SegmentPrompt
 from backend.models.checkpoints import TRANSFORMERS_MODELS, check_model_folder
+from backend.models.hf_decoder import OnnxHfDecoder
 from backend.models.hf_segmenter import HfSegmenter
 from backend.models.registry import load_segmenter
 from backend.training.resources import TrainingResources
@@ -125,6 +126,26 @@ def test_float16_cache_masks_match_float32_masks(segmenters, name):
     prompts = list(PROMPTS.values())
     for full, half in zip(segmenter.decode(exact, prompts), segmenter.decode(stored, prompts), strict=True):
         assert iou(full.mask, half.mask) >= 0.99
+
+
+@pytest.mark.parametrize("name", REDUCED)
+def test_the_onnx_decoder_computes_the_models_own_pytorch_forward(segmenters, name):
+    """The CPU default runs one traced graph per prompt shape in ONNX Runtime: for every shape, one prompt alone and
+    three at once, its logits and scores are the model's forward in PyTorch."""
+    onnx = segmenters[name]
+    assert isinstance(onnx.decoder, OnnxHfDecoder)
+    torch_run = HfSegmenter(onnx.model, onnx.processor, onnx.family, "torch", onnx.device, decoder_runtime="torch")
+    embedding = deserialize_embedding(serialize_embedding(onnx.encode(IMAGE)))
+    (previous,) = torch_run.decode(embedding, [PROMPTS["one click"]])
+    refinement = replace(PROMPTS["box and clicks"], mask_logits=previous.low_res_logits)
+    for prompt in [*PROMPTS.values(), refinement]:
+        for prompts in ([prompt], [prompt] * 3):
+            for ours, reference in zip(
+                onnx.decode(embedding, prompts), torch_run.decode(embedding, prompts), strict=True
+            ):
+                np.testing.assert_allclose(ours.low_res_logits, reference.low_res_logits, atol=1e-3, rtol=1e-3)
+                assert ours.score == pytest.approx(reference.score, abs=1e-4)
+                assert iou(ours.mask, reference.mask) >= 0.99
 
 
 def test_prompts_of_mixed_shapes_come_back_in_their_order(segmenters):

@@ -27,6 +27,7 @@ import torch
 from backend.errors import WrongCheckpoint
 from backend.models.base import ImageEmbedding, MaskPrediction, SegmentPrompt
 from backend.models.checkpoints import sha256_of
+from backend.models.hf_decoder import make_hf_decoder
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,9 @@ def weights_digest(folder: Path) -> str:
     return hashlib.sha256("".join(sha256_of(path) for path in files).encode()).hexdigest()
 
 
-def load_hf_segmenter(folder: Path, family_name: str, name: str, device: torch.device) -> HfSegmenter:
+def load_hf_segmenter(
+    folder: Path, family_name: str, name: str, device: torch.device, decoder_runtime: str = "auto"
+) -> HfSegmenter:
     """The model of `family_name` saved in `folder`; WrongCheckpoint when the folder holds another model."""
     import transformers
 
@@ -129,14 +132,23 @@ def load_hf_segmenter(folder: Path, family_name: str, name: str, device: torch.d
     processor = getattr(transformers, family.processor_class).from_pretrained(folder, local_files_only=True)
     identity = f"{name}-{weights_digest(folder)[:16]}"
     log.info("loaded %s %s from %s", family.model_class, identity, folder)
-    return HfSegmenter(model, processor, family, identity, device)
+    return HfSegmenter(model, processor, family, identity, device, decoder_runtime)
 
 
 class HfSegmenter:
     """A transformers SAM-style model: encoder once per image, decoder per prompt, safe from many threads."""
 
-    def __init__(self, model: torch.nn.Module, processor: object, family: Family, identity: str, device: torch.device):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        processor: object,
+        family: Family,
+        identity: str,
+        device: torch.device,
+        decoder_runtime: str = "auto",
+    ):
         self.model = model.to(device).eval()
+        self.decoder = make_hf_decoder(self.model, family.decoder_inputs, device, decoder_runtime)
         self.processor = processor
         self.family = family
         self.device = device
@@ -190,46 +202,34 @@ class HfSegmenter:
         return [results[index] for index in range(len(prompts))]
 
     def _decode_alike(self, embedding: ImageEmbedding, prompts: list[SegmentPrompt]) -> list[MaskPrediction]:
-        """Prompts of one shape as a batch of as many copies of the image: a mask prompt is per image."""
+        """Prompts of one shape, decoded together against the one image."""
         count = len(prompts)
         arrays = {"features": embedding.features, **embedding.extras}
-        image = {
-            name: torch.as_tensor(np.asarray(value, dtype=np.float32), device=self.device)[None].expand(
-                count, *value.shape
-            )
-            for name, value in arrays.items()
-        }
-        kwargs = self.family.decoder_inputs(image)
+        image = {name: np.asarray(value, dtype=np.float32) for name, value in arrays.items()}
         scale = np.array(
             [embedding.input_size[1] / embedding.original_size[1], embedding.input_size[0] / embedding.original_size[0]]
         )
         first = prompts[0]
+        inputs: dict[str, np.ndarray] = {}
         if first.points:
             points = np.array([prompt.points for prompt in prompts], dtype=np.float64) * scale
-            kwargs["input_points"] = torch.as_tensor(points[:, None], dtype=torch.float32, device=self.device)
-            labels = np.array([prompt.point_labels for prompt in prompts], dtype=np.int64)
-            kwargs["input_labels"] = torch.as_tensor(labels[:, None], device=self.device)
+            inputs["input_points"] = points[:, None].astype(np.float32)
+            inputs["input_labels"] = np.array([prompt.point_labels for prompt in prompts], dtype=np.int64)[:, None]
         if first.box is not None:
             boxes = np.array([prompt.box for prompt in prompts], dtype=np.float64) * np.tile(scale, 2)
-            kwargs["input_boxes"] = torch.as_tensor(boxes[:, None], dtype=torch.float32, device=self.device)
+            inputs["input_boxes"] = boxes[:, None].astype(np.float32)
         if first.mask_logits is not None:
             logits = np.stack([np.asarray(prompt.mask_logits, dtype=np.float32) for prompt in prompts])
-            kwargs["input_masks"] = torch.as_tensor(logits[:, None], device=self.device)
+            inputs["input_masks"] = logits[:, None]
         # As SAM's predictors do: one click is ambiguous (part, object, group), so pick the best of three masks.
         multimask = len(first.points) == 1 and first.box is None and first.mask_logits is None
-        with torch.inference_mode():
-            output = self.model(**kwargs, multimask_output=multimask)
-        scores = output.iou_scores[:, 0].float()  # (count, masks)
-        best = scores.argmax(dim=1)
-        rows = torch.arange(count, device=best.device)
-        low_res = output.pred_masks[:, 0][rows, best].float()  # (count, 256, 256)
-        masks = self._upscale(low_res, embedding)
+        scores, all_low_res = self.decoder.run(image, inputs, multimask)
+        best = scores.argmax(axis=1)
+        rows = np.arange(count)
+        low_res = all_low_res[rows, best]  # (count, 256, 256)
+        masks = self._upscale(torch.from_numpy(low_res), embedding)
         return [
-            MaskPrediction(
-                mask=masks[row] > 0.0,
-                score=float(scores[row, best[row]]),
-                low_res_logits=low_res[row].cpu().numpy(),
-            )
+            MaskPrediction(mask=masks[row] > 0.0, score=float(scores[row, best[row]]), low_res_logits=low_res[row])
             for row in range(count)
         ]
 
@@ -238,7 +238,7 @@ class HfSegmenter:
         post_process: Callable[..., list[torch.Tensor]] = self.processor.post_process_masks  # type: ignore[attr-defined]
         sizes = [list(embedding.original_size)]
         if self.family.padded:
-            (masks,) = post_process([low_res[None].cpu()], sizes, [list(embedding.input_size)], binarize=False)
+            (masks,) = post_process([low_res[None]], sizes, [list(embedding.input_size)], binarize=False)
         else:
-            (masks,) = post_process([low_res[None].cpu()], sizes, binarize=False)
+            (masks,) = post_process([low_res[None]], sizes, binarize=False)
         return masks[0].numpy()

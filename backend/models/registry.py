@@ -75,13 +75,19 @@ def present(location: CheckpointLocation) -> Path:
 
 
 def load_segmenter(settings: Settings, decoder_runtime: str | None = None) -> Segmenter:
-    """The configured segmenter; `decoder_runtime` overrides DECODER_RUNTIME for SAM (training needs the PyTorch
+    """The configured segmenter; `decoder_runtime` overrides DECODER_RUNTIME (SAM's training needs the PyTorch
     decoder)."""
     kind = settings.sam_model_type
     with MODEL_BUILD_LOCK:
         if kind in TRANSFORMERS_MODELS:
             folder = present(sam_checkpoint(settings))
-            return load_hf_segmenter(folder, TRANSFORMERS_MODELS[kind].family, kind, resolve_device(settings.device))
+            return load_hf_segmenter(
+                folder,
+                TRANSFORMERS_MODELS[kind].family,
+                kind,
+                resolve_device(settings.device),
+                decoder_runtime or settings.decoder_runtime,
+            )
         return load_sam(
             present(sam_checkpoint(settings)),
             settings.sam_model_type,

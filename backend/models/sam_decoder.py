@@ -1,17 +1,14 @@
 """SAM's prompt encoder + mask decoder + upscaling as one graph, run by PyTorch or ONNX Runtime.
 
 Both runtimes execute segment-anything's own `SamOnnxModel` wrapper (with a mask upscaling that exports for any
-image size, `AnySizeSamOnnxModel`), so they compute the same masks;
-ONNX Runtime is about twice as fast on a CPU (bench/interactive.py measures both), PyTorch is used on
-GPUs. The ONNX graph is exported from the loaded weights at start-up, so a fine-tuned decoder is
-exported like the original.
+image size, `AnySizeSamOnnxModel`), so they compute the same masks; ONNX Runtime is about twice as fast on a CPU
+(bench/interactive.py measures both), PyTorch is used on GPUs (onnx_graph.py chooses and exports). The ONNX graph
+is exported from the loaded weights at start-up, so a fine-tuned decoder is exported like the original.
 """
 
 from __future__ import annotations
 
-import io
 import logging
-import warnings
 from typing import Protocol
 
 import numpy as np
@@ -19,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from segment_anything.modeling import Sam
 from segment_anything.utils.onnx import SamOnnxModel
+
+from backend.models.onnx_graph import decoder_runtime, onnx_session
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +69,6 @@ class TorchDecoder:
 
 class OnnxDecoder:
     def __init__(self, sam: Sam, threads: int) -> None:
-        import onnxruntime
-
-        module = AnySizeSamOnnxModel(sam, return_single_mask=True).eval()
         example = (
             torch.zeros(1, 256, 64, 64),
             torch.zeros(1, 2, 2),
@@ -81,26 +77,10 @@ class OnnxDecoder:
             torch.zeros(1),
             torch.tensor([480.0, 640.0]),
         )
-        graph = io.BytesIO()
         dynamic = {"point_coords": {0: "batch", 1: "points"}, "point_labels": {0: "batch", 1: "points"}}
         dynamic["mask_input"] = {0: "batch"}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # tracer warnings about SAM's shape arithmetic, expected
-            torch.onnx.export(
-                module,
-                example,
-                graph,  # type: ignore[arg-type]  # torch's stub names paths only; its docs and code take a file object
-                input_names=INPUT_NAMES,
-                output_names=OUTPUT_NAMES,
-                dynamic_axes=dynamic,
-                opset_version=17,
-                do_constant_folding=True,
-                dynamo=False,
-            )
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        self.session = onnxruntime.InferenceSession(graph.getvalue(), options, providers=["CPUExecutionProvider"])
+        module = AnySizeSamOnnxModel(sam, return_single_mask=True)
+        self.session = onnx_session(module, example, INPUT_NAMES, OUTPUT_NAMES, dynamic, threads)
 
     def run(self, *arrays: np.ndarray) -> DecoderOutput:
         masks, scores, low_res = self.session.run(OUTPUT_NAMES, dict(zip(INPUT_NAMES, arrays, strict=True)))
@@ -109,15 +89,6 @@ class OnnxDecoder:
 
 def make_decoder(sam: Sam, device: torch.device, runtime: str) -> PromptDecoder:
     """`runtime`: "torch", "onnx", or "auto" (ONNX Runtime on CPU when installed, PyTorch otherwise)."""
-    if runtime == "auto":
-        try:
-            import onnxruntime  # noqa: F401
-
-            runtime = "onnx" if device.type == "cpu" else "torch"
-        except ImportError:
-            runtime = "torch"
-    if runtime == "onnx":
+    if decoder_runtime(device, runtime) == "onnx":
         return OnnxDecoder(sam, torch.get_num_threads())
-    if runtime == "torch":
-        return TorchDecoder(sam, device)
-    raise ValueError(f"unknown DECODER_RUNTIME {runtime!r}; use auto, torch or onnx")
+    return TorchDecoder(sam, device)
