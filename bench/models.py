@@ -26,6 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 WIDTH, HEIGHT = 1024, 768
+WARM_CLICKS = 10  # per image: a warm click is short, and the machine's load varies
 DEFAULT_MODELS = ("vit_b", "sam2.1-hiera-tiny", "sam2.1-hiera-small", "edgetam", "sam-hq-vit-b")
 
 
@@ -77,7 +78,7 @@ def measure(name: str, device: str, threads: int, repeats: int) -> dict:
         segmenter.decode(cached, click)
         synced()
         cold.append(time.perf_counter() - started)
-        for _ in range(5):
+        for _ in range(WARM_CLICKS):
             started = time.perf_counter()
             segmenter.decode(cached, click)
             synced()
@@ -116,8 +117,8 @@ def main() -> None:
     base = next((row for row in rows if row["model"] == "vit_b"), rows[0])
     print(
         f"{args.device}, torch threads {args.threads}, {WIDTH}x{HEIGHT}, random weights at official sizes, "
-        f"median of {args.repeats} cold / {5 * args.repeats} warm clicks; load average {load_before:.1f} before / "
-        f"{os.getloadavg()[0]:.1f} after, {os.cpu_count()} CPUs"
+        f"median of {args.repeats} cold / {WARM_CLICKS * args.repeats} warm clicks; "
+        f"load average {load_before:.1f} before / {os.getloadavg()[0]:.1f} after, {os.cpu_count()} CPUs"
     )
     print(f"ratios to {base['model']}")
     print(

@@ -33,9 +33,9 @@ ImageInputs = Callable[[dict[str, torch.Tensor]], dict[str, object]]
 
 class HfDecoder(Protocol):
     def run(self, image: Arrays, prompts: Arrays, multimask: bool) -> tuple[np.ndarray, np.ndarray]:
-        """`image`: the named image features of one image (float32, no batch axis); `prompts`: forward()'s prompt
-        arguments, one row per prompt. Returns the scores (prompts, masks) and low-res logits (prompts, masks, 256,
-        256)."""
+        """`image`: the named image features of one image (float16 as cached, or float32; no batch axis);
+        `prompts`: forward()'s prompt arguments, one row per prompt. Returns the scores (prompts, masks) and low-res
+        logits (prompts, masks, 256, 256)."""
         ...
 
 
@@ -49,7 +49,9 @@ class TorchHfDecoder:
         count = len(next(iter(prompts.values())))
         # A view of the one image per prompt: a mask prompt is added to the features per prompt inside the model.
         batched = {
-            name: torch.as_tensor(value, device=self.device)[None].expand(count, *value.shape)
+            name: torch.as_tensor(np.asarray(value, dtype=np.float32), device=self.device)[None].expand(
+                count, *value.shape
+            )
             for name, value in image.items()
         }
         kwargs = {name: torch.as_tensor(value, device=self.device) for name, value in prompts.items()}
@@ -71,7 +73,7 @@ class _FromEmbeddings(torch.nn.Module):
         self.multimask = multimask
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        image = dict(zip(self.image_names, inputs, strict=False))
+        image = {name: value.float() for name, value in zip(self.image_names, inputs, strict=False)}
         prompts = dict(zip(self.prompt_names, inputs[len(image) :], strict=True))
         output = self.model(**self.image_inputs(image), **prompts, multimask_output=self.multimask)
         return output.iou_scores, output.pred_masks
@@ -87,8 +89,11 @@ class OnnxHfDecoder:
 
     def run(self, image: Arrays, prompts: Arrays, multimask: bool) -> tuple[np.ndarray, np.ndarray]:
         count = len(next(iter(prompts.values())))
+        # The graph takes the image features in float16, as the cache holds them: ONNX Runtime widens them several
+        # times faster than numpy would.
         feed = {
-            name: np.ascontiguousarray(np.broadcast_to(value, (count, *value.shape))) for name, value in image.items()
+            name: np.ascontiguousarray(np.broadcast_to(value.astype(np.float16, copy=False), (count, *value.shape)))
+            for name, value in image.items()
         }
         feed.update(prompts)
         scores, masks = self._session(feed, len(image), multimask).run(OUTPUT_NAMES, feed)

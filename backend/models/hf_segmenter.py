@@ -204,8 +204,7 @@ class HfSegmenter:
     def _decode_alike(self, embedding: ImageEmbedding, prompts: list[SegmentPrompt]) -> list[MaskPrediction]:
         """Prompts of one shape, decoded together against the one image."""
         count = len(prompts)
-        arrays = {"features": embedding.features, **embedding.extras}
-        image = {name: np.asarray(value, dtype=np.float32) for name, value in arrays.items()}
+        image = {"features": embedding.features, **embedding.extras}
         scale = np.array(
             [embedding.input_size[1] / embedding.original_size[1], embedding.input_size[0] / embedding.original_size[0]]
         )

@@ -55,4 +55,7 @@ def onnx_session(
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    # Each session has its own threads: spinning idle ones (ONNX Runtime's default) take the cores another
+    # session's run, or the encoder, needs.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return onnxruntime.InferenceSession(graph.getvalue(), options, providers=["CPUExecutionProvider"])
