@@ -30,9 +30,9 @@ from backend.models.checkpoints import (
     WEIGHTS_COMMAND,
     CheckpointLocation,
     OfficialCheckpoint,
-    OfficialTextEncoder,
+    OfficialRepository,
     download_checkpoint,
-    download_text_encoder,
+    download_repository,
 )
 from backend.models.grounding_dino import load_grounding_dino
 from backend.models.registry import load_detector, load_segmenter
@@ -242,7 +242,7 @@ def test_an_unreachable_server_is_one_line_naming_the_address_the_setting_and_a_
 
 
 @pytest.fixture
-def text_encoder_served(checkpoint_server, grounding_dino_files) -> OfficialTextEncoder:
+def text_encoder_served(checkpoint_server, grounding_dino_files) -> OfficialRepository:
     """The tiny test BERT's files, served where the official repository's pinned revision has them."""
     encoder = BERT_BASE_UNCASED
     for filename in (*encoder.files, encoder.weights):
@@ -260,7 +260,7 @@ def test_the_text_encoder_is_fetched_from_its_pinned_revision_and_refused_when_t
 ):
     encoder = text_encoder_served  # the official checksum: the tiny BERT's weights do not match it
     with pytest.raises(ValueError, match="checksum mismatch"):
-        download_text_encoder(text_encoder_location(tmp_path), encoder, checkpoint_server.url)
+        download_repository(text_encoder_location(tmp_path), encoder, checkpoint_server.url)
     revision = "/google-bert/bert-base-uncased/resolve/86b5e0934494bd15c9632b12f734a8a67f723594/"
     assert checkpoint_server.requests[-1] == revision + "model.safetensors"
     assert all(path.startswith(revision) for path in checkpoint_server.requests)
@@ -272,11 +272,11 @@ def test_a_fetched_text_encoder_is_a_folder_grounding_dino_loads(
 ):
     weights_sha256 = hashlib.sha256((grounding_dino_files.text_encoder / "model.safetensors").read_bytes()).hexdigest()
     encoder = replace(text_encoder_served, weights_sha256=weights_sha256)
-    folder = download_text_encoder(text_encoder_location(tmp_path), encoder, checkpoint_server.url)
+    folder = download_repository(text_encoder_location(tmp_path), encoder, checkpoint_server.url)
     assert leftovers(tmp_path) == ["bert-base-uncased"]
     assert sorted(leftovers(folder)) == sorted((*encoder.files, encoder.weights))
     detector = load_grounding_dino(grounding_dino_files.checkpoint, grounding_dino_files.config, folder, "cpu", 128)
-    assert detector.caption_tokens("car . wheel .") == 6
+    assert detector.text_tokens("car . wheel .", [(0, 3), (6, 11)]) == 6
 
 
 def test_the_default_text_encoder_missing_fails_at_once_naming_the_setting_without_contacting_a_hub(

@@ -27,7 +27,7 @@ from backend.errors import BackendError, ConfigError, DeadlineExceeded, ImageErr
 from backend.images import FetchedImage, FetchRules, ImageFetcher, decode_image
 from backend.inference.base import FETCH_THREADS, InteractiveFront
 from backend.models.base import ImageEmbedding, Segmenter, SegmentPrompt
-from backend.models.grounding_dino import Detection, GroundingDino
+from backend.models.detector import Detection, Detector
 from backend.models.loader import BackgroundLoader
 from backend.models.registry import load_detector, load_segmenter
 from backend.models.sam import SamSegmenter
@@ -58,7 +58,7 @@ class Predictor(InteractiveFront):
         self.store = store
         self.fetcher = fetcher or ImageFetcher(FetchRules.of(settings))
         self.models = BackgroundLoader(self._load_models)
-        # Optional: without GroundingDINO's weights SAM still serves clicks; text and pre-annotation say why not.
+        # Optional: without the detector's weights SAM still serves clicks; text and pre-annotation say why not.
         self.detector = BackgroundLoader(self._load_detector)
         self.decoders = ProjectDecoders(
             settings.model_dir, lambda: settings.base_model_version, settings.model_version_pin
@@ -114,36 +114,37 @@ class Predictor(InteractiveFront):
         }
 
     def read_context(self, context: object, config: ProjectConfig) -> ContextPrompts:
-        """As `InteractiveFront.read_context`, and a text prompt GroundingDINO cannot answer is refused before its
+        """As `InteractiveFront.read_context`, and a text prompt the detector cannot answer is refused before its
         image is fetched."""
         prompts = super().read_context(context, config)
         self._refuse_unanswerable_text(prompts, config)
         return prompts
 
     def _refuse_unanswerable_text(self, prompts: ContextPrompts, config: ProjectConfig | None) -> None:
-        """A text prompt's 503 (GroundingDINO could not be loaded) or 413 (too long for it) before any work on its
-        image. While GroundingDINO still loads, the image is fetched and encoded meanwhile."""
+        """A text prompt's 503 (the detector could not be loaded) or 413 (too long for it) before any work on its
+        image. While the detector still loads, the image is fetched and encoded meanwhile."""
         if prompts.texts and self.detector.state in ("ready", "failed"):
             self.detector_ready(text_query(prompts.texts, self._text_config(config), prompts.text_label))
 
-    def _load_detector(self) -> GroundingDino:
+    def _load_detector(self) -> Detector:
         return load_detector(self.settings)
 
-    def detector_ready(self, query: TextQuery) -> GroundingDino:
-        """GroundingDINO, able to read `query`'s caption; a 503 naming what is missing if it could not load."""
+    def detector_ready(self, query: TextQuery) -> Detector:
+        """The detector, able to read `query`'s caption; a 503 naming what is missing if it could not load."""
         try:
             detector = self.detector.get(self.settings.model_ready_timeout_s)
         except ModelNotReady:
             if self.detector.state != "failed":
                 raise  # still loading: a 503 that says to retry
             raise PromptError(
-                f"text prompts and pre-annotation need GroundingDINO, which could not be loaded: {self.detector.error}",
+                f"text prompts and pre-annotation need the detector (DETECTOR={self.settings.detector}), which could "
+                f"not be loaded: {self.detector.error}",
                 503,
             ) from None
-        tokens = detector.caption_tokens(query.caption)
+        tokens = detector.text_tokens(query.caption, list(query.spans))
         if tokens > detector.max_text_tokens:
             raise PromptError(
-                f"the {len(query.phrases)} phrases to detect take {tokens} tokens; GroundingDINO reads at most "
+                f"the {len(query.phrases)} phrases to detect take {tokens} tokens; {detector.name} reads at most "
                 f"{detector.max_text_tokens}: use fewer labels or shorter predicted_values",
                 413,
             )
@@ -180,7 +181,7 @@ class Predictor(InteractiveFront):
         """The model half of an interactive prediction, for an image already fetched."""
         models = self.models.get(self.settings.model_ready_timeout_s)
         segmenter, version = self.segmenter_for(models, project_id)
-        # Again here: on a queue worker, whose GroundingDINO the web tier cannot see, it is the first check.
+        # Again here: on a queue worker, whose detector the web tier cannot see, it is the first check.
         self._refuse_unanswerable_text(prompts, config)
         started = time.perf_counter()
         embedding, hit, encode_s = self.embedding_for(models, image)
@@ -246,7 +247,7 @@ class Predictor(InteractiveFront):
         return config
 
     def _detect(
-        self, detector: GroundingDino, images: list[np.ndarray], query: TextQuery, thresholds: Thresholds
+        self, detector: Detector, images: list[np.ndarray], query: TextQuery, thresholds: Thresholds
     ) -> list[list[Detection]]:
         return detector.detect(
             images,
@@ -268,7 +269,7 @@ class Predictor(InteractiveFront):
         config: ProjectConfig,
     ) -> list[DetectedObject]:
         """One object per box: SAM decodes every box of the image in one batched call (when the project has a
-        BrushLabels control for its label); the object's score is GroundingDINO's box score times SAM's
+        BrushLabels control for its label); the object's score is the detector's box score times SAM's
         predicted IoU, so Label Studio can sort by either model's doubt."""
         labels = [query.labels[detection.phrase] for detection in detections]
         brush_labels = config.brush.labels if config.brush is not None else ()
@@ -302,7 +303,7 @@ class Predictor(InteractiveFront):
         limit: TimeLimit = NO_LIMIT,
     ) -> list[TaskAnswer | BackendError]:
         """Pre-annotation of several tasks, GROUNDING_DINO_BATCH images (a chunk) at a time: the images of a
-        chunk are fetched side by side and searched for the project's labels in one GroundingDINO pass, then
+        chunk are fetched side by side and searched for the project's labels in one detector pass, then
         each image's boxes are segmented from its SAM embedding (from the cache, or encoded now and cached, so
         later clicks on the image find it). Boxes are cached per image too, so that no work finished before a
         deadline is done again by the retry. Each task's answer is encoded to Label Studio's JSON as its chunk
@@ -338,7 +339,7 @@ class Predictor(InteractiveFront):
     def _preannotate(
         self,
         image_urls: Sequence[object],
-        detector: GroundingDino,
+        detector: Detector,
         detections_key: str,
         models: Models | None,
         segmenter: Segmenter | None,
@@ -390,14 +391,14 @@ class Predictor(InteractiveFront):
 
     def _detections(
         self,
-        detector: GroundingDino,
+        detector: Detector,
         detections_key: str,
         images: list[tuple[FetchedImage, np.ndarray]],
         query: TextQuery,
         thresholds: Thresholds,
         limit: TimeLimit,
     ) -> list[list[Detection]]:
-        """Each image's boxes: from the cache, the others found in one GroundingDINO pass and cached."""
+        """Each image's boxes: from the cache, the others found in one detector pass and cached."""
         found = [self.detections.get(detections_key, image.digest) for image, _ in images]
         missing = [index for index, detections in enumerate(found) if detections is None]
         if missing:

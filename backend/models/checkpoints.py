@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,16 +38,17 @@ class OfficialCheckpoint:
 
 
 @dataclass(frozen=True)
-class OfficialTextEncoder:
-    """A Hugging Face model repository at a pinned commit: the files GroundingDINO's tokenizer and BERT read,
-    the weights checked by SHA-256 (the small files are fixed by the commit)."""
+class OfficialRepository:
+    """A Hugging Face model repository at a pinned commit: the files its tokenizer, processor and model read, the
+    weights checked by SHA-256 (the small files are fixed by the commit). Without a SHA-256 published here, the
+    weights are checked against the one the hub states for that commit's file (its X-Linked-Etag header)."""
 
-    name: str  # what GROUNDING_DINO_TEXT_ENCODER says to mean it; also its folder in WEIGHTS_DIR
+    name: str  # its folder in WEIGHTS_DIR (and, for the text encoder, what GROUNDING_DINO_TEXT_ENCODER says)
     repo: str
     revision: str
     files: tuple[str, ...]
     weights: str
-    weights_sha256: str
+    weights_sha256: str | None
     size_mb: int
 
     def url(self, filename: str, endpoint: str = HUGGING_FACE) -> str:
@@ -83,7 +85,7 @@ GROUNDING_DINO_CHECKPOINT = OfficialCheckpoint(
 )
 
 # GroundingDINO's text encoder, the BERT its checkpoint was trained with.
-BERT_BASE_UNCASED = OfficialTextEncoder(
+BERT_BASE_UNCASED = OfficialRepository(
     name="bert-base-uncased",
     repo="google-bert/bert-base-uncased",
     revision="86b5e0934494bd15c9632b12f734a8a67f723594",
@@ -93,6 +95,43 @@ BERT_BASE_UNCASED = OfficialTextEncoder(
     size_mb=440,
 )
 
+# The transformers detectors' official repositories (DETECTOR); MM-GroundingDINO's revision is not pinned yet.
+DETECTOR_REPOSITORIES: dict[str, OfficialRepository] = {
+    "grounding-dino": OfficialRepository(
+        name="grounding-dino-tiny",
+        repo="IDEA-Research/grounding-dino-tiny",
+        revision="a2bb814dd30d776dcf7e30523b00659f4f141c71",
+        files=(
+            "config.json",
+            "preprocessor_config.json",
+            "special_tokens_map.json",
+            "tokenizer_config.json",
+            "vocab.txt",
+        ),
+        weights="model.safetensors",
+        weights_sha256=None,
+        size_mb=690,
+    ),
+    "owlv2": OfficialRepository(
+        name="owlv2-base-patch16-ensemble",
+        repo="google/owlv2-base-patch16-ensemble",
+        revision="cfd3195ba4ea9592eec887ded089f4c08eff231d",
+        files=(
+            "config.json",
+            "preprocessor_config.json",
+            "special_tokens_map.json",
+            "tokenizer_config.json",
+            "vocab.json",
+            "merges.txt",
+        ),
+        weights="model.safetensors",
+        weights_sha256=None,
+        size_mb=620,
+    ),
+}
+# Its published repository, named in the message that asks for DETECTOR_MODEL.
+MM_GROUNDING_DINO_REPOSITORY = "openmmlab-community/mm_grounding_dino_tiny_o365v1_goldg"
+
 
 @dataclass(frozen=True)
 class CheckpointLocation:
@@ -100,10 +139,10 @@ class CheckpointLocation:
     `weights download` puts at `path` when the setting is left unset; None when the setting names the user's own
     file or folder, which no download would replace."""
 
-    what: str  # "SAM", "GroundingDINO", "text encoder"
+    what: str  # "SAM", "GroundingDINO", "text encoder", "OWLv2", ...
     setting: str  # the variable that points at a local file instead
     path: Path
-    official: OfficialCheckpoint | OfficialTextEncoder | None
+    official: OfficialCheckpoint | OfficialRepository | None
 
     def describe(self) -> str:
         if self.official is None:
@@ -133,13 +172,24 @@ def sha256_of(path: Path, chunk_bytes: int = 8 * 1024 * 1024) -> str:
     return digest.hexdigest()
 
 
+def _hub_sha256(response: requests.Response) -> str | None:
+    """The SHA-256 the Hugging Face hub states for a large file (X-Linked-Etag, on the redirect to its storage)."""
+    for answer in (*response.history, response):
+        stated = answer.headers.get("X-Linked-Etag", "").strip('"')
+        if re.fullmatch(r"[0-9a-f]{64}", stated):
+            return stated
+    return None
+
+
 def _download(url: str, target: Path, sha256: str | None, timeout_s: float) -> None:
-    """`url` into `target`, all or nothing; with `sha256`, only when the bytes match it."""
+    """`url` into `target`, all or nothing; only when the bytes match `sha256`, else the SHA-256 the hub states
+    for the file, if any."""
     digest = hashlib.sha256()
     handle, partial_name = tempfile.mkstemp(dir=target.parent, prefix=target.name, suffix=".part")
     try:
         with os.fdopen(handle, "wb") as out, requests.get(url, stream=True, timeout=timeout_s) as response:
             response.raise_for_status()
+            sha256 = sha256 or _hub_sha256(response)
             for chunk in response.iter_content(chunk_size=1024 * 1024):
                 out.write(chunk)
                 digest.update(chunk)
@@ -167,8 +217,8 @@ def download_checkpoint(location: CheckpointLocation, timeout_s: float = 60.0) -
     official = location.official
     if location.path.exists() or official is None:
         return location.path
-    if isinstance(official, OfficialTextEncoder):
-        return download_text_encoder(location, official, timeout_s=timeout_s)
+    if isinstance(official, OfficialRepository):
+        return download_repository(location, official, timeout_s=timeout_s)
     location.path.parent.mkdir(parents=True, exist_ok=True)
     log.info("downloading %s (%d MB) from %s", official.filename, official.size_mb, official.url)
     try:
@@ -179,28 +229,28 @@ def download_checkpoint(location: CheckpointLocation, timeout_s: float = 60.0) -
     return location.path
 
 
-def download_text_encoder(
+def download_repository(
     location: CheckpointLocation,
-    encoder: OfficialTextEncoder,
+    repository: OfficialRepository,
     endpoint: str = HUGGING_FACE,
     timeout_s: float = 60.0,
 ) -> Path:
-    """`encoder`'s files at its pinned revision into the folder `location.path`, which appears only once every
+    """`repository`'s files at its pinned revision into the folder `location.path`, which appears only once every
     file is in and the weights' SHA-256 matches."""
     folder = location.path
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f"{folder.name}.", suffix=".part"))
-    log.info("downloading %s (%d MB) at revision %s", encoder.repo, encoder.size_mb, encoder.revision)
+    log.info("downloading %s (%d MB) at revision %s", repository.repo, repository.size_mb, repository.revision)
     try:
-        for filename in (*encoder.files, encoder.weights):
-            url = encoder.url(filename, endpoint)
-            checksum = encoder.weights_sha256 if filename == encoder.weights else None
+        for filename in (*repository.files, repository.weights):
+            url = repository.url(filename, endpoint)
+            checksum = repository.weights_sha256 if filename == repository.weights else None
             try:
                 _download(url, staging / filename, checksum, timeout_s)
             except requests.RequestException as error:
                 elsewhere = (
-                    f"huggingface-cli download {encoder.repo} {' '.join((*encoder.files, encoder.weights))} "
-                    f"--revision {encoder.revision} --local-dir {folder}"
+                    f"huggingface-cli download {repository.repo} {' '.join((*repository.files, repository.weights))} "
+                    f"--revision {repository.revision} --local-dir {folder}"
                 )
                 raise DownloadFailed(_unreachable(location, url, error, elsewhere)) from error
         os.replace(staging, folder)
