@@ -175,7 +175,7 @@ def crafted_scores(detector: GroundingDino, caption: str, peaks: list[dict[str, 
 
 def answer(scores: torch.Tensor, boxes: torch.Tensor, image_size: tuple[int, int]) -> BoxScores:
     """Token scores and normalised cx, cy, w, h boxes as a model's answer for an image of `image_size`."""
-    return BoxScores(scores, normalised_to_pixels(boxes, image_size))
+    return BoxScores(scores.double().logit(), normalised_to_pixels(boxes, image_size))
 
 
 def test_boxes_go_to_the_phrase_their_tokens_match_under_both_thresholds(detector):

@@ -31,7 +31,7 @@ class Detection:
 class BoxScores:
     """A model's answer for one image, before any selection."""
 
-    token_scores: torch.Tensor  # (boxes, tokens) in 0-1: how well each box matches each token of the caption
+    token_logits: torch.Tensor  # (boxes, tokens): how well each box matches each token of the caption, before sigmoid
     boxes: torch.Tensor  # (boxes, 4) x0, y0, x1, y1 in pixels of the image, not yet clamped to it
 
 
@@ -123,9 +123,16 @@ def select(
     image. Boxes are then de-duplicated (NMS at `nms_iou`) among phrases with the same `phrase_groups` entry.
     """
     height, width = image_size
-    token_scores = answer.token_scores.float()[:, : membership.shape[1]]
+    logits = answer.token_logits.float()[:, : membership.shape[1]]
+    token_scores = logits.sigmoid()
     weights = membership.float() / membership.sum(dim=1, keepdim=True)
-    best_mean, best_phrase = (token_scores @ weights.T).max(dim=1)
+    phrase_means = token_scores @ weights.T  # (boxes, phrases)
+    best_mean = phrase_means.max(dim=1, keepdim=True).values
+    # Logits above 17 all give a score of exactly 1: phrases tied so are told apart by their mean logit, as the
+    # libraries (which compare logits) tell them apart. (A masked token's -inf logit would make 0 * -inf = nan.)
+    tied_logits = (logits.clamp(min=-1e4) @ weights.T).masked_fill(phrase_means < best_mean, float("-inf"))
+    best_phrase = tied_logits.argmax(dim=1)
+    best_mean = best_mean[:, 0]
     score = token_scores.max(dim=1).values
     boxes = answer.boxes.float().clone()
     boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)

@@ -154,6 +154,6 @@ class GroundingDino(Detector):
             self._batch([self.pixels(image).to(self.device) for image in images]), captions=[caption] * len(images)
         )
         return [
-            BoxScores(logits.float().sigmoid(), normalised_to_pixels(boxes.float(), image.shape[:2]))
+            BoxScores(logits.float(), normalised_to_pixels(boxes.float(), image.shape[:2]))
             for image, logits, boxes in zip(images, outputs["pred_logits"], outputs["pred_boxes"], strict=True)
         ]

@@ -66,7 +66,7 @@ class TransformersGroundingDino(TransformersDetector):
         inputs = self.processor(images=pictures, text=[caption] * len(images), return_tensors="pt").to(self.device)
         outputs = self.model(**inputs)
         return [
-            BoxScores(logits.float().sigmoid(), normalised_to_pixels(boxes.float(), image.shape[:2]))
+            BoxScores(logits.float(), normalised_to_pixels(boxes.float(), image.shape[:2]))
             for image, logits, boxes in zip(images, outputs.logits, outputs.pred_boxes, strict=True)
         ]
 
@@ -96,7 +96,7 @@ class Owlv2Detector(TransformersDetector):
         for image, logits, boxes in zip(images, outputs.logits, outputs.pred_boxes, strict=True):
             # OWLv2 pads each image to a square below and to the right: its boxes are relative to that square.
             side = max(image.shape[:2])
-            answers.append(BoxScores(logits.float().sigmoid(), normalised_to_pixels(boxes.float(), (side, side))))
+            answers.append(BoxScores(logits.float(), normalised_to_pixels(boxes.float(), (side, side))))
         return answers
 
 
@@ -130,7 +130,8 @@ def load_transformers_detector(kind: str, folder: Path, device: str = "auto", im
     found_type = json.loads(config_file.read_text()).get("model_type")
     if found_type != model_type:
         raise WrongCheckpoint(f"{folder} holds a {found_type!r} model; DETECTOR={kind} reads {model_type!r} models")
-    processor = getattr(transformers, processor_class).from_pretrained(folder, local_files_only=True)
+    # The fast image processors: torchvision's resizing, where the slow OWLv2 one needs scipy.
+    processor = getattr(transformers, processor_class).from_pretrained(folder, local_files_only=True, use_fast=True)
     if kind != "owlv2":
         processor.image_processor.size = {
             "shortest_edge": image_size,
