@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from backend.config import Settings, describe_markdown
+from backend.config import DETECTORS, Settings, describe_markdown
 from backend.errors import SettingsError
 
 
@@ -31,16 +31,21 @@ def _weights(args: argparse.Namespace, settings: Settings) -> int:
     from backend.app import configure_logging
     from backend.errors import BackendError
     from backend.models.checkpoints import download_checkpoint, missing_checkpoint
-    from backend.models.registry import grounding_dino_checkpoint, sam_checkpoint, text_encoder
+    from backend.models.registry import detector_weights, sam_checkpoint
 
     configure_logging(settings.log_level)
     log = logging.getLogger(__name__)
     # Types named on the command line are official files asked for by name; otherwise, what the settings load.
     wanted = [sam_checkpoint(replace(settings, sam_checkpoint="", sam_model_type=kind)) for kind in args.sam or []]
     wanted = wanted or [sam_checkpoint(settings)]
-    if not args.no_grounding_dino:
-        wanted += [grounding_dino_checkpoint(settings), text_encoder(settings)]
     failures = 0
+    if not args.no_grounding_dino:
+        for detector in args.detector or [settings.detector]:
+            try:
+                wanted += detector_weights(with_detector(settings, detector))
+            except BackendError as error:  # a detector without an official download names what to do instead
+                print(f"error: {error}", file=sys.stderr)
+                failures += 1
     for location in wanted:
         if location.path.exists():
             log.info("%s weights: using %s", location.what, location.describe())
@@ -70,7 +75,7 @@ def _predict(args: argparse.Namespace, settings: Settings) -> int:
     from backend.tools.segment_text import detections_json, overlay, segment_text
 
     configure_process(settings)
-    settings = replace(settings, model_ready_timeout_s=LOAD_WAIT_S)
+    settings = replace(with_detector(settings, args.detector or settings.detector), model_ready_timeout_s=LOAD_WAIT_S)
     predictor = Predictor(settings, make_store(settings.cache_url, settings.memory_cache_bytes))
     try:
         image = FetchedImage(str(args.image), args.image.read_bytes())
@@ -89,6 +94,16 @@ def _predict(args: argparse.Namespace, settings: Settings) -> int:
         Image.fromarray(picture).save(args.out)
     print(json.dumps({"image": str(args.image), **detections_json(prediction)}, indent=2))
     return 0
+
+
+def with_detector(settings: Settings, detector: str) -> Settings:
+    """The settings with DETECTOR set to `detector`; DETECTOR_MODEL names the configured detector's folder, so
+    another detector reads its official one."""
+    from dataclasses import replace
+
+    if detector == settings.detector:
+        return settings
+    return replace(settings, detector=detector, detector_model="")
 
 
 def _demo(args: argparse.Namespace, settings: Settings) -> int:
@@ -212,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     weights = commands.add_parser("weights", help="download the official weights that are missing (and verify them)")
     weights.add_argument("action", choices=["download"])
     weights.add_argument("--sam", action="append", choices=["vit_b", "vit_l", "vit_h"], help="SAM model type(s)")
-    weights.add_argument("--no-grounding-dino", action="store_true", help="skip GroundingDINO and its text encoder")
+    weights.add_argument("--detector", action="append", choices=DETECTORS, help="detector(s) (default: DETECTOR)")
+    weights.add_argument("--no-grounding-dino", action="store_true", help="skip the detector's weights")
     weights.set_defaults(run=_weights)
 
     worker = commands.add_parser("worker", help="run an inference worker taking jobs from Redis (INFERENCE=queue)")
@@ -235,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     predict.add_argument("--out", type=Path, help="write the overlay (masks, boxes, labels) to this picture file")
     predict.add_argument("--box-threshold", type=float, help="default: BOX_THRESHOLD")
     predict.add_argument("--text-threshold", type=float, help="default: TEXT_THRESHOLD")
+    predict.add_argument("--detector", choices=DETECTORS, help="default: DETECTOR")
     predict.set_defaults(run=_predict)
 
     demo = commands.add_parser("demo", help="the Gradio demo page (pip install -r requirements-demo.txt)")

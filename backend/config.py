@@ -40,6 +40,9 @@ def setting(
     return field(default=default, repr=not secret, metadata=metadata)
 
 
+# The text-prompted detectors DETECTOR chooses among (backend.models.registry loads each).
+DETECTORS = ("groundingdino-py", "grounding-dino", "mm-grounding-dino", "owlv2")
+
 S_LABEL_STUDIO = "Label Studio and images"
 S_HTTP = "HTTP server"
 S_MODELS = "Models"
@@ -205,7 +208,7 @@ class Settings:
         "the text-prompted detector: `groundingdino-py` (GroundingDINO's official checkpoint, as before), "
         "`grounding-dino` (transformers' GroundingDINO, no compiled extension), `mm-grounding-dino` "
         "(MM-GroundingDINO through transformers) or `owlv2` (OWLv2 through transformers)",
-        choices=("groundingdino-py", "grounding-dino", "mm-grounding-dino", "owlv2"),
+        choices=DETECTORS,
         section=S_DETECTOR,
     )
     detector_model: str = setting(

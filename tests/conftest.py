@@ -17,6 +17,7 @@ from backend.config import Settings
 from backend.http.server import create_app
 from backend.inference.local import Predictor
 from tests.assets import build_small_sam, encode, smooth_object_image
+from tests.detector_weights import write_detector
 from tests.grounding_dino_weights import write_checkpoint, write_config, write_text_encoder
 from tests.label_studio_standin import LabelStudioStandIn
 from tests.services import RedisServer, Workers
@@ -111,6 +112,16 @@ def grounding_dino_files(tmp_path_factory) -> GroundingDinoFiles:
     return GroundingDinoFiles(
         config, write_checkpoint(root / "groundingdino_small.pth", config, text_encoder), text_encoder
     )
+
+
+TRANSFORMERS_DETECTORS = ["grounding-dino", "mm-grounding-dino", "owlv2"]
+
+
+@pytest.fixture(scope="session")
+def detector_folders(tmp_path_factory) -> dict[str, Path]:
+    """Each transformers detector at reduced size with random weights, saved by `save_pretrained`."""
+    root = tmp_path_factory.mktemp("detectors")
+    return {kind: write_detector(root / kind, kind) for kind in TRANSFORMERS_DETECTORS}
 
 
 @pytest.fixture

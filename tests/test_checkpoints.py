@@ -26,6 +26,7 @@ from backend.cli import main
 from backend.errors import CheckpointMissing, DownloadFailed, WrongCheckpoint
 from backend.models.checkpoints import (
     BERT_BASE_UNCASED,
+    DETECTOR_REPOSITORIES,
     SAM_CHECKPOINTS,
     WEIGHTS_COMMAND,
     CheckpointLocation,
@@ -33,10 +34,12 @@ from backend.models.checkpoints import (
     OfficialRepository,
     download_checkpoint,
     download_repository,
+    sha256_of,
 )
 from backend.models.grounding_dino import load_grounding_dino
 from backend.models.registry import load_detector, load_segmenter
 from backend.models.sam import OFFICIAL_ENCODERS, infer_encoder_shape, load_sam
+from backend.models.transformers_detectors import load_transformers_detector
 from tests.assets import REPO
 
 
@@ -98,6 +101,9 @@ class CheckpointServer:
     payload: bytes
     files: dict[str, bytes]
     requests: list[str]
+    # path → the SHA-256 stated for it, as the Hugging Face hub states a large file's (X-Linked-Etag) on its
+    # redirect to the storage that serves it (here /storage + path)
+    stated: dict[str, str]
 
 
 @pytest.fixture
@@ -105,6 +111,7 @@ def checkpoint_server() -> Iterator[CheckpointServer]:
     payload = np.random.default_rng(0).integers(0, 256, 3 * 1024 * 1024, dtype=np.uint8).tobytes()
     files = {"/file": payload}
     served: list[str] = []
+    stated: dict[str, str] = {}
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
@@ -112,7 +119,14 @@ def checkpoint_server() -> Iterator[CheckpointServer]:
             if self.path == "/hang-up":
                 self.close_connection = True
                 return
-            body = payload if self.path == "/broken" else files.get(self.path)
+            if self.path in stated:
+                self.send_response(302)
+                self.send_header("Location", "/storage" + self.path)
+                self.send_header("X-Linked-Etag", f'"{stated[self.path]}"')
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            body = payload if self.path == "/broken" else files.get(self.path.removeprefix("/storage"))
             if body is None:
                 self.send_error(404)
                 return
@@ -130,7 +144,7 @@ def checkpoint_server() -> Iterator[CheckpointServer]:
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield CheckpointServer(f"http://127.0.0.1:{server.server_port}", payload, files, served)
+    yield CheckpointServer(f"http://127.0.0.1:{server.server_port}", payload, files, served, stated)
     server.shutdown()
     server.server_close()
 
@@ -383,3 +397,40 @@ def test_a_wrong_file_in_sam_checkpoint_is_named_for_what_it_is(settings, sam_ch
     with pytest.raises(WrongCheckpoint) as error:
         load_segmenter(replace(settings, sam_checkpoint=str(path)))
     assert f"SAM_CHECKPOINT={path}" in str(error.value) and kind in str(error.value)
+
+
+# --- The transformers detectors: their official repositories at pinned revisions, checked as the hub states ----
+
+
+@pytest.fixture
+def owlv2_served(checkpoint_server, detector_folders) -> OfficialRepository:
+    """The small OWLv2's files where the official repository's pinned revision has them, the weights behind a
+    redirect stating their SHA-256 as the hub does."""
+    repository = DETECTOR_REPOSITORIES["owlv2"]
+    for filename in (*repository.files, repository.weights):
+        path = "/" + repository.url(filename, "").lstrip("/")
+        checkpoint_server.files[path] = (detector_folders["owlv2"] / filename).read_bytes()
+    weights_path = "/" + repository.url(repository.weights, "").lstrip("/")
+    checkpoint_server.stated[weights_path] = sha256_of(detector_folders["owlv2"] / repository.weights)
+    return repository
+
+
+def detector_location(weights: Path, repository: OfficialRepository) -> CheckpointLocation:
+    return CheckpointLocation("OWLv2", "DETECTOR_MODEL", weights / repository.name, repository)
+
+
+def test_a_detector_repository_is_fetched_at_its_pinned_revision_and_loads(checkpoint_server, owlv2_served, tmp_path):
+    folder = download_repository(detector_location(tmp_path, owlv2_served), owlv2_served, checkpoint_server.url)
+    revision = "/google/owlv2-base-patch16-ensemble/resolve/cfd3195ba4ea9592eec887ded089f4c08eff231d/"
+    assert all(path.startswith((revision, "/storage" + revision)) for path in checkpoint_server.requests)
+    assert sorted(leftovers(folder)) == sorted((*owlv2_served.files, owlv2_served.weights))
+    detector = load_transformers_detector("owlv2", folder, "cpu")
+    assert detector.text_tokens("car . wheel .", [(0, 3), (6, 11)]) == 7
+
+
+def test_detector_weights_that_differ_from_what_the_hub_states_are_refused(checkpoint_server, owlv2_served, tmp_path):
+    weights_path = "/" + owlv2_served.url(owlv2_served.weights, "").lstrip("/")
+    checkpoint_server.stated[weights_path] = "0" * 64
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        download_repository(detector_location(tmp_path, owlv2_served), owlv2_served, checkpoint_server.url)
+    assert leftovers(tmp_path) == []

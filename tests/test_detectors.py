@@ -25,20 +25,13 @@ from backend.models.detector import NMS_IOU, Detection, Detector
 from backend.models.grounding_dino import load_grounding_dino
 from backend.models.registry import detector_weights, load_detector
 from backend.models.transformers_detectors import load_transformers_detector
-from tests.detector_weights import write_detector
+from tests.conftest import TRANSFORMERS_DETECTORS as TRANSFORMERS_KINDS
 
-TRANSFORMERS_KINDS = ["grounding-dino", "mm-grounding-dino", "owlv2"]
 # Three phrases, the last two one label: boxes of "wheel" and "tyre" are de-duplicated together.
 CAPTION = "car . wheel . tyre ."
 SPANS = [(0, 3), (6, 11), (14, 18)]
 GROUPS = [0, 1, 1]
 NO_CAP = 10_000
-
-
-@pytest.fixture(scope="session")
-def detector_folders(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("detectors")
-    return {kind: write_detector(root / kind, kind) for kind in TRANSFORMERS_KINDS}
 
 
 @pytest.fixture
