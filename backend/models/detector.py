@@ -38,6 +38,7 @@ class BoxScores:
 class Detector(ABC):
     """A loaded detector; `detect` is safe to call from many threads (one model pass at a time)."""
 
+    model: torch.nn.Module
     name: str  # what messages call the model ("GroundingDINO", "OWLv2")
     identity: str  # everything its boxes depend on besides image and query: cached detections are keyed by it
     max_text_tokens: int  # the most tokens `text_tokens` may count for a caption the model can read
