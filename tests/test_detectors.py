@@ -25,7 +25,9 @@ from backend.models.detector import NMS_IOU, Detection, Detector
 from backend.models.grounding_dino import load_grounding_dino
 from backend.models.registry import detector_weights, load_detector
 from backend.models.transformers_detectors import load_transformers_detector
+from tests.assets import recorded
 from tests.conftest import TRANSFORMERS_DETECTORS as TRANSFORMERS_KINDS
+from tests.conftest import make_client
 
 # Three phrases, the last two one label: boxes of "wheel" and "tyre" are de-duplicated together.
 CAPTION = "car . wheel . tyre ."
@@ -173,3 +175,18 @@ def test_an_unknown_detector_stops_the_start_naming_the_choices():
     with pytest.raises(SettingsError, match="DETECTOR") as refused:
         Settings.from_env({"DETECTOR": "yolo"})
     assert "owlv2" in str(refused.value)
+
+
+def test_text_prompts_run_through_a_transformers_detector_and_its_token_limit(grounded_settings, detector_folders):
+    owl = replace(grounded_settings, detector="owlv2", detector_model=str(detector_folders["owlv2"]))
+    client, predictor = make_client(owl)
+    assert predictor.detector.get(120).name == "OWLv2"
+    response = client.post("/predict", json=recorded("06-predict-interactive-text.json"))
+    assert response.status_code == 200, response.json
+    regions = response.json["results"][0]["result"]
+    assert regions and {region["value"].get("brushlabels", ["Car"])[0] for region in regions} == {"Car"}
+    # OWLv2 reads each phrase on its own, at most 16 tokens (here a token a letter): a longer phrase is a 413.
+    body = recorded("06-predict-interactive-text.json")
+    body["params"]["context"]["result"][0]["value"] = {"text": ["Car: the red sedan parked"]}
+    too_long = client.post("/predict", json=body)
+    assert too_long.status_code == 413 and "OWLv2 reads at most 16" in too_long.json["error"]
