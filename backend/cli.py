@@ -8,8 +8,10 @@ import logging
 import sys
 from pathlib import Path
 
-from backend.config import DETECTORS, Settings, describe_markdown
+from backend.config import DETECTORS, SAM_TYPES, TRANSFORMERS_SEGMENTERS, Settings, describe_markdown
 from backend.errors import SettingsError
+
+SEGMENTERS = [*SAM_TYPES, *TRANSFORMERS_SEGMENTERS]
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
@@ -32,6 +34,7 @@ def _weights(args: argparse.Namespace, settings: Settings) -> int:
     from backend.errors import BackendError
     from backend.models.checkpoints import download_checkpoint, missing_checkpoint
     from backend.models.registry import detector_weights, sam_checkpoint
+    from backend.tools.demo import with_detector
 
     configure_logging(settings.log_level)
     log = logging.getLogger(__name__)
@@ -71,10 +74,12 @@ def _predict(args: argparse.Namespace, settings: Settings) -> int:
     from backend.errors import ImageError, ModelNotReady, PromptError
     from backend.images import FetchedImage
     from backend.inference.local import Predictor
-    from backend.tools.demo import LOAD_WAIT_S
+    from backend.tools.demo import LOAD_WAIT_S, with_detector, with_segmenter
     from backend.tools.segment_text import detections_json, overlay, segment_text
 
     configure_process(settings)
+    if args.sam_model:
+        settings = with_segmenter(settings, args.sam_model)
     settings = replace(with_detector(settings, args.detector or settings.detector), model_ready_timeout_s=LOAD_WAIT_S)
     predictor = Predictor(settings, make_store(settings.cache_url, settings.memory_cache_bytes))
     try:
@@ -94,16 +99,6 @@ def _predict(args: argparse.Namespace, settings: Settings) -> int:
         Image.fromarray(picture).save(args.out)
     print(json.dumps({"image": str(args.image), **detections_json(prediction)}, indent=2))
     return 0
-
-
-def with_detector(settings: Settings, detector: str) -> Settings:
-    """The settings with DETECTOR set to `detector`; DETECTOR_MODEL names the configured detector's folder, so
-    another detector reads its official one."""
-    from dataclasses import replace
-
-    if detector == settings.detector:
-        return settings
-    return replace(settings, detector=detector, detector_model="")
 
 
 def _demo(args: argparse.Namespace, settings: Settings) -> int:
@@ -226,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
 
     weights = commands.add_parser("weights", help="download the official weights that are missing (and verify them)")
     weights.add_argument("action", choices=["download"])
-    weights.add_argument("--sam", action="append", choices=["vit_b", "vit_l", "vit_h"], help="SAM model type(s)")
+    weights.add_argument("--sam", action="append", choices=SEGMENTERS, help="segmenter type(s), as SAM_MODEL_TYPE")
     weights.add_argument("--detector", action="append", choices=DETECTORS, help="detector(s) (default: DETECTOR)")
     weights.add_argument("--no-grounding-dino", action="store_true", help="skip the detector's weights")
     weights.set_defaults(run=_weights)
@@ -251,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     predict.add_argument("--out", type=Path, help="write the overlay (masks, boxes, labels) to this picture file")
     predict.add_argument("--box-threshold", type=float, help="default: BOX_THRESHOLD")
     predict.add_argument("--text-threshold", type=float, help="default: TEXT_THRESHOLD")
+    predict.add_argument("--sam-model", choices=SEGMENTERS, help="the segmenter (default: SAM_MODEL_TYPE)")
     predict.add_argument("--detector", choices=DETECTORS, help="default: DETECTOR")
     predict.set_defaults(run=_predict)
 

@@ -2,10 +2,10 @@
 
 Same inputs as that app (SAM model type, box threshold, text threshold, image, text prompt), plus the detector;
 the overlay picture and the detections come back. Each pair of SAM model type and detector gets its own
-Predictor, made when first chosen;
-all of them share the configured embedding store (CACHE_REDIS_URL, else REDIS_URL), so an image segmented
-here is already encoded when an annotator clicks on it in Label Studio, and the other way round. Gradio is an
-optional extra (requirements-demo.txt): only `python -m backend demo` imports this module.
+Predictor, made when first chosen; all of them share the configured embedding store (CACHE_REDIS_URL, else
+REDIS_URL), so an image segmented here is already encoded when an annotator clicks on it in Label Studio, and
+the other way round. Gradio is an optional extra (requirements-demo.txt): only `python -m backend demo` imports
+this module.
 """
 
 from __future__ import annotations
@@ -15,14 +15,32 @@ from dataclasses import replace
 from pathlib import Path
 
 from backend.cache.store import ByteStore, make_store
-from backend.config import DETECTORS, Settings
+from backend.config import DETECTORS, SAM_TYPES, TRANSFORMERS_SEGMENTERS, Settings
 from backend.errors import ImageError, ModelNotReady, PromptError
 from backend.images import FetchedImage
 from backend.inference.local import Predictor
 from backend.tools.segment_text import detections_json, overlay, segment_text
 
-SAM_MODEL_TYPES = ["vit_h", "vit_l", "vit_b"]  # the choices, and their order, of lang-segment-anything's app
+# lang-segment-anything's choices, in its order, then the models transformers runs.
+SAM_MODEL_TYPES = [*reversed(SAM_TYPES), *TRANSFORMERS_SEGMENTERS]
 LOAD_WAIT_S = 600.0  # a first request waits for the weights to load rather than failing
+
+
+def with_segmenter(settings: Settings, sam_model_type: str) -> Settings:
+    """`settings` running `sam_model_type`: SAM_CHECKPOINT names the configured type's weights, so another type
+    uses its official file or folder in WEIGHTS_DIR."""
+    own_weights = sam_model_type == settings.sam_model_type
+    return replace(
+        settings, sam_model_type=sam_model_type, sam_checkpoint=settings.sam_checkpoint if own_weights else ""
+    )
+
+
+def with_detector(settings: Settings, detector: str) -> Settings:
+    """`settings` running `detector`: DETECTOR_MODEL names the configured detector's folder, so another detector
+    reads its official one in WEIGHTS_DIR."""
+    if detector == settings.detector:
+        return settings
+    return replace(settings, detector=detector, detector_model="")
 
 
 class DemoPredictors:
@@ -38,17 +56,8 @@ class DemoPredictors:
         with self._mutex:
             predictor = self._predictors.get((sam_model_type, detector))
             if predictor is None:
-                # SAM_CHECKPOINT and DETECTOR_MODEL name the configured models' files; others use their official ones.
-                own_file = sam_model_type == self.settings.sam_model_type
-                own_detector = detector == self.settings.detector
-                settings = replace(
-                    self.settings,
-                    sam_model_type=sam_model_type,
-                    sam_checkpoint=self.settings.sam_checkpoint if own_file else "",
-                    detector=detector,
-                    detector_model=self.settings.detector_model if own_detector else "",
-                    model_ready_timeout_s=LOAD_WAIT_S,
-                )
+                settings = with_detector(with_segmenter(self.settings, sam_model_type), detector)
+                settings = replace(settings, model_ready_timeout_s=LOAD_WAIT_S)
                 predictor = self._predictors[sam_model_type, detector] = Predictor(settings, self.store)
                 predictor.models.start()
             return predictor
@@ -58,7 +67,7 @@ def build_demo(settings: Settings):  # -> gradio.Blocks; gradio is imported here
     import gradio as gr
 
     predictors = DemoPredictors(settings, make_store(settings.cache_url, settings.memory_cache_bytes))
-    default_type = settings.sam_model_type if settings.sam_model_type in SAM_MODEL_TYPES else "vit_b"
+    default_type = settings.sam_model_type
 
     def run(
         sam_model_type: str,
