@@ -152,8 +152,9 @@ def _segmenter(name: str, repo: str, revision: str, model_type: str, size_mb: in
     return OfficialRepository(name, repo, revision, model_type, SEGMENTER_FILES, "model.safetensors", None, size_mb)
 
 
-# Official repositories: Meta's SAM 2.1 (transformers' format sits beside Meta's .pt since the commits pinned here),
-# the EdgeTAM conversion transformers' docs use, and the SAM-HQ authors' (SysCV) community conversions. The commits
+# Official repositories, those transformers' documentation uses: Meta's SAM 2.1 (transformers' format sits beside
+# Meta's .pt since the commits pinned here), the EdgeTAM image model (yonigozlan/EdgeTAM-hf is the edgetam_video
+# conversion, another model type), and the SAM-HQ authors' (SysCV) community conversions. The commits
 # are those public code pins for these repositories, each found in two or more places; "main" where none was found
 # (docs/models.md says which and why).
 TRANSFORMERS_MODELS: dict[str, OfficialRepository] = {
@@ -169,7 +170,7 @@ TRANSFORMERS_MODELS: dict[str, OfficialRepository] = {
         _segmenter(
             "sam2.1-hiera-large", "facebook/sam2.1-hiera-large", "665f8e2ad61cf5f53d65644ff27c8ee525124610", "sam2", 898
         ),
-        _segmenter("edgetam", "yonigozlan/EdgeTAM-hf", "c266ce53b3fc00f0f495b583f6a116c4e57f53bb", "edgetam", 55),
+        _segmenter("edgetam", "yonigozlan/edgetam-1", "main", "edgetam", 55),
         _segmenter("sam-hq-vit-b", "syscv-community/sam-hq-vit-base", "main", "sam_hq", 379),
         _segmenter("sam-hq-vit-l", "syscv-community/sam-hq-vit-large", "main", "sam_hq", 1250),
         _segmenter("sam-hq-vit-h", "syscv-community/sam-hq-vit-huge", "main", "sam_hq", 2570),
