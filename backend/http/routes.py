@@ -36,6 +36,7 @@ from backend.protocol.ids import is_label_studio_id
 from backend.protocol.label_config import ProjectConfig, parse_label_config
 from backend.protocol.results import TaskAnswer, task_answer
 from backend.runs.preannotate import BackgroundRuns, RunOptions
+from backend.training.imports import TASKS_CREATED, record_tasks_created
 
 log = logging.getLogger(__name__)
 
@@ -281,7 +282,13 @@ def webhook() -> tuple[Response, int] | Response:
     if not isinstance(body, dict) or not isinstance(body.get("action"), str):
         raise BadRequest("a webhook body is a JSON object with an 'action'")
     try:
-        answer = backend.predictor.learning.receive(body)
+        if body["action"] == TASKS_CREATED:
+            # Recorded within the webhook's second; the images are encoded later, below clicks and pre-annotation.
+            project_id = record_tasks_created(body, backend.settings.model_dir)
+            backend.predictor.encode_imports(project_id)
+            answer = {"status": "queued", "action": TASKS_CREATED, "project": project_id}
+        else:
+            answer = backend.predictor.learning.receive(body)
     except WebhookError as error:
         raise BadRequest(str(error)) from error
     log.info("webhook %s for project %s: %s", body["action"], answer.get("project"), answer["status"])

@@ -70,6 +70,10 @@ class Inference(Protocol):
     def parallel_batches(self) -> int:
         """How many pre-annotation batches a project run keeps in flight."""
 
+    def encode_imports(self, project_id: int) -> None:
+        """Encode the images of the project's recorded imported tasks (`training.imports`) in the background, at a
+        priority below clicks and pre-annotation; returns at once."""
+
 
 class InteractiveFront:
     """What both predictors do before the models run: check the context, skip empty ones and fetch the image.

@@ -25,6 +25,7 @@ from backend.deadline import NO_LIMIT, StepTimes, TimeLimit
 from backend.decoders.serving import ProjectDecoders
 from backend.errors import BackendError, ConfigError, DeadlineExceeded, ImageError, ModelNotReady, PromptError
 from backend.images import FetchedImage, FetchRules, ImageFetcher, decode_image
+from backend.inference.background import BackgroundEncoder
 from backend.inference.base import FETCH_THREADS, InteractiveFront
 from backend.models.base import ImageEmbedding, Segmenter, SegmentPrompt
 from backend.models.grounding_dino import Detection, GroundingDino
@@ -32,10 +33,12 @@ from backend.models.loader import BackgroundLoader
 from backend.models.registry import load_detector, load_segmenter
 from backend.models.sam import SamSegmenter
 from backend.outcomes import DetectedObject, TaskPrediction, iou_score
+from backend.project_files import ProjectFiles
 from backend.prompts.interactive import ContextPrompts, InteractivePrompter
 from backend.prompts.text import TextQuery, Thresholds, labels_query, text_query, thresholds_for
 from backend.protocol.label_config import ProjectConfig
 from backend.protocol.results import TaskAnswer, task_answer
+from backend.training.imports import ImportedTasks
 from backend.training.resources import TrainingResources
 from backend.training.service import ActiveLearning
 from backend.training.trainer import TrainingResult, train_project
@@ -66,6 +69,7 @@ class Predictor(InteractiveFront):
         self.learning = ActiveLearning(settings, self.training_resources, self.decoders, train=self.train_project)
         self.detections = DetectionCache(store, settings.embedding_ttl_s)
         self.step_times = StepTimes()
+        self.ahead = BackgroundEncoder()
 
     def _load_models(self) -> Models:
         segmenter = load_segmenter(self.settings)
@@ -168,6 +172,29 @@ class Predictor(InteractiveFront):
 
     def _loader(self, image: FetchedImage, pixels: np.ndarray | None) -> Callable[[], np.ndarray]:
         return lambda: pixels if pixels is not None else decode_image(image.data, self.settings.max_image_pixels)
+
+    def encode_url(self, image_url: str) -> bool:
+        """Fetch an image and cache its embedding unless cached already; True if it was (nothing encoded)."""
+        models = self.models.get(self.settings.model_ready_timeout_s)
+        _, hit, _ = self.embedding_for(models, self.fetcher.fetch(image_url))
+        return hit
+
+    def encode_next_imported(self, project_id: int) -> bool:
+        """Encode the image of the project's next imported task (`ImportedTasks`); False when none is left. An image
+        that cannot be fetched is logged and passed over."""
+        self.models.get(self.settings.model_ready_timeout_s)  # before taking a task: a loading model keeps it listed
+        task = ImportedTasks(ProjectFiles(self.settings.model_dir, project_id)).take()
+        if task is None:
+            return False
+        try:
+            self.encode_url(task.image_url)
+        except ImageError as error:
+            log.warning("project %d task %d: image not encoded ahead: %s", project_id, task.id, error)
+        return True
+
+    def encode_imports(self, project_id: int) -> None:
+        """Encode the project's imported tasks' images in the background, on the pool of one."""
+        self.ahead.schedule(("imports", project_id), lambda: self.encode_next_imported(project_id))
 
     def predict_for_image(
         self,

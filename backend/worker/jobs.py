@@ -25,11 +25,22 @@ from backend.deadline import TimeLimit
 from backend.errors import BackendError, ConfigError, ImageError, PromptError
 from backend.images import FetchedImage, FetchRules, ImageFetcher
 from backend.inference.local import Predictor
-from backend.inference.queue import BATCH_GROUP_META, IMAGE_KEY, PREANNOTATE_JOB, STORED_PREFIX, stored_url
+from backend.inference.queue import (
+    BATCH_GROUP_META,
+    ENCODE_SCHEDULED_KEY,
+    IMAGE_KEY,
+    PREANNOTATE_JOB,
+    STORED_PREFIX,
+    enqueue_import_encoding,
+    schedule_import_encoding,
+    stored_url,
+)
 from backend.outcomes import TaskPrediction
+from backend.project_files import ProjectFiles
 from backend.prompts.interactive import ContextPrompts
 from backend.protocol.label_config import ProjectConfig
 from backend.protocol.results import TaskAnswer
+from backend.training.imports import ImportedTasks
 from backend.training.service import check_model_dir
 
 log = logging.getLogger(__name__)
@@ -213,3 +224,20 @@ def learn(project_id: int, web_model_dir: dict | None = None) -> dict | None:
     if not predictor.learning.apply(project_id):
         return None
     return predictor.train_project(project_id).as_dict()
+
+
+def encode_imported(project_id: int) -> None:
+    """Encode the image of the project's next imported task, then queue this job again while tasks are left: one job
+    per image keeps clicks and batches, which the worker takes first, from waiting behind a whole import."""
+    predictor = _installed()
+    job = get_current_job()
+    if job is None:
+        raise RuntimeError("encode_imported runs as an RQ job")
+    timeout_s = predictor.settings.job_timeout_s
+    if predictor.encode_next_imported(project_id):
+        enqueue_import_encoding(job.connection, project_id, timeout_s)
+        return
+    job.connection.delete(ENCODE_SCHEDULED_KEY.format(project=project_id))
+    # A task recorded after the list looked empty and before the key went would otherwise wait for the next import.
+    if ImportedTasks(ProjectFiles(predictor.settings.model_dir, project_id)).pending():
+        schedule_import_encoding(job.connection, project_id, timeout_s)

@@ -1,0 +1,105 @@
+"""Encoding ahead of the annotator: tasks Label Studio imports (TASKS_CREATED) are encoded in the background, below
+clicks and pre-annotation, so their first click is a cache hit; an import of any size is one list on disk."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+import redis
+from rq import Queue
+
+from backend.http.server import create_app
+from backend.inference.queue import (
+    ENCODE_IMPORTS_JOB,
+    ENCODE_QUEUE,
+    ENCODE_SCHEDULED_KEY,
+    INTERACTIVE_JOB,
+    INTERACTIVE_QUEUE,
+    QueuePredictor,
+)
+from backend.project_files import ProjectFiles
+from backend.training.imports import ImportedTask, ImportedTasks
+from backend.worker.runner import ClaimingQueue, worker_queues
+from tests.assets import encodes_logged, recorded
+from tests.conftest import make_client
+
+IMPORTED_IMAGES = 4  # of the recording's five tasks: the 512x384 one is on a host these tests do not serve
+
+
+def click_task_1(client):
+    return client.post("/predict", json=recorded("04-predict-interactive-keypoints.json"))
+
+
+def test_a_task_imported_by_webhook_is_a_cache_hit_on_its_first_click(settings, redis_url, caplog):
+    client, predictor = make_client(replace(settings, redis_url=redis_url))
+    caplog.set_level("INFO")
+    response = client.post("/webhook", json=recorded("12-webhook-tasks-created.json"))
+    assert response.status_code == 200
+    assert response.json == {"status": "queued", "action": "TASKS_CREATED", "project": 1}
+    assert predictor.ahead.wait_idle(300)
+    assert encodes_logged(caplog.records) == IMPORTED_IMAGES
+    first_click = click_task_1(client)
+    assert first_click.status_code == 200
+    assert first_click.headers["X-Embedding-Cache"] == "hit"
+    assert encodes_logged(caplog.records) == IMPORTED_IMAGES
+    # The same import again: every image is cached, none is encoded twice.
+    client.post("/webhook", json=recorded("12-webhook-tasks-created.json"))
+    assert predictor.ahead.wait_idle(300)
+    assert encodes_logged(caplog.records) == IMPORTED_IMAGES
+
+
+def test_without_the_import_the_first_click_is_a_miss(settings, redis_url):
+    """The control of the test above: the recorded click's image is not cached by anything else."""
+    client, _ = make_client(replace(settings, redis_url=redis_url))
+    assert click_task_1(client).headers["X-Embedding-Cache"] == "miss"
+
+
+def test_imported_tasks_are_encoded_on_a_worker_and_the_first_click_hits(settings, queue_redis, workers, label_studio):
+    web_settings = replace(settings, inference="queue", redis_url=queue_redis.url, predict_deadline_s=60)
+    web = create_app(web_settings, QueuePredictor(web_settings, redis.Redis.from_url(queue_redis.url))).test_client()
+    workers.start(
+        1,
+        MODEL_DIR=settings.model_dir,
+        LABEL_STUDIO_URL=label_studio.url,
+        LABEL_STUDIO_API_KEY=label_studio.legacy_token,
+    )
+    assert web.post("/webhook", json=recorded("12-webhook-tasks-created.json")).status_code == 200
+    connection = redis.Redis.from_url(queue_redis.url)
+    deadline = time.monotonic() + 300
+    # The project's job chain ends (its key goes) once the list is done.
+    while connection.exists(ENCODE_SCHEDULED_KEY.format(project=1)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not ImportedTasks(ProjectFiles(settings.model_dir, 1)).pending()
+    assert click_task_1(web).headers["X-Embedding-Cache"] == "hit"
+
+
+def test_a_click_queued_behind_encoding_jobs_is_taken_first(queue_redis):
+    connection = redis.Redis.from_url(queue_redis.url)
+    queues = worker_queues(connection)
+    assert [queue.name for queue in queues][0] == INTERACTIVE_QUEUE and queues[-1].name == ENCODE_QUEUE
+    encoding = [Queue(ENCODE_QUEUE, connection=connection).enqueue(ENCODE_IMPORTS_JOB, project) for project in (1, 2)]
+    click = Queue(INTERACTIVE_QUEUE, connection=connection).enqueue(INTERACTIVE_JOB, "digest", 1, None)
+    taken = [ClaimingQueue.dequeue_any(queues, None, connection=connection)[0].id for _ in range(3)]
+    assert taken == [click.id, *(job.id for job in encoding)]
+
+
+def test_an_import_of_100000_tasks_is_one_list_on_disk_and_one_queued_job(settings, queue_redis):
+    web_settings = replace(settings, inference="queue", redis_url=queue_redis.url)
+    web = create_app(web_settings, QueuePredictor(web_settings, redis.Redis.from_url(queue_redis.url))).test_client()
+    body = recorded("12-webhook-tasks-created.json")
+    template = body["tasks"][0]
+    for first in range(1, 100_001, 1000):
+        body["tasks"] = [
+            {**template, "id": task_id, "data": {"image": f"/data/upload/1/{task_id}.jpg"}}
+            for task_id in range(first, first + 1000)
+        ]
+        assert web.post("/webhook", json=body).status_code == 200
+    connection = redis.Redis.from_url(queue_redis.url)
+    assert Queue(ENCODE_QUEUE, connection=connection).count == 1
+    redis_bytes = sum(connection.memory_usage(key) or 0 for key in connection.scan_iter())
+    assert redis_bytes < 64 * 1024
+    imported = ImportedTasks(ProjectFiles(settings.model_dir, 1))
+    assert imported.stored_bytes() < 100_000 * 64  # an id and a URL a task
+    assert imported.take() == ImportedTask(1, "/data/upload/1/1.jpg")
+    assert imported.take() == ImportedTask(2, "/data/upload/1/2.jpg")
