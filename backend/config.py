@@ -272,6 +272,14 @@ class Settings:
         minimum=0,
         section=S_CACHE,
     )
+    prefetch_tasks: int = setting(
+        "PREFETCH_TASKS",
+        3,
+        "a request for a task encodes the images of this many imported tasks after it in the background "
+        "(Label Studio's order: ascending id), skipping those cached; 0: no prefetch",
+        minimum=0,
+        section=S_CACHE,
+    )
     encode_lock_timeout_s: float = setting(
         "ENCODE_LOCK_TIMEOUT",
         120.0,

@@ -11,7 +11,7 @@ from rq import Queue
 
 from backend.http.server import create_app
 from backend.inference.queue import (
-    ENCODE_IMPORTS_JOB,
+    ENCODE_AHEAD_JOB,
     ENCODE_QUEUE,
     ENCODE_SCHEDULED_KEY,
     INTERACTIVE_JOB,
@@ -78,7 +78,7 @@ def test_a_click_queued_behind_encoding_jobs_is_taken_first(queue_redis):
     connection = redis.Redis.from_url(queue_redis.url)
     queues = worker_queues(connection)
     assert [queue.name for queue in queues][0] == INTERACTIVE_QUEUE and queues[-1].name == ENCODE_QUEUE
-    encoding = [Queue(ENCODE_QUEUE, connection=connection).enqueue(ENCODE_IMPORTS_JOB, project) for project in (1, 2)]
+    encoding = [Queue(ENCODE_QUEUE, connection=connection).enqueue(ENCODE_AHEAD_JOB, project) for project in (1, 2)]
     click = Queue(INTERACTIVE_QUEUE, connection=connection).enqueue(INTERACTIVE_JOB, "digest", 1, None)
     taken = [ClaimingQueue.dequeue_any(queues, None, connection=connection)[0].id for _ in range(3)]
     assert taken == [click.id, *(job.id for job in encoding)]
@@ -103,3 +103,45 @@ def test_an_import_of_100000_tasks_is_one_list_on_disk_and_one_queued_job(settin
     assert imported.stored_bytes() < 100_000 * 64  # an id and a URL a task
     assert imported.take() == ImportedTask(1, "/data/upload/1/1.jpg")
     assert imported.take() == ImportedTask(2, "/data/upload/1/2.jpg")
+
+
+def click(client, task_id: int, image_url: str):
+    body = recorded("04-predict-interactive-keypoints.json")
+    body["tasks"][0]["id"], body["tasks"][0]["data"]["image"] = task_id, image_url
+    return client.post("/predict", json=body)
+
+
+PROJECT_1_IMAGES = [
+    "/data/upload/1/b2b9d834-car_1024x768.jpg",
+    "/data/upload/1/e0d87ad7-car_640x480.jpg",
+    "/data/upload/1/a5529614-car_400x300_exif6.png",
+    "/data/upload/1/arc2017.jpg",
+]
+
+
+def test_a_click_encodes_the_next_tasks_and_skips_those_cached(settings, redis_url, caplog):
+    """Tasks 1-4 imported earlier (their import's encoding done: the list's cursor at its end), task 3's image
+    cached: a click on task 1 encodes task 2's image (PREFETCH_TASKS=2), not task 3's again nor task 4's."""
+    client, predictor = make_client(replace(settings, redis_url=redis_url, prefetch_tasks=2))
+    imported = ImportedTasks(ProjectFiles(settings.model_dir, 1))
+    imported.append([ImportedTask(task_id, url) for task_id, url in enumerate(PROJECT_1_IMAGES, 1)])
+    while imported.take() is not None:
+        pass
+    predictor.encode_url(PROJECT_1_IMAGES[2])
+    caplog.set_level("INFO")
+    assert click(client, 1, PROJECT_1_IMAGES[0]).headers["X-Embedding-Cache"] == "miss"
+    assert predictor.ahead.wait_idle(300)
+    assert encodes_logged(caplog.records) == 2  # task 1's image (the click's own) and task 2's
+    assert click(client, 2, PROJECT_1_IMAGES[1]).headers["X-Embedding-Cache"] == "hit"
+    assert predictor.ahead.wait_idle(300)
+    assert encodes_logged(caplog.records) == 3  # the click on task 2 prefetched task 4: task 3's was cached
+    assert click(client, 4, PROJECT_1_IMAGES[3]).headers["X-Embedding-Cache"] == "hit"
+
+
+def test_the_tasks_after_a_task_are_found_in_a_long_list_in_ascending_id_order(tmp_path):
+    imported = ImportedTasks(ProjectFiles(tmp_path, 1))
+    assert imported.following(1, 3) == []
+    ids = [1, 2, 5, 7, 8, 100, 101, 1000]
+    imported.append([ImportedTask(task_id, "/data/upload/1/" + "x" * (task_id % 7)) for task_id in ids])
+    for asked in (0, 1, 2, 3, 5, 6, 99, 100, 999, 1000, 2000):
+        assert [task.id for task in imported.following(asked, 3)] == [i for i in ids if i > asked][:3]

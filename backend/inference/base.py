@@ -74,6 +74,10 @@ class Inference(Protocol):
         """Encode the images of the project's recorded imported tasks (`training.imports`) in the background, at a
         priority below clicks and pre-annotation; returns at once."""
 
+    def prefetch(self, project_id: int, task_id: int) -> None:
+        """Encode the next PREFETCH_TASKS imported tasks after `task_id` in the background, ahead of the other
+        imported ones; returns at once."""
+
 
 class InteractiveFront:
     """What both predictors do before the models run: check the context, skip empty ones and fetch the image.

@@ -8,7 +8,9 @@ the protocol layer's `task_answer`) as its chunk ends, so a batch never holds mo
 
 from __future__ import annotations
 
+import collections
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -70,6 +72,8 @@ class Predictor(InteractiveFront):
         self.detections = DetectionCache(store, settings.embedding_ttl_s)
         self.step_times = StepTimes()
         self.ahead = BackgroundEncoder()
+        self._prefetch: dict[int, collections.deque[str]] = {}  # per project: images to encode before imported ones
+        self._prefetch_mutex = threading.Lock()
 
     def _load_models(self) -> Models:
         segmenter = load_segmenter(self.settings)
@@ -179,22 +183,44 @@ class Predictor(InteractiveFront):
         _, hit, _ = self.embedding_for(models, self.fetcher.fetch(image_url))
         return hit
 
-    def encode_next_imported(self, project_id: int) -> bool:
-        """Encode the image of the project's next imported task (`ImportedTasks`); False when none is left. An image
+    def encode_ahead(self, project_id: int, prefetched: Callable[[], str | None]) -> bool:
+        """Encode one image ahead of the annotator: the next one `prefetched` names (the tasks after the one just
+        asked for), else the project's next imported task (`ImportedTasks`); False when neither is left. An image
         that cannot be fetched is logged and passed over."""
         self.models.get(self.settings.model_ready_timeout_s)  # before taking a task: a loading model keeps it listed
-        task = ImportedTasks(ProjectFiles(self.settings.model_dir, project_id)).take()
-        if task is None:
-            return False
+        image_url = prefetched()
+        if image_url is None:
+            task = ImportedTasks(ProjectFiles(self.settings.model_dir, project_id)).take()
+            if task is None:
+                return False
+            image_url = task.image_url
         try:
-            self.encode_url(task.image_url)
+            self.encode_url(image_url)
         except ImageError as error:
-            log.warning("project %d task %d: image not encoded ahead: %s", project_id, task.id, error)
+            log.warning("project %d: image %s not encoded ahead: %s", project_id, image_url, error)
         return True
 
     def encode_imports(self, project_id: int) -> None:
-        """Encode the project's imported tasks' images in the background, on the pool of one."""
-        self.ahead.schedule(("imports", project_id), lambda: self.encode_next_imported(project_id))
+        """Encode the project's prefetched and imported tasks' images in the background, on the pool of one."""
+        self.ahead.schedule(
+            project_id, lambda: self.encode_ahead(project_id, lambda: self._next_prefetched(project_id))
+        )
+
+    def prefetch(self, project_id: int, task_id: int) -> None:
+        """Encode the next PREFETCH_TASKS imported tasks after `task_id` before any other waiting import."""
+        following = ImportedTasks(ProjectFiles(self.settings.model_dir, project_id)).following(
+            task_id, self.settings.prefetch_tasks
+        )
+        if not following:
+            return
+        with self._prefetch_mutex:  # the annotator moved on: the tasks after the newest request replace the others
+            self._prefetch[project_id] = collections.deque(task.image_url for task in following)
+        self.encode_imports(project_id)
+
+    def _next_prefetched(self, project_id: int) -> str | None:
+        with self._prefetch_mutex:
+            waiting = self._prefetch.get(project_id)
+            return waiting.popleft() if waiting else None
 
     def predict_for_image(
         self,

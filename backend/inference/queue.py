@@ -30,9 +30,11 @@ from backend.errors import BackendError, ImageError, InferenceUnavailable
 from backend.images import FetchedImage, FetchRules, ImageFetcher
 from backend.inference.base import FETCH_THREADS, InteractiveFront
 from backend.outcomes import TaskPrediction
+from backend.project_files import ProjectFiles
 from backend.prompts.interactive import ContextPrompts
 from backend.protocol.label_config import ProjectConfig
 from backend.protocol.results import TaskAnswer
+from backend.training.imports import ImportedTasks
 from backend.training.service import ActiveLearning, model_dir_stamp, publish_model_dir
 
 log = logging.getLogger(__name__)
@@ -43,6 +45,7 @@ TRAINING_QUEUE = "sam-training"  # webhook events and trainings; taken when the 
 ENCODE_QUEUE = "sam-encode"  # encoding ahead of the annotator; taken when every other queue is empty
 WORKER_QUEUES = (INTERACTIVE_QUEUE, PREANNOTATE_QUEUE, TRAINING_QUEUE, ENCODE_QUEUE)  # the order a worker takes them
 ENCODE_SCHEDULED_KEY = "sam:encode-imports:{project}"  # set while a project's encoding job is queued or running
+PREFETCH_KEY = "sam:prefetch:{project}"  # the image URLs that job encodes before the imported tasks
 WORKER_KEY_PREFIX = "rq:worker:"
 STATE_FALLBACK_BYTES = 16 * 1024 * 1024
 IMAGE_KEY = "sam:img:{digest}"  # an image the web tier stored for the workers, by content hash
@@ -51,7 +54,7 @@ STORED_PREFIX = "redis-image:"  # how a job names such an image in place of its 
 INTERACTIVE_JOB = "backend.worker.jobs.interactive"
 PREANNOTATE_JOB = "backend.worker.jobs.preannotate"
 LEARN_JOB = "backend.worker.jobs.learn"
-ENCODE_IMPORTS_JOB = "backend.worker.jobs.encode_imported"
+ENCODE_AHEAD_JOB = "backend.worker.jobs.encode_ahead"
 CLICK_LANE_SUFFIX = "-clicks"  # a worker process's second, clicks-only loop registers under its name + this
 BATCH_GROUP_META = "batch_group"  # jobs with the same value may share one model pass on a worker
 MODEL_VERSION_FIELD = "model_version"  # in a worker's registration: the model_version its predictions carry
@@ -80,7 +83,7 @@ def enqueue_import_encoding(connection: redis.Redis, project_id: int, job_timeou
     """Queue the project's encoding job; the caller holds ENCODE_SCHEDULED_KEY (and renews it)."""
     connection.expire(ENCODE_SCHEDULED_KEY.format(project=project_id), 4 * job_timeout_s)
     Queue(ENCODE_QUEUE, connection=connection).enqueue(
-        ENCODE_IMPORTS_JOB, project_id, job_timeout=job_timeout_s, result_ttl=0, failure_ttl=24 * 3600
+        ENCODE_AHEAD_JOB, project_id, job_timeout=job_timeout_s, result_ttl=0, failure_ttl=24 * 3600
     )
 
 
@@ -191,6 +194,24 @@ class QueuePredictor(InteractiveFront):
         except redis.RedisError as error:
             # The tasks are on disk: the project's next import or click hands them on.
             log.warning("project %d: imported tasks recorded but not queued, Redis unreachable: %s", project_id, error)
+
+    def prefetch(self, project_id: int, task_id: int) -> None:
+        following = ImportedTasks(ProjectFiles(self.settings.model_dir, project_id)).following(
+            task_id, self.settings.prefetch_tasks
+        )
+        if not following:
+            return
+        key = PREFETCH_KEY.format(project=project_id)
+        try:
+            with self.connection.pipeline() as pipeline:  # the tasks after the newest request replace the others
+                pipeline.delete(key)
+                pipeline.rpush(key, *(task.image_url for task in following))
+                pipeline.expire(key, 4 * self.settings.job_timeout_s)
+                pipeline.execute()
+        except redis.RedisError as error:
+            log.warning("project %d: nothing prefetched, Redis unreachable: %s", project_id, error)
+            return
+        self.encode_imports(project_id)
 
     def status(self) -> dict:
         # The embeddings are cached by the workers, which each log their cache at start-up.

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from typing import BinaryIO
 
 from backend.cache.locks import file_lock
 from backend.errors import ConfigError, WebhookError
@@ -65,8 +66,31 @@ class ImportedTasks:
             if not line.endswith(b"\n"):
                 return None  # nothing more (or a line being appended)
             write_atomically(self.cursor_path, str(cursor + len(line)).encode())
-        entry = json.loads(line)
-        return ImportedTask(entry["id"], entry["image"])
+        return _parsed(line)
+
+    def following(self, task_id: int, count: int) -> list[ImportedTask]:
+        """The `count` tasks listed after task `task_id` in ascending id order, which is Label Studio's default order
+        for an annotator (sequential sampling) and the list's own: Label Studio numbers tasks as it imports them. A
+        binary search over the file: a few reads whatever the import's size."""
+        try:
+            handle = open(self.path, "rb")  # noqa: SIM115 (closed below; opened here to answer [] when missing)
+        except FileNotFoundError:
+            return []
+        with handle:
+            low, high = 0, handle.seek(0, os.SEEK_END)
+            while low < high:  # the first byte whose line (the first line starting there or after) lists a later task
+                middle = (low + high) // 2
+                entry = _line_from(handle, middle)
+                if entry is not None and entry.id <= task_id:
+                    low = middle + 1
+                else:
+                    high = middle
+            following: list[ImportedTask] = []
+            entry = _line_from(handle, low)
+            while entry is not None and len(following) < count:
+                following.append(entry)
+                entry = _line_from(handle, handle.tell())
+            return following
 
     def pending(self) -> bool:
         try:
@@ -79,6 +103,20 @@ class ImportedTasks:
             return self.path.stat().st_size
         except FileNotFoundError:
             return 0
+
+
+def _line_from(handle: BinaryIO, offset: int) -> ImportedTask | None:
+    """The first complete line starting at `offset` or after it (None past the last), leaving `handle` after it."""
+    handle.seek(max(offset - 1, 0))
+    if offset > 0 and handle.read(1) != b"\n":
+        handle.readline()  # the middle of a line: it belongs to the line before
+    line = handle.readline()
+    return _parsed(line) if line.endswith(b"\n") else None
+
+
+def _parsed(line: bytes) -> ImportedTask:
+    entry = json.loads(line)
+    return ImportedTask(entry["id"], entry["image"])
 
 
 def _image_field(project: dict) -> str:

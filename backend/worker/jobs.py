@@ -30,6 +30,7 @@ from backend.inference.queue import (
     ENCODE_SCHEDULED_KEY,
     IMAGE_KEY,
     PREANNOTATE_JOB,
+    PREFETCH_KEY,
     STORED_PREFIX,
     enqueue_import_encoding,
     schedule_import_encoding,
@@ -226,18 +227,25 @@ def learn(project_id: int, web_model_dir: dict | None = None) -> dict | None:
     return predictor.train_project(project_id).as_dict()
 
 
-def encode_imported(project_id: int) -> None:
-    """Encode the image of the project's next imported task, then queue this job again while tasks are left: one job
-    per image keeps clicks and batches, which the worker takes first, from waiting behind a whole import."""
+def encode_ahead(project_id: int) -> None:
+    """Encode one image ahead of the annotator (a prefetched one, else the project's next imported task), then queue
+    this job again while any is left: one job per image keeps clicks and batches, which the worker takes first, from
+    waiting behind a whole import."""
     predictor = _installed()
     job = get_current_job()
     if job is None:
-        raise RuntimeError("encode_imported runs as an RQ job")
+        raise RuntimeError("encode_ahead runs as an RQ job")
+    connection = job.connection
     timeout_s = predictor.settings.job_timeout_s
-    if predictor.encode_next_imported(project_id):
-        enqueue_import_encoding(job.connection, project_id, timeout_s)
+
+    def prefetched() -> str | None:
+        url = connection.lpop(PREFETCH_KEY.format(project=project_id))
+        return url.decode() if isinstance(url, bytes) else None
+
+    if predictor.encode_ahead(project_id, prefetched):
+        enqueue_import_encoding(connection, project_id, timeout_s)
         return
-    job.connection.delete(ENCODE_SCHEDULED_KEY.format(project=project_id))
+    connection.delete(ENCODE_SCHEDULED_KEY.format(project=project_id))
     # A task recorded after the list looked empty and before the key went would otherwise wait for the next import.
     if ImportedTasks(ProjectFiles(predictor.settings.model_dir, project_id)).pending():
-        schedule_import_encoding(job.connection, project_id, timeout_s)
+        schedule_import_encoding(connection, project_id, timeout_s)
