@@ -148,6 +148,14 @@ class Settings:
         minimum=0.001,
         section=S_HTTP,
     )
+    task_open_wait_s: float = setting(
+        "TASK_OPEN_WAIT",
+        2.0,
+        "seconds the prediction for a task opened without one may take; a longer one goes on in the background and "
+        "the task opens with none (the next open gets it)",
+        minimum=0,
+        section=S_HTTP,
+    )
     predict_threads: int = setting(
         "PREDICT_THREADS",
         8,

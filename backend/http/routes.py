@@ -36,6 +36,7 @@ from backend.protocol.ids import is_label_studio_id
 from backend.protocol.label_config import ProjectConfig, parse_label_config
 from backend.protocol.results import TaskAnswer, task_answer
 from backend.runs.preannotate import BackgroundRuns, RunOptions
+from backend.runs.task_open import NotReady, TaskOpenPredictions
 from backend.training.imports import TASKS_CREATED, record_tasks_created
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ class Backend:
     predictor: Inference
     model_calls: concurrent.futures.Executor  # the bounded pool a request's model calls run on, under its deadline
     runs: BackgroundRuns
+    task_opens: TaskOpenPredictions  # a task opened without a prediction: answered within TASK_OPEN_WAIT
 
 
 def current_backend() -> Backend:
@@ -217,12 +219,17 @@ def predict() -> tuple[Response, int] | Response:
     tasks, config, context = _parse_predict_body(body, backend.settings)
     deadline = Deadline(backend.model_calls, backend.settings.predict_deadline_s)
     project_id = project_id_of(body.get("project"))
+    outcomes: list[TaskAnswer | BackendError | NotReady]
     if context is None:
         # "Retrieve predictions" or a task opened without one: pre-annotate the tasks chunk by chunk; those
         # not done by the deadline are answered [] (see below), so Label Studio asks for them again.
         image_urls = [task["data"].get(config.image_field) for task in tasks]
         try:
-            outcomes = deadline.run_in_steps(backend.predictor.predict_batch, image_urls, config, project_id)
+            if len(tasks) == 1:
+                # A task just opened (or a one-task batch): the annotator waits, so TASK_OPEN_WAIT at most.
+                outcomes = [backend.task_opens.predict(image_urls[0], config, project_id)]
+            else:
+                outcomes = list(deadline.run_in_steps(backend.predictor.predict_batch, image_urls, config, project_id))
         except PromptError as error:
             raise BadRequest(str(error), error.status) from error
         except (DeadlineExceeded, ImageError, ConfigError) as error:
@@ -238,6 +245,9 @@ def predict() -> tuple[Response, int] | Response:
     errors: list[TaskError] = []
     last_answer: TaskAnswer | None = None
     for index, (task, outcome) in enumerate(zip(tasks, outcomes, strict=True)):
+        if isinstance(outcome, NotReady):
+            results.append([])  # computed in the background: the task opens now, the next open gets it
+            continue
         if isinstance(outcome, TaskAnswer):
             results.append(outcome.entry)
             record_prediction_metrics(outcome)
