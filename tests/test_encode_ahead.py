@@ -145,3 +145,18 @@ def test_the_tasks_after_a_task_are_found_in_a_long_list_in_ascending_id_order(t
     imported.append([ImportedTask(task_id, "/data/upload/1/" + "x" * (task_id % 7)) for task_id in ids])
     for asked in (0, 1, 2, 3, 5, 6, 99, 100, 999, 1000, 2000):
         assert [task.id for task in imported.following(asked, 3)] == [i for i in ids if i > asked][:3]
+
+
+def test_encoding_ahead_stops_before_it_would_evict_the_image_an_annotator_clicked(settings):
+    """An in-process cache holding three embeddings: the clicked image's and one encoded ahead fit below its
+    room fraction, a third would not, so encoding ahead stops there and the clicked image stays cached."""
+    client, predictor = make_client(replace(settings, memory_cache_bytes=3 * 2_097_234 + 512))
+    assert click(client, 1, PROJECT_1_IMAGES[0]).headers["X-Embedding-Cache"] == "miss"
+    ImportedTasks(ProjectFiles(settings.model_dir, 1)).append(
+        [ImportedTask(task_id, url) for task_id, url in enumerate(PROJECT_1_IMAGES[1:], 2)]
+    )
+    predictor.encode_imports(1)
+    assert predictor.ahead.wait_idle(300)
+    assert predictor.store.describe()["used_bytes"] < 3 * 2_097_234  # two embeddings and the click's session
+    assert ImportedTasks(ProjectFiles(settings.model_dir, 1)).pending()  # left for later, not dropped
+    assert click(client, 1, PROJECT_1_IMAGES[0]).headers["X-Embedding-Cache"] == "hit"

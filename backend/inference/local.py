@@ -47,6 +47,8 @@ from backend.training.trainer import TrainingResult, train_project
 
 log = logging.getLogger(__name__)
 
+EMBEDDING_ROOM_BYTES = 2 * 256 * 64 * 64 + 1024  # a cached SAM embedding: float16 features and a header line
+
 
 @dataclass
 class Models:
@@ -188,6 +190,10 @@ class Predictor(InteractiveFront):
         asked for), else the project's next imported task (`ImportedTasks`); False when neither is left. An image
         that cannot be fetched is logged and passed over."""
         self.models.get(self.settings.model_ready_timeout_s)  # before taking a task: a loading model keeps it listed
+        if not self.store.has_room(EMBEDDING_ROOM_BYTES):
+            # Encoding ahead must never evict an embedding an annotator is using: stop; the next request resumes.
+            log.info("project %d: the cache is near its bound; encoding ahead stops", project_id)
+            return False
         image_url = prefetched()
         if image_url is None:
             task = ImportedTasks(ProjectFiles(self.settings.model_dir, project_id)).take()
