@@ -160,3 +160,32 @@ def test_encoding_ahead_stops_before_it_would_evict_the_image_an_annotator_click
     assert predictor.store.describe()["used_bytes"] < 3 * 2_097_234  # two embeddings and the click's session
     assert ImportedTasks(ProjectFiles(settings.model_dir, 1)).pending()  # left for later, not dropped
     assert click(client, 1, PROJECT_1_IMAGES[0]).headers["X-Embedding-Cache"] == "hit"
+
+
+def finished_run(client, project: int) -> dict:
+    deadline = time.monotonic() + 300
+    while (progress := client.get("/encode", query_string={"project": project}).json)["state"] in (
+        "starting",
+        "running",
+    ) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return progress
+
+
+def test_a_project_imported_before_the_backend_is_encoded_on_demand_once_and_its_clicks_hit(
+    settings, redis_url, label_studio, caplog
+):
+    client, _ = make_client(replace(settings, redis_url=redis_url))
+    caplog.set_level("INFO")
+    images = [*PROJECT_1_IMAGES[:2], "/data/upload/1/missing.jpg"]
+    project = label_studio.add_project(recorded("03-predict-batch.json")["label_config"], images)
+    assert client.get("/encode", query_string={"project": project}).status_code == 404
+    assert client.post("/encode", query_string={"project": project}).status_code == 202
+    progress = finished_run(client, project)
+    assert (progress["state"], progress["predicted"], progress["failed"]) == ("finished", 2, 1)
+    assert encodes_logged(caplog.records) == 2
+    # Run again (a resume walks the project again): the cached images are not encoded twice.
+    assert client.post("/encode", query_string={"project": project}).status_code == 202
+    assert finished_run(client, project)["state"] == "finished"
+    assert encodes_logged(caplog.records) == 2
+    assert click(client, 1, PROJECT_1_IMAGES[1]).headers["X-Embedding-Cache"] == "hit"

@@ -2,7 +2,7 @@
 `routes` Blueprint, which `backend.http.server.create_app` registers.
 
 Routes: GET /health (and /), POST /setup, POST /predict, POST /webhook, GET /versions, GET /status,
-GET /metrics, POST|GET|DELETE /preannotate (whole-project runs in the background), and GET /livez, the
+GET /metrics, POST|GET|DELETE /preannotate and /encode (whole-project runs in the background), and GET /livez, the
 only one open without credentials when auth is configured. Every bad input answers a 4xx JSON
 `{"error": ...}` and a log line; the process keeps serving.
 """
@@ -55,6 +55,7 @@ class Backend:
     predictor: Inference
     model_calls: concurrent.futures.Executor  # the bounded pool a request's model calls run on, under its deadline
     runs: BackgroundRuns
+    encode_runs: BackgroundRuns  # whole-project encoding (runs.encode.EncodeRun)
     task_opens: TaskOpenPredictions  # a task opened without a prediction: answered within TASK_OPEN_WAIT
 
 
@@ -317,8 +318,7 @@ def preannotate_start() -> tuple[Response, int] | Response:
     project_id = project_id_of(body.get("project"))
     if project_id is None:
         raise BadRequest(f"'project' must be a Label Studio project id, got {body.get('project')!r}")
-    if not backend.settings.label_studio_url or not backend.settings.label_studio_api_key:
-        raise BadRequest("whole-project pre-annotation needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY", 422)
+    _check_project_api(backend.settings, "whole-project pre-annotation")
     options = RunOptions(
         batch_size=backend.settings.grounding_dino_batch,
         parallel=backend.predictor.parallel_batches(),
@@ -330,9 +330,18 @@ def preannotate_start() -> tuple[Response, int] | Response:
                 raise BadRequest(f"'{name}' must be a positive integer, got {value!r}")
             setattr(options, name, value)
     options.skip_annotated = bool(body.get("skip_annotated", False))
-    progress = backend.runs.start(project_id, options)
+    return _started(backend.runs, backend.runs.start(project_id, options))
+
+
+def _check_project_api(settings: Settings, what: str) -> None:
+    if not settings.label_studio_url or not settings.label_studio_api_key:
+        raise BadRequest(f"{what} needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY", 422)
+
+
+def _started(runs: BackgroundRuns, progress: dict) -> tuple[Response, int] | Response:
+    """The answer to a project run's start: 202 with its first progress, 409 if one runs, 422 if it failed."""
     if progress["state"] == "busy":
-        return error_response("a pre-annotation run of this project is going on", 409, progress=progress)
+        return error_response(f"a {runs.run_class.KIND} run of this project is going on", 409, progress=progress)
     if progress["state"] == "failed":
         return error_response(progress["message"], 422, progress=progress)
     return jsonify(progress), 202
@@ -345,22 +354,50 @@ def requested_project() -> int:
     return project_id
 
 
+def _progress(runs: BackgroundRuns) -> Response:
+    project_id = requested_project()
+    progress = runs.progress(project_id)
+    if progress is None:
+        raise BadRequest(f"no {runs.run_class.KIND} run of project {project_id} is known", 404)
+    return jsonify(progress)
+
+
+def _stop(runs: BackgroundRuns) -> tuple[Response, int]:
+    project_id = requested_project()
+    runs.stop(project_id)
+    return jsonify({"project": project_id, "state": "stopping"}), 202
+
+
 @routes.get("/preannotate")
 def preannotate_progress() -> Response:
-    backend = current_backend()
-    project_id = requested_project()
-    progress = backend.runs.progress(project_id)
-    if progress is None:
-        raise BadRequest(f"no pre-annotation run of project {project_id} is known", 404)
-    return jsonify(progress)
+    return _progress(current_backend().runs)
 
 
 @routes.delete("/preannotate")
 def preannotate_stop() -> tuple[Response, int]:
+    return _stop(current_backend().runs)
+
+
+@routes.post("/encode")
+def encode_start() -> tuple[Response, int] | Response:
+    """Encode every task image of ?project= in the background (tasks imported before the backend was connected)."""
     backend = current_backend()
     project_id = requested_project()
-    backend.runs.stop(project_id)
-    return jsonify({"project": project_id, "state": "stopping"}), 202
+    _check_project_api(backend.settings, "whole-project encoding")
+    options = RunOptions(
+        batch_size=backend.settings.grounding_dino_batch, parallel=backend.predictor.parallel_batches()
+    )
+    return _started(backend.encode_runs, backend.encode_runs.start(project_id, options))
+
+
+@routes.get("/encode")
+def encode_progress() -> Response:
+    return _progress(current_backend().encode_runs)
+
+
+@routes.delete("/encode")
+def encode_stop() -> tuple[Response, int]:
+    return _stop(current_backend().encode_runs)
 
 
 @routes.get("/versions")

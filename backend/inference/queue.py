@@ -55,6 +55,7 @@ INTERACTIVE_JOB = "backend.worker.jobs.interactive"
 PREANNOTATE_JOB = "backend.worker.jobs.preannotate"
 LEARN_JOB = "backend.worker.jobs.learn"
 ENCODE_AHEAD_JOB = "backend.worker.jobs.encode_ahead"
+ENCODE_BATCH_JOB = "backend.worker.jobs.encode_batch"
 CLICK_LANE_SUFFIX = "-clicks"  # a worker process's second, clicks-only loop registers under its name + this
 BATCH_GROUP_META = "batch_group"  # jobs with the same value may share one model pass on a worker
 MODEL_VERSION_FIELD = "model_version"  # in a worker's registration: the model_version its predictions carry
@@ -194,6 +195,10 @@ class QueuePredictor(InteractiveFront):
         except redis.RedisError as error:
             # The tasks are on disk: the project's next import or click hands them on.
             log.warning("project %d: imported tasks recorded but not queued, Redis unreachable: %s", project_id, error)
+
+    def encode_batch(self, image_urls: Sequence[object]) -> list[bool | BackendError]:
+        """On a worker, from the encoding queue (below clicks and pre-annotation); the worker fetches the images."""
+        return self._run(self.encode_queue, [], ENCODE_BATCH_JOB, list(image_urls))
 
     def prefetch(self, project_id: int, task_id: int) -> None:
         following = ImportedTasks(ProjectFiles(self.settings.model_dir, project_id)).following(

@@ -227,6 +227,11 @@ def learn(project_id: int, web_model_dir: dict | None = None) -> dict | None:
     return predictor.train_project(project_id).as_dict()
 
 
+def encode_batch(image_urls: list[object]) -> list[bool | BackendError]:
+    """A whole-project encoding run's batch (`runs.encode`): each image's embedding cached, or its error."""
+    return _installed().encode_batch(image_urls)
+
+
 def encode_ahead(project_id: int) -> None:
     """Encode one image ahead of the annotator (a prefetched one, else the project's next imported task), then queue
     this job again while any is left: one job per image keeps clicks and batches, which the worker takes first, from
