@@ -8,7 +8,7 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 # Options of `python -m backend weights download` run before the start, e.g. WEIGHTS=--no-grounding-dino.
 WEIGHTS ?=
 
-.PHONY: run test unit e2e label-studio install install-test lint
+.PHONY: run test unit e2e browser screenshots label-studio install install-test lint
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,11 +33,13 @@ lint: install-test
 	$(BIN)/lint-imports
 	$(BIN)/mypy backend
 
-# Two stages: the unit suite, then the end-to-end test against the real Label Studio. Label Studio's install
-# (minutes of pip, on first use) runs beside the unit suite so that the e2e stage starts without it.
+# Three stages: the unit suite, the end-to-end test against the real Label Studio through its API, then the same
+# Label Studio's labelling page in a browser. Label Studio's install (minutes of pip, on first use) runs beside the
+# unit suite so that the e2e stage starts without it.
 test: install-test lint
 	$(MAKE) -j2 --output-sync=target unit label-studio
 	$(MAKE) e2e
+	$(MAKE) browser
 
 # Test processes for the unit suite; 2 suits the 2-core CI machine (each test process also starts servers).
 TEST_PROCESSES ?= 2
@@ -50,3 +52,11 @@ label-studio: install-test
 
 e2e: install-test
 	$(BIN)/python -m pytest -q -m e2e tests/e2e
+
+# Headless Chromium from Debian's `chromium` package (.ci/run installs it), driven by Playwright.
+browser: install-test
+	$(BIN)/python -m pytest -q -m browser tests/browser
+
+# The README's screenshots (docs/annotator-*.png), retaken by the browser stage's tests that show them.
+screenshots: install-test
+	$(BIN)/python -m pytest -q -m browser tests/browser --readme-screenshots docs

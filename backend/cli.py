@@ -8,8 +8,10 @@ import logging
 import sys
 from pathlib import Path
 
-from backend.config import Settings, describe_markdown
+from backend.config import SAM_TYPES, TRANSFORMERS_SEGMENTERS, Settings, describe_markdown
 from backend.errors import SettingsError
+
+SEGMENTERS = [*SAM_TYPES, *TRANSFORMERS_SEGMENTERS]
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
@@ -66,10 +68,12 @@ def _predict(args: argparse.Namespace, settings: Settings) -> int:
     from backend.errors import ImageError, ModelNotReady, PromptError
     from backend.images import FetchedImage
     from backend.inference.local import Predictor
-    from backend.tools.demo import LOAD_WAIT_S
+    from backend.tools.demo import LOAD_WAIT_S, with_segmenter
     from backend.tools.segment_text import detections_json, overlay, segment_text
 
     configure_process(settings)
+    if args.sam_model:
+        settings = with_segmenter(settings, args.sam_model)
     settings = replace(settings, model_ready_timeout_s=LOAD_WAIT_S)
     predictor = Predictor(settings, make_store(settings.cache_url, settings.memory_cache_bytes))
     try:
@@ -213,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
 
     weights = commands.add_parser("weights", help="download the official weights that are missing (and verify them)")
     weights.add_argument("action", choices=["download"])
-    weights.add_argument("--sam", action="append", choices=["vit_b", "vit_l", "vit_h"], help="SAM model type(s)")
+    weights.add_argument("--sam", action="append", choices=SEGMENTERS, help="segmenter type(s), as SAM_MODEL_TYPE")
     weights.add_argument("--no-grounding-dino", action="store_true", help="skip GroundingDINO and its text encoder")
     weights.set_defaults(run=_weights)
 
@@ -239,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     predict.add_argument("--out", type=Path, help="write the overlay (masks, boxes, labels) to this picture file")
     predict.add_argument("--box-threshold", type=float, help="default: BOX_THRESHOLD")
     predict.add_argument("--text-threshold", type=float, help="default: TEXT_THRESHOLD")
+    predict.add_argument("--sam-model", choices=SEGMENTERS, help="the segmenter (default: SAM_MODEL_TYPE)")
     predict.set_defaults(run=_predict)
 
     demo = commands.add_parser("demo", help="the Gradio demo page (pip install -r requirements-demo.txt)")

@@ -44,9 +44,24 @@ S_LABEL_STUDIO = "Label Studio and images"
 S_HTTP = "HTTP server"
 S_MODELS = "Models"
 S_DETECTOR = "GroundingDINO"
+S_REGIONS = "Polygons and boxes"
 S_CACHE = "Cache"
 S_QUEUE = "Queue mode"
 S_TRAINING = "Active learning"
+
+# Meta's SAM, loaded from its `.pth` files by segment-anything.
+SAM_TYPES = ("vit_b", "vit_l", "vit_h")
+# Models run by Hugging Face transformers, each from a model folder (backend/models/hf_segmenter.py).
+TRANSFORMERS_SEGMENTERS = (
+    "sam2.1-hiera-tiny",
+    "sam2.1-hiera-small",
+    "sam2.1-hiera-base-plus",
+    "sam2.1-hiera-large",
+    "edgetam",
+    "sam-hq-vit-b",
+    "sam-hq-vit-l",
+    "sam-hq-vit-h",
+)
 
 
 @dataclass(frozen=True)
@@ -172,12 +187,18 @@ class Settings:
     )
 
     sam_model_type: str = setting(
-        "SAM_MODEL_TYPE", "vit_b", "SAM model", choices=("vit_b", "vit_l", "vit_h"), section=S_MODELS
+        "SAM_MODEL_TYPE",
+        "vit_b",
+        "the segmenter: Meta's SAM (`vit_*`), or SAM 2.1, EdgeTAM or SAM-HQ through transformers "
+        "(docs/models.md compares them)",
+        choices=SAM_TYPES + TRANSFORMERS_SEGMENTERS,
+        section=S_MODELS,
     )
     sam_checkpoint: str = setting(
         "SAM_CHECKPOINT",
         "",
-        "Meta's `.pth` checkpoint, used as it is; default: the official file of `SAM_MODEL_TYPE` in `WEIGHTS_DIR`",
+        "Meta's `.pth` checkpoint for a `vit_*` type, a transformers model folder for the others; used as it is; "
+        "default: the official file or folder of `SAM_MODEL_TYPE` in `WEIGHTS_DIR`",
         section=S_MODELS,
     )
     weights_dir: str = setting(
@@ -248,6 +269,44 @@ class Settings:
     )
     max_objects: int = setting(
         "MAX_OBJECTS", 20, "objects kept per image (best first) before SAM", minimum=1, section=S_DETECTOR
+    )
+
+    mask_regions: str = setting(
+        "MASK_REGIONS",
+        "polygon",
+        "for a label that both a PolygonLabels and a BrushLabels control have, what SAM's mask becomes: a polygon "
+        "(what COCO and YOLO exports carry), a brush, or both",
+        choices=("polygon", "brush", "both"),
+        section=S_REGIONS,
+    )
+    polygon_tolerance: float = setting(
+        "POLYGON_TOLERANCE",
+        1.0,
+        "Douglas-Peucker tolerance in pixels when a mask becomes polygons (halved for a part the polygon would "
+        'cover at IoU < 0.95); a project\'s `<Number name="polygon_tolerance" defaultValue="...">` overrides it',
+        minimum=0,
+        section=S_REGIONS,
+    )
+    polygon_min_area: int = setting(
+        "POLYGON_MIN_AREA",
+        10,
+        "pixels a connected part of a mask needs to become a polygon (smaller specks are dropped)",
+        minimum=1,
+        section=S_REGIONS,
+    )
+    polygon_max_vertices: int = setting(
+        "POLYGON_MAX_VERTICES",
+        1000,
+        "vertices per polygon; a more ragged outline is simplified further until it fits",
+        minimum=3,
+        section=S_REGIONS,
+    )
+    polygon_max_task_vertices: int = setting(
+        "POLYGON_MAX_TASK_VERTICES",
+        20000,
+        "vertices of all polygons of one task's answer (about 20 bytes each); the largest parts are kept first",
+        minimum=3,
+        section=S_REGIONS,
     )
 
     redis_url: str = setting(

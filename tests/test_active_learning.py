@@ -223,6 +223,7 @@ def test_webhooks_that_cannot_be_recorded_are_4xx_and_others_are_acknowledged(le
     assert answer["status"] == "ignored" and "no training data" in answer["reason"]
     assert post_webhook(client, {"action": "PROJECT_UPDATED", "project": {"id": 1}})["status"] == "ignored"
     assert client.get("/versions?project=abc").status_code == 400
+    assert client.get("/versions").json["fine_tuning"] == {"supported": True, "reason": None}  # SAM ViT: it can
 
 
 def test_events_recorded_by_a_process_that_died_are_applied_on_start(learning_settings, shapes):

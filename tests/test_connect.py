@@ -35,10 +35,10 @@ def test_health_while_sam_loads_or_once_loaded_is_up(client):
 
 UNUSABLE_CONFIGS = {
     "broken XML": ('<View><Image name="image" value="$image"/><BrushLabels name="tag"', "not a valid"),
-    "polygons only": (
+    "smart keypoints only": (
         '<View><Image name="image" value="$image"/>'
-        '<PolygonLabels name="poly" toName="image"><Label value="Car"/></PolygonLabels></View>',
-        "no BrushLabels or RectangleLabels control for the Image 'image'",
+        '<KeyPointLabels name="click" toName="image" smart="true"><Label value="Car"/></KeyPointLabels></View>',
+        "no BrushLabels, PolygonLabels or RectangleLabels control for the Image 'image'",
     ),
     "no image": (
         '<View><Text name="text" value="$text"/><Choices name="c" toName="text"><Choice value="a"/></Choices></View>',
@@ -62,8 +62,10 @@ def test_setup_with_an_unusable_label_config_is_a_422_saying_what_to_add(client,
         recorded("02-setup.json")["schema"],
         '<View><Image name="img" value="$url"/>'
         '<RectangleLabels name="box" toName="img"><Label value="Car"/></RectangleLabels></View>',
+        '<View><Image name="img" value="$url"/>'
+        '<PolygonLabels name="outline" toName="img"><Label value="Car"/></PolygonLabels></View>',
     ],
-    ids=["recorded", "rectangles only"],
+    ids=["recorded", "rectangles only", "polygons only"],
 )
 def test_setup_with_a_usable_label_config_answers_the_model_version(client, schema):
     response = client.post("/setup", json={**recorded("02-setup.json"), "schema": schema})

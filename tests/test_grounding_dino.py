@@ -343,7 +343,7 @@ def test_rectangle_only_projects_get_boxes_without_sam(grounded_settings, caplog
     assert encodes_logged(caplog.records) == 0
 
 
-def test_configs_without_brush_or_rectangle_and_huge_label_sets_are_refused(grounded_settings):
+def test_configs_without_brush_polygon_or_rectangle_and_huge_label_sets_are_refused(grounded_settings):
     client, _ = grounded_client(grounded_settings)
     body = recorded("03-predict-batch.json")
     body["label_config"] = (
@@ -351,7 +351,7 @@ def test_configs_without_brush_or_rectangle_and_huge_label_sets_are_refused(grou
         "</Choices></View>"
     )
     refused = client.post("/predict", json=body)
-    assert refused.status_code == 422 and "BrushLabels nor a RectangleLabels" in refused.json["error"]
+    assert refused.status_code == 422 and "no BrushLabels, PolygonLabels or RectangleLabels" in refused.json["error"]
     body["label_config"] = config_with("".join(f'<Label value="Label{index}"/>' for index in range(200)))
     huge = client.post("/predict", json=body)
     assert huge.status_code == 413 and f"at most {MAX_PHRASES}" in huge.json["error"]

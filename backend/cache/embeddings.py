@@ -1,8 +1,9 @@
 """SAM image embeddings cached by image content and model identity, encoded once per image.
 
-Value layout: a JSON header line (sizes, shape) followed by the features as raw float16, about
-2 MiB for SAM's 256x64x64 embedding. Every decode, cached or fresh, uses the float16 values, so a
-click gives the same mask whether the image was just encoded or encoded a day ago elsewhere.
+Value layout: a JSON header line (sizes, shapes) followed by the features, then each extra array the model's
+decoder needs (SAM 2's high-resolution maps, SAM-HQ's early ViT features), as raw float16: about 2 MiB for
+SAM's 256x64x64 embedding (docs/models.md lists every model's). Every decode, cached or fresh, uses the float16
+values, so a click gives the same mask whether the image was just encoded or encoded a day ago elsewhere.
 """
 
 from __future__ import annotations
@@ -34,22 +35,31 @@ def no_step(images: int) -> contextlib.AbstractContextManager[object]:
 
 def serialize_embedding(embedding: ImageEmbedding) -> bytes:
     features = np.ascontiguousarray(embedding.features, dtype=np.float16)
+    extras = {name: np.ascontiguousarray(array, dtype=np.float16) for name, array in embedding.extras.items()}
     header = {
         "shape": list(features.shape),
         "original_size": list(embedding.original_size),
         "input_size": list(embedding.input_size),
+        "extras": [[name, list(array.shape)] for name, array in extras.items()],
     }
-    return json.dumps(header).encode() + b"\n" + features.tobytes()
+    return b"".join([json.dumps(header).encode(), b"\n", features.tobytes(), *(a.tobytes() for a in extras.values())])
 
 
 def deserialize_embedding(data: bytes) -> ImageEmbedding:
     header_bytes, _, payload = data.partition(b"\n")
     header = json.loads(header_bytes)
-    features = np.frombuffer(payload, dtype=np.float16).reshape(header["shape"])
+    values = np.frombuffer(payload, dtype=np.float16)
+    arrays = []
+    start = 0
+    for shape in [header["shape"], *(shape for _, shape in header.get("extras", []))]:
+        size = int(np.prod(shape))
+        arrays.append(values[start : start + size].reshape(shape))
+        start += size
     return ImageEmbedding(
-        features=features,
+        features=arrays[0],
         original_size=tuple(header["original_size"]),
         input_size=tuple(header["input_size"]),
+        extras={name: array for (name, _), array in zip(header.get("extras", []), arrays[1:], strict=True)},
     )
 
 

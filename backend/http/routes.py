@@ -34,7 +34,7 @@ from backend.inference.base import Inference
 from backend.prompts.interactive import ContextPrompts
 from backend.protocol.ids import is_label_studio_id
 from backend.protocol.label_config import ProjectConfig, parse_label_config
-from backend.protocol.results import TaskAnswer, task_answer
+from backend.protocol.results import TaskAnswer, region_rules, task_answer
 from backend.runs.preannotate import BackgroundRuns, RunOptions
 from backend.runs.task_open import NotReady, TaskOpenPredictions
 from backend.training.imports import TASKS_CREATED, record_tasks_created
@@ -121,14 +121,15 @@ def project_id_of(value: object) -> int | None:
 
 
 def usable_label_config(label_config: object) -> ProjectConfig:
-    """The project's label config, or a 422 naming what the backend needs of it: an Image with a BrushLabels or
-    RectangleLabels control to put its answers in."""
+    """The project's label config, or a 422 naming what the backend needs of it: an Image with a BrushLabels,
+    PolygonLabels or RectangleLabels control to put its answers in."""
     if not isinstance(label_config, str):
         raise BadRequest("the label config must be the project's label config XML as a string", 422)
     config = parse_label_config(label_config)
-    if config.brush is None and config.rectangle is None:
+    if not config.output_controls:
         raise ConfigError(
-            f"the label config has no BrushLabels or RectangleLabels control for the Image {config.image_name!r}; "
+            f"the label config has no BrushLabels, PolygonLabels or RectangleLabels control for the Image "
+            f"{config.image_name!r}; "
             f'add one, e.g. <BrushLabels name="tag" toName="{config.image_name}"><Label value="car"/></BrushLabels>'
         )
     return config
@@ -152,9 +153,12 @@ def _parse_predict_body(body: dict, settings: Settings) -> tuple[list[dict], Pro
         config = parse_label_config(label_config)
     except ConfigError as error:
         raise BadRequest(str(error), 422) from error
-    # Pre-annotation (no context) can answer rectangles alone; smart tools answer masks.
-    if config.brush is None and params.get("context") is not None:
-        raise BadRequest("the label config has no BrushLabels control for the image; add one to receive masks", 422)
+    if not config.output_controls:
+        raise BadRequest(
+            "the label config has no BrushLabels, PolygonLabels or RectangleLabels control for the image; add one "
+            "to receive answers",
+            422,
+        )
     return tasks, config, params.get("context")
 
 
@@ -204,7 +208,8 @@ def _predict_interactive(
         prediction = deadline.run(
             backend.predictor.predict_interactive, image_url, task.get("id"), prompts, project_id, config
         )
-        return task_answer(prediction, config, backend.settings.base_model_version)
+        rules = region_rules(backend.settings, config)
+        return task_answer(prediction, config, backend.settings.base_model_version, rules)
     except TASK_ERRORS as error:
         return error
 

@@ -18,7 +18,7 @@ from backend.outcomes import TaskPrediction
 from backend.prompts.interactive import ContextPrompts, read_context
 from backend.prompts.text import text_query, thresholds_for
 from backend.protocol.label_config import ProjectConfig
-from backend.protocol.results import TaskAnswer
+from backend.protocol.results import TaskAnswer, region_rules
 from backend.training.service import ActiveLearning
 
 FETCH_THREADS = 8  # image downloads of one batch run side by side; they wait on the network, not the CPU
@@ -98,7 +98,8 @@ class InteractiveFront:
         of the image."""
         prompts = read_context(context, self.settings.max_prompts_per_task)
         for label in prompts.region_labels:
-            config.brush_for(label)
+            config.check_output_label(label)
+        region_rules(self.settings, config)  # a bad polygon_tolerance is refused before any work
         if prompts.texts:
             text_query(prompts.texts, config, prompts.text_label)
             thresholds_for(config, self.settings.box_threshold, self.settings.text_threshold)

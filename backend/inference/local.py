@@ -33,13 +33,12 @@ from backend.models.base import ImageEmbedding, Segmenter, SegmentPrompt
 from backend.models.grounding_dino import Detection, GroundingDino
 from backend.models.loader import BackgroundLoader
 from backend.models.registry import load_detector, load_segmenter
-from backend.models.sam import SamSegmenter
 from backend.outcomes import DetectedObject, TaskPrediction, iou_score
 from backend.project_files import ProjectFiles
 from backend.prompts.interactive import ContextPrompts, InteractivePrompter
 from backend.prompts.text import TextQuery, Thresholds, labels_query, text_query, thresholds_for
 from backend.protocol.label_config import ProjectConfig
-from backend.protocol.results import TaskAnswer, task_answer
+from backend.protocol.results import RegionRules, TaskAnswer, region_rules, task_answer
 from backend.training.imports import ImportedTasks
 from backend.training.resources import TrainingResources
 from backend.training.service import ActiveLearning
@@ -54,7 +53,7 @@ EMBEDDING_ROOM_BYTES = 2 * 256 * 64 * 64 + 1024  # a cached SAM embedding: float
 class Models:
     """Everything that exists only once the weights are loaded."""
 
-    segmenter: SamSegmenter  # SAM: active learning fine-tunes its mask decoder (`training_resources`)
+    segmenter: Segmenter  # SAM's mask decoder is what active learning fine-tunes (`training_resources`)
     embeddings: EmbeddingCache
     sessions: SessionStore
 
@@ -82,7 +81,7 @@ class Predictor(InteractiveFront):
         self.detector.start()  # after SAM, which clicks need first
         return self.models_for(segmenter)
 
-    def models_for(self, segmenter: SamSegmenter) -> Models:
+    def models_for(self, segmenter: Segmenter) -> Models:
         return Models(
             segmenter=segmenter,
             embeddings=EmbeddingCache(
@@ -336,11 +335,10 @@ class Predictor(InteractiveFront):
         config: ProjectConfig,
     ) -> list[DetectedObject]:
         """One object per box: SAM decodes every box of the image in one batched call (when the project has a
-        BrushLabels control for its label); the object's score is GroundingDINO's box score times SAM's
+        BrushLabels or PolygonLabels control for its label); the object's score is GroundingDINO's box score times SAM's
         predicted IoU, so Label Studio can sort by either model's doubt."""
         labels = [query.labels[detection.phrase] for detection in detections]
-        brush_labels = config.brush.labels if config.brush is not None else ()
-        masked = [index for index, label in enumerate(labels) if label in brush_labels]
+        masked = [index for index, label in enumerate(labels) if label in config.mask_labels]
         predictions = {}
         if masked and segmenter is not None and embedding is not None:
             prompts = [SegmentPrompt(box=detections[index].box) for index in masked]
@@ -382,8 +380,9 @@ class Predictor(InteractiveFront):
         query = labels_query(config)
         thresholds = thresholds_for(config, self.settings.box_threshold, self.settings.text_threshold)
         detector = self.detector_ready(query)
+        rules = region_rules(self.settings, config)
         # Boxes alone need no SAM, for projects that only have a RectangleLabels control.
-        models = self.models.get(self.settings.model_ready_timeout_s) if config.brush is not None else None
+        models = self.models.get(self.settings.model_ready_timeout_s) if config.mask_labels else None
         segmenter, version = (
             self.segmenter_for(models, project_id) if models else (None, self.decoders.current_name(project_id))
         )
@@ -395,7 +394,7 @@ class Predictor(InteractiveFront):
             urls = image_urls[first : first + chunk]
             try:
                 outcomes += self._preannotate(
-                    urls, detector, detections_key, models, segmenter, version, query, thresholds, config, limit
+                    urls, detector, detections_key, models, segmenter, version, query, thresholds, config, rules, limit
                 )
             except DeadlineExceeded as error:
                 log.info("pre-annotation stopped at its deadline: %d of %d tasks done", first, len(image_urls))
@@ -414,6 +413,7 @@ class Predictor(InteractiveFront):
         query: TextQuery,
         thresholds: Thresholds,
         config: ProjectConfig,
+        rules: RegionRules,
         limit: TimeLimit,
     ) -> list[TaskAnswer | BackendError]:
         """One chunk, each step under `limit`."""
@@ -451,7 +451,7 @@ class Predictor(InteractiveFront):
                     model_version=version,
                 )
                 try:
-                    outcomes.append(task_answer(prediction, config, version))
+                    outcomes.append(task_answer(prediction, config, version, rules))
                 except ConfigError as error:
                     outcomes.append(error)
         return outcomes

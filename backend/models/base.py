@@ -19,6 +19,9 @@ class ImageEmbedding:
     features: np.ndarray  # (C, h, w), float16 or float32
     original_size: tuple[int, int]  # (height, width) of the image as Label Studio shows it
     input_size: tuple[int, int]  # (height, width) after resizing to the encoder's input
+    # Further encoder outputs a model's decoder reads besides `features`, by name: SAM 2's high-resolution
+    # feature maps, SAM-HQ's early ViT features. Cached with `features`, so a click never re-runs the encoder.
+    extras: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass

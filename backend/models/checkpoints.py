@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,6 +96,31 @@ BERT_BASE_UNCASED = OfficialTextEncoder(
 
 
 @dataclass(frozen=True)
+class OfficialModelFolder:
+    """A segmenter published as a Hugging Face model repository in transformers' format, fetched whole by
+    huggingface_hub at `revision` and checked (its config names the expected model, its weights are there)."""
+
+    repo: str
+    revision: str  # a branch until a commit is pinned: the commit ids were not reachable when this was written
+    family: str  # the transformers model family (backend/models/hf_segmenter.py FAMILIES)
+    size_mb: int
+
+
+# Official repositories: Meta's SAM 2.1 conversions, the EdgeTAM conversion transformers' docs use, and the
+# SAM-HQ authors' (SysCV) community conversions.
+TRANSFORMERS_MODELS: dict[str, OfficialModelFolder] = {
+    "sam2.1-hiera-tiny": OfficialModelFolder("facebook/sam2.1-hiera-tiny", "main", "sam2", 156),
+    "sam2.1-hiera-small": OfficialModelFolder("facebook/sam2.1-hiera-small", "main", "sam2", 184),
+    "sam2.1-hiera-base-plus": OfficialModelFolder("facebook/sam2.1-hiera-base-plus", "main", "sam2", 324),
+    "sam2.1-hiera-large": OfficialModelFolder("facebook/sam2.1-hiera-large", "main", "sam2", 898),
+    "edgetam": OfficialModelFolder("yonigozlan/EdgeTAM-hf", "main", "edgetam", 55),
+    "sam-hq-vit-b": OfficialModelFolder("syscv-community/sam-hq-vit-base", "main", "sam_hq", 379),
+    "sam-hq-vit-l": OfficialModelFolder("syscv-community/sam-hq-vit-large", "main", "sam_hq", 1250),
+    "sam-hq-vit-h": OfficialModelFolder("syscv-community/sam-hq-vit-huge", "main", "sam_hq", 2570),
+}
+
+
+@dataclass(frozen=True)
 class CheckpointLocation:
     """Where the backend looks for one model's weights and which setting decides it. `official` is what
     `weights download` puts at `path` when the setting is left unset; None when the setting names the user's own
@@ -103,7 +129,7 @@ class CheckpointLocation:
     what: str  # "SAM", "GroundingDINO", "text encoder"
     setting: str  # the variable that points at a local file instead
     path: Path
-    official: OfficialCheckpoint | OfficialTextEncoder | None
+    official: OfficialCheckpoint | OfficialTextEncoder | OfficialModelFolder | None
 
     def describe(self) -> str:
         if self.official is None:
@@ -169,6 +195,8 @@ def download_checkpoint(location: CheckpointLocation, timeout_s: float = 60.0) -
         return location.path
     if isinstance(official, OfficialTextEncoder):
         return download_text_encoder(location, official, timeout_s=timeout_s)
+    if isinstance(official, OfficialModelFolder):
+        return download_model_folder(location, official)
     location.path.parent.mkdir(parents=True, exist_ok=True)
     log.info("downloading %s (%d MB) from %s", official.filename, official.size_mb, official.url)
     try:
@@ -210,3 +238,46 @@ def download_text_encoder(
                 leftover.unlink()
             staging.rmdir()
     return folder
+
+
+def download_model_folder(location: CheckpointLocation, model: OfficialModelFolder) -> Path:
+    """`model`'s repository at its revision into the folder `location.path`, which appears only once the
+    download is complete and `check_model_folder` accepts it."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    folder = location.path
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f"{folder.name}.", suffix=".part"))
+    log.info("downloading %s (%d MB) at revision %s", model.repo, model.size_mb, model.revision)
+    try:
+        try:
+            snapshot_download(model.repo, revision=model.revision, local_dir=staging)
+        except (HfHubHTTPError, LocalEntryNotFoundError, requests.RequestException, OSError) as error:
+            raise DownloadFailed(
+                f"could not download {location.what} weights from {HUGGING_FACE}/{model.repo} at revision "
+                f"{model.revision} ({type(error).__name__}); set {location.setting} to a local copy, or fetch it on "
+                f"a machine with access: huggingface-cli download {model.repo} --revision {model.revision} "
+                f"--local-dir {folder}"
+            ) from error
+        check_model_folder(staging, model)
+        shutil.rmtree(staging / ".cache", ignore_errors=True)  # huggingface_hub's download bookkeeping
+        os.replace(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def check_model_folder(folder: Path, model: OfficialModelFolder) -> None:
+    """ValueError unless `folder` holds `model`: its config's model_type, its weights and its processor."""
+    import json
+
+    try:
+        model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError) as error:
+        raise ValueError(f"{model.repo} at {model.revision} has no readable config.json: {error}") from error
+    if model_type != model.family:
+        raise ValueError(f"{model.repo} at {model.revision} holds a {model_type!r} model, not a {model.family} one")
+    missing = [name for name in ("model.safetensors", "preprocessor_config.json") if not (folder / name).is_file()]
+    if missing:
+        raise ValueError(f"{model.repo} at {model.revision} lacks {', '.join(missing)}")

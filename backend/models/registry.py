@@ -9,15 +9,18 @@ from pathlib import Path
 import torch
 
 from backend.config import Settings
+from backend.models.base import Segmenter
 from backend.models.checkpoints import (
     BERT_BASE_UNCASED,
     GROUNDING_DINO_CHECKPOINT,
     SAM_CHECKPOINTS,
+    TRANSFORMERS_MODELS,
     CheckpointLocation,
     missing_checkpoint,
 )
 from backend.models.grounding_dino import GroundingDino, load_grounding_dino
-from backend.models.sam import SamSegmenter, load_sam
+from backend.models.hf_segmenter import load_hf_segmenter
+from backend.models.sam import load_sam, resolve_device
 
 # transformers builds BERT under init_empty_weights, which patches torch.nn.Module for every thread: a SAM
 # built at that moment would get empty (meta) parameters. So models are built one at a time.
@@ -32,11 +35,16 @@ def apply_torch_threads(threads: int) -> int:
 
 
 def sam_checkpoint(settings: Settings, model_type: str | None = None) -> CheckpointLocation:
-    """SAM_CHECKPOINT, else the official file of `model_type` (default SAM_MODEL_TYPE) in WEIGHTS_DIR."""
+    """SAM_CHECKPOINT, else the official file (SAM) or model folder (the transformers models) of `model_type`
+    (default SAM_MODEL_TYPE) in WEIGHTS_DIR."""
+    kind = model_type or settings.sam_model_type
+    what = "SAM" if kind in SAM_CHECKPOINTS else kind
     if settings.sam_checkpoint:
-        return CheckpointLocation("SAM", "SAM_CHECKPOINT", Path(settings.sam_checkpoint), None)
-    official = SAM_CHECKPOINTS[model_type or settings.sam_model_type]
-    return CheckpointLocation("SAM", "SAM_CHECKPOINT", Path(settings.weights_dir) / official.filename, official)
+        return CheckpointLocation(what, "SAM_CHECKPOINT", Path(settings.sam_checkpoint), None)
+    if kind in TRANSFORMERS_MODELS:
+        return CheckpointLocation(what, "SAM_CHECKPOINT", Path(settings.weights_dir) / kind, TRANSFORMERS_MODELS[kind])
+    official = SAM_CHECKPOINTS[kind]
+    return CheckpointLocation(what, "SAM_CHECKPOINT", Path(settings.weights_dir) / official.filename, official)
 
 
 def grounding_dino_checkpoint(settings: Settings) -> CheckpointLocation:
@@ -66,9 +74,14 @@ def present(location: CheckpointLocation) -> Path:
     return location.path
 
 
-def load_segmenter(settings: Settings, decoder_runtime: str | None = None) -> SamSegmenter:
-    """The configured SAM; `decoder_runtime` overrides DECODER_RUNTIME (training needs the PyTorch decoder)."""
+def load_segmenter(settings: Settings, decoder_runtime: str | None = None) -> Segmenter:
+    """The configured segmenter; `decoder_runtime` overrides DECODER_RUNTIME for SAM (training needs the PyTorch
+    decoder)."""
+    kind = settings.sam_model_type
     with MODEL_BUILD_LOCK:
+        if kind in TRANSFORMERS_MODELS:
+            folder = present(sam_checkpoint(settings))
+            return load_hf_segmenter(folder, TRANSFORMERS_MODELS[kind].family, kind, resolve_device(settings.device))
         return load_sam(
             present(sam_checkpoint(settings)),
             settings.sam_model_type,

@@ -1,7 +1,7 @@
 """Text prompts → one GroundingDINO caption whose phrases each belong to a label, and the thresholds to apply.
 
-Pre-annotation asks for every label of the project's BrushLabels/RectangleLabels controls, each through its
-phrases (Label Studio's `predicted_values="a,b"` attribute, else the label's value). A typed prompt ("car,
+Pre-annotation asks for every label of the project's BrushLabels/PolygonLabels/RectangleLabels controls, each through
+its phrases (Label Studio's `predicted_values="a,b"` attribute, else the label's value). A typed prompt ("car,
 wheel") is split into phrases; each phrase takes the label the annotator selected, else the label named by a
 "Label: words" prefix, else the label whose name or phrase it contains, else the only label there is.
 The phrases are joined as GroundingDINO was trained to read them: "car . wheel . tyre ."
@@ -69,11 +69,12 @@ def build_query(phrase_labels: list[tuple[str, str]]) -> TextQuery:
 
 
 def target_labels(config: ProjectConfig) -> list[str]:
-    """The labels detections can carry: those of the BrushLabels and RectangleLabels controls, in order."""
-    controls = [control for control in (config.brush, config.rectangle) if control is not None]
+    """The labels detections can carry: those of the BrushLabels, PolygonLabels and RectangleLabels controls, in
+    order."""
+    controls = config.output_controls
     if not controls:
         raise PromptError(
-            "the label config has neither a BrushLabels nor a RectangleLabels control for the image to put "
+            "the label config has no BrushLabels, PolygonLabels or RectangleLabels control for the image to put "
             "detections in",
             422,
         )

@@ -1,6 +1,6 @@
 """A project's label config, read with label-studio-sdk, reduced to what the backend needs.
 
-Controls are found by tag type (BrushLabels, KeyPointLabels, RectangleLabels, TextArea, Number),
+Controls are found by tag type (BrushLabels, PolygonLabels, KeyPointLabels, RectangleLabels, TextArea, Number),
 never by name, so any project that uses these tags works whatever it called them.
 """
 
@@ -30,18 +30,32 @@ class ProjectConfig:
     image_field: str  # the task data key holding the image URL
     brush: Control | None
     rectangle: Control | None
+    polygon: Control | None
     keypoint: Control | None
     text_prompt: Control | None
     phrases: dict[str, tuple[str, ...]] = field(default_factory=dict)  # label -> phrases that detect it
     numbers: dict[str, float] = field(default_factory=dict)  # Number controls' default values by name
 
-    def brush_for(self, label: str) -> Control:
-        """The BrushLabels control that outputs `label`."""
-        if self.brush is None:
-            raise ConfigError("the label config has no BrushLabels control to put masks in")
-        if label not in self.brush.labels:
-            raise ConfigError(f"label {label!r} is not a label of the BrushLabels control {self.brush.name!r}")
-        return self.brush
+    @property
+    def output_controls(self) -> tuple[Control, ...]:
+        """The controls answers go into: BrushLabels and PolygonLabels take masks, RectangleLabels boxes."""
+        return tuple(control for control in (self.brush, self.polygon, self.rectangle) if control is not None)
+
+    @property
+    def mask_labels(self) -> tuple[str, ...]:
+        """The labels a BrushLabels or PolygonLabels control has: objects of these get SAM's mask."""
+        controls = (self.brush, self.polygon)
+        return tuple(dict.fromkeys(label for control in controls if control is not None for label in control.labels))
+
+    def check_output_label(self, label: str) -> None:
+        """A smart region's label must be one a BrushLabels, PolygonLabels or RectangleLabels control outputs."""
+        if not self.output_controls:
+            raise ConfigError(
+                "the label config has no BrushLabels, PolygonLabels or RectangleLabels control to put answers in"
+            )
+        if not any(label in control.labels for control in self.output_controls):
+            names = ", ".join(repr(control.name) for control in self.output_controls)
+            raise ConfigError(f"label {label!r} is not a label of the controls {names}")
 
 
 def _control(interface: LabelInterface, tag: str, image_name: str) -> Control | None:
@@ -54,7 +68,7 @@ def _control(interface: LabelInterface, tag: str, image_name: str) -> Control | 
 def _phrases(interface: LabelInterface, image_name: str) -> dict[str, tuple[str, ...]]:
     phrases: dict[str, tuple[str, ...]] = {}
     for control in interface.controls:
-        if control.tag not in ("BrushLabels", "RectangleLabels") or image_name not in control.to_name:
+        if control.tag not in ("BrushLabels", "PolygonLabels", "RectangleLabels") or image_name not in control.to_name:
             continue
         for label, label_tag in (control.labels_attrs or {}).items():
             raw = (label_tag.attr or {}).get("predicted_values", "")
@@ -94,6 +108,7 @@ def parse_label_config(xml: str) -> ProjectConfig:
         image_field=value[1:],
         brush=_control(interface, "BrushLabels", image.name),
         rectangle=_control(interface, "RectangleLabels", image.name),
+        polygon=_control(interface, "PolygonLabels", image.name),
         keypoint=_control(interface, "KeyPointLabels", image.name),
         text_prompt=_control(interface, "TextArea", image.name),
         phrases=_phrases(interface, image.name),

@@ -1,16 +1,33 @@
-"""Label Studio result JSON for a task's prediction: brush masks in Label Studio's RLE and rectangles."""
+"""Label Studio result JSON for a task's prediction: SAM's masks as brushes (Label Studio's RLE) or polygons,
+boxes as rectangles.
+
+Which regions an object becomes depends on the controls that have its label: a BrushLabels control takes its mask
+as a brush, a PolygonLabels control as polygons (MASK_REGIONS chooses when both have the label), and a
+RectangleLabels control the detector's box, or, for a mask with no box (a click or a smart rectangle in a project
+with rectangles alone), the tight box around the mask."""
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from backend.outcomes import TaskPrediction
+from backend.config import Settings
+from backend.errors import ConfigError
+from backend.outcomes import DetectedObject, TaskPrediction
 from backend.protocol.brush_rle import encode_mask
 from backend.protocol.label_config import ProjectConfig
+from backend.protocol.polygons import (
+    Outline,
+    PolygonRules,
+    mask_outlines,
+    percent_points,
+    tight_box,
+    within_task_budget,
+)
 
 
 @dataclass
@@ -80,27 +97,90 @@ def rectangle_result(
     }
 
 
-def task_results(prediction: TaskPrediction, config: ProjectConfig, model_version: str) -> dict:
-    """One entry of the /predict answer: a brush region per object with a mask, a rectangle per object with a box
-    whose label the RectangleLabels control has."""
+def polygon_result(
+    outline: Outline, image_size: tuple[int, int], label: str, from_name: str, to_name: str, score: float
+) -> dict:
+    """A closed polygonlabels region from an outline in pixels; Label Studio wants percent of the image."""
+    height, width = image_size
+    return {
+        "id": region_id(),
+        "from_name": from_name,
+        "to_name": to_name,
+        "type": "polygonlabels",
+        "original_width": int(width),
+        "original_height": int(height),
+        "image_rotation": 0,
+        "readonly": False,
+        "score": float(score),
+        "value": {"points": percent_points(outline.points, image_size), "closed": True, "polygonlabels": [label]},
+    }
+
+
+@dataclass(frozen=True)
+class RegionRules:
+    """How a task's masks become regions."""
+
+    mask_regions: str  # for a label both a PolygonLabels and a BrushLabels control have: polygon, brush or both
+    polygons: PolygonRules
+
+
+def region_rules(settings: Settings, config: ProjectConfig) -> RegionRules:
+    """The settings' rules, with the project's `<Number name="polygon_tolerance">` default when it has one."""
+    tolerance = config.numbers.get("polygon_tolerance", settings.polygon_tolerance)
+    if not (math.isfinite(tolerance) and tolerance >= 0):
+        raise ConfigError(f"polygon_tolerance must be a number of pixels, 0 or more, got {tolerance}")
+    polygons = PolygonRules(
+        tolerance, settings.polygon_min_area, settings.polygon_max_vertices, settings.polygon_max_task_vertices
+    )
+    return RegionRules(settings.mask_regions, polygons)
+
+
+def _mask_kinds(obj: DetectedObject, config: ProjectConfig, rules: RegionRules) -> tuple[bool, bool]:
+    """(as a brush, as polygons) for an object's mask."""
+    brush = config.brush is not None and obj.label in config.brush.labels
+    polygon = config.polygon is not None and obj.label in config.polygon.labels
+    if brush and polygon and rules.mask_regions != "both":
+        return rules.mask_regions == "brush", rules.mask_regions == "polygon"
+    return brush, polygon
+
+
+def task_results(prediction: TaskPrediction, config: ProjectConfig, model_version: str, rules: RegionRules) -> dict:
+    """One entry of the /predict answer: per object, its mask as a brush and/or polygons (one per part, within the
+    task's vertex cap), and a rectangle (its box, else the tight box around its mask) where the RectangleLabels
+    control has its label."""
+    kinds = [_mask_kinds(obj, config, rules) if obj.mask is not None else (False, False) for obj in prediction.objects]
+    outlines = within_task_budget(
+        [
+            mask_outlines(obj.mask, rules.polygons) if polygon and obj.mask is not None else []
+            for obj, (_, polygon) in zip(prediction.objects, kinds, strict=True)
+        ],
+        rules.polygons.max_task_vertices,
+    )
+    image = config.image_name
     regions = []
-    for obj in prediction.objects:
-        if obj.mask is not None:
-            brush = config.brush_for(obj.label)
-            regions.append(brush_result(obj.mask, obj.label, brush.name, config.image_name, obj.score))
-        if obj.box is not None and config.rectangle is not None and obj.label in config.rectangle.labels:
+    for obj, (brush, polygon), parts in zip(prediction.objects, kinds, outlines, strict=True):
+        if brush and obj.mask is not None and config.brush is not None:
+            regions.append(brush_result(obj.mask, obj.label, config.brush.name, image, obj.score))
+        if polygon and config.polygon is not None:
+            name, size = config.polygon.name, prediction.image_size
+            regions += [polygon_result(part, size, obj.label, name, image, obj.score) for part in parts]
+        if config.rectangle is None or obj.label not in config.rectangle.labels:
+            continue
+        # A mask no brush or polygon shows is given as its tight box: rectangles are what the project draws.
+        box = obj.box or (tight_box(obj.mask) if obj.mask is not None and not (brush or polygon) else None)
+        if box is not None:
             regions.append(
-                rectangle_result(
-                    obj.box, prediction.image_size, obj.label, config.rectangle.name, config.image_name, obj.score
-                )
+                rectangle_result(box, prediction.image_size, obj.label, config.rectangle.name, image, obj.score)
             )
     scores = [obj.score for obj in prediction.objects]
     return {"result": regions, "score": float(min(scores)) if scores else 0.0, "model_version": model_version}
 
 
-def task_answer(prediction: TaskPrediction, config: ProjectConfig, model_version: str) -> TaskAnswer:
+def task_answer(
+    prediction: TaskPrediction, config: ProjectConfig, model_version: str, rules: RegionRules
+) -> TaskAnswer:
     """`task_results` with the prediction's cache state and timings, the encoding's own time included."""
     started = time.perf_counter()
-    entry = task_results(prediction, config, prediction.model_version or model_version)
+    entry = task_results(prediction, config, prediction.model_version or model_version, rules)
     timings = {**prediction.timings, "results": time.perf_counter() - started}
     return TaskAnswer(entry, prediction.cache_hit, timings)

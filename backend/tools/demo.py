@@ -14,14 +14,24 @@ from dataclasses import replace
 from pathlib import Path
 
 from backend.cache.store import ByteStore, make_store
-from backend.config import Settings
+from backend.config import SAM_TYPES, TRANSFORMERS_SEGMENTERS, Settings
 from backend.errors import ImageError, ModelNotReady, PromptError
 from backend.images import FetchedImage
 from backend.inference.local import Predictor
 from backend.tools.segment_text import detections_json, overlay, segment_text
 
-SAM_MODEL_TYPES = ["vit_h", "vit_l", "vit_b"]  # the choices, and their order, of lang-segment-anything's app
+# lang-segment-anything's choices, in its order, then the models transformers runs.
+SAM_MODEL_TYPES = [*reversed(SAM_TYPES), *TRANSFORMERS_SEGMENTERS]
 LOAD_WAIT_S = 600.0  # a first request waits for the weights to load rather than failing
+
+
+def with_segmenter(settings: Settings, sam_model_type: str) -> Settings:
+    """`settings` running `sam_model_type`: SAM_CHECKPOINT names the configured type's weights, so another type
+    uses its official file or folder in WEIGHTS_DIR."""
+    own_weights = sam_model_type == settings.sam_model_type
+    return replace(
+        settings, sam_model_type=sam_model_type, sam_checkpoint=settings.sam_checkpoint if own_weights else ""
+    )
 
 
 class DemoPredictors:
@@ -37,14 +47,7 @@ class DemoPredictors:
         with self._mutex:
             predictor = self._predictors.get(sam_model_type)
             if predictor is None:
-                # SAM_CHECKPOINT names the configured type's file; other types use their official file names.
-                own_file = sam_model_type == self.settings.sam_model_type
-                settings = replace(
-                    self.settings,
-                    sam_model_type=sam_model_type,
-                    sam_checkpoint=self.settings.sam_checkpoint if own_file else "",
-                    model_ready_timeout_s=LOAD_WAIT_S,
-                )
+                settings = replace(with_segmenter(self.settings, sam_model_type), model_ready_timeout_s=LOAD_WAIT_S)
                 predictor = self._predictors[sam_model_type] = Predictor(settings, self.store)
                 predictor.models.start()
             return predictor
@@ -54,7 +57,7 @@ def build_demo(settings: Settings):  # -> gradio.Blocks; gradio is imported here
     import gradio as gr
 
     predictors = DemoPredictors(settings, make_store(settings.cache_url, settings.memory_cache_bytes))
-    default_type = settings.sam_model_type if settings.sam_model_type in SAM_MODEL_TYPES else "vit_b"
+    default_type = settings.sam_model_type
 
     def run(sam_model_type: str, box_threshold: float, text_threshold: float, image_path: str, text_prompt: str):
         if not image_path:

@@ -29,6 +29,7 @@ def prompt_config(text: str, box_threshold: float, text_threshold: float) -> Pro
         image_field=IMAGE_NAME,
         brush=Control("masks", IMAGE_NAME, labels),
         rectangle=Control("boxes", IMAGE_NAME, labels),
+        polygon=None,
         keypoint=None,
         text_prompt=None,
         phrases={label: (label,) for label in labels},

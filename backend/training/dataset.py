@@ -1,4 +1,5 @@
-"""A project's training set: the brush masks of its annotations, kept on disk one file per annotation.
+"""A project's training set: the brush masks and polygons (rasterised) of its annotations, kept on disk one file per
+annotation.
 
 One file per annotation id makes ANNOTATION_UPDATED a replace and ANNOTATIONS_DELETED (which carries
 only ids) a removal. Masks are stored bit-packed and compressed, so a 1024×768 mask takes a few KiB.
@@ -21,7 +22,8 @@ from backend.errors import Rejected, RleError
 from backend.project_files import ProjectFiles, fsync_directory, write_atomically
 from backend.protocol.brush_rle import decode_mask
 from backend.protocol.ids import is_label_studio_id
-from backend.protocol.label_config import ProjectConfig
+from backend.protocol.label_config import Control, ProjectConfig
+from backend.protocol.polygons import rasterise
 
 log = logging.getLogger(__name__)
 
@@ -54,29 +56,51 @@ def _pixels(value: object, what: str) -> int:
     return value
 
 
-def _brush_region(result: dict, config: ProjectConfig, max_pixels: int) -> Region:
-    brush = config.brush
-    if brush is None:
-        raise Rejected("the label config has no BrushLabels control")
-    if result.get("from_name") != brush.name:
-        raise Rejected(f"region from control {result.get('from_name')!r}, not the BrushLabels {brush.name!r}")
-    value = result.get("value") or {}
-    labels = value.get("brushlabels") or []
-    if not labels or labels[0] not in brush.labels:
+def _label(result: dict, control: Control | None, kind: str) -> str:
+    """The region's label, checked against the control of its kind ("brush" or "polygon")."""
+    tag = f"{kind.capitalize()}Labels"
+    if control is None:
+        raise Rejected(f"the label config has no {tag} control")
+    if result.get("from_name") != control.name:
+        raise Rejected(f"region from control {result.get('from_name')!r}, not the {tag} {control.name!r}")
+    value = result.get("value")
+    if not isinstance(value, dict):
+        raise Rejected("the region's value is not an object")
+    labels = value.get(f"{kind}labels")
+    labels = labels if isinstance(labels, list) else []
+    if not labels or labels[0] not in control.labels:
         raise Rejected(
-            f"label {labels[0] if labels else None!r} is not in the label config ({', '.join(brush.labels)})"
+            f"label {labels[0] if labels else None!r} is not in the label config ({', '.join(control.labels)})"
         )
-    if value.get("format") != "rle":
-        raise Rejected(f"brush format {value.get('format')!r} is not 'rle'")
+    return labels[0]
+
+
+def _image_size(result: dict, max_pixels: int) -> tuple[int, int]:
+    """(height, width) the region declares. A mask is allocated at this size, so it is checked first."""
     width = _pixels(result.get("original_width"), "original_width")
     height = _pixels(result.get("original_height"), "original_height")
-    # Decoding allocates what the size declares (four bytes a pixel), so the size is checked before anything
-    # is decoded; decode_mask then checks the RLE's own declared length against it.
     if width * height > max_pixels:
         raise Rejected(
             f"original_width x original_height is {width}x{height} = {width * height} pixels,"
             f" over MAX_IMAGE_PIXELS ({max_pixels})"
         )
+    return height, width
+
+
+def _nonempty(result: dict, label: str, mask: np.ndarray) -> Region:
+    if not mask.any():
+        raise Rejected("the mask is empty")
+    return Region(str(result.get("id") or ""), label, mask)
+
+
+def _brush_region(result: dict, config: ProjectConfig, max_pixels: int) -> Region:
+    label = _label(result, config.brush, "brush")
+    value = result["value"]  # an object: _label checked it
+    if value.get("format") != "rle":
+        raise Rejected(f"brush format {value.get('format')!r} is not 'rle'")
+    # Decoding allocates what the size declares (four bytes a pixel); decode_mask checks the RLE's own declared
+    # length against it.
+    height, width = _image_size(result, max_pixels)
     rle = value.get("rle")
     if not isinstance(rle, list) or not all(
         isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 256 for x in rle
@@ -86,16 +110,36 @@ def _brush_region(result: dict, config: ProjectConfig, max_pixels: int) -> Regio
         mask = decode_mask(rle, height, width)
     except RleError as error:
         raise Rejected(f"rle does not decode: {error}") from error
-    if not mask.any():
-        raise Rejected("the mask is empty")
-    return Region(str(result.get("id") or ""), labels[0], mask)
+    return _nonempty(result, label, mask)
+
+
+def _is_point(point: object) -> bool:
+    """[x, y] in percent, within the image; Label Studio keeps polygons inside it (slack for rounding)."""
+    return (
+        isinstance(point, list)
+        and len(point) == 2
+        and all(isinstance(x, int | float) and not isinstance(x, bool) and -0.5 <= x <= 100.5 for x in point)
+    )
+
+
+def _polygon_region(result: dict, config: ProjectConfig, max_pixels: int) -> Region:
+    """A polygon rasterised at the size the image is shown (the pixels whose centre it covers), as a brush is."""
+    label = _label(result, config.polygon, "polygon")
+    height, width = _image_size(result, max_pixels)
+    points = result["value"].get("points")  # value is an object: _label checked it
+    if not isinstance(points, list) or len(points) < 3 or not all(_is_point(point) for point in points):
+        raise Rejected("points is not a list of three or more [x, y] pairs in percent of the image (0-100)")
+    return _nonempty(result, label, rasterise(points, (height, width)))
+
+
+REGION_READERS = {"brushlabels": _brush_region, "polygonlabels": _polygon_region}
 
 
 def record_from_webhook(
     annotation: dict, task: dict, config: ProjectConfig, max_pixels: int
 ) -> tuple[AnnotationRecord, list[tuple[str, str]]]:
-    """The brush regions of an ANNOTATION_CREATED/UPDATED payload and, for each region left out, (id, reason);
-    a region declaring more than `max_pixels` pixels is left out undecoded. Raises Rejected when the annotation
+    """The brush and polygon regions of an ANNOTATION_CREATED/UPDATED payload and, for each region left out, (id,
+    reason); a region declaring more than `max_pixels` pixels is left out undecoded. Raises Rejected when the annotation
     as a whole is unusable."""
     annotation_id = _label_studio_id(annotation.get("id"), "annotation.id")
     task_id = _label_studio_id(task.get("id"), "task.id")
@@ -107,10 +151,11 @@ def record_from_webhook(
         return record, [("*", "the annotation was cancelled (task skipped)")]
     left_out = []
     for result in annotation.get("result") or []:
-        if not isinstance(result, dict) or result.get("type") != "brushlabels":
+        read = REGION_READERS.get(str(result.get("type"))) if isinstance(result, dict) else None
+        if read is None:
             continue  # keypoints, rectangles, text: not masks to learn from
         try:
-            record.regions.append(_brush_region(result, config, max_pixels))
+            record.regions.append(read(result, config, max_pixels))
         except Rejected as reason:
             left_out.append((str(result.get("id")), str(reason)))
     return record, left_out

@@ -12,16 +12,15 @@ from backend.config import Settings
 from backend.decoders.serving import ProjectDecoders
 from backend.errors import ImageError
 from backend.images import FetchRules, ImageFetcher, decode_image
-from backend.models.base import ImageEmbedding
+from backend.models.base import ImageEmbedding, Segmenter
 from backend.models.registry import load_segmenter
-from backend.models.sam import SamSegmenter
 
 
 @dataclass
 class TrainingResources:
     """What training borrows from a running backend (`Predictor.training_resources`), or `shared_resources`."""
 
-    segmenter: SamSegmenter
+    segmenter: Segmenter
     embeddings: EmbeddingCache
     fetcher: ImageFetcher
     max_image_pixels: int

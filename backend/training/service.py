@@ -36,6 +36,7 @@ from backend.training.ingest import (
     last_training,
     read_annotation_count,
 )
+from backend.training.support import fine_tuning_refusal
 
 if TYPE_CHECKING:  # the models: the queue-mode web tier records events without importing them
     from backend.training.resources import TrainingResources
@@ -121,6 +122,8 @@ class ActiveLearning:
 
     def start(self) -> None:
         """Hand on the events a previous process recorded but did not get applied."""
+        if refusal := fine_tuning_refusal(self.settings):
+            log.warning("active learning: %s", refusal)
         for project_id in ProjectFiles.projects(self.settings.model_dir):
             if Inbox(ProjectFiles(self.settings.model_dir, project_id)).pending():
                 log.info("project %d: replaying recorded webhook events", project_id)
@@ -220,6 +223,7 @@ class ActiveLearning:
         training_set = TrainingSet(files)
         return {
             **self.decoders.describe(project_id),
+            "fine_tuning": self.fine_tuning(),
             "training_set": {**training_set.summary(), "rejected_regions": len(training_set.rejections())},
             "annotations_since_training": read_annotation_count(files),
             "training": {
@@ -231,5 +235,11 @@ class ActiveLearning:
 
     def describe_all(self) -> dict:
         return {
-            "projects": [self.describe(project_id) for project_id in ProjectFiles.projects(self.settings.model_dir)]
+            "fine_tuning": self.fine_tuning(),
+            "projects": [self.describe(project_id) for project_id in ProjectFiles.projects(self.settings.model_dir)],
         }
+
+    def fine_tuning(self) -> dict:
+        """Whether trainings can fine-tune the configured segmenter, and why not."""
+        refusal = fine_tuning_refusal(self.settings)
+        return {"supported": refusal is None, "reason": refusal}

@@ -22,12 +22,13 @@ from backend.config import Settings
 from backend.decoders.versions import VersionStore, parse_pins, pin_for
 from backend.errors import CorruptVersion, ImageError, LockBusy
 from backend.models.base import ImageEmbedding
-from backend.models.sam import decoder_weights, load_decoder_weights, with_decoder_state
+from backend.models.sam import SamSegmenter, decoder_weights, load_decoder_weights, with_decoder_state
 from backend.project_files import ProjectFiles, write_atomically
 from backend.training.dataset import AnnotationRecord, TrainingSet
 from backend.training.finetune import Example, FinetuneConfig, evaluate_miou, finetune, make_example
 from backend.training.ingest import write_annotation_count
 from backend.training.resources import TrainingResources, shared_resources
+from backend.training.support import fine_tuning_refusal
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,9 @@ MIN_TASKS = 2  # one task at least to learn from and one to check the result on
 @dataclass
 class TrainingResult:
     project_id: int
-    status: str  # "trained", "skipped" (not enough data), "busy" (another training runs), "failed"
+    # "trained", "skipped" (not enough data), "busy" (another training runs), "refused" (a segmenter it cannot
+    # fine-tune), "failed"
+    status: str
     reason: str = ""
     version: str | None = None
     accepted: bool = False
@@ -133,6 +136,11 @@ def _train_locked(
     on_step: Callable[[int, float], None] | None,
 ) -> TrainingResult:
     project_id = files.project_id
+    segmenter = resources.segmenter
+    if not isinstance(segmenter, SamSegmenter):
+        reason = fine_tuning_refusal(settings) or f"{segmenter.identity} has no mask decoder this backend fine-tunes"
+        log.warning("project %d: training refused: %s", project_id, reason)
+        return TrainingResult(project_id, "refused", reason)
     started = time.perf_counter()
     store = VersionStore(files)
     store.remove_partial()
@@ -159,7 +167,7 @@ def _train_locked(
             break
         except (CorruptVersion, ValueError) as error:
             log.error("project %d: version %s cannot be trained from, skipped: %s", project_id, candidate.name, error)
-    model = with_decoder_state(resources.segmenter.sam, state)
+    model = with_decoder_state(segmenter.sam, state)
     config = finetune_config(settings)
     log.info(
         "project %d: training from %s on %d masks (%d tasks), %d held out (%d tasks), %d steps",

@@ -15,9 +15,9 @@ from tests.load_harness import GunicornServer
 
 pytestmark = pytest.mark.e2e
 
-POLYGONS_ONLY = """<View>
+KEYPOINTS_ONLY = """<View>
   <Image name="image" value="$image"/>
-  <PolygonLabels name="outline" toName="image"><Label value="Car"/></PolygonLabels>
+  <KeyPointLabels name="click" toName="image" smart="true"><Label value="Car"/></KeyPointLabels>
 </View>"""
 
 
@@ -48,6 +48,6 @@ def test_connecting_a_backend_whose_sam_failed_to_load_shows_why(connect, tmp_pa
     assert "health check failed" in answer and "SAM could not be loaded" in answer and str(missing) in answer
 
 
-def test_connecting_a_project_whose_label_config_has_no_brush_or_rectangles_shows_why(connect):
-    answer = json.dumps(connect(POLYGONS_ONLY, "ready"))
-    assert "no BrushLabels or RectangleLabels control for the Image 'image'" in answer
+def test_connecting_a_project_whose_label_config_has_no_brush_polygons_or_rectangles_shows_why(connect):
+    answer = json.dumps(connect(KEYPOINTS_ONLY, "ready"))
+    assert "no BrushLabels, PolygonLabels or RectangleLabels control for the Image 'image'" in answer

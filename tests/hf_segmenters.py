@@ -1,0 +1,133 @@
+"""SAM 2.1, EdgeTAM and SAM-HQ with random weights, saved by transformers' own `save_pretrained` as the
+backend loads them: at reduced sizes for the tests, at the official sizes for bench/models.py.
+
+`python -m tests.hf_segmenters FOLDER reduced|official [NAME ...]` writes one model folder per name. It runs as
+its own process because EdgeTAM's config, when saved, is compared with a default one whose RepViT backbone
+config transformers asks the Hugging Face hub for; that config (timm's `repvit_m1.dist_in1k`, whose only field
+that matters here is the architecture) is supplied from a local hub cache, which huggingface_hub reads from
+HF_HUB_CACHE only when it is imported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.assets import REPO
+
+REPVIT_REPO = "timm/repvit_m1.dist_in1k"
+REPVIT_CONFIG = {"architecture": "repvit_m1", "num_classes": 1000, "num_features": 384, "label_names": ["class"]}
+FEATURES_ONLY = {"in_chans": 3, "features_only": True, "out_indices": [0, 1, 2, 3]}
+
+# The official Hiera sizes (SAM 2.1's sam2.1_hiera_{t,s,b+,l}.yaml).
+HIERA = {
+    "sam2.1-hiera-tiny": {"blocks_per_stage": [1, 2, 7, 2], "global_attention_blocks": [5, 7, 9]},
+    "sam2.1-hiera-small": {"blocks_per_stage": [1, 2, 11, 2], "global_attention_blocks": [7, 10, 13]},
+    "sam2.1-hiera-base-plus": {
+        "hidden_size": 112,
+        "num_attention_heads": 2,
+        "embed_dim_per_stage": [112, 224, 448, 896],
+        "num_attention_heads_per_stage": [2, 4, 8, 16],
+        "blocks_per_stage": [2, 3, 16, 3],
+        "global_attention_blocks": [12, 16, 20],
+        "window_positional_embedding_background_size": [14, 14],
+    },
+    "sam2.1-hiera-large": {
+        "hidden_size": 144,
+        "num_attention_heads": 2,
+        "embed_dim_per_stage": [144, 288, 576, 1152],
+        "num_attention_heads_per_stage": [2, 4, 8, 16],
+        "blocks_per_stage": [2, 6, 36, 4],
+        "global_attention_blocks": [23, 33, 43],
+        "window_size_per_stage": [8, 4, 16, 8],
+    },
+}
+# The official SAM-HQ ViT sizes (Meta's SAM ViT-B/L/H encoders).
+HQ_VIT = {
+    "sam-hq-vit-b": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12},
+    "sam-hq-vit-l": {
+        "hidden_size": 1024,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 16,
+        "global_attn_indexes": [5, 11, 17, 23],
+    },
+    "sam-hq-vit-h": {
+        "hidden_size": 1280,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 16,
+        "global_attn_indexes": [7, 15, 23, 31],
+    },
+}
+REDUCED = ("sam2.1-hiera-tiny", "edgetam", "sam-hq-vit-b")
+
+
+def build(name: str, reduced: bool):  # -> (model, processor), transformers objects
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(0)
+    if name.startswith("sam2.1"):
+        if reduced:
+            hiera = {
+                "hidden_size": 16,
+                "embed_dim_per_stage": [16, 32, 64, 128],
+                "num_attention_heads_per_stage": [1, 1, 2, 2],
+                "blocks_per_stage": [1, 1, 2, 1],
+                "global_attention_blocks": [3],
+            }
+        else:
+            hiera = HIERA[name]
+        backbone = tf.Sam2HieraDetConfig(**hiera)
+        channels = list(reversed(backbone.embed_dim_per_stage))
+        vision = tf.Sam2VisionConfig(backbone_config=backbone, backbone_channel_list=channels)
+        model = tf.Sam2Model(tf.Sam2Config(vision_config=vision))
+        processor = tf.Sam2Processor(image_processor=tf.Sam2ImageProcessorFast())
+    elif name == "edgetam":
+        # RepViT m0.9 has m1's stage widths with fewer blocks.
+        backbone = tf.TimmWrapperConfig(
+            architecture="repvit_m0_9" if reduced else "repvit_m1", model_args=FEATURES_ONLY
+        )
+        model = tf.EdgeTamModel(tf.EdgeTamConfig(vision_config=tf.EdgeTamVisionConfig(backbone_config=backbone)))
+        processor = tf.Sam2Processor(image_processor=tf.Sam2ImageProcessorFast())
+    else:
+        vit = (
+            {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "global_attn_indexes": [1]}
+            if reduced
+            else HQ_VIT[name]
+        )
+        config = tf.SamHQConfig(
+            vision_config=tf.SamHQVisionConfig(**vit),
+            mask_decoder_config=tf.SamHQMaskDecoderConfig(vit_dim=vit["hidden_size"]),
+        )
+        model = tf.SamHQModel(config)
+        processor = tf.SamHQProcessor(image_processor=tf.SamImageProcessor())
+    return model.eval(), processor
+
+
+def write_models(folder: Path, reduced: bool, names: tuple[str, ...] = REDUCED) -> dict[str, Path]:
+    """Each named model saved under `folder`/name, built in a child process (see the module's docstring)."""
+    hub = folder / "hub"
+    snapshot = hub / f"models--{REPVIT_REPO.replace('/', '--')}" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True, exist_ok=True)
+    (snapshot / "config.json").write_text(json.dumps(REPVIT_CONFIG))
+    (snapshot.parents[1] / "refs").mkdir(exist_ok=True)
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    env = dict(os.environ, HF_HUB_CACHE=str(hub), HF_HUB_OFFLINE="1")
+    command = [sys.executable, "-m", "tests.hf_segmenters", str(folder), "reduced" if reduced else "official", *names]
+    subprocess.run(command, cwd=REPO, env=env, check=True)
+    return {name: folder / name for name in names}
+
+
+def main(argv: list[str]) -> None:
+    folder, size, *names = argv
+    for name in names:
+        model, processor = build(name, size == "reduced")
+        model.save_pretrained(folder + "/" + name)
+        processor.save_pretrained(folder + "/" + name)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
