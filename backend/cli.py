@@ -1,4 +1,4 @@
-"""The command line: `python -m backend serve|weights|worker|preannotate|predict|demo`."""
+"""The command line: `python -m backend serve|weights|worker|preannotate|encode|predict|demo|settings`."""
 
 from __future__ import annotations
 
@@ -122,10 +122,10 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
     return run_worker(settings, burst=args.burst)
 
 
-def _preannotate(args: argparse.Namespace, settings: Settings) -> int:
-    """Pre-annotate a whole project in the foreground, with a progress bar; Ctrl-C stops after the batches in
-    flight are stored, and running the same command again resumes (advised only where it helps: not after a
-    refusal such as a wrong URL, key or label config)."""
+def _project_run(args: argparse.Namespace, settings: Settings) -> int:
+    """Pre-annotate (`preannotate`) or encode (`encode`) a whole project in the foreground, with a progress bar;
+    Ctrl-C stops after the batches in flight are stored, and running the same command again resumes (advised only
+    where it helps: not after a refusal such as a wrong URL, key or label config)."""
     import signal
     import threading
     from dataclasses import replace
@@ -135,6 +135,7 @@ def _preannotate(args: argparse.Namespace, settings: Settings) -> int:
     from backend.app import configure_process, make_predictor
     from backend.errors import ProjectApiError
     from backend.protocol.project_api import ProjectApi
+    from backend.runs.encode import EncodeRun
     from backend.runs.preannotate import ProjectRun, RunOptions, RunProgress
 
     configure_process(settings)
@@ -176,7 +177,8 @@ def _preannotate(args: argparse.Namespace, settings: Settings) -> int:
         bar.set_postfix(predicted=progress.predicted, skipped=progress.skipped, failed=progress.failed, refresh=False)
         bar.refresh()
 
-    progress = ProjectRun(args.project, predictor, api, settings, options, show, stop.is_set).run()
+    run_class = EncodeRun if args.command == "encode" else ProjectRun
+    progress = run_class(args.project, predictor, api, settings, options, show, stop.is_set).run()
     bar.close()
     print(json.dumps(progress.as_dict()))
     if progress.state == "finished":
@@ -229,16 +231,18 @@ def main(argv: list[str] | None = None) -> int:
     worker = commands.add_parser("worker", help="run an inference worker taking jobs from Redis (INFERENCE=queue)")
     worker.add_argument("--burst", action="store_true", help="exit once the queues are empty")
     worker.set_defaults(run=_worker)
-    preannotate = commands.add_parser(
-        "preannotate", help="pre-annotate a whole Label Studio project (resumable; skips tasks already predicted)"
-    )
-    preannotate.add_argument("--project", type=int, required=True, help="the Label Studio project id")
-    preannotate.add_argument("--batch-size", type=int, help="tasks per batch (default: GROUNDING_DINO_BATCH)")
-    preannotate.add_argument("--parallel", type=int, help="batches in flight (default: 1; 2 per queue worker)")
-    preannotate.add_argument("--page-size", type=int, default=100, help="tasks per Label Studio page")
-    preannotate.add_argument("--max-tasks", type=int, help="stop after this many tasks (try a few first)")
-    preannotate.add_argument("--skip-annotated", action="store_true", help="leave tasks that have annotations")
-    preannotate.set_defaults(run=_preannotate)
+    for name, help_text in (
+        ("preannotate", "pre-annotate a whole Label Studio project (resumable; skips tasks already predicted)"),
+        ("encode", "cache the SAM embedding of every task image of a project (resumable; skips cached images)"),
+    ):
+        run = commands.add_parser(name, help=help_text)
+        run.add_argument("--project", type=int, required=True, help="the Label Studio project id")
+        run.add_argument("--batch-size", type=int, help="tasks per batch (default: GROUNDING_DINO_BATCH)")
+        run.add_argument("--parallel", type=int, help="batches in flight (default: 1; 2 per queue worker)")
+        run.add_argument("--page-size", type=int, default=100, help="tasks per Label Studio page")
+        run.add_argument("--max-tasks", type=int, help="stop after this many tasks (try a few first)")
+        run.add_argument("--skip-annotated", action="store_true", help="leave tasks that have annotations")
+        run.set_defaults(run=_project_run)
 
     predict = commands.add_parser("predict", help="segment what a text prompt names in one image")
     predict.add_argument("image", type=Path)

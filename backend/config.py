@@ -166,6 +166,14 @@ class Settings:
         minimum=0.001,
         section=S_HTTP,
     )
+    task_open_wait_s: float = setting(
+        "TASK_OPEN_WAIT",
+        2.0,
+        "seconds the prediction for a task opened without one may take; a longer one goes on in the background and "
+        "the task opens with none (the next open gets it)",
+        minimum=0,
+        section=S_HTTP,
+    )
     predict_threads: int = setting(
         "PREDICT_THREADS",
         8,
@@ -360,6 +368,14 @@ class Settings:
         "MEMORY_CACHE_BYTES",
         512 * 1024 * 1024,
         "bound of the in-process cache (also the fallback while Redis is down)",
+        minimum=0,
+        section=S_CACHE,
+    )
+    prefetch_tasks: int = setting(
+        "PREFETCH_TASKS",
+        3,
+        "a request for a task encodes the images of this many imported tasks after it in the background "
+        "(Label Studio's order: ascending id), skipping those cached; 0: no prefetch",
         minimum=0,
         section=S_CACHE,
     )

@@ -92,6 +92,8 @@ def settings(sam_checkpoint: Path, label_studio: LabelStudioStandIn, tmp_path: P
         model_dir=str(tmp_path / "models"),
         weights_dir=str(tmp_path / "weights"),  # never a developer's downloaded weights
         torch_threads=0,
+        # A task opened without a prediction waits for it as a batch does (tests/test_task_open.py tests the wait).
+        task_open_wait_s=90,
     )
 
 

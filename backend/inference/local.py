@@ -8,7 +8,9 @@ the protocol layer's `task_answer`) as its chunk ends, so a batch never holds mo
 
 from __future__ import annotations
 
+import collections
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -25,21 +27,26 @@ from backend.deadline import NO_LIMIT, StepTimes, TimeLimit
 from backend.decoders.serving import ProjectDecoders
 from backend.errors import BackendError, ConfigError, DeadlineExceeded, ImageError, ModelNotReady, PromptError
 from backend.images import FetchedImage, FetchRules, ImageFetcher, decode_image
+from backend.inference.background import BackgroundEncoder
 from backend.inference.base import FETCH_THREADS, InteractiveFront
 from backend.models.base import ImageEmbedding, Segmenter, SegmentPrompt
 from backend.models.detector import Detection, Detector
 from backend.models.loader import BackgroundLoader
 from backend.models.registry import load_detector, load_segmenter
 from backend.outcomes import DetectedObject, TaskPrediction, iou_score
+from backend.project_files import ProjectFiles
 from backend.prompts.interactive import ContextPrompts, InteractivePrompter
 from backend.prompts.text import TextQuery, Thresholds, labels_query, text_query, thresholds_for
 from backend.protocol.label_config import ProjectConfig
 from backend.protocol.results import RegionRules, TaskAnswer, region_rules, task_answer
+from backend.training.imports import ImportedTasks
 from backend.training.resources import TrainingResources
 from backend.training.service import ActiveLearning
 from backend.training.trainer import TrainingResult, train_project
 
 log = logging.getLogger(__name__)
+
+EMBEDDING_ROOM_BYTES = 2 * 256 * 64 * 64 + 1024  # a cached SAM embedding: float16 features and a header line
 
 
 @dataclass
@@ -65,6 +72,9 @@ class Predictor(InteractiveFront):
         self.learning = ActiveLearning(settings, self.training_resources, self.decoders, train=self.train_project)
         self.detections = DetectionCache(store, settings.embedding_ttl_s)
         self.step_times = StepTimes()
+        self.ahead = BackgroundEncoder()
+        self._prefetch: dict[int, collections.deque[str]] = {}  # per project: images to encode before imported ones
+        self._prefetch_mutex = threading.Lock()
 
     def _load_models(self) -> Models:
         segmenter = load_segmenter(self.settings)
@@ -168,6 +178,64 @@ class Predictor(InteractiveFront):
 
     def _loader(self, image: FetchedImage, pixels: np.ndarray | None) -> Callable[[], np.ndarray]:
         return lambda: pixels if pixels is not None else decode_image(image.data, self.settings.max_image_pixels)
+
+    def encode_url(self, image_url: str) -> bool:
+        """Fetch an image and cache its embedding unless cached already; True if it was (nothing encoded)."""
+        models = self.models.get(self.settings.model_ready_timeout_s)
+        _, hit, _ = self.embedding_for(models, self.fetcher.fetch(image_url))
+        return hit
+
+    def encode_batch(self, image_urls: Sequence[object]) -> list[bool | BackendError]:
+        outcomes: list[bool | BackendError] = []
+        for image_url in image_urls:
+            try:
+                outcomes.append(self.encode_url(image_url))  # type: ignore[arg-type]  # fetch answers a 400 for no URL
+            except ImageError as error:
+                outcomes.append(error)
+        return outcomes
+
+    def encode_ahead(self, project_id: int, prefetched: Callable[[], str | None]) -> bool:
+        """Encode one image ahead of the annotator: the next one `prefetched` names (the tasks after the one just
+        asked for), else the project's next imported task (`ImportedTasks`); False when neither is left. An image
+        that cannot be fetched is logged and passed over."""
+        self.models.get(self.settings.model_ready_timeout_s)  # before taking a task: a loading model keeps it listed
+        if not self.store.has_room(EMBEDDING_ROOM_BYTES):
+            # Encoding ahead must never evict an embedding an annotator is using: stop; the next request resumes.
+            log.info("project %d: the cache is near its bound; encoding ahead stops", project_id)
+            return False
+        image_url = prefetched()
+        if image_url is None:
+            task = ImportedTasks(ProjectFiles(self.settings.model_dir, project_id)).take()
+            if task is None:
+                return False
+            image_url = task.image_url
+        try:
+            self.encode_url(image_url)
+        except ImageError as error:
+            log.warning("project %d: image %s not encoded ahead: %s", project_id, image_url, error)
+        return True
+
+    def encode_imports(self, project_id: int) -> None:
+        """Encode the project's prefetched and imported tasks' images in the background, on the pool of one."""
+        self.ahead.schedule(
+            project_id, lambda: self.encode_ahead(project_id, lambda: self._next_prefetched(project_id))
+        )
+
+    def prefetch(self, project_id: int, task_id: int) -> None:
+        """Encode the next PREFETCH_TASKS imported tasks after `task_id` before any other waiting import."""
+        following = ImportedTasks(ProjectFiles(self.settings.model_dir, project_id)).following(
+            task_id, self.settings.prefetch_tasks
+        )
+        if not following:
+            return
+        with self._prefetch_mutex:  # the annotator moved on: the tasks after the newest request replace the others
+            self._prefetch[project_id] = collections.deque(task.image_url for task in following)
+        self.encode_imports(project_id)
+
+    def _next_prefetched(self, project_id: int) -> str | None:
+        with self._prefetch_mutex:
+            waiting = self._prefetch.get(project_id)
+            return waiting.popleft() if waiting else None
 
     def predict_for_image(
         self,
