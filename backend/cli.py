@@ -1,4 +1,4 @@
-"""The command line: `python -m backend serve|weights|worker|preannotate|predict|demo`."""
+"""The command line: `python -m backend serve|weights|worker|preannotate|encode|predict|demo|settings`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from backend.config import SAM_TYPES, TRANSFORMERS_SEGMENTERS, Settings, describe_markdown
+from backend.config import DETECTORS, SAM_TYPES, TRANSFORMERS_SEGMENTERS, Settings, describe_markdown
 from backend.errors import SettingsError
 
 SEGMENTERS = [*SAM_TYPES, *TRANSFORMERS_SEGMENTERS]
@@ -33,16 +33,22 @@ def _weights(args: argparse.Namespace, settings: Settings) -> int:
     from backend.app import configure_logging
     from backend.errors import BackendError
     from backend.models.checkpoints import download_checkpoint, missing_checkpoint
-    from backend.models.registry import grounding_dino_checkpoint, sam_checkpoint, text_encoder
+    from backend.models.registry import detector_weights, sam_checkpoint
+    from backend.tools.demo import with_detector
 
     configure_logging(settings.log_level)
     log = logging.getLogger(__name__)
     # Types named on the command line are official files asked for by name; otherwise, what the settings load.
     wanted = [sam_checkpoint(replace(settings, sam_checkpoint="", sam_model_type=kind)) for kind in args.sam or []]
     wanted = wanted or [sam_checkpoint(settings)]
-    if not args.no_grounding_dino:
-        wanted += [grounding_dino_checkpoint(settings), text_encoder(settings)]
     failures = 0
+    if not args.no_grounding_dino:
+        for detector in args.detector or [settings.detector]:
+            try:
+                wanted += detector_weights(with_detector(settings, detector))
+            except BackendError as error:  # a detector without an official download names what to do instead
+                print(f"error: {error}", file=sys.stderr)
+                failures += 1
     for location in wanted:
         if location.path.exists():
             log.info("%s weights: using %s", location.what, location.describe())
@@ -68,13 +74,13 @@ def _predict(args: argparse.Namespace, settings: Settings) -> int:
     from backend.errors import ImageError, ModelNotReady, PromptError
     from backend.images import FetchedImage
     from backend.inference.local import Predictor
-    from backend.tools.demo import LOAD_WAIT_S, with_segmenter
+    from backend.tools.demo import LOAD_WAIT_S, with_detector, with_segmenter
     from backend.tools.segment_text import detections_json, overlay, segment_text
 
     configure_process(settings)
     if args.sam_model:
         settings = with_segmenter(settings, args.sam_model)
-    settings = replace(settings, model_ready_timeout_s=LOAD_WAIT_S)
+    settings = replace(with_detector(settings, args.detector or settings.detector), model_ready_timeout_s=LOAD_WAIT_S)
     predictor = Predictor(settings, make_store(settings.cache_url, settings.memory_cache_bytes))
     try:
         image = FetchedImage(str(args.image), args.image.read_bytes())
@@ -116,10 +122,10 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
     return run_worker(settings, burst=args.burst)
 
 
-def _preannotate(args: argparse.Namespace, settings: Settings) -> int:
-    """Pre-annotate a whole project in the foreground, with a progress bar; Ctrl-C stops after the batches in
-    flight are stored, and running the same command again resumes (advised only where it helps: not after a
-    refusal such as a wrong URL, key or label config)."""
+def _project_run(args: argparse.Namespace, settings: Settings) -> int:
+    """Pre-annotate (`preannotate`) or encode (`encode`) a whole project in the foreground, with a progress bar;
+    Ctrl-C stops after the batches in flight are stored, and running the same command again resumes (advised only
+    where it helps: not after a refusal such as a wrong URL, key or label config)."""
     import signal
     import threading
     from dataclasses import replace
@@ -129,6 +135,7 @@ def _preannotate(args: argparse.Namespace, settings: Settings) -> int:
     from backend.app import configure_process, make_predictor
     from backend.errors import ProjectApiError
     from backend.protocol.project_api import ProjectApi
+    from backend.runs.encode import EncodeRun
     from backend.runs.preannotate import ProjectRun, RunOptions, RunProgress
 
     configure_process(settings)
@@ -170,7 +177,8 @@ def _preannotate(args: argparse.Namespace, settings: Settings) -> int:
         bar.set_postfix(predicted=progress.predicted, skipped=progress.skipped, failed=progress.failed, refresh=False)
         bar.refresh()
 
-    progress = ProjectRun(args.project, predictor, api, settings, options, show, stop.is_set).run()
+    run_class = EncodeRun if args.command == "encode" else ProjectRun
+    progress = run_class(args.project, predictor, api, settings, options, show, stop.is_set).run()
     bar.close()
     print(json.dumps(progress.as_dict()))
     if progress.state == "finished":
@@ -216,22 +224,25 @@ def main(argv: list[str] | None = None) -> int:
     weights = commands.add_parser("weights", help="download the official weights that are missing (and verify them)")
     weights.add_argument("action", choices=["download"])
     weights.add_argument("--sam", action="append", choices=SEGMENTERS, help="segmenter type(s), as SAM_MODEL_TYPE")
-    weights.add_argument("--no-grounding-dino", action="store_true", help="skip GroundingDINO and its text encoder")
+    weights.add_argument("--detector", action="append", choices=DETECTORS, help="detector(s) (default: DETECTOR)")
+    weights.add_argument("--no-grounding-dino", action="store_true", help="skip the detector's weights")
     weights.set_defaults(run=_weights)
 
     worker = commands.add_parser("worker", help="run an inference worker taking jobs from Redis (INFERENCE=queue)")
     worker.add_argument("--burst", action="store_true", help="exit once the queues are empty")
     worker.set_defaults(run=_worker)
-    preannotate = commands.add_parser(
-        "preannotate", help="pre-annotate a whole Label Studio project (resumable; skips tasks already predicted)"
-    )
-    preannotate.add_argument("--project", type=int, required=True, help="the Label Studio project id")
-    preannotate.add_argument("--batch-size", type=int, help="tasks per batch (default: GROUNDING_DINO_BATCH)")
-    preannotate.add_argument("--parallel", type=int, help="batches in flight (default: 1; 2 per queue worker)")
-    preannotate.add_argument("--page-size", type=int, default=100, help="tasks per Label Studio page")
-    preannotate.add_argument("--max-tasks", type=int, help="stop after this many tasks (try a few first)")
-    preannotate.add_argument("--skip-annotated", action="store_true", help="leave tasks that have annotations")
-    preannotate.set_defaults(run=_preannotate)
+    for name, help_text in (
+        ("preannotate", "pre-annotate a whole Label Studio project (resumable; skips tasks already predicted)"),
+        ("encode", "cache the SAM embedding of every task image of a project (resumable; skips cached images)"),
+    ):
+        run = commands.add_parser(name, help=help_text)
+        run.add_argument("--project", type=int, required=True, help="the Label Studio project id")
+        run.add_argument("--batch-size", type=int, help="tasks per batch (default: GROUNDING_DINO_BATCH)")
+        run.add_argument("--parallel", type=int, help="batches in flight (default: 1; 2 per queue worker)")
+        run.add_argument("--page-size", type=int, default=100, help="tasks per Label Studio page")
+        run.add_argument("--max-tasks", type=int, help="stop after this many tasks (try a few first)")
+        run.add_argument("--skip-annotated", action="store_true", help="leave tasks that have annotations")
+        run.set_defaults(run=_project_run)
 
     predict = commands.add_parser("predict", help="segment what a text prompt names in one image")
     predict.add_argument("image", type=Path)
@@ -240,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     predict.add_argument("--box-threshold", type=float, help="default: BOX_THRESHOLD")
     predict.add_argument("--text-threshold", type=float, help="default: TEXT_THRESHOLD")
     predict.add_argument("--sam-model", choices=SEGMENTERS, help="the segmenter (default: SAM_MODEL_TYPE)")
+    predict.add_argument("--detector", choices=DETECTORS, help="default: DETECTOR")
     predict.set_defaults(run=_predict)
 
     demo = commands.add_parser("demo", help="the Gradio demo page (pip install -r requirements-demo.txt)")

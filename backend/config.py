@@ -40,10 +40,13 @@ def setting(
     return field(default=default, repr=not secret, metadata=metadata)
 
 
+# The text-prompted detectors DETECTOR chooses among (backend.models.registry loads each).
+DETECTORS = ("groundingdino-py", "grounding-dino", "mm-grounding-dino", "owlv2")
+
 S_LABEL_STUDIO = "Label Studio and images"
 S_HTTP = "HTTP server"
 S_MODELS = "Models"
-S_DETECTOR = "GroundingDINO"
+S_DETECTOR = "Detector (pre-annotation and text prompts)"
 S_REGIONS = "Polygons and boxes"
 S_CACHE = "Cache"
 S_QUEUE = "Queue mode"
@@ -163,6 +166,14 @@ class Settings:
         minimum=0.001,
         section=S_HTTP,
     )
+    task_open_wait_s: float = setting(
+        "TASK_OPEN_WAIT",
+        2.0,
+        "seconds the prediction for a task opened without one may take; a longer one goes on in the background and "
+        "the task opens with none (the next open gets it)",
+        minimum=0,
+        section=S_HTTP,
+    )
     predict_threads: int = setting(
         "PREDICT_THREADS",
         8,
@@ -220,6 +231,23 @@ class Settings:
         "SAM_ENCODER_BATCH", 0, "images per SAM encoder pass; 0: 4 on a GPU, 1 on CPU", minimum=0, section=S_MODELS
     )
 
+    detector: str = setting(
+        "DETECTOR",
+        "groundingdino-py",
+        "the text-prompted detector: `groundingdino-py` (GroundingDINO's official checkpoint, as before), "
+        "`grounding-dino` (transformers' GroundingDINO, no compiled extension), `mm-grounding-dino` "
+        "(MM-GroundingDINO through transformers) or `owlv2` (OWLv2 through transformers)",
+        choices=DETECTORS,
+        section=S_DETECTOR,
+    )
+    detector_model: str = setting(
+        "DETECTOR_MODEL",
+        "",
+        "for the transformers detectors: a folder saved by `save_pretrained`, used as it is; default: the official "
+        "repository's files at a pinned revision in `WEIGHTS_DIR`, which `python -m backend weights download` "
+        "fetches (MM-GroundingDINO has no pinned revision yet: set it)",
+        section=S_DETECTOR,
+    )
     grounding_dino_config: str = setting(
         "GROUNDING_DINO_CONFIG",
         "",
@@ -240,17 +268,25 @@ class Settings:
         section=S_DETECTOR,
     )
     grounding_dino_image_size: int = setting(
-        "GROUNDING_DINO_IMAGE_SIZE", 800, "short side GroundingDINO reads images at", minimum=32, section=S_DETECTOR
+        "GROUNDING_DINO_IMAGE_SIZE",
+        800,
+        "short side the GroundingDINO detectors read images at (OWLv2's processor fixes its own)",
+        minimum=32,
+        section=S_DETECTOR,
     )
     grounding_dino_batch: int = setting(
         "GROUNDING_DINO_BATCH",
         4,
-        "images per GroundingDINO pass in a pre-annotation batch",
+        "images per detector pass in a pre-annotation batch",
         minimum=1,
         section=S_DETECTOR,
     )
     box_threshold: float = setting(
-        "BOX_THRESHOLD", 0.3, "a box is kept when its best token scores above this", minimum=0, section=S_DETECTOR
+        "BOX_THRESHOLD",
+        0.3,
+        "a box is kept when its best token (OWLv2: phrase) scores above this",
+        minimum=0,
+        section=S_DETECTOR,
     )
     text_threshold: float = setting(
         "TEXT_THRESHOLD",
@@ -260,7 +296,11 @@ class Settings:
         section=S_DETECTOR,
     )
     max_objects: int = setting(
-        "MAX_OBJECTS", 20, "objects kept per image (best first) before SAM", minimum=1, section=S_DETECTOR
+        "MAX_OBJECTS",
+        20,
+        "objects kept per image (best first, after NMS within each label) before SAM",
+        minimum=1,
+        section=S_DETECTOR,
     )
 
     mask_regions: str = setting(
@@ -328,6 +368,14 @@ class Settings:
         "MEMORY_CACHE_BYTES",
         512 * 1024 * 1024,
         "bound of the in-process cache (also the fallback while Redis is down)",
+        minimum=0,
+        section=S_CACHE,
+    )
+    prefetch_tasks: int = setting(
+        "PREFETCH_TASKS",
+        3,
+        "a request for a task encodes the images of this many imported tasks after it in the background "
+        "(Label Studio's order: ascending id), skipping those cached; 0: no prefetch",
         minimum=0,
         section=S_CACHE,
     )

@@ -45,7 +45,7 @@ def build_segmenter(name: str, device: str):  # -> Segmenter
     from tests.hf_segmenters import build
 
     model, processor = build(name, reduced=False)
-    family = FAMILIES[TRANSFORMERS_MODELS[name].family]
+    family = FAMILIES[TRANSFORMERS_MODELS[name].model_type]
     return HfSegmenter(model, processor, family, f"bench-{name}", torch.device(device))
 
 
@@ -111,8 +111,10 @@ def main() -> None:
         command += ["--threads", str(args.threads), "--repeats", str(args.repeats)]
         # The child builds EdgeTAM's RepViT from its architecture name; nothing may reach the hub.
         env = dict(os.environ, HF_HUB_OFFLINE="1")
-        output = subprocess.run(command, cwd=REPO, env=env, check=True, capture_output=True, text=True).stdout
-        rows.append(json.loads(output.strip().splitlines()[-1]))
+        child = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+        if child.returncode:
+            sys.exit(f"{name} failed:\n{child.stderr}")
+        rows.append(json.loads(child.stdout.strip().splitlines()[-1]))
         print(f"measured {name}", file=sys.stderr)
     base = next((row for row in rows if row["model"] == "vit_b"), rows[0])
     print(

@@ -17,6 +17,7 @@ from backend.config import Settings
 from backend.http.server import create_app
 from backend.inference.local import Predictor
 from tests.assets import build_small_sam, encode, smooth_object_image
+from tests.detector_weights import write_detector
 from tests.grounding_dino_weights import write_checkpoint, write_config, write_text_encoder
 from tests.label_studio_standin import LabelStudioStandIn
 from tests.services import RedisServer, Workers
@@ -91,6 +92,8 @@ def settings(sam_checkpoint: Path, label_studio: LabelStudioStandIn, tmp_path: P
         model_dir=str(tmp_path / "models"),
         weights_dir=str(tmp_path / "weights"),  # never a developer's downloaded weights
         torch_threads=0,
+        # A task opened without a prediction waits for it as a batch does (tests/test_task_open.py tests the wait).
+        task_open_wait_s=90,
     )
 
 
@@ -111,6 +114,16 @@ def grounding_dino_files(tmp_path_factory) -> GroundingDinoFiles:
     return GroundingDinoFiles(
         config, write_checkpoint(root / "groundingdino_small.pth", config, text_encoder), text_encoder
     )
+
+
+TRANSFORMERS_DETECTORS = ["grounding-dino", "mm-grounding-dino", "owlv2"]
+
+
+@pytest.fixture(scope="session")
+def detector_folders(tmp_path_factory) -> dict[str, Path]:
+    """Each transformers detector at reduced size with random weights, saved by `save_pretrained`."""
+    root = tmp_path_factory.mktemp("detectors")
+    return {kind: write_detector(root / kind, kind) for kind in TRANSFORMERS_DETECTORS}
 
 
 @pytest.fixture

@@ -23,21 +23,28 @@ from segment_anything import sam_model_registry
 from segment_anything.build_sam import _build_sam
 
 from backend.cli import main
+from backend.config import Settings
 from backend.errors import CheckpointMissing, DownloadFailed, WrongCheckpoint
+from backend.models import registry
 from backend.models.checkpoints import (
     BERT_BASE_UNCASED,
+    DETECTOR_REPOSITORIES,
     SAM_CHECKPOINTS,
+    TRANSFORMERS_MODELS,
     WEIGHTS_COMMAND,
     CheckpointLocation,
     OfficialCheckpoint,
-    OfficialTextEncoder,
+    OfficialRepository,
     download_checkpoint,
-    download_text_encoder,
+    download_repository,
+    sha256_of,
 )
 from backend.models.grounding_dino import load_grounding_dino
 from backend.models.registry import load_detector, load_segmenter
 from backend.models.sam import OFFICIAL_ENCODERS, infer_encoder_shape, load_sam
+from backend.models.transformers_detectors import load_transformers_detector
 from tests.assets import REPO
+from tests.hf_segmenters import write_models
 
 
 def official_shapes(model_type: str) -> dict[str, torch.Tensor]:
@@ -98,6 +105,9 @@ class CheckpointServer:
     payload: bytes
     files: dict[str, bytes]
     requests: list[str]
+    # path → the SHA-256 stated for it, as the Hugging Face hub states a large file's (X-Linked-Etag) on its
+    # redirect to the storage that serves it (here /storage + path)
+    stated: dict[str, str]
 
 
 @pytest.fixture
@@ -105,6 +115,7 @@ def checkpoint_server() -> Iterator[CheckpointServer]:
     payload = np.random.default_rng(0).integers(0, 256, 3 * 1024 * 1024, dtype=np.uint8).tobytes()
     files = {"/file": payload}
     served: list[str] = []
+    stated: dict[str, str] = {}
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
@@ -112,7 +123,14 @@ def checkpoint_server() -> Iterator[CheckpointServer]:
             if self.path == "/hang-up":
                 self.close_connection = True
                 return
-            body = payload if self.path == "/broken" else files.get(self.path)
+            if self.path in stated:
+                self.send_response(302)
+                self.send_header("Location", "/storage" + self.path)
+                self.send_header("X-Linked-Etag", f'"{stated[self.path]}"')
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            body = payload if self.path == "/broken" else files.get(self.path.removeprefix("/storage"))
             if body is None:
                 self.send_error(404)
                 return
@@ -130,7 +148,7 @@ def checkpoint_server() -> Iterator[CheckpointServer]:
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield CheckpointServer(f"http://127.0.0.1:{server.server_port}", payload, files, served)
+    yield CheckpointServer(f"http://127.0.0.1:{server.server_port}", payload, files, served, stated)
     server.shutdown()
     server.server_close()
 
@@ -145,7 +163,7 @@ def official_sam_at(url: str, sha256: str, directory: Path) -> CheckpointLocatio
 
 
 def test_a_checkpoint_with_the_wrong_checksum_is_refused_and_leaves_nothing(checkpoint_server, tmp_path):
-    with pytest.raises(ValueError, match="checksum mismatch"):
+    with pytest.raises(WrongCheckpoint, match="checksum mismatch.*SAM_CHECKPOINT"):
         download_checkpoint(official_sam_at(f"{checkpoint_server.url}/file", "0" * 64, tmp_path))
     assert checkpoint_server.requests == ["/file"] and leftovers(tmp_path) == []
 
@@ -241,14 +259,20 @@ def test_an_unreachable_server_is_one_line_naming_the_address_the_setting_and_a_
 # --- The text encoder: fetched at a pinned revision and checked; never looked up on a hub at start-up ---------
 
 
+def serve_repository(server: CheckpointServer, repository: OfficialRepository, folder: Path) -> None:
+    """`folder`'s files where `repository`'s revision has them on the hub, the weights behind a redirect stating
+    their SHA-256 as the hub does."""
+    for filename in (*repository.files, repository.weights):
+        server.files["/" + repository.url(filename, "").lstrip("/")] = (folder / filename).read_bytes()
+    weights_path = "/" + repository.url(repository.weights, "").lstrip("/")
+    server.stated[weights_path] = sha256_of(folder / repository.weights)
+
+
 @pytest.fixture
-def text_encoder_served(checkpoint_server, grounding_dino_files) -> OfficialTextEncoder:
+def text_encoder_served(checkpoint_server, grounding_dino_files) -> OfficialRepository:
     """The tiny test BERT's files, served where the official repository's pinned revision has them."""
-    encoder = BERT_BASE_UNCASED
-    for filename in (*encoder.files, encoder.weights):
-        path = "/" + encoder.url(filename, "").lstrip("/")
-        checkpoint_server.files[path] = (grounding_dino_files.text_encoder / filename).read_bytes()
-    return encoder
+    serve_repository(checkpoint_server, BERT_BASE_UNCASED, grounding_dino_files.text_encoder)
+    return BERT_BASE_UNCASED
 
 
 def text_encoder_location(weights: Path) -> CheckpointLocation:
@@ -258,12 +282,15 @@ def text_encoder_location(weights: Path) -> CheckpointLocation:
 def test_the_text_encoder_is_fetched_from_its_pinned_revision_and_refused_when_the_weights_differ(
     checkpoint_server, text_encoder_served, tmp_path
 ):
-    encoder = text_encoder_served  # the official checksum: the tiny BERT's weights do not match it
-    with pytest.raises(ValueError, match="checksum mismatch"):
-        download_text_encoder(text_encoder_location(tmp_path), encoder, checkpoint_server.url)
+    """The checksum stored here wins over what the server states (which is the tiny BERT's own): the tiny BERT's
+    weights do not match the official checksum."""
+    encoder = text_encoder_served
+    with pytest.raises(WrongCheckpoint, match="checksum mismatch") as error:
+        download_repository(text_encoder_location(tmp_path), encoder, checkpoint_server.url)
     revision = "/google-bert/bert-base-uncased/resolve/86b5e0934494bd15c9632b12f734a8a67f723594/"
-    assert checkpoint_server.requests[-1] == revision + "model.safetensors"
-    assert all(path.startswith(revision) for path in checkpoint_server.requests)
+    assert checkpoint_server.requests[-1] == "/storage" + revision + "model.safetensors"
+    assert all(path.startswith((revision, "/storage" + revision)) for path in checkpoint_server.requests)
+    assert "GROUNDING_DINO_TEXT_ENCODER" in str(error.value)
     assert leftovers(tmp_path) == []
 
 
@@ -272,11 +299,11 @@ def test_a_fetched_text_encoder_is_a_folder_grounding_dino_loads(
 ):
     weights_sha256 = hashlib.sha256((grounding_dino_files.text_encoder / "model.safetensors").read_bytes()).hexdigest()
     encoder = replace(text_encoder_served, weights_sha256=weights_sha256)
-    folder = download_text_encoder(text_encoder_location(tmp_path), encoder, checkpoint_server.url)
+    folder = download_repository(text_encoder_location(tmp_path), encoder, checkpoint_server.url)
     assert leftovers(tmp_path) == ["bert-base-uncased"]
     assert sorted(leftovers(folder)) == sorted((*encoder.files, encoder.weights))
     detector = load_grounding_dino(grounding_dino_files.checkpoint, grounding_dino_files.config, folder, "cpu", 128)
-    assert detector.caption_tokens("car . wheel .") == 6
+    assert detector.text_tokens("car . wheel .", [(0, 3), (6, 11)]) == 6
 
 
 def test_the_default_text_encoder_missing_fails_at_once_naming_the_setting_without_contacting_a_hub(
@@ -383,3 +410,85 @@ def test_a_wrong_file_in_sam_checkpoint_is_named_for_what_it_is(settings, sam_ch
     with pytest.raises(WrongCheckpoint) as error:
         load_segmenter(replace(settings, sam_checkpoint=str(path)))
     assert f"SAM_CHECKPOINT={path}" in str(error.value) and kind in str(error.value)
+
+
+# --- The transformers detectors: their official repositories at pinned revisions, checked as the hub states ----
+
+
+@pytest.fixture
+def owlv2_served(checkpoint_server, detector_folders) -> OfficialRepository:
+    """The small OWLv2's files where the official repository's pinned revision has them."""
+    repository = DETECTOR_REPOSITORIES["owlv2"]
+    serve_repository(checkpoint_server, repository, detector_folders["owlv2"])
+    return repository
+
+
+def detector_location(weights: Path, repository: OfficialRepository) -> CheckpointLocation:
+    return CheckpointLocation("OWLv2", "DETECTOR_MODEL", weights / repository.name, repository)
+
+
+def test_a_detector_repository_is_fetched_at_its_pinned_revision_and_loads(checkpoint_server, owlv2_served, tmp_path):
+    folder = download_repository(detector_location(tmp_path, owlv2_served), owlv2_served, checkpoint_server.url)
+    revision = "/google/owlv2-base-patch16-ensemble/resolve/cfd3195ba4ea9592eec887ded089f4c08eff231d/"
+    assert all(path.startswith((revision, "/storage" + revision)) for path in checkpoint_server.requests)
+    assert sorted(leftovers(folder)) == sorted((*owlv2_served.files, owlv2_served.weights))
+    detector = load_transformers_detector("owlv2", folder, "cpu")
+    assert detector.text_tokens("car . wheel .", [(0, 3), (6, 11)]) == 7
+
+
+def test_detector_weights_that_differ_from_what_the_hub_states_are_refused(checkpoint_server, owlv2_served, tmp_path):
+    weights_path = "/" + owlv2_served.url(owlv2_served.weights, "").lstrip("/")
+    checkpoint_server.stated[weights_path] = "0" * 64
+    with pytest.raises(WrongCheckpoint, match="checksum mismatch.*DETECTOR_MODEL"):
+        download_repository(detector_location(tmp_path, owlv2_served), owlv2_served, checkpoint_server.url)
+    assert leftovers(tmp_path) == []
+
+
+# --- The transformers segmenters: the same mechanism as the detectors, checked for the model they were fetched as --
+
+
+@pytest.fixture(scope="module")
+def sam21_tiny_folder(tmp_path_factory) -> Path:
+    """SAM 2.1 Hiera-tiny at reduced size with random weights, saved by transformers' `save_pretrained`."""
+    return write_models(tmp_path_factory.mktemp("segmenters"), reduced=True, names=("sam2.1-hiera-tiny",))[
+        "sam2.1-hiera-tiny"
+    ]
+
+
+def test_a_segmenter_repository_is_fetched_at_its_pinned_revision_into_the_default_folder_and_loads(
+    checkpoint_server, sam21_tiny_folder, tmp_path
+):
+    repository = TRANSFORMERS_MODELS["sam2.1-hiera-tiny"]
+    serve_repository(checkpoint_server, repository, sam21_tiny_folder)
+    fetched = replace(Settings(), sam_model_type="sam2.1-hiera-tiny", weights_dir=str(tmp_path), device="cpu")
+    folder = download_repository(registry.sam_checkpoint(fetched), repository, checkpoint_server.url)
+    revision = "/facebook/sam2.1-hiera-tiny/resolve/de431c4043854a71d8101e17995dfe596bf101a5/"
+    assert all(path.startswith((revision, "/storage" + revision)) for path in checkpoint_server.requests)
+    assert "/storage" + revision + "model.safetensors" in checkpoint_server.requests  # the hub's stated SHA-256
+    assert leftovers(tmp_path) == ["sam2.1-hiera-tiny"]
+    assert sorted(leftovers(folder)) == sorted((*repository.files, repository.weights))
+    assert load_segmenter(fetched).identity.startswith("sam2.1-hiera-tiny")
+
+
+def test_segmenter_weights_that_differ_from_what_the_hub_states_are_refused_naming_the_setting(
+    checkpoint_server, sam21_tiny_folder, tmp_path
+):
+    repository = TRANSFORMERS_MODELS["sam2.1-hiera-tiny"]
+    serve_repository(checkpoint_server, repository, sam21_tiny_folder)
+    checkpoint_server.stated["/" + repository.url(repository.weights, "").lstrip("/")] = "0" * 64
+    location = CheckpointLocation("sam2.1-hiera-tiny", "SAM_CHECKPOINT", tmp_path / repository.name, repository)
+    with pytest.raises(WrongCheckpoint, match="checksum mismatch") as error:
+        download_repository(location, repository, checkpoint_server.url)
+    assert "SAM_CHECKPOINT" in str(error.value) and leftovers(tmp_path) == []
+
+
+def test_a_repository_holding_another_model_is_refused_naming_both_and_leaves_nothing(
+    checkpoint_server, sam21_tiny_folder, tmp_path
+):
+    """SAM 2.1 files where SAM-HQ ViT-B is expected: every file arrives and checks out, but it is not SAM-HQ."""
+    repository = TRANSFORMERS_MODELS["sam-hq-vit-b"]
+    serve_repository(checkpoint_server, repository, sam21_tiny_folder)
+    location = CheckpointLocation("sam-hq-vit-b", "SAM_CHECKPOINT", tmp_path / repository.name, repository)
+    with pytest.raises(WrongCheckpoint, match="holds a 'sam2' model, not a sam_hq one") as error:
+        download_repository(location, repository, checkpoint_server.url)
+    assert "SAM_CHECKPOINT" in str(error.value) and leftovers(tmp_path) == []

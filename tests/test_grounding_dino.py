@@ -21,6 +21,7 @@ from backend.images import decode_image
 from backend.inference.local import Predictor
 from backend.models.base import SegmentPrompt
 from backend.models.checkpoints import WEIGHTS_COMMAND
+from backend.models.detector import BoxScores, normalised_to_pixels, select
 from backend.models.grounding_dino import GroundingDino, load_grounding_dino
 from backend.models.registry import MODEL_BUILD_LOCK, grounding_dino_checkpoint, load_detector
 from backend.prompts.interactive import read_context
@@ -172,11 +173,14 @@ def crafted_scores(detector: GroundingDino, caption: str, peaks: list[dict[str, 
     return scores
 
 
+def answer(scores: torch.Tensor, boxes: torch.Tensor, image_size: tuple[int, int]) -> BoxScores:
+    """Token scores and normalised cx, cy, w, h boxes as a model's answer for an image of `image_size`."""
+    return BoxScores(scores.double().logit(), normalised_to_pixels(boxes, image_size))
+
+
 def test_boxes_go_to_the_phrase_their_tokens_match_under_both_thresholds(detector):
     query = build_query([("car", "Car"), ("red sedan", "Car"), ("tyre", "Wheel")])
-    spans = list(query.spans)
-    membership = detector._phrase_tokens(query.caption, spans)
-    weights = membership.float() / membership.sum(dim=1, keepdim=True)
+    membership = detector.phrase_tokens(query.caption, list(query.spans))
     groups = torch.as_tensor(query.label_groups)
     scores = crafted_scores(
         detector,
@@ -185,26 +189,25 @@ def test_boxes_go_to_the_phrase_their_tokens_match_under_both_thresholds(detecto
     )
     boxes = torch.tensor([[0.2, 0.2, 0.1, 0.1], [0.5, 0.5, 0.2, 0.2], [0.8, 0.8, 0.1, 0.1], [0.3, 0.7, 0.1, 0.1]])
     boxes = torch.cat([boxes, torch.tensor([[0.8, 0.2, 0.1, 0.1]])])
-    found = detector._select((100, 200), scores, boxes, membership, weights, groups, 0.3, 0.25)
+    found = select((100, 200), answer(scores, boxes, (100, 200)), membership, groups, 0.3, 0.25)
     by_phrase = {query.phrases[detection.phrase]: detection for detection in found}
     # Query 3 is under the box threshold; query 2 matched half of "red sedan" (mean 0.45 > 0.25).
     assert set(by_phrase) == {"tyre", "car", "red sedan"} and len(found) == 4
     assert query.labels[by_phrase["tyre"].phrase] == "Wheel"
     assert by_phrase["tyre"].box == pytest.approx((30.0, 15.0, 50.0, 25.0))
     assert found[0].score == pytest.approx(0.9) and found[-1].score == pytest.approx(0.35)
-    strict_text = detector._select((100, 200), scores, boxes, membership, weights, groups, 0.3, 0.5)
+    strict_text = select((100, 200), answer(scores, boxes, (100, 200)), membership, groups, 0.3, 0.5)
     # "car" at 0.35 and "red" alone (mean 0.45 over "red sedan") fall under a text threshold of 0.5.
     assert [query.phrases[detection.phrase] for detection in strict_text] == ["tyre", "red sedan"]
 
 
 def test_overlapping_boxes_are_merged_within_a_label_only(detector):
     query = build_query([("car", "Car"), ("sedan", "Car"), ("tyre", "Wheel")])
-    membership = detector._phrase_tokens(query.caption, list(query.spans))
-    weights = membership.float() / membership.sum(dim=1, keepdim=True)
+    membership = detector.phrase_tokens(query.caption, list(query.spans))
     scores = crafted_scores(detector, query.caption, [{"car": 0.9}, {"sedan": 0.8}, {"tyre": 0.7}])
     same_place = torch.tensor([[0.5, 0.5, 0.4, 0.4]] * 3)
-    found = detector._select(
-        (100, 100), scores, same_place, membership, weights, torch.as_tensor(query.label_groups), 0.3, 0.25
+    found = select(
+        (100, 100), answer(scores, same_place, (100, 100)), membership, torch.as_tensor(query.label_groups), 0.3, 0.25
     )
     assert [query.labels[detection.phrase] for detection in found] == ["Car", "Wheel"]
 

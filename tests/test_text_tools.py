@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,8 @@ def backend_env(settings) -> dict[str, str]:
         "GROUNDING_DINO_CHECKPOINT": settings.grounding_dino_checkpoint,
         "GROUNDING_DINO_TEXT_ENCODER": settings.grounding_dino_text_encoder,
         "GROUNDING_DINO_IMAGE_SIZE": str(settings.grounding_dino_image_size),
+        "DETECTOR": settings.detector,
+        "DETECTOR_MODEL": settings.detector_model,
         "MAX_OBJECTS": str(settings.max_objects),
         "REDIS_URL": settings.redis_url,
         "WEIGHTS_DIR": settings.weights_dir,
@@ -77,6 +80,20 @@ def test_cli_prints_detections_draws_the_overlay_and_fills_the_shared_cache(grou
     assert click.status_code == 200 and click.headers["X-Embedding-Cache"] == "hit"
 
 
+def test_cli_predicts_with_another_detector_and_says_which_weights_one_lacks(
+    grounded_settings, detector_folders, media_root
+):
+    owl = replace(grounded_settings, detector="owlv2", detector_model=str(detector_folders["owlv2"]))
+    done = run_cli(owl, str(media_root / "upload/1/voc.jpg"), "--text", "car, wheel")
+    assert done.returncode == 0, done.stderr
+    objects = json.loads(done.stdout)["objects"]
+    assert objects and {obj["label"] for obj in objects} <= {"car", "wheel"}
+    # Another detector than the configured one reads its official folder in WEIGHTS_DIR, absent here.
+    missing = run_cli(owl, str(media_root / "upload/1/voc.jpg"), "--text", "car", "--detector", "grounding-dino")
+    assert missing.returncode == 1 and "DETECTOR=grounding-dino" in missing.stderr
+    assert "grounding-dino-tiny" in missing.stderr and "DETECTOR_MODEL" in missing.stderr
+
+
 def test_cli_refuses_a_prompt_of_separators(grounded_settings, media_root):
     done = run_cli(grounded_settings, str(media_root / "upload/1/voc.jpg"), "--text", " , ; ")
     assert done.returncode == 1 and "only separators" in done.stderr and done.stdout == ""
@@ -117,7 +134,7 @@ def test_demo_segments_through_the_backend_and_shares_its_cache(demo_url, ground
     client = Client(demo_url, verbose=False)
     photo = media_root / "upload/1/arc2017.jpg"
     overlay_path, detections = client.predict(
-        "vit_b", 0.3, 0.25, handle_file(str(photo)), "car, wheel", api_name="/predict"
+        "vit_b", "groundingdino-py", 0.3, 0.25, handle_file(str(photo)), "car, wheel", api_name="/predict"
     )
     original = np.asarray(Image.open(photo).convert("RGB"))
     overlay = np.asarray(Image.open(overlay_path).convert("RGB"))
@@ -127,12 +144,17 @@ def test_demo_segments_through_the_backend_and_shares_its_cache(demo_url, ground
     click = click_on(grounded_settings, "/data/upload/1/arc2017.jpg")
     assert click.status_code == 200 and click.headers["X-Embedding-Cache"] == "hit"
     # The same image again from the demo: its embedding is found, only GroundingDINO and the decoder run.
-    _, again = client.predict("vit_b", 0.3, 0.25, handle_file(str(photo)), "wheel", api_name="/predict")
+    _, again = client.predict(
+        "vit_b", "groundingdino-py", 0.3, 0.25, handle_file(str(photo)), "wheel", api_name="/predict"
+    )
     assert again["embedding_cache"] == "hit"
     with pytest.raises(AppError, match="only separators"):
-        client.predict("vit_b", 0.3, 0.25, handle_file(str(photo)), " . ", api_name="/predict")
+        client.predict("vit_b", "groundingdino-py", 0.3, 0.25, handle_file(str(photo)), " . ", api_name="/predict")
     with pytest.raises(AppError, match="SAM weights not found"):
-        client.predict("vit_h", 0.3, 0.25, handle_file(str(photo)), "car", api_name="/predict")
+        client.predict("vit_h", "groundingdino-py", 0.3, 0.25, handle_file(str(photo)), "car", api_name="/predict")
+    # Every detector is offered; one whose weights are absent says which folder it looked for.
+    with pytest.raises(AppError, match="owlv2-base-patch16-ensemble"):
+        client.predict("vit_b", "owlv2", 0.3, 0.25, handle_file(str(photo)), "car", api_name="/predict")
 
 
 def test_demo_module_is_not_needed_by_the_backend():

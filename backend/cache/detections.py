@@ -12,7 +12,7 @@ import hashlib
 import json
 
 from backend.cache.store import ByteStore
-from backend.models.grounding_dino import Detection
+from backend.models.detector import Detection
 
 
 class DetectionCache:

@@ -40,6 +40,13 @@ class ByteStore(Protocol):
     def describe(self) -> dict[str, object]:
         """Which cache serves, for /health, /status and the start-up log."""
 
+    def has_room(self, value_bytes: int) -> bool:
+        """Whether a value of `value_bytes` fits below ROOM_FRACTION of the store's bound, so that storing it evicts
+        nothing: work that may wait (encoding ahead of the annotator) asks first, to never push out what is in use."""
+
+
+ROOM_FRACTION = 0.9  # of a store's bound that encoding ahead may fill; the rest is for what annotators open
+
 
 class MemoryStore:
     """Thread-safe LRU of bytes, bounded by the total size of its values."""
@@ -95,6 +102,9 @@ class MemoryStore:
     def describe(self) -> dict[str, object]:
         return {"cache": "in-process", "max_bytes": self.max_bytes, "used_bytes": self._bytes}
 
+    def has_room(self, value_bytes: int) -> bool:
+        return self._bytes + value_bytes <= ROOM_FRACTION * self.max_bytes
+
     @contextlib.contextmanager
     def lock(self, name: str, timeout_s: float) -> Iterator[None]:
         # One process only: the in-process single-flight in EmbeddingCache already serialises it.
@@ -127,6 +137,20 @@ class ResilientStore:
             "redis_reachable": self.redis_up,
             "fallback_used_bytes": self.fallback.used_bytes,
         }
+
+    def has_room(self, value_bytes: int) -> bool:
+        """Below ROOM_FRACTION of Redis's `maxmemory` (always, without one); while Redis is unreachable, the
+        in-process fallback's answer."""
+        if self._should_try_redis():
+            try:
+                memory = self.client.info("memory")
+                self._mark_up()
+            except redis.RedisError as error:
+                self._mark_down(error)
+            else:
+                bound = int(memory.get("maxmemory", 0))
+                return bound == 0 or int(memory["used_memory"]) + value_bytes <= ROOM_FRACTION * bound
+        return self.fallback.has_room(value_bytes)
 
     def check(self) -> bool:
         """Ask Redis now (at start-up): whether it answers."""

@@ -2,7 +2,7 @@
 `routes` Blueprint, which `backend.http.server.create_app` registers.
 
 Routes: GET /health (and /), POST /setup, POST /predict, POST /webhook, GET /versions, GET /status,
-GET /metrics, POST|GET|DELETE /preannotate (whole-project runs in the background), and GET /livez, the
+GET /metrics, POST|GET|DELETE /preannotate and /encode (whole-project runs in the background), and GET /livez, the
 only one open without credentials when auth is configured. Every bad input answers a 4xx JSON
 `{"error": ...}` and a log line; the process keeps serving.
 """
@@ -36,6 +36,8 @@ from backend.protocol.ids import is_label_studio_id
 from backend.protocol.label_config import ProjectConfig, parse_label_config
 from backend.protocol.results import TaskAnswer, region_rules, task_answer
 from backend.runs.preannotate import BackgroundRuns, RunOptions
+from backend.runs.task_open import NotReady, TaskOpenPredictions
+from backend.training.imports import TASKS_CREATED, record_tasks_created
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,8 @@ class Backend:
     predictor: Inference
     model_calls: concurrent.futures.Executor  # the bounded pool a request's model calls run on, under its deadline
     runs: BackgroundRuns
+    encode_runs: BackgroundRuns  # whole-project encoding (runs.encode.EncodeRun)
+    task_opens: TaskOpenPredictions  # a task opened without a prediction: answered within TASK_OPEN_WAIT
 
 
 def current_backend() -> Backend:
@@ -221,12 +225,17 @@ def predict() -> tuple[Response, int] | Response:
     tasks, config, context = _parse_predict_body(body, backend.settings)
     deadline = Deadline(backend.model_calls, backend.settings.predict_deadline_s)
     project_id = project_id_of(body.get("project"))
+    outcomes: list[TaskAnswer | BackendError | NotReady]
     if context is None:
         # "Retrieve predictions" or a task opened without one: pre-annotate the tasks chunk by chunk; those
         # not done by the deadline are answered [] (see below), so Label Studio asks for them again.
         image_urls = [task["data"].get(config.image_field) for task in tasks]
         try:
-            outcomes = deadline.run_in_steps(backend.predictor.predict_batch, image_urls, config, project_id)
+            if len(tasks) == 1:
+                # A task just opened (or a one-task batch): the annotator waits, so TASK_OPEN_WAIT at most.
+                outcomes = [backend.task_opens.predict(image_urls[0], config, project_id)]
+            else:
+                outcomes = list(deadline.run_in_steps(backend.predictor.predict_batch, image_urls, config, project_id))
         except PromptError as error:
             raise BadRequest(str(error), error.status) from error
         except (DeadlineExceeded, ImageError, ConfigError) as error:
@@ -242,6 +251,9 @@ def predict() -> tuple[Response, int] | Response:
     errors: list[TaskError] = []
     last_answer: TaskAnswer | None = None
     for index, (task, outcome) in enumerate(zip(tasks, outcomes, strict=True)):
+        if isinstance(outcome, NotReady):
+            results.append([])  # computed in the background: the task opens now, the next open gets it
+            continue
         if isinstance(outcome, TaskAnswer):
             results.append(outcome.entry)
             record_prediction_metrics(outcome)
@@ -254,6 +266,9 @@ def predict() -> tuple[Response, int] | Response:
         # An empty list makes Label Studio store no prediction for the task (a dict with an empty
         # result would be stored), so the next "Retrieve predictions" asks for it again.
         results.append([])
+    if project_id is not None and len(tasks) == 1 and is_label_studio_id(tasks[0].get("id")):
+        # The annotator is on this task: encode the next ones now, after this answer's own work.
+        backend.predictor.prefetch(project_id, tasks[0]["id"])
     if errors and len(errors) == len(tasks):
         # Nothing to show: answer the first error's status so the caller sees why.
         return error_response(errors[0]["error"], errors[0]["status"], errors=errors)
@@ -286,7 +301,13 @@ def webhook() -> tuple[Response, int] | Response:
     if not isinstance(body, dict) or not isinstance(body.get("action"), str):
         raise BadRequest("a webhook body is a JSON object with an 'action'")
     try:
-        answer = backend.predictor.learning.receive(body)
+        if body["action"] == TASKS_CREATED:
+            # Recorded within the webhook's second; the images are encoded later, below clicks and pre-annotation.
+            project_id = record_tasks_created(body, backend.settings.model_dir)
+            backend.predictor.encode_imports(project_id)
+            answer = {"status": "queued", "action": TASKS_CREATED, "project": project_id}
+        else:
+            answer = backend.predictor.learning.receive(body)
     except WebhookError as error:
         raise BadRequest(str(error)) from error
     log.info("webhook %s for project %s: %s", body["action"], answer.get("project"), answer["status"])
@@ -302,8 +323,7 @@ def preannotate_start() -> tuple[Response, int] | Response:
     project_id = project_id_of(body.get("project"))
     if project_id is None:
         raise BadRequest(f"'project' must be a Label Studio project id, got {body.get('project')!r}")
-    if not backend.settings.label_studio_url or not backend.settings.label_studio_api_key:
-        raise BadRequest("whole-project pre-annotation needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY", 422)
+    _check_project_api(backend.settings, "whole-project pre-annotation")
     options = RunOptions(
         batch_size=backend.settings.grounding_dino_batch,
         parallel=backend.predictor.parallel_batches(),
@@ -315,9 +335,18 @@ def preannotate_start() -> tuple[Response, int] | Response:
                 raise BadRequest(f"'{name}' must be a positive integer, got {value!r}")
             setattr(options, name, value)
     options.skip_annotated = bool(body.get("skip_annotated", False))
-    progress = backend.runs.start(project_id, options)
+    return _started(backend.runs, backend.runs.start(project_id, options))
+
+
+def _check_project_api(settings: Settings, what: str) -> None:
+    if not settings.label_studio_url or not settings.label_studio_api_key:
+        raise BadRequest(f"{what} needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY", 422)
+
+
+def _started(runs: BackgroundRuns, progress: dict) -> tuple[Response, int] | Response:
+    """The answer to a project run's start: 202 with its first progress, 409 if one runs, 422 if it failed."""
     if progress["state"] == "busy":
-        return error_response("a pre-annotation run of this project is going on", 409, progress=progress)
+        return error_response(f"a {runs.run_class.KIND} run of this project is going on", 409, progress=progress)
     if progress["state"] == "failed":
         return error_response(progress["message"], 422, progress=progress)
     return jsonify(progress), 202
@@ -330,22 +359,50 @@ def requested_project() -> int:
     return project_id
 
 
+def _progress(runs: BackgroundRuns) -> Response:
+    project_id = requested_project()
+    progress = runs.progress(project_id)
+    if progress is None:
+        raise BadRequest(f"no {runs.run_class.KIND} run of project {project_id} is known", 404)
+    return jsonify(progress)
+
+
+def _stop(runs: BackgroundRuns) -> tuple[Response, int]:
+    project_id = requested_project()
+    runs.stop(project_id)
+    return jsonify({"project": project_id, "state": "stopping"}), 202
+
+
 @routes.get("/preannotate")
 def preannotate_progress() -> Response:
-    backend = current_backend()
-    project_id = requested_project()
-    progress = backend.runs.progress(project_id)
-    if progress is None:
-        raise BadRequest(f"no pre-annotation run of project {project_id} is known", 404)
-    return jsonify(progress)
+    return _progress(current_backend().runs)
 
 
 @routes.delete("/preannotate")
 def preannotate_stop() -> tuple[Response, int]:
+    return _stop(current_backend().runs)
+
+
+@routes.post("/encode")
+def encode_start() -> tuple[Response, int] | Response:
+    """Encode every task image of ?project= in the background (tasks imported before the backend was connected)."""
     backend = current_backend()
     project_id = requested_project()
-    backend.runs.stop(project_id)
-    return jsonify({"project": project_id, "state": "stopping"}), 202
+    _check_project_api(backend.settings, "whole-project encoding")
+    options = RunOptions(
+        batch_size=backend.settings.grounding_dino_batch, parallel=backend.predictor.parallel_batches()
+    )
+    return _started(backend.encode_runs, backend.encode_runs.start(project_id, options))
+
+
+@routes.get("/encode")
+def encode_progress() -> Response:
+    return _progress(current_backend().encode_runs)
+
+
+@routes.delete("/encode")
+def encode_stop() -> tuple[Response, int]:
+    return _stop(current_backend().encode_runs)
 
 
 @routes.get("/versions")

@@ -17,7 +17,9 @@ from backend.http import metrics
 from backend.http.access import AccessControl
 from backend.http.routes import Backend, error_response, routes
 from backend.inference.base import Inference
+from backend.runs.encode import EncodeRun
 from backend.runs.preannotate import BackgroundRuns
+from backend.runs.task_open import TaskOpenPredictions
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +33,8 @@ def create_app(settings: Settings, predictor: Inference) -> Flask:
         predictor=predictor,
         model_calls=concurrent.futures.ThreadPoolExecutor(settings.predict_threads, thread_name_prefix="predict"),
         runs=BackgroundRuns(predictor, settings, predictor.store),
+        encode_runs=BackgroundRuns(predictor, settings, predictor.store, EncodeRun),
+        task_opens=TaskOpenPredictions(predictor, settings.task_open_wait_s),
     )
     access = AccessControl(settings.basic_auth_user, settings.basic_auth_pass, settings.bearer_token)
 

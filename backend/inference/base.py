@@ -70,6 +70,18 @@ class Inference(Protocol):
     def parallel_batches(self) -> int:
         """How many pre-annotation batches a project run keeps in flight."""
 
+    def encode_imports(self, project_id: int) -> None:
+        """Encode the images of the project's recorded imported tasks (`training.imports`) in the background, at a
+        priority below clicks and pre-annotation; returns at once."""
+
+    def encode_batch(self, image_urls: Sequence[object]) -> list[bool | BackendError]:
+        """Cache each image's embedding: True where it was cached already, False where it was encoded now, the error
+        of an image that could not be fetched or decoded."""
+
+    def prefetch(self, project_id: int, task_id: int) -> None:
+        """Encode the next PREFETCH_TASKS imported tasks after `task_id` in the background, ahead of the other
+        imported ones; returns at once."""
+
 
 class InteractiveFront:
     """What both predictors do before the models run: check the context, skip empty ones and fetch the image.

@@ -8,7 +8,9 @@ the protocol layer's `task_answer`) as its chunk ends, so a batch never holds mo
 
 from __future__ import annotations
 
+import collections
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -25,21 +27,26 @@ from backend.deadline import NO_LIMIT, StepTimes, TimeLimit
 from backend.decoders.serving import ProjectDecoders
 from backend.errors import BackendError, ConfigError, DeadlineExceeded, ImageError, ModelNotReady, PromptError
 from backend.images import FetchedImage, FetchRules, ImageFetcher, decode_image
+from backend.inference.background import BackgroundEncoder
 from backend.inference.base import FETCH_THREADS, InteractiveFront
 from backend.models.base import ImageEmbedding, Segmenter, SegmentPrompt
-from backend.models.grounding_dino import Detection, GroundingDino
+from backend.models.detector import Detection, Detector
 from backend.models.loader import BackgroundLoader
 from backend.models.registry import load_detector, load_segmenter
 from backend.outcomes import DetectedObject, TaskPrediction, iou_score
+from backend.project_files import ProjectFiles
 from backend.prompts.interactive import ContextPrompts, InteractivePrompter
 from backend.prompts.text import TextQuery, Thresholds, labels_query, text_query, thresholds_for
 from backend.protocol.label_config import ProjectConfig
 from backend.protocol.results import RegionRules, TaskAnswer, region_rules, task_answer
+from backend.training.imports import ImportedTasks
 from backend.training.resources import TrainingResources
 from backend.training.service import ActiveLearning
 from backend.training.trainer import TrainingResult, train_project
 
 log = logging.getLogger(__name__)
+
+EMBEDDING_ROOM_BYTES = 2 * 256 * 64 * 64 + 1024  # a cached SAM embedding: float16 features and a header line
 
 
 @dataclass
@@ -57,7 +64,7 @@ class Predictor(InteractiveFront):
         self.store = store
         self.fetcher = fetcher or ImageFetcher(FetchRules.of(settings))
         self.models = BackgroundLoader(self._load_models)
-        # Optional: without GroundingDINO's weights SAM still serves clicks; text and pre-annotation say why not.
+        # Optional: without the detector's weights SAM still serves clicks; text and pre-annotation say why not.
         self.detector = BackgroundLoader(self._load_detector)
         self.decoders = ProjectDecoders(
             settings.model_dir, lambda: settings.base_model_version, settings.model_version_pin
@@ -65,6 +72,9 @@ class Predictor(InteractiveFront):
         self.learning = ActiveLearning(settings, self.training_resources, self.decoders, train=self.train_project)
         self.detections = DetectionCache(store, settings.embedding_ttl_s)
         self.step_times = StepTimes()
+        self.ahead = BackgroundEncoder()
+        self._prefetch: dict[int, collections.deque[str]] = {}  # per project: images to encode before imported ones
+        self._prefetch_mutex = threading.Lock()
 
     def _load_models(self) -> Models:
         segmenter = load_segmenter(self.settings)
@@ -113,36 +123,37 @@ class Predictor(InteractiveFront):
         }
 
     def read_context(self, context: object, config: ProjectConfig) -> ContextPrompts:
-        """As `InteractiveFront.read_context`, and a text prompt GroundingDINO cannot answer is refused before its
+        """As `InteractiveFront.read_context`, and a text prompt the detector cannot answer is refused before its
         image is fetched."""
         prompts = super().read_context(context, config)
         self._refuse_unanswerable_text(prompts, config)
         return prompts
 
     def _refuse_unanswerable_text(self, prompts: ContextPrompts, config: ProjectConfig | None) -> None:
-        """A text prompt's 503 (GroundingDINO could not be loaded) or 413 (too long for it) before any work on its
-        image. While GroundingDINO still loads, the image is fetched and encoded meanwhile."""
+        """A text prompt's 503 (the detector could not be loaded) or 413 (too long for it) before any work on its
+        image. While the detector still loads, the image is fetched and encoded meanwhile."""
         if prompts.texts and self.detector.state in ("ready", "failed"):
             self.detector_ready(text_query(prompts.texts, self._text_config(config), prompts.text_label))
 
-    def _load_detector(self) -> GroundingDino:
+    def _load_detector(self) -> Detector:
         return load_detector(self.settings)
 
-    def detector_ready(self, query: TextQuery) -> GroundingDino:
-        """GroundingDINO, able to read `query`'s caption; a 503 naming what is missing if it could not load."""
+    def detector_ready(self, query: TextQuery) -> Detector:
+        """The detector, able to read `query`'s caption; a 503 naming what is missing if it could not load."""
         try:
             detector = self.detector.get(self.settings.model_ready_timeout_s)
         except ModelNotReady:
             if self.detector.state != "failed":
                 raise  # still loading: a 503 that says to retry
             raise PromptError(
-                f"text prompts and pre-annotation need GroundingDINO, which could not be loaded: {self.detector.error}",
+                f"text prompts and pre-annotation need the detector (DETECTOR={self.settings.detector}), which could "
+                f"not be loaded: {self.detector.error}",
                 503,
             ) from None
-        tokens = detector.caption_tokens(query.caption)
+        tokens = detector.text_tokens(query.caption, list(query.spans))
         if tokens > detector.max_text_tokens:
             raise PromptError(
-                f"the {len(query.phrases)} phrases to detect take {tokens} tokens; GroundingDINO reads at most "
+                f"the {len(query.phrases)} phrases to detect take {tokens} tokens; {detector.name} reads at most "
                 f"{detector.max_text_tokens}: use fewer labels or shorter predicted_values",
                 413,
             )
@@ -168,6 +179,64 @@ class Predictor(InteractiveFront):
     def _loader(self, image: FetchedImage, pixels: np.ndarray | None) -> Callable[[], np.ndarray]:
         return lambda: pixels if pixels is not None else decode_image(image.data, self.settings.max_image_pixels)
 
+    def encode_url(self, image_url: str) -> bool:
+        """Fetch an image and cache its embedding unless cached already; True if it was (nothing encoded)."""
+        models = self.models.get(self.settings.model_ready_timeout_s)
+        _, hit, _ = self.embedding_for(models, self.fetcher.fetch(image_url))
+        return hit
+
+    def encode_batch(self, image_urls: Sequence[object]) -> list[bool | BackendError]:
+        outcomes: list[bool | BackendError] = []
+        for image_url in image_urls:
+            try:
+                outcomes.append(self.encode_url(image_url))  # type: ignore[arg-type]  # fetch answers a 400 for no URL
+            except ImageError as error:
+                outcomes.append(error)
+        return outcomes
+
+    def encode_ahead(self, project_id: int, prefetched: Callable[[], str | None]) -> bool:
+        """Encode one image ahead of the annotator: the next one `prefetched` names (the tasks after the one just
+        asked for), else the project's next imported task (`ImportedTasks`); False when neither is left. An image
+        that cannot be fetched is logged and passed over."""
+        self.models.get(self.settings.model_ready_timeout_s)  # before taking a task: a loading model keeps it listed
+        if not self.store.has_room(EMBEDDING_ROOM_BYTES):
+            # Encoding ahead must never evict an embedding an annotator is using: stop; the next request resumes.
+            log.info("project %d: the cache is near its bound; encoding ahead stops", project_id)
+            return False
+        image_url = prefetched()
+        if image_url is None:
+            task = ImportedTasks(ProjectFiles(self.settings.model_dir, project_id)).take()
+            if task is None:
+                return False
+            image_url = task.image_url
+        try:
+            self.encode_url(image_url)
+        except ImageError as error:
+            log.warning("project %d: image %s not encoded ahead: %s", project_id, image_url, error)
+        return True
+
+    def encode_imports(self, project_id: int) -> None:
+        """Encode the project's prefetched and imported tasks' images in the background, on the pool of one."""
+        self.ahead.schedule(
+            project_id, lambda: self.encode_ahead(project_id, lambda: self._next_prefetched(project_id))
+        )
+
+    def prefetch(self, project_id: int, task_id: int) -> None:
+        """Encode the next PREFETCH_TASKS imported tasks after `task_id` before any other waiting import."""
+        following = ImportedTasks(ProjectFiles(self.settings.model_dir, project_id)).following(
+            task_id, self.settings.prefetch_tasks
+        )
+        if not following:
+            return
+        with self._prefetch_mutex:  # the annotator moved on: the tasks after the newest request replace the others
+            self._prefetch[project_id] = collections.deque(task.image_url for task in following)
+        self.encode_imports(project_id)
+
+    def _next_prefetched(self, project_id: int) -> str | None:
+        with self._prefetch_mutex:
+            waiting = self._prefetch.get(project_id)
+            return waiting.popleft() if waiting else None
+
     def predict_for_image(
         self,
         image: FetchedImage,
@@ -179,7 +248,7 @@ class Predictor(InteractiveFront):
         """The model half of an interactive prediction, for an image already fetched."""
         models = self.models.get(self.settings.model_ready_timeout_s)
         segmenter, version = self.segmenter_for(models, project_id)
-        # Again here: on a queue worker, whose GroundingDINO the web tier cannot see, it is the first check.
+        # Again here: on a queue worker, whose detector the web tier cannot see, it is the first check.
         self._refuse_unanswerable_text(prompts, config)
         started = time.perf_counter()
         embedding, hit, encode_s = self.embedding_for(models, image)
@@ -245,7 +314,7 @@ class Predictor(InteractiveFront):
         return config
 
     def _detect(
-        self, detector: GroundingDino, images: list[np.ndarray], query: TextQuery, thresholds: Thresholds
+        self, detector: Detector, images: list[np.ndarray], query: TextQuery, thresholds: Thresholds
     ) -> list[list[Detection]]:
         return detector.detect(
             images,
@@ -267,7 +336,7 @@ class Predictor(InteractiveFront):
         config: ProjectConfig,
     ) -> list[DetectedObject]:
         """One object per box: SAM decodes every box of the image in one batched call (when the project has a
-        BrushLabels or PolygonLabels control for its label); the object's score is GroundingDINO's box score times SAM's
+        BrushLabels or PolygonLabels control for its label); the object's score is the detector's box score times SAM's
         predicted IoU, so Label Studio can sort by either model's doubt."""
         labels = [query.labels[detection.phrase] for detection in detections]
         masked = [index for index, label in enumerate(labels) if label in config.mask_labels]
@@ -300,7 +369,7 @@ class Predictor(InteractiveFront):
         limit: TimeLimit = NO_LIMIT,
     ) -> list[TaskAnswer | BackendError]:
         """Pre-annotation of several tasks, GROUNDING_DINO_BATCH images (a chunk) at a time: the images of a
-        chunk are fetched side by side and searched for the project's labels in one GroundingDINO pass, then
+        chunk are fetched side by side and searched for the project's labels in one detector pass, then
         each image's boxes are segmented from its SAM embedding (from the cache, or encoded now and cached, so
         later clicks on the image find it). Boxes are cached per image too, so that no work finished before a
         deadline is done again by the retry. Each task's answer is encoded to Label Studio's JSON as its chunk
@@ -337,7 +406,7 @@ class Predictor(InteractiveFront):
     def _preannotate(
         self,
         image_urls: Sequence[object],
-        detector: GroundingDino,
+        detector: Detector,
         detections_key: str,
         models: Models | None,
         segmenter: Segmenter | None,
@@ -390,14 +459,14 @@ class Predictor(InteractiveFront):
 
     def _detections(
         self,
-        detector: GroundingDino,
+        detector: Detector,
         detections_key: str,
         images: list[tuple[FetchedImage, np.ndarray]],
         query: TextQuery,
         thresholds: Thresholds,
         limit: TimeLimit,
     ) -> list[list[Detection]]:
-        """Each image's boxes: from the cache, the others found in one GroundingDINO pass and cached."""
+        """Each image's boxes: from the cache, the others found in one detector pass and cached."""
         found = [self.detections.get(detections_key, image.digest) for image, _ in images]
         missing = [index for index, detections in enumerate(found) if detections is None]
         if missing:

@@ -1,8 +1,9 @@
 """The web tier's side of INFERENCE=queue: fetch and hash images, enqueue jobs on RQ, wait for answers.
 
 The web process loads no model. Interactive jobs go to their own queue, which every worker
-empties before the pre-annotation queue, so a click never waits behind a bulk run. A request that
-has no answer within PREDICT_DEADLINE, or finds no worker alive, answers 503 with retry advice.
+empties before the pre-annotation queue, so a click never waits behind a bulk run; encoding ahead of the annotator
+(imported tasks) has a fourth queue, taken last, holding at most one job per project (`schedule_import_encoding`).
+A request that has no answer within PREDICT_DEADLINE, or finds no worker alive, answers 503 with retry advice.
 """
 
 from __future__ import annotations
@@ -29,16 +30,22 @@ from backend.errors import BackendError, ImageError, InferenceUnavailable
 from backend.images import FetchedImage, FetchRules, ImageFetcher
 from backend.inference.base import FETCH_THREADS, InteractiveFront
 from backend.outcomes import TaskPrediction
+from backend.project_files import ProjectFiles
 from backend.prompts.interactive import ContextPrompts
 from backend.protocol.label_config import ProjectConfig
 from backend.protocol.results import TaskAnswer
+from backend.training.imports import ImportedTasks
 from backend.training.service import ActiveLearning, model_dir_stamp, publish_model_dir
 
 log = logging.getLogger(__name__)
 
 INTERACTIVE_QUEUE = "sam-interactive"
 PREANNOTATE_QUEUE = "sam-preannotate"
-TRAINING_QUEUE = "sam-training"  # webhook events and trainings; taken when the other queues are empty
+TRAINING_QUEUE = "sam-training"  # webhook events and trainings; taken when the clicks' and batches' are empty
+ENCODE_QUEUE = "sam-encode"  # encoding ahead of the annotator; taken when every other queue is empty
+WORKER_QUEUES = (INTERACTIVE_QUEUE, PREANNOTATE_QUEUE, TRAINING_QUEUE, ENCODE_QUEUE)  # the order a worker takes them
+ENCODE_SCHEDULED_KEY = "sam:encode-imports:{project}"  # set while a project's encoding job is queued or running
+PREFETCH_KEY = "sam:prefetch:{project}"  # the image URLs that job encodes before the imported tasks
 WORKER_KEY_PREFIX = "rq:worker:"
 STATE_FALLBACK_BYTES = 16 * 1024 * 1024
 IMAGE_KEY = "sam:img:{digest}"  # an image the web tier stored for the workers, by content hash
@@ -47,6 +54,8 @@ STORED_PREFIX = "redis-image:"  # how a job names such an image in place of its 
 INTERACTIVE_JOB = "backend.worker.jobs.interactive"
 PREANNOTATE_JOB = "backend.worker.jobs.preannotate"
 LEARN_JOB = "backend.worker.jobs.learn"
+ENCODE_AHEAD_JOB = "backend.worker.jobs.encode_ahead"
+ENCODE_BATCH_JOB = "backend.worker.jobs.encode_batch"
 CLICK_LANE_SUFFIX = "-clicks"  # a worker process's second, clicks-only loop registers under its name + this
 BATCH_GROUP_META = "batch_group"  # jobs with the same value may share one model pass on a worker
 MODEL_VERSION_FIELD = "model_version"  # in a worker's registration: the model_version its predictions carry
@@ -61,6 +70,22 @@ def preannotate_job(
     group = hashlib.sha256(repr((config, project_id, deadline_at)).encode()).hexdigest()[:24]
     kwargs = {"image_urls": image_urls, "config": config, "project_id": project_id, "deadline_at": deadline_at}
     return {"kwargs": kwargs, "meta": {BATCH_GROUP_META: group}}
+
+
+def schedule_import_encoding(connection: redis.Redis, project_id: int, job_timeout_s: int) -> None:
+    """Queue the project's encoding job unless one is queued or running already. The job encodes one imported task
+    and queues itself again while tasks are left (`backend.worker.jobs.encode_imported`), so an import of any size is
+    one job in Redis."""
+    if connection.set(ENCODE_SCHEDULED_KEY.format(project=project_id), b"1", nx=True, ex=4 * job_timeout_s):
+        enqueue_import_encoding(connection, project_id, job_timeout_s)
+
+
+def enqueue_import_encoding(connection: redis.Redis, project_id: int, job_timeout_s: int) -> None:
+    """Queue the project's encoding job; the caller holds ENCODE_SCHEDULED_KEY (and renews it)."""
+    connection.expire(ENCODE_SCHEDULED_KEY.format(project=project_id), 4 * job_timeout_s)
+    Queue(ENCODE_QUEUE, connection=connection).enqueue(
+        ENCODE_AHEAD_JOB, project_id, job_timeout=job_timeout_s, result_ttl=0, failure_ttl=24 * 3600
+    )
 
 
 def stored_url(digest: str) -> str:
@@ -114,6 +139,7 @@ class QueuePredictor(InteractiveFront):
         self.interactive_queue = Queue(INTERACTIVE_QUEUE, connection=connection)
         self.preannotate_queue = Queue(PREANNOTATE_QUEUE, connection=connection)
         self.training_queue = Queue(TRAINING_QUEUE, connection=connection)
+        self.encode_queue = Queue(ENCODE_QUEUE, connection=connection)
         self._served_version = settings.base_model_version
         self.decoders = ProjectDecoders(settings.model_dir, self.served_model_version, settings.model_version_pin)
         self.learning = ActiveLearning(settings, None, self.decoders, dispatch=self._learn_on_a_worker)
@@ -163,6 +189,35 @@ class QueuePredictor(InteractiveFront):
             # The events are on disk: the project's next webhook, or a restart of the web tier, hands them on.
             log.warning("project %d: webhook events recorded but not queued, Redis unreachable: %s", project_id, error)
 
+    def encode_imports(self, project_id: int) -> None:
+        try:
+            schedule_import_encoding(self.connection, project_id, self.settings.job_timeout_s)
+        except redis.RedisError as error:
+            # The tasks are on disk: the project's next import or click hands them on.
+            log.warning("project %d: imported tasks recorded but not queued, Redis unreachable: %s", project_id, error)
+
+    def encode_batch(self, image_urls: Sequence[object]) -> list[bool | BackendError]:
+        """On a worker, from the encoding queue (below clicks and pre-annotation); the worker fetches the images."""
+        return self._run(self.encode_queue, [], ENCODE_BATCH_JOB, list(image_urls))
+
+    def prefetch(self, project_id: int, task_id: int) -> None:
+        following = ImportedTasks(ProjectFiles(self.settings.model_dir, project_id)).following(
+            task_id, self.settings.prefetch_tasks
+        )
+        if not following:
+            return
+        key = PREFETCH_KEY.format(project=project_id)
+        try:
+            with self.connection.pipeline() as pipeline:  # the tasks after the newest request replace the others
+                pipeline.delete(key)
+                pipeline.rpush(key, *(task.image_url for task in following))
+                pipeline.expire(key, 4 * self.settings.job_timeout_s)
+                pipeline.execute()
+        except redis.RedisError as error:
+            log.warning("project %d: nothing prefetched, Redis unreachable: %s", project_id, error)
+            return
+        self.encode_imports(project_id)
+
     def status(self) -> dict:
         # The embeddings are cached by the workers, which each log their cache at start-up.
         where = {"inference": "queue", "cache": "on the workers", "redis_url": self.store.url}
@@ -175,6 +230,7 @@ class QueuePredictor(InteractiveFront):
                     INTERACTIVE_QUEUE: self.interactive_queue.count,
                     PREANNOTATE_QUEUE: self.preannotate_queue.count,
                     TRAINING_QUEUE: self.training_queue.count,
+                    ENCODE_QUEUE: self.encode_queue.count,
                 },
                 "failed_jobs": self.interactive_queue.failed_job_registry.count
                 + self.preannotate_queue.failed_job_registry.count,

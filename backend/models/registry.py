@@ -9,18 +9,23 @@ from pathlib import Path
 import torch
 
 from backend.config import Settings
+from backend.errors import CheckpointMissing
 from backend.models.base import Segmenter
 from backend.models.checkpoints import (
     BERT_BASE_UNCASED,
+    DETECTOR_REPOSITORIES,
     GROUNDING_DINO_CHECKPOINT,
+    MM_GROUNDING_DINO_REPOSITORY,
     SAM_CHECKPOINTS,
     TRANSFORMERS_MODELS,
     CheckpointLocation,
     missing_checkpoint,
 )
-from backend.models.grounding_dino import GroundingDino, load_grounding_dino
+from backend.models.detector import Detector
+from backend.models.grounding_dino import load_grounding_dino
 from backend.models.hf_segmenter import load_hf_segmenter
 from backend.models.sam import load_sam, resolve_device
+from backend.models.transformers_detectors import load_transformers_detector
 
 # transformers builds BERT under init_empty_weights, which patches torch.nn.Module for every thread: a SAM
 # built at that moment would get empty (meta) parameters. So models are built one at a time.
@@ -42,7 +47,8 @@ def sam_checkpoint(settings: Settings, model_type: str | None = None) -> Checkpo
     if settings.sam_checkpoint:
         return CheckpointLocation(what, "SAM_CHECKPOINT", Path(settings.sam_checkpoint), None)
     if kind in TRANSFORMERS_MODELS:
-        return CheckpointLocation(what, "SAM_CHECKPOINT", Path(settings.weights_dir) / kind, TRANSFORMERS_MODELS[kind])
+        model = TRANSFORMERS_MODELS[kind]
+        return CheckpointLocation(what, "SAM_CHECKPOINT", Path(settings.weights_dir) / model.name, model)
     official = SAM_CHECKPOINTS[kind]
     return CheckpointLocation(what, "SAM_CHECKPOINT", Path(settings.weights_dir) / official.filename, official)
 
@@ -67,6 +73,29 @@ def text_encoder(settings: Settings) -> CheckpointLocation:
     )
 
 
+def detector_model(settings: Settings) -> CheckpointLocation:
+    """DETECTOR_MODEL, else the official repository's folder in WEIGHTS_DIR, for a transformers detector."""
+    what = {"grounding-dino": "GroundingDINO", "mm-grounding-dino": "MM-GroundingDINO", "owlv2": "OWLv2"}
+    if settings.detector_model:
+        return CheckpointLocation(what[settings.detector], "DETECTOR_MODEL", Path(settings.detector_model), None)
+    official = DETECTOR_REPOSITORIES.get(settings.detector)
+    if official is None:
+        raise CheckpointMissing(
+            f"DETECTOR={settings.detector} has no pinned official revision to fetch: set DETECTOR_MODEL to a folder "
+            f"holding {MM_GROUNDING_DINO_REPOSITORY} (for example `huggingface-cli download "
+            f"{MM_GROUNDING_DINO_REPOSITORY} --revision <commit> --local-dir <folder>`)"
+        )
+    path = Path(settings.weights_dir) / official.name
+    return CheckpointLocation(what[settings.detector], "DETECTOR_MODEL", path, official)
+
+
+def detector_weights(settings: Settings) -> list[CheckpointLocation]:
+    """Every file or folder the configured DETECTOR reads."""
+    if settings.detector == "groundingdino-py":
+        return [grounding_dino_checkpoint(settings), text_encoder(settings)]
+    return [detector_model(settings)]
+
+
 def present(location: CheckpointLocation) -> Path:
     """The location's path; CheckpointMissing naming the setting and the file when nothing is there."""
     if not location.path.exists():
@@ -83,7 +112,7 @@ def load_segmenter(settings: Settings, decoder_runtime: str | None = None) -> Se
             folder = present(sam_checkpoint(settings))
             return load_hf_segmenter(
                 folder,
-                TRANSFORMERS_MODELS[kind].family,
+                TRANSFORMERS_MODELS[kind].model_type,
                 kind,
                 resolve_device(settings.device),
                 decoder_runtime or settings.decoder_runtime,
@@ -97,13 +126,20 @@ def load_segmenter(settings: Settings, decoder_runtime: str | None = None) -> Se
         )
 
 
-def load_detector(settings: Settings) -> GroundingDino:
-    """The configured GroundingDINO."""
+def load_detector(settings: Settings) -> Detector:
+    """The configured DETECTOR."""
     with MODEL_BUILD_LOCK:
-        return load_grounding_dino(
-            present(grounding_dino_checkpoint(settings)),
-            Path(settings.grounding_dino_config) if settings.grounding_dino_config else None,
-            present(text_encoder(settings)),
+        if settings.detector == "groundingdino-py":
+            return load_grounding_dino(
+                present(grounding_dino_checkpoint(settings)),
+                Path(settings.grounding_dino_config) if settings.grounding_dino_config else None,
+                present(text_encoder(settings)),
+                settings.device,
+                settings.grounding_dino_image_size,
+            )
+        return load_transformers_detector(
+            settings.detector,
+            present(detector_model(settings)),
             settings.device,
             settings.grounding_dino_image_size,
         )

@@ -19,6 +19,8 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
 
 from backend.cache.locks import exclusive
 from backend.cache.store import ByteStore
@@ -58,7 +60,7 @@ class RunProgress:
     model_version: str = ""
     state: str = "starting"
     total: int = 0  # tasks in the project when the run started
-    predicted: int = 0  # predictions stored by this run
+    predicted: int = 0  # predictions stored by this run (an encoding run: images encoded or found cached)
     skipped: int = 0  # tasks that already had a prediction of this model version (or an annotation, if asked)
     failed: int = 0  # tasks whose error was recorded
     message: str = ""
@@ -90,7 +92,14 @@ class RunOptions:
 
 
 class ProjectRun:
-    """One pre-annotation run of one project; `run()` blocks until it finished, stopped or failed."""
+    """One pre-annotation run of one project; `run()` blocks until it finished, stopped or failed. The run's
+    skeleton (claim, pages, batches in flight, progress, stop) is shared with other whole-project runs, which
+    subclass it and override the class names and `_needs_work`, `_work` and `_store` (`runs.encode.EncodeRun`)."""
+
+    KIND = "pre-annotation"  # in log lines and messages
+    LOCK_KEY = "sam:preannotate-lock:{project}"
+    PROGRESS_KEY = PROGRESS_KEY
+    STOP_KEY = STOP_KEY
 
     def __init__(
         self,
@@ -118,8 +127,14 @@ class ProjectRun:
         """The project's one run at a time, against every thread and process of this host and (with Redis) every
         host; `LockBusy` at once if another run holds it."""
         return exclusive(
-            self.files.preannotate_lock, f"sam:preannotate-lock:{self.project_id}", self.settings.redis_url, LOCK_TTL_S
+            self.lock_file(), self.LOCK_KEY.format(project=self.project_id), self.settings.redis_url, LOCK_TTL_S
         )
+
+    def lock_file(self) -> Path:
+        return self.files.preannotate_lock
+
+    def errors_file(self) -> Path:
+        return self.files.preannotate_errors
 
     def run(self) -> RunProgress:
         """Claim the project, then run; a project another run holds ends this one as busy."""
@@ -127,7 +142,7 @@ class ProjectRun:
             with self.claim():
                 return self.run_claimed()
         except LockBusy:
-            self._end("busy", "another pre-annotation run of this project is going on")
+            self._end("busy", f"another {self.KIND} run of this project is going on")
             return self.progress
 
     def run_claimed(self) -> RunProgress:
@@ -138,7 +153,7 @@ class ProjectRun:
             self.progress.resumable = isinstance(error, (LabelStudioUnavailable, InferenceUnavailable))
             self._end("failed", str(error))
         except Exception as error:  # the run ends visibly, whatever went wrong
-            log.exception("project %d: pre-annotation run failed", self.project_id)
+            log.exception("project %d: %s run failed", self.project_id, self.KIND)
             self._end("failed", f"{type(error).__name__}: {error}")
         return self.progress
 
@@ -146,8 +161,9 @@ class ProjectRun:
         self.progress.state, self.progress.message = state, message
         log.log(
             logging.WARNING if state in ("failed", "busy") else logging.INFO,
-            "project %d: pre-annotation %s (%d predicted, %d skipped, %d failed)%s",
+            "project %d: %s %s (%d done, %d skipped, %d failed)%s",
             self.project_id,
+            self.KIND,
             state,
             self.progress.predicted,
             self.progress.skipped,
@@ -164,9 +180,10 @@ class ProjectRun:
         self.progress.state = "running"
         self.report(self.progress)
         log.info(
-            "project %d (%s): pre-annotating %d tasks as %s",
+            "project %d (%s): %s of %d tasks as %s",
             self.project_id,
             project.title,
+            self.KIND,
             project.task_count,
             version,
         )
@@ -180,7 +197,7 @@ class ProjectRun:
                 if self._work_started is None:
                     self._work_started = time.monotonic()
                 urls = [task.data.get(config.image_field) for task in batch]
-                in_flight[pool.submit(self._predict, urls, config)] = batch
+                in_flight[pool.submit(self._work, urls, config)] = batch
             stopped = self.should_stop()
             # Batches already computing are finished and stored even when stopping: their work is not thrown away.
             while in_flight:
@@ -195,7 +212,7 @@ class ProjectRun:
         """Tasks without a prediction of `version`, `batch_size` at a time, up to `max_tasks`."""
         batch: list[ProjectTask] = []
         for task in self.api.tasks(self.project_id, self.options.page_size):
-            if version in task.prediction_versions or (self.options.skip_annotated and task.is_labeled):
+            if not self._needs_work(task, version):
                 self.progress.skipped += 1
                 continue
             if self.options.max_tasks is not None and self._submitted >= self.options.max_tasks:
@@ -210,16 +227,24 @@ class ProjectRun:
         if batch:
             yield batch
 
-    def _predict(self, urls: list[object], config: ProjectConfig) -> list[TaskAnswer | BackendError]:
+    def _needs_work(self, task: ProjectTask, version: str) -> bool:
+        """Tasks without a prediction of `version` (and, if asked, without annotations)."""
+        return version not in task.prediction_versions and not (self.options.skip_annotated and task.is_labeled)
+
+    def _work(self, urls: list[object], config: ProjectConfig) -> list[Any]:
+        """One batch's outcomes, one per task: an error (BackendError) or what `_store` stores."""
+        return self._with_retries(lambda: self.predictor.predict_batch(urls, config, self.project_id))
+
+    def _with_retries(self, call: Callable[[], list[Any]]) -> list[Any]:
         for _ in range(UNAVAILABLE_RETRIES):
             try:
-                return self.predictor.predict_batch(urls, config, self.project_id)
+                return call()
             except ModelNotReady as error:  # loading, or no queue worker alive / answering in time
                 log.warning(
                     "project %d: %s; trying the batch again in %.0f s", self.project_id, error, UNAVAILABLE_PAUSE_S
                 )
                 time.sleep(UNAVAILABLE_PAUSE_S)
-        return self.predictor.predict_batch(urls, config, self.project_id)  # the last try: its error ends the run
+        return call()  # the last try: its error ends the run
 
     def _collect(self, in_flight: dict[Future, list[ProjectTask]], version: str) -> None:
         """Store the predictions of the batches that are done (at least one), record the errors."""
@@ -229,28 +254,33 @@ class ProjectRun:
             # A batch the models could not take after every retry (failed to load, no worker answering) ends the run
             # visibly instead of writing an error for every task left; its tasks stay unpredicted for the next run.
             outcomes = future.result()
-            predictions, errors = [], []
-            for task, outcome in zip(batch, outcomes, strict=True):
-                if isinstance(outcome, TaskAnswer):
-                    predictions.append({"task": task.id, **outcome.entry})
-                else:
-                    errors.append((task, outcome))
-            self.progress.predicted += self.api.push_predictions(self.project_id, predictions)
+            errors = [(task, outcome) for task, outcome in zip(batch, outcomes, strict=True) if _failed(outcome)]
+            answered = [(task, outcome) for task, outcome in zip(batch, outcomes, strict=True) if not _failed(outcome)]
+            self.progress.predicted += self._store(answered)
             self._record_errors(errors, version)
             self.progress.busy_s = time.monotonic() - (self._work_started or time.monotonic())
             self.report(self.progress)
+
+    def _store(self, answered: list[tuple[ProjectTask, Any]]) -> int:
+        """Push the batch's predictions to Label Studio; how many it stored."""
+        predictions = [{"task": task.id, **answer.entry} for task, answer in answered if isinstance(answer, TaskAnswer)]
+        return self.api.push_predictions(self.project_id, predictions)
 
     def _record_errors(self, errors: list[tuple[ProjectTask, BackendError]], version: str) -> None:
         if not errors:
             return
         self.progress.failed += len(errors)
-        self.files.preannotate_errors.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.files.preannotate_errors, "a") as handle:
+        self.errors_file().parent.mkdir(parents=True, exist_ok=True)
+        with open(self.errors_file(), "a") as handle:
             for task, error in errors:
                 status = error.status
                 log.warning("project %d task %d: no prediction: %s", self.project_id, task.id, error)
                 entry = {"time": time.time(), "task": task.id, "model_version": version, "status": status}
                 handle.write(json.dumps({**entry, "error": str(error)}) + "\n")
+
+
+def _failed(outcome: object) -> bool:
+    return isinstance(outcome, BackendError)
 
 
 class BackgroundRuns:
@@ -259,13 +289,16 @@ class BackgroundRuns:
     claim (`ProjectRun.claim`) writes its progress or clears a stop: a start that finds the project claimed, by
     another thread, web worker or host, answers busy and leaves the running run's progress and stop alone."""
 
-    def __init__(self, predictor: Inference, settings: Settings, store: ByteStore) -> None:
+    def __init__(
+        self, predictor: Inference, settings: Settings, store: ByteStore, run_class: type[ProjectRun] = ProjectRun
+    ) -> None:
         self.predictor = predictor
         self.settings = settings
         self.store = store
+        self.run_class = run_class
 
     def progress(self, project_id: int) -> dict | None:
-        data = self.store.get(PROGRESS_KEY.format(project=project_id))
+        data = self.store.get(self.run_class.PROGRESS_KEY.format(project=project_id))
         return json.loads(data) if data is not None else None
 
     def start(self, project_id: int, options: RunOptions, answer_within_s: float = 3.0) -> dict:
@@ -277,8 +310,8 @@ class BackgroundRuns:
             self._save(progress)
             first_state.set()
 
-        stop_key = STOP_KEY.format(project=project_id)
-        run = ProjectRun(
+        stop_key = self.run_class.STOP_KEY.format(project=project_id)
+        run = self.run_class(
             project_id,
             self.predictor,
             api,
@@ -303,9 +336,11 @@ class BackgroundRuns:
             run.run_claimed()
 
     def stop(self, project_id: int) -> None:
-        self.store.set(STOP_KEY.format(project=project_id), b"1", PROGRESS_TTL_S)
+        self.store.set(self.run_class.STOP_KEY.format(project=project_id), b"1", PROGRESS_TTL_S)
 
     def _save(self, progress: RunProgress) -> None:
         self.store.set(
-            PROGRESS_KEY.format(project=progress.project), json.dumps(progress.as_dict()).encode(), PROGRESS_TTL_S
+            self.run_class.PROGRESS_KEY.format(project=progress.project),
+            json.dumps(progress.as_dict()).encode(),
+            PROGRESS_TTL_S,
         )

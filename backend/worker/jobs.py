@@ -25,11 +25,23 @@ from backend.deadline import TimeLimit
 from backend.errors import BackendError, ConfigError, ImageError, PromptError
 from backend.images import FetchedImage, FetchRules, ImageFetcher
 from backend.inference.local import Predictor
-from backend.inference.queue import BATCH_GROUP_META, IMAGE_KEY, PREANNOTATE_JOB, STORED_PREFIX, stored_url
+from backend.inference.queue import (
+    BATCH_GROUP_META,
+    ENCODE_SCHEDULED_KEY,
+    IMAGE_KEY,
+    PREANNOTATE_JOB,
+    PREFETCH_KEY,
+    STORED_PREFIX,
+    enqueue_import_encoding,
+    schedule_import_encoding,
+    stored_url,
+)
 from backend.outcomes import TaskPrediction
+from backend.project_files import ProjectFiles
 from backend.prompts.interactive import ContextPrompts
 from backend.protocol.label_config import ProjectConfig
 from backend.protocol.results import TaskAnswer
+from backend.training.imports import ImportedTasks
 from backend.training.service import check_model_dir
 
 log = logging.getLogger(__name__)
@@ -213,3 +225,32 @@ def learn(project_id: int, web_model_dir: dict | None = None) -> dict | None:
     if not predictor.learning.apply(project_id):
         return None
     return predictor.train_project(project_id).as_dict()
+
+
+def encode_batch(image_urls: list[object]) -> list[bool | BackendError]:
+    """A whole-project encoding run's batch (`runs.encode`): each image's embedding cached, or its error."""
+    return _installed().encode_batch(image_urls)
+
+
+def encode_ahead(project_id: int) -> None:
+    """Encode one image ahead of the annotator (a prefetched one, else the project's next imported task), then queue
+    this job again while any is left: one job per image keeps clicks and batches, which the worker takes first, from
+    waiting behind a whole import."""
+    predictor = _installed()
+    job = get_current_job()
+    if job is None:
+        raise RuntimeError("encode_ahead runs as an RQ job")
+    connection = job.connection
+    timeout_s = predictor.settings.job_timeout_s
+
+    def prefetched() -> str | None:
+        url = connection.lpop(PREFETCH_KEY.format(project=project_id))
+        return url.decode() if isinstance(url, bytes) else None
+
+    if predictor.encode_ahead(project_id, prefetched):
+        enqueue_import_encoding(connection, project_id, timeout_s)
+        return
+    connection.delete(ENCODE_SCHEDULED_KEY.format(project=project_id))
+    # A task recorded after the list looked empty and before the key went would otherwise wait for the next import.
+    if ImportedTasks(ProjectFiles(predictor.settings.model_dir, project_id)).pending():
+        schedule_import_encoding(connection, project_id, timeout_s)

@@ -41,10 +41,9 @@ from backend.errors import ModelDirNotShared
 from backend.inference.local import Predictor
 from backend.inference.queue import (
     CLICK_LANE_SUFFIX,
-    INTERACTIVE_QUEUE,
     MODEL_VERSION_FIELD,
     PREANNOTATE_QUEUE,
-    TRAINING_QUEUE,
+    WORKER_QUEUES,
 )
 from backend.training.service import check_published_model_dir
 from backend.worker import jobs
@@ -263,6 +262,11 @@ class RoutineRqLines(logging.Filter):
         return True
 
 
+def worker_queues(connection: redis.Redis) -> list[ClaimingQueue]:
+    """The queues a worker takes jobs from, in priority order: clicks, pre-annotation, training, encoding ahead."""
+    return [ClaimingQueue(name, connection=connection) for name in WORKER_QUEUES]
+
+
 def run_worker(settings: Settings, burst: bool = False) -> int:
     if not settings.redis_url:
         raise SystemExit("the worker needs REDIS_URL: it takes its jobs from Redis")
@@ -275,9 +279,7 @@ def run_worker(settings: Settings, burst: bool = False) -> int:
     predictor = Predictor(settings, make_store(settings.cache_url, settings.memory_cache_bytes))
     predictor.models.get(timeout_s=24 * 3600)  # load before announcing ourselves to the web tier
     jobs.install_predictor(predictor, connection)
-    queues = [
-        ClaimingQueue(name, connection=connection) for name in (INTERACTIVE_QUEUE, PREANNOTATE_QUEUE, TRAINING_QUEUE)
-    ]
+    queues = worker_queues(connection)
     worker = ModelWorker(
         queues,
         connection=connection,

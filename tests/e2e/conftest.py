@@ -44,4 +44,7 @@ def backend_environment(
         "GROUNDING_DINO_CHECKPOINT": str(grounding_dino_files.checkpoint),
         "GROUNDING_DINO_TEXT_ENCODER": str(grounding_dino_files.text_encoder),
         "GROUNDING_DINO_IMAGE_SIZE": "128",
+        # A task opened without a prediction waits for it, as these stages check it on screen and in what Label
+        # Studio stores at the first open; tests/test_task_open.py tests the TASK_OPEN_WAIT answer.
+        "TASK_OPEN_WAIT": "90",
     }

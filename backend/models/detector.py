@@ -1,0 +1,148 @@
+"""The one small interface every open-vocabulary detector implements, and the selection all of them share.
+
+A detector reads an image and a caption whose phrases are given as character spans, and scores every one of its
+candidate boxes against the caption's tokens (GroundingDINO) or against each phrase (OWLv2, whose "tokens" are
+the phrases). From there on nothing is model-specific: each box is attributed to the phrase whose tokens it
+matched best, kept under the box and text thresholds, de-duplicated (NMS) among the phrases of one label and
+capped, so the label mapping, the thresholds, NMS and the object cap mean the same whichever model runs.
+"""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torchvision.ops import batched_nms, box_convert
+
+NMS_IOU = 0.5  # boxes of one label overlapping more than this are one object
+
+
+@dataclass
+class Detection:
+    box: tuple[float, float, float, float]  # x0, y0, x1, y1 in pixels of the image
+    score: float  # the model's confidence in the box: its best token (or phrase) score, as the library scores it
+    phrase: int  # index into the caption's phrase spans
+
+
+@dataclass
+class BoxScores:
+    """A model's answer for one image, before any selection."""
+
+    token_logits: torch.Tensor  # (boxes, tokens): how well each box matches each token of the caption, before sigmoid
+    boxes: torch.Tensor  # (boxes, 4) x0, y0, x1, y1 in pixels of the image, not yet clamped to it
+
+
+class Detector(ABC):
+    """A loaded detector; `detect` is safe to call from many threads (one model pass at a time)."""
+
+    model: torch.nn.Module
+    name: str  # what messages call the model ("GroundingDINO", "OWLv2")
+    identity: str  # everything its boxes depend on besides image and query: cached detections are keyed by it
+    max_text_tokens: int  # the most tokens `text_tokens` may count for a caption the model can read
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+
+    @abstractmethod
+    def text_tokens(self, caption: str, spans: list[tuple[int, int]]) -> int:
+        """How many tokens the model reads for the caption (or its longest phrase, for models reading each
+        phrase on its own), to compare with `max_text_tokens`."""
+
+    @abstractmethod
+    def phrase_tokens(self, caption: str, spans: list[tuple[int, int]]) -> torch.Tensor:
+        """(phrases, tokens) bool on the model's device: which tokens of `BoxScores.token_scores` spell each
+        phrase; ValueError when a phrase has none."""
+
+    @abstractmethod
+    def score(self, images: list[np.ndarray], caption: str, spans: list[tuple[int, int]]) -> list[BoxScores]:
+        """One forward pass over RGB uint8 images of any sizes (called under the model lock, without autograd)."""
+
+    def detect(
+        self,
+        images: list[np.ndarray],
+        caption: str,
+        spans: list[tuple[int, int]],
+        groups: list[int],
+        box_threshold: float,
+        text_threshold: float,
+        max_objects: int,
+        batch_size: int = 4,
+    ) -> list[list[Detection]]:
+        """Boxes in each RGB uint8 image for the phrases at `spans` of `caption`, `batch_size` images a pass.
+
+        `groups` gives each phrase's label: see `select`. The `max_objects` best of each image are returned, best
+        first.
+        """
+        membership = self.phrase_tokens(caption, spans)
+        phrase_groups = torch.as_tensor(groups, device=membership.device)
+        step = max(batch_size, 1)
+        results: list[list[Detection]] = []
+        for start in range(0, len(images), step):
+            chunk = images[start : start + step]
+            with self._lock, torch.inference_mode():
+                answers = self.score(chunk, caption, spans)
+            for image, answer in zip(chunk, answers, strict=True):
+                found = select(image.shape[:2], answer, membership, phrase_groups, box_threshold, text_threshold)
+                results.append(found[:max_objects])
+        return results
+
+
+def normalised_to_pixels(boxes: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
+    """(n, 4) cx, cy, w, h relative to an image of `image_size` (height, width) → x0, y0, x1, y1 in its pixels."""
+    height, width = image_size
+    return box_convert(boxes, "cxcywh", "xyxy") * boxes.new_tensor([width, height, width, height])
+
+
+def tokens_of_phrases(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> torch.Tensor:
+    """(phrases, tokens) bool from a tokenizer's character offsets: the tokens lying inside each span."""
+    membership = torch.zeros(len(spans), len(offsets), dtype=torch.bool)
+    for phrase, (start, end) in enumerate(spans):
+        for token, (first, last) in enumerate(offsets):
+            membership[phrase, token] = last > first and first >= start and last <= end
+    if not membership.any(dim=1).all():
+        raise ValueError("a phrase of the caption has no token")
+    return membership
+
+
+def select(
+    image_size: tuple[int, int],
+    answer: BoxScores,
+    membership: torch.Tensor,
+    phrase_groups: torch.Tensor,
+    box_threshold: float,
+    text_threshold: float,
+    nms_iou: float = NMS_IOU,
+) -> list[Detection]:
+    """The boxes of one image worth keeping, best first.
+
+    A box's score is its best token over the whole caption (what GroundingDINO's and OWLv2's own post-processing
+    call its confidence); it goes to the phrase with the highest mean token score, and is kept when the score is
+    above `box_threshold`, that mean above `text_threshold`, and it is at least a pixel wide and high inside the
+    image. Boxes are then de-duplicated (NMS at `nms_iou`) among phrases with the same `phrase_groups` entry.
+    """
+    height, width = image_size
+    logits = answer.token_logits.float()[:, : membership.shape[1]]
+    token_scores = logits.sigmoid()
+    weights = membership.float() / membership.sum(dim=1, keepdim=True)
+    phrase_means = token_scores @ weights.T  # (boxes, phrases)
+    best_mean = phrase_means.max(dim=1, keepdim=True).values
+    # Logits above 17 all give a score of exactly 1: phrases tied so are told apart by their mean logit, as the
+    # libraries (which compare logits) tell them apart. (A masked token's -inf logit would make 0 * -inf = nan.)
+    tied_logits = (logits.clamp(min=-1e4) @ weights.T).masked_fill(phrase_means < best_mean, float("-inf"))
+    best_phrase = tied_logits.argmax(dim=1)
+    best_mean = best_mean[:, 0]
+    score = token_scores.max(dim=1).values
+    boxes = answer.boxes.float().clone()
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
+    sized = (boxes[:, 2] - boxes[:, 0] >= 1) & (boxes[:, 3] - boxes[:, 1] >= 1)
+    keep = ((score > box_threshold) & (best_mean > text_threshold) & sized).nonzero()[:, 0]
+    order = keep[batched_nms(boxes[keep], score[keep], phrase_groups[best_phrase[keep]], nms_iou)]
+    detections = []
+    for i in order.tolist():
+        x0, y0, x1, y1 = boxes[i].tolist()
+        detections.append(Detection((float(x0), float(y0), float(x1), float(y1)), float(score[i]), int(best_phrase[i])))
+    return detections

@@ -1,0 +1,191 @@
+"""Encoding ahead of the annotator: tasks Label Studio imports (TASKS_CREATED) are encoded in the background, below
+clicks and pre-annotation, so their first click is a cache hit; an import of any size is one list on disk."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+import redis
+from rq import Queue
+
+from backend.http.server import create_app
+from backend.inference.queue import (
+    ENCODE_AHEAD_JOB,
+    ENCODE_QUEUE,
+    ENCODE_SCHEDULED_KEY,
+    INTERACTIVE_JOB,
+    INTERACTIVE_QUEUE,
+    QueuePredictor,
+)
+from backend.project_files import ProjectFiles
+from backend.training.imports import ImportedTask, ImportedTasks
+from backend.worker.runner import ClaimingQueue, worker_queues
+from tests.assets import encodes_logged, recorded
+from tests.conftest import make_client
+
+IMPORTED_IMAGES = 4  # of the recording's five tasks: the 512x384 one is on a host these tests do not serve
+
+
+def click_task_1(client):
+    return client.post("/predict", json=recorded("04-predict-interactive-keypoints.json"))
+
+
+def test_a_task_imported_by_webhook_is_a_cache_hit_on_its_first_click(settings, redis_url, caplog):
+    client, predictor = make_client(replace(settings, redis_url=redis_url))
+    caplog.set_level("INFO")
+    response = client.post("/webhook", json=recorded("12-webhook-tasks-created.json"))
+    assert response.status_code == 200
+    assert response.json == {"status": "queued", "action": "TASKS_CREATED", "project": 1}
+    assert predictor.ahead.wait_idle(300)
+    assert encodes_logged(caplog.records) == IMPORTED_IMAGES
+    first_click = click_task_1(client)
+    assert first_click.status_code == 200
+    assert first_click.headers["X-Embedding-Cache"] == "hit"
+    assert encodes_logged(caplog.records) == IMPORTED_IMAGES
+    # The same import again: every image is cached, none is encoded twice.
+    client.post("/webhook", json=recorded("12-webhook-tasks-created.json"))
+    assert predictor.ahead.wait_idle(300)
+    assert encodes_logged(caplog.records) == IMPORTED_IMAGES
+
+
+def test_without_the_import_the_first_click_is_a_miss(settings, redis_url):
+    """The control of the test above: the recorded click's image is not cached by anything else."""
+    client, _ = make_client(replace(settings, redis_url=redis_url))
+    assert click_task_1(client).headers["X-Embedding-Cache"] == "miss"
+
+
+def test_imported_tasks_are_encoded_on_a_worker_and_the_first_click_hits(settings, queue_redis, workers, label_studio):
+    web_settings = replace(settings, inference="queue", redis_url=queue_redis.url, predict_deadline_s=60)
+    web = create_app(web_settings, QueuePredictor(web_settings, redis.Redis.from_url(queue_redis.url))).test_client()
+    workers.start(
+        1,
+        MODEL_DIR=settings.model_dir,
+        LABEL_STUDIO_URL=label_studio.url,
+        LABEL_STUDIO_API_KEY=label_studio.legacy_token,
+    )
+    assert web.post("/webhook", json=recorded("12-webhook-tasks-created.json")).status_code == 200
+    connection = redis.Redis.from_url(queue_redis.url)
+    deadline = time.monotonic() + 300
+    # The project's job chain ends (its key goes) once the list is done.
+    while connection.exists(ENCODE_SCHEDULED_KEY.format(project=1)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not ImportedTasks(ProjectFiles(settings.model_dir, 1)).pending()
+    assert click_task_1(web).headers["X-Embedding-Cache"] == "hit"
+
+
+def test_a_click_queued_behind_encoding_jobs_is_taken_first(queue_redis):
+    connection = redis.Redis.from_url(queue_redis.url)
+    queues = worker_queues(connection)
+    assert [queue.name for queue in queues][0] == INTERACTIVE_QUEUE and queues[-1].name == ENCODE_QUEUE
+    encoding = [Queue(ENCODE_QUEUE, connection=connection).enqueue(ENCODE_AHEAD_JOB, project) for project in (1, 2)]
+    click = Queue(INTERACTIVE_QUEUE, connection=connection).enqueue(INTERACTIVE_JOB, "digest", 1, None)
+    taken = [ClaimingQueue.dequeue_any(queues, None, connection=connection)[0].id for _ in range(3)]
+    assert taken == [click.id, *(job.id for job in encoding)]
+
+
+def test_an_import_of_100000_tasks_is_one_list_on_disk_and_one_queued_job(settings, queue_redis):
+    web_settings = replace(settings, inference="queue", redis_url=queue_redis.url)
+    web = create_app(web_settings, QueuePredictor(web_settings, redis.Redis.from_url(queue_redis.url))).test_client()
+    body = recorded("12-webhook-tasks-created.json")
+    template = body["tasks"][0]
+    for first in range(1, 100_001, 1000):
+        body["tasks"] = [
+            {**template, "id": task_id, "data": {"image": f"/data/upload/1/{task_id}.jpg"}}
+            for task_id in range(first, first + 1000)
+        ]
+        assert web.post("/webhook", json=body).status_code == 200
+    connection = redis.Redis.from_url(queue_redis.url)
+    assert Queue(ENCODE_QUEUE, connection=connection).count == 1
+    redis_bytes = sum(connection.memory_usage(key) or 0 for key in connection.scan_iter())
+    assert redis_bytes < 64 * 1024
+    imported = ImportedTasks(ProjectFiles(settings.model_dir, 1))
+    assert imported.stored_bytes() < 100_000 * 64  # an id and a URL a task
+    assert imported.take() == ImportedTask(1, "/data/upload/1/1.jpg")
+    assert imported.take() == ImportedTask(2, "/data/upload/1/2.jpg")
+
+
+def click(client, task_id: int, image_url: str):
+    body = recorded("04-predict-interactive-keypoints.json")
+    body["tasks"][0]["id"], body["tasks"][0]["data"]["image"] = task_id, image_url
+    return client.post("/predict", json=body)
+
+
+PROJECT_1_IMAGES = [
+    "/data/upload/1/b2b9d834-car_1024x768.jpg",
+    "/data/upload/1/e0d87ad7-car_640x480.jpg",
+    "/data/upload/1/a5529614-car_400x300_exif6.png",
+    "/data/upload/1/arc2017.jpg",
+]
+
+
+def test_a_click_encodes_the_next_tasks_and_skips_those_cached(settings, redis_url, caplog):
+    """Tasks 1-4 imported earlier (their import's encoding done: the list's cursor at its end), task 3's image
+    cached: a click on task 1 encodes task 2's image (PREFETCH_TASKS=2), not task 3's again nor task 4's."""
+    client, predictor = make_client(replace(settings, redis_url=redis_url, prefetch_tasks=2))
+    imported = ImportedTasks(ProjectFiles(settings.model_dir, 1))
+    imported.append([ImportedTask(task_id, url) for task_id, url in enumerate(PROJECT_1_IMAGES, 1)])
+    while imported.take() is not None:
+        pass
+    predictor.encode_url(PROJECT_1_IMAGES[2])
+    caplog.set_level("INFO")
+    assert click(client, 1, PROJECT_1_IMAGES[0]).headers["X-Embedding-Cache"] == "miss"
+    assert predictor.ahead.wait_idle(300)
+    assert encodes_logged(caplog.records) == 2  # task 1's image (the click's own) and task 2's
+    assert click(client, 2, PROJECT_1_IMAGES[1]).headers["X-Embedding-Cache"] == "hit"
+    assert predictor.ahead.wait_idle(300)
+    assert encodes_logged(caplog.records) == 3  # the click on task 2 prefetched task 4: task 3's was cached
+    assert click(client, 4, PROJECT_1_IMAGES[3]).headers["X-Embedding-Cache"] == "hit"
+
+
+def test_the_tasks_after_a_task_are_found_in_a_long_list_in_ascending_id_order(tmp_path):
+    imported = ImportedTasks(ProjectFiles(tmp_path, 1))
+    assert imported.following(1, 3) == []
+    ids = [1, 2, 5, 7, 8, 100, 101, 1000]
+    imported.append([ImportedTask(task_id, "/data/upload/1/" + "x" * (task_id % 7)) for task_id in ids])
+    for asked in (0, 1, 2, 3, 5, 6, 99, 100, 999, 1000, 2000):
+        assert [task.id for task in imported.following(asked, 3)] == [i for i in ids if i > asked][:3]
+
+
+def test_encoding_ahead_stops_before_it_would_evict_the_image_an_annotator_clicked(settings):
+    """An in-process cache holding three embeddings: the clicked image's and one encoded ahead fit below its
+    room fraction, a third would not, so encoding ahead stops there and the clicked image stays cached."""
+    client, predictor = make_client(replace(settings, memory_cache_bytes=3 * 2_097_234 + 512))
+    assert click(client, 1, PROJECT_1_IMAGES[0]).headers["X-Embedding-Cache"] == "miss"
+    ImportedTasks(ProjectFiles(settings.model_dir, 1)).append(
+        [ImportedTask(task_id, url) for task_id, url in enumerate(PROJECT_1_IMAGES[1:], 2)]
+    )
+    predictor.encode_imports(1)
+    assert predictor.ahead.wait_idle(300)
+    assert predictor.store.describe()["used_bytes"] < 3 * 2_097_234  # two embeddings and the click's session
+    assert ImportedTasks(ProjectFiles(settings.model_dir, 1)).pending()  # left for later, not dropped
+    assert click(client, 1, PROJECT_1_IMAGES[0]).headers["X-Embedding-Cache"] == "hit"
+
+
+def finished_run(client, project: int) -> dict:
+    deadline = time.monotonic() + 300
+    while (progress := client.get("/encode", query_string={"project": project}).json)["state"] in (
+        "starting",
+        "running",
+    ) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return progress
+
+
+def test_a_project_imported_before_the_backend_is_encoded_on_demand_once_and_its_clicks_hit(
+    settings, redis_url, label_studio, caplog
+):
+    client, _ = make_client(replace(settings, redis_url=redis_url))
+    caplog.set_level("INFO")
+    images = [*PROJECT_1_IMAGES[:2], "/data/upload/1/missing.jpg"]
+    project = label_studio.add_project(recorded("03-predict-batch.json")["label_config"], images)
+    assert client.get("/encode", query_string={"project": project}).status_code == 404
+    assert client.post("/encode", query_string={"project": project}).status_code == 202
+    progress = finished_run(client, project)
+    assert (progress["state"], progress["predicted"], progress["failed"]) == ("finished", 2, 1)
+    assert encodes_logged(caplog.records) == 2
+    # Run again (a resume walks the project again): the cached images are not encoded twice.
+    assert client.post("/encode", query_string={"project": project}).status_code == 202
+    assert finished_run(client, project)["state"] == "finished"
+    assert encodes_logged(caplog.records) == 2
+    assert click(client, 1, PROJECT_1_IMAGES[1]).headers["X-Embedding-Cache"] == "hit"

@@ -1,0 +1,37 @@
+"""The prediction asked for when an annotator opens a task without one answers within TASK_OPEN_WAIT: what was
+computed earlier at once, else nothing now while the pre-annotation goes on in the background, which also encodes
+the image so the first click is warm."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+from tests.assets import encodes_logged, recorded
+from tests.test_grounding_dino import grounded_client
+
+
+def detect_passes(records: list) -> int:
+    return sum(record.getMessage().startswith("detected ") for record in records)
+
+
+def test_a_task_opened_before_its_pre_annotation_is_done_opens_empty_and_the_next_open_and_click_are_warm(
+    grounded_settings, caplog
+):
+    client, _ = grounded_client(replace(grounded_settings, task_open_wait_s=0))
+    caplog.set_level(logging.INFO)
+    task_open = recorded("03a-predict-on-task-open.json")
+    first = client.post("/predict", json=task_open)
+    assert first.status_code == 200
+    assert first.json == {"results": [[]]}  # stored by Label Studio as no prediction: the next open asks again
+    task_opens = client.application.extensions["backend"].task_opens
+    assert task_opens.wait_idle(300)
+    task_opens.wait_s = 300  # the second open waits for its answer, which the first open's pass left cached
+    second = client.post("/predict", json=task_open)
+    assert second.status_code == 200
+    assert second.json["results"][0]["result"]
+    assert second.headers["X-Embedding-Cache"] == "hit"
+    assert detect_passes(caplog.records) == 1 and encodes_logged(caplog.records) == 1
+    click = recorded("04-predict-interactive-keypoints.json")
+    click["tasks"][0]["data"]["image"] = task_open["tasks"][0]["data"]["image"]
+    assert client.post("/predict", json=click).headers["X-Embedding-Cache"] == "hit"
