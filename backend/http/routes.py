@@ -17,6 +17,7 @@ from typing import TypedDict
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
+from backend.cache.coverage import project_coverage
 from backend.config import Settings
 from backend.deadline import Deadline
 from backend.errors import (
@@ -285,7 +286,10 @@ def predict() -> tuple[Response, int] | Response:
 def status() -> Response:
     backend = current_backend()
     served = backend.predictor.decoders.current_name(None)  # in queue mode, the workers' model_version
-    return jsonify({"model_class": MODEL_CLASS, "model_version": served, **backend.predictor.status()})
+    encoded = project_coverage(backend.settings.model_dir, backend.predictor.cache_store())
+    return jsonify(
+        {"model_class": MODEL_CLASS, "model_version": served, **backend.predictor.status(), "encoded_images": encoded}
+    )
 
 
 @routes.get("/metrics")

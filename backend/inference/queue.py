@@ -136,6 +136,11 @@ class QueuePredictor(InteractiveFront):
         self.fetcher = fetcher or ImageFetcher(FetchRules.of(settings))
         # Small state the web tier keeps (project-run progress); image embeddings live with the workers.
         self.store = ResilientStore(connection, MemoryStore(STATE_FALLBACK_BYTES), settings.redis_url)
+        self._cache_store = (
+            ResilientStore.from_url(settings.cache_url, MemoryStore(0))  # counted here, never stored in
+            if settings.cache_url != settings.redis_url
+            else self.store
+        )
         self.interactive_queue = Queue(INTERACTIVE_QUEUE, connection=connection)
         self.preannotate_queue = Queue(PREANNOTATE_QUEUE, connection=connection)
         self.training_queue = Queue(TRAINING_QUEUE, connection=connection)
@@ -196,9 +201,13 @@ class QueuePredictor(InteractiveFront):
             # The tasks are on disk: the project's next import or click hands them on.
             log.warning("project %d: imported tasks recorded but not queued, Redis unreachable: %s", project_id, error)
 
-    def encode_batch(self, image_urls: Sequence[object]) -> list[bool | BackendError]:
+    def encode_batch(self, image_urls: Sequence[object], project_id: int | None = None) -> list[bool | BackendError]:
         """On a worker, from the encoding queue (below clicks and pre-annotation); the worker fetches the images."""
-        return self._run(self.encode_queue, [], ENCODE_BATCH_JOB, list(image_urls))
+        return self._run(self.encode_queue, [], ENCODE_BATCH_JOB, list(image_urls), project_id)
+
+    def cache_store(self) -> ResilientStore:
+        """The workers' cache: CACHE_REDIS_URL when set, else the queue's Redis."""
+        return self._cache_store
 
     def prefetch(self, project_id: int, task_id: int) -> None:
         following = ImportedTasks(ProjectFiles(self.settings.model_dir, project_id)).following(

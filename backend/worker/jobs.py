@@ -227,9 +227,9 @@ def learn(project_id: int, web_model_dir: dict | None = None) -> dict | None:
     return predictor.train_project(project_id).as_dict()
 
 
-def encode_batch(image_urls: list[object]) -> list[bool | BackendError]:
+def encode_batch(image_urls: list[object], project_id: int | None = None) -> list[bool | BackendError]:
     """A whole-project encoding run's batch (`runs.encode`): each image's embedding cached, or its error."""
-    return _installed().encode_batch(image_urls)
+    return _installed().encode_batch(image_urls, project_id)
 
 
 def encode_ahead(project_id: int) -> None:
