@@ -234,3 +234,17 @@ def test_the_count_reads_a_bounded_sample_of_a_long_list(tmp_path):
     encoded.record("sam:emb:vit_b-1111:" + f"{49:064x}")  # encoded again: one image, counted once
     assert encoded.coverage(store, sample=10) == {"images": 9, "encoded_now": 5, "sampled": "the newest 10 entries"}
     assert encoded.coverage(store, sample=100) == {"images": 50, "encoded_now": 25}
+
+
+def test_without_encode_on_import_an_import_encodes_nothing_until_a_request_prefetches(settings, redis_url, caplog):
+    client, predictor = make_client(replace(settings, redis_url=redis_url, encode_on_import=False, prefetch_tasks=1))
+    caplog.set_level("INFO")
+    answer = client.post("/webhook", json=recorded("12-webhook-tasks-created.json")).json
+    assert answer == {"status": "recorded", "action": "TASKS_CREATED", "project": 1}
+    assert predictor.ahead.wait_idle(300)
+    assert encodes_logged(caplog.records) == 0
+    assert ImportedTasks(ProjectFiles(settings.model_dir, 1)).pending()  # recorded, for prefetch and /encode
+    assert click_task_1(client).headers["X-Embedding-Cache"] == "miss"
+    assert predictor.ahead.wait_idle(300)
+    assert encodes_logged(caplog.records) == 2  # task 1's (the click's own) and task 2's: not the whole import
+    assert client.get("/status").json["encoded_images"] == {"1": {"images": 2, "encoded_now": 2}}

@@ -308,8 +308,11 @@ def webhook() -> tuple[Response, int] | Response:
         if body["action"] == TASKS_CREATED:
             # Recorded within the webhook's second; the images are encoded later, below clicks and pre-annotation.
             project_id = record_tasks_created(body, backend.settings.model_dir)
-            backend.predictor.encode_imports(project_id)
-            answer = {"status": "queued", "action": TASKS_CREATED, "project": project_id}
+            if backend.settings.encode_on_import:
+                backend.predictor.encode_imports(project_id)
+            # Without ENCODE_ON_IMPORT the list waits for the requests that prefetch from it, and for /encode.
+            status = "queued" if backend.settings.encode_on_import else "recorded"
+            answer = {"status": status, "action": TASKS_CREATED, "project": project_id}
         else:
             answer = backend.predictor.learning.receive(body)
     except WebhookError as error:

@@ -208,16 +208,18 @@ class Predictor(InteractiveFront):
                 outcomes.append(error)
         return outcomes
 
-    def encode_ahead(self, project_id: int, prefetched: Callable[[], str | None]) -> bool:
+    def encode_ahead(self, project_id: int, prefetched: Callable[[], str | None], imports: bool) -> bool:
         """Encode one image ahead of the annotator: the next one `prefetched` names (the tasks after the one just
-        asked for), else the project's next imported task (`ImportedTasks`); False when neither is left. An image
-        that cannot be fetched is logged and passed over."""
+        asked for), else, with `imports` (ENCODE_ON_IMPORT), the project's next imported task (`ImportedTasks`);
+        False when none is left. An image that cannot be fetched is logged and passed over."""
         self.models.get(self.settings.model_ready_timeout_s)  # before taking a task: a loading model keeps it listed
         if not self.store.has_room(EMBEDDING_ROOM_BYTES):
             # Encoding ahead must never evict an embedding an annotator is using: stop; the next request resumes.
             log.info("project %d: the cache is near its bound; encoding ahead stops", project_id)
             return False
         image_url = prefetched()
+        if image_url is None and not imports:
+            return False
         if image_url is None:
             task = ImportedTasks(ProjectFiles(self.settings.model_dir, project_id)).take()
             if task is None:
@@ -230,9 +232,11 @@ class Predictor(InteractiveFront):
         return True
 
     def encode_imports(self, project_id: int) -> None:
-        """Encode the project's prefetched and imported tasks' images in the background, on the pool of one."""
+        """Encode the project's prefetched and (ENCODE_ON_IMPORT) imported tasks' images in the background, on the
+        pool of one."""
+        imports = self.settings.encode_on_import
         self.ahead.schedule(
-            project_id, lambda: self.encode_ahead(project_id, lambda: self._next_prefetched(project_id))
+            project_id, lambda: self.encode_ahead(project_id, lambda: self._next_prefetched(project_id), imports)
         )
 
     def prefetch(self, project_id: int, task_id: int) -> None:
