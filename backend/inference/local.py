@@ -47,8 +47,6 @@ from backend.training.trainer import TrainingResult, train_project
 
 log = logging.getLogger(__name__)
 
-EMBEDDING_ROOM_BYTES = 2 * 256 * 64 * 64 + 1024  # a cached SAM embedding: float16 features and a header line
-
 
 @dataclass
 class Models:
@@ -212,8 +210,8 @@ class Predictor(InteractiveFront):
         """Encode one image ahead of the annotator: the next one `prefetched` names (the tasks after the one just
         asked for), else, with `imports` (ENCODE_ON_IMPORT), the project's next imported task (`ImportedTasks`);
         False when none is left. An image that cannot be fetched is logged and passed over."""
-        self.models.get(self.settings.model_ready_timeout_s)  # before taking a task: a loading model keeps it listed
-        if not self.store.has_room(EMBEDDING_ROOM_BYTES):
+        models = self.models.get(self.settings.model_ready_timeout_s)  # first: a loading model keeps the task listed
+        if not self.store.has_room(models.embeddings.entry_bytes):
             # Encoding ahead must never evict an embedding an annotator is using: stop; the next request resumes.
             log.info("project %d: the cache is near its bound; encoding ahead stops", project_id)
             return False
