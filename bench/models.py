@@ -43,7 +43,7 @@ def build_segmenter(name: str, device: str):  # -> Segmenter
     from tests.hf_segmenters import build
 
     model, processor = build(name, reduced=False)
-    family = FAMILIES[TRANSFORMERS_MODELS[name].family]
+    family = FAMILIES[TRANSFORMERS_MODELS[name].model_type]
     return HfSegmenter(model, processor, family, f"bench-{name}", torch.device(device))
 
 

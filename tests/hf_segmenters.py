@@ -22,28 +22,28 @@ REPVIT_REPO = "timm/repvit_m1.dist_in1k"
 REPVIT_CONFIG = {"architecture": "repvit_m1", "num_classes": 1000, "num_features": 384, "label_names": ["class"]}
 FEATURES_ONLY = {"in_chans": 3, "features_only": True, "out_indices": [0, 1, 2, 3]}
 
+
+def hiera(width: int, heads: int, blocks: list[int], global_blocks: list[int], **extra: object) -> dict:
+    """A Hiera trunk as SAM 2 builds one: each of its four stages twice the previous one's width and heads."""
+    return {
+        "hidden_size": width,
+        "num_attention_heads": heads,
+        "embed_dim_per_stage": [width * 2**stage for stage in range(4)],
+        "num_attention_heads_per_stage": [heads * 2**stage for stage in range(4)],
+        "blocks_per_stage": blocks,
+        "global_attention_blocks": global_blocks,
+        **extra,
+    }
+
+
 # The official Hiera sizes (SAM 2.1's sam2.1_hiera_{t,s,b+,l}.yaml).
 HIERA = {
-    "sam2.1-hiera-tiny": {"blocks_per_stage": [1, 2, 7, 2], "global_attention_blocks": [5, 7, 9]},
-    "sam2.1-hiera-small": {"blocks_per_stage": [1, 2, 11, 2], "global_attention_blocks": [7, 10, 13]},
-    "sam2.1-hiera-base-plus": {
-        "hidden_size": 112,
-        "num_attention_heads": 2,
-        "embed_dim_per_stage": [112, 224, 448, 896],
-        "num_attention_heads_per_stage": [2, 4, 8, 16],
-        "blocks_per_stage": [2, 3, 16, 3],
-        "global_attention_blocks": [12, 16, 20],
-        "window_positional_embedding_background_size": [14, 14],
-    },
-    "sam2.1-hiera-large": {
-        "hidden_size": 144,
-        "num_attention_heads": 2,
-        "embed_dim_per_stage": [144, 288, 576, 1152],
-        "num_attention_heads_per_stage": [2, 4, 8, 16],
-        "blocks_per_stage": [2, 6, 36, 4],
-        "global_attention_blocks": [23, 33, 43],
-        "window_size_per_stage": [8, 4, 16, 8],
-    },
+    "sam2.1-hiera-tiny": hiera(96, 1, [1, 2, 7, 2], [5, 7, 9]),
+    "sam2.1-hiera-small": hiera(96, 1, [1, 2, 11, 2], [7, 10, 13]),
+    "sam2.1-hiera-base-plus": hiera(
+        112, 2, [2, 3, 16, 3], [12, 16, 20], window_positional_embedding_background_size=[14, 14]
+    ),
+    "sam2.1-hiera-large": hiera(144, 2, [2, 6, 36, 4], [23, 33, 43], window_size_per_stage=[8, 4, 16, 8]),
 }
 # The official SAM-HQ ViT sizes (Meta's SAM ViT-B/L/H encoders).
 HQ_VIT = {

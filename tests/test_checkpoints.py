@@ -23,11 +23,14 @@ from segment_anything import sam_model_registry
 from segment_anything.build_sam import _build_sam
 
 from backend.cli import main
+from backend.config import Settings
 from backend.errors import CheckpointMissing, DownloadFailed, WrongCheckpoint
+from backend.models import registry
 from backend.models.checkpoints import (
     BERT_BASE_UNCASED,
     DETECTOR_REPOSITORIES,
     SAM_CHECKPOINTS,
+    TRANSFORMERS_MODELS,
     WEIGHTS_COMMAND,
     CheckpointLocation,
     OfficialCheckpoint,
@@ -41,6 +44,7 @@ from backend.models.registry import load_detector, load_segmenter
 from backend.models.sam import OFFICIAL_ENCODERS, infer_encoder_shape, load_sam
 from backend.models.transformers_detectors import load_transformers_detector
 from tests.assets import REPO
+from tests.hf_segmenters import write_models
 
 
 def official_shapes(model_type: str) -> dict[str, torch.Tensor]:
@@ -159,7 +163,7 @@ def official_sam_at(url: str, sha256: str, directory: Path) -> CheckpointLocatio
 
 
 def test_a_checkpoint_with_the_wrong_checksum_is_refused_and_leaves_nothing(checkpoint_server, tmp_path):
-    with pytest.raises(ValueError, match="checksum mismatch"):
+    with pytest.raises(WrongCheckpoint, match="checksum mismatch.*SAM_CHECKPOINT"):
         download_checkpoint(official_sam_at(f"{checkpoint_server.url}/file", "0" * 64, tmp_path))
     assert checkpoint_server.requests == ["/file"] and leftovers(tmp_path) == []
 
@@ -255,14 +259,20 @@ def test_an_unreachable_server_is_one_line_naming_the_address_the_setting_and_a_
 # --- The text encoder: fetched at a pinned revision and checked; never looked up on a hub at start-up ---------
 
 
+def serve_repository(server: CheckpointServer, repository: OfficialRepository, folder: Path) -> None:
+    """`folder`'s files where `repository`'s revision has them on the hub, the weights behind a redirect stating
+    their SHA-256 as the hub does."""
+    for filename in (*repository.files, repository.weights):
+        server.files["/" + repository.url(filename, "").lstrip("/")] = (folder / filename).read_bytes()
+    weights_path = "/" + repository.url(repository.weights, "").lstrip("/")
+    server.stated[weights_path] = sha256_of(folder / repository.weights)
+
+
 @pytest.fixture
 def text_encoder_served(checkpoint_server, grounding_dino_files) -> OfficialRepository:
     """The tiny test BERT's files, served where the official repository's pinned revision has them."""
-    encoder = BERT_BASE_UNCASED
-    for filename in (*encoder.files, encoder.weights):
-        path = "/" + encoder.url(filename, "").lstrip("/")
-        checkpoint_server.files[path] = (grounding_dino_files.text_encoder / filename).read_bytes()
-    return encoder
+    serve_repository(checkpoint_server, BERT_BASE_UNCASED, grounding_dino_files.text_encoder)
+    return BERT_BASE_UNCASED
 
 
 def text_encoder_location(weights: Path) -> CheckpointLocation:
@@ -272,12 +282,15 @@ def text_encoder_location(weights: Path) -> CheckpointLocation:
 def test_the_text_encoder_is_fetched_from_its_pinned_revision_and_refused_when_the_weights_differ(
     checkpoint_server, text_encoder_served, tmp_path
 ):
-    encoder = text_encoder_served  # the official checksum: the tiny BERT's weights do not match it
-    with pytest.raises(ValueError, match="checksum mismatch"):
+    """The checksum stored here wins over what the server states (which is the tiny BERT's own): the tiny BERT's
+    weights do not match the official checksum."""
+    encoder = text_encoder_served
+    with pytest.raises(WrongCheckpoint, match="checksum mismatch") as error:
         download_repository(text_encoder_location(tmp_path), encoder, checkpoint_server.url)
     revision = "/google-bert/bert-base-uncased/resolve/86b5e0934494bd15c9632b12f734a8a67f723594/"
-    assert checkpoint_server.requests[-1] == revision + "model.safetensors"
-    assert all(path.startswith(revision) for path in checkpoint_server.requests)
+    assert checkpoint_server.requests[-1] == "/storage" + revision + "model.safetensors"
+    assert all(path.startswith((revision, "/storage" + revision)) for path in checkpoint_server.requests)
+    assert "GROUNDING_DINO_TEXT_ENCODER" in str(error.value)
     assert leftovers(tmp_path) == []
 
 
@@ -404,14 +417,9 @@ def test_a_wrong_file_in_sam_checkpoint_is_named_for_what_it_is(settings, sam_ch
 
 @pytest.fixture
 def owlv2_served(checkpoint_server, detector_folders) -> OfficialRepository:
-    """The small OWLv2's files where the official repository's pinned revision has them, the weights behind a
-    redirect stating their SHA-256 as the hub does."""
+    """The small OWLv2's files where the official repository's pinned revision has them."""
     repository = DETECTOR_REPOSITORIES["owlv2"]
-    for filename in (*repository.files, repository.weights):
-        path = "/" + repository.url(filename, "").lstrip("/")
-        checkpoint_server.files[path] = (detector_folders["owlv2"] / filename).read_bytes()
-    weights_path = "/" + repository.url(repository.weights, "").lstrip("/")
-    checkpoint_server.stated[weights_path] = sha256_of(detector_folders["owlv2"] / repository.weights)
+    serve_repository(checkpoint_server, repository, detector_folders["owlv2"])
     return repository
 
 
@@ -431,6 +439,56 @@ def test_a_detector_repository_is_fetched_at_its_pinned_revision_and_loads(check
 def test_detector_weights_that_differ_from_what_the_hub_states_are_refused(checkpoint_server, owlv2_served, tmp_path):
     weights_path = "/" + owlv2_served.url(owlv2_served.weights, "").lstrip("/")
     checkpoint_server.stated[weights_path] = "0" * 64
-    with pytest.raises(ValueError, match="checksum mismatch"):
+    with pytest.raises(WrongCheckpoint, match="checksum mismatch.*DETECTOR_MODEL"):
         download_repository(detector_location(tmp_path, owlv2_served), owlv2_served, checkpoint_server.url)
     assert leftovers(tmp_path) == []
+
+
+# --- The transformers segmenters: the same mechanism as the detectors, checked for the model they were fetched as --
+
+
+@pytest.fixture(scope="module")
+def sam21_tiny_folder(tmp_path_factory) -> Path:
+    """SAM 2.1 Hiera-tiny at reduced size with random weights, saved by transformers' `save_pretrained`."""
+    return write_models(tmp_path_factory.mktemp("segmenters"), reduced=True, names=("sam2.1-hiera-tiny",))[
+        "sam2.1-hiera-tiny"
+    ]
+
+
+def test_a_segmenter_repository_is_fetched_at_its_pinned_revision_into_the_default_folder_and_loads(
+    checkpoint_server, sam21_tiny_folder, tmp_path
+):
+    repository = TRANSFORMERS_MODELS["sam2.1-hiera-tiny"]
+    serve_repository(checkpoint_server, repository, sam21_tiny_folder)
+    fetched = replace(Settings(), sam_model_type="sam2.1-hiera-tiny", weights_dir=str(tmp_path), device="cpu")
+    folder = download_repository(registry.sam_checkpoint(fetched), repository, checkpoint_server.url)
+    revision = "/facebook/sam2.1-hiera-tiny/resolve/de431c4043854a71d8101e17995dfe596bf101a5/"
+    assert all(path.startswith((revision, "/storage" + revision)) for path in checkpoint_server.requests)
+    assert "/storage" + revision + "model.safetensors" in checkpoint_server.requests  # the hub's stated SHA-256
+    assert leftovers(tmp_path) == ["sam2.1-hiera-tiny"]
+    assert sorted(leftovers(folder)) == sorted((*repository.files, repository.weights))
+    assert load_segmenter(fetched).identity.startswith("sam2.1-hiera-tiny")
+
+
+def test_segmenter_weights_that_differ_from_what_the_hub_states_are_refused_naming_the_setting(
+    checkpoint_server, sam21_tiny_folder, tmp_path
+):
+    repository = TRANSFORMERS_MODELS["sam2.1-hiera-tiny"]
+    serve_repository(checkpoint_server, repository, sam21_tiny_folder)
+    checkpoint_server.stated["/" + repository.url(repository.weights, "").lstrip("/")] = "0" * 64
+    location = CheckpointLocation("sam2.1-hiera-tiny", "SAM_CHECKPOINT", tmp_path / repository.name, repository)
+    with pytest.raises(WrongCheckpoint, match="checksum mismatch") as error:
+        download_repository(location, repository, checkpoint_server.url)
+    assert "SAM_CHECKPOINT" in str(error.value) and leftovers(tmp_path) == []
+
+
+def test_a_repository_holding_another_model_is_refused_naming_both_and_leaves_nothing(
+    checkpoint_server, sam21_tiny_folder, tmp_path
+):
+    """SAM 2.1 files where SAM-HQ ViT-B is expected: every file arrives and checks out, but it is not SAM-HQ."""
+    repository = TRANSFORMERS_MODELS["sam-hq-vit-b"]
+    serve_repository(checkpoint_server, repository, sam21_tiny_folder)
+    location = CheckpointLocation("sam-hq-vit-b", "SAM_CHECKPOINT", tmp_path / repository.name, repository)
+    with pytest.raises(WrongCheckpoint, match="holds a 'sam2' model, not a sam_hq one") as error:
+        download_repository(location, repository, checkpoint_server.url)
+    assert "SAM_CHECKPOINT" in str(error.value) and leftovers(tmp_path) == []

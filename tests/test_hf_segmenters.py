@@ -187,7 +187,7 @@ def test_training_is_refused_clearly_for_a_model_it_cannot_fine_tune(segmenters,
 
 def test_a_downloaded_folder_is_checked_to_hold_the_model_it_was_fetched_as(model_folders):
     check_model_folder(model_folders["sam2.1-hiera-tiny"], TRANSFORMERS_MODELS["sam2.1-hiera-tiny"])
-    with pytest.raises(ValueError, match="holds a 'sam2' model, not a sam_hq one"):
+    with pytest.raises(WrongCheckpoint, match="holds a .sam2. model, not a sam_hq one"):
         check_model_folder(model_folders["sam2.1-hiera-tiny"], TRANSFORMERS_MODELS["sam-hq-vit-b"])
 
 

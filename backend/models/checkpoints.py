@@ -10,6 +10,7 @@ file is never loaded; a file already in place is the user's and is used as it is
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import requests
 
-from backend.errors import CheckpointMissing, DownloadFailed
+from backend.errors import CheckpointMissing, DownloadFailed, WrongCheckpoint
 
 log = logging.getLogger(__name__)
 
@@ -40,20 +41,26 @@ class OfficialCheckpoint:
 
 @dataclass(frozen=True)
 class OfficialRepository:
-    """A Hugging Face model repository at a pinned commit: the files its tokenizer, processor and model read, the
-    weights checked by SHA-256 (the small files are fixed by the commit). Without a SHA-256 published here, the
-    weights are checked against the one the hub states for that commit's file (its X-Linked-Etag header)."""
+    """A Hugging Face model repository in transformers' format, the one kind of official model folder (segmenters,
+    detectors, the text encoder): `files` and `weights` at `revision`, a full commit id where one is known (else a
+    branch, logged as unpinned). Without a SHA-256 published here, the weights are checked against the one the hub
+    states for that revision's file (its X-Linked-Etag header); the folder must also hold a `model_type` model."""
 
     name: str  # its folder in WEIGHTS_DIR (and, for the text encoder, what GROUNDING_DINO_TEXT_ENCODER says)
     repo: str
     revision: str
-    files: tuple[str, ...]
+    model_type: str  # config.json's model_type; for segmenters, the family in backend/models/hf_segmenter.py
+    files: tuple[str, ...]  # besides the weights: config.json and what the tokenizer and processor read
     weights: str
     weights_sha256: str | None
     size_mb: int
 
     def url(self, filename: str, endpoint: str = HUGGING_FACE) -> str:
         return f"{endpoint}/{self.repo}/resolve/{self.revision}/{filename}"
+
+    @property
+    def pinned(self) -> bool:
+        return re.fullmatch(r"[0-9a-f]{40}", self.revision) is not None
 
 
 SAM_CHECKPOINTS: dict[str, OfficialCheckpoint] = {
@@ -90,6 +97,7 @@ BERT_BASE_UNCASED = OfficialRepository(
     name="bert-base-uncased",
     repo="google-bert/bert-base-uncased",
     revision="86b5e0934494bd15c9632b12f734a8a67f723594",
+    model_type="bert",
     files=("config.json", "vocab.txt", "tokenizer.json", "tokenizer_config.json"),
     weights="model.safetensors",
     weights_sha256="68d45e234eb4a928074dfd868cead0219ab85354cc53d20e772753c6bb9169d3",
@@ -102,6 +110,7 @@ DETECTOR_REPOSITORIES: dict[str, OfficialRepository] = {
         name="grounding-dino-tiny",
         repo="IDEA-Research/grounding-dino-tiny",
         revision="a2bb814dd30d776dcf7e30523b00659f4f141c71",
+        model_type="grounding-dino",
         files=(
             "config.json",
             "preprocessor_config.json",
@@ -117,6 +126,7 @@ DETECTOR_REPOSITORIES: dict[str, OfficialRepository] = {
         name="owlv2-base-patch16-ensemble",
         repo="google/owlv2-base-patch16-ensemble",
         revision="cfd3195ba4ea9592eec887ded089f4c08eff231d",
+        model_type="owlv2",
         files=(
             "config.json",
             "preprocessor_config.json",
@@ -134,28 +144,37 @@ DETECTOR_REPOSITORIES: dict[str, OfficialRepository] = {
 MM_GROUNDING_DINO_REPOSITORY = "openmmlab-community/mm_grounding_dino_tiny_o365v1_goldg"
 
 
-@dataclass(frozen=True)
-class OfficialModelFolder:
-    """A segmenter published as a Hugging Face model repository in transformers' format, fetched whole by
-    huggingface_hub at `revision` and checked (its config names the expected model, its weights are there)."""
-
-    repo: str
-    revision: str  # a branch until a commit is pinned: the commit ids were not reachable when this was written
-    family: str  # the transformers model family (backend/models/hf_segmenter.py FAMILIES)
-    size_mb: int
+# What a segmenter's folder needs besides its weights: the processor reads preprocessor_config.json.
+SEGMENTER_FILES = ("config.json", "preprocessor_config.json")
 
 
-# Official repositories: Meta's SAM 2.1 conversions, the EdgeTAM conversion transformers' docs use, and the
-# SAM-HQ authors' (SysCV) community conversions.
-TRANSFORMERS_MODELS: dict[str, OfficialModelFolder] = {
-    "sam2.1-hiera-tiny": OfficialModelFolder("facebook/sam2.1-hiera-tiny", "main", "sam2", 156),
-    "sam2.1-hiera-small": OfficialModelFolder("facebook/sam2.1-hiera-small", "main", "sam2", 184),
-    "sam2.1-hiera-base-plus": OfficialModelFolder("facebook/sam2.1-hiera-base-plus", "main", "sam2", 324),
-    "sam2.1-hiera-large": OfficialModelFolder("facebook/sam2.1-hiera-large", "main", "sam2", 898),
-    "edgetam": OfficialModelFolder("yonigozlan/EdgeTAM-hf", "main", "edgetam", 55),
-    "sam-hq-vit-b": OfficialModelFolder("syscv-community/sam-hq-vit-base", "main", "sam_hq", 379),
-    "sam-hq-vit-l": OfficialModelFolder("syscv-community/sam-hq-vit-large", "main", "sam_hq", 1250),
-    "sam-hq-vit-h": OfficialModelFolder("syscv-community/sam-hq-vit-huge", "main", "sam_hq", 2570),
+def _segmenter(name: str, repo: str, revision: str, model_type: str, size_mb: int) -> OfficialRepository:
+    return OfficialRepository(name, repo, revision, model_type, SEGMENTER_FILES, "model.safetensors", None, size_mb)
+
+
+# Official repositories, those transformers' documentation uses: Meta's SAM 2.1 (transformers' format sits beside
+# Meta's .pt since the commits pinned here), the EdgeTAM image model (yonigozlan/EdgeTAM-hf is the edgetam_video
+# conversion, another model type), and the SAM-HQ authors' (SysCV) community conversions. The commits
+# are those public code pins for these repositories, each found in two or more places; "main" where none was found
+# (docs/models.md says which and why).
+TRANSFORMERS_MODELS: dict[str, OfficialRepository] = {
+    model.name: model
+    for model in (
+        _segmenter(
+            "sam2.1-hiera-tiny", "facebook/sam2.1-hiera-tiny", "de431c4043854a71d8101e17995dfe596bf101a5", "sam2", 156
+        ),
+        _segmenter(
+            "sam2.1-hiera-small", "facebook/sam2.1-hiera-small", "ee5bba1d82bb8749febdf90f45e84b687142ba03", "sam2", 184
+        ),
+        _segmenter("sam2.1-hiera-base-plus", "facebook/sam2.1-hiera-base-plus", "main", "sam2", 324),
+        _segmenter(
+            "sam2.1-hiera-large", "facebook/sam2.1-hiera-large", "665f8e2ad61cf5f53d65644ff27c8ee525124610", "sam2", 898
+        ),
+        _segmenter("edgetam", "yonigozlan/edgetam-1", "main", "edgetam", 55),
+        _segmenter("sam-hq-vit-b", "syscv-community/sam-hq-vit-base", "main", "sam_hq", 379),
+        _segmenter("sam-hq-vit-l", "syscv-community/sam-hq-vit-large", "main", "sam_hq", 1250),
+        _segmenter("sam-hq-vit-h", "syscv-community/sam-hq-vit-huge", "main", "sam_hq", 2570),
+    )
 }
 
 
@@ -168,7 +187,7 @@ class CheckpointLocation:
     what: str  # "SAM", "GroundingDINO", "text encoder", "OWLv2", ...
     setting: str  # the variable that points at a local file instead
     path: Path
-    official: OfficialCheckpoint | OfficialRepository | OfficialModelFolder | None
+    official: OfficialCheckpoint | OfficialRepository | None
 
     def describe(self) -> str:
         if self.official is None:
@@ -207,7 +226,7 @@ def _hub_sha256(response: requests.Response) -> str | None:
     return None
 
 
-def _download(url: str, target: Path, sha256: str | None, timeout_s: float) -> None:
+def _download(url: str, target: Path, sha256: str | None, setting: str, timeout_s: float) -> None:
     """`url` into `target`, all or nothing; only when the bytes match `sha256`, else the SHA-256 the hub states
     for the file, if any."""
     digest = hashlib.sha256()
@@ -220,7 +239,10 @@ def _download(url: str, target: Path, sha256: str | None, timeout_s: float) -> N
                 out.write(chunk)
                 digest.update(chunk)
         if sha256 is not None and digest.hexdigest() != sha256:
-            raise ValueError(f"checksum mismatch for {url}: got {digest.hexdigest()}, expected {sha256}")
+            raise WrongCheckpoint(
+                f"checksum mismatch for {url}: got {digest.hexdigest()}, expected {sha256}; nothing was kept: run "
+                f"`{WEIGHTS_COMMAND}` again, or set {setting} to a copy you have"
+            )
         os.replace(partial_name, target)
     finally:
         if os.path.exists(partial_name):
@@ -239,18 +261,17 @@ def _unreachable(location: CheckpointLocation, url: str, error: requests.Request
 
 
 def download_checkpoint(location: CheckpointLocation, timeout_s: float = 60.0) -> Path:
-    """Fetch `location`'s official file into place unless a file is already there, which is used as it is."""
+    """Fetch `location`'s official file or folder into place unless something is already there, which is used as
+    it is."""
     official = location.official
     if location.path.exists() or official is None:
         return location.path
     if isinstance(official, OfficialRepository):
         return download_repository(location, official, timeout_s=timeout_s)
-    if isinstance(official, OfficialModelFolder):
-        return download_model_folder(location, official)
     location.path.parent.mkdir(parents=True, exist_ok=True)
     log.info("downloading %s (%d MB) from %s", official.filename, official.size_mb, official.url)
     try:
-        _download(official.url, location.path, official.sha256, timeout_s)
+        _download(official.url, location.path, official.sha256, location.setting, timeout_s)
     except requests.RequestException as error:
         elsewhere = f"curl -L --create-dirs -o {location.path} {official.url}"
         raise DownloadFailed(_unreachable(location, official.url, error, elsewhere)) from error
@@ -263,71 +284,45 @@ def download_repository(
     endpoint: str = HUGGING_FACE,
     timeout_s: float = 60.0,
 ) -> Path:
-    """`repository`'s files at its pinned revision into the folder `location.path`, which appears only once every
-    file is in and the weights' SHA-256 matches."""
+    """`repository`'s files at its revision into a staging folder beside `location.path`, renamed to it only once
+    every file is in, the weights' SHA-256 matches and `check_model_folder` accepts what came."""
     folder = location.path
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f"{folder.name}.", suffix=".part"))
+    if not repository.pinned:
+        log.warning("%s has no pinned commit here: fetching its branch %r", repository.repo, repository.revision)
     log.info("downloading %s (%d MB) at revision %s", repository.repo, repository.size_mb, repository.revision)
     try:
         for filename in (*repository.files, repository.weights):
             url = repository.url(filename, endpoint)
             checksum = repository.weights_sha256 if filename == repository.weights else None
             try:
-                _download(url, staging / filename, checksum, timeout_s)
+                _download(url, staging / filename, checksum, location.setting, timeout_s)
             except requests.RequestException as error:
                 elsewhere = (
                     f"huggingface-cli download {repository.repo} {' '.join((*repository.files, repository.weights))} "
                     f"--revision {repository.revision} --local-dir {folder}"
                 )
                 raise DownloadFailed(_unreachable(location, url, error, elsewhere)) from error
-        os.replace(staging, folder)
-    finally:
-        if staging.exists():
-            for leftover in staging.iterdir():
-                leftover.unlink()
-            staging.rmdir()
-    return folder
-
-
-def download_model_folder(location: CheckpointLocation, model: OfficialModelFolder) -> Path:
-    """`model`'s repository at its revision into the folder `location.path`, which appears only once the
-    download is complete and `check_model_folder` accepts it."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
-    folder = location.path
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f"{folder.name}.", suffix=".part"))
-    log.info("downloading %s (%d MB) at revision %s", model.repo, model.size_mb, model.revision)
-    try:
         try:
-            snapshot_download(model.repo, revision=model.revision, local_dir=staging)
-        except (HfHubHTTPError, LocalEntryNotFoundError, requests.RequestException, OSError) as error:
-            raise DownloadFailed(
-                f"could not download {location.what} weights from {HUGGING_FACE}/{model.repo} at revision "
-                f"{model.revision} ({type(error).__name__}); set {location.setting} to a local copy, or fetch it on "
-                f"a machine with access: huggingface-cli download {model.repo} --revision {model.revision} "
-                f"--local-dir {folder}"
-            ) from error
-        check_model_folder(staging, model)
-        shutil.rmtree(staging / ".cache", ignore_errors=True)  # huggingface_hub's download bookkeeping
+            check_model_folder(staging, repository)
+        except WrongCheckpoint as error:
+            raise WrongCheckpoint(f"{error}; nothing was kept: set {location.setting} to a copy you have") from error
         os.replace(staging, folder)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return folder
 
 
-def check_model_folder(folder: Path, model: OfficialModelFolder) -> None:
-    """ValueError unless `folder` holds `model`: its config's model_type, its weights and its processor."""
-    import json
-
+def check_model_folder(folder: Path, repository: OfficialRepository) -> None:
+    """WrongCheckpoint unless `folder` holds `repository`'s model: its config's model_type and every file."""
+    where = f"{repository.repo} at {repository.revision}"
     try:
         model_type = json.loads((folder / "config.json").read_text()).get("model_type")
     except (OSError, ValueError, AttributeError) as error:
-        raise ValueError(f"{model.repo} at {model.revision} has no readable config.json: {error}") from error
-    if model_type != model.family:
-        raise ValueError(f"{model.repo} at {model.revision} holds a {model_type!r} model, not a {model.family} one")
-    missing = [name for name in ("model.safetensors", "preprocessor_config.json") if not (folder / name).is_file()]
+        raise WrongCheckpoint(f"{where} has no readable config.json: {error}") from error
+    if model_type != repository.model_type:
+        raise WrongCheckpoint(f"{where} holds a {model_type!r} model, not a {repository.model_type} one")
+    missing = [name for name in (*repository.files, repository.weights) if not (folder / name).is_file()]
     if missing:
-        raise ValueError(f"{model.repo} at {model.revision} lacks {', '.join(missing)}")
+        raise WrongCheckpoint(f"{where} lacks {', '.join(missing)}")

@@ -47,7 +47,8 @@ def sam_checkpoint(settings: Settings, model_type: str | None = None) -> Checkpo
     if settings.sam_checkpoint:
         return CheckpointLocation(what, "SAM_CHECKPOINT", Path(settings.sam_checkpoint), None)
     if kind in TRANSFORMERS_MODELS:
-        return CheckpointLocation(what, "SAM_CHECKPOINT", Path(settings.weights_dir) / kind, TRANSFORMERS_MODELS[kind])
+        model = TRANSFORMERS_MODELS[kind]
+        return CheckpointLocation(what, "SAM_CHECKPOINT", Path(settings.weights_dir) / model.name, model)
     official = SAM_CHECKPOINTS[kind]
     return CheckpointLocation(what, "SAM_CHECKPOINT", Path(settings.weights_dir) / official.filename, official)
 
@@ -109,7 +110,9 @@ def load_segmenter(settings: Settings, decoder_runtime: str | None = None) -> Se
     with MODEL_BUILD_LOCK:
         if kind in TRANSFORMERS_MODELS:
             folder = present(sam_checkpoint(settings))
-            return load_hf_segmenter(folder, TRANSFORMERS_MODELS[kind].family, kind, resolve_device(settings.device))
+            return load_hf_segmenter(
+                folder, TRANSFORMERS_MODELS[kind].model_type, kind, resolve_device(settings.device)
+            )
         return load_sam(
             present(sam_checkpoint(settings)),
             settings.sam_model_type,
