@@ -379,6 +379,13 @@ class Settings:
         minimum=0,
         section=S_CACHE,
     )
+    encode_on_import: bool = setting(
+        "ENCODE_ON_IMPORT",
+        True,
+        "encode the images of the tasks Label Studio imports (TASKS_CREATED webhook) in the background; false: the "
+        "imports are recorded and their images encoded only by prefetch (PREFETCH_TASKS) and `/encode`",
+        section=S_CACHE,
+    )
     encode_lock_timeout_s: float = setting(
         "ENCODE_LOCK_TIMEOUT",
         120.0,

@@ -5,7 +5,9 @@ For each mode the annotator opens task after task in ascending id order, clicks 
 first click) and once more (a warm click, on the same image), then dwells D seconds before the next task:
 - nothing: tasks Label Studio imported before the backend was connected, nothing prepared;
 - import: the tasks arrive by the TASKS_CREATED webhook right before the walk (encode on import, and prefetch from
-  the imported list: in this backend prefetch reads that list, so it is not measured on its own);
+  the imported list);
+- prefetch: the same webhook to a second web tier with ENCODE_ON_IMPORT=false (on the same worker: its jobs carry
+  the setting), so only the PREFETCH_TASKS tasks after each requested one are encoded ahead;
 - project: `POST /encode?project=` ran to its end before the walk.
 Printed per mode: first-click p50/p95, warm-click p50, their ratio, encoder passes per image (from the worker's
 log; 1 means no image encoded twice) and the bytes Redis holds. D defaults to 1.5x the encode time measured on
@@ -39,7 +41,7 @@ from tests.label_studio_standin import LabelStudioStandIn  # noqa: E402
 from tests.load_harness import ENCODED, GunicornServer, write_images  # noqa: E402
 from tests.services import RedisServer  # noqa: E402
 
-MODES = ("nothing", "import", "project")
+MODES = ("nothing", "import", "prefetch", "project")
 
 
 def checkpoint(workdir: Path, sam: str) -> Path:
@@ -54,9 +56,10 @@ def checkpoint(workdir: Path, sam: str) -> Path:
     return path
 
 
-def click(url: str, task_id: int, image_url: str, x: float) -> tuple[float, str]:
+def click(url: str, project: int, task_id: int, image_url: str, x: float) -> tuple[float, str]:
     body = copy.deepcopy(recorded("04-predict-interactive-keypoints.json"))
     body["tasks"][0]["id"], body["tasks"][0]["data"]["image"] = task_id, image_url
+    body["project"] = f"{project}.1795623701"  # as Label Studio names it: the walk's project, which prefetch reads
     body["params"]["context"]["result"][0]["value"]["x"] = x
     started = time.perf_counter()
     response = requests.post(url + "/predict", json=body, timeout=600)
@@ -129,11 +132,16 @@ def main() -> None:
             stderr=log,
         )
     server = GunicornServer(environment, workdir / "gunicorn.log", workers=1, threads=4).start()
+    prefetch_only = (
+        GunicornServer({**environment, "ENCODE_ON_IMPORT": "false"}, workdir / "prefetch.log", workers=1, threads=4)
+        if "prefetch" in args.modes.split(",")
+        else None
+    )
     try:
         while requests.get(server.url + "/status", timeout=10).json().get("workers", 0) < 1:
             time.sleep(1)
-        cold_s, _ = click(server.url, 9000, calibration[0], 40.0)
-        warm_s, _ = click(server.url, 9000, calibration[0], 60.0)
+        cold_s, _ = click(server.url, 9000, 9000, calibration[0], 40.0)
+        warm_s, _ = click(server.url, 9000, 9000, calibration[0], 60.0)
         encode_s = cold_s - warm_s
         dwell_s = args.dwell_factor * encode_s
         label_config = recorded("03-predict-batch.json")["label_config"]
@@ -150,15 +158,16 @@ def main() -> None:
             offset = worker_log.stat().st_size
             bytes_before = redis_bytes(redis_server.url)
             load_before = os.getloadavg()[0]
-            if mode == "import":
-                requests.post(server.url + "/webhook", json=tasks_created(project, first_id, image_urls), timeout=10)
+            url = prefetch_only.start().url if mode == "prefetch" and prefetch_only else server.url
+            if mode in ("import", "prefetch"):
+                requests.post(url + "/webhook", json=tasks_created(project, first_id, image_urls), timeout=10)
             elif mode == "project":
-                requests.post(server.url + "/encode", params={"project": project}, timeout=30)
-                wait_encode_run(server.url, project)
+                requests.post(url + "/encode", params={"project": project}, timeout=30)
+                wait_encode_run(url, project)
             firsts, warms, hits = [], [], 0
             for position, image_url in enumerate(image_urls):
-                first, cache = click(server.url, first_id + position, image_url, 40.0)
-                warm, _ = click(server.url, first_id + position, image_url, 60.0)
+                first, cache = click(url, project, first_id + position, image_url, 40.0)
+                warm, _ = click(url, project, first_id + position, image_url, 60.0)
                 firsts.append(first)
                 warms.append(warm)
                 hits += cache == "hit"
@@ -188,6 +197,8 @@ def main() -> None:
             print("| " + " | ".join(str(value) for value in row.values()) + " |")
     finally:
         server.stop()
+        if prefetch_only:
+            prefetch_only.stop()
         worker.terminate()
         worker.wait(timeout=60)
         label_studio.stop()

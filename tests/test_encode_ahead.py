@@ -9,6 +9,8 @@ from dataclasses import replace
 import redis
 from rq import Queue
 
+from backend.cache.coverage import EncodedImages
+from backend.cache.store import MemoryStore
 from backend.http.server import create_app
 from backend.inference.queue import (
     ENCODE_AHEAD_JOB,
@@ -71,6 +73,8 @@ def test_imported_tasks_are_encoded_on_a_worker_and_the_first_click_hits(setting
     while connection.exists(ENCODE_SCHEDULED_KEY.format(project=1)) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not ImportedTasks(ProjectFiles(settings.model_dir, 1)).pending()
+    # The workers recorded the images they cached; the web tier, with no model, counts them in their cache.
+    assert web.get("/status").json["encoded_images"] == {"1": {"images": IMPORTED_IMAGES, "encoded_now": 4}}
     assert click_task_1(web).headers["X-Embedding-Cache"] == "hit"
 
 
@@ -189,3 +193,58 @@ def test_a_project_imported_before_the_backend_is_encoded_on_demand_once_and_its
     assert finished_run(client, project)["state"] == "finished"
     assert encodes_logged(caplog.records) == 2
     assert click(client, 1, PROJECT_1_IMAGES[1]).headers["X-Embedding-Cache"] == "hit"
+
+
+def test_status_counts_the_imported_images_whose_embedding_is_cached_now(settings, redis_url):
+    client, predictor = make_client(replace(settings, redis_url=redis_url))
+    assert client.get("/status").json["encoded_images"] == {}
+    client.post("/webhook", json=recorded("12-webhook-tasks-created.json"))
+    assert predictor.ahead.wait_idle(300)
+    assert client.get("/status").json["encoded_images"] == {"1": {"images": 4, "encoded_now": 4}}
+    assert click_task_1(client).headers["X-Embedding-Cache"] == "hit"  # a hit records nothing more
+    keys, _ = EncodedImages(ProjectFiles(settings.model_dir, 1)).newest_keys(10)
+    redis.Redis.from_url(redis_url).delete(keys[0])  # evicted, or its time to live ran out
+    assert client.get("/status").json["encoded_images"] == {"1": {"images": 4, "encoded_now": 3}}
+
+
+def test_status_in_queue_mode_counts_in_the_workers_cache_for_the_model_they_serve(settings, queue_redis, redis_url):
+    """The workers cache in CACHE_REDIS_URL, not the queue's Redis; an image encoded by an earlier model is cached
+    still but not counted: the newest entry names the model served."""
+    web_settings = replace(settings, inference="queue", redis_url=queue_redis.url, cache_redis_url=redis_url)
+    web = create_app(web_settings, QueuePredictor(web_settings, redis.Redis.from_url(queue_redis.url))).test_client()
+    encoded = EncodedImages(ProjectFiles(settings.model_dir, 7))
+    old, *served = ["sam:emb:vit_b-0000:" + "0" * 64] + [f"sam:emb:vit_b-1111:{n:064x}" for n in range(3)]
+    for key in [old, *served]:
+        encoded.record(key)
+    cache, queue = redis.Redis.from_url(redis_url), redis.Redis.from_url(queue_redis.url)
+    for key in [old, *served[:2]]:
+        cache.set(key, b"embedding")
+    queue.set(served[2], b"not the cache")
+    assert web.get("/status").json["encoded_images"] == {"7": {"images": 3, "encoded_now": 2}}
+
+
+def test_the_count_reads_a_bounded_sample_of_a_long_list(tmp_path):
+    encoded = EncodedImages(ProjectFiles(tmp_path, 1))
+    store = MemoryStore(1 << 20)
+    for n in range(50):
+        key = f"sam:emb:vit_b-1111:{n:064x}"
+        encoded.record(key)
+        if n % 2:
+            store.set(key, b"e", 60)
+    encoded.record("sam:emb:vit_b-1111:" + f"{49:064x}")  # encoded again: one image, counted once
+    assert encoded.coverage(store, sample=10) == {"images": 9, "encoded_now": 5, "sampled": "the newest 10 entries"}
+    assert encoded.coverage(store, sample=100) == {"images": 50, "encoded_now": 25}
+
+
+def test_without_encode_on_import_an_import_encodes_nothing_until_a_request_prefetches(settings, redis_url, caplog):
+    client, predictor = make_client(replace(settings, redis_url=redis_url, encode_on_import=False, prefetch_tasks=1))
+    caplog.set_level("INFO")
+    answer = client.post("/webhook", json=recorded("12-webhook-tasks-created.json")).json
+    assert answer == {"status": "recorded", "action": "TASKS_CREATED", "project": 1}
+    assert predictor.ahead.wait_idle(300)
+    assert encodes_logged(caplog.records) == 0
+    assert ImportedTasks(ProjectFiles(settings.model_dir, 1)).pending()  # recorded, for prefetch and /encode
+    assert click_task_1(client).headers["X-Embedding-Cache"] == "miss"
+    assert predictor.ahead.wait_idle(300)
+    assert encodes_logged(caplog.records) == 2  # task 1's (the click's own) and task 2's: not the whole import
+    assert client.get("/status").json["encoded_images"] == {"1": {"images": 2, "encoded_now": 2}}

@@ -11,17 +11,20 @@ import numpy as np
 import pytest
 import torch
 
-from backend.cache.embeddings import EmbeddingCache, deserialize_embedding, serialize_embedding
-from backend.cache.store import make_store
+from backend.cache.embeddings import VIT_ENTRY_BYTES, EmbeddingCache, deserialize_embedding, serialize_embedding
+from backend.cache.store import ROOM_FRACTION, MemoryStore, make_store
 from backend.config import TRANSFORMERS_SEGMENTERS, Settings
 from backend.errors import CheckpointMissing, WrongCheckpoint
 from backend.images import FetchRules, ImageFetcher
+from backend.inference.local import Predictor
 from backend.models import registry
 from backend.models.base import SegmentPrompt
 from backend.models.checkpoints import TRANSFORMERS_MODELS, check_model_folder
 from backend.models.hf_decoder import OnnxHfDecoder
 from backend.models.hf_segmenter import HfSegmenter
 from backend.models.registry import load_segmenter
+from backend.project_files import ProjectFiles
+from backend.training.imports import ImportedTask, ImportedTasks
 from backend.training.resources import TrainingResources
 from backend.training.support import fine_tuning_refusal
 from backend.training.trainer import train_project
@@ -214,3 +217,23 @@ def test_the_weights_command_predict_and_the_demo_offer_every_segmenter():
     from backend.tools.demo import SAM_MODEL_TYPES
 
     assert set(SEGMENTERS) == set(SAM_MODEL_TYPES) == {"vit_b", "vit_l", "vit_h", *TRANSFORMERS_SEGMENTERS}
+
+
+def test_encoding_ahead_sizes_the_cache_room_by_the_served_models_entries(model_folders, settings):
+    """A SAM 2 entry (features and high-resolution maps) is several times a ViT one. A cache with room for the
+    clicked image's entry and a ViT-sized one, not a second SAM 2 one: encoding ahead stops rather than evict it."""
+    name = "sam2.1-hiera-tiny"
+    sam2_settings = replace(settings, sam_model_type=name, sam_checkpoint=str(model_folders[name]))
+    entry_bytes = len(serialize_embedding(load_segmenter(sam2_settings).encode(IMAGE)))
+    assert entry_bytes > 2 * VIT_ENTRY_BYTES
+    # Room below the fraction for the clicked entry and half way between a ViT entry and a SAM 2 one.
+    store = MemoryStore(int((entry_bytes + (entry_bytes + VIT_ENTRY_BYTES) // 2) / ROOM_FRACTION))
+    predictor = Predictor(sam2_settings, store)
+    predictor.models.start()
+    clicked, ahead = "/data/upload/1/e0d87ad7-car_640x480.jpg", "/data/upload/1/arc2017.jpg"
+    assert predictor.encode_url(clicked, 1) is False
+    imported = ImportedTasks(ProjectFiles(settings.model_dir, 1))
+    imported.append([ImportedTask(2, ahead)])
+    assert predictor.encode_ahead(1, lambda: None, True) is False
+    assert imported.pending()  # left for later
+    assert predictor.encode_url(clicked) is True  # still cached

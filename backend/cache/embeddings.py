@@ -25,6 +25,9 @@ from backend.models.base import ImageEmbedding, Segmenter
 log = logging.getLogger(__name__)
 
 _LOCK_STRIPES = 64
+# A SAM ViT embedding's entry (float16 256x64x64 and its header): what an entry is assumed to take until one of the
+# served model's is stored or read (SAM 2's and SAM-HQ's, with their extras, are several times larger).
+VIT_ENTRY_BYTES = 2 * 256 * 64 * 64 + 1024
 
 EncodeStep = Callable[[int], contextlib.AbstractContextManager[object]]
 
@@ -79,13 +82,17 @@ class EmbeddingCache:
         self.ttl_s = ttl_s
         self.lock_timeout_s = lock_timeout_s
         self._stripes = [threading.Lock() for _ in range(_LOCK_STRIPES)]
+        self.entry_bytes = VIT_ENTRY_BYTES  # the size of the last entry stored or read: the next one's, near enough
 
     def key(self, image_digest: str) -> str:
         return f"sam:emb:{self.segmenter.identity}:{image_digest}"
 
     def lookup(self, image_digest: str) -> ImageEmbedding | None:
         data = self.store.get(self.key(image_digest))
-        return deserialize_embedding(data) if data is not None else None
+        if data is None:
+            return None
+        self.entry_bytes = len(data)
+        return deserialize_embedding(data)
 
     def get_or_encode(self, image_digest: str, load_image: Callable[[], np.ndarray]) -> CachedEmbedding:
         """`load_image` is only called on a miss, so a cached image is never decoded again."""
@@ -140,6 +147,7 @@ class EmbeddingCache:
             elapsed = time.perf_counter() - started
             for digest, embedding in zip(missing, encoded, strict=True):
                 data = serialize_embedding(embedding)
+                self.entry_bytes = len(data)
                 self.store.set(keys[digest], data, self.ttl_s)
                 # Each image is charged its share of the pass, so per-image timings still add up.
                 results[digest] = CachedEmbedding(

@@ -44,7 +44,11 @@ class ByteStore(Protocol):
         """Whether a value of `value_bytes` fits below ROOM_FRACTION of the store's bound, so that storing it evicts
         nothing: work that may wait (encoding ahead of the annotator) asks first, to never push out what is in use."""
 
+    def count_present(self, keys: list[str]) -> int:
+        """How many of `keys` the store holds now, without reading their values."""
 
+
+EXISTS_BATCH = 1000  # keys asked about in one Redis EXISTS: one round trip each, none holding Redis long
 ROOM_FRACTION = 0.9  # of a store's bound that encoding ahead may fill; the rest is for what annotators open
 
 
@@ -105,6 +109,11 @@ class MemoryStore:
     def has_room(self, value_bytes: int) -> bool:
         return self._bytes + value_bytes <= ROOM_FRACTION * self.max_bytes
 
+    def count_present(self, keys: list[str]) -> int:
+        now = time.monotonic()
+        with self._mutex:
+            return sum(1 for key in keys if key in self._items and self._items[key][1] >= now)
+
     @contextlib.contextmanager
     def lock(self, name: str, timeout_s: float) -> Iterator[None]:
         # One process only: the in-process single-flight in EmbeddingCache already serialises it.
@@ -151,6 +160,20 @@ class ResilientStore:
                 bound = int(memory.get("maxmemory", 0))
                 return bound == 0 or int(memory["used_memory"]) + value_bytes <= ROOM_FRACTION * bound
         return self.fallback.has_room(value_bytes)
+
+    def count_present(self, keys: list[str]) -> int:
+        """Redis's count (one EXISTS per EXISTS_BATCH keys); while Redis is unreachable, the fallback's."""
+        if self._should_try_redis():
+            try:
+                present = sum(
+                    int(self.client.exists(*keys[first : first + EXISTS_BATCH]))
+                    for first in range(0, len(keys), EXISTS_BATCH)
+                )
+                self._mark_up()
+                return present
+            except redis.RedisError as error:
+                self._mark_down(error)
+        return self.fallback.count_present(keys)
 
     def check(self) -> bool:
         """Ask Redis now (at start-up): whether it answers."""

@@ -17,6 +17,7 @@ from typing import TypedDict
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
+from backend.cache.coverage import project_coverage
 from backend.config import Settings
 from backend.deadline import Deadline
 from backend.errors import (
@@ -285,7 +286,10 @@ def predict() -> tuple[Response, int] | Response:
 def status() -> Response:
     backend = current_backend()
     served = backend.predictor.decoders.current_name(None)  # in queue mode, the workers' model_version
-    return jsonify({"model_class": MODEL_CLASS, "model_version": served, **backend.predictor.status()})
+    encoded = project_coverage(backend.settings.model_dir, backend.predictor.cache_store())
+    return jsonify(
+        {"model_class": MODEL_CLASS, "model_version": served, **backend.predictor.status(), "encoded_images": encoded}
+    )
 
 
 @routes.get("/metrics")
@@ -304,8 +308,11 @@ def webhook() -> tuple[Response, int] | Response:
         if body["action"] == TASKS_CREATED:
             # Recorded within the webhook's second; the images are encoded later, below clicks and pre-annotation.
             project_id = record_tasks_created(body, backend.settings.model_dir)
-            backend.predictor.encode_imports(project_id)
-            answer = {"status": "queued", "action": TASKS_CREATED, "project": project_id}
+            if backend.settings.encode_on_import:
+                backend.predictor.encode_imports(project_id)
+            # Without ENCODE_ON_IMPORT the list waits for the requests that prefetch from it, and for /encode.
+            status = "queued" if backend.settings.encode_on_import else "recorded"
+            answer = {"status": status, "action": TASKS_CREATED, "project": project_id}
         else:
             answer = backend.predictor.learning.receive(body)
     except WebhookError as error:

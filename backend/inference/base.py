@@ -71,12 +71,15 @@ class Inference(Protocol):
         """How many pre-annotation batches a project run keeps in flight."""
 
     def encode_imports(self, project_id: int) -> None:
-        """Encode the images of the project's recorded imported tasks (`training.imports`) in the background, at a
-        priority below clicks and pre-annotation; returns at once."""
+        """Encode the images of the project's prefetched and, with ENCODE_ON_IMPORT, recorded imported tasks
+        (`training.imports`) in the background, at a priority below clicks and pre-annotation; returns at once."""
 
-    def encode_batch(self, image_urls: Sequence[object]) -> list[bool | BackendError]:
+    def encode_batch(self, image_urls: Sequence[object], project_id: int | None = None) -> list[bool | BackendError]:
         """Cache each image's embedding: True where it was cached already, False where it was encoded now, the error
-        of an image that could not be fetched or decoded."""
+        of an image that could not be fetched or decoded. Each is recorded as `project_id`'s (`EncodedImages`)."""
+
+    def cache_store(self) -> ByteStore:
+        """The store the embeddings are cached in, which /status asks which of a project's images it holds."""
 
     def prefetch(self, project_id: int, task_id: int) -> None:
         """Encode the next PREFETCH_TASKS imported tasks after `task_id` in the background, ahead of the other

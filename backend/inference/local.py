@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from backend.cache.coverage import EncodedImages
 from backend.cache.detections import DetectionCache
 from backend.cache.embeddings import CachedEmbedding, EmbeddingCache
 from backend.cache.sessions import SessionStore
@@ -45,8 +46,6 @@ from backend.training.service import ActiveLearning
 from backend.training.trainer import TrainingResult, train_project
 
 log = logging.getLogger(__name__)
-
-EMBEDDING_ROOM_BYTES = 2 * 256 * 64 * 64 + 1024  # a cached SAM embedding: float16 features and a header line
 
 
 @dataclass
@@ -113,6 +112,9 @@ class Predictor(InteractiveFront):
         self.models.start()
         self.learning.start()
 
+    def cache_store(self) -> ByteStore:
+        return self.store
+
     def status(self) -> dict:
         return {
             "models": self.models.state,
@@ -160,11 +162,17 @@ class Predictor(InteractiveFront):
         return detector
 
     def embedding_for(
-        self, models: Models, image: FetchedImage, pixels: np.ndarray | None = None
+        self, models: Models, image: FetchedImage, pixels: np.ndarray | None = None, project_id: int | None = None
     ) -> tuple[ImageEmbedding, bool, float]:
-        """The image's SAM embedding from the cache, encoded (from `pixels` when already decoded) on a miss."""
+        """The image's SAM embedding from the cache, encoded (from `pixels` when already decoded) on a miss; one
+        encoded for a project is recorded in its list (`EncodedImages`), which /status counts."""
         (cached,) = self.embeddings_for(models, [(image, pixels)])
+        if project_id is not None and not cached.cache_hit:
+            self.record_encoded(models, project_id, image)
         return cached.embedding, cached.cache_hit, cached.encode_seconds
+
+    def record_encoded(self, models: Models, project_id: int, image: FetchedImage) -> None:
+        EncodedImages(ProjectFiles(self.settings.model_dir, project_id)).record(models.embeddings.key(image.digest))
 
     def embeddings_for(
         self, models: Models, images: Sequence[tuple[FetchedImage, np.ndarray | None]], limit: TimeLimit = NO_LIMIT
@@ -179,46 +187,54 @@ class Predictor(InteractiveFront):
     def _loader(self, image: FetchedImage, pixels: np.ndarray | None) -> Callable[[], np.ndarray]:
         return lambda: pixels if pixels is not None else decode_image(image.data, self.settings.max_image_pixels)
 
-    def encode_url(self, image_url: str) -> bool:
-        """Fetch an image and cache its embedding unless cached already; True if it was (nothing encoded)."""
+    def encode_url(self, image_url: str, project_id: int | None = None) -> bool:
+        """Fetch an image and cache its embedding unless cached already; True if it was (nothing encoded). Either
+        way the image is recorded as the project's: it may have been cached for another project."""
         models = self.models.get(self.settings.model_ready_timeout_s)
-        _, hit, _ = self.embedding_for(models, self.fetcher.fetch(image_url))
+        image = self.fetcher.fetch(image_url)
+        _, hit, _ = self.embedding_for(models, image)
+        if project_id is not None:
+            self.record_encoded(models, project_id, image)
         return hit
 
-    def encode_batch(self, image_urls: Sequence[object]) -> list[bool | BackendError]:
+    def encode_batch(self, image_urls: Sequence[object], project_id: int | None = None) -> list[bool | BackendError]:
         outcomes: list[bool | BackendError] = []
         for image_url in image_urls:
             try:
-                outcomes.append(self.encode_url(image_url))  # type: ignore[arg-type]  # fetch answers a 400 for no URL
+                outcomes.append(self.encode_url(image_url, project_id))  # type: ignore[arg-type]  # fetch answers 400
             except ImageError as error:
                 outcomes.append(error)
         return outcomes
 
-    def encode_ahead(self, project_id: int, prefetched: Callable[[], str | None]) -> bool:
+    def encode_ahead(self, project_id: int, prefetched: Callable[[], str | None], imports: bool) -> bool:
         """Encode one image ahead of the annotator: the next one `prefetched` names (the tasks after the one just
-        asked for), else the project's next imported task (`ImportedTasks`); False when neither is left. An image
-        that cannot be fetched is logged and passed over."""
-        self.models.get(self.settings.model_ready_timeout_s)  # before taking a task: a loading model keeps it listed
-        if not self.store.has_room(EMBEDDING_ROOM_BYTES):
+        asked for), else, with `imports` (ENCODE_ON_IMPORT), the project's next imported task (`ImportedTasks`);
+        False when none is left. An image that cannot be fetched is logged and passed over."""
+        models = self.models.get(self.settings.model_ready_timeout_s)  # first: a loading model keeps the task listed
+        if not self.store.has_room(models.embeddings.entry_bytes):
             # Encoding ahead must never evict an embedding an annotator is using: stop; the next request resumes.
             log.info("project %d: the cache is near its bound; encoding ahead stops", project_id)
             return False
         image_url = prefetched()
+        if image_url is None and not imports:
+            return False
         if image_url is None:
             task = ImportedTasks(ProjectFiles(self.settings.model_dir, project_id)).take()
             if task is None:
                 return False
             image_url = task.image_url
         try:
-            self.encode_url(image_url)
+            self.encode_url(image_url, project_id)
         except ImageError as error:
             log.warning("project %d: image %s not encoded ahead: %s", project_id, image_url, error)
         return True
 
     def encode_imports(self, project_id: int) -> None:
-        """Encode the project's prefetched and imported tasks' images in the background, on the pool of one."""
+        """Encode the project's prefetched and (ENCODE_ON_IMPORT) imported tasks' images in the background, on the
+        pool of one."""
+        imports = self.settings.encode_on_import
         self.ahead.schedule(
-            project_id, lambda: self.encode_ahead(project_id, lambda: self._next_prefetched(project_id))
+            project_id, lambda: self.encode_ahead(project_id, lambda: self._next_prefetched(project_id), imports)
         )
 
     def prefetch(self, project_id: int, task_id: int) -> None:
@@ -251,7 +267,7 @@ class Predictor(InteractiveFront):
         # Again here: on a queue worker, whose detector the web tier cannot see, it is the first check.
         self._refuse_unanswerable_text(prompts, config)
         started = time.perf_counter()
-        embedding, hit, encode_s = self.embedding_for(models, image)
+        embedding, hit, encode_s = self.embedding_for(models, image, project_id=project_id)
         embedded = time.perf_counter()
         prompter = InteractivePrompter(models.sessions, image.digest, task_id)
         objects = prompter.prompts(prompts.in_pixels(embedding.original_size))

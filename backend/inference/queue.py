@@ -72,19 +72,20 @@ def preannotate_job(
     return {"kwargs": kwargs, "meta": {BATCH_GROUP_META: group}}
 
 
-def schedule_import_encoding(connection: redis.Redis, project_id: int, job_timeout_s: int) -> None:
-    """Queue the project's encoding job unless one is queued or running already. The job encodes one imported task
-    and queues itself again while tasks are left (`backend.worker.jobs.encode_imported`), so an import of any size is
-    one job in Redis."""
+def schedule_import_encoding(connection: redis.Redis, project_id: int, job_timeout_s: int, imports: bool) -> None:
+    """Queue the project's encoding job unless one is queued or running already. The job encodes one prefetched or
+    (`imports`: ENCODE_ON_IMPORT) imported task and queues itself again while tasks are left
+    (`backend.worker.jobs.encode_ahead`), so an import of any size is one job in Redis."""
     if connection.set(ENCODE_SCHEDULED_KEY.format(project=project_id), b"1", nx=True, ex=4 * job_timeout_s):
-        enqueue_import_encoding(connection, project_id, job_timeout_s)
+        enqueue_import_encoding(connection, project_id, job_timeout_s, imports)
 
 
-def enqueue_import_encoding(connection: redis.Redis, project_id: int, job_timeout_s: int) -> None:
-    """Queue the project's encoding job; the caller holds ENCODE_SCHEDULED_KEY (and renews it)."""
+def enqueue_import_encoding(connection: redis.Redis, project_id: int, job_timeout_s: int, imports: bool) -> None:
+    """Queue the project's encoding job; the caller holds ENCODE_SCHEDULED_KEY (and renews it). The job carries the
+    web tier's ENCODE_ON_IMPORT, so the workers need not be given it."""
     connection.expire(ENCODE_SCHEDULED_KEY.format(project=project_id), 4 * job_timeout_s)
     Queue(ENCODE_QUEUE, connection=connection).enqueue(
-        ENCODE_AHEAD_JOB, project_id, job_timeout=job_timeout_s, result_ttl=0, failure_ttl=24 * 3600
+        ENCODE_AHEAD_JOB, project_id, imports, job_timeout=job_timeout_s, result_ttl=0, failure_ttl=24 * 3600
     )
 
 
@@ -136,6 +137,11 @@ class QueuePredictor(InteractiveFront):
         self.fetcher = fetcher or ImageFetcher(FetchRules.of(settings))
         # Small state the web tier keeps (project-run progress); image embeddings live with the workers.
         self.store = ResilientStore(connection, MemoryStore(STATE_FALLBACK_BYTES), settings.redis_url)
+        self._cache_store = (
+            ResilientStore.from_url(settings.cache_url, MemoryStore(0))  # counted here, never stored in
+            if settings.cache_url != settings.redis_url
+            else self.store
+        )
         self.interactive_queue = Queue(INTERACTIVE_QUEUE, connection=connection)
         self.preannotate_queue = Queue(PREANNOTATE_QUEUE, connection=connection)
         self.training_queue = Queue(TRAINING_QUEUE, connection=connection)
@@ -191,14 +197,20 @@ class QueuePredictor(InteractiveFront):
 
     def encode_imports(self, project_id: int) -> None:
         try:
-            schedule_import_encoding(self.connection, project_id, self.settings.job_timeout_s)
+            schedule_import_encoding(
+                self.connection, project_id, self.settings.job_timeout_s, self.settings.encode_on_import
+            )
         except redis.RedisError as error:
             # The tasks are on disk: the project's next import or click hands them on.
             log.warning("project %d: imported tasks recorded but not queued, Redis unreachable: %s", project_id, error)
 
-    def encode_batch(self, image_urls: Sequence[object]) -> list[bool | BackendError]:
+    def encode_batch(self, image_urls: Sequence[object], project_id: int | None = None) -> list[bool | BackendError]:
         """On a worker, from the encoding queue (below clicks and pre-annotation); the worker fetches the images."""
-        return self._run(self.encode_queue, [], ENCODE_BATCH_JOB, list(image_urls))
+        return self._run(self.encode_queue, [], ENCODE_BATCH_JOB, list(image_urls), project_id)
+
+    def cache_store(self) -> ResilientStore:
+        """The workers' cache: CACHE_REDIS_URL when set, else the queue's Redis."""
+        return self._cache_store
 
     def prefetch(self, project_id: int, task_id: int) -> None:
         following = ImportedTasks(ProjectFiles(self.settings.model_dir, project_id)).following(

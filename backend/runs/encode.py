@@ -33,7 +33,7 @@ class EncodeRun(ProjectRun):
         return not (self.options.skip_annotated and task.is_labeled)
 
     def _work(self, urls: list[object], config: ProjectConfig) -> list[Any]:
-        return self._with_retries(lambda: self.predictor.encode_batch(urls))
+        return self._with_retries(lambda: self.predictor.encode_batch(urls, self.project_id))
 
     def _store(self, answered: list[tuple[ProjectTask, Any]]) -> int:
         return len(answered)  # the embeddings are in the cache already

@@ -227,12 +227,12 @@ def learn(project_id: int, web_model_dir: dict | None = None) -> dict | None:
     return predictor.train_project(project_id).as_dict()
 
 
-def encode_batch(image_urls: list[object]) -> list[bool | BackendError]:
+def encode_batch(image_urls: list[object], project_id: int | None = None) -> list[bool | BackendError]:
     """A whole-project encoding run's batch (`runs.encode`): each image's embedding cached, or its error."""
-    return _installed().encode_batch(image_urls)
+    return _installed().encode_batch(image_urls, project_id)
 
 
-def encode_ahead(project_id: int) -> None:
+def encode_ahead(project_id: int, imports: bool = True) -> None:
     """Encode one image ahead of the annotator (a prefetched one, else the project's next imported task), then queue
     this job again while any is left: one job per image keeps clicks and batches, which the worker takes first, from
     waiting behind a whole import."""
@@ -247,10 +247,10 @@ def encode_ahead(project_id: int) -> None:
         url = connection.lpop(PREFETCH_KEY.format(project=project_id))
         return url.decode() if isinstance(url, bytes) else None
 
-    if predictor.encode_ahead(project_id, prefetched):
-        enqueue_import_encoding(connection, project_id, timeout_s)
+    if predictor.encode_ahead(project_id, prefetched, imports):
+        enqueue_import_encoding(connection, project_id, timeout_s, imports)
         return
     connection.delete(ENCODE_SCHEDULED_KEY.format(project=project_id))
     # A task recorded after the list looked empty and before the key went would otherwise wait for the next import.
-    if ImportedTasks(ProjectFiles(predictor.settings.model_dir, project_id)).pending():
-        schedule_import_encoding(connection, project_id, timeout_s)
+    if imports and ImportedTasks(ProjectFiles(predictor.settings.model_dir, project_id)).pending():
+        schedule_import_encoding(connection, project_id, timeout_s, imports)
