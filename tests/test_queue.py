@@ -82,7 +82,7 @@ def test_clicks_are_answered_by_a_worker_and_its_embedding_is_shared(web, worker
     assert second.status_code == 200 and second.headers["X-Embedding-Cache"] == "hit"
     status = web.get("/status").json
     assert status["inference"] == "queue" and status["workers"] == 1
-    assert status["queued"] == {"sam-interactive": 0, "sam-preannotate": 0, "sam-training": 0}
+    assert status["queued"] == {"sam-interactive": 0, "sam-preannotate": 0, "sam-training": 0, "sam-encode": 0}
     text = web.get("/metrics").get_data(as_text=True)
     assert "sam_workers_alive 1.0" in text and 'sam_queue_depth{queue="sam-interactive"} 0.0' in text
 

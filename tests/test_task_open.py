@@ -5,8 +5,11 @@ the image so the first click is warm."""
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import replace
 
+from backend.errors import ImageError
+from backend.runs.task_open import TaskOpenPredictions
 from tests.assets import encodes_logged, recorded
 from tests.test_grounding_dino import grounded_client
 
@@ -35,3 +38,26 @@ def test_a_task_opened_before_its_pre_annotation_is_done_opens_empty_and_the_nex
     click = recorded("04-predict-interactive-keypoints.json")
     click["tasks"][0]["data"]["image"] = task_open["tasks"][0]["data"]["image"]
     assert client.post("/predict", json=click).headers["X-Embedding-Cache"] == "hit"
+
+
+class InstantPredictor:
+    """An inference whose pre-annotation ends at once, as one does for an image that cannot be fetched."""
+
+    def predict_batch(self, image_urls: list, config: object, project_id: object) -> list:
+        return [ImageError(f"cannot fetch {image_urls[0]}")]
+
+
+def test_task_opens_whose_passes_end_at_once_never_hang():
+    # A pass that ends before its clean-up is registered runs that clean-up at once, on the request's thread.
+    task_opens = TaskOpenPredictions(InstantPredictor(), wait_s=30)  # type: ignore[arg-type]
+    outcomes: list = []
+
+    def open_tasks() -> None:
+        outcomes.extend(task_opens.predict(f"/data/upload/{index}.jpg", None, 1) for index in range(300))  # type: ignore[arg-type]
+
+    opener = threading.Thread(target=open_tasks, daemon=True)
+    opener.start()
+    opener.join(timeout=60)
+    assert not opener.is_alive(), f"task opens hung after {len(outcomes)} of 300"
+    assert all(isinstance(outcome, ImageError) for outcome in outcomes) and len(outcomes) == 300
+    assert task_opens.wait_idle(5)

@@ -50,13 +50,17 @@ class TaskOpenPredictions:
         key = (project_id, repr(image_url), repr(config))
         with self._mutex:
             running = self._passes.get(key)
+            started = running is None
             if running is None:
                 if len(self._passes) >= TASK_OPEN_BACKLOG:
                     log.warning("task-open pre-annotation: %d passes waiting, none started", len(self._passes))
                     return NOT_READY
                 running = self._pool.submit(self.predictor.predict_batch, [image_url], config, project_id)
                 self._passes[key] = running
-                running.add_done_callback(lambda _: self._forget(key))
+        if started:
+            # Outside the mutex: a pass that has already ended runs the callback here, at once, and the callback
+            # takes the mutex.
+            running.add_done_callback(lambda _: self._forget(key))
         try:
             (outcome,) = running.result(timeout=self.wait_s)
         except concurrent.futures.TimeoutError:
