@@ -49,6 +49,12 @@ class MaskPrediction:
     low_res_logits: np.ndarray  # (256, 256) float32, reusable as the next mask prompt
 
 
+def check_rgb_images(images: list[np.ndarray]) -> None:
+    """ValueError unless every image is what `Segmenter.encode` takes: RGB uint8 (H, W, 3)."""
+    if any(image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8 for image in images):
+        raise ValueError("encode expects RGB uint8 (H, W, 3) images")
+
+
 class Segmenter(Protocol):
     """A promptable segmentation model."""
 

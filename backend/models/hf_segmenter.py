@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from backend.errors import WrongCheckpoint
-from backend.models.base import ImageEmbedding, MaskPrediction, SegmentPrompt
+from backend.models.base import ImageEmbedding, MaskPrediction, SegmentPrompt, check_rgb_images
 from backend.models.checkpoints import sha256_of
 from backend.models.hf_decoder import make_hf_decoder
 
@@ -166,8 +166,7 @@ class HfSegmenter:
 
     def encode_batch(self, images: list[np.ndarray]) -> list[ImageEmbedding]:
         """One image per encoder pass: on a CPU a pass already keeps every core busy."""
-        if any(image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8 for image in images):
-            raise ValueError("encode expects RGB uint8 (H, W, 3) images")
+        check_rgb_images(images)
         return [self._encode_one(image) for image in images]
 
     def _encode_one(self, image: np.ndarray) -> ImageEmbedding:

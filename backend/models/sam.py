@@ -27,7 +27,7 @@ from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 
 from backend.errors import WrongCheckpoint
-from backend.models.base import ImageEmbedding, MaskPrediction, SegmentPrompt
+from backend.models.base import ImageEmbedding, MaskPrediction, SegmentPrompt, check_rgb_images
 from backend.models.checkpoints import GROUNDING_DINO_CHECKPOINT, SAM_CHECKPOINTS, sha256_of
 from backend.models.sam_decoder import PromptDecoder, make_decoder
 
@@ -269,8 +269,7 @@ class SamSegmenter:
     def encode_batch(self, images: list[np.ndarray]) -> list[ImageEmbedding]:
         """Encoder passes of up to `encoder_batch` images each: every image is resized and padded to the
         encoder's square input, so images of any sizes stack into one batch."""
-        if any(image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8 for image in images):
-            raise ValueError("encode expects RGB uint8 (H, W, 3) images")
+        check_rgb_images(images)
         step = max(self.encoder_batch, 1)
         return [
             embedding
