@@ -69,7 +69,7 @@ class EncodedImages:
 def project_coverage(model_dir: str | Path, store: ByteStore) -> dict[str, dict[str, object]]:
     """Per project with recorded images, its coverage (`EncodedImages.coverage`)."""
     return {
-        str(project_id): EncodedImages(ProjectFiles(model_dir, project_id)).coverage(store)
+        str(project_id): encoded.coverage(store)
         for project_id in ProjectFiles.projects(model_dir)
-        if (ProjectFiles(model_dir, project_id).root / COVERAGE_FILE).exists()
+        if (encoded := EncodedImages(ProjectFiles(model_dir, project_id))).path.exists()
     }
