@@ -233,6 +233,8 @@ class QueuePredictor(InteractiveFront):
     def status(self) -> dict:
         # The embeddings are cached by the workers, which each log their cache at start-up.
         where = {"inference": "queue", "cache": "on the workers", "redis_url": self.store.url}
+        if not self.store.reachable_now():  # at once, rather than one socket time-out per count below
+            return {**where, "redis_reachable": False, "redis_error": self.store.redis_error}
         try:
             return {
                 **where,
