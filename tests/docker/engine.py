@@ -190,7 +190,15 @@ def make_rootfs_tarball() -> None:
     shutil.rmtree(rootfs)
 
 
-def import_standin(image: str, command: list[str], extra_files: dict[str, bytes]) -> None:
+# What the official redis image's entry point does that the compose file relies on: a server started without a
+# config file accepts other containers (Debian's redis-server would refuse them: protected mode).
+REDIS_ENTRYPOINT = b"""#!/bin/sh
+if [ "$1" = redis-server ]; then shift; set -- redis-server --protected-mode no "$@"; fi
+exec "$@"
+"""
+
+
+def import_standin(image: str, command: list[str], extra_files: dict[str, bytes], entrypoint: str = "") -> None:
     """`image` made from the cached root file system plus `extra_files` (path in the image -> content)."""
     rootfs_image = "sam-backend-ci/bookworm-rootfs"
     if not image_present(rootfs_image):
@@ -202,6 +210,7 @@ def import_standin(image: str, command: list[str], extra_files: dict[str, bytes]
         f"FROM {rootfs_image}",
         "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8",
         f"CMD {json.dumps(command)}",
+        *([f'ENTRYPOINT ["sh", "{entrypoint}"]'] if entrypoint else []),
     ]
     for index, (path, content) in enumerate(extra_files.items()):
         (context / str(index)).write_bytes(content)
@@ -219,12 +228,14 @@ def ensure_base_images(gateway: str, sources: dict[str, list[str]]) -> list[str]
             continue
         if not ROOTFS_TARBALL.exists():
             make_rootfs_tarball()
-        extra = {}
         if image == PYTHON_IMAGE:
             extra = {
                 "/etc/ssl/certs/ca-certificates.crt": HOST_CA_BUNDLE.read_bytes(),
                 "/etc/pip.conf": standin_pip_config(sources, gateway).encode(),
             }
-        import_standin(image, command, extra)
+            import_standin(image, command, extra)
+        else:
+            entrypoint = "/usr/local/bin/docker-entrypoint.sh"
+            import_standin(image, command, {entrypoint: REDIS_ENTRYPOINT}, entrypoint)
         made.append(image)
     return made
