@@ -12,7 +12,7 @@ mirror of it, or leave TORCH=cpu out to install PyTorch from PyPI
 # Options of `python -m backend weights download` run before the start, e.g. WEIGHTS=--no-grounding-dino.
 WEIGHTS ?=
 
-.PHONY: run test unit e2e browser screenshots label-studio install install-test lint
+.PHONY: run test unit e2e browser screenshots label-studio install install-test lint docker
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -76,3 +76,9 @@ browser: install-test
 # The README's screenshots (docs/annotator-*.png), retaken by the browser stage's tests that show them.
 screenshots: install-test
 	$(BIN)/python -m pytest -q -m browser tests/browser --readme-screenshots docs
+
+# The Docker stage (tests/docker, as root): builds both images, starts the compose stack's CPU profile on loopback
+# and sends it what Label Studio sends. Starts a Docker engine when none runs (Debian's docker.io, data root
+# DOCKER_DATA_ROOT) and makes stand-in base images from Debian packages where no image registry answers.
+docker: install-test
+	$(BIN)/python -m pytest -q -s -m docker tests/docker

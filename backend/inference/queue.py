@@ -94,9 +94,9 @@ def stored_url(digest: str) -> str:
     return STORED_PREFIX + digest
 
 
-def _live_worker_versions(connection: redis.Redis) -> list[str]:
+def _live_registrations(connection: redis.Redis, field: str) -> list[str]:
     """One entry per worker process whose registration has not expired (a killed worker's expires one lease after
-    it died; click lanes are not counted): the model_version it published, "" if none."""
+    it died; click lanes are not counted): the value of `field` it registered, "" if none."""
     from rq import Worker
 
     keys = [key for key in Worker.all_keys(connection=connection) if not key.endswith(CLICK_LANE_SUFFIX)]
@@ -104,14 +104,24 @@ def _live_worker_versions(connection: redis.Redis) -> list[str]:
         return []
     with connection.pipeline() as pipeline:
         for key in keys:
-            pipeline.hmget(key, "pid", MODEL_VERSION_FIELD)
+            pipeline.hmget(key, "pid", field)
         registrations = pipeline.execute()
-    return [(version or b"").decode() for pid, version in registrations if pid is not None]
+    return [(value or b"").decode() for pid, value in registrations if pid is not None]
+
+
+def _live_worker_versions(connection: redis.Redis) -> list[str]:
+    """The model_version each live worker process published, "" if none."""
+    return _live_registrations(connection, MODEL_VERSION_FIELD)
 
 
 def alive_workers(connection: redis.Redis) -> int:
     """Worker processes whose registration has not expired."""
     return len(_live_worker_versions(connection))
+
+
+def workers_on_host(connection: redis.Redis, hostname: str) -> int:
+    """Live worker processes that registered from `hostname`: a container's own worker, for its health check."""
+    return _live_registrations(connection, "hostname").count(hostname)
 
 
 def served_model_versions(connection: redis.Redis) -> set[str]:
