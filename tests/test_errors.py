@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import re
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from PIL import Image
 
 from tests.assets import encodes_logged, recorded
 from tests.conftest import make_client
+from tests.test_gunicorn import ProjectApiStandIn
 
 CONFIG_WITHOUT_BRUSH = (
     '<View><Image name="image" value="$image"/><KeyPointLabels name="kp" toName="image">'
@@ -213,6 +215,26 @@ def test_stopping_a_run_that_is_not_going_on_says_so(client, path):
     client.post(path, json={"project": 4242}, query_string={"project": 4242})  # fails: Label Studio has no 4242
     ended = client.delete(path, query_string={"project": 4242})
     assert ended.status_code == 200 and ended.json["state"] == "failed", ended.json
+
+
+def test_a_stop_asked_while_the_run_is_still_starting_stops_it(settings, redis_url):
+    """Label Studio has not answered the run's first call when its start answers: the stop must still reach it."""
+    label_studio = ProjectApiStandIn(hold_project=True)
+    try:
+        client, _ = make_client(replace(settings, redis_url=redis_url, label_studio_url=label_studio.url))
+        project = {"project": ProjectApiStandIn.PROJECT}
+        started = client.post("/preannotate", json=project)
+        assert started.status_code == 202 and started.json["state"] == "starting", started.json
+        assert client.delete("/preannotate", query_string=project).status_code == 202
+        label_studio.release.set()
+        for _ in range(100):
+            progress = client.get("/preannotate", query_string=project).json
+            if progress["state"] not in ("starting", "running"):
+                break
+            time.sleep(0.2)
+        assert progress["state"] == "stopped" and progress["message"] == "stopped on request", progress
+    finally:
+        label_studio.close()
 
 
 def test_a_start_while_a_run_holds_the_project_names_the_run(client, redis_url):

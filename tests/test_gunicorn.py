@@ -141,11 +141,12 @@ def test_metrics_add_up_over_all_workers(gunicorn):
 
 class ProjectApiStandIn:
     """Label Studio's project API for one project of 3 tasks, whose task listing waits until `release` is set: a
-    run of it stays running for as long as a test needs."""
+    run of it stays running for as long as a test needs. With `hold_project` the project itself waits too: the
+    run stays starting."""
 
     PROJECT = 7
 
-    def __init__(self) -> None:
+    def __init__(self, hold_project: bool = False) -> None:
         self.release = threading.Event()
         project = {
             "id": self.PROJECT,
@@ -158,6 +159,8 @@ class ProjectApiStandIn:
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 if self.path.startswith(f"/api/projects/{ProjectApiStandIn.PROJECT}/"):
+                    if hold_project:
+                        release.wait(120)
                     self._answer(project)
                 elif self.path.startswith("/api/tasks/"):
                     release.wait(120)

@@ -327,6 +327,7 @@ class BackgroundRuns:
         except LockBusy:
             return {**(self.progress(project_id) or {}), "state": "busy"}
         self.store.delete(stop_key)  # a stop asked of an earlier run, which ended before it saw it
+        self._save(run.progress)  # "starting": a stop asked before the run's first report reaches it too
         threading.Thread(target=self._run, args=(run, claim), name=f"preannotate-{project_id}", daemon=True).start()
         first_state.wait(answer_within_s)
         return run.progress.as_dict()
