@@ -157,7 +157,8 @@ def test_the_tasks_after_a_task_are_found_in_a_long_list_in_ascending_id_order(t
 
 def test_encoding_ahead_stops_before_it_would_evict_the_image_an_annotator_clicked(settings):
     """An in-process cache holding three embeddings: the clicked image's and one encoded ahead fit below its
-    room fraction, a third would not, so encoding ahead stops there and the clicked image stays cached."""
+    room fraction, a third would not, so encoding the imports ahead stops there and the clicked image stays cached
+    (prefetch, which may evict, needs room for PREFETCH_TASKS + 2: docs/scaling.md)."""
     client, predictor = make_client(replace(settings, memory_cache_bytes=3 * 2_097_234 + 512))
     assert click(client, 1, PROJECT_1_IMAGES[0]).headers["X-Embedding-Cache"] == "miss"
     ImportedTasks(ProjectFiles(settings.model_dir, 1)).append(
@@ -168,6 +169,7 @@ def test_encoding_ahead_stops_before_it_would_evict_the_image_an_annotator_click
     assert predictor.store.describe()["used_bytes"] < 3 * 2_097_234  # two embeddings and the click's session
     assert ImportedTasks(ProjectFiles(settings.model_dir, 1)).pending()  # left for later, not dropped
     assert click(client, 1, PROJECT_1_IMAGES[0]).headers["X-Embedding-Cache"] == "hit"
+    assert predictor.ahead.wait_idle(300)  # the click's prefetch, done before the next test counts encodes
 
 
 def finished_run(client, project: int) -> dict:
