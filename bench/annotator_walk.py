@@ -10,10 +10,16 @@ first click) and once more (a warm click, on the same image), then dwells D seco
   the setting), so only the PREFETCH_TASKS tasks after each requested one are encoded ahead;
 - project: `POST /encode?project=` ran to its end before the walk.
 Printed per mode: first-click p50/p95, warm-click p50, their ratio, encoder passes per image (from the worker's
-log; 1 means no image encoded twice) and the bytes Redis holds. D defaults to 1.5x the encode time measured on
+log; 1 means no image encoded twice) and the bytes Redis holds.
+
+With --cache-images K the worker caches in a Redis of its own (CACHE_REDIS_URL) bounded to about K embeddings
+(`maxmemory`, `allkeys-lru`, as docs/scaling.md prescribes), smaller than the walk: the rows then also give the
+first-click hit rate over the tasks after the K-th (`hits_after_fill`), when the cache has filled; the steady state
+of a project larger than its cache. D defaults to 1.5x the encode time measured on
 one extra image first. The task-open prediction (GroundingDINO) is not sent: no GroundingDINO weights here.
 
     python bench/annotator_walk.py --images 6 --sam vit_b --dwell-factor 1.5
+    python bench/annotator_walk.py --images 60 --sam small --modes import --cache-images 12
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from tests.load_harness import ENCODED, GunicornServer, write_images  # noqa: E4
 from tests.services import RedisServer  # noqa: E402
 
 MODES = ("nothing", "import", "prefetch", "project")
+ENTRY_BYTES = 2_097_248  # one cached ViT embedding (256x64x64 float16 and its header), about
 
 
 def checkpoint(workdir: Path, sam: str) -> Path:
@@ -82,6 +89,11 @@ def tasks_created(project: int, first_id: int, image_urls: list[str]) -> dict:
     return body
 
 
+def hit_rate(caches: list[str]) -> str:
+    hits = caches.count("hit")
+    return f"{hits}/{len(caches)} ({100 * hits / max(len(caches), 1):.0f} %)"
+
+
 def wait_encode_run(url: str, project: int) -> dict:
     while (progress := requests.get(url + "/encode", params={"project": project}, timeout=10).json())["state"] in (
         "starting",
@@ -104,9 +116,16 @@ def main() -> None:
     parser.add_argument("--sam", choices=("vit_b", "small"), default="vit_b")
     parser.add_argument("--dwell-factor", type=float, default=1.5, help="D as a multiple of the encode time")
     parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--cache-images", type=int, default=0, help="bound the cache to about this many embeddings")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="annotator-walk-"))
     redis_server = RedisServer(workdir).start()
+    cache_server = None
+    if args.cache_images:
+        bound = str(args.cache_images * ENTRY_BYTES + 4 * 1024 * 1024)  # and Redis's own few MiB
+        (workdir / "cache").mkdir()
+        cache_server = RedisServer(workdir / "cache", "--maxmemory", bound, "--maxmemory-policy", "allkeys-lru")
+        cache_server.start()
     media = workdir / "media"
     calibration = write_images(media / "upload" / "1", 1, seed=9000)
     label_studio = LabelStudioStandIn(media).start()
@@ -121,6 +140,7 @@ def main() -> None:
         "JOB_TIMEOUT": "600",
         "PREDICT_DEADLINE": "600",
         "DOWNLOAD_TIMEOUT": "60",
+        **({"CACHE_REDIS_URL": cache_server.url} if cache_server else {}),
     }
     worker_log = workdir / "worker.log"
     with open(worker_log, "wb") as log:
@@ -149,6 +169,7 @@ def main() -> None:
             f"SAM {args.sam} ({'random weights' if args.sam == 'vit_b' else 'reduced size, random weights'}), "
             f"{args.images} images 1024x768, cold click {cold_s:.2f} s, warm {warm_s:.3f} s, "
             f"encode ~{encode_s:.2f} s, dwell D = {args.dwell_factor:g} x encode = {dwell_s:.2f} s"
+            + (f", cache bounded to ~{args.cache_images} embeddings" if cache_server else "")
         )
         rows = []
         for index, mode in enumerate(args.modes.split(",")):
@@ -164,13 +185,13 @@ def main() -> None:
             elif mode == "project":
                 requests.post(url + "/encode", params={"project": project}, timeout=30)
                 wait_encode_run(url, project)
-            firsts, warms, hits = [], [], 0
+            firsts, warms, caches = [], [], []
             for position, image_url in enumerate(image_urls):
                 first, cache = click(url, project, first_id + position, image_url, 40.0)
                 warm, _ = click(url, project, first_id + position, image_url, 60.0)
                 firsts.append(first)
                 warms.append(warm)
-                hits += cache == "hit"
+                caches.append(cache)
                 time.sleep(dwell_s)
             with open(worker_log, "rb") as handle:
                 handle.seek(offset)
@@ -182,7 +203,8 @@ def main() -> None:
                     "first_p95_s": round(percentile(firsts, 95), 3),
                     "warm_p50_s": round(statistics.median(warms), 3),
                     "first_over_warm": round(statistics.median(firsts) / statistics.median(warms), 1),
-                    "first_click_hits": f"{hits}/{len(image_urls)}",
+                    "first_click_hits": f"{caches.count('hit')}/{len(caches)}",
+                    **({"hits_after_fill": hit_rate(caches[args.cache_images :])} if cache_server else {}),
                     "encodes_per_image_max": max(encodes.values(), default=0),
                     "images_encoded": len(encodes),
                     "redis_bytes_added": redis_bytes(redis_server.url) - bytes_before,
@@ -203,6 +225,8 @@ def main() -> None:
         worker.wait(timeout=60)
         label_studio.stop()
         redis_server.stop()
+        if cache_server:
+            cache_server.stop()
 
 
 if __name__ == "__main__":

@@ -7,12 +7,13 @@ import time
 from dataclasses import replace
 
 import redis
-from rq import Queue
+from rq import Queue, SimpleWorker
 
 from backend.bookkeeping.coverage import EncodedImages
 from backend.bookkeeping.imports import ImportedTask, ImportedTasks
 from backend.cache.store import MemoryStore
 from backend.http.server import create_app
+from backend.inference.local import Predictor
 from backend.inference.queue import (
     ENCODE_AHEAD_JOB,
     ENCODE_QUEUE,
@@ -20,12 +21,15 @@ from backend.inference.queue import (
     INTERACTIVE_JOB,
     INTERACTIVE_QUEUE,
     QueuePredictor,
+    schedule_import_encoding,
 )
 from backend.project_files import ProjectFiles
+from backend.worker import jobs
 from backend.worker.runner import ClaimingQueue, worker_queues
-from tests.assets import encodes_logged, recorded
+from tests.assets import encode, encodes_logged, recorded, smooth_object_image
 from tests.conftest import make_client
 
+ENTRY_BYTES = 2_097_248  # one cached embedding of the small SAM (256x64x64 float16 and its header), about
 IMPORTED_IMAGES = 4  # of the recording's five tasks: the 512x384 one is on a host these tests do not serve
 
 
@@ -153,7 +157,8 @@ def test_the_tasks_after_a_task_are_found_in_a_long_list_in_ascending_id_order(t
 
 def test_encoding_ahead_stops_before_it_would_evict_the_image_an_annotator_clicked(settings):
     """An in-process cache holding three embeddings: the clicked image's and one encoded ahead fit below its
-    room fraction, a third would not, so encoding ahead stops there and the clicked image stays cached."""
+    room fraction, a third would not, so encoding the imports ahead stops there and the clicked image stays cached
+    (prefetch, which may evict, needs room for PREFETCH_TASKS + 2: docs/scaling.md)."""
     client, predictor = make_client(replace(settings, memory_cache_bytes=3 * 2_097_234 + 512))
     assert click(client, 1, PROJECT_1_IMAGES[0]).headers["X-Embedding-Cache"] == "miss"
     ImportedTasks(ProjectFiles(settings.model_dir, 1)).append(
@@ -164,6 +169,7 @@ def test_encoding_ahead_stops_before_it_would_evict_the_image_an_annotator_click
     assert predictor.store.describe()["used_bytes"] < 3 * 2_097_234  # two embeddings and the click's session
     assert ImportedTasks(ProjectFiles(settings.model_dir, 1)).pending()  # left for later, not dropped
     assert click(client, 1, PROJECT_1_IMAGES[0]).headers["X-Embedding-Cache"] == "hit"
+    assert predictor.ahead.wait_idle(300)  # the click's prefetch, done before the next test counts encodes
 
 
 def finished_run(client, project: int) -> dict:
@@ -248,3 +254,78 @@ def test_without_encode_on_import_an_import_encodes_nothing_until_a_request_pref
     assert predictor.ahead.wait_idle(300)
     assert encodes_logged(caplog.records) == 2  # task 1's (the click's own) and task 2's: not the whole import
     assert client.get("/status").json["encoded_images"] == {"1": {"images": 2, "encoded_now": 2}}
+
+
+def walk_images(media_root, count: int) -> list[str]:
+    """`count` distinct task images served by the Label Studio stand-in."""
+    for n in range(count):
+        path = media_root / "upload" / "walk" / f"{n}.jpg"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(encode(smooth_object_image(320, 240, 100 + n)))
+    return [f"/data/upload/walk/{n}.jpg" for n in range(count)]
+
+
+def test_at_the_cache_bound_encoding_ahead_goes_on_and_first_clicks_still_hit(settings, media_root, caplog):
+    """A cache with room for about 8 embeddings and a walk of 24 imported tasks: the import fills the cache, and
+    each click's next tasks are still encoded ahead, evicting the images the annotator has left: every first click
+    is a hit. Reaching the bound is logged once, not per click."""
+    client, predictor = make_client(replace(settings, memory_cache_bytes=int(8.5 * ENTRY_BYTES), prefetch_tasks=2))
+    images = walk_images(media_root, 24)
+    ImportedTasks(ProjectFiles(settings.model_dir, 1)).append(
+        [ImportedTask(task_id, url) for task_id, url in enumerate(images, 1)]
+    )
+    caplog.set_level("INFO")
+    predictor.encode_imports(1)
+    assert predictor.ahead.wait_idle(300)
+    first_clicks = []
+    for task_id, url in enumerate(images, 1):
+        first_clicks.append(click(client, task_id, url).headers["X-Embedding-Cache"])
+        assert predictor.ahead.wait_idle(300)  # the annotator looks at the masks meanwhile
+    assert predictor.store.used_bytes > 7 * ENTRY_BYTES  # the cache was full
+    assert encodes_logged(caplog.records) == len(images)  # each image once: nothing evicted was needed again
+    assert first_clicks == ["hit"] * len(images)
+    assert sum("at its bound" in record.getMessage() for record in caplog.records) == 1
+
+
+def test_in_queue_mode_encoding_ahead_at_the_bound_does_not_queue_itself_again(
+    settings, queue_redis, monkeypatch, caplog
+):
+    """Imported tasks left and no room in the worker's cache: the encoding job runs once and ends; the next click's
+    prefetch or the next import queues it again."""
+    predictor = Predictor(settings, MemoryStore(4 * ENTRY_BYTES))
+    predictor.models.get(120)
+    predictor.store.set("in use", bytes(int(3.8 * ENTRY_BYTES)), 600)  # what annotators opened fills the cache
+    monkeypatch.setattr(jobs, "_predictor", predictor)
+    ImportedTasks(ProjectFiles(settings.model_dir, 1)).append(
+        [ImportedTask(task_id, url) for task_id, url in enumerate(PROJECT_1_IMAGES, 1)]
+    )
+    connection = redis.Redis.from_url(queue_redis.url)
+    schedule_import_encoding(connection, 1, 60, imports=True)
+    caplog.set_level("INFO")
+    SimpleWorker([Queue(ENCODE_QUEUE, connection=connection)], connection=connection).work(burst=True, max_jobs=50)
+    assert sum(": Job OK" in record.getMessage() for record in caplog.records) == 1
+    assert Queue(ENCODE_QUEUE, connection=connection).count == 0
+    assert not connection.exists(ENCODE_SCHEDULED_KEY.format(project=1))
+    assert ImportedTasks(ProjectFiles(settings.model_dir, 1)).pending()  # left for later, not dropped
+
+
+def test_clicks_on_a_task_whose_next_images_are_cached_download_none_of_them(settings, redis_url, label_studio):
+    """Ten clicks on task 1 with tasks 2-5's images cached: their images are recognised by URL, not downloaded
+    again, and the coverage list does not grow."""
+    client, predictor = make_client(replace(settings, redis_url=redis_url, prefetch_tasks=4))
+    images = [*PROJECT_1_IMAGES, "/data/upload/1/voc.jpg"]
+    ImportedTasks(ProjectFiles(settings.model_dir, 1)).append(
+        [ImportedTask(task_id, url) for task_id, url in enumerate(images, 1)]
+    )
+    predictor.encode_imports(1)
+    assert predictor.ahead.wait_idle(300)
+    coverage = EncodedImages(ProjectFiles(settings.model_dir, 1)).path
+    listed = coverage.read_bytes()
+    before = len(label_studio.requests)
+    for _ in range(10):
+        assert click(client, 1, images[0]).headers["X-Embedding-Cache"] == "hit"
+        assert predictor.ahead.wait_idle(300)
+    downloads = [path for _, path, _ in label_studio.requests[before:] if path.split("?")[0] in images[1:]]
+    assert downloads == []
+    assert coverage.read_bytes() == listed

@@ -17,6 +17,7 @@ from backend.cache.store import ROOM_FRACTION, MemoryStore, make_store
 from backend.config import TRANSFORMERS_SEGMENTERS, Settings
 from backend.errors import CheckpointMissing, WrongCheckpoint
 from backend.images import FetchRules, ImageFetcher
+from backend.inference.encode_ahead import Step
 from backend.inference.local import Predictor
 from backend.models import registry
 from backend.models.base import SegmentPrompt
@@ -221,7 +222,8 @@ def test_the_weights_command_predict_and_the_demo_offer_every_segmenter():
 
 def test_encoding_ahead_sizes_the_cache_room_by_the_served_models_entries(model_folders, settings):
     """A SAM 2 entry (features and high-resolution maps) is several times a ViT one. A cache with room for the
-    clicked image's entry and a ViT-sized one, not a second SAM 2 one: encoding ahead stops rather than evict it."""
+    clicked image's entry and a ViT-sized one, not a second SAM 2 one: encoding imports ahead stops rather than evict
+    it."""
     name = "sam2.1-hiera-tiny"
     sam2_settings = replace(settings, sam_model_type=name, sam_checkpoint=str(model_folders[name]))
     entry_bytes = len(serialize_embedding(load_segmenter(sam2_settings).encode(IMAGE)))
@@ -234,6 +236,6 @@ def test_encoding_ahead_sizes_the_cache_room_by_the_served_models_entries(model_
     assert predictor.encode_url(clicked, 1) is False
     imported = ImportedTasks(ProjectFiles(settings.model_dir, 1))
     imported.append([ImportedTask(2, ahead)])
-    assert predictor.encode_ahead(1, lambda: None, True) is False
+    assert predictor.encode_ahead(1, lambda: None, True) is Step.AT_BOUND
     assert imported.pending()  # left for later
     assert predictor.encode_url(clicked) is True  # still cached

@@ -5,20 +5,30 @@ image URL to the project's list (MODEL_DIR/<project>/imported-tasks.jsonl, flush
 then takes the tasks from the list one at a time (`ImportedTasks.take`), advancing a cursor stored beside it, so an
 import of 100,000 tasks is one file on disk and never 100,000 jobs in memory or Redis. The cursor moves before the
 image is encoded: a process killed mid-encode leaves that one image to the first click (or `encode --project`).
+
+The list is kept in ascending id order, Label Studio's default order for an annotator, so that the tasks after a
+task are found by a binary search (`following`). Webhooks handled side by side on several workers can arrive out of
+order, and Label Studio may send one twice: such an append merges the list instead (sorted, one entry per task,
+the entries already taken marked so), which also compacts it.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import BinaryIO
 
+from backend.bookkeeping import jsonl
 from backend.cache.locks import file_lock
 from backend.errors import ConfigError, WebhookError
 from backend.project_files import ProjectFiles, write_atomically
 from backend.protocol.ids import is_label_studio_id
 from backend.protocol.label_config import parse_label_config
+
+log = logging.getLogger(__name__)
 
 TASKS_CREATED = "TASKS_CREATED"
 DEFAULT_IMAGE_FIELD = "image"  # the task data key when the payload's label config names none
@@ -40,12 +50,48 @@ class ImportedTasks:
         self.lock_path = files.root / ".imported-tasks.lock"
 
     def append(self, tasks: list[ImportedTask]) -> None:
-        lines = "".join(json.dumps({"id": task.id, "image": task.image_url}) + "\n" for task in tasks).encode()
-        self.files.root.mkdir(parents=True, exist_ok=True)
-        with file_lock(self.lock_path), open(self.path, "ab") as handle:
-            handle.write(lines)
-            handle.flush()
-            os.fsync(handle.fileno())
+        """Add tasks to the list: appended when they come after every task listed, else merged into it."""
+        if not tasks:
+            return
+        ids = [task.id for task in tasks]
+        with file_lock(self.lock_path):
+            size = jsonl.repaired(self.path)
+            last = _last_entry(self.path, size)
+            if all(earlier < later for earlier, later in zip(ids, ids[1:], strict=False)) and (
+                last is None or last.id < ids[0]
+            ):
+                jsonl.append(self.path, b"".join(_line(task) for task in tasks))
+            else:
+                self._merge(tasks)
+
+    def _merge(self, tasks: list[ImportedTask]) -> None:
+        """Rewrite the list in ascending id order with one entry per task (the newest image URL), the tasks already
+        taken marked so; the cursor moves to the first task not taken. The caller holds the lock."""
+        cursor = self._cursor()
+        merged: dict[int, tuple[ImportedTask, bool]] = {}
+        try:
+            with open(self.path, "rb") as handle:
+                offset = 0
+                for line in handle:
+                    listed = _parsed(line) if line.endswith(b"\n") else None
+                    if listed is not None:
+                        entry, taken = listed
+                        was_taken = entry.id in merged and merged[entry.id][1]
+                        merged[entry.id] = (entry, taken or offset < cursor or was_taken)
+                    offset += len(line)
+        except FileNotFoundError:
+            pass
+        for task in tasks:
+            merged[task.id] = (task, task.id in merged and merged[task.id][1])
+        ordered = [merged[task_id] for task_id in sorted(merged)]
+        lines = [_line(entry, taken) for entry, taken in ordered]
+        first_pending = next((index for index, (_, taken) in enumerate(ordered) if not taken), len(ordered))
+        # The cursor goes back to the start first: killed between the two writes, encoding walks the list again
+        # (its images are cached: no encode) rather than reading from the middle of a line.
+        write_atomically(self.cursor_path, b"0")
+        write_atomically(self.path, b"".join(lines))
+        write_atomically(self.cursor_path, str(sum(map(len, lines[:first_pending]))).encode())
+        log.info("project %d: imported-task list merged (%d tasks)", self.files.project_id, len(lines))
 
     def _cursor(self) -> int:
         try:
@@ -60,18 +106,23 @@ class ImportedTasks:
             try:
                 with open(self.path, "rb") as handle:
                     handle.seek(cursor)
-                    line = handle.readline()
+                    while True:
+                        line = handle.readline()
+                        if not line.endswith(b"\n"):
+                            return None  # nothing more (or a line being appended)
+                        cursor += len(line)
+                        listed = _parsed(line)
+                        if listed is not None and not listed[1]:
+                            break
             except FileNotFoundError:
                 return None
-            if not line.endswith(b"\n"):
-                return None  # nothing more (or a line being appended)
-            write_atomically(self.cursor_path, str(cursor + len(line)).encode())
-        return _parsed(line)
+            write_atomically(self.cursor_path, str(cursor).encode())
+        return listed[0]
 
     def following(self, task_id: int, count: int) -> list[ImportedTask]:
         """The `count` tasks listed after task `task_id` in ascending id order, which is Label Studio's default order
-        for an annotator (sequential sampling) and the list's own: Label Studio numbers tasks as it imports them. A
-        binary search over the file: a few reads whatever the import's size."""
+        for an annotator (sequential sampling) and the list's own (`append` keeps it so). A binary search over the
+        file: a few reads whatever the import's size."""
         try:
             handle = open(self.path, "rb")  # noqa: SIM115 (closed below; opened here to answer [] when missing)
         except FileNotFoundError:
@@ -106,17 +157,48 @@ class ImportedTasks:
 
 
 def _line_from(handle: BinaryIO, offset: int) -> ImportedTask | None:
-    """The first complete line starting at `offset` or after it (None past the last), leaving `handle` after it."""
+    """The first readable complete line starting at `offset` or after it (None past the last), leaving `handle`
+    after it."""
     handle.seek(max(offset - 1, 0))
     if offset > 0 and handle.read(1) != b"\n":
         handle.readline()  # the middle of a line: it belongs to the line before
-    line = handle.readline()
-    return _parsed(line) if line.endswith(b"\n") else None
+    while (line := handle.readline()).endswith(b"\n"):
+        listed = _parsed(line)
+        if listed is not None:
+            return listed[0]
+    return None
 
 
-def _parsed(line: bytes) -> ImportedTask:
-    entry = json.loads(line)
-    return ImportedTask(entry["id"], entry["image"])
+def _last_entry(path: Path, size: int) -> ImportedTask | None:
+    """The list's last readable entry (its lines end before `size`)."""
+    try:
+        with open(path, "rb") as handle:
+            start = size
+            while start > 0:  # back a block at a time until a whole readable line is in view
+                start = max(start - 4096, 0)
+                handle.seek(start)
+                lines = handle.read(size - start).split(b"\n")[:-1]
+                if start > 0:
+                    lines = lines[1:]  # starts mid-line
+                for line in reversed(lines):
+                    listed = _parsed(line + b"\n")
+                    if listed is not None:
+                        return listed[0]
+    except FileNotFoundError:
+        pass
+    return None
+
+
+def _line(task: ImportedTask, taken: bool = False) -> bytes:
+    return (json.dumps({"id": task.id, "image": task.image_url, **({"taken": True} if taken else {})}) + "\n").encode()
+
+
+def _parsed(line: bytes) -> tuple[ImportedTask, bool] | None:
+    """A line's task and whether a merge marked it taken; None for a line that lists none."""
+    entry = jsonl.entry(line)
+    if entry is None or not isinstance(entry.get("id"), int) or not isinstance(entry.get("image"), str):
+        return None
+    return ImportedTask(entry["id"], entry["image"]), bool(entry.get("taken"))
 
 
 def _image_field(project: dict) -> str:

@@ -48,9 +48,12 @@ class ByteStore(Protocol):
     def count_present(self, keys: list[str]) -> int:
         """How many of `keys` the store holds now, without reading their values."""
 
+    def touch(self, key: str) -> bool:
+        """Whether the store holds `key`, marking it used now (an LRU evicts it last) without reading its value."""
+
 
 EXISTS_BATCH = 1000  # keys asked about in one Redis EXISTS: one round trip each, none holding Redis long
-ROOM_FRACTION = 0.9  # of a store's bound that encoding ahead may fill; the rest is for what annotators open
+ROOM_FRACTION = 0.9  # of a store's bound that encoding imports ahead may fill; the rest is for what annotators open
 
 
 class MemoryStore:
@@ -114,6 +117,14 @@ class MemoryStore:
         now = time.monotonic()
         with self._mutex:
             return sum(1 for key in keys if key in self._items and self._items[key][1] >= now)
+
+    def touch(self, key: str) -> bool:
+        with self._mutex:
+            item = self._items.get(key)
+            if item is None or item[1] < time.monotonic():
+                return False
+            self._items.move_to_end(key)
+            return True
 
     @contextlib.contextmanager
     def lock(self, name: str, timeout_s: float) -> Iterator[None]:
@@ -201,6 +212,17 @@ class ResilientStore:
             except redis.RedisError as error:
                 self._mark_down(error)
         return self.fallback.count_present(keys)
+
+    def touch(self, key: str) -> bool:
+        """Redis's TOUCH (which refreshes the key's LRU clock); while Redis is unreachable, the fallback's."""
+        if self._should_try_redis():
+            try:
+                touched = bool(self.client.touch(key))
+                self._mark_up()
+                return touched
+            except redis.RedisError as error:
+                self._mark_down(error)
+        return self.fallback.touch(key)
 
     @property
     def redis_up(self) -> bool:

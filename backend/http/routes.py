@@ -273,8 +273,12 @@ def predict() -> tuple[Response, int] | Response:
         # result would be stored), so the next "Retrieve predictions" asks for it again.
         results.append([])
     if project_id is not None and len(tasks) == 1 and is_label_studio_id(tasks[0].get("id")):
-        # The annotator is on this task: encode the next ones now, after this answer's own work.
-        backend.predictor.prefetch(project_id, tasks[0]["id"])
+        # The annotator is on this task: encode the next ones now, after this answer's own work. Bookkeeping must
+        # never cost the answer, which is ready: whatever goes wrong here is logged and the answer goes out.
+        try:
+            backend.predictor.prefetch(project_id, tasks[0]["id"])
+        except Exception:
+            log.exception("project %d: the tasks after task %s were not prefetched", project_id, tasks[0]["id"])
     if errors and len(errors) == len(tasks):
         # Nothing to show: answer the first error's status so the caller sees why.
         return error_response(errors[0]["error"], errors[0]["status"], errors=errors)

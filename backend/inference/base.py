@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
+from backend.cache.digests import ImageDigests
 from backend.cache.store import ByteStore
 from backend.config import Settings
 from backend.deadline import NO_LIMIT, TimeLimit
@@ -88,11 +89,13 @@ class Inference(Protocol):
 
 class InteractiveFront:
     """What both predictors do before the models run: check the context, skip empty ones and fetch the image.
-    Subclasses provide `settings`, `fetcher`, `decoders` and the model half, `predict_for_image`."""
+    Subclasses provide `settings`, `fetcher`, `decoders`, `digests` (in the embedding cache's store) and the model
+    half, `predict_for_image`."""
 
     settings: Settings
     fetcher: ImageFetcher
     decoders: ProjectDecoders
+    digests: ImageDigests
     predict_for_image: Callable[..., TaskPrediction]
 
     def read_context(self, context: object, config: ProjectConfig) -> ContextPrompts:
@@ -124,6 +127,8 @@ class InteractiveFront:
         started = time.perf_counter()
         image = self.fetcher.fetch(image_url)
         fetch_s = time.perf_counter() - started
+        if project_id is not None:  # encoding ahead of the project's annotators then knows the image by its URL
+            self.digests.remember(image_url, image.digest)
         prediction = self.predict_for_image(image, task_id, prompts, project_id, config)
         prediction.timings["fetch"] = fetch_s
         return prediction

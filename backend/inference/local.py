@@ -16,6 +16,7 @@ import numpy as np
 
 from backend.bookkeeping.coverage import CoverageRecorder
 from backend.cache.detections import DetectionCache
+from backend.cache.digests import ImageDigests
 from backend.cache.embeddings import CachedEmbedding
 from backend.cache.store import ByteStore
 from backend.config import Settings
@@ -25,7 +26,7 @@ from backend.errors import BackendError, ImageError
 from backend.images import FetchedImage, FetchRules, ImageFetcher, decode_image
 from backend.inference.base import InteractiveFront
 from backend.inference.batches import BatchPreannotation
-from backend.inference.encode_ahead import EncodeAhead
+from backend.inference.encode_ahead import EncodeAhead, Step
 from backend.inference.loading import ModelLoading, Models
 from backend.inference.text import DetectionSettings, TextDetection
 from backend.models.base import ImageEmbedding, Segmenter
@@ -52,6 +53,7 @@ class Predictor(InteractiveFront):
         self.learning = ActiveLearning(settings, self.training_resources, self.decoders, train=self.train_project)
         self.step_times = StepTimes()
         self.coverage = CoverageRecorder(settings.model_dir)
+        self.digests = ImageDigests(store, settings.embedding_ttl_s)
         self.text = TextDetection(self.detector, DetectionSettings.of(settings))
         self.batches = BatchPreannotation(
             settings,
@@ -66,6 +68,8 @@ class Predictor(InteractiveFront):
         self.encoding_ahead = EncodeAhead(
             self.models,
             store,
+            self.digests,
+            self.coverage,
             self.encode_url,
             settings.model_dir,
             settings.prefetch_tasks,
@@ -147,6 +151,7 @@ class Predictor(InteractiveFront):
         way the image is recorded as the project's: it may have been cached for another project."""
         models = self.models.get(self.settings.model_ready_timeout_s)
         image = self.fetcher.fetch(image_url)
+        self.digests.remember(image_url, image.digest)
         _, hit, _ = self.embedding_for(models, image)
         if project_id is not None:
             self.record_encoded(models, project_id, image)
@@ -161,7 +166,7 @@ class Predictor(InteractiveFront):
                 outcomes.append(error)
         return outcomes
 
-    def encode_ahead(self, project_id: int, prefetched: Callable[[], str | None], imports: bool) -> bool:
+    def encode_ahead(self, project_id: int, prefetched: Callable[[], str | None], imports: bool) -> Step:
         """One step of encoding ahead (`EncodeAhead.step`); a queue worker's encoding job runs it."""
         return self.encoding_ahead.step(project_id, prefetched, imports)
 

@@ -23,6 +23,7 @@ from rq.results import Result
 
 from backend.bookkeeping.imports import ImportedTasks
 from backend.cache.connection import BLOCKING_READ_S
+from backend.cache.digests import ImageDigests
 from backend.cache.store import MemoryStore, ResilientStore
 from backend.config import Settings
 from backend.deadline import NO_LIMIT, TimeLimit
@@ -152,6 +153,7 @@ class QueuePredictor(InteractiveFront):
             if settings.cache_url != settings.redis_url
             else self.store
         )
+        self.digests = ImageDigests(self._cache_store, settings.embedding_ttl_s)  # the workers' encoding ahead reads
         self.interactive_queue = Queue(INTERACTIVE_QUEUE, connection=connection)
         self.preannotate_queue = Queue(PREANNOTATE_QUEUE, connection=connection)
         self.training_queue = Queue(TRAINING_QUEUE, connection=connection)

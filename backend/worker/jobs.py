@@ -25,6 +25,7 @@ from backend.cache.connection import get_bytes
 from backend.deadline import TimeLimit
 from backend.errors import BackendError, ConfigError, ImageError, PromptError
 from backend.images import FetchedImage, FetchRules, ImageFetcher
+from backend.inference.encode_ahead import Step
 from backend.inference.local import Predictor
 from backend.inference.queue import (
     BATCH_GROUP_META,
@@ -247,10 +248,16 @@ def encode_ahead(project_id: int, imports: bool = True) -> None:
         url = connection.lpop(PREFETCH_KEY.format(project=project_id))
         return url.decode() if isinstance(url, bytes) else None
 
-    if predictor.encode_ahead(project_id, prefetched, imports):
+    step = predictor.encode_ahead(project_id, prefetched, imports)
+    if step is Step.ENCODED:
         enqueue_import_encoding(connection, project_id, timeout_s, imports)
         return
     connection.delete(ENCODE_SCHEDULED_KEY.format(project=project_id))
-    # A task recorded after the list looked empty and before the key went would otherwise wait for the next import.
-    if imports and ImportedTasks(ProjectFiles(predictor.settings.model_dir, project_id)).pending():
+    # At the bound the imported tasks wait for the next prefetch (a click) or import: queueing again now would spin.
+    # Else a task recorded after the list looked empty and before the key went would wait for the next import.
+    if (
+        step is Step.DONE
+        and imports
+        and ImportedTasks(ProjectFiles(predictor.settings.model_dir, project_id)).pending()
+    ):
         schedule_import_encoding(connection, project_id, timeout_s, imports)
