@@ -25,9 +25,12 @@ from backend.http.server import create_app
 from backend.images import FetchRules, ImageFetcher, decode_image, redact_url
 from backend.inference.local import Predictor
 from backend.models.loader import BackgroundLoader
+from backend.project_files import ProjectFiles
+from backend.training.imports import ImportedTask, ImportedTasks
 from tests.assets import recorded
 from tests.conftest import make_client
 from tests.label_studio_standin import make_personal_access_token
+from tests.test_grounding_dino import grounded_client
 from tests.test_protocol import assert_brush_results, interactive
 
 KEYPOINTS = "04-predict-interactive-keypoints.json"
@@ -135,6 +138,50 @@ def test_urls_in_messages_lose_user_info_and_query_values():
     shown = redact_url(url)
     assert "hunter2" not in shown and "abc123" not in shown and "AKIA" not in shown
     assert shown.startswith("https://bucket.example/img.jpg?") and "d=keep%2Fme" in shown
+
+
+SIGNATURES = ("S3SIGNATUREc0ffee", "AKIASECRETCREDENTIAL", "GCSSIGNATUREbeef")
+
+
+def presigned(url: str) -> str:
+    """`url` as a bucket's presigned link spells it: S3's credential and signature, GCS's signature."""
+    return (
+        f"{url}?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential={SIGNATURES[1]}%2F20261207%2Fauto%2Fs3"
+        f"&X-Amz-Expires=3600&X-Amz-Signature={SIGNATURES[0]}&X-Goog-Signature={SIGNATURES[2]}"
+    )
+
+
+def test_presigned_urls_lose_their_signatures_in_every_log_line_and_error(grounded_settings, label_studio, caplog):
+    """Task images behind presigned links go through every path that names an image: a click that downloads (urllib3
+    logs the request line at DEBUG), a click whose image is missing or on a host off the allow-list, a task opened
+    whose pre-annotation goes on in the background, an imported task encoded ahead, and training finding that the
+    URL now serves another image. No signature may reach a log line or an answer."""
+    client, predictor = grounded_client(replace(grounded_settings, task_open_wait_s=0))
+    caplog.set_level(logging.DEBUG)
+    exists = presigned(label_studio.url.replace("127.0.0.1", "localhost") + "/car_512x384_http.jpg")
+    missing = presigned("/data/upload/1/no-such-image.jpg")
+    elsewhere = presigned("https://bucket.s3.amazonaws.com/voc.jpg")
+    answers = []
+    for url, status in [(exists, 200), (missing, 422), (elsewhere, 403)]:
+        body = interactive(KEYPOINTS)
+        body["tasks"][0]["data"]["image"] = url
+        answers.append(client.post("/predict", json=body))
+        assert answers[-1].status_code == status, answers[-1].json
+    task_open = recorded("03a-predict-on-task-open.json")
+    task_open["tasks"][0]["data"]["image"] = presigned(task_open["tasks"][0]["data"]["image"])
+    answers.append(client.post("/predict", json=task_open))
+    assert answers[-1].json == {"results": [[]]}  # goes on in the background
+    assert client.application.extensions["backend"].task_opens.wait_idle(300)
+    ImportedTasks(ProjectFiles(grounded_settings.model_dir, 1)).append([ImportedTask(7, missing)])
+    predictor.encode_imports(1)
+    assert predictor.ahead.wait_idle(300)
+    with pytest.raises(ImageError) as moved:
+        predictor.training_resources().embedding_for(exists, "0" * 64)
+    logged = caplog.text
+    assert "goes on in the background" in logged and "not encoded ahead" in logged and "X-Amz-Signature=" in logged
+    everything = logged + str(moved.value) + "".join(answer.get_data(as_text=True) for answer in answers)
+    for secret in SIGNATURES:
+        assert secret not in everything
 
 
 # --- where images may come from -------------------------------------------------------------------

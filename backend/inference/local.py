@@ -27,7 +27,7 @@ from backend.config import Settings
 from backend.deadline import NO_LIMIT, StepTimes, TimeLimit
 from backend.decoders.serving import ProjectDecoders
 from backend.errors import BackendError, ConfigError, DeadlineExceeded, ImageError, ModelNotReady, PromptError
-from backend.images import FetchedImage, FetchRules, ImageFetcher, decode_image
+from backend.images import FetchedImage, FetchRules, ImageFetcher, decode_image, redact_url
 from backend.inference.background import BackgroundEncoder
 from backend.inference.base import FETCH_THREADS, InteractiveFront
 from backend.models.base import ImageEmbedding, Segmenter, SegmentPrompt
@@ -226,7 +226,7 @@ class Predictor(InteractiveFront):
         try:
             self.encode_url(image_url, project_id)
         except ImageError as error:
-            log.warning("project %d: image %s not encoded ahead: %s", project_id, image_url, error)
+            log.warning("project %d: image %s not encoded ahead: %s", project_id, redact_url(image_url), error)
         return True
 
     def encode_imports(self, project_id: int) -> None:
