@@ -23,7 +23,7 @@ from backend.inference.queue import (
 from backend.project_files import ProjectFiles
 from backend.training.imports import ImportedTask, ImportedTasks
 from backend.worker.runner import ClaimingQueue, worker_queues
-from tests.assets import encodes_logged, recorded
+from tests.assets import cached_embedding_bytes, encodes_logged, recorded
 from tests.conftest import make_client
 
 IMPORTED_IMAGES = 4  # of the recording's five tasks: the 512x384 one is on a host these tests do not serve
@@ -154,14 +154,15 @@ def test_the_tasks_after_a_task_are_found_in_a_long_list_in_ascending_id_order(t
 def test_encoding_ahead_stops_before_it_would_evict_the_image_an_annotator_clicked(settings):
     """An in-process cache holding three embeddings: the clicked image's and one encoded ahead fit below its
     room fraction, a third would not, so encoding ahead stops there and the clicked image stays cached."""
-    client, predictor = make_client(replace(settings, memory_cache_bytes=3 * 2_097_234 + 512))
+    entry = cached_embedding_bytes(settings, 768, 1024)  # the clicked image's; the others' differ by a byte or two
+    client, predictor = make_client(replace(settings, memory_cache_bytes=3 * entry + 512))
     assert click(client, 1, PROJECT_1_IMAGES[0]).headers["X-Embedding-Cache"] == "miss"
     ImportedTasks(ProjectFiles(settings.model_dir, 1)).append(
         [ImportedTask(task_id, url) for task_id, url in enumerate(PROJECT_1_IMAGES[1:], 2)]
     )
     predictor.encode_imports(1)
     assert predictor.ahead.wait_idle(300)
-    assert predictor.store.describe()["used_bytes"] < 3 * 2_097_234  # two embeddings and the click's session
+    assert predictor.store.describe()["used_bytes"] < 3 * entry  # two embeddings and the click's session
     assert ImportedTasks(ProjectFiles(settings.model_dir, 1)).pending()  # left for later, not dropped
     assert click(client, 1, PROJECT_1_IMAGES[0]).headers["X-Embedding-Cache"] == "hit"
 
