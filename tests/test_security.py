@@ -18,6 +18,7 @@ from dataclasses import replace
 
 import pytest
 
+from backend.bookkeeping.imports import ImportedTask, ImportedTasks
 from backend.cache.store import MemoryStore
 from backend.config import Settings
 from backend.errors import ImageError, SettingsError
@@ -26,7 +27,6 @@ from backend.images import FetchRules, ImageFetcher, decode_image, redact_url
 from backend.inference.local import Predictor
 from backend.models.loader import BackgroundLoader
 from backend.project_files import ProjectFiles
-from backend.training.imports import ImportedTask, ImportedTasks
 from tests.assets import recorded
 from tests.conftest import make_client
 from tests.label_studio_standin import make_personal_access_token
