@@ -100,7 +100,7 @@ class Settings:
     allow_private_image_hosts: bool = setting(
         "ALLOW_PRIVATE_IMAGE_HOSTS",
         False,
-        "let `ALLOWED_IMAGE_HOSTS` resolve to loopback or private addresses",
+        "let `ALLOWED_IMAGE_HOSTS` resolve to loopback or private addresses (never to cloud metadata ones)",
         section=S_LABEL_STUDIO,
     )
     download_timeout_s: float = setting(
