@@ -209,8 +209,9 @@ def test_a_batch_of_mixed_aspect_ratios_detects_what_each_image_gets_alone(
     detector = every_detector(kind, grounding_dino_files, detector_folders)
     tall = np.ascontiguousarray(image.transpose(1, 0, 2))
     wide = np.ascontiguousarray(np.concatenate([image, image[:, ::-1]], axis=1))
-    images = [image, tall, wide, np.ascontiguousarray(image[::-1])]
-    batched = detector.detect(images, CAPTION, SPANS, GROUPS, 0.0, 0.0, max_objects=8, batch_size=4)
+    half = np.ascontiguousarray(image[::2, ::2])  # the same aspect ratio: resized to the same size, batched
+    images = [image, tall, wide, np.ascontiguousarray(image[::-1]), half]
+    batched = detector.detect(images, CAPTION, SPANS, GROUPS, 0.0, 0.0, max_objects=8, batch_size=5)
     for found, picture in zip(batched, images, strict=True):
         (alone,) = detector.detect([picture], CAPTION, SPANS, GROUPS, 0.0, 0.0, max_objects=8)
         assert len(found) == len(alone) > 0

@@ -13,6 +13,7 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Hashable
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
 import torch
@@ -63,8 +64,10 @@ class Detector(ABC):
 
     def batch_key(self, image: np.ndarray) -> Hashable:
         """What images must share to be scored in one pass: a padded batch changes what DETR-like models answer
-        (their attention and valid ratios see the padding), so by default only images of one size go together."""
-        return image.shape[:2]
+        (their attention and valid ratios see the padding), so by default only images of one aspect ratio go
+        together, which the processors resize to one size (1024×768 and 640×480 alike)."""
+        height, width = image.shape[:2]
+        return Fraction(height, width)
 
     def detect(
         self,
@@ -78,7 +81,7 @@ class Detector(ABC):
         batch_size: int = 4,
     ) -> list[list[Detection]]:
         """Boxes in each RGB uint8 image for the phrases at `spans` of `caption`, up to `batch_size` images of one
-        `batch_key` a pass, so that an image gets the same boxes whatever else is detected with it.
+        `batch_key` a pass, so that an image gets the boxes it gets alone whatever else is detected with it.
 
         `groups` gives each phrase's label: see `select`. The `max_objects` best of each image are returned, best
         first.
