@@ -100,7 +100,7 @@ class Settings:
     allow_private_image_hosts: bool = setting(
         "ALLOW_PRIVATE_IMAGE_HOSTS",
         False,
-        "let `ALLOWED_IMAGE_HOSTS` resolve to loopback or private addresses",
+        "let `ALLOWED_IMAGE_HOSTS` resolve to loopback or private addresses (never to cloud metadata ones)",
         section=S_LABEL_STUDIO,
     )
     download_timeout_s: float = setting(
@@ -573,11 +573,11 @@ def describe_markdown() -> str:
         meaning = meta["doc"]
         if meta["choices"]:
             meaning += f" (one of: {', '.join(f'`{choice}`' for choice in meta['choices'])})"
-        lines.append(f"| `{meta['env']}` | {_shown_default(definition.default)} | {meaning} |")
+        lines.append(f"| `{meta['env']}` | {shown_default(definition.default)} | {meaning} |")
     return "\n".join(lines) + "\n"
 
 
-def _shown_default(default: object) -> str:
+def shown_default(default: object) -> str:
     if default in ("", ()):
         return "–"
     if isinstance(default, bool):

@@ -45,6 +45,22 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, masked, ""))
 
 
+class RedactedRequestLines(logging.Filter):
+    """urllib3 logs each request's path and query (at DEBUG): masked here, since presigned URLs carry their
+    signatures in the query."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(
+                redact_url(argument) if isinstance(argument, str) and "?" in argument else argument
+                for argument in record.args
+            )
+        return True
+
+
+logging.getLogger("urllib3.connectionpool").addFilter(RedactedRequestLines())
+
+
 @dataclass
 class FetchedImage:
     """Raw bytes of a task image and their SHA-256, the key of everything cached about it."""

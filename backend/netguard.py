@@ -1,7 +1,7 @@
 """Where image downloads may connect: the resolved IP address is checked, and it is the one connected to.
 
 A host name on the allow-list can still resolve to an internal address (a cloud metadata service at
-169.254.169.254, a database on 10.0.0.5, the backend's own Redis on 127.0.0.1), and a name whose
+169.254.169.254 or fd00:ec2::254, a database on 10.0.0.5, the backend's own Redis on 127.0.0.1), and a name whose
 DNS answer changes between the check and the connection (DNS rebinding) would slip past a check
 made before `requests` resolves it again. So the check runs inside urllib3's connection set-up,
 on the addresses the socket is then opened to; TLS still verifies the certificate against the host
@@ -32,10 +32,43 @@ from backend.errors import BlockedAddress
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
+# Cloud metadata services (instance credentials, user data) and the host agents beside them. The IPv4 ones in
+# 169.254.0.0/16 are link-local too; the others look private or even public, so `ALLOW_PRIVATE_IMAGE_HOSTS`, which a
+# team on a private network needs, would otherwise let a task's URL reach them.
+CLOUD_METADATA: dict[str, tuple[Address, ...]] = {
+    "AWS, GCP, Azure, Oracle, DigitalOcean, Hetzner, OpenStack instance metadata": (
+        ipaddress.ip_address("169.254.169.254"),
+    ),
+    "AWS instance metadata over IPv6 (Nitro)": (ipaddress.ip_address("fd00:ec2::254"),),
+    "AWS ECS task metadata and credentials": (ipaddress.ip_address("169.254.170.2"),),
+    "AWS EKS Pod Identity agent": (ipaddress.ip_address("169.254.170.23"), ipaddress.ip_address("fd00:ec2::23")),
+    "GCP metadata server for IPv6-only VMs": (ipaddress.ip_address("fd20:ce::254"),),
+    "Azure host agent (WireServer), a public address": (ipaddress.ip_address("168.63.129.16"),),
+    "Alibaba Cloud instance metadata": (ipaddress.ip_address("100.100.100.200"),),
+    "Oracle Cloud legacy instance metadata": (ipaddress.ip_address("192.0.0.192"),),
+    "Tencent Cloud instance metadata": (ipaddress.ip_address("169.254.0.23"),),
+    "OpenStack metadata over IPv6": (ipaddress.ip_address("fe80::a9fe:a9fe"),),
+}
+_METADATA_ADDRESSES = frozenset(address for addresses in CLOUD_METADATA.values() for address in addresses)
+# NAT64's well-known prefix (RFC 6052): on an IPv6-only network with DNS64, 64:ff9b::a9fe:a9fe is 169.254.169.254.
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+def _embedded_ipv4(address: Address) -> Address:
+    """The IPv4 address an IPv6 one stands for (IPv4-mapped, NAT64), else the address itself."""
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return address.ipv4_mapped
+        if address in _NAT64:
+            return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return address
+
+
 def _category(address: Address) -> str | None:
     """Why an address is not a public one, or None if it is."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
+    address = _embedded_ipv4(address)
+    if address in _METADATA_ADDRESSES:
+        return "cloud metadata"
     if address.is_loopback:
         return "loopback"
     if address.is_link_local:
@@ -51,8 +84,8 @@ def _category(address: Address) -> str | None:
     return None
 
 
-# With ALLOW_PRIVATE_IMAGE_HOSTS these may be reached; link-local (cloud metadata), multicast,
-# unspecified and reserved addresses never are, except through LABEL_STUDIO_URL.
+# With ALLOW_PRIVATE_IMAGE_HOSTS these may be reached; cloud metadata, link-local, multicast, unspecified and
+# reserved addresses never are, except through LABEL_STUDIO_URL.
 PRIVATE_CATEGORIES = frozenset({"loopback", "private"})
 
 
@@ -72,19 +105,22 @@ class AddressPolicy:
         answers = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         if (host.lower(), port) in self.trusted:
             return answers
-        allowed, refused = [], []
+        allowed, refused, reasons = [], [], set()
         for answer in answers:
             host_text = str(answer[4][0])  # str for every IPv4 and IPv6 answer, the only families a host name gets
             address = ipaddress.ip_address(host_text.split("%", 1)[0])  # drop an IPv6 zone
             reason = self.refusal(address)
             if reason:
                 refused.append(f"{address} ({reason})")
+                reasons.add(reason)
             else:
                 allowed.append(answer)
         if not allowed:
+            hint = ""
+            if not self.allow_private and any(reason in PRIVATE_CATEGORIES for reason in reasons):
+                hint = " (set ALLOW_PRIVATE_IMAGE_HOSTS=true to allow private and loopback addresses)"
             raise BlockedAddress(
-                f"image host {host!r} resolves to {', '.join(refused)}, which image downloads may not reach "
-                "(set ALLOW_PRIVATE_IMAGE_HOSTS=true to allow private and loopback addresses)"
+                f"image host {host!r} resolves to {', '.join(refused)}, which image downloads may not reach{hint}"
             )
         return allowed
 

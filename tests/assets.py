@@ -13,6 +13,9 @@ import torch
 from PIL import Image
 from segment_anything.build_sam import _build_sam
 
+from backend.cache.embeddings import serialize_embedding
+from backend.config import Settings
+from backend.models.registry import load_segmenter
 from backend.protocol.brush_rle import decode_mask
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,3 +70,10 @@ def encodes_logged(records: list) -> int:
 def decode_brush(result: dict) -> np.ndarray:
     """The (H, W) bool mask of a brushlabels result, as Label Studio would draw it."""
     return decode_mask(result["value"]["rle"], result["original_height"], result["original_width"])
+
+
+def cached_embedding_bytes(settings: Settings, height: int, width: int) -> int:
+    """What the cache stores for an image of height × width encoded by `settings`' segmenter: the reduced-size SAM
+    gives the official one's 256×64×64 features, so the same bytes as ViT-B/L/H (the figure the docs quote)."""
+    embedding = load_segmenter(settings).encode(np.zeros((height, width, 3), np.uint8))
+    return len(serialize_embedding(embedding))

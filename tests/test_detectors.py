@@ -190,3 +190,31 @@ def test_text_prompts_run_through_a_transformers_detector_and_its_token_limit(gr
     body["params"]["context"]["result"][0]["value"] = {"text": ["Car: the red sedan parked"]}
     too_long = client.post("/predict", json=body)
     assert too_long.status_code == 413 and "OWLv2 reads at most 16" in too_long.json["error"]
+
+
+def every_detector(kind: str, grounding_dino_files, detector_folders) -> Detector:
+    if kind == "groundingdino-py":
+        files = grounding_dino_files
+        return load_grounding_dino(files.checkpoint, files.config, files.text_encoder, "cpu", 128)
+    return load_transformers_detector(kind, detector_folders[kind], "cpu", 128)
+
+
+@pytest.mark.parametrize("kind", ["groundingdino-py", *TRANSFORMERS_KINDS])
+def test_a_batch_of_mixed_aspect_ratios_detects_what_each_image_gets_alone(
+    kind, grounding_dino_files, detector_folders, image
+):
+    """A padded batch makes DETR-like models see other boxes (their attention and valid ratios feel the padding):
+    images of other sizes in one chunk must not change an image's answer, or a cached detection would depend on
+    which chunk came first."""
+    detector = every_detector(kind, grounding_dino_files, detector_folders)
+    tall = np.ascontiguousarray(image.transpose(1, 0, 2))
+    wide = np.ascontiguousarray(np.concatenate([image, image[:, ::-1]], axis=1))
+    half = np.ascontiguousarray(image[::2, ::2])  # the same aspect ratio: resized to the same size, batched
+    images = [image, tall, wide, np.ascontiguousarray(image[::-1]), half]
+    batched = detector.detect(images, CAPTION, SPANS, GROUPS, 0.0, 0.0, max_objects=8, batch_size=5)
+    for found, picture in zip(batched, images, strict=True):
+        (alone,) = detector.detect([picture], CAPTION, SPANS, GROUPS, 0.0, 0.0, max_objects=8)
+        assert len(found) == len(alone) > 0
+        np.testing.assert_allclose([d.box for d in found], [d.box for d in alone], atol=0.05)
+        np.testing.assert_allclose([d.score for d in found], [d.score for d in alone], atol=1e-5)
+        assert [d.phrase for d in found] == [d.phrase for d in alone]

@@ -26,10 +26,9 @@ from backend.inference.queue import (
 from backend.project_files import ProjectFiles
 from backend.worker import jobs
 from backend.worker.runner import ClaimingQueue, worker_queues
-from tests.assets import encode, encodes_logged, recorded, smooth_object_image
+from tests.assets import cached_embedding_bytes, encode, encodes_logged, recorded, smooth_object_image
 from tests.conftest import make_client
 
-ENTRY_BYTES = 2_097_248  # one cached embedding of the small SAM (256x64x64 float16 and its header), about
 IMPORTED_IMAGES = 4  # of the recording's five tasks: the 512x384 one is on a host these tests do not serve
 
 
@@ -159,14 +158,15 @@ def test_encoding_ahead_stops_before_it_would_evict_the_image_an_annotator_click
     """An in-process cache holding three embeddings: the clicked image's and one encoded ahead fit below its
     room fraction, a third would not, so encoding the imports ahead stops there and the clicked image stays cached
     (prefetch, which may evict, needs room for PREFETCH_TASKS + 2: docs/scaling.md)."""
-    client, predictor = make_client(replace(settings, memory_cache_bytes=3 * 2_097_234 + 512))
+    entry = cached_embedding_bytes(settings, 768, 1024)  # the clicked image's; the others' differ by a byte or two
+    client, predictor = make_client(replace(settings, memory_cache_bytes=3 * entry + 512))
     assert click(client, 1, PROJECT_1_IMAGES[0]).headers["X-Embedding-Cache"] == "miss"
     ImportedTasks(ProjectFiles(settings.model_dir, 1)).append(
         [ImportedTask(task_id, url) for task_id, url in enumerate(PROJECT_1_IMAGES[1:], 2)]
     )
     predictor.encode_imports(1)
     assert predictor.ahead.wait_idle(300)
-    assert predictor.store.describe()["used_bytes"] < 3 * 2_097_234  # two embeddings and the click's session
+    assert predictor.store.describe()["used_bytes"] < 3 * entry  # two embeddings and the click's session
     assert ImportedTasks(ProjectFiles(settings.model_dir, 1)).pending()  # left for later, not dropped
     assert click(client, 1, PROJECT_1_IMAGES[0]).headers["X-Embedding-Cache"] == "hit"
     assert predictor.ahead.wait_idle(300)  # the click's prefetch, done before the next test counts encodes
@@ -270,7 +270,8 @@ def test_at_the_cache_bound_encoding_ahead_goes_on_and_first_clicks_still_hit(se
     """A cache with room for about 8 embeddings and a walk of 24 imported tasks: the import fills the cache, and
     each click's next tasks are still encoded ahead, evicting the images the annotator has left: every first click
     is a hit. Reaching the bound is logged once, not per click."""
-    client, predictor = make_client(replace(settings, memory_cache_bytes=int(8.5 * ENTRY_BYTES), prefetch_tasks=2))
+    entry = cached_embedding_bytes(settings, 240, 320)
+    client, predictor = make_client(replace(settings, memory_cache_bytes=int(8.5 * entry), prefetch_tasks=2))
     images = walk_images(media_root, 24)
     ImportedTasks(ProjectFiles(settings.model_dir, 1)).append(
         [ImportedTask(task_id, url) for task_id, url in enumerate(images, 1)]
@@ -282,7 +283,7 @@ def test_at_the_cache_bound_encoding_ahead_goes_on_and_first_clicks_still_hit(se
     for task_id, url in enumerate(images, 1):
         first_clicks.append(click(client, task_id, url).headers["X-Embedding-Cache"])
         assert predictor.ahead.wait_idle(300)  # the annotator looks at the masks meanwhile
-    assert predictor.store.used_bytes > 7 * ENTRY_BYTES  # the cache was full
+    assert predictor.store.used_bytes > 7 * entry  # the cache was full
     assert encodes_logged(caplog.records) == len(images)  # each image once: nothing evicted was needed again
     assert first_clicks == ["hit"] * len(images)
     assert sum("at its bound" in record.getMessage() for record in caplog.records) == 1
@@ -293,9 +294,10 @@ def test_in_queue_mode_encoding_ahead_at_the_bound_does_not_queue_itself_again(
 ):
     """Imported tasks left and no room in the worker's cache: the encoding job runs once and ends; the next click's
     prefetch or the next import queues it again."""
-    predictor = Predictor(settings, MemoryStore(4 * ENTRY_BYTES))
+    entry = cached_embedding_bytes(settings, 768, 1024)
+    predictor = Predictor(settings, MemoryStore(4 * entry))
     predictor.models.get(120)
-    predictor.store.set("in use", bytes(int(3.8 * ENTRY_BYTES)), 600)  # what annotators opened fills the cache
+    predictor.store.set("in use", bytes(int(3.8 * entry)), 600)  # what annotators opened fills the cache
     monkeypatch.setattr(jobs, "_predictor", predictor)
     ImportedTasks(ProjectFiles(settings.model_dir, 1)).append(
         [ImportedTask(task_id, url) for task_id, url in enumerate(PROJECT_1_IMAGES, 1)]

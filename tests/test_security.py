@@ -18,16 +18,19 @@ from dataclasses import replace
 
 import pytest
 
+from backend.bookkeeping.imports import ImportedTask, ImportedTasks
 from backend.cache.store import MemoryStore
 from backend.config import Settings
-from backend.errors import SettingsError
+from backend.errors import ImageError, SettingsError
 from backend.http.server import create_app
 from backend.images import FetchRules, ImageFetcher, decode_image, redact_url
 from backend.inference.local import Predictor
 from backend.models.loader import BackgroundLoader
+from backend.project_files import ProjectFiles
 from tests.assets import recorded
 from tests.conftest import make_client
 from tests.label_studio_standin import make_personal_access_token
+from tests.test_grounding_dino import grounded_client
 from tests.test_protocol import assert_brush_results, interactive
 
 KEYPOINTS = "04-predict-interactive-keypoints.json"
@@ -137,6 +140,50 @@ def test_urls_in_messages_lose_user_info_and_query_values():
     assert shown.startswith("https://bucket.example/img.jpg?") and "d=keep%2Fme" in shown
 
 
+SIGNATURES = ("S3SIGNATUREc0ffee", "AKIASECRETCREDENTIAL", "GCSSIGNATUREbeef")
+
+
+def presigned(url: str) -> str:
+    """`url` as a bucket's presigned link spells it: S3's credential and signature, GCS's signature."""
+    return (
+        f"{url}?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential={SIGNATURES[1]}%2F20261207%2Fauto%2Fs3"
+        f"&X-Amz-Expires=3600&X-Amz-Signature={SIGNATURES[0]}&X-Goog-Signature={SIGNATURES[2]}"
+    )
+
+
+def test_presigned_urls_lose_their_signatures_in_every_log_line_and_error(grounded_settings, label_studio, caplog):
+    """Task images behind presigned links go through every path that names an image: a click that downloads (urllib3
+    logs the request line at DEBUG), a click whose image is missing or on a host off the allow-list, a task opened
+    whose pre-annotation goes on in the background, an imported task encoded ahead, and training finding that the
+    URL now serves another image. No signature may reach a log line or an answer."""
+    client, predictor = grounded_client(replace(grounded_settings, task_open_wait_s=0))
+    caplog.set_level(logging.DEBUG)
+    exists = presigned(label_studio.url.replace("127.0.0.1", "localhost") + "/car_512x384_http.jpg")
+    missing = presigned("/data/upload/1/no-such-image.jpg")
+    elsewhere = presigned("https://bucket.s3.amazonaws.com/voc.jpg")
+    answers = []
+    for url, status in [(exists, 200), (missing, 422), (elsewhere, 403)]:
+        body = interactive(KEYPOINTS)
+        body["tasks"][0]["data"]["image"] = url
+        answers.append(client.post("/predict", json=body))
+        assert answers[-1].status_code == status, answers[-1].json
+    task_open = recorded("03a-predict-on-task-open.json")
+    task_open["tasks"][0]["data"]["image"] = presigned(task_open["tasks"][0]["data"]["image"])
+    answers.append(client.post("/predict", json=task_open))
+    assert answers[-1].json == {"results": [[]]}  # goes on in the background
+    assert client.application.extensions["backend"].task_opens.wait_idle(300)
+    ImportedTasks(ProjectFiles(grounded_settings.model_dir, 1)).append([ImportedTask(7, missing)])
+    predictor.encode_imports(1)
+    assert predictor.ahead.wait_idle(300)
+    with pytest.raises(ImageError) as moved:
+        predictor.training_resources().embedding_for(exists, "0" * 64)
+    logged = caplog.text
+    assert "goes on in the background" in logged and "not encoded ahead" in logged and "X-Amz-Signature=" in logged
+    everything = logged + str(moved.value) + "".join(answer.get_data(as_text=True) for answer in answers)
+    for secret in SIGNATURES:
+        assert secret not in everything
+
+
 # --- where images may come from -------------------------------------------------------------------
 
 
@@ -162,11 +209,39 @@ def test_private_addresses_need_the_explicit_setting_and_link_local_never_passes
     with pytest.raises(Exception, match="loopback"):
         strict.fetch(url)
     relaxed = ImageFetcher(
-        FetchRules.of(replace(settings, allowed_image_hosts=(name, "169.254.169.254"), allow_private_image_hosts=True))
+        FetchRules.of(replace(settings, allowed_image_hosts=(name, "169.254.7.7"), allow_private_image_hosts=True))
     )
     assert relaxed.fetch(url).data[:2] == b"\xff\xd8"
-    with pytest.raises(Exception, match="link-local"):
-        relaxed.fetch("http://169.254.169.254/latest/meta-data/")
+    with pytest.raises(ImageError, match=r"169\.254\.7\.7 \(link-local\)"):
+        relaxed.fetch("http://169.254.7.7/x.jpg")
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "169.254.169.254",  # AWS, GCP, Azure, Oracle, ...
+        "fd00:ec2::254",  # AWS over IPv6: unique-local, which ALLOW_PRIVATE_IMAGE_HOSTS lets through otherwise
+        "100.100.100.200",  # Alibaba: carrier-grade NAT space
+        "169.254.170.2",  # AWS ECS task credentials
+        "fd20:ce::254",  # GCP, IPv6-only VMs
+        "168.63.129.16",  # Azure's host agent: a public address
+        "192.0.0.192",  # Oracle, legacy
+        "::ffff:100.100.100.200",  # IPv4-mapped
+        "64:ff9b::a9fe:a9fe",  # NAT64 of 169.254.169.254
+    ],
+)
+def test_cloud_metadata_is_refused_by_the_address_check_even_with_private_hosts_allowed(settings, address):
+    """The host is on the allow-list and private addresses are allowed: only the address check stands between a
+    task's URL and the metadata service, and its reason names what the address is."""
+    relaxed = ImageFetcher(
+        FetchRules.of(replace(settings, allowed_image_hosts=(address,), allow_private_image_hosts=True))
+    )
+    host = f"[{address}]" if ":" in address else address
+    with pytest.raises(ImageError) as caught:
+        relaxed.fetch(f"http://{host}/latest/meta-data/")
+    assert caught.value.status == 403
+    assert "(cloud metadata), which image downloads may not reach" in str(caught.value)
+    assert "ALLOW_PRIVATE_IMAGE_HOSTS" not in str(caught.value)  # no setting would let it through
 
 
 def test_label_studio_host_is_trusted_on_loopback(settings):
@@ -197,15 +272,18 @@ def test_connection_goes_to_the_address_that_was_checked(settings, label_studio,
     assert asked == ["images.rebind.test"]
 
 
-def test_redirect_to_a_host_off_the_allow_list_is_refused(settings, label_studio):
-    label_studio.redirects["/car_512x384_http.jpg"] = "http://169.254.169.254/latest/meta-data/"
+def test_each_redirect_hop_is_checked_for_its_host_and_its_address(settings, label_studio):
+    label_studio.redirects["/car_512x384_http.jpg"] = "http://[fd00:ec2::254]/latest/meta-data/"
     label_studio.redirects["/hop-to-elsewhere.jpg"] = "http://not-allowed.example/x.jpg"
     try:
-        fetcher = ImageFetcher(FetchRules.of(replace(settings, allowed_image_hosts=("localhost",))))
+        hosts = ("localhost", "fd00:ec2::254")
+        fetcher = ImageFetcher(
+            FetchRules.of(replace(settings, allowed_image_hosts=hosts, allow_private_image_hosts=True))
+        )
         base = label_studio.url.replace("127.0.0.1", "localhost")
-        with pytest.raises(Exception, match="link-local|ALLOWED_IMAGE_HOSTS"):
+        with pytest.raises(ImageError, match=r"fd00:ec2::254 \(cloud metadata\)"):
             fetcher.fetch(base + "/car_512x384_http.jpg")
-        with pytest.raises(Exception, match="ALLOWED_IMAGE_HOSTS"):
+        with pytest.raises(ImageError, match="neither LABEL_STUDIO_URL nor in ALLOWED_IMAGE_HOSTS"):
             fetcher.fetch(base + "/hop-to-elsewhere.jpg")
     finally:
         label_studio.redirects.clear()

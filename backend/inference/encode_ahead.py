@@ -31,6 +31,7 @@ from backend.bookkeeping.imports import ImportedTasks
 from backend.cache.digests import ImageDigests
 from backend.cache.store import ByteStore
 from backend.errors import ImageError
+from backend.images import redact_url
 from backend.inference.background import BackgroundEncoder
 from backend.inference.loading import Models
 from backend.models.loader import BackgroundLoader
@@ -105,7 +106,7 @@ class EncodeAhead:
         try:
             self.encode_url(image_url, project_id)
         except ImageError as error:
-            log.warning("project %d: image %s not encoded ahead: %s", project_id, image_url, error)
+            log.warning("project %d: image %s not encoded ahead: %s", project_id, redact_url(image_url), error)
 
     def _note_bound(self, project_id: int, reached: bool) -> None:
         with self._prefetch_mutex:

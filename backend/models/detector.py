@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
+from collections.abc import Hashable
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
 import torch
@@ -60,6 +62,13 @@ class Detector(ABC):
     def score(self, images: list[np.ndarray], caption: str, spans: list[tuple[int, int]]) -> list[BoxScores]:
         """One forward pass over RGB uint8 images of any sizes (called under the model lock, without autograd)."""
 
+    def batch_key(self, image: np.ndarray) -> Hashable:
+        """What images must share to be scored in one pass: a padded batch changes what DETR-like models answer
+        (their attention and valid ratios see the padding), so by default only images of one aspect ratio go
+        together, which the processors resize to one size (1024×768 and 640×480 alike)."""
+        height, width = image.shape[:2]
+        return Fraction(height, width)
+
     def detect(
         self,
         images: list[np.ndarray],
@@ -71,7 +80,8 @@ class Detector(ABC):
         max_objects: int,
         batch_size: int = 4,
     ) -> list[list[Detection]]:
-        """Boxes in each RGB uint8 image for the phrases at `spans` of `caption`, `batch_size` images a pass.
+        """Boxes in each RGB uint8 image for the phrases at `spans` of `caption`, up to `batch_size` images of one
+        `batch_key` a pass, so that an image gets the boxes it gets alone whatever else is detected with it.
 
         `groups` gives each phrase's label: see `select`. The `max_objects` best of each image are returned, best
         first.
@@ -79,14 +89,20 @@ class Detector(ABC):
         membership = self.phrase_tokens(caption, spans)
         phrase_groups = torch.as_tensor(groups, device=membership.device)
         step = max(batch_size, 1)
-        results: list[list[Detection]] = []
-        for start in range(0, len(images), step):
-            chunk = images[start : start + step]
-            with self._lock, torch.inference_mode():
-                answers = self.score(chunk, caption, spans)
-            for image, answer in zip(chunk, answers, strict=True):
-                found = select(image.shape[:2], answer, membership, phrase_groups, box_threshold, text_threshold)
-                results.append(found[:max_objects])
+        alike: dict[Hashable, list[int]] = {}
+        for index, image in enumerate(images):
+            alike.setdefault(self.batch_key(image), []).append(index)
+        results: list[list[Detection]] = [[] for _ in images]
+        for indices in alike.values():
+            for start in range(0, len(indices), step):
+                chunk = indices[start : start + step]
+                with self._lock, torch.inference_mode():
+                    answers = self.score([images[index] for index in chunk], caption, spans)
+                for index, answer in zip(chunk, answers, strict=True):
+                    found = select(
+                        images[index].shape[:2], answer, membership, phrase_groups, box_threshold, text_threshold
+                    )
+                    results[index] = found[:max_objects]
         return results
 
 

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 from abc import abstractmethod
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +87,11 @@ class Owlv2Detector(TransformersDetector):
 
     def phrase_tokens(self, caption: str, spans: list[tuple[int, int]]) -> torch.Tensor:
         return torch.eye(len(spans), dtype=torch.bool, device=self.device)
+
+    def batch_key(self, image: np.ndarray) -> Hashable:
+        """One for every image: the processor pads each image to its own square and resizes that to the model's
+        fixed size, so a batch holds no padding that another image brought."""
+        return None
 
     def score(self, images: list[np.ndarray], caption: str, spans: list[tuple[int, int]]) -> list[BoxScores]:
         phrases = [caption[start:end] for start, end in spans]

@@ -18,6 +18,7 @@ import threading
 from collections.abc import Hashable
 
 from backend.errors import BackendError
+from backend.images import redact_url
 from backend.inference.base import Inference
 from backend.protocol.label_config import ProjectConfig
 from backend.protocol.results import TaskAnswer
@@ -64,7 +65,7 @@ class TaskOpenPredictions:
         try:
             (outcome,) = running.result(timeout=self.wait_s)
         except concurrent.futures.TimeoutError:
-            log.info("task-open pre-annotation of %s goes on in the background", image_url)
+            log.info("task-open pre-annotation of %s goes on in the background", redact_url(str(image_url)))
             return NOT_READY
         return outcome
 

@@ -11,7 +11,7 @@ from backend.cache.store import make_store
 from backend.config import Settings
 from backend.decoders.serving import ProjectDecoders
 from backend.errors import ImageError
-from backend.images import FetchRules, ImageFetcher, decode_image
+from backend.images import FetchRules, ImageFetcher, decode_image, redact_url
 from backend.models.base import ImageEmbedding, Segmenter
 from backend.models.registry import load_segmenter
 
@@ -34,7 +34,7 @@ class TrainingResources:
                 return cached, expected_digest
         image = self.fetcher.fetch(image_url)
         if expected_digest is not None and image.digest != expected_digest:
-            raise ImageError(f"{image_url} now serves another image than the one annotated")
+            raise ImageError(f"{redact_url(image_url)} now serves another image than the one annotated")
         result = self.embeddings.get_or_encode(image.digest, lambda: decode_image(image.data, self.max_image_pixels))
         return result.embedding, image.digest
 
