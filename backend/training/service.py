@@ -119,15 +119,38 @@ class ActiveLearning:
         self._training: set[int] = set()
         self._train_again: set[int] = set()
         self._thread: threading.Thread | None = None
+        self._started = False
 
     def start(self) -> None:
-        """Hand on the events a previous process recorded but did not get applied."""
+        """Hand on the events a previous process recorded but did not get applied: once per process, however often
+        /health and /setup (which Label Studio polls) ask for a warm-up."""
+        with self._mutex:
+            if self._started:
+                return
+            self._started = True
         if refusal := fine_tuning_refusal(self.settings):
             log.warning("active learning: %s", refusal)
         for project_id in ProjectFiles.projects(self.settings.model_dir):
             if Inbox(ProjectFiles(self.settings.model_dir, project_id)).pending():
                 log.info("project %d: replaying recorded webhook events", project_id)
                 self._dispatch(project_id)
+
+    def replay_set_aside(self, project_id: int) -> int:
+        """Put the project's set-aside events back in its inbox and hand them on, as a webhook would; returns how many.
+        One that fails again is set aside again, with its new error."""
+        replayed = Inbox(ProjectFiles(self.settings.model_dir, project_id)).replay_set_aside()
+        if replayed:
+            log.info("project %d: %d set-aside webhook events put back in the inbox", project_id, replayed)
+            self._dispatch(project_id)
+        return replayed
+
+    def set_aside_counts(self) -> dict[str, int]:
+        """Per project with any, how many webhook events are set aside (for /status)."""
+        counts = {
+            str(project_id): len(Inbox(ProjectFiles(self.settings.model_dir, project_id)).set_aside_paths())
+            for project_id in ProjectFiles.projects(self.settings.model_dir)
+        }
+        return {project: count for project, count in counts.items() if count}
 
     def _enqueue(self, project_id: int) -> None:
         with self._mutex:
@@ -226,6 +249,7 @@ class ActiveLearning:
             "fine_tuning": self.fine_tuning(),
             "training_set": {**training_set.summary(), "rejected_regions": len(training_set.rejections())},
             "annotations_since_training": read_annotation_count(files),
+            "set_aside_events": Inbox(files).set_aside_events(),
             "training": {
                 "running_here": project_id in self._training,
                 "train_after_annotations": self.settings.train_after_annotations,
