@@ -441,7 +441,7 @@ def store_training_set(settings, project_id: int, shapes: dict, seeds: tuple[int
     training_set = TrainingSet(ProjectFiles(settings.model_dir, project_id))
     for seed in seeds:
         url, mask = shapes[seed]
-        training_set.put(AnnotationRecord(seed, seed, url, [Region(f"r{seed}", "Car", mask)]))
+        training_set.put(AnnotationRecord(seed, seed, url, [Region.of_mask(f"r{seed}", "Car", mask)]))
 
 
 def test_training_interrupted_by_an_error_writes_nothing_and_frees_the_lock(learning_settings, shapes):

@@ -32,7 +32,7 @@ from backend.errors import ConfigError, ImageError, ModelNotReady, Rejected
 from backend.project_files import ProjectFiles, write_atomically
 from backend.protocol.ids import is_label_studio_id
 from backend.protocol.label_config import parse_label_config
-from backend.training.dataset import TrainingSet, record_from_webhook
+from backend.training.dataset import MaskLimits, TrainingSet, record_from_webhook
 
 if TYPE_CHECKING:  # the models: the queue-mode web tier records events without importing them
     from backend.training.resources import TrainingResources
@@ -221,13 +221,13 @@ class IngestOutcome:
 
 
 def _saved_annotation(
-    event: dict, training_set: TrainingSet, resources: Callable[[], TrainingResources], max_pixels: int
+    event: dict, training_set: TrainingSet, resources: Callable[[], TrainingResources], limits: MaskLimits
 ) -> bool:
     """Store an annotation's masks; True if it holds any."""
     annotation, task = event.get("annotation") or {}, event.get("task") or {}
     try:
         config = parse_label_config(event["project"].get("label_config") or "")
-        record, left_out = record_from_webhook(annotation, task, config, max_pixels)
+        record, left_out = record_from_webhook(annotation, task, config, limits)
     except (ConfigError, Rejected) as error:
         training_set.reject(annotation.get("id"), task.get("id"), [("*", str(error))])
         return False
@@ -245,9 +245,9 @@ def _saved_annotation(
         else:
             image_size = tuple(embedding.original_size)
             for region in list(record.regions):
-                if region.mask.shape != image_size:
+                if region.shape != image_size:
                     record.regions.remove(region)
-                    height, width = region.mask.shape
+                    height, width = region.shape
                     reason = f"mask is {width}x{height} but the image is {image_size[1]}x{image_size[0]}"
                     left_out.append((region.region_id, reason))
     training_set.put(record)
@@ -260,13 +260,13 @@ def _apply(
     event: dict,
     training_set: TrainingSet,
     resources: Callable[[], TrainingResources],
-    max_pixels: int,
+    limits: MaskLimits,
     outcome: IngestOutcome,
 ) -> int:
     """Apply one event; returns how many annotations with masks it stored."""
     action = event.get("action")
     if action in ANNOTATION_SAVED:
-        return int(_saved_annotation(event, training_set, resources, max_pixels))
+        return int(_saved_annotation(event, training_set, resources, limits))
     if action == ANNOTATIONS_DELETED:
         ids = [item.get("id") for item in event.get("annotations") or [] if isinstance(item, dict)]
         dropped = [
@@ -280,9 +280,9 @@ def _apply(
     return 0
 
 
-def apply_pending(files: ProjectFiles, resources: Callable[[], TrainingResources], max_pixels: int) -> IngestOutcome:
-    """Apply every recorded event of the project, oldest first; safe to run from several processes.
-    `max_pixels` (MAX_IMAGE_PIXELS) bounds the masks an event may declare."""
+def apply_pending(files: ProjectFiles, resources: Callable[[], TrainingResources], limits: MaskLimits) -> IngestOutcome:
+    """Apply every recorded event of the project, oldest first; safe to run from several processes. `limits` bound
+    the masks an event may declare."""
     outcome = IngestOutcome()
     training_set = TrainingSet(files)
     inbox = Inbox(files)
@@ -300,7 +300,7 @@ def apply_pending(files: ProjectFiles, resources: Callable[[], TrainingResources
                 continue
             try:
                 event = json.loads(path.read_bytes())
-                outcome.stored += _apply(event, training_set, resources, max_pixels, outcome)
+                outcome.stored += _apply(event, training_set, resources, limits, outcome)
             except BaseException as error:
                 if inbox.interrupted(path) or not isinstance(error, Exception):
                     inbox.end_attempt(path)  # a stop or a job time-out: the event waits in the inbox
