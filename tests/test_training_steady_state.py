@@ -5,24 +5,36 @@ whose memory stays bounded however large the annotations. Real processes, real R
 from __future__ import annotations
 
 import json
+import logging
 import resource
 import signal
 import subprocess
 import sys
 import time
+import tracemalloc
 from dataclasses import replace
 
+import numpy as np
 import redis
 
 from backend.http.server import create_app
 from backend.inference.queue import QueuePredictor
 from backend.project_files import ProjectFiles
+from backend.protocol.brush_rle import _encode_runs, encode_mask
 from backend.training.dataset import TrainingSet
 from backend.training.ingest import EVENT_ATTEMPTS, Inbox
-from tests.assets import REPO
+from backend.training.trainer import train_project
+from tests.assets import REPO, encode, recorded
 from tests.conftest import backend_env, make_client
-from tests.services import RedisServer
-from tests.test_active_learning import APPLY_RECORDED_EVENTS, annotation_event
+from tests.services import RedisServer, Workers
+from tests.synthetic_shapes import shape_image
+from tests.test_active_learning import (
+    APPLY_RECORDED_EVENTS,
+    annotation_event,
+    peak_rss_since_reset_bytes,
+    post_webhook,
+    reset_peak_rss,
+)
 
 
 def test_health_checks_replay_the_inbox_once_per_process(settings, shapes, tmp_path):
@@ -88,6 +100,47 @@ def test_stopping_a_process_mid_apply_never_sets_the_event_aside(
     assert not Inbox(files).pending() and not files.failed.exists()
 
 
+def test_a_worker_stopped_mid_apply_by_a_deploy_counts_no_attempt(
+    settings, shapes, label_studio, media_root, sam_checkpoint, tmp_path
+):
+    """`docker stop` on a queue worker: SIGTERM (RQ's warm shutdown waits for the job in hand), then SIGKILL ten
+    seconds later. The event being applied stays in the inbox with no attempt counted."""
+    url, mask = shapes[23]
+    slow_image = "/data/upload/shapes/slow-worker.png"
+    (media_root / "upload" / "shapes" / "slow-worker.png").write_bytes(
+        (media_root / url.removeprefix("/data/")).read_bytes()
+    )
+    files = ProjectFiles(settings.model_dir, 38)
+    server = RedisServer(tmp_path).start()
+    pool = Workers(server.url, sam_checkpoint, tmp_path)
+    label_studio.stalls[slow_image] = 60.0
+    try:
+        pool.start(1, MODEL_DIR=settings.model_dir, LABEL_STUDIO_URL=settings.label_studio_url)
+        queue_settings = replace(settings, inference="queue", redis_url=server.url)
+        predictor = QueuePredictor(queue_settings, redis.Redis.from_url(server.url))
+        web = create_app(queue_settings, predictor).test_client()
+        body = annotation_event("ANNOTATION_CREATED", 38, 3801, 23, slow_image, mask)
+        assert post_webhook(web, body)["status"] == "queued"
+        deadline = time.monotonic() + 120
+        while not any(path.partition("?")[0] == slow_image for _, path, _ in label_studio.requests):
+            assert time.monotonic() < deadline, "the worker never fetched the image"
+            time.sleep(0.05)
+        (worker,) = pool.processes
+        (pending,) = Inbox(files).pending()
+        assert pending.with_suffix(".attempts").read_text() == "1"
+        worker.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while pending.with_suffix(".attempts").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        worker.kill()
+        assert worker.wait(timeout=30) == -signal.SIGKILL
+        assert Inbox(files).pending() == [pending] and not pending.with_suffix(".attempts").exists()
+    finally:
+        del label_studio.stalls[slow_image]
+        pool.stop()
+        server.stop()
+
+
 def test_set_aside_events_show_in_versions_and_status_and_one_command_replays_them(learning_settings, shapes, tmp_path):
     files = ProjectFiles(learning_settings.model_dir, 33)
     url, mask = shapes[22]
@@ -120,3 +173,129 @@ def test_set_aside_events_show_in_versions_and_status_and_one_command_replays_th
     assert [record.annotation_id for record in TrainingSet(files).records()] == [3301]
     assert client.get("/versions?project=33").json["set_aside_events"] == []
     assert client.get("/status").json["set_aside_events"] == {}
+
+
+def brush_event(project_id: int, annotation_id: int, task_id: int, image_url: str, masks: list[np.ndarray]) -> dict:
+    """An ANNOTATION_CREATED body with one brush region per mask (coded here: the SDK takes seconds per big mask)."""
+    body = annotation_event("ANNOTATION_CREATED", project_id, annotation_id, task_id, image_url, np.ones((2, 2), bool))
+    template = body["annotation"]["result"][0]
+    body["annotation"]["result"] = [
+        {
+            **template,
+            "id": f"r{index}",
+            "original_width": mask.shape[1],
+            "original_height": mask.shape[0],
+            "value": {**template["value"], "rle": encode_mask(mask)},
+        }
+        for index, mask in enumerate(masks)
+    ]
+    return body
+
+
+def test_an_annotation_declaring_more_than_the_caps_is_left_out_undecoded(learning_settings, shapes):
+    """12 whole-image brushes at 6000x6000 in a 0.5 MB body asked for 430 MB of masks; 101 small brushes are over
+    TRAIN_MAX_REGIONS. Both are refused before any mask is decoded, and the next event is applied."""
+    client, predictor = make_client(learning_settings)
+    url, mask = shapes[20]
+    post_webhook(client, annotation_event("ANNOTATION_CREATED", 34, 3400, 20, url, mask))
+    assert predictor.learning.wait_idle(120)
+    wide = brush_event(34, 3401, 21, url, [mask])
+    side, values = 6000, 4 * 6000 * 6000
+    whole_image = _encode_runs(values, np.array([values]), np.array([255]))
+    region = {**wide["annotation"]["result"][0], "original_width": side, "original_height": side}
+    wide["annotation"]["result"] = [
+        {**region, "id": f"w{index}", "value": {**region["value"], "rle": whole_image}} for index in range(12)
+    ]
+    assert len(json.dumps(wide)) < 1024 * 1024
+    many = brush_event(34, 3402, 22, url, [mask] * 101)  # TRAIN_MAX_REGIONS is 100
+
+    reset_peak_rss()
+    before = peak_rss_since_reset_bytes()
+    for body in (wide, many, annotation_event("ANNOTATION_CREATED", 34, 3403, 21, url, mask)):
+        assert post_webhook(client, body)["status"] == "queued"
+    assert predictor.learning.wait_idle(120)
+    risen = peak_rss_since_reset_bytes() - before
+
+    assert risen < 50 * 1024 * 1024, f"resident memory rose {risen / 2**20:.0f} MiB"
+    rejected = TrainingSet(ProjectFiles(learning_settings.model_dir, 34)).rejections()
+    assert [(entry["annotation"], entry["region"], entry["reason"]) for entry in rejected] == [
+        (
+            3401,
+            "*",
+            "the annotation's 12 mask regions declare 432000000 pixels in all, over TRAIN_MAX_ANNOTATION_PIXELS"
+            " (200000000); none of them was decoded",
+        ),
+        (3402, "*", "the annotation has 101 mask regions, over TRAIN_MAX_REGIONS (100); none of them was decoded"),
+    ]
+    assert [
+        record.annotation_id for record in TrainingSet(ProjectFiles(learning_settings.model_dir, 34)).records()
+    ] == [
+        3400,
+        3403,
+    ]
+
+
+TRAINING_MEMORY_BOUND = 48 * 1024 * 1024
+
+
+def test_training_memory_does_not_grow_with_the_annotations(learning_settings, media_root):
+    """Four tasks of 3000x2000 pixels, each annotated with eight brushes: 192 MB of masks at a byte per pixel, which
+    ingestion and the trainer held at once, beside every image's embedding. Streamed, the peak of what they allocate
+    (numpy arrays and Python objects, which tracemalloc follows; torch's own buffers are transient here) stays under
+    TRAINING_MEMORY_BOUND: ingestion holds five bytes per pixel of the one mask it decodes (30 MB here) and the
+    annotation's masks bit-packed, training a mask or two at a byte per pixel."""
+    settings = replace(learning_settings, train_after_annotations=0, train_steps=4)
+    client, predictor = make_client(settings)
+    images = []
+    for seed in range(30, 34):
+        image, mask = shape_image(seed, height=2000, width=3000)
+        path = media_root / "upload" / "big" / f"{seed}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(encode(image, "PNG"))
+        images.append((seed, f"/data/upload/big/{seed}.png", mask))
+    for _, url, _ in images:  # fetched and encoded once first: the measure is of what grows with the annotations
+        predictor.training_resources().embedding_for(url, None)
+    bodies = [brush_event(35, 3500 + seed, seed, url, [mask] * 8) for seed, url, mask in images]
+
+    tracemalloc.start()
+    try:
+        for body in bodies:
+            assert post_webhook(client, body)["status"] == "queued"
+        assert predictor.learning.wait_idle(300)
+        _, ingest_peak = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        # Without the export of the new version to ONNX, whose size is the decoder's, not the annotations'.
+        result = train_project(35, settings, replace(predictor.training_resources(), decoders=None))
+        _, training_peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+
+    assert result.status == "trained", result
+    assert result.metrics["train_masks"] + result.metrics["held_out_masks"] == 32
+    assert ingest_peak < TRAINING_MEMORY_BOUND, f"ingestion allocated {ingest_peak / 2**20:.0f} MiB at its peak"
+    assert training_peak < TRAINING_MEMORY_BOUND, f"training allocated {training_peak / 2**20:.0f} MiB at its peak"
+
+
+def test_one_training_at_a_time_per_process(learning_settings, shapes, caplog):
+    """Two projects asking to train at once: the second waits for the first (TRAININGS_AT_ONCE=1)."""
+    client, predictor = make_client(replace(learning_settings, train_after_annotations=0, train_steps=6))
+    for project_id in (36, 37):
+        for seed in (20, 21):
+            url, mask = shapes[seed]
+            post_webhook(
+                client, annotation_event("ANNOTATION_CREATED", project_id, project_id * 100 + seed, seed, url, mask)
+            )
+    assert predictor.learning.wait_idle(120)
+    caplog.set_level(logging.INFO, logger="backend.training.trainer")
+    for project_id in (36, 37):
+        start = recorded("10-webhook-start-training.json")
+        start["project"]["id"] = project_id
+        assert post_webhook(client, start)["status"] == "queued"
+    assert predictor.learning.wait_idle(600)
+    steps = [
+        (record.args[0], "start" if "training from" in record.msg else "end")
+        for record in caplog.records
+        if record.name == "backend.training.trainer" and ("training from" in record.msg or "wrote" in record.msg)
+    ]
+    assert sorted(steps) == [(36, "end"), (36, "start"), (37, "end"), (37, "start")]
+    assert steps[0][0] == steps[1][0] and steps[2][0] == steps[3][0], steps  # each ended before the next began
