@@ -103,12 +103,13 @@ def _label(result: dict, control: Control | None, kind: str) -> str:
     return labels[0]
 
 
-def _declared_pixels(result: dict) -> int:
-    """width × height a region declares, 0 where it declares none that could be decoded (it is refused alone)."""
-    width, height = result.get("original_width"), result.get("original_height")
-    if not all(isinstance(side, int) and not isinstance(side, bool) and side > 0 for side in (width, height)):
+def _declared_pixels(result: dict, limits: MaskLimits) -> int:
+    """width × height a region declares; 0 where it declares no size that would be decoded (it is refused alone)."""
+    try:
+        height, width = _image_size(result, limits.image_pixels)
+    except Rejected:
         return 0
-    return width * height  # type: ignore[operator] # both checked to be ints above
+    return width * height
 
 
 def _check_limits(mask_results: list[dict], limits: MaskLimits) -> None:
@@ -117,7 +118,7 @@ def _check_limits(mask_results: list[dict], limits: MaskLimits) -> None:
             f"the annotation has {len(mask_results)} mask regions, over TRAIN_MAX_REGIONS ({limits.regions});"
             " none of them was decoded"
         )
-    declared = sum(_declared_pixels(result) for result in mask_results)
+    declared = sum(_declared_pixels(result, limits) for result in mask_results)
     if declared > limits.annotation_pixels:
         raise Rejected(
             f"the annotation's {len(mask_results)} mask regions declare {declared} pixels in all, over"
