@@ -72,6 +72,7 @@ class ProjectFiles:
         self.train_lock = self.root / ".train.lock"
         self.preannotate_lock = self.root / ".preannotate.lock"
         self.preannotate_errors = self.root / "preannotate-errors.jsonl"  # tasks a project run could not predict
+        self.handed_over = self.root / "handed-over.json"  # tasks a /predict batch left to the project run
 
     @staticmethod
     def projects(model_dir: str | Path) -> list[int]:

@@ -227,9 +227,10 @@ def predict() -> tuple[Response, int] | Response:
     deadline = Deadline(backend.model_calls, backend.settings.predict_deadline_s)
     project_id = project_id_of(body.get("project"))
     outcomes: list[TaskAnswer | BackendError | NotReady]
+    background: dict | None = None
     if context is None:
         # "Retrieve predictions" or a task opened without one: pre-annotate the tasks chunk by chunk; those
-        # not done by the deadline are answered [] (see below), so Label Studio asks for them again.
+        # not done by the deadline are answered [] (see below) and handed to the project's background run.
         image_urls = [task["data"].get(config.image_field) for task in tasks]
         try:
             if len(tasks) == 1:
@@ -241,6 +242,7 @@ def predict() -> tuple[Response, int] | Response:
             raise BadRequest(str(error), error.status) from error
         except (DeadlineExceeded, ImageError, ConfigError) as error:
             outcomes = [error] * len(tasks)
+        background = _hand_over_unfinished(backend, project_id, tasks, outcomes)
     else:
         try:
             prompts = backend.predictor.read_context(context, config)
@@ -272,8 +274,11 @@ def predict() -> tuple[Response, int] | Response:
         backend.predictor.prefetch(project_id, tasks[0]["id"])
     if errors and len(errors) == len(tasks):
         # Nothing to show: answer the first error's status so the caller sees why.
-        return error_response(errors[0]["error"], errors[0]["status"], errors=errors)
-    response = jsonify({"results": results, **({"errors": errors} if errors else {})})
+        message = errors[0]["error"]
+        if all(isinstance(outcome, DeadlineExceeded) for outcome in outcomes):
+            message = _none_in_time(backend.settings, len(tasks), background)
+        return error_response(message, errors[0]["status"], errors=errors, **_background_field(background))
+    response = jsonify({"results": results, **({"errors": errors} if errors else {}), **_background_field(background)})
     if last_answer is not None and len(tasks) == 1:
         response.headers["X-Embedding-Cache"] = "hit" if last_answer.cache_hit else "miss"
         response.headers["Server-Timing"] = ", ".join(
@@ -282,13 +287,75 @@ def predict() -> tuple[Response, int] | Response:
     return response
 
 
+_unfinished_said = False  # "set LABEL_STUDIO_URL..." is logged once per process
+
+
+def _hand_over_unfinished(backend: Backend, project_id: int | None, tasks: list[dict], outcomes: list) -> dict | None:
+    """Hand the tasks of a batch that the deadline left unfinished to the project's background run, which imports
+    their predictions into Label Studio as it makes them; what was handed over, for the answer. Without Label
+    Studio's API (LABEL_STUDIO_URL and a key) the tasks stay unfinished, as the log says once."""
+    global _unfinished_said
+    unfinished = [
+        task["id"]
+        for task, outcome in zip(tasks, outcomes, strict=True)
+        if isinstance(outcome, DeadlineExceeded) and is_label_studio_id(task.get("id"))
+    ]
+    if not unfinished or project_id is None or len(tasks) == 1:
+        return None
+    if not backend.settings.label_studio_url or not backend.settings.label_studio_api_key:
+        if not _unfinished_said:
+            _unfinished_said = True
+            log.warning(
+                "%d tasks were not pre-annotated within PREDICT_DEADLINE and are answered []: set LABEL_STUDIO_URL "
+                "and LABEL_STUDIO_API_KEY to have such tasks finished in the background and imported into Label "
+                "Studio (logged once)",
+                len(unfinished),
+            )
+        return None
+    progress = backend.runs.hand_over(project_id, unfinished)
+    log.info(
+        "project %d: %d tasks not finished within PREDICT_DEADLINE go on in the background (%s); their predictions "
+        "are imported into Label Studio as they are made",
+        project_id,
+        len(unfinished),
+        "joining the run going on" if progress.get("state") == "busy" else "a run started",
+    )
+    return {"project": project_id, "tasks": unfinished, "progress": f"/preannotate?project={project_id}"}
+
+
+def _background_field(background: dict | None) -> dict:
+    return {"background": background} if background is not None else {}
+
+
+def _none_in_time(settings: Settings, tasks: int, background: dict | None) -> str:
+    """Why a batch answered no task at all, and what to change."""
+    seconds = settings.predict_deadline_s
+    said = (
+        f"not one of the {tasks} tasks could be pre-annotated within PREDICT_DEADLINE ({seconds:.0f}"
+        " s), not even one image on its own: raise PREDICT_DEADLINE (and Label Studio's ML_TIMEOUT_PREDICT above it)"
+        " or run the models on a GPU; "
+    )
+    if background is not None:
+        return said + (
+            "the tasks go on in the background and their predictions are imported into Label Studio as they are made"
+            f" (progress: GET {background['progress']})"
+        )
+    return said + "with LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY set they would go on in the background"
+
+
 @routes.get("/status")
 def status() -> Response:
     backend = current_backend()
     served = backend.predictor.decoders.current_name(None)  # in queue mode, the workers' model_version
     encoded = project_coverage(backend.settings.model_dir, backend.predictor.cache_store())
     return jsonify(
-        {"model_class": MODEL_CLASS, "model_version": served, **backend.predictor.status(), "encoded_images": encoded}
+        {
+            "model_class": MODEL_CLASS,
+            "model_version": served,
+            **backend.predictor.status(),
+            "encoded_images": encoded,
+            "preannotation": backend.runs.progress_by_project(),
+        }
     )
 
 

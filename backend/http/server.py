@@ -36,6 +36,8 @@ def create_app(settings: Settings, predictor: Inference) -> Flask:
         encode_runs=BackgroundRuns(predictor, settings, predictor.store, EncodeRun),
         task_opens=TaskOpenPredictions(predictor, settings.task_open_wait_s),
     )
+    if settings.label_studio_url and settings.label_studio_api_key:
+        app.extensions["backend"].runs.resume_handed_over()  # a restart in the middle of a hand-over goes on
     access = AccessControl(settings.basic_auth_user, settings.basic_auth_pass, settings.bearer_token)
 
     @app.before_request

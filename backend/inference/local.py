@@ -47,6 +47,8 @@ from backend.training.trainer import TrainingResult, train_project
 
 log = logging.getLogger(__name__)
 
+BATCH_STEPS = ("fetch", "detect", "encode", "segment")  # what one pre-annotated image goes through, chunk by chunk
+
 
 @dataclass
 class Models:
@@ -384,12 +386,14 @@ class Predictor(InteractiveFront):
         project_id: int | None = None,
         limit: TimeLimit = NO_LIMIT,
     ) -> list[TaskAnswer | BackendError]:
-        """Pre-annotation of several tasks, GROUNDING_DINO_BATCH images (a chunk) at a time: the images of a
-        chunk are fetched side by side and searched for the project's labels in one detector pass, then
-        each image's boxes are segmented from its SAM embedding (from the cache, or encoded now and cached, so
-        later clicks on the image find it). Boxes are cached per image too, so that no work finished before a
-        deadline is done again by the retry. Each task's answer is encoded to Label Studio's JSON as its chunk
-        ends and the masks dropped: memory holds one chunk's images and masks, whatever the batch's size.
+        """Pre-annotation of several tasks, a chunk of images at a time: GROUNDING_DINO_BATCH at most, fewer when
+        the steps' measured times say no more would end before `limit` (one while a step was never measured), so
+        that a deadline smaller than a chunk still answers tasks. The images of a chunk are fetched side by side
+        and searched for the project's labels in one detector pass, then each image's boxes are segmented from its
+        SAM embedding (from the cache, or encoded now and cached, so later clicks on the image find it). Boxes are
+        cached per image too, so that no work finished before a deadline is done again by the retry. Each task's
+        answer is encoded to Label Studio's JSON as its chunk ends and the masks dropped: memory holds one chunk's
+        images and masks, whatever the batch's size.
 
         Under `limit`, no step (fetch, detect, encode, segment a chunk) starts that would end past it: the
         tasks not done get DeadlineExceeded. A task whose image fails gets its error in place of an answer; a
@@ -405,18 +409,22 @@ class Predictor(InteractiveFront):
         )
         asked = [query.caption, list(query.spans), query.label_groups, thresholds.box, thresholds.text]
         detections_key = DetectionCache.query_key(detector.identity, [*asked, self.settings.max_objects])
-        chunk = max(self.settings.grounding_dino_batch, 1)
+        steps = BATCH_STEPS if models else tuple(step for step in BATCH_STEPS if step != "encode")
+        most = max(self.settings.grounding_dino_batch, 1)
         outcomes: list[TaskAnswer | BackendError] = []
-        for first in range(0, len(image_urls), chunk):
-            urls = image_urls[first : first + chunk]
+        while len(outcomes) < len(image_urls):
+            first = len(outcomes)
+            urls = image_urls[first : first + self.step_times.images_within(steps, most, limit)]
             try:
                 outcomes += self._preannotate(
                     urls, detector, detections_key, models, segmenter, version, query, thresholds, config, rules, limit
                 )
             except DeadlineExceeded as error:
+                if len(urls) > 1:
+                    most = 1  # a step ran slower than measured: what it finished is cached, one image may still fit
+                    continue
                 log.info("pre-annotation stopped at its deadline: %d of %d tasks done", first, len(image_urls))
                 outcomes += [error] * (len(image_urls) - first)
-                break
         return outcomes
 
     def _preannotate(

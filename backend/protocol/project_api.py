@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 from label_studio_sdk import PredictionRequest
@@ -46,11 +47,14 @@ class ProjectApi:
         self.url = url
         self.client = label_studio_client(url, api_key, timeout=HTTP_TIMEOUT_S)
 
-    def _call(self, what: str, call, *args, **kwargs):
+    def _call(self, what: str, call, *args, absent_ok: bool = False, **kwargs):
+        """`call`'s answer; None for a 404 when `absent_ok` (a task deleted meanwhile)."""
         try:
             return call(*args, **kwargs)
         except ApiError as error:
             status = error.status_code or 0
+            if absent_ok and status == 404:
+                return None
             message = f"Label Studio at {self.url}: {what} answered HTTP {status}{_said(error.body)}{_advice(status)}"
             transient = status >= 500 or status in (0, 408, 429)
             raise (LabelStudioUnavailable if transient else ProjectApiError)(message) from error
@@ -80,17 +84,17 @@ class ProjectApi:
             )
             tasks = listing.items or []
             for task in tasks:
-                yield ProjectTask(
-                    id=int(task.id),
-                    data=dict(task.data or {}),
-                    prediction_versions=tuple(_model_version(prediction) for prediction in task.predictions or []),
-                    is_labeled=bool(getattr(task, "is_labeled", False)),
-                )
+                yield _project_task(task)
             seen += len(tasks)
             total = listing.response.total if listing.response is not None else seen
             if not tasks or seen >= total:
                 return
             page += 1
+
+    def task(self, task_id: int) -> ProjectTask | None:
+        """One task as it is now (its predictions included); None when it no longer exists."""
+        task = self._call(f"task {task_id}", self.client.tasks.get, id=str(task_id), absent_ok=True)
+        return _project_task(task) if task is not None else None
 
     def push_predictions(self, project_id: int, predictions: list[dict]) -> int:
         """Store predictions (dicts with task, result, score, model_version) in one call; how many were stored."""
@@ -104,6 +108,15 @@ class ProjectApi:
             request=requests,
         )
         return int(getattr(answer, "created", len(requests)) or 0)
+
+
+def _project_task(task: Any) -> ProjectTask:  # the SDK's task models, listed or got one by one
+    return ProjectTask(
+        id=int(task.id),
+        data=dict(task.data or {}),
+        prediction_versions=tuple(_model_version(prediction) for prediction in task.predictions or []),
+        is_labeled=bool(getattr(task, "is_labeled", False)),
+    )
 
 
 def _said(body: object) -> str:
