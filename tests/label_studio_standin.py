@@ -4,8 +4,8 @@ It answers only what an ML backend asks Label Studio for (recorded in tests/fixt
 `/data/upload/...` and `/data/local-files/?d=...` need `Authorization: Token <legacy>` (when legacy
 tokens are enabled) or `Bearer <access>`, where the access token comes from
 `POST /api/token/refresh/ {"refresh": <personal access token>}` and expires. Everything else is a
-plain file server for "other hosts". Projects added with `add_project` are served through the three
-REST calls a whole-project run makes (the project, its tasks page by page, a bulk import of
+plain file server for "other hosts". Projects added with `add_project` are served through the REST
+calls a whole-project run makes (the project, its tasks page by page or one by one, a bulk import of
 predictions), with the same credentials. Faults for tests: `stalls` (path -> seconds to wait before
 answering), `redirects` (path -> Location), and `?chunked=1` streams a file without Content-Length.
 The real Label Studio is exercised by tests/e2e.
@@ -110,6 +110,11 @@ class LabelStudioStandIn:
         self.imported[project_id] = []
         return project_id
 
+    def task(self, task_id: int) -> dict | None:
+        """A task of any project, as stored (its predictions included)."""
+        tasks = (task for project in self.projects.values() for task in project["tasks"])
+        return next((task for task in tasks if task["id"] == task_id), None)
+
     def _api(self, request: Request) -> Response:
         if match := re.fullmatch(r"/api/projects/([0-9]+)/", request.path):
             project = self.projects.get(int(match[1]))
@@ -117,6 +122,11 @@ class LabelStudioStandIn:
                 return Response('{"detail": "Not found."}', 404, content_type="application/json")
             body = {"id": int(match[1]), "title": project["title"], "label_config": project["label_config"]}
             return _json({**body, "task_number": len(project["tasks"])})
+        if match := re.fullmatch(r"/api/tasks/([0-9]+)/", request.path):
+            task = self.task(int(match[1]))
+            if task is None:
+                return Response('{"detail": "Not found."}', 404, content_type="application/json")
+            return _json(task)
         if request.path == "/api/tasks/":
             tasks = self.projects[int(request.args["project"])]["tasks"]
             size, page = int(request.args.get("page_size", 100)), int(request.args.get("page", 1))

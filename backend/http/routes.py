@@ -12,7 +12,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypedDict
 
 from flask import Blueprint, Response, current_app, jsonify, request
@@ -58,6 +58,7 @@ class Backend:
     runs: BackgroundRuns
     encode_runs: BackgroundRuns  # whole-project encoding (runs.encode.EncodeRun)
     task_opens: TaskOpenPredictions  # a task opened without a prediction: answered within TASK_OPEN_WAIT
+    said: set[str] = field(default_factory=set)  # the advice already logged, which this process logs once
 
 
 def current_backend() -> Backend:
@@ -235,7 +236,7 @@ def predict() -> tuple[Response, int] | Response:
         try:
             if len(tasks) == 1:
                 # A task just opened (or a one-task batch): the annotator waits, so TASK_OPEN_WAIT at most.
-                outcomes = [backend.task_opens.predict(image_urls[0], config, project_id)]
+                outcomes = [backend.task_opens.predict(image_urls[0], config, project_id, tasks[0].get("id"))]
             else:
                 outcomes = list(deadline.run_in_steps(backend.predictor.predict_batch, image_urls, config, project_id))
         except PromptError as error:
@@ -287,14 +288,10 @@ def predict() -> tuple[Response, int] | Response:
     return response
 
 
-_unfinished_said = False  # "set LABEL_STUDIO_URL..." is logged once per process
-
-
 def _hand_over_unfinished(backend: Backend, project_id: int | None, tasks: list[dict], outcomes: list) -> dict | None:
     """Hand the tasks of a batch that the deadline left unfinished to the project's background run, which imports
     their predictions into Label Studio as it makes them; what was handed over, for the answer. Without Label
     Studio's API (LABEL_STUDIO_URL and a key) the tasks stay unfinished, as the log says once."""
-    global _unfinished_said
     unfinished = [
         task["id"]
         for task, outcome in zip(tasks, outcomes, strict=True)
@@ -303,8 +300,8 @@ def _hand_over_unfinished(backend: Backend, project_id: int | None, tasks: list[
     if not unfinished or project_id is None or len(tasks) == 1:
         return None
     if not backend.settings.label_studio_url or not backend.settings.label_studio_api_key:
-        if not _unfinished_said:
-            _unfinished_said = True
+        if "no background runs" not in backend.said:
+            backend.said.add("no background runs")
             log.warning(
                 "%d tasks were not pre-annotated within PREDICT_DEADLINE and are answered []: set LABEL_STUDIO_URL "
                 "and LABEL_STUDIO_API_KEY to have such tasks finished in the background and imported into Label "
@@ -331,7 +328,7 @@ def _none_in_time(settings: Settings, tasks: int, background: dict | None) -> st
     """Why a batch answered no task at all, and what to change."""
     seconds = settings.predict_deadline_s
     said = (
-        f"not one of the {tasks} tasks could be pre-annotated within PREDICT_DEADLINE ({seconds:.0f}"
+        f"not one of the {tasks} tasks could be pre-annotated within PREDICT_DEADLINE ({seconds:g}"
         " s), not even one image on its own: raise PREDICT_DEADLINE (and Label Studio's ML_TIMEOUT_PREDICT above it)"
         " or run the models on a GPU; "
     )
