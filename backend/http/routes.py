@@ -17,7 +17,8 @@ from typing import TypedDict
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
-from backend.cache.coverage import project_coverage
+from backend.bookkeeping.coverage import project_coverage
+from backend.bookkeeping.imports import TASKS_CREATED, record_tasks_created
 from backend.config import Settings
 from backend.deadline import Deadline
 from backend.errors import (
@@ -38,7 +39,6 @@ from backend.protocol.label_config import ProjectConfig, parse_label_config
 from backend.protocol.results import TaskAnswer, region_rules, task_answer
 from backend.runs.preannotate import BackgroundRuns, RunOptions
 from backend.runs.task_open import NotReady, TaskOpenPredictions
-from backend.training.imports import TASKS_CREATED, record_tasks_created
 
 log = logging.getLogger(__name__)
 

@@ -21,6 +21,7 @@ from rq.exceptions import InvalidJobOperation
 from rq.job import Job, JobStatus
 from rq.results import Result
 
+from backend.bookkeeping.imports import ImportedTasks
 from backend.cache.connection import BLOCKING_READ_S
 from backend.cache.store import MemoryStore, ResilientStore
 from backend.config import Settings
@@ -34,7 +35,6 @@ from backend.project_files import ProjectFiles
 from backend.prompts.interactive import ContextPrompts
 from backend.protocol.label_config import ProjectConfig
 from backend.protocol.results import TaskAnswer
-from backend.training.imports import ImportedTasks
 from backend.training.service import ActiveLearning, model_dir_stamp, publish_model_dir
 
 log = logging.getLogger(__name__)
