@@ -63,7 +63,8 @@ def main() -> None:
             resized = scaled(masks, size)
             height, width = resized[0].shape
             kilobytes = [answer_bytes(labels, resized, kind, settings) / 1000 for kind in CONFIGS]
-            print(f"{name + f' ({len(labels)} objects)':28} {f'{width}x{height}':>10} {kilobytes[0]:9.1f} {kilobytes[1]:11.1f}")
+            title, image = f"{name} ({len(labels)} objects)", f"{width}x{height}"
+            print(f"{title:28} {image:>10} {kilobytes[0]:9.1f} {kilobytes[1]:11.1f}")
 
 
 if __name__ == "__main__":

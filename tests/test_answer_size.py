@@ -25,7 +25,9 @@ def voc_prediction(size: tuple[int, int]) -> tuple[TaskPrediction, str]:
     labels = [data["class_names"][label] for label in data["labels"]]
     masks = [np.asarray(Image.fromarray(mask.astype(bool)).resize(size, Image.NEAREST)) for mask in data["masks"]]
     scores = np.linspace(0.95, 0.05, len(masks))  # distinct: which objects are the least confident is known
-    objects = [DetectedObject(label, mask, float(score)) for label, mask, score in zip(labels, masks, scores)]
+    objects = [
+        DetectedObject(label, mask, float(score)) for label, mask, score in zip(labels, masks, scores, strict=True)
+    ]
     config = CONFIG.format(labels="".join(f'<Label value="{label}"/>' for label in sorted(set(labels))))
     return TaskPrediction(objects=objects, image_size=masks[0].shape, cache_hit=False), config
 
