@@ -1,0 +1,91 @@
+"""One "Retrieve predictions" on a project too big for PREDICT_DEADLINE, against the real Label Studio: the click
+stores the tasks the batch finished, the backend finishes the rest in the background and imports each prediction
+as it is made, so every task holds exactly one prediction of the model version without a second click, within
+FILL_TIMEOUT_S; the run's progress is visible meanwhile and Label Studio logs no error."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import requests
+
+from tests.assets import REPO, encode, smooth_object_image
+from tests.e2e.conftest import backend_environment
+from tests.e2e.label_studio import LabelStudioApi
+from tests.load_harness import GunicornServer
+
+pytestmark = pytest.mark.e2e
+
+LABEL_CONFIG = (REPO / "label_config.xml").read_text()
+TASKS = 24
+PREDICT_DEADLINE_S = 5  # a few of the 24 small images on a CPU, never all of them
+FILL_TIMEOUT_S = 600  # every task holds its prediction by then (the time each run took is printed)
+
+
+def test_one_retrieve_predictions_fills_a_project_bigger_than_the_deadline(
+    label_studio, personal_access_token, sam_checkpoint, grounding_dino_files, redis_server, tmp_path
+):
+    api = LabelStudioApi(label_studio.url, personal_access_token)
+    project = api.call("POST", "/api/projects", json={"title": "retrieve once", "label_config": LABEL_CONFIG})["id"]
+    files = {
+        f"image{index}.jpg": (f"image{index}.jpg", encode(smooth_object_image(160, 120, 300 + index)), "image/jpeg")
+        for index in range(TASKS)
+    }
+    api.call("POST", f"/api/projects/{project}/import", files=files)
+    tasks = [
+        task["id"] for task in api.call("GET", "/api/tasks", params={"project": project, "page_size": 100})["tasks"]
+    ]
+    assert len(tasks) == TASKS
+    environment = backend_environment(
+        label_studio.url, personal_access_token, sam_checkpoint, grounding_dino_files, redis_server.url, tmp_path
+    ) | {"PREDICT_DEADLINE": str(PREDICT_DEADLINE_S)}
+    backend = GunicornServer(environment, tmp_path / "gunicorn.log", workers=2).start()
+    log_start = label_studio.log_path.stat().st_size
+    try:
+        connected = api.call("POST", "/api/ml", json={"url": backend.url, "project": project, "title": "SAM"})
+        assert connected["state"] == "CO", connected
+        started = time.monotonic()
+        api.call(
+            "POST",
+            "/api/dm/actions",
+            params={"id": "retrieve_tasks_predictions", "project": project},
+            json={"selectedItems": {"all": True, "excluded": []}},
+        )
+        clicked_s = time.monotonic() - started
+        stored_by_click = len(predicted_tasks(api, project))
+        seen_running: list[dict] = []
+        while time.monotonic() - started < FILL_TIMEOUT_S:
+            progress = requests.get(f"{backend.url}/preannotate", params={"project": project}, timeout=30)
+            if progress.status_code == 200 and progress.json()["state"] in ("starting", "running"):
+                seen_running.append(progress.json())
+            if len(predicted_tasks(api, project)) == TASKS:
+                break
+            time.sleep(0.5)
+        filled_s = time.monotonic() - started
+        status = requests.get(f"{backend.url}/status", timeout=30).json()
+    finally:
+        backend.stop()
+    print(
+        f"\nretrieve once: the click took {clicked_s:.1f} s and stored {stored_by_click} of {TASKS}; all {TASKS} held"
+    )
+    print(f"a prediction after {filled_s:.1f} s")
+
+    by_task = predicted_tasks(api, project)
+    assert 0 < stored_by_click < TASKS, stored_by_click  # the click answered some, handed the others over
+    assert sorted(by_task) == sorted(tasks), f"after {filled_s:.0f} s: {len(by_task)} of {TASKS} tasks predicted"
+    assert all(len(found) == 1 for found in by_task.values()), by_task  # no duplicates
+    assert {prediction["model_version"] for found in by_task.values() for prediction in found} == {"sam-vit_b"}
+    assert seen_running and seen_running[-1]["predicted"] <= TASKS - stored_by_click, seen_running
+    assert status["preannotation"][str(project)]["state"] == "finished", status["preannotation"]
+    with open(label_studio.log_path, "rb") as handle:
+        handle.seek(log_start)
+        logged = handle.read().decode(errors="replace")
+    assert not [line for line in logged.splitlines() if " ERROR " in line or "Traceback" in line], logged[-3000:]
+
+
+def predicted_tasks(api: LabelStudioApi, project: int) -> dict[int, list[dict]]:
+    by_task: dict[int, list[dict]] = {}
+    for prediction in api.call("GET", "/api/predictions", params={"project": project}):
+        by_task.setdefault(prediction["task"], []).append(prediction)
+    return by_task
