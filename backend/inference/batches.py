@@ -77,8 +77,8 @@ class BatchPreannotation:
         limit: TimeLimit = NO_LIMIT,
     ) -> list[TaskAnswer | BackendError]:
         """Pre-annotation of several tasks, a chunk of images at a time: GROUNDING_DINO_BATCH at most, fewer when
-        the steps' measured times say no more would end before `limit` (one while a step was never measured), so
-        that a deadline smaller than a chunk still answers tasks. The images of a chunk are fetched side by side
+        the steps' measured times say no more would end before `limit` (one while a step was never measured, which
+        is then finished whatever it takes), so that a deadline smaller than a chunk still answers tasks. The images of a chunk are fetched side by side
         and searched for the project's labels in one detector pass, then each image's boxes are segmented from its
         SAM embedding (from the cache, or encoded now and cached, so later clicks on the image find it). Boxes are
         cached per image too, so that no work finished before a deadline is done again by the retry. Each task's
@@ -107,9 +107,22 @@ class BatchPreannotation:
         while len(outcomes) < len(image_urls):
             first = len(outcomes)
             urls = image_urls[first : first + self.step_times.images_within(steps, most, limit)]
+            # The first image of a process whose steps were never measured is finished once started, whatever it
+            # takes: stopping it between steps would answer nothing and measure nothing.
+            unmeasured = first == 0 and self.step_times.per_image(steps) is None and not limit.expired()
             try:
                 outcomes += self._preannotate(
-                    urls, detector, detections_key, models, segmenter, version, query, thresholds, config, rules, limit
+                    urls,
+                    detector,
+                    detections_key,
+                    models,
+                    segmenter,
+                    version,
+                    query,
+                    thresholds,
+                    config,
+                    rules,
+                    NO_LIMIT if unmeasured else limit,
                 )
             except DeadlineExceeded as error:
                 if len(urls) > 1:
