@@ -78,12 +78,12 @@ class BatchPreannotation:
     ) -> list[TaskAnswer | BackendError]:
         """Pre-annotation of several tasks, a chunk of images at a time: GROUNDING_DINO_BATCH at most, fewer when
         the steps' measured times say no more would end before `limit` (one while a step was never measured, which
-        is then finished whatever it takes), so that a deadline smaller than a chunk still answers tasks. The images of a chunk are fetched side by side
-        and searched for the project's labels in one detector pass, then each image's boxes are segmented from its
-        SAM embedding (from the cache, or encoded now and cached, so later clicks on the image find it). Boxes are
-        cached per image too, so that no work finished before a deadline is done again by the retry. Each task's
-        answer is encoded to Label Studio's JSON as its chunk ends and the masks dropped: memory holds one chunk's
-        images and masks, whatever the batch's size.
+        is then finished whatever it takes), so that a deadline smaller than a chunk still answers tasks. The images
+        of a chunk are fetched side by side and searched for the project's labels in one detector pass, then each
+        image's boxes are segmented from its SAM embedding (from the cache, or encoded now and cached, so later
+        clicks on the image find it). Boxes are cached per image too, so that no work finished before a deadline is
+        done again by the retry. Each task's answer is encoded to Label Studio's JSON as its chunk ends and the masks
+        dropped: memory holds one chunk's images and masks, whatever the batch's size.
 
         Under `limit`, no step (fetch, detect, encode, segment a chunk) starts that would end past it: the
         tasks not done get DeadlineExceeded. A task whose image fails gets its error in place of an answer; a
