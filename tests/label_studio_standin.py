@@ -5,9 +5,9 @@ It answers only what an ML backend asks Label Studio for (recorded in tests/fixt
 tokens are enabled) or `Bearer <access>`, where the access token comes from
 `POST /api/token/refresh/ {"refresh": <personal access token>}` and expires. Everything else is a
 plain file server for "other hosts". Projects added with `add_project` are served through the REST
-calls a whole-project run makes (the project, its tasks page by page or one by one, a bulk import of
-predictions), with the same credentials. Faults for tests: `stalls` (path -> seconds to wait before
-answering), `redirects` (path -> Location), and `?chunked=1` streams a file without Content-Length.
+calls a whole-project run makes (the project, its tasks page by page, a task's predictions, a bulk
+import of predictions), with the same credentials. Faults for tests: `stalls` (path, or path with its query -> seconds
+to wait before answering), `redirects` (path -> Location), and `?chunked=1` streams a file without Content-Length.
 The real Label Studio is exercised by tests/e2e.
 """
 
@@ -77,8 +77,8 @@ class LabelStudioStandIn:
         self.requests.append(
             (request.method, request.full_path, request.headers.get("Authorization", "").split(" ")[0])
         )
-        if self.delay_s or request.path in self.stalls:
-            time.sleep(self.delay_s + self.stalls.get(request.path, 0.0))
+        if self.delay_s or request.path in self.stalls or request.full_path in self.stalls:
+            time.sleep(self.delay_s + self.stalls.get(request.path, self.stalls.get(request.full_path, 0.0)))
         if request.path in self.redirects:
             response = Response("", 302, headers={"Location": self.redirects[request.path]})
         elif request.path == "/api/token/refresh/" and request.method == "POST":
@@ -122,11 +122,9 @@ class LabelStudioStandIn:
                 return Response('{"detail": "Not found."}', 404, content_type="application/json")
             body = {"id": int(match[1]), "title": project["title"], "label_config": project["label_config"]}
             return _json({**body, "task_number": len(project["tasks"])})
-        if match := re.fullmatch(r"/api/tasks/([0-9]+)/", request.path):
-            task = self.task(int(match[1]))
-            if task is None:
-                return Response('{"detail": "Not found."}', 404, content_type="application/json")
-            return _json(task)
+        if request.path == "/api/predictions/":
+            task = self.task(int(request.args["task"]))
+            return _json(task["predictions"] if task else [])
         if request.path == "/api/tasks/":
             tasks = self.projects[int(request.args["project"])]["tasks"]
             size, page = int(request.args.get("page_size", 100)), int(request.args.get("page", 1))

@@ -45,6 +45,11 @@ def retrieve(project: int, label_studio, task_ids: list[int]) -> dict:
     return body
 
 
+def waiting_tasks(label_studio, task_ids: list[int]) -> dict[int, dict]:
+    """The tasks as a batch hands them over: their data by id."""
+    return {task_id: label_studio.task(task_id)["data"] for task_id in task_ids}
+
+
 def settled(settings, project: int, runs, timeout_s: float = 300) -> dict:
     """The project's run progress once no task waits as handed over and its run has ended."""
     waiting = HandedOverTasks(ProjectFiles(settings.model_dir, project))
@@ -97,10 +102,10 @@ def test_a_hand_over_while_the_project_runs_joins_that_run(grounded_settings, me
     project, task_ids = project_with(label_studio, media_root, 2200, 3)
     client = create_app(grounded_settings, predictor).test_client()
     runs = client.application.extensions["backend"].runs
-    label_studio.stalls[f"/api/tasks/{task_ids[0]}/"] = 2.0  # the first run is busy with its first task
+    label_studio.stalls[f"/api/predictions/?task={task_ids[0]}"] = 2.0  # the first run is busy with its first task
     try:
-        first = runs.hand_over(project, task_ids[:1])
-        second = runs.hand_over(project, task_ids[1:])
+        first = runs.hand_over(project, waiting_tasks(label_studio, task_ids[:1]))
+        second = runs.hand_over(project, waiting_tasks(label_studio, task_ids[1:]))
         settled(grounded_settings, project, runs)
     finally:
         label_studio.stalls.clear()
@@ -113,8 +118,8 @@ def test_a_run_stopped_in_the_middle_resumes_when_the_backend_starts_again(groun
     predictor, _ = loaded_predictor(grounded_settings, media_root)
     settings = replace(grounded_settings, grounding_dino_batch=1)  # one task per batch, imported one by one
     project, task_ids = project_with(label_studio, media_root, 2300, 4)
-    HandedOverTasks(ProjectFiles(settings.model_dir, project)).add(task_ids)
-    label_studio.stalls[f"/api/tasks/{task_ids[1]}/"] = 2.0  # time to stop the run after its first task
+    HandedOverTasks(ProjectFiles(settings.model_dir, project)).add(waiting_tasks(label_studio, task_ids))
+    label_studio.stalls[f"/api/predictions/?task={task_ids[1]}"] = 2.0  # time to stop the run after its first task
     try:
         client = create_app(settings, predictor).test_client()  # a start finds the tasks waiting: it resumes them
         runs = client.application.extensions["backend"].runs
@@ -141,7 +146,7 @@ def test_a_run_stopped_in_the_middle_resumes_when_the_backend_starts_again(groun
 def test_tasks_predicted_after_they_were_handed_over_are_skipped(grounded_settings, media_root, label_studio):
     predictor, _ = loaded_predictor(grounded_settings, media_root)
     project, task_ids = project_with(label_studio, media_root, 2400, 3)
-    HandedOverTasks(ProjectFiles(grounded_settings.model_dir, project)).add(task_ids)
+    HandedOverTasks(ProjectFiles(grounded_settings.model_dir, project)).add(waiting_tasks(label_studio, task_ids))
     # Meanwhile a second "Retrieve predictions" answered one of them, and Label Studio stored that answer.
     version = predictor.decoders.current_name(project)
     label_studio.task(task_ids[1])["predictions"].append({"model_version": version, "result": [], "task": task_ids[1]})

@@ -292,11 +292,11 @@ def _hand_over_unfinished(backend: Backend, project_id: int | None, tasks: list[
     """Hand the tasks of a batch that the deadline left unfinished to the project's background run, which imports
     their predictions into Label Studio as it makes them; what was handed over, for the answer. Without Label
     Studio's API (LABEL_STUDIO_URL and a key) the tasks stay unfinished, as the log says once."""
-    unfinished = [
-        task["id"]
+    unfinished = {
+        task["id"]: task["data"]
         for task, outcome in zip(tasks, outcomes, strict=True)
         if isinstance(outcome, DeadlineExceeded) and is_label_studio_id(task.get("id"))
-    ]
+    }
     if not unfinished or project_id is None or len(tasks) == 1:
         return None
     if not backend.settings.label_studio_url or not backend.settings.label_studio_api_key:
@@ -317,7 +317,7 @@ def _hand_over_unfinished(backend: Backend, project_id: int | None, tasks: list[
         len(unfinished),
         "joining the run going on" if progress.get("state") == "busy" else "a run started",
     )
-    return {"project": project_id, "tasks": unfinished, "progress": f"/preannotate?project={project_id}"}
+    return {"project": project_id, "tasks": list(unfinished), "progress": f"/preannotate?project={project_id}"}
 
 
 def _background_field(background: dict | None) -> dict:

@@ -47,14 +47,11 @@ class ProjectApi:
         self.url = url
         self.client = label_studio_client(url, api_key, timeout=HTTP_TIMEOUT_S)
 
-    def _call(self, what: str, call, *args, absent_ok: bool = False, **kwargs):
-        """`call`'s answer; None for a 404 when `absent_ok` (a task deleted meanwhile)."""
+    def _call(self, what: str, call, *args, **kwargs):
         try:
             return call(*args, **kwargs)
         except ApiError as error:
             status = error.status_code or 0
-            if absent_ok and status == 404:
-                return None
             message = f"Label Studio at {self.url}: {what} answered HTTP {status}{_said(error.body)}{_advice(status)}"
             transient = status >= 500 or status in (0, 408, 429)
             raise (LabelStudioUnavailable if transient else ProjectApiError)(message) from error
@@ -91,10 +88,12 @@ class ProjectApi:
                 return
             page += 1
 
-    def task(self, task_id: int) -> ProjectTask | None:
-        """One task as it is now (its predictions included); None when it no longer exists."""
-        task = self._call(f"task {task_id}", self.client.tasks.get, id=str(task_id), absent_ok=True)
-        return _project_task(task) if task is not None else None
+    def prediction_versions(self, task_id: int) -> tuple[str, ...]:
+        """The model_version of each prediction the task holds now. (Not through the task's own API: Label Studio
+        answers that by asking the ML backend for the prediction of a task without one, when the project retrieves
+        predictions automatically.)"""
+        predictions = self._call(f"predictions of task {task_id}", self.client.predictions.list, task=task_id)
+        return tuple(_model_version(prediction) for prediction in predictions or [])
 
     def push_predictions(self, project_id: int, predictions: list[dict]) -> int:
         """Store predictions (dicts with task, result, score, model_version) in one call; how many were stored."""
@@ -110,7 +109,7 @@ class ProjectApi:
         return int(getattr(answer, "created", len(requests)) or 0)
 
 
-def _project_task(task: Any) -> ProjectTask:  # the SDK's task models, listed or got one by one
+def _project_task(task: Any) -> ProjectTask:  # one of the SDK's listed tasks
     return ProjectTask(
         id=int(task.id),
         data=dict(task.data or {}),

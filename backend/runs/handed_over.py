@@ -1,5 +1,7 @@
 """The tasks of a project that a "Retrieve predictions" batch could not finish within PREDICT_DEADLINE and handed
-to the project's background pre-annotation run: MODEL_DIR/<project>/handed-over.json, a JSON list of task ids.
+to the project's background pre-annotation run: MODEL_DIR/<project>/handed-over.json, a JSON object from each task's
+id to its data as Label Studio sent it (the run needs the image URL, and looking a task up through Label Studio's task
+API would make Label Studio ask this backend for the task's prediction itself, one task at a time).
 
 A task leaves the list once the run has stored its prediction, found it predicted meanwhile, or recorded its error;
 the list outlives the process, so a restarted backend resumes the run where it stopped. Every process of the host
@@ -24,33 +26,40 @@ class HandedOverTasks:
         self.path = files.handed_over
         self.lock_path = files.root / ".handed-over.lock"
 
-    def ids(self) -> list[int]:
-        """The task ids waiting, in ascending order; none when the file is missing or unreadable (logged)."""
+    def tasks(self) -> dict[int, dict]:
+        """The tasks waiting, by id in ascending order, each with its data; none when the file is missing or
+        unreadable (logged)."""
         try:
-            ids = json.loads(self.path.read_text())
+            waiting = json.loads(self.path.read_text())
         except FileNotFoundError:
-            return []
+            return {}
         except (OSError, ValueError) as error:
             log.warning("%s is unreadable, its tasks are no longer handed over: %s", self.path, error)
-            return []
-        return sorted({task_id for task_id in ids if isinstance(task_id, int)}) if isinstance(ids, list) else []
+            return {}
+        if not isinstance(waiting, dict):
+            return {}
+        found = {int(key): data for key, data in waiting.items() if key.isdigit() and isinstance(data, dict)}
+        return dict(sorted(found.items()))
 
-    def add(self, task_ids: Iterable[int]) -> None:
+    def ids(self) -> list[int]:
+        return list(self.tasks())
+
+    def add(self, tasks: dict[int, dict]) -> None:
         with self._locked():
-            self._write(set(self.ids()) | set(task_ids))
+            self._write({**self.tasks(), **tasks})
 
     def discard(self, task_ids: Iterable[int]) -> None:
         gone = set(task_ids)
         if not gone:
             return
         with self._locked():
-            waiting = set(self.ids())
-            if waiting & gone:
-                self._write(waiting - gone)
+            waiting = self.tasks()
+            if gone & waiting.keys():
+                self._write({task_id: data for task_id, data in waiting.items() if task_id not in gone})
 
-    def _write(self, task_ids: set[int]) -> None:
-        if task_ids:
-            write_atomically(self.path, json.dumps(sorted(task_ids)).encode())
+    def _write(self, tasks: dict[int, dict]) -> None:
+        if tasks:
+            write_atomically(self.path, json.dumps({str(task_id): data for task_id, data in tasks.items()}).encode())
         else:
             self.path.unlink(missing_ok=True)
 

@@ -235,16 +235,12 @@ class ProjectRun:
                 return
             self.progress.total += len(task_ids)
             # One at a time, just before its batch: a task predicted since it was handed over is skipped.
-            yield from self._in_batches(self._current(task_ids), version)
+            yield from self._in_batches(self._current(waiting.tasks(), task_ids), version)
 
-    def _current(self, task_ids: list[int]) -> Iterator[ProjectTask]:
+    def _current(self, waiting: dict[int, dict], task_ids: list[int]) -> Iterator[ProjectTask]:
         for task_id in task_ids:
-            task = self.api.task(task_id)
-            if task is None:  # deleted meanwhile
-                self.attempted.add(task_id)
-                self._settled([task_id])
-                continue
-            yield task
+            if task_id in waiting:
+                yield ProjectTask(task_id, waiting[task_id], self.api.prediction_versions(task_id), is_labeled=False)
 
     def _in_batches(self, tasks: Iterator[ProjectTask], version: str) -> Iterator[list[ProjectTask]]:
         batch: list[ProjectTask] = []
@@ -388,10 +384,11 @@ class BackgroundRuns:
         if run.progress.state == "finished" and waiting is not None and set(waiting.ids()) - run.attempted:
             self.start(run.project_id, replace(run.options, handed_over_only=True, max_tasks=None), answer_within_s=0)
 
-    def hand_over(self, project_id: int, task_ids: list[int]) -> dict:
-        """Have the project's run predict these tasks and import their predictions: the run going on takes them
-        after its own, else one starts that takes only them. Its progress (state busy when one was going on)."""
-        HandedOverTasks(ProjectFiles(self.settings.model_dir, project_id)).add(task_ids)
+    def hand_over(self, project_id: int, tasks: dict[int, dict]) -> dict:
+        """Have the project's run predict these tasks (their data by id) and import their predictions: the run going
+        on takes them after its own, else one starts that takes only them. Its progress (state busy when one was going
+        on)."""
+        HandedOverTasks(ProjectFiles(self.settings.model_dir, project_id)).add(tasks)
         options = RunOptions(
             batch_size=self.settings.grounding_dino_batch,
             parallel=self.predictor.parallel_batches(),
@@ -409,7 +406,7 @@ class BackgroundRuns:
         ]
         for project_id in waiting:
             log.info("project %d: resuming the pre-annotation of the tasks handed over", project_id)
-            self.hand_over(project_id, [])
+            self.hand_over(project_id, {})
         return waiting
 
     def stop(self, project_id: int) -> None:

@@ -115,10 +115,7 @@ class TaskOpenPredictions:
             return False
         version = answer.entry.get("model_version", "")
         try:
-            task = self.label_studio.task(task_id)
-            if task is None:
-                return False
-            if version not in task.prediction_versions:
+            if version not in self.label_studio.prediction_versions(task_id):
                 self.label_studio.push_predictions(project_id, [{"task": task_id, **answer.entry}])
         except ProjectApiError as error:
             log.warning("task %s: its pre-annotation is kept for its next open, not imported: %s", task_id, error)

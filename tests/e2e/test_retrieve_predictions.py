@@ -67,7 +67,7 @@ def test_one_retrieve_predictions_fills_a_project_bigger_than_the_deadline(
             progress = requests.get(f"{backend.url}/preannotate", params={"project": project}, timeout=30)
             if progress.status_code == 200 and progress.json()["state"] in ("starting", "running"):
                 seen_running.append(progress.json())
-            if len(predicted_tasks(api, project)) == TASKS:
+            if len(predicted_tasks(label_studio, personal_access_token, project)) == TASKS:
                 break
             time.sleep(0.5)
         filled_s = time.monotonic() - started
@@ -78,7 +78,7 @@ def test_one_retrieve_predictions_fills_a_project_bigger_than_the_deadline(
     print(f"\nretrieve once: the action answered in {clicked_s:.1f} s; {handed} of {TASKS} tasks were handed over;")
     print(f"all {TASKS} held a prediction {filled_s:.1f} s after the click")
 
-    by_task = predicted_tasks(api, project)
+    by_task = predicted_tasks(label_studio, personal_access_token, project)
     assert len(handed) == 1 and 0 < handed[0] < TASKS, handed  # the batch answered some, handed the others over
     assert sorted(by_task) == sorted(tasks), f"after {filled_s:.0f} s: {len(by_task)} of {TASKS} tasks predicted"
     assert all(len(found) == 1 for found in by_task.values()), by_task  # no duplicates
@@ -92,7 +92,8 @@ def test_one_retrieve_predictions_fills_a_project_bigger_than_the_deadline(
     assert not [line for line in logged.splitlines() if " ERROR " in line or "Traceback" in line], logged[-3000:]
 
 
-def predicted_tasks(api: LabelStudioApi, project: int) -> dict[int, list[dict]]:
+def predicted_tasks(label_studio, token: str, project: int) -> dict[int, list[dict]]:
+    api = LabelStudioApi(label_studio.url, token)  # fresh credentials each time: the run outlasts an access token
     by_task: dict[int, list[dict]] = {}
     for prediction in api.call("GET", "/api/predictions", params={"project": project}):
         by_task.setdefault(prediction["task"], []).append(prediction)
