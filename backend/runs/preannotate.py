@@ -11,7 +11,7 @@ and its error is written to MODEL_DIR/<project>/preannotate-errors.jsonl and cou
 A "Retrieve predictions" batch that cannot finish within PREDICT_DEADLINE hands the tasks it did not answer to the
 same run (`BackgroundRuns.hand_over`): they wait in MODEL_DIR/<project>/handed-over.json (`HandedOverTasks`), a run
 that is going on takes them after its own tasks, and a run that ended or a restarted process starts one that takes
-only them. Each is looked up again just before its batch, so a task predicted meanwhile is skipped.
+only them. Each task's predictions are read again just before its batch, so a task predicted meanwhile is skipped.
 """
 
 from __future__ import annotations
