@@ -69,9 +69,12 @@ def imported_tasks(label_studio, project: int) -> list[int]:
 def test_the_tasks_a_batch_leaves_unfinished_are_predicted_in_the_background_and_imported(
     grounded_settings, media_root, label_studio
 ):
-    predictor, one_image_s = loaded_predictor(grounded_settings, media_root)
+    # A process whose steps were never measured finishes the batch's first image whatever it takes; a deadline of
+    # 50 ms then leaves the other nine to the background run, on any machine.
+    _, predictor = make_client(grounded_settings)
+    predictor.detector.get(120), predictor.models.get(120)
     project, task_ids = project_with(label_studio, media_root, 2100, 10)
-    settings = replace(grounded_settings, predict_deadline_s=2 * one_image_s)  # a few of the 10, never all
+    settings = replace(grounded_settings, predict_deadline_s=0.05)
     client = create_app(settings, predictor).test_client()
 
     response = client.post("/predict", json=retrieve(project, label_studio, task_ids))
@@ -80,7 +83,7 @@ def test_the_tasks_a_batch_leaves_unfinished_are_predicted_in_the_background_and
     results = response.json["results"]
     answered = [task_id for task_id, entry in zip(task_ids, results, strict=True) if entry != []]
     unfinished = [task_id for task_id, entry in zip(task_ids, results, strict=True) if entry == []]
-    assert answered and unfinished, results
+    assert answered == task_ids[:1] and unfinished == task_ids[1:], results
     assert response.json["background"] == {
         "project": project,
         "tasks": unfinished,
