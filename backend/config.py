@@ -340,6 +340,14 @@ class Settings:
         minimum=3,
         section=S_REGIONS,
     )
+    max_answer_bytes: int = setting(
+        "MAX_ANSWER_BYTES",
+        2_000_000,
+        "bytes of one task's answer as JSON (what Label Studio stores as its prediction); past it the regions of the "
+        "least confident objects are left out, with a log line (docs/preannotation.md has sizes of real masks)",
+        minimum=1000,
+        section=S_REGIONS,
+    )
 
     redis_url: str = setting(
         "REDIS_URL",

@@ -69,6 +69,25 @@ class StepTimes:
         expected to)."""
         return not limit.expired() and images * self._per_image.get(step, 0.0) < limit.remaining()
 
+    def images_within(self, steps: tuple[str, ...], most: int, limit: TimeLimit) -> int:
+        """How many images (1 to `most`) to take through `steps` next so that they end before `limit`: as many as
+        the steps' last measured times per image say fit in the time left, at least one (whose own steps are
+        checked as they start), and one alone while a step has never been measured, so that it is measured
+        before a chunk is staked on it. Without a limit, `most`."""
+        if math.isinf(limit.expires_at):
+            return most
+        per_image = self.per_image(steps)
+        if per_image is None:
+            return 1
+        fitting = int(limit.remaining() / per_image) if per_image > 0 else most
+        return min(max(fitting, 1), most)
+
+    def per_image(self, steps: tuple[str, ...]) -> float | None:
+        """The steps' last measured seconds per image together; None while one was never measured."""
+        if any(step not in self._per_image for step in steps):
+            return None
+        return sum(self._per_image[step] for step in steps)
+
     @contextlib.contextmanager
     def step(self, step: str, images: int, limit: TimeLimit) -> Iterator[None]:
         """Run the body as one `step` over `images` images, timed; raise DeadlineExceeded instead when it would

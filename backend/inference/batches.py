@@ -1,4 +1,5 @@
-"""Pre-annotation of several tasks in this process, a chunk of GROUNDING_DINO_BATCH images at a time: each chunk's
+"""Pre-annotation of several tasks in this process, a chunk of images at a time (GROUNDING_DINO_BATCH at most, fewer
+when a deadline leaves less time): each chunk's
 images fetched side by side, searched in one detector pass, segmented from their SAM embeddings, and answered as
 Label Studio's JSON as the chunk ends, so memory holds one chunk's images and masks whatever the batch's size."""
 
@@ -30,6 +31,8 @@ from backend.protocol.label_config import ProjectConfig
 from backend.protocol.results import RegionRules, TaskAnswer, region_rules, task_answer
 
 log = logging.getLogger(__name__)
+
+BATCH_STEPS = ("fetch", "detect", "encode", "segment")  # what one pre-annotated image goes through, chunk by chunk
 
 EmbeddingsFor = Callable[[Models, Sequence[tuple[FetchedImage, np.ndarray | None]], TimeLimit], list[CachedEmbedding]]
 
@@ -73,12 +76,14 @@ class BatchPreannotation:
         project_id: int | None = None,
         limit: TimeLimit = NO_LIMIT,
     ) -> list[TaskAnswer | BackendError]:
-        """Pre-annotation of several tasks, GROUNDING_DINO_BATCH images (a chunk) at a time: the images of a
-        chunk are fetched side by side and searched for the project's labels in one detector pass, then
-        each image's boxes are segmented from its SAM embedding (from the cache, or encoded now and cached, so
-        later clicks on the image find it). Boxes are cached per image too, so that no work finished before a
-        deadline is done again by the retry. Each task's answer is encoded to Label Studio's JSON as its chunk
-        ends and the masks dropped: memory holds one chunk's images and masks, whatever the batch's size.
+        """Pre-annotation of several tasks, a chunk of images at a time: GROUNDING_DINO_BATCH at most, fewer when
+        the steps' measured times say no more would end before `limit` (one while a step was never measured, which
+        is then finished whatever it takes), so that a deadline smaller than a chunk still answers tasks. The images
+        of a chunk are fetched side by side and searched for the project's labels in one detector pass, then each
+        image's boxes are segmented from its SAM embedding (from the cache, or encoded now and cached, so later
+        clicks on the image find it). Boxes are cached per image too, so that no work finished before a deadline is
+        done again by the retry. Each task's answer is encoded to Label Studio's JSON as its chunk ends and the masks
+        dropped: memory holds one chunk's images and masks, whatever the batch's size.
 
         Under `limit`, no step (fetch, detect, encode, segment a chunk) starts that would end past it: the
         tasks not done get DeadlineExceeded. A task whose image fails gets its error in place of an answer; a
@@ -96,18 +101,35 @@ class BatchPreannotation:
         )
         asked = [query.caption, list(query.spans), query.label_groups, thresholds.box, thresholds.text]
         detections_key = DetectionCache.query_key(detector.identity, [*asked, self.settings.max_objects])
-        chunk = max(self.settings.grounding_dino_batch, 1)
+        steps = BATCH_STEPS if models else tuple(step for step in BATCH_STEPS if step != "encode")
+        most = max(self.settings.grounding_dino_batch, 1)
         outcomes: list[TaskAnswer | BackendError] = []
-        for first in range(0, len(image_urls), chunk):
-            urls = image_urls[first : first + chunk]
+        while len(outcomes) < len(image_urls):
+            first = len(outcomes)
+            urls = image_urls[first : first + self.step_times.images_within(steps, most, limit)]
+            # The first image of a process whose steps were never measured is finished once started, whatever it
+            # takes: stopping it between steps would answer nothing and measure nothing.
+            unmeasured = first == 0 and self.step_times.per_image(steps) is None and not limit.expired()
             try:
                 outcomes += self._preannotate(
-                    urls, detector, detections_key, models, segmenter, version, query, thresholds, config, rules, limit
+                    urls,
+                    detector,
+                    detections_key,
+                    models,
+                    segmenter,
+                    version,
+                    query,
+                    thresholds,
+                    config,
+                    rules,
+                    NO_LIMIT if unmeasured else limit,
                 )
             except DeadlineExceeded as error:
+                if len(urls) > 1:
+                    most = 1  # a step ran slower than measured: what it finished is cached, one image may still fit
+                    continue
                 log.info("pre-annotation stopped at its deadline: %d of %d tasks done", first, len(image_urls))
                 outcomes += [error] * (len(image_urls) - first)
-                break
         return outcomes
 
     def _preannotate(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 from label_studio_sdk import PredictionRequest
@@ -80,17 +81,19 @@ class ProjectApi:
             )
             tasks = listing.items or []
             for task in tasks:
-                yield ProjectTask(
-                    id=int(task.id),
-                    data=dict(task.data or {}),
-                    prediction_versions=tuple(_model_version(prediction) for prediction in task.predictions or []),
-                    is_labeled=bool(getattr(task, "is_labeled", False)),
-                )
+                yield _project_task(task)
             seen += len(tasks)
             total = listing.response.total if listing.response is not None else seen
             if not tasks or seen >= total:
                 return
             page += 1
+
+    def prediction_versions(self, task_id: int) -> tuple[str, ...]:
+        """The model_version of each prediction the task holds now. (Not through the task's own API: Label Studio
+        answers that by asking the ML backend for the prediction of a task without one, when the project retrieves
+        predictions automatically.)"""
+        predictions = self._call(f"predictions of task {task_id}", self.client.predictions.list, task=task_id)
+        return tuple(_model_version(prediction) for prediction in predictions or [])
 
     def push_predictions(self, project_id: int, predictions: list[dict]) -> int:
         """Store predictions (dicts with task, result, score, model_version) in one call; how many were stored."""
@@ -104,6 +107,15 @@ class ProjectApi:
             request=requests,
         )
         return int(getattr(answer, "created", len(requests)) or 0)
+
+
+def _project_task(task: Any) -> ProjectTask:  # one of the SDK's listed tasks
+    return ProjectTask(
+        id=int(task.id),
+        data=dict(task.data or {}),
+        prediction_versions=tuple(_model_version(prediction) for prediction in task.predictions or []),
+        is_labeled=bool(getattr(task, "is_labeled", False)),
+    )
 
 
 def _said(body: object) -> str:

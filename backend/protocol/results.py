@@ -8,6 +8,8 @@ with rectangles alone), the tight box around the mask."""
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 import time
 import uuid
@@ -28,6 +30,8 @@ from backend.protocol.polygons import (
     tight_box,
     within_task_budget,
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -122,6 +126,7 @@ class RegionRules:
 
     mask_regions: str  # for a label both a PolygonLabels and a BrushLabels control have: polygon, brush or both
     polygons: PolygonRules
+    max_answer_bytes: int  # of one task's answer as JSON (MAX_ANSWER_BYTES)
 
 
 def region_rules(settings: Settings, config: ProjectConfig) -> RegionRules:
@@ -132,7 +137,7 @@ def region_rules(settings: Settings, config: ProjectConfig) -> RegionRules:
     polygons = PolygonRules(
         tolerance, settings.polygon_min_area, settings.polygon_max_vertices, settings.polygon_max_task_vertices
     )
-    return RegionRules(settings.mask_regions, polygons)
+    return RegionRules(settings.mask_regions, polygons, settings.max_answer_bytes)
 
 
 def _mask_kinds(obj: DetectedObject, config: ProjectConfig, rules: RegionRules) -> tuple[bool, bool]:
@@ -181,6 +186,31 @@ def task_answer(
 ) -> TaskAnswer:
     """`task_results` with the prediction's cache state and timings, the encoding's own time included."""
     started = time.perf_counter()
-    entry = task_results(prediction, config, prediction.model_version or model_version, rules)
+    entry = within_answer_bytes(
+        task_results(prediction, config, prediction.model_version or model_version, rules), rules
+    )
     timings = {**prediction.timings, "results": time.perf_counter() - started}
     return TaskAnswer(entry, prediction.cache_hit, timings)
+
+
+def within_answer_bytes(entry: dict, rules: RegionRules) -> dict:
+    """The answer with the regions of its least confident objects left out until its JSON fits MAX_ANSWER_BYTES
+    (Label Studio stores it whole, and every annotator opening the task downloads it); logged, saying why."""
+    size = len(json.dumps(entry))
+    if size <= rules.max_answer_bytes:
+        return entry
+    regions = sorted(entry["result"], key=lambda region: region["score"], reverse=True)
+    kept_bytes = size
+    while regions and kept_bytes > rules.max_answer_bytes:
+        kept_bytes -= len(json.dumps(regions.pop())) + 2  # the region and its separator
+    log.warning(
+        "a task's answer took %d bytes, more than MAX_ANSWER_BYTES (%d): %d of its %d regions are kept, the least "
+        "confident left out (ragged masks cost most as brushes: a PolygonLabels control or a higher MAX_ANSWER_BYTES "
+        "keeps them)",
+        size,
+        rules.max_answer_bytes,
+        len(regions),
+        len(entry["result"]),
+    )
+    kept = {id(region) for region in regions}
+    return {**entry, "result": [region for region in entry["result"] if id(region) in kept]}

@@ -29,6 +29,9 @@ class EncodeRun(ProjectRun):
     def errors_file(self) -> Path:
         return self.files.root / "encode-errors.jsonl"
 
+    def handed_over(self) -> None:
+        return None  # /predict batches hand tasks to pre-annotation runs only
+
     def _needs_work(self, task: ProjectTask, version: str) -> bool:
         return not (self.options.skip_annotated and task.is_labeled)
 

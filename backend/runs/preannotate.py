@@ -7,6 +7,11 @@ of the serving model version is skipped. One run per project at a time (a lock o
 Redis, on all). A task that cannot be predicted gets no prediction, so the next run tries it again,
 and its error is written to MODEL_DIR/<project>/preannotate-errors.jsonl and counted in the progress.
 `python -m backend preannotate` runs it in the foreground; POST /preannotate in the web tier's background.
+
+A "Retrieve predictions" batch that cannot finish within PREDICT_DEADLINE hands the tasks it did not answer to the
+same run (`BackgroundRuns.hand_over`): they wait in MODEL_DIR/<project>/handed-over.json (`HandedOverTasks`), a run
+that is going on takes them after its own tasks, and a run that ended or a restarted process starts one that takes
+only them. Each task's predictions are read again just before its batch, so a task predicted meanwhile is skipped.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +46,7 @@ from backend.project_files import ProjectFiles
 from backend.protocol.label_config import ProjectConfig, parse_label_config
 from backend.protocol.project_api import ProjectApi, ProjectTask
 from backend.protocol.results import TaskAnswer
+from backend.runs.handed_over import HandedOverTasks
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +96,7 @@ class RunOptions:
     parallel: int = 1  # batches in flight at once: more than one only helps with several queue workers
     max_tasks: int | None = None  # stop after submitting this many tasks (try a project on a few first)
     skip_annotated: bool = False
+    handed_over_only: bool = False  # only the tasks a /predict batch handed over (`HandedOverTasks`), not the project
 
 
 class ProjectRun:
@@ -123,6 +130,7 @@ class ProjectRun:
         self.progress = RunProgress(project_id)
         self._submitted = 0
         self._work_started: float | None = None
+        self.attempted: set[int] = set()  # task ids this run predicted, skipped or recorded an error for
 
     def claim(self) -> contextlib.AbstractContextManager[None]:
         """The project's one run at a time, against every thread and process of this host and (with Redis) every
@@ -136,6 +144,10 @@ class ProjectRun:
 
     def errors_file(self) -> Path:
         return self.files.preannotate_errors
+
+    def handed_over(self) -> HandedOverTasks | None:
+        """The tasks /predict batches handed to this kind of run; None for a kind that takes none."""
+        return HandedOverTasks(self.files)
 
     def run(self) -> RunProgress:
         """Claim the project, then run; a project another run holds ends this one as busy."""
@@ -177,15 +189,16 @@ class ProjectRun:
         project = self.api.project(self.project_id)
         config = parse_label_config(project.label_config)
         version = self.predictor.decoders.current_name(self.project_id)
-        self.progress.total, self.progress.model_version = project.task_count, version
+        self.progress.total = 0 if self.options.handed_over_only else project.task_count
+        self.progress.model_version = version
         self.progress.state = "running"
         self.report(self.progress)
         log.info(
-            "project %d (%s): %s of %d tasks as %s",
+            "project %d (%s): %s of %s as %s",
             self.project_id,
             project.title,
             self.KIND,
-            project.task_count,
+            "the tasks handed over" if self.options.handed_over_only else f"{project.task_count} tasks",
             version,
         )
         in_flight: dict[Future, list[ProjectTask]] = {}
@@ -203,22 +216,43 @@ class ProjectRun:
             # Batches already computing are finished and stored even when stopping: their work is not thrown away.
             while in_flight:
                 self._collect(in_flight, version)
-        limit_reached = self.options.max_tasks is not None and self._submitted >= self.options.max_tasks
-        if stopped or limit_reached:
+        if stopped or self._limit_reached():
             self._end("stopped", "stopped on request" if stopped else f"stopped after {self._submitted} tasks (limit)")
         else:
             self._end("finished")
 
+    def _limit_reached(self) -> bool:
+        return self.options.max_tasks is not None and self._submitted >= self.options.max_tasks
+
     def _batches_to_do(self, config: ProjectConfig, version: str) -> Iterator[list[ProjectTask]]:
-        """Tasks without a prediction of `version`, `batch_size` at a time, up to `max_tasks`."""
+        """Tasks without a prediction of `version`, `batch_size` at a time, up to `max_tasks`: the project's (unless
+        `handed_over_only`), then those handed over and not yet taken."""
+        if not self.options.handed_over_only:
+            yield from self._in_batches(self.api.tasks(self.project_id, self.options.page_size), version)
+        waiting = self.handed_over()
+        while waiting is not None and not self._limit_reached() and not self.should_stop():
+            task_ids = [task_id for task_id in waiting.ids() if task_id not in self.attempted]
+            if not task_ids:
+                return
+            self.progress.total += len(task_ids)
+            # One at a time, just before its batch: a task predicted since it was handed over is skipped.
+            yield from self._in_batches(self._current(waiting.tasks(), task_ids), version)
+
+    def _current(self, waiting: dict[int, dict], task_ids: list[int]) -> Iterator[ProjectTask]:
+        for task_id in task_ids:
+            if task_id in waiting:
+                yield ProjectTask(task_id, waiting[task_id], self.api.prediction_versions(task_id), is_labeled=False)
+
+    def _in_batches(self, tasks: Iterator[ProjectTask], version: str) -> Iterator[list[ProjectTask]]:
         batch: list[ProjectTask] = []
-        for task in self.api.tasks(self.project_id, self.options.page_size):
+        for task in tasks:
+            self.attempted.add(task.id)
             if not self._needs_work(task, version):
                 self.progress.skipped += 1
+                self._settled([task.id])
                 continue
-            if self.options.max_tasks is not None and self._submitted >= self.options.max_tasks:
-                break
-            if self.should_stop():
+            if self._limit_reached() or self.should_stop():
+                self.attempted.discard(task.id)
                 return
             batch.append(task)
             self._submitted += 1
@@ -227,6 +261,12 @@ class ProjectRun:
                 batch = []
         if batch:
             yield batch
+
+    def _settled(self, task_ids: list[int]) -> None:
+        """These tasks are done with (predicted, skipped or failed): none of them waits as handed over any more."""
+        waiting = self.handed_over()
+        if waiting is not None:
+            waiting.discard(task_ids)
 
     def _needs_work(self, task: ProjectTask, version: str) -> bool:
         """Tasks without a prediction of `version` (and, if asked, without annotations)."""
@@ -259,6 +299,7 @@ class ProjectRun:
             answered = [(task, outcome) for task, outcome in zip(batch, outcomes, strict=True) if not _failed(outcome)]
             self.progress.predicted += self._store(answered)
             self._record_errors(errors, version)
+            self._settled([task.id for task in batch])
             self.progress.busy_s = time.monotonic() - (self._work_started or time.monotonic())
             self.report(self.progress)
 
@@ -302,6 +343,11 @@ class BackgroundRuns:
         data = self.store.get(self.run_class.PROGRESS_KEY.format(project=project_id))
         return json.loads(data) if data is not None else None
 
+    def progress_by_project(self) -> dict[str, dict]:
+        """The progress of every project's last run known to the store, by project id (for /status)."""
+        known = {project_id: self.progress(project_id) for project_id in ProjectFiles.projects(self.settings.model_dir)}
+        return {str(project_id): progress for project_id, progress in known.items() if progress is not None}
+
     def start(self, project_id: int, options: RunOptions, answer_within_s: float = 3.0) -> dict:
         """Start a run and wait briefly for its first state, so a busy project or a bad key answers at once."""
         api = ProjectApi(self.settings.label_studio_url, self.settings.label_studio_api_key)
@@ -332,10 +378,38 @@ class BackgroundRuns:
         first_state.wait(answer_within_s)
         return run.progress.as_dict()
 
-    @staticmethod
-    def _run(run: ProjectRun, claim: contextlib.ExitStack) -> None:
+    def _run(self, run: ProjectRun, claim: contextlib.ExitStack) -> None:
         with claim:  # taken by the request that started the run, let go when the run ends
             run.run_claimed()
+        # Tasks handed over after the run's last look, while it still held the project (their start answered busy).
+        waiting = run.handed_over()
+        if run.progress.state == "finished" and waiting is not None and set(waiting.ids()) - run.attempted:
+            self.start(run.project_id, replace(run.options, handed_over_only=True, max_tasks=None), answer_within_s=0)
+
+    def hand_over(self, project_id: int, tasks: dict[int, dict]) -> dict:
+        """Have the project's run predict these tasks (their data by id) and import their predictions: the run going
+        on takes them after its own, else one starts that takes only them. Its progress (state busy when one was going
+        on)."""
+        HandedOverTasks(ProjectFiles(self.settings.model_dir, project_id)).add(tasks)
+        options = RunOptions(
+            batch_size=self.settings.grounding_dino_batch,
+            parallel=self.predictor.parallel_batches(),
+            handed_over_only=True,
+        )
+        return self.start(project_id, options, answer_within_s=0)
+
+    def resume_handed_over(self) -> list[int]:
+        """Start a run for every project whose handed-over tasks wait (the process stopped in the middle of one);
+        the projects."""
+        waiting = [
+            project_id
+            for project_id in ProjectFiles.projects(self.settings.model_dir)
+            if HandedOverTasks(ProjectFiles(self.settings.model_dir, project_id)).ids()
+        ]
+        for project_id in waiting:
+            log.info("project %d: resuming the pre-annotation of the tasks handed over", project_id)
+            self.hand_over(project_id, {})
+        return waiting
 
     def stop(self, project_id: int) -> dict | None:
         """Ask the project's run to stop if one is going on; its progress, None if no run of it is known."""
