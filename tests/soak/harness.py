@@ -128,6 +128,7 @@ class SoakReport:
     log_lines: int = 0
     top_log_lines: list[tuple[str, int]] = field(default_factory=list)
     walk_s: float = 0.0
+    total_s: float = 0.0  # processes started, calibration, walk, drain and accounting
     load: tuple[float, float] = (0.0, 0.0)  # 1-minute load average at the walk's start and end
 
     @property
@@ -188,6 +189,7 @@ class SoakReport:
             "encode_s": round(self.encode_s, 3),
             "dwell_s": round(self.dwell_s, 3),
             "walk_s": round(self.walk_s, 1),
+            "total_s": round(self.total_s, 1),
             "load_avg_1m": f"{self.load[0]:.2f}->{self.load[1]:.2f}",
             "clicks": len(self.outcomes),
             "webhooks": len(self.webhooks),
@@ -502,6 +504,7 @@ class Soak:
         self.report.top_log_lines = templates.most_common(8)
 
     def run(self) -> SoakReport:
+        began = time.monotonic()
         self.start()
         try:
             encode_s, entry_bytes = self.calibrate()
@@ -526,6 +529,7 @@ class Soak:
             self.count_logs(offsets)
             self.drain()
             self.account()
+            self.report.total_s = time.monotonic() - began
             return self.report
         finally:
             self.stop()
