@@ -101,9 +101,8 @@ class RssSample:
 
 @dataclass
 class FirstClick:
-    index: int
+    index: int  # of the task in the walk
     outcome: Outcome
-    after_fill: bool
 
 
 @dataclass
@@ -125,6 +124,7 @@ class SoakReport:
     in_inbox: set[int] = field(default_factory=set)
     set_aside: list[str] = field(default_factory=list)  # events in failed/
     versions: list[str] = field(default_factory=list)
+    training_set_listed: int | None = None  # annotations /versions counts in the training set
     log_lines: int = 0
     top_log_lines: list[tuple[str, int]] = field(default_factory=list)
     walk_s: float = 0.0
@@ -143,7 +143,9 @@ class SoakReport:
 
     @property
     def counted_first_clicks(self) -> list[FirstClick]:
-        return [click for click in self.first_clicks if click.after_fill]
+        """The first clicks on the tasks taken after the cache first filled."""
+        filled_at = self.filled_at
+        return [] if filled_at is None else [click for click in self.first_clicks if click.index >= filled_at]
 
     @property
     def hit_rate(self) -> float:
@@ -206,6 +208,7 @@ class SoakReport:
             "lost": sorted(self.lost)[:20],
             "set_aside": self.set_aside[:10],
             "versions": self.versions,
+            "training_set_listed": self.training_set_listed,
             "rss_growth": {role: round(ratio, 3) for role, ratio in self.rss_growth().items()},
             "rss_mib_warm_end": {role: self.rss_mib(role) for role in ("web", "worker")},
             "log_lines_per_click": round(self.log_lines_per_click, 2),
@@ -400,7 +403,7 @@ class Soak:
             if index % UPDATE_EVERY == 0 and index > 0:
                 self.annotate(session, "ANNOTATION_UPDATED", index - 1, index + 10_000)
             with self.mutex:
-                self.report.first_clicks.append(FirstClick(index, first, self.report.filled_at is not None))
+                self.report.first_clicks.append(FirstClick(index, first))
                 self.report.outcomes.extend((first, warm))
             time.sleep(self.report.dwell_s)
 
@@ -490,6 +493,7 @@ class Soak:
         report.set_aside = sorted(path.name for path in failed.glob("*.json")) if failed.is_dir() else []
         listing = requests.get(self.server.url + "/versions", params={"project": PROJECT}, timeout=30).json()
         report.versions = [version["name"] for version in listing.get("versions", [])]
+        report.training_set_listed = listing.get("training_set", {}).get("annotations")
 
     def count_logs(self, offsets: dict[Path, int]) -> None:
         templates: Counter[str] = Counter()
