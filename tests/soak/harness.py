@@ -292,12 +292,14 @@ class Soak:
         self.logs.mkdir()
         self.workers = Workers(self.queue_redis.url, checkpoint, self.logs)
         self.workers.start(self.plan.workers, **self.environment)
-        self.server = GunicornServer(self.environment, self.logs / "gunicorn.log", workers=2, threads=4).start()
+        self.server = GunicornServer(self.environment, self.logs / "gunicorn.log", workers=2, threads=4)
+        self.server.start()
 
     def stop(self) -> None:
-        for stop in (self.server.stop, self.workers.stop, self.label_studio.stop, self.queue_redis.stop):
-            stop()
-        self.cache_redis.stop()
+        """Whatever `start` got to start, also when it failed half-way."""
+        for name in ("server", "workers", "label_studio", "queue_redis", "cache_redis"):
+            if (started := getattr(self, name, None)) is not None:
+                started.stop()
 
     def calibrate(self) -> tuple[float, int]:
         """Encode time (cold click minus warm click, on an image outside the project) and the cache entry's bytes;
@@ -509,8 +511,8 @@ class Soak:
 
     def run(self) -> SoakReport:
         began = time.monotonic()
-        self.start()
         try:
+            self.start()
             encode_s, entry_bytes = self.calibrate()
             self.report = SoakReport(
                 self.plan, encode_s, self.plan.dwell_factor * encode_s, self.cache_bytes, entry_bytes
