@@ -427,8 +427,7 @@ class Soak:
             process.kill()
             process.wait()
             how = f"still running after {STOP_GRACE_S:g} s: SIGKILLed"
-        self.workers.processes.remove(process)
-        self.workers.start(1, **self.environment)
+        self.workers.start(1, **self.environment)  # the dead one stays listed: the new log gets its own name
         return f"RQ worker {process.pid} SIGTERMed ({how}, code {process.returncode}), a new one started"
 
     def restart_cache_redis(self) -> str:
