@@ -46,6 +46,7 @@ import redis
 import requests
 import torch
 
+from backend.config import Settings
 from bench.annotator_walk import tasks_created
 from tests.assets import build_small_sam
 from tests.label_studio_standin import LabelStudioStandIn
@@ -53,6 +54,7 @@ from tests.load_harness import GunicornServer, Outcome, classify, click_body, wr
 from tests.services import RedisServer, Workers
 from tests.test_active_learning import annotation_event
 
+DEFAULTS = Settings.from_env({})
 PROJECT = 1
 LABEL_STUDIO_PROJECT = f"{PROJECT}.1795623701"  # as Label Studio names the project in a /predict body
 IMAGE_SIZE = (512, 384)
@@ -282,6 +284,10 @@ class Soak:
             "PREDICT_DEADLINE": "60",
             "DOWNLOAD_TIMEOUT": "30",
             "TORCH_THREADS": "1",
+            # The shipped worker lease, not tests/services.py's 3 s: on a loaded machine a 3 s registration lapses
+            # between heartbeats and the web tier answers 503 "no inference worker is running".
+            "WORKER_TTL": str(DEFAULTS.worker_ttl_s),
+            "WORKER_MAINTENANCE_INTERVAL": str(DEFAULTS.worker_maintenance_s),
             # A few small trainings over the walk: what the soak checks is that each annotation reaches one.
             "TRAIN_AFTER_ANNOTATIONS": str(max(10, self.plan.tasks // 4)),
             "TRAIN_STEPS": "4",
