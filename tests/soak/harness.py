@@ -119,6 +119,7 @@ class SoakReport:
     webhooks: list[tuple[str, int | None, str]] = field(default_factory=list)  # (action, status, answer status)
     reconnects: int = 0
     faults: list[str] = field(default_factory=list)
+    watch_error: str | None = None  # a fault that failed to run, after which none ran
     filled_at: int | None = None  # tasks taken when the cache first filled
     rss: list[RssSample] = field(default_factory=list)
     submitted: set[int] = field(default_factory=set)  # annotation ids the backend answered "queued" for
@@ -157,8 +158,9 @@ class SoakReport:
     def rss_points(self) -> tuple[int, int]:
         """The sampling rounds compared: the first after WARMED_UP_AT of the walk (after every fault), and the last
         (taken once the walk ended)."""
-        warmed = min(sample.round for sample in self.rss if sample.fraction >= WARMED_UP_AT)
-        return warmed, max(sample.round for sample in self.rss)
+        rounds = [sample.round for sample in self.rss]
+        warmed = [sample.round for sample in self.rss if sample.fraction >= WARMED_UP_AT]
+        return min(warmed, default=max(rounds, default=0)), max(rounds, default=0)
 
     def rss_at(self, round_: int, role: str) -> dict[int, int]:
         return {sample.pid: sample.bytes for sample in self.rss if sample.round == round_ and sample.role == role}
@@ -216,6 +218,7 @@ class SoakReport:
             "log_lines_per_click": round(self.log_lines_per_click, 2),
             "top_log_lines": self.top_log_lines,
             "faults": self.faults,
+            "watch_error": self.watch_error,
         }
 
 
@@ -450,6 +453,15 @@ class Soak:
         return f"torn line appended to {name}"
 
     def watch(self) -> None:
+        try:
+            self.observe_and_inject()
+        except Exception as error:  # the walk goes on; the report says why the faults stopped
+            self.report.watch_error = f"{type(error).__name__}: {error}"[:2000]
+            while not self.done.wait(1.0):
+                self.sample_rss(self.taken / self.plan.tasks)
+        self.sample_rss(1.0)
+
+    def observe_and_inject(self) -> None:
         """Runs the faults at their points of the walk, samples RSS and notes when the cache first fills."""
         pending = list(FAULTS)
         cache = redis.Redis.from_url(self.cache_redis.url, socket_timeout=2)
@@ -469,7 +481,6 @@ class Soak:
                 line = self.tear(TORN[name]) if name in TORN else getattr(self, name)()
                 self.report.faults.append(f"at {at:.0%} of the walk (task {self.taken}): {line}")
             time.sleep(1.0)
-        self.sample_rss(1.0)
 
     def sample_rss(self, fraction: float) -> None:
         self.rss_round += 1
