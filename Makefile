@@ -5,22 +5,38 @@ BIN := $(VENV)/bin
 # TORCH=cpu: PyTorch's CPU-only wheels (no CUDA libraries), at the versions requirements.txt pins, installed first.
 TORCH ?= default
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+# Said at once when that index does not answer, instead of pip's minutes of retries and an unrelated error.
+TORCH_CPU_UNREACHABLE = error: TORCH=cpu installs PyTorch's CPU-only wheels from $(TORCH_CPU_INDEX), which this \
+machine cannot reach (its torch/ page did not load within 10 s): let this machine reach it, set TORCH_CPU_INDEX to a \
+mirror of it, or leave TORCH=cpu out to install PyTorch from PyPI
 # Options of `python -m backend weights download` run before the start, e.g. WEIGHTS=--no-grounding-dino.
 WEIGHTS ?=
 
-.PHONY: run test unit e2e browser soak screenshots label-studio install install-test lint
+.PHONY: run test unit e2e browser soak screenshots label-studio install install-test lint docker
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-install: $(BIN)/python
+# Each install runs once and again only when its requirements files change: a stamp in the venv records it.
+INSTALLED := $(VENV)/.requirements-installed
+TEST_INSTALLED := $(VENV)/.requirements-test-installed
+
+install: $(INSTALLED)
+
+$(INSTALLED): requirements.txt requirements-web.txt | $(BIN)/python
 ifeq ($(TORCH),cpu)
+	@$(BIN)/python -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=10)' \
+		$(TORCH_CPU_INDEX)/torch/ 2>/dev/null || { echo "$(TORCH_CPU_UNREACHABLE)" >&2; exit 1; }
 	$(BIN)/pip install -q --index-url $(TORCH_CPU_INDEX) $(shell grep -E '^torch(vision)?==' requirements.txt)
 endif
 	$(BIN)/pip install -q -r requirements.txt
+	touch $@
 
-install-test: $(BIN)/python
+install-test: $(TEST_INSTALLED)
+
+$(TEST_INSTALLED): requirements-test.txt requirements-demo.txt requirements.txt requirements-web.txt | $(BIN)/python
 	$(BIN)/pip install -q -r requirements-test.txt
+	touch $@
 
 # Fetches only the official weights that are missing; files the settings point at are used as they are.
 run: install
@@ -70,3 +86,9 @@ soak: install-test
 # The README's screenshots (docs/annotator-*.png), retaken by the browser stage's tests that show them.
 screenshots: install-test
 	$(BIN)/python -m pytest -q -m browser tests/browser --readme-screenshots docs
+
+# The Docker stage (tests/docker, as root): builds both images, starts the compose stack's CPU profile on loopback
+# and sends it what Label Studio sends. Starts a Docker engine when none runs (Debian's docker.io, data root
+# DOCKER_DATA_ROOT) and makes stand-in base images from Debian packages where no image registry answers.
+docker: install-test
+	$(BIN)/python -m pytest -q -s -m docker tests/docker

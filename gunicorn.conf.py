@@ -8,6 +8,8 @@ import os
 import sys
 import tempfile
 
+from gunicorn.config import ControlSocket
+
 from backend.config import Settings
 from backend.errors import SettingsError
 
@@ -21,6 +23,11 @@ except SettingsError as error:
     sys.exit(f"configuration error: {error}")
 
 bind = f"{_settings.host}:{_settings.port}"
+# gunicorn's control socket (for `gunicornc`) defaults to one path for every gunicorn of the user: a second
+# backend on the host took the first one's over, and left it without one when it stopped. One per port, in
+# gunicorn's own folder for it ($XDG_RUNTIME_DIR, else ~/.gunicorn); a short name, as a socket's path may not
+# exceed 107 bytes.
+control_socket = os.path.join(os.path.dirname(ControlSocket.default), f"gunicorn-{_settings.port}.ctl")
 workers = _settings.workers
 threads = _settings.threads
 worker_class = "gthread"

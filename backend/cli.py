@@ -115,11 +115,35 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _worker(args: argparse.Namespace, settings: Settings) -> int:
+    if args.alive:
+        return _worker_alive(settings)
     from backend.app import configure_process
     from backend.worker.runner import run_worker
 
     configure_process(settings)
     return run_worker(settings, burst=args.burst)
+
+
+def _worker_alive(settings: Settings) -> int:
+    """A worker container's health check: healthy while a worker of this host (the container) is registered."""
+    import socket
+
+    import redis
+
+    from backend.cache.connection import redis_client
+    from backend.inference.queue import workers_on_host
+
+    if not settings.redis_url:
+        print("unhealthy: REDIS_URL is not set", file=sys.stderr)
+        return 1
+    hostname = socket.gethostname()
+    try:
+        count = workers_on_host(redis_client(settings.redis_url), hostname)
+    except redis.RedisError as error:
+        print(f"unhealthy: the queue's Redis cannot be read ({error})", file=sys.stderr)
+        return 1
+    print(f"{count} worker(s) of host {hostname} registered")
+    return 0 if count else 1
 
 
 def _project_run(args: argparse.Namespace, settings: Settings) -> int:
@@ -230,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
 
     worker = commands.add_parser("worker", help="run an inference worker taking jobs from Redis (INFERENCE=queue)")
     worker.add_argument("--burst", action="store_true", help="exit once the queues are empty")
+    worker.add_argument(
+        "--alive", action="store_true", help="exit 0 if a worker of this host is registered, else 1 (health check)"
+    )
     worker.set_defaults(run=_worker)
     for name, help_text in (
         ("preannotate", "pre-annotate a whole Label Studio project (resumable; skips tasks already predicted)"),

@@ -213,16 +213,24 @@ class ImageFetcher:
 
 def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
     """RGB uint8 pixels, turned upright by EXIF orientation as browsers (and Label Studio) show them."""
+    what = f"the image ({len(data)} bytes)"  # said here: Pillow's own messages name the file as a Python object
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as image:
                 width, height = image.size
+                what = f"the {width}x{height} {image.format} image ({len(data)} bytes)"
                 if width * height > max_pixels:
                     raise ImageError(f"image of {width}x{height} pixels is above MAX_IMAGE_PIXELS ({max_pixels})", 413)
                 upright = ImageOps.exif_transpose(image)
                 return np.asarray(upright.convert("RGB"))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise ImageError(f"image rejected as a decompression bomb: {error}", 413) from error
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
-        raise ImageError(f"image could not be decoded: {error}", 422) from error
+    except UnidentifiedImageError as error:
+        raise ImageError(
+            f"the image could not be decoded: its {len(data)} bytes are in no image format this backend reads "
+            f"(they begin {data[:16]!r})",
+            422,
+        ) from error
+    except (OSError, ValueError, SyntaxError) as error:
+        raise ImageError(f"{what} could not be decoded: {error}", 422) from error

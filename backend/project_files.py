@@ -34,6 +34,7 @@ def write_atomically(path: Path, data: bytes) -> None:
 
 
 IDENTITY_FILE = ".identity"
+RUN_LOCKS = ".run-locks"  # MODEL_DIR's folder of the project runs' lock files
 
 
 def model_dir_identity(model_dir: str | Path) -> str:
@@ -70,7 +71,10 @@ class ProjectFiles:
         self.versions = self.root / "versions"
         self.ingest_lock = self.root / ".ingest.lock"
         self.train_lock = self.root / ".train.lock"
-        self.preannotate_lock = self.root / ".preannotate.lock"
+        # A project run's locks lie outside the project's folder: a run of a project Label Studio does not have
+        # fails, and must leave no folder that would pass for the project's.
+        self.preannotate_lock = Path(model_dir) / RUN_LOCKS / f"{project_id}.preannotate.lock"
+        self.encode_lock = Path(model_dir) / RUN_LOCKS / f"{project_id}.encode.lock"
         self.preannotate_errors = self.root / "preannotate-errors.jsonl"  # tasks a project run could not predict
 
     @staticmethod

@@ -34,7 +34,13 @@ def make_personal_access_token(user_id: int = 1, lifetime_s: int = 3600 * 24, se
 
 
 class LabelStudioStandIn:
-    def __init__(self, media_root: Path, legacy_token: str = "legacy-token-0123456789", legacy_enabled: bool = True):
+    def __init__(
+        self,
+        media_root: Path,
+        legacy_token: str = "legacy-token-0123456789",
+        legacy_enabled: bool = True,
+        host: str = "127.0.0.1",
+    ):
         self.media_root = media_root
         self.legacy_token = legacy_token
         self.legacy_enabled = legacy_enabled
@@ -47,8 +53,9 @@ class LabelStudioStandIn:
         self.redirects: dict[str, str] = {}
         self.projects: dict[int, dict] = {}
         self.imported: dict[int, list[dict]] = {}  # project id -> every prediction imported, in order
-        self._server = make_server("127.0.0.1", 0, self._app, threaded=True)
-        self.url = f"http://127.0.0.1:{self._server.server_port}"
+        # `host`: another address of this machine for clients elsewhere (containers reach it on Docker's bridge).
+        self._server = make_server(host, 0, self._app, threaded=True)
+        self.url = f"http://{host}:{self._server.server_port}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
     def start(self) -> LabelStudioStandIn:

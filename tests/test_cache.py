@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import replace
 
 import imgviz
 import numpy as np
@@ -12,8 +13,10 @@ import pytest
 import redis
 import torch
 
+from backend.app import make_predictor
 from backend.cache.embeddings import EmbeddingCache, deserialize_embedding, serialize_embedding
 from backend.cache.store import MemoryStore, ResilientStore, make_store
+from backend.http.server import create_app
 from backend.models.base import SegmentPrompt
 from backend.models.sam import SamSegmenter, load_sam
 from tests.assets import smooth_object_image
@@ -249,8 +252,6 @@ def test_an_image_encoded_during_a_redis_outage_is_not_encoded_again_when_an_emp
 
 
 def test_health_status_and_the_start_up_log_say_which_cache_serves_without_the_password(settings, tmp_path, caplog):
-    from dataclasses import replace
-
     from tests.conftest import make_client
 
     server = RedisServer(tmp_path).start()
@@ -272,6 +273,47 @@ def test_health_status_and_the_start_up_log_say_which_cache_serves_without_the_p
     finally:
         server.stop()
     assert "s3cret" not in caplog.text
+
+
+@pytest.mark.parametrize("inference", ["local", "queue"])
+def test_health_says_whether_redis_answers_now_when_nothing_else_asked_it(settings, tmp_path, inference):
+    """Label Studio and orchestrators poll /health while nothing else may use Redis. Found on a first run: it
+    said reachable after Redis died and unreachable for long after it came back; now each poll one ping interval
+    apart follows a real redis-server stopped and started again."""
+    server = RedisServer(tmp_path).start()
+    try:
+        web_settings = replace(settings, redis_url=server.url, inference=inference)
+        client = create_app(web_settings, make_predictor(web_settings)).test_client()
+
+        def health() -> dict:
+            time.sleep(ResilientStore.PING_EVERY_S)  # past the interval: this poll asks Redis itself
+            return client.get("/health").json
+
+        assert health()["redis_reachable"] is True
+        server.stop()
+        down = health()
+        assert down["redis_reachable"] is False and down["redis_error"] == "ConnectionError", down
+        server.start()
+        up = health()
+        assert up["redis_reachable"] is True and "redis_error" not in up, up
+    finally:
+        server.stop()
+
+
+def test_health_polls_ping_redis_at_most_once_per_interval(redis_url):
+    store = ResilientStore.from_url(redis_url, MemoryStore(1024))
+    client = redis.Redis.from_url(redis_url)
+
+    def pings() -> int:
+        return int(client.info("commandstats").get("cmdstat_ping", {}).get("calls", 0))
+
+    started = time.monotonic()
+    assert store.describe()["redis_reachable"] is True  # the first ping (and the new connection's health check)
+    pinged = pings()
+    for _ in range(50):
+        assert store.describe()["redis_reachable"] is True
+    # Each further ping needs a whole interval since the one before.
+    assert pings() - pinged <= (time.monotonic() - started) // ResilientStore.PING_EVERY_S
 
 
 def test_without_a_redis_url_the_in_process_cache_is_reported(settings, caplog):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -292,6 +293,26 @@ def test_the_text_encoder_is_fetched_from_its_pinned_revision_and_refused_when_t
     assert all(path.startswith((revision, "/storage" + revision)) for path in checkpoint_server.requests)
     assert "GROUNDING_DINO_TEXT_ENCODER" in str(error.value)
     assert leftovers(tmp_path) == []
+
+
+def test_a_hub_download_that_fails_suggests_an_hf_download_command_that_the_hf_cli_takes(tmp_path):
+    """`huggingface-cli` is deprecated for `hf`. The suggested command goes to the real `hf` offline: it must get past
+    its arguments and stop only at the files it may not fetch."""
+    hub = refused_url().rsplit("/", 1)[0]
+    with pytest.raises(DownloadFailed) as failed:
+        download_repository(text_encoder_location(tmp_path / "weights"), BERT_BASE_UNCASED, hub)
+    command = str(failed.value).split("on a machine with access: ", 1)[1]
+    assert command.startswith("hf download google-bert/bert-base-uncased "), command
+    offline = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf-home"))
+    hf = Path(sys.executable).parent / "hf"
+    result = subprocess.run([hf, *shlex.split(command)[1:]], env=offline, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "LocalEntryNotFoundError" in result.stderr, result.stderr[-2000:]
+
+
+def test_an_unpinned_detector_suggests_an_hf_download_command(settings):
+    with pytest.raises(CheckpointMissing, match="`hf download ") as missing:
+        registry.detector_model(replace(settings, detector="mm-grounding-dino", detector_model=""))
+    assert "huggingface-cli" not in str(missing.value)
 
 
 def test_a_fetched_text_encoder_is_a_folder_grounding_dino_loads(

@@ -9,7 +9,8 @@ from dataclasses import replace
 import redis
 from rq import Queue
 
-from backend.cache.coverage import EncodedImages
+from backend.bookkeeping.coverage import EncodedImages
+from backend.bookkeeping.imports import ImportedTask, ImportedTasks
 from backend.cache.store import MemoryStore
 from backend.http.server import create_app
 from backend.inference.queue import (
@@ -21,7 +22,6 @@ from backend.inference.queue import (
     QueuePredictor,
 )
 from backend.project_files import ProjectFiles
-from backend.training.imports import ImportedTask, ImportedTasks
 from backend.worker.runner import ClaimingQueue, worker_queues
 from tests.assets import encodes_logged, recorded
 from tests.conftest import make_client

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
+import re
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import redis
 from PIL import Image
 
 from tests.assets import encodes_logged, recorded
@@ -137,9 +140,42 @@ def test_a_bad_task_in_a_batch_does_not_lose_the_good_ones(client):
     assert response.json["errors"][0]["task"] == 99 and "404" in response.json["errors"][0]["error"]
 
 
-def test_oversized_body_is_a_413(client):
+def test_oversized_body_is_a_413_naming_the_setting(client):
     response = client.post("/predict", data=b"{" + b" " * (21 * 1024 * 1024) + b"}", content_type="application/json")
-    assert response.status_code == 413 and "error" in response.json
+    assert response.status_code == 413 and "MAX_REQUEST_BYTES (20971520 bytes)" in response.json["error"]
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", None])
+@pytest.mark.parametrize("path", ["/predict", "/setup", "/webhook", "/preannotate"])
+def test_a_json_body_without_its_content_type_is_told_to_send_the_header(client, path, content_type):
+    """The body is valid JSON: only the header is missing, and the answer must say so rather than "not JSON"."""
+    body = json.dumps(keypoints_body()).encode()
+    headers = {"Content-Type": content_type} if content_type else {}
+    response = client.post(path, data=body, headers=headers)
+    assert response.status_code == 400, response.json
+    assert "Content-Type: application/json" in response.json["error"], response.json
+
+
+def test_an_image_that_cannot_be_decoded_is_described_not_shown_as_a_python_object(client, bad_files):
+    response = client.post("/predict", json=mutate(BAD_BODIES["not an image"]))
+    error = response.json["error"]
+    assert response.status_code == 422 and error.startswith("the image could not be decoded"), error
+    assert "23 bytes" in error and "login page" in error and "BytesIO" not in error and " at 0x" not in error
+
+
+@pytest.mark.parametrize(
+    "region, key",
+    [(0, "x"), (0, "y"), (1, "x"), (1, "width")],
+    ids=["keypoint x", "keypoint y", "rectangle x", "rectangle width"],
+)
+def test_a_huge_coordinate_gets_a_short_reason(client, region, key):
+    """Found on a first run: x=1e308 came back as a 373-character reason holding a 300-digit number."""
+    body = recorded("05-predict-interactive-rectangle.json") if region else keypoints_body()
+    body["params"]["context"]["result"][0]["value"][key] = 1e308
+    response = client.post("/predict", json=body)
+    error = response.json["error"]
+    assert response.status_code == 422 and "outside the image" in error and "1e+308%" in error, error
+    assert len(error) < 100 and not re.search(r"[0-9]{20}", error), error
 
 
 @pytest.mark.parametrize(
@@ -161,7 +197,32 @@ def test_a_project_run_label_studio_refuses_answers_why(client):
     progress = client.get("/preannotate", query_string={"project": 4242})
     assert progress.status_code == 200 and progress.json["state"] == "failed"
     assert client.get("/preannotate", query_string={"project": 4243}).status_code == 404
-    assert client.delete("/preannotate", query_string={"project": 4242}).status_code == 202
+
+
+def test_a_run_of_a_project_label_studio_does_not_have_leaves_no_folder_for_it(client, settings):
+    assert client.post("/preannotate", json={"project": 4242}).status_code == 422
+    assert client.post("/encode", query_string={"project": 4242}).status_code == 422
+    assert not (Path(settings.model_dir) / "4242").exists()
+
+
+@pytest.mark.parametrize("path", ["/preannotate", "/encode"])
+def test_stopping_a_run_that_is_not_going_on_says_so(client, path):
+    """Nothing runs: the answer is not 202 "stopping", and the next run is not stopped by the request."""
+    unknown = client.delete(path, query_string={"project": 4243})
+    assert unknown.status_code == 404 and "no " in unknown.json["error"] and "4243" in unknown.json["error"]
+    client.post(path, json={"project": 4242}, query_string={"project": 4242})  # fails: Label Studio has no 4242
+    ended = client.delete(path, query_string={"project": 4242})
+    assert ended.status_code == 200 and ended.json["state"] == "failed", ended.json
+
+
+def test_a_start_while_a_run_holds_the_project_names_the_run(client, redis_url):
+    held = redis.Redis.from_url(redis_url).lock("sam:encode-lock:4242", timeout=60)
+    assert held.acquire(blocking=False)
+    try:
+        response = client.post("/encode", query_string={"project": 4242})
+    finally:
+        held.release()
+    assert response.status_code == 409 and response.json["error"] == "another encoding run of this project is going on"
 
 
 def test_a_project_run_without_label_studio_credentials_is_a_422(settings, redis_url):

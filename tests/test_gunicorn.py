@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -182,6 +183,38 @@ class ProjectApiStandIn:
     def close(self) -> None:
         self.release.set()
         self.server.shutdown()
+
+
+def control_sockets(folder: Path) -> dict[int, set[int]]:
+    """The gunicorn control sockets in `folder` that answer: each one's master's worker pids."""
+    from gunicorn.ctl.client import ControlClient
+
+    answers = {}
+    for path in folder.glob("*.ctl"):
+        with ControlClient(str(path), timeout=10) as control:
+            everything = control.send_command("show all")
+        answers[everything["arbiter"]["pid"]] = {worker["pid"] for worker in everything["web_workers"]}
+    return answers
+
+
+def test_two_backends_on_one_host_each_keep_their_own_control_socket(sam_checkpoint, redis_url, tmp_path):
+    """gunicorn 27 gives every gunicorn of a user one control socket path (~/.gunicorn/gunicorn.ctl): the second
+    backend took the first one's over, and left it with none once it stopped. Each keeps its own now."""
+    (tmp_path / "first").mkdir()
+    (tmp_path / "second").mkdir()
+    # gunicorn's folder for control sockets is then ~/.gunicorn: in /tmp, as a socket's path may not exceed 107 bytes.
+    with tempfile.TemporaryDirectory(prefix="home-") as home:
+        user = {"HOME": home, "XDG_RUNTIME_DIR": ""}
+        sockets = Path(home) / ".gunicorn"
+        with running_gunicorn(sam_checkpoint, redis_url, tmp_path / "first", **user) as first:
+            first_worker = int(requests.get(f"{first}/health", timeout=30).headers["X-Worker-Pid"])
+            with running_gunicorn(sam_checkpoint, redis_url, tmp_path / "second", **user) as second:
+                second_worker = int(requests.get(f"{second}/health", timeout=30).headers["X-Worker-Pid"])
+                masters = control_sockets(sockets)
+                assert len(masters) == 2, masters
+                assert {first_worker, second_worker} <= set().union(*masters.values()), masters
+            left = control_sockets(sockets)
+            assert len(left) == 1 and first_worker in next(iter(left.values())), left
 
 
 def test_a_start_on_another_worker_leaves_the_running_project_run_alone(sam_checkpoint, redis_url, tmp_path):

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from backend.bookkeeping.imports import ImportedTask, ImportedTasks
 from backend.cache.embeddings import VIT_ENTRY_BYTES, EmbeddingCache, deserialize_embedding, serialize_embedding
 from backend.cache.store import ROOM_FRACTION, MemoryStore, make_store
 from backend.config import TRANSFORMERS_SEGMENTERS, Settings
@@ -24,7 +25,6 @@ from backend.models.hf_decoder import OnnxHfDecoder
 from backend.models.hf_segmenter import HfSegmenter
 from backend.models.registry import load_segmenter
 from backend.project_files import ProjectFiles
-from backend.training.imports import ImportedTask, ImportedTasks
 from backend.training.resources import TrainingResources
 from backend.training.support import fine_tuning_refusal
 from backend.training.trainer import train_project

@@ -87,6 +87,28 @@ def test_clicks_are_answered_by_a_worker_and_its_embedding_is_shared(web, worker
     assert "sam_workers_alive 1.0" in text and 'sam_queue_depth{queue="sam-interactive"} 0.0' in text
 
 
+def health_check(redis_url: str) -> subprocess.CompletedProcess:
+    """The worker image's HEALTHCHECK command (docker/Dockerfile.worker)."""
+    env = dict(os.environ, REDIS_URL=redis_url)
+    command = [sys.executable, "-m", "backend", "worker", "--alive"]
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_a_worker_containers_health_check_passes_only_while_a_worker_of_its_own_host_is_registered(
+    queue_redis, workers
+):
+    assert health_check(queue_redis.url).returncode == 1
+    workers.start(1)
+    healthy = health_check(queue_redis.url)
+    assert healthy.returncode == 0 and "1 worker(s)" in healthy.stdout, healthy.stdout + healthy.stderr
+    # Another container's worker does not make this one healthy.
+    connection = redis.Redis.from_url(queue_redis.url)
+    for key in Worker.all_keys(connection=connection):
+        connection.hset(key, "hostname", "another-container")
+    assert health_check(queue_redis.url).returncode == 1
+    assert health_check("redis://127.0.0.1:1/0").returncode == 1
+
+
 def test_no_worker_alive_answers_503_with_retry_advice(web, queue_redis):
     response = click(web)
     assert response.status_code == 503

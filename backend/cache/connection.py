@@ -16,13 +16,14 @@ CONNECT_TIMEOUT_S = 1.0
 BLOCKING_READ_S = 2
 
 
-def redis_client(url: str) -> redis.Redis:
-    """The backend's one way to make a Redis client. A command that timed out is not sent again (redis-py's
-    default sends it ten more times, ten socket time-outs); one whose connection dropped is, once."""
+def redis_client(url: str, socket_timeout_s: float = SOCKET_TIMEOUT_S) -> redis.Redis:
+    """The backend's one way to make a Redis client, whose commands fail after `socket_timeout_s` (and connecting
+    after at most CONNECT_TIMEOUT_S). A command that timed out is not sent again (redis-py's default sends it ten
+    more times, ten socket time-outs); one whose connection dropped is, once."""
     return redis.Redis.from_url(
         url,
-        socket_connect_timeout=CONNECT_TIMEOUT_S,
-        socket_timeout=SOCKET_TIMEOUT_S,
+        socket_connect_timeout=min(CONNECT_TIMEOUT_S, socket_timeout_s),
+        socket_timeout=socket_timeout_s,
         health_check_interval=30,
         retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), 1, supported_errors=(redis.ConnectionError,)),
     )

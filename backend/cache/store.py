@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -126,26 +127,52 @@ class ResilientStore:
     RETRY_AFTER_S = 5.0
     # A lock holder's lease, renewed while it lives: a worker killed mid-encode frees the image this soon.
     LOCK_LEASE_S = 5.0
+    # /health asks Redis itself, at most once a PING_EVERY_S however often it is polled, and waits at most
+    # PING_TIMEOUT_S for the answer: Label Studio gives /health 1 s.
+    PING_EVERY_S = 1.0
+    PING_TIMEOUT_S = 0.5
 
     def __init__(self, client: redis.Redis, fallback: MemoryStore, url: str) -> None:
         self.client = client
         self.fallback = fallback
         self.url = redact_url(url)
         self._down_since: float | None = None
+        self._error = ""  # the type of the error that marked Redis down
         self._state_mutex = threading.Lock()
+        self._ping_client = redis_client(url, socket_timeout_s=self.PING_TIMEOUT_S)
+        self._pinged_at = -math.inf
+        self._ping_mutex = threading.Lock()
 
     @classmethod
     def from_url(cls, url: str, fallback: MemoryStore) -> ResilientStore:
         return cls(redis_client(url), fallback, url)
 
     def describe(self) -> dict[str, object]:
-        """Redis, and whether it answered when last asked (never asked here: /health must answer at once)."""
+        """Redis, and whether it answers now (`reachable_now`)."""
+        reachable = self.reachable_now()
         return {
-            "cache": "redis" if self.redis_up else "in-process (Redis unreachable)",
+            "cache": "redis" if reachable else "in-process (Redis unreachable)",
             "redis_url": self.url,
-            "redis_reachable": self.redis_up,
+            "redis_reachable": reachable,
+            **({} if reachable else {"redis_error": self.redis_error}),
             "fallback_used_bytes": self.fallback.used_bytes,
         }
+
+    def reachable_now(self) -> bool:
+        """Whether Redis answers a ping: asked at most once a PING_EVERY_S (callers meanwhile get the last answer,
+        or that of any command since) and waited for at most PING_TIMEOUT_S, so that frequent polls of /health
+        say what is true now without loading Redis or waiting on a hung one. The answer also decides where the
+        store's next command goes."""
+        if time.monotonic() - self._pinged_at >= self.PING_EVERY_S and self._ping_mutex.acquire(blocking=False):
+            try:
+                self._pinged_at = time.monotonic()
+                self._ping_client.ping()
+                self._mark_up()
+            except redis.RedisError as error:
+                self._mark_down(error)
+            finally:
+                self._ping_mutex.release()
+        return self.redis_up
 
     def has_room(self, value_bytes: int) -> bool:
         """Below ROOM_FRACTION of Redis's `maxmemory` (always, without one); while Redis is unreachable, the
@@ -175,19 +202,14 @@ class ResilientStore:
                 self._mark_down(error)
         return self.fallback.count_present(keys)
 
-    def check(self) -> bool:
-        """Ask Redis now (at start-up): whether it answers."""
-        try:
-            self.client.ping()
-        except redis.RedisError as error:
-            self._mark_down(error)
-            return False
-        self._mark_up()
-        return True
-
     @property
     def redis_up(self) -> bool:
         return self._down_since is None
+
+    @property
+    def redis_error(self) -> str:
+        """The type of the error that last found Redis unreachable; "" while it answers."""
+        return "" if self.redis_up else self._error
 
     def _should_try_redis(self) -> bool:
         down_since = self._down_since
@@ -200,6 +222,7 @@ class ResilientStore:
                     "Redis at %s unreachable (%s); using the in-process cache until it is back", self.url, error
                 )
             self._down_since = time.monotonic()
+            self._error = type(error).__name__
 
     def _mark_up(self) -> None:
         if self._down_since is not None:
@@ -288,6 +311,6 @@ def make_store(redis_url: str, memory_bytes: int) -> ByteStore:
         )
         return memory
     store = ResilientStore.from_url(redis_url, memory)
-    if store.check():
+    if store.reachable_now():
         log.info("cache: Redis at %s, shared by every process (in-process while it is unreachable)", store.url)
     return store

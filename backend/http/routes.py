@@ -17,7 +17,8 @@ from typing import TypedDict
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
-from backend.cache.coverage import project_coverage
+from backend.bookkeeping.coverage import project_coverage
+from backend.bookkeeping.imports import TASKS_CREATED, record_tasks_created
 from backend.config import Settings
 from backend.deadline import Deadline
 from backend.errors import (
@@ -36,9 +37,8 @@ from backend.prompts.interactive import ContextPrompts
 from backend.protocol.ids import is_label_studio_id
 from backend.protocol.label_config import ProjectConfig, parse_label_config
 from backend.protocol.results import TaskAnswer, region_rules, task_answer
-from backend.runs.preannotate import BackgroundRuns, RunOptions
+from backend.runs.preannotate import GOING_ON, BackgroundRuns, RunOptions
 from backend.runs.task_open import NotReady, TaskOpenPredictions
-from backend.training.imports import TASKS_CREATED, record_tasks_created
 
 log = logging.getLogger(__name__)
 
@@ -96,11 +96,18 @@ def error_response(message: str, status: int, **details: object) -> Response:
 
 
 def json_body() -> object:
-    """The request's JSON, or None when it is not JSON (too deeply nested counts as not JSON)."""
+    """The request's JSON; a 400 saying what is wrong when it has none: the Content-Type header, or the JSON (too
+    deeply nested counts as not JSON)."""
+    if not request.is_json:
+        sent = f"it was {request.mimetype[:80]!r}" if request.mimetype else "it had none"
+        raise BadRequest(f"send the body as JSON with the header Content-Type: application/json ({sent})")
     try:
-        return request.get_json(silent=True)
+        body = request.get_json(silent=True)
     except RecursionError:
-        return None
+        body = None
+    if body is None:
+        raise BadRequest("the body is not valid JSON")
+    return body
 
 
 def record_prediction_metrics(answer: TaskAnswer) -> None:
@@ -219,8 +226,6 @@ def _predict_interactive(
 def predict() -> tuple[Response, int] | Response:
     backend = current_backend()
     body = json_body()
-    if body is None:
-        raise BadRequest("the body is not valid JSON")
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object with 'tasks' and 'label_config'")
     tasks, config, context = _parse_predict_body(body, backend.settings)
@@ -353,7 +358,7 @@ def _check_project_api(settings: Settings, what: str) -> None:
 def _started(runs: BackgroundRuns, progress: dict) -> tuple[Response, int] | Response:
     """The answer to a project run's start: 202 with its first progress, 409 if one runs, 422 if it failed."""
     if progress["state"] == "busy":
-        return error_response(f"a {runs.run_class.KIND} run of this project is going on", 409, progress=progress)
+        return error_response(f"another {runs.run_class.KIND} run of this project is going on", 409, progress=progress)
     if progress["state"] == "failed":
         return error_response(progress["message"], 422, progress=progress)
     return jsonify(progress), 202
@@ -366,17 +371,26 @@ def requested_project() -> int:
     return project_id
 
 
+def _unknown_run(runs: BackgroundRuns, project_id: int) -> BadRequest:
+    return BadRequest(f"no {runs.run_class.KIND} run of project {project_id} is known", 404)
+
+
 def _progress(runs: BackgroundRuns) -> Response:
     project_id = requested_project()
     progress = runs.progress(project_id)
     if progress is None:
-        raise BadRequest(f"no {runs.run_class.KIND} run of project {project_id} is known", 404)
+        raise _unknown_run(runs, project_id)
     return jsonify(progress)
 
 
 def _stop(runs: BackgroundRuns) -> tuple[Response, int]:
+    """202 "stopping" for a run going on; 200 with the progress of one that has ended; 404 if none is known."""
     project_id = requested_project()
-    runs.stop(project_id)
+    progress = runs.stop(project_id)
+    if progress is None:
+        raise _unknown_run(runs, project_id)
+    if progress["state"] not in GOING_ON:
+        return jsonify(progress), 200
     return jsonify({"project": project_id, "state": "stopping"}), 202
 
 

@@ -9,7 +9,7 @@ import os
 import time
 
 from flask import Flask, Response, g, jsonify, request
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from backend.config import Settings
 from backend.errors import BackendError
@@ -46,6 +46,12 @@ def create_app(settings: Settings, predictor: Inference) -> Flask:
         response = error_response("authentication required", 401)
         response.headers["WWW-Authenticate"] = access.challenge()
         return response
+
+    @app.errorhandler(RequestEntityTooLarge)
+    def too_large(error: RequestEntityTooLarge) -> Response:
+        return error_response(
+            f"the request body is larger than MAX_REQUEST_BYTES ({settings.max_request_bytes} bytes)", 413
+        )
 
     app.after_request(_stamp)
     app.register_error_handler(HTTPException, _http_error)

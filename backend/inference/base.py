@@ -72,7 +72,7 @@ class Inference(Protocol):
 
     def encode_imports(self, project_id: int) -> None:
         """Encode the images of the project's prefetched and, with ENCODE_ON_IMPORT, recorded imported tasks
-        (`training.imports`) in the background, at a priority below clicks and pre-annotation; returns at once."""
+        (`bookkeeping.imports`) in the background, at a priority below clicks and pre-annotation; returns at once."""
 
     def encode_batch(self, image_urls: Sequence[object], project_id: int | None = None) -> list[bool | BackendError]:
         """Cache each image's embedding: True where it was cached already, False where it was encoded now, the error

@@ -1,60 +1,41 @@
-"""From one task and its prompts to labelled masks: fetch the image, get its embedding, decode.
+"""From one task and its prompts to labelled masks, in this process: fetch the image, get its embedding, decode.
 
-This is where the layers meet in one direction: the protocol layer calls in with parsed requests,
-this module asks images, prompts, cache and models, and hands back plain objects that the protocol
-layer turns into Label Studio's JSON. Pre-annotation batches are the exception: each task is encoded (by
-the protocol layer's `task_answer`) as its chunk ends, so a batch never holds more than a chunk of masks.
+This is where the layers meet in one direction: the protocol layer calls in with parsed requests, and `Predictor`
+asks images, prompts, cache and models, and hands back plain objects that the protocol layer turns into Label
+Studio's JSON. `Predictor` itself serves the clicks and the embedding cache; it hands the rest to its collaborators:
+loading the models (`loading`), encoding ahead of the annotator (`encode_ahead`), text detection (`text`),
+pre-annotation batches (`batches`) and the per-project record of cached images (`bookkeeping.coverage`).
 """
 
 from __future__ import annotations
 
-import collections
-import logging
-import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import numpy as np
 
-from backend.cache.coverage import EncodedImages
+from backend.bookkeeping.coverage import CoverageRecorder
 from backend.cache.detections import DetectionCache
-from backend.cache.embeddings import CachedEmbedding, EmbeddingCache
-from backend.cache.sessions import SessionStore
+from backend.cache.embeddings import CachedEmbedding
 from backend.cache.store import ByteStore
 from backend.config import Settings
 from backend.deadline import NO_LIMIT, StepTimes, TimeLimit
 from backend.decoders.serving import ProjectDecoders
-from backend.errors import BackendError, ConfigError, DeadlineExceeded, ImageError, ModelNotReady, PromptError
+from backend.errors import BackendError, ImageError
 from backend.images import FetchedImage, FetchRules, ImageFetcher, decode_image
-from backend.inference.background import BackgroundEncoder
-from backend.inference.base import FETCH_THREADS, InteractiveFront
-from backend.models.base import ImageEmbedding, Segmenter, SegmentPrompt
-from backend.models.detector import Detection, Detector
-from backend.models.loader import BackgroundLoader
-from backend.models.registry import load_detector, load_segmenter
+from backend.inference.base import InteractiveFront
+from backend.inference.batches import BatchPreannotation
+from backend.inference.encode_ahead import EncodeAhead
+from backend.inference.loading import ModelLoading, Models
+from backend.inference.text import DetectionSettings, TextDetection
+from backend.models.base import ImageEmbedding, Segmenter
 from backend.outcomes import DetectedObject, TaskPrediction, iou_score
-from backend.project_files import ProjectFiles
 from backend.prompts.interactive import ContextPrompts, InteractivePrompter
-from backend.prompts.text import TextQuery, Thresholds, labels_query, text_query, thresholds_for
 from backend.protocol.label_config import ProjectConfig
-from backend.protocol.results import RegionRules, TaskAnswer, region_rules, task_answer
-from backend.training.imports import ImportedTasks
+from backend.protocol.results import TaskAnswer
 from backend.training.resources import TrainingResources
 from backend.training.service import ActiveLearning
 from backend.training.trainer import TrainingResult, train_project
-
-log = logging.getLogger(__name__)
-
-
-@dataclass
-class Models:
-    """Everything that exists only once the weights are loaded."""
-
-    segmenter: Segmenter  # SAM's mask decoder is what active learning fine-tunes (`training_resources`)
-    embeddings: EmbeddingCache
-    sessions: SessionStore
 
 
 class Predictor(InteractiveFront):
@@ -62,32 +43,36 @@ class Predictor(InteractiveFront):
         self.settings = settings
         self.store = store
         self.fetcher = fetcher or ImageFetcher(FetchRules.of(settings))
-        self.models = BackgroundLoader(self._load_models)
-        # Optional: without the detector's weights SAM still serves clicks; text and pre-annotation say why not.
-        self.detector = BackgroundLoader(self._load_detector)
+        self.loading = ModelLoading(settings, store)
+        self.models = self.loading.models
+        self.detector = self.loading.detector
         self.decoders = ProjectDecoders(
             settings.model_dir, lambda: settings.base_model_version, settings.model_version_pin
         )
         self.learning = ActiveLearning(settings, self.training_resources, self.decoders, train=self.train_project)
-        self.detections = DetectionCache(store, settings.embedding_ttl_s)
         self.step_times = StepTimes()
-        self.ahead = BackgroundEncoder()
-        self._prefetch: dict[int, collections.deque[str]] = {}  # per project: images to encode before imported ones
-        self._prefetch_mutex = threading.Lock()
-
-    def _load_models(self) -> Models:
-        segmenter = load_segmenter(self.settings)
-        self.detector.start()  # after SAM, which clicks need first
-        return self.models_for(segmenter)
-
-    def models_for(self, segmenter: Segmenter) -> Models:
-        return Models(
-            segmenter=segmenter,
-            embeddings=EmbeddingCache(
-                self.store, segmenter, self.settings.embedding_ttl_s, self.settings.encode_lock_timeout_s
-            ),
-            sessions=SessionStore(self.store, segmenter.identity, self.settings.session_ttl_s),
+        self.coverage = CoverageRecorder(settings.model_dir)
+        self.text = TextDetection(self.detector, DetectionSettings.of(settings))
+        self.batches = BatchPreannotation(
+            settings,
+            self.models,
+            self.text,
+            self.decoders,
+            DetectionCache(store, settings.embedding_ttl_s),
+            self.step_times,
+            lambda url: self.fetcher.fetch(url),  # read when called: a queue worker installs its own fetcher
+            self.embeddings_for,
         )
+        self.encoding_ahead = EncodeAhead(
+            self.models,
+            store,
+            self.encode_url,
+            settings.model_dir,
+            settings.prefetch_tasks,
+            settings.encode_on_import,
+            settings.model_ready_timeout_s,
+        )
+        self.ahead = self.encoding_ahead.pool
 
     def train_project(self, project_id: int) -> TrainingResult:
         """Fine-tune the project's decoder now, in this thread, on this process's models."""
@@ -128,38 +113,8 @@ class Predictor(InteractiveFront):
         """As `InteractiveFront.read_context`, and a text prompt the detector cannot answer is refused before its
         image is fetched."""
         prompts = super().read_context(context, config)
-        self._refuse_unanswerable_text(prompts, config)
+        self.text.refuse_unanswerable(prompts, config)
         return prompts
-
-    def _refuse_unanswerable_text(self, prompts: ContextPrompts, config: ProjectConfig | None) -> None:
-        """A text prompt's 503 (the detector could not be loaded) or 413 (too long for it) before any work on its
-        image. While the detector still loads, the image is fetched and encoded meanwhile."""
-        if prompts.texts and self.detector.state in ("ready", "failed"):
-            self.detector_ready(text_query(prompts.texts, self._text_config(config), prompts.text_label))
-
-    def _load_detector(self) -> Detector:
-        return load_detector(self.settings)
-
-    def detector_ready(self, query: TextQuery) -> Detector:
-        """The detector, able to read `query`'s caption; a 503 naming what is missing if it could not load."""
-        try:
-            detector = self.detector.get(self.settings.model_ready_timeout_s)
-        except ModelNotReady:
-            if self.detector.state != "failed":
-                raise  # still loading: a 503 that says to retry
-            raise PromptError(
-                f"text prompts and pre-annotation need the detector (DETECTOR={self.settings.detector}), which could "
-                f"not be loaded: {self.detector.error}",
-                503,
-            ) from None
-        tokens = detector.text_tokens(query.caption, list(query.spans))
-        if tokens > detector.max_text_tokens:
-            raise PromptError(
-                f"the {len(query.phrases)} phrases to detect take {tokens} tokens; {detector.name} reads at most "
-                f"{detector.max_text_tokens}: use fewer labels or shorter predicted_values",
-                413,
-            )
-        return detector
 
     def embedding_for(
         self, models: Models, image: FetchedImage, pixels: np.ndarray | None = None, project_id: int | None = None
@@ -172,7 +127,7 @@ class Predictor(InteractiveFront):
         return cached.embedding, cached.cache_hit, cached.encode_seconds
 
     def record_encoded(self, models: Models, project_id: int, image: FetchedImage) -> None:
-        EncodedImages(ProjectFiles(self.settings.model_dir, project_id)).record(models.embeddings.key(image.digest))
+        self.coverage.record(project_id, models.embeddings.key(image.digest))
 
     def embeddings_for(
         self, models: Models, images: Sequence[tuple[FetchedImage, np.ndarray | None]], limit: TimeLimit = NO_LIMIT
@@ -207,51 +162,14 @@ class Predictor(InteractiveFront):
         return outcomes
 
     def encode_ahead(self, project_id: int, prefetched: Callable[[], str | None], imports: bool) -> bool:
-        """Encode one image ahead of the annotator: the next one `prefetched` names (the tasks after the one just
-        asked for), else, with `imports` (ENCODE_ON_IMPORT), the project's next imported task (`ImportedTasks`);
-        False when none is left. An image that cannot be fetched is logged and passed over."""
-        models = self.models.get(self.settings.model_ready_timeout_s)  # first: a loading model keeps the task listed
-        if not self.store.has_room(models.embeddings.entry_bytes):
-            # Encoding ahead must never evict an embedding an annotator is using: stop; the next request resumes.
-            log.info("project %d: the cache is near its bound; encoding ahead stops", project_id)
-            return False
-        image_url = prefetched()
-        if image_url is None and not imports:
-            return False
-        if image_url is None:
-            task = ImportedTasks(ProjectFiles(self.settings.model_dir, project_id)).take()
-            if task is None:
-                return False
-            image_url = task.image_url
-        try:
-            self.encode_url(image_url, project_id)
-        except ImageError as error:
-            log.warning("project %d: image %s not encoded ahead: %s", project_id, image_url, error)
-        return True
+        """One step of encoding ahead (`EncodeAhead.step`); a queue worker's encoding job runs it."""
+        return self.encoding_ahead.step(project_id, prefetched, imports)
 
     def encode_imports(self, project_id: int) -> None:
-        """Encode the project's prefetched and (ENCODE_ON_IMPORT) imported tasks' images in the background, on the
-        pool of one."""
-        imports = self.settings.encode_on_import
-        self.ahead.schedule(
-            project_id, lambda: self.encode_ahead(project_id, lambda: self._next_prefetched(project_id), imports)
-        )
+        self.encoding_ahead.schedule(project_id)
 
     def prefetch(self, project_id: int, task_id: int) -> None:
-        """Encode the next PREFETCH_TASKS imported tasks after `task_id` before any other waiting import."""
-        following = ImportedTasks(ProjectFiles(self.settings.model_dir, project_id)).following(
-            task_id, self.settings.prefetch_tasks
-        )
-        if not following:
-            return
-        with self._prefetch_mutex:  # the annotator moved on: the tasks after the newest request replace the others
-            self._prefetch[project_id] = collections.deque(task.image_url for task in following)
-        self.encode_imports(project_id)
-
-    def _next_prefetched(self, project_id: int) -> str | None:
-        with self._prefetch_mutex:
-            waiting = self._prefetch.get(project_id)
-            return waiting.popleft() if waiting else None
+        self.encoding_ahead.prefetch(project_id, task_id)
 
     def predict_for_image(
         self,
@@ -265,7 +183,7 @@ class Predictor(InteractiveFront):
         models = self.models.get(self.settings.model_ready_timeout_s)
         segmenter, version = self.segmenter_for(models, project_id)
         # Again here: on a queue worker, whose detector the web tier cannot see, it is the first check.
-        self._refuse_unanswerable_text(prompts, config)
+        self.text.refuse_unanswerable(prompts, config)
         started = time.perf_counter()
         embedding, hit, encode_s = self.embedding_for(models, image, project_id=project_id)
         embedded = time.perf_counter()
@@ -280,7 +198,7 @@ class Predictor(InteractiveFront):
         ]
         timings = {"embedding": embedded - started, "encode": encode_s, "decode": decoded - embedded}
         if prompts.texts:
-            detected += self._text_objects(
+            detected += self.text.objects(
                 segmenter, image, embedding, prompts.texts, prompts.text_label, config, timings
             )
         return TaskPrediction(
@@ -296,86 +214,8 @@ class Predictor(InteractiveFront):
         models = self.models.get(self.settings.model_ready_timeout_s)
         embedding, hit, encode_s = self.embedding_for(models, image)
         timings = {"encode": encode_s, "decode": 0.0}
-        objects = self._text_objects(models.segmenter, image, embedding, texts, None, config, timings)
+        objects = self.text.objects(models.segmenter, image, embedding, texts, None, config, timings)
         return TaskPrediction(objects=objects, image_size=embedding.original_size, cache_hit=hit, timings=timings)
-
-    def _text_objects(
-        self,
-        segmenter: Segmenter,
-        image: FetchedImage,
-        embedding: ImageEmbedding,
-        texts: list[str],
-        selected_label: str | None,
-        config: ProjectConfig | None,
-        timings: dict[str, float],
-    ) -> list[DetectedObject]:
-        """Masks for what a typed prompt names in this image."""
-        config = self._text_config(config)
-        query = text_query(texts, config, selected_label)
-        thresholds = thresholds_for(config, self.settings.box_threshold, self.settings.text_threshold)
-        detector = self.detector_ready(query)
-        started = time.perf_counter()
-        (detections,) = self._detect(
-            detector, [decode_image(image.data, self.settings.max_image_pixels)], query, thresholds
-        )
-        detected = time.perf_counter()
-        objects = self._segment_detections(segmenter, embedding, detections, query, config)
-        timings.update({"detect": detected - started, "decode": timings["decode"] + time.perf_counter() - detected})
-        return objects
-
-    @staticmethod
-    def _text_config(config: ProjectConfig | None) -> ProjectConfig:
-        if config is None:
-            raise PromptError("text prompts need the project's label config to name their labels", 422)
-        return config
-
-    def _detect(
-        self, detector: Detector, images: list[np.ndarray], query: TextQuery, thresholds: Thresholds
-    ) -> list[list[Detection]]:
-        return detector.detect(
-            images,
-            query.caption,
-            list(query.spans),
-            query.label_groups,
-            thresholds.box,
-            thresholds.text,
-            self.settings.max_objects,
-            self.settings.grounding_dino_batch,
-        )
-
-    def _segment_detections(
-        self,
-        segmenter: Segmenter | None,
-        embedding: ImageEmbedding | None,
-        detections: list[Detection],
-        query: TextQuery,
-        config: ProjectConfig,
-    ) -> list[DetectedObject]:
-        """One object per box: SAM decodes every box of the image in one batched call (when the project has a
-        BrushLabels or PolygonLabels control for its label); the object's score is the detector's box score times SAM's
-        predicted IoU, so Label Studio can sort by either model's doubt."""
-        labels = [query.labels[detection.phrase] for detection in detections]
-        masked = [index for index, label in enumerate(labels) if label in config.mask_labels]
-        predictions = {}
-        if masked and segmenter is not None and embedding is not None:
-            prompts = [SegmentPrompt(box=detections[index].box) for index in masked]
-            predictions = dict(zip(masked, segmenter.decode(embedding, prompts), strict=True))
-        objects = []
-        for index, (detection, label) in enumerate(zip(detections, labels, strict=True)):
-            prediction = predictions.get(index)
-            if prediction is None:
-                objects.append(DetectedObject(label, None, detection.score, detection.box))
-                continue
-            score = detection.score * iou_score(prediction.score)
-            objects.append(DetectedObject(label, prediction.mask, score, detection.box))
-        return objects
-
-    def _load_image(self, url: object) -> tuple[FetchedImage, np.ndarray] | ImageError:
-        try:
-            image = self.fetcher.fetch(url)  # type: ignore[arg-type]  # fetch answers a 400 for what is no URL
-            return image, decode_image(image.data, self.settings.max_image_pixels)
-        except ImageError as error:
-            return error
 
     def predict_batch(
         self,
@@ -384,119 +224,4 @@ class Predictor(InteractiveFront):
         project_id: int | None = None,
         limit: TimeLimit = NO_LIMIT,
     ) -> list[TaskAnswer | BackendError]:
-        """Pre-annotation of several tasks, GROUNDING_DINO_BATCH images (a chunk) at a time: the images of a
-        chunk are fetched side by side and searched for the project's labels in one detector pass, then
-        each image's boxes are segmented from its SAM embedding (from the cache, or encoded now and cached, so
-        later clicks on the image find it). Boxes are cached per image too, so that no work finished before a
-        deadline is done again by the retry. Each task's answer is encoded to Label Studio's JSON as its chunk
-        ends and the masks dropped: memory holds one chunk's images and masks, whatever the batch's size.
-
-        Under `limit`, no step (fetch, detect, encode, segment a chunk) starts that would end past it: the
-        tasks not done get DeadlineExceeded. A task whose image fails gets its error in place of an answer; a
-        problem with the request as a whole raises PromptError."""
-        query = labels_query(config)
-        thresholds = thresholds_for(config, self.settings.box_threshold, self.settings.text_threshold)
-        detector = self.detector_ready(query)
-        rules = region_rules(self.settings, config)
-        # Boxes alone need no SAM, for projects that only have a RectangleLabels control.
-        models = self.models.get(self.settings.model_ready_timeout_s) if config.mask_labels else None
-        segmenter, version = (
-            self.segmenter_for(models, project_id) if models else (None, self.decoders.current_name(project_id))
-        )
-        asked = [query.caption, list(query.spans), query.label_groups, thresholds.box, thresholds.text]
-        detections_key = DetectionCache.query_key(detector.identity, [*asked, self.settings.max_objects])
-        chunk = max(self.settings.grounding_dino_batch, 1)
-        outcomes: list[TaskAnswer | BackendError] = []
-        for first in range(0, len(image_urls), chunk):
-            urls = image_urls[first : first + chunk]
-            try:
-                outcomes += self._preannotate(
-                    urls, detector, detections_key, models, segmenter, version, query, thresholds, config, rules, limit
-                )
-            except DeadlineExceeded as error:
-                log.info("pre-annotation stopped at its deadline: %d of %d tasks done", first, len(image_urls))
-                outcomes += [error] * (len(image_urls) - first)
-                break
-        return outcomes
-
-    def _preannotate(
-        self,
-        image_urls: Sequence[object],
-        detector: Detector,
-        detections_key: str,
-        models: Models | None,
-        segmenter: Segmenter | None,
-        version: str,
-        query: TextQuery,
-        thresholds: Thresholds,
-        config: ProjectConfig,
-        rules: RegionRules,
-        limit: TimeLimit,
-    ) -> list[TaskAnswer | BackendError]:
-        """One chunk, each step under `limit`."""
-        started = time.perf_counter()
-        with self.step_times.step("fetch", len(image_urls), limit):
-            with ThreadPoolExecutor(max_workers=min(FETCH_THREADS, len(image_urls))) as pool:
-                loaded = list(pool.map(self._load_image, image_urls))
-        fetched = time.perf_counter()
-        images = [item for item in loaded if isinstance(item, tuple)]
-        found = iter(self._detections(detector, detections_key, images, query, thresholds, limit))
-        detect_share = (time.perf_counter() - fetched) / max(len(images), 1)
-        embeddings = iter(self.embeddings_for(models, images, limit) if models else [])
-        outcomes: list[TaskAnswer | BackendError] = []
-        with self.step_times.step("segment", len(images), limit):
-            for item in loaded:
-                if isinstance(item, ImageError):
-                    outcomes.append(item)
-                    continue
-                _, pixels = item
-                segment_started = time.perf_counter()
-                cached = next(embeddings, None)
-                objects = self._segment_detections(
-                    segmenter, cached.embedding if cached else None, next(found), query, config
-                )
-                prediction = TaskPrediction(
-                    objects=objects,
-                    image_size=(pixels.shape[0], pixels.shape[1]),
-                    cache_hit=cached.cache_hit if cached else False,
-                    timings={
-                        "fetch": fetched - started,
-                        "detect": detect_share,
-                        "encode": cached.encode_seconds if cached else 0.0,
-                        "decode": time.perf_counter() - segment_started,
-                    },
-                    model_version=version,
-                )
-                try:
-                    outcomes.append(task_answer(prediction, config, version, rules))
-                except ConfigError as error:
-                    outcomes.append(error)
-        return outcomes
-
-    def _detections(
-        self,
-        detector: Detector,
-        detections_key: str,
-        images: list[tuple[FetchedImage, np.ndarray]],
-        query: TextQuery,
-        thresholds: Thresholds,
-        limit: TimeLimit,
-    ) -> list[list[Detection]]:
-        """Each image's boxes: from the cache, the others found in one detector pass and cached."""
-        found = [self.detections.get(detections_key, image.digest) for image, _ in images]
-        missing = [index for index, detections in enumerate(found) if detections is None]
-        if missing:
-            started = time.perf_counter()
-            with self.step_times.step("detect", len(missing), limit):
-                detected = self._detect(detector, [images[index][1] for index in missing], query, thresholds)
-            for index, detections in zip(missing, detected, strict=True):
-                self.detections.put(detections_key, images[index][0].digest, detections)
-                found[index] = detections
-            # One line per pass, naming its images (operators and the tests see which images were detected).
-            log.info(
-                "detected %d images in one pass (%.2fs): %s",
-                len(missing),
-                time.perf_counter() - started,
-                " ".join(images[index][0].digest[:12] for index in missing),
-            )
-        return [detections for detections in found if detections is not None]
+        return self.batches.predict_batch(image_urls, config, project_id, limit)

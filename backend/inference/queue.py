@@ -21,6 +21,7 @@ from rq.exceptions import InvalidJobOperation
 from rq.job import Job, JobStatus
 from rq.results import Result
 
+from backend.bookkeeping.imports import ImportedTasks
 from backend.cache.connection import BLOCKING_READ_S
 from backend.cache.store import MemoryStore, ResilientStore
 from backend.config import Settings
@@ -34,7 +35,6 @@ from backend.project_files import ProjectFiles
 from backend.prompts.interactive import ContextPrompts
 from backend.protocol.label_config import ProjectConfig
 from backend.protocol.results import TaskAnswer
-from backend.training.imports import ImportedTasks
 from backend.training.service import ActiveLearning, model_dir_stamp, publish_model_dir
 
 log = logging.getLogger(__name__)
@@ -94,9 +94,9 @@ def stored_url(digest: str) -> str:
     return STORED_PREFIX + digest
 
 
-def _live_worker_versions(connection: redis.Redis) -> list[str]:
+def _live_registrations(connection: redis.Redis, field: str) -> list[str]:
     """One entry per worker process whose registration has not expired (a killed worker's expires one lease after
-    it died; click lanes are not counted): the model_version it published, "" if none."""
+    it died; click lanes are not counted): the value of `field` it registered, "" if none."""
     from rq import Worker
 
     keys = [key for key in Worker.all_keys(connection=connection) if not key.endswith(CLICK_LANE_SUFFIX)]
@@ -104,14 +104,24 @@ def _live_worker_versions(connection: redis.Redis) -> list[str]:
         return []
     with connection.pipeline() as pipeline:
         for key in keys:
-            pipeline.hmget(key, "pid", MODEL_VERSION_FIELD)
+            pipeline.hmget(key, "pid", field)
         registrations = pipeline.execute()
-    return [(version or b"").decode() for pid, version in registrations if pid is not None]
+    return [(value or b"").decode() for pid, value in registrations if pid is not None]
+
+
+def _live_worker_versions(connection: redis.Redis) -> list[str]:
+    """The model_version each live worker process published, "" if none."""
+    return _live_registrations(connection, MODEL_VERSION_FIELD)
 
 
 def alive_workers(connection: redis.Redis) -> int:
     """Worker processes whose registration has not expired."""
     return len(_live_worker_versions(connection))
+
+
+def workers_on_host(connection: redis.Redis, hostname: str) -> int:
+    """Live worker processes that registered from `hostname`: a container's own worker, for its health check."""
+    return _live_registrations(connection, "hostname").count(hostname)
 
 
 def served_model_versions(connection: redis.Redis) -> set[str]:
@@ -233,6 +243,8 @@ class QueuePredictor(InteractiveFront):
     def status(self) -> dict:
         # The embeddings are cached by the workers, which each log their cache at start-up.
         where = {"inference": "queue", "cache": "on the workers", "redis_url": self.store.url}
+        if not self.store.reachable_now():  # at once, rather than one socket time-out per count below
+            return {**where, "redis_reachable": False, "redis_error": self.store.redis_error}
         try:
             return {
                 **where,

@@ -300,7 +300,7 @@ def download_repository(
                 _download(url, staging / filename, checksum, location.setting, timeout_s)
             except requests.RequestException as error:
                 elsewhere = (
-                    f"huggingface-cli download {repository.repo} {' '.join((*repository.files, repository.weights))} "
+                    f"hf download {repository.repo} {' '.join((*repository.files, repository.weights))} "
                     f"--revision {repository.revision} --local-dir {folder}"
                 )
                 raise DownloadFailed(_unreachable(location, url, error, elsewhere)) from error

@@ -82,7 +82,7 @@ def detector_model(settings: Settings) -> CheckpointLocation:
     if official is None:
         raise CheckpointMissing(
             f"DETECTOR={settings.detector} has no pinned official revision to fetch: set DETECTOR_MODEL to a folder "
-            f"holding {MM_GROUNDING_DINO_REPOSITORY} (for example `huggingface-cli download "
+            f"holding {MM_GROUNDING_DINO_REPOSITORY} (for example `hf download "
             f"{MM_GROUNDING_DINO_REPOSITORY} --revision <commit> --local-dir <folder>`)"
         )
     path = Path(settings.weights_dir) / official.name

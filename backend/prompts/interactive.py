@@ -96,7 +96,8 @@ def _label_of(item: dict, value: dict, key: str) -> str:
 def _check_inside(x: float, y: float, what: str) -> None:
     # Label Studio keeps regions within the image; a little slack absorbs rounding at the border.
     if not (-0.5 <= x <= 100.5 and -0.5 <= y <= 100.5):
-        raise PromptError(f"{what} at ({x:.2f}%, {y:.2f}%) lies outside the image", 422)
+        # Six significant digits: a value like 1e308 stays short instead of becoming a 300-digit number.
+        raise PromptError(f"{what} at ({x:.6g}%, {y:.6g}%) lies outside the image (0-100%)", 422)
 
 
 def _rotated_bounds(x: float, y: float, width: float, height: float, degrees: float) -> Box:

@@ -24,7 +24,7 @@ class EncodeRun(ProjectRun):
     STOP_KEY = "sam:encode:{project}:stop"
 
     def lock_file(self) -> Path:
-        return self.files.root / ".encode.lock"
+        return self.files.encode_lock
 
     def errors_file(self) -> Path:
         return self.files.root / "encode-errors.jsonl"

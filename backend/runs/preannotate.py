@@ -50,6 +50,7 @@ UNAVAILABLE_PAUSE_S = 10.0
 PROGRESS_TTL_S = 7 * 24 * 3600
 PROGRESS_KEY = "sam:preannotate:{project}"
 STOP_KEY = "sam:preannotate:{project}:stop"
+GOING_ON = ("starting", "running")  # the states of a run that a stop request reaches
 
 
 @dataclass
@@ -335,8 +336,12 @@ class BackgroundRuns:
         with claim:  # taken by the request that started the run, let go when the run ends
             run.run_claimed()
 
-    def stop(self, project_id: int) -> None:
-        self.store.set(self.run_class.STOP_KEY.format(project=project_id), b"1", PROGRESS_TTL_S)
+    def stop(self, project_id: int) -> dict | None:
+        """Ask the project's run to stop if one is going on; its progress, None if no run of it is known."""
+        progress = self.progress(project_id)
+        if progress is not None and progress["state"] in GOING_ON:
+            self.store.set(self.run_class.STOP_KEY.format(project=project_id), b"1", PROGRESS_TTL_S)
+        return progress
 
     def _save(self, progress: RunProgress) -> None:
         self.store.set(

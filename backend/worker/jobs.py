@@ -20,6 +20,7 @@ from rq import get_current_job
 from rq.exceptions import DeserializationError
 from rq.job import Job
 
+from backend.bookkeeping.imports import ImportedTasks
 from backend.cache.connection import get_bytes
 from backend.deadline import TimeLimit
 from backend.errors import BackendError, ConfigError, ImageError, PromptError
@@ -41,7 +42,6 @@ from backend.project_files import ProjectFiles
 from backend.prompts.interactive import ContextPrompts
 from backend.protocol.label_config import ProjectConfig
 from backend.protocol.results import TaskAnswer
-from backend.training.imports import ImportedTasks
 from backend.training.service import check_model_dir
 
 log = logging.getLogger(__name__)

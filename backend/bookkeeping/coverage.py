@@ -73,3 +73,13 @@ def project_coverage(model_dir: str | Path, store: ByteStore) -> dict[str, dict[
         for project_id in ProjectFiles.projects(model_dir)
         if (encoded := EncodedImages(ProjectFiles(model_dir, project_id))).path.exists()
     }
+
+
+class CoverageRecorder:
+    """Where the processes that cache embeddings record them, per project (`EncodedImages`)."""
+
+    def __init__(self, model_dir: str | Path) -> None:
+        self.model_dir = model_dir
+
+    def record(self, project_id: int, embedding_key: str) -> None:
+        EncodedImages(ProjectFiles(self.model_dir, project_id)).record(embedding_key)
