@@ -1,6 +1,6 @@
-"""The soak (`make soak`; `make test` runs it at CI size): see tests/soak/harness.py for what runs and what is injected.
+"""The soak (`make soak`; not yet in `make test`): see tests/soak/harness.py for what runs and what is injected.
 
-SOAK_TASKS sets the project's size (default 500, the full soak; `make test` passes SOAK_CI_TASKS). The figures are
+SOAK_TASKS sets the project's size (default 500, the full soak). The figures are
 printed as one JSON line and written to soak-report.json in the test's temporary folder.
 """
 
