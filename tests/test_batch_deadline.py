@@ -106,7 +106,7 @@ def test_a_retry_after_the_deadline_does_not_detect_again_what_was_detected(grou
     settings, predictor, chunk_s = streaming_predictor(grounded_settings, media_root)
     body = batch(task_urls(media_root, 100, 3 * CHUNK))
     caplog.set_level(logging.INFO, logger="backend.inference")
-    cut_short = create_app(replace(settings, predict_deadline_s=1.5 * chunk_s), predictor).test_client()
+    cut_short = create_app(replace(settings, predict_deadline_s=0.6 * chunk_s), predictor).test_client()
     first = cut_short.post("/predict", json=body)
     first_detected = detected_images(caplog)
     caplog.clear()
