@@ -341,3 +341,18 @@ def test_a_click_whose_predicted_iou_is_negative_scores_zero(settings, redis_url
     (entry,) = response.json["results"]
     assert entry["result"] and entry["score"] == 0.0
     assert all(result["score"] == 0.0 for result in entry["result"])
+
+
+def test_a_project_run_asks_again_when_label_studio_refuses_an_access_token_before_it_expires(label_studio):
+    """A long run's request can reach a busy Label Studio after its access token expired: the 401 is answered with
+    a fresh exchange and the same request, not a failed run (an e2e run of 24 tasks stopped this way)."""
+    from backend.protocol.project_api import ProjectApi
+    from tests.label_studio_standin import make_personal_access_token
+
+    project_id = label_studio.add_project("<View/>", [])
+    api = ProjectApi(label_studio.url, make_personal_access_token())
+    before = label_studio.refreshes
+    assert api.project(project_id).id == project_id
+    label_studio.revoke_access_tokens()
+    assert api.project(project_id).id == project_id
+    assert label_studio.refreshes == before + 2

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Any
 
 import httpx
@@ -17,7 +18,7 @@ from label_studio_sdk import PredictionRequest
 from label_studio_sdk.core.api_error import ApiError
 
 from backend.errors import LabelStudioUnavailable, ProjectApiError
-from backend.protocol.auth import label_studio_client
+from backend.protocol.auth import label_studio_client, sdk_authorization
 
 # A project run can be long; one slow Label Studio answer should not end it.
 HTTP_TIMEOUT_S = 120.0
@@ -45,11 +46,22 @@ class ProjectApi:
         if not url or not api_key:
             raise ProjectApiError("a project run needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY")
         self.url = url
+        self.api_key = api_key
         self.client = label_studio_client(url, api_key, timeout=HTTP_TIMEOUT_S)
 
-    def _call(self, what: str, call, *args, **kwargs):
+    def _call(self, what: str, method: str, **kwargs):
+        """The SDK client's `method` (a dotted path such as "projects.get"), its ApiError turned into ours. A 401
+        to a personal access token's access token is asked once more with a fresh exchange: the SDK renews that
+        token only by its own clock, and one that expires while a request waits in a busy Label Studio (a long
+        run's import, say) is refused though the key is good."""
         try:
-            return call(*args, **kwargs)
+            try:
+                return attrgetter(method)(self.client)(**kwargs)
+            except ApiError as error:
+                if error.status_code != 401 or not sdk_authorization(self.client).startswith("Bearer "):
+                    raise
+                self.client = label_studio_client(self.url, self.api_key, timeout=HTTP_TIMEOUT_S)
+                return attrgetter(method)(self.client)(**kwargs)
         except ApiError as error:
             status = error.status_code or 0
             message = f"Label Studio at {self.url}: {what} answered HTTP {status}{_said(error.body)}{_advice(status)}"
@@ -59,7 +71,7 @@ class ProjectApi:
             raise LabelStudioUnavailable(f"Label Studio at {self.url}: {what} failed: {error}") from error
 
     def project(self, project_id: int) -> ProjectInfo:
-        project = self._call(f"project {project_id}", self.client.projects.get, id=project_id)
+        project = self._call(f"project {project_id}", "projects.get", id=project_id)
         return ProjectInfo(
             id=project_id,
             title=project.title or "",
@@ -73,7 +85,7 @@ class ProjectApi:
         while True:
             listing = self._call(
                 f"tasks of project {project_id}, page {page}",
-                self.client.tasks.list,
+                "tasks.list",
                 project=project_id,
                 page=page,
                 page_size=page_size,
@@ -92,7 +104,7 @@ class ProjectApi:
         """The model_version of each prediction the task holds now. (Not through the task's own API: Label Studio
         answers that by asking the ML backend for the prediction of a task without one, when the project retrieves
         predictions automatically.)"""
-        predictions = self._call(f"predictions of task {task_id}", self.client.predictions.list, task=task_id)
+        predictions = self._call(f"predictions of task {task_id}", "predictions.list", task=task_id)
         return tuple(_model_version(prediction) for prediction in predictions or [])
 
     def push_predictions(self, project_id: int, predictions: list[dict]) -> int:
@@ -102,7 +114,7 @@ class ProjectApi:
         requests = [PredictionRequest(**prediction) for prediction in predictions]
         answer = self._call(
             f"import of {len(requests)} predictions into project {project_id}",
-            self.client.projects.import_predictions,
+            "projects.import_predictions",
             id=project_id,
             request=requests,
         )
