@@ -12,7 +12,7 @@ mirror of it, or leave TORCH=cpu out to install PyTorch from PyPI
 # Options of `python -m backend weights download` run before the start, e.g. WEIGHTS=--no-grounding-dino.
 WEIGHTS ?=
 
-.PHONY: run test unit e2e browser screenshots label-studio install install-test lint docker
+.PHONY: run test unit e2e browser soak screenshots label-studio install install-test lint docker
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -49,13 +49,14 @@ lint: install-test
 	$(BIN)/lint-imports
 	$(BIN)/mypy backend
 
-# Three stages: the unit suite, the end-to-end test against the real Label Studio through its API, then the same
-# Label Studio's labelling page in a browser. Label Studio's install (minutes of pip, on first use) runs beside the
-# unit suite so that the e2e stage starts without it.
+# Four stages: the unit suite, the end-to-end test against the real Label Studio through its API, then the same
+# Label Studio's labelling page in a browser, then the soak at CI size. Label Studio's install (minutes of pip, on
+# first use) runs beside the unit suite so that the e2e stage starts without it.
 test: install-test lint
 	$(MAKE) -j2 --output-sync=target unit label-studio
 	$(MAKE) e2e
 	$(MAKE) browser
+	$(MAKE) soak SOAK_TASKS=$(SOAK_CI_TASKS)
 
 # Test processes for the unit suite; 2 suits the 2-core CI machine (each test process also starts servers).
 TEST_PROCESSES ?= 2
@@ -72,6 +73,15 @@ e2e: install-test
 # Headless Chromium from Debian's `chromium` package (.ci/run installs it), driven by Playwright.
 browser: install-test
 	$(BIN)/python -m pytest -q -m browser tests/browser
+
+# The soak (tests/soak): a project of SOAK_TASKS imported tasks walked by two annotators against real gunicorn, RQ
+# workers and redis-servers, through restarts, a cache of a tenth of the project and torn bookkeeping lines. `make soak`
+# runs the full size by hand; `make test` runs SOAK_CI_TASKS, sized to CI's time budget (docs/benchmarks.md).
+SOAK_TASKS ?= 500
+SOAK_CI_TASKS ?= 100
+
+soak: install-test
+	SOAK_TASKS=$(SOAK_TASKS) $(BIN)/python -m pytest -q -s -m soak tests/soak
 
 # The README's screenshots (docs/annotator-*.png), retaken by the browser stage's tests that show them.
 screenshots: install-test
