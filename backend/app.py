@@ -7,8 +7,13 @@ the queue-mode web tier runs no model and must start without torch installed (do
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import threading
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
 
 from flask import Flask
 
@@ -18,6 +23,7 @@ from backend.config import Settings
 from backend.http.server import create_app
 from backend.inference.base import Inference
 from backend.inference.queue import QueuePredictor
+from backend.training.ingest import interrupt_applying
 
 log = logging.getLogger(__name__)
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -53,6 +59,33 @@ def configure_process(settings: Settings, runs_models: bool = True) -> None:
     log.info("torch runs with %d CPU threads (TORCH_THREADS=%d)", threads, settings.torch_threads)
 
 
+# What a process is stopped with: a deploy or `docker stop` (TERM), a terminal (INT, QUIT), gunicorn's master when a
+# worker overran GUNICORN_TIMEOUT (ABRT).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGABRT)
+
+
+def announce_stops() -> None:
+    """A stop signal first takes back the attempts at the webhook events this process is applying (a stop is no crash
+    of the event's making: `training.ingest`), then does what it did before: gunicorn's worker handlers, or the
+    default. Called where the app is built, after gunicorn installed its own (its workers load the app after)."""
+    if threading.current_thread() is not threading.main_thread():
+        return  # only the main thread may set signal handlers; a test's app
+
+    def handler_for(previous: Callable[[int, FrameType | None], object] | int | None) -> Callable:
+        def on_stop(signum: int, frame: FrameType | None) -> None:
+            interrupt_applying(f"this process got {signal.Signals(signum).name}")
+            if callable(previous):
+                previous(signum, frame)
+            elif previous != signal.SIG_IGN:  # the default action, which a Python handler replaced
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+
+        return on_stop
+
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, handler_for(signal.getsignal(signum)))
+
+
 def make_predictor(settings: Settings) -> Inference:
     """The models in this process (INFERENCE=local) or on RQ workers (INFERENCE=queue)."""
     if settings.inference == "queue":
@@ -69,6 +102,7 @@ def build_app(settings: Settings | None = None) -> Flask:
     configure_process(settings, runs_models=settings.inference == "local")
     predictor = make_predictor(settings)
     app = create_app(settings, predictor)
+    announce_stops()
     # Start loading right away, in the background, so the first click does not pay for it.
     predictor.warm_up()
     return app

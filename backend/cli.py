@@ -1,4 +1,4 @@
-"""The command line: `python -m backend serve|weights|worker|preannotate|encode|predict|demo|settings`."""
+"""The command line: `python -m backend serve|weights|worker|preannotate|encode|predict|demo|inbox|settings`."""
 
 from __future__ import annotations
 
@@ -217,6 +217,25 @@ def _project_run(args: argparse.Namespace, settings: Settings) -> int:
     return 130 if stop.is_set() else 0  # stopped by a signal, or by --max-tasks as asked
 
 
+def _inbox_replay(args: argparse.Namespace, settings: Settings) -> int:
+    """Put a project's set-aside webhook events back in its inbox and apply them as the backend would: here (with
+    INFERENCE=local, loading the models) or on a worker (INFERENCE=queue). Prints what is still set aside after."""
+    from backend.app import configure_process, make_predictor
+    from backend.project_files import ProjectFiles
+    from backend.training.ingest import Inbox
+
+    configure_process(settings, runs_models=settings.inference == "local")
+    predictor = make_predictor(settings)
+    replayed = predictor.learning.replay_set_aside(args.project)
+    if settings.inference == "local" and not predictor.learning.wait_idle(args.wait):
+        print(f"error: the events were not applied within {args.wait:g} s; they wait in the inbox", file=sys.stderr)
+        return 1
+    left = Inbox(ProjectFiles(settings.model_dir, args.project)).set_aside_events()
+    where = "applied here" if settings.inference == "local" else "queued for a worker"
+    print(json.dumps({"project": args.project, "replayed": replayed, "where": where, "set_aside": left}, indent=2))
+    return 1 if left else 0
+
+
 def _settings(args: argparse.Namespace, settings: Settings) -> int:
     if args.markdown:
         print(describe_markdown(), end="")
@@ -285,6 +304,12 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--host", default="127.0.0.1")
     demo.add_argument("--port", type=int, default=7860)
     demo.set_defaults(run=_demo)
+
+    inbox = commands.add_parser("inbox", help="replay the webhook events a project set aside (see /versions)")
+    inbox.add_argument("action", choices=["replay"])
+    inbox.add_argument("--project", type=int, required=True, help="the Label Studio project id")
+    inbox.add_argument("--wait", type=float, default=3600.0, help="seconds to wait for them to be applied (local)")
+    inbox.set_defaults(run=_inbox_replay)
 
     described = commands.add_parser("settings", help="print the settings in force (secrets left out)")
     described.add_argument("--markdown", action="store_true", help="print docs/configuration.md instead")

@@ -465,6 +465,31 @@ class Settings:
         minimum=0,
         section=S_TRAINING,
     )
+    train_max_regions: int = setting(
+        "TRAIN_MAX_REGIONS",
+        100,
+        "mask regions (brushes, polygons) one annotation may hold; one with more is left out whole, undecoded, "
+        "and listed in `/versions`' rejections",
+        minimum=1,
+        section=S_TRAINING,
+    )
+    train_max_annotation_pixels: int = setting(
+        "TRAIN_MAX_ANNOTATION_PIXELS",
+        200_000_000,
+        "pixels one annotation's mask regions may declare in all (each region's `original_width` × "
+        "`original_height`); over it the annotation is left out whole, undecoded. Reading it holds an eighth of a "
+        "byte per pixel, plus five bytes per pixel of the region being decoded",
+        minimum=1,
+        section=S_TRAINING,
+    )
+    trainings_at_once: int = setting(
+        "TRAININGS_AT_ONCE",
+        1,
+        "trainings one process runs at the same time; further projects wait their turn. Each holds a copy of "
+        "SAM's prompt encoder and mask decoder with its optimiser, and one annotation's masks at a time",
+        minimum=1,
+        section=S_TRAINING,
+    )
     train_lock_ttl_s: float = setting(
         "TRAIN_LOCK_TTL", 60.0, "seconds a dead training's Redis lock outlives it", minimum=1, section=S_TRAINING
     )

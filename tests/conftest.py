@@ -3,11 +3,13 @@ a Label Studio stand-in serving real image files, and the recorded Label Studio 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import imgviz
+import numpy as np
 import pytest
 import redis
 import torch
@@ -21,6 +23,7 @@ from tests.detector_weights import write_detector
 from tests.grounding_dino_weights import write_checkpoint, write_config, write_text_encoder
 from tests.label_studio_standin import LabelStudioStandIn
 from tests.services import RedisServer, Workers
+from tests.synthetic_shapes import shape_image
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -169,3 +172,46 @@ def workers(queue_redis, sam_checkpoint, tmp_path):
     pool = Workers(queue_redis.url, sam_checkpoint, tmp_path)
     yield pool
     pool.stop()
+
+
+@pytest.fixture
+def shapes(media_root: Path) -> dict[int, tuple[str, np.ndarray]]:
+    """Task images with one shape each, served by the Label Studio stand-in, and the shapes' true masks."""
+    served = {}
+    for seed in range(20, 26):
+        image, mask = shape_image(seed)
+        path = media_root / "upload" / "shapes" / f"{seed}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(encode(image, "PNG"))
+        served[seed] = (f"/data/upload/shapes/{seed}.png", mask)
+    return served
+
+
+@pytest.fixture
+def learning_settings(settings, redis_url):
+    """Small trainings: enough steps for the small random SAM to learn boxes, no more."""
+    return replace(
+        settings,
+        redis_url=redis_url,
+        train_after_annotations=3,
+        train_steps=12,
+        train_batch_size=2,
+        train_learning_rate=1e-3,
+        train_correction_rounds=1,
+        train_held_out_fraction=0.34,
+        train_lock_ttl_s=1.5,
+    )
+
+
+def backend_env(settings: Settings, tmp_path: Path) -> dict[str, str]:
+    """The environment of a `python -m backend ...` or build_app process with `settings`' models, folder and images."""
+    return dict(
+        os.environ,
+        MODEL_DIR=settings.model_dir,
+        WEIGHTS_DIR=str(tmp_path / "weights"),
+        SAM_CHECKPOINT=settings.sam_checkpoint,
+        LABEL_STUDIO_URL=settings.label_studio_url,
+        LABEL_STUDIO_API_KEY=settings.label_studio_api_key,
+        ALLOW_PRIVATE_IMAGE_HOSTS="true",
+        TORCH_THREADS="1",
+    )

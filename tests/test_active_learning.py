@@ -33,43 +33,13 @@ from backend.protocol.brush_rle import _encode_runs
 from backend.training.dataset import AnnotationRecord, Region, TrainingSet
 from backend.training.ingest import EVENT_ATTEMPTS, Inbox
 from backend.training.trainer import train_project, training_lock
-from tests.assets import REPO, encode, recorded
-from tests.conftest import make_client
+from tests.assets import REPO, recorded
+from tests.conftest import backend_env, make_client
 from tests.services import RedisServer
-from tests.synthetic_shapes import shape_image
 from tests.test_queue import Workers
 
 BASE = "sam-vit_b"
 IOU_BIAS = "mask_decoder.iou_prediction_head.layers.2.bias"
-
-
-@pytest.fixture(scope="module")
-def shapes(media_root: Path) -> dict[int, tuple[str, np.ndarray]]:
-    """Task images with one shape each, served by the Label Studio stand-in, and the shapes' true masks."""
-    served = {}
-    for seed in range(20, 26):
-        image, mask = shape_image(seed)
-        path = media_root / "upload" / "shapes" / f"{seed}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(encode(image, "PNG"))
-        served[seed] = (f"/data/upload/shapes/{seed}.png", mask)
-    return served
-
-
-@pytest.fixture
-def learning_settings(settings, redis_url):
-    """Small trainings: enough steps for the small random SAM to learn boxes, no more."""
-    return replace(
-        settings,
-        redis_url=redis_url,
-        train_after_annotations=3,
-        train_steps=12,
-        train_batch_size=2,
-        train_learning_rate=1e-3,
-        train_correction_rounds=1,
-        train_held_out_fraction=0.34,
-        train_lock_ttl_s=1.5,
-    )
 
 
 def annotation_event(
@@ -305,16 +275,7 @@ def test_an_event_that_kills_the_process_applying_it_is_set_aside_after_a_few_re
     deadly_image = "/data/upload/shapes/deadly.png"
     Inbox(files).record(annotation_event("ANNOTATION_CREATED", 14, 1401, 21, deadly_image, mask))
     Inbox(files).record(annotation_event("ANNOTATION_CREATED", 14, 1402, 21, url, mask))
-    env = dict(
-        os.environ,
-        MODEL_DIR=learning_settings.model_dir,
-        WEIGHTS_DIR=str(tmp_path / "weights"),
-        SAM_CHECKPOINT=learning_settings.sam_checkpoint,
-        LABEL_STUDIO_URL=learning_settings.label_studio_url,
-        LABEL_STUDIO_API_KEY=learning_settings.label_studio_api_key,
-        ALLOW_PRIVATE_IMAGE_HOSTS="true",
-        TORCH_THREADS="1",
-    )
+    env = backend_env(learning_settings, tmp_path)
 
     def fetches(path: str) -> int:
         return sum(full_path.partition("?")[0] == path for _, full_path, _ in label_studio.requests)
@@ -480,7 +441,7 @@ def store_training_set(settings, project_id: int, shapes: dict, seeds: tuple[int
     training_set = TrainingSet(ProjectFiles(settings.model_dir, project_id))
     for seed in seeds:
         url, mask = shapes[seed]
-        training_set.put(AnnotationRecord(seed, seed, url, [Region(f"r{seed}", "Car", mask)]))
+        training_set.put(AnnotationRecord(seed, seed, url, [Region.of_mask(f"r{seed}", "Car", mask)]))
 
 
 def test_training_interrupted_by_an_error_writes_nothing_and_frees_the_lock(learning_settings, shapes):

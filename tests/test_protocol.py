@@ -129,7 +129,9 @@ def test_webhooks_answer_200_at_once_and_their_events_are_recorded_and_applied(s
     client, predictor = make_client(replace(settings, redis_url=redis_url))
     files = ProjectFiles(settings.model_dir, 1)
     training_set = TrainingSet(files)
-    training_set.put(AnnotationRecord(1, 1, "/data/upload/1/x.png", [Region("r", "Car", np.ones((4, 4), bool))]))
+    training_set.put(
+        AnnotationRecord(1, 1, "/data/upload/1/x.png", [Region.of_mask("r", "Car", np.ones((4, 4), bool))])
+    )
     body = recorded(name)
     started = time.perf_counter()
     response = client.post("/webhook", json=body)

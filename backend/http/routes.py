@@ -297,7 +297,13 @@ def status() -> Response:
     served = backend.predictor.decoders.current_name(None)  # in queue mode, the workers' model_version
     encoded = project_coverage(backend.settings.model_dir, backend.predictor.cache_store())
     return jsonify(
-        {"model_class": MODEL_CLASS, "model_version": served, **backend.predictor.status(), "encoded_images": encoded}
+        {
+            "model_class": MODEL_CLASS,
+            "model_version": served,
+            **backend.predictor.status(),
+            "encoded_images": encoded,
+            "set_aside_events": backend.predictor.learning.set_aside_counts(),
+        }
     )
 
 

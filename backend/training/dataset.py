@@ -2,8 +2,10 @@
 annotation.
 
 One file per annotation id makes ANNOTATION_UPDATED a replace and ANNOTATIONS_DELETED (which carries
-only ids) a removal. Masks are stored bit-packed and compressed, so a 1024×768 mask takes a few KiB.
-Regions that cannot be learnt from are not stored; each is logged and listed in rejections.jsonl.
+only ids) a removal. Masks are stored bit-packed and compressed, so a 1024×768 mask takes a few KiB, and are held
+bit-packed in memory too (an eighth of a byte per pixel) until a mask is used. What an annotation's masks may declare
+is checked before any is decoded (`MaskLimits`). Regions that cannot be learnt from are not stored; each is logged
+and listed in rejections.jsonl.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from backend.config import Settings
 from backend.errors import Rejected, RleError
 from backend.project_files import ProjectFiles, fsync_directory, write_atomically
 from backend.protocol.brush_rle import decode_mask
@@ -32,7 +35,32 @@ log = logging.getLogger(__name__)
 class Region:
     region_id: str
     label: str
-    mask: np.ndarray  # (H, W) bool
+    bits: np.ndarray  # the (H, W) mask bit-packed (np.packbits, row-major)
+    shape: tuple[int, int]
+
+    @classmethod
+    def of_mask(cls, region_id: str, label: str, mask: np.ndarray) -> Region:
+        height, width = mask.shape
+        return cls(region_id, label, np.packbits(mask, axis=None), (height, width))
+
+    @property
+    def mask(self) -> np.ndarray:
+        """The (H, W) bool mask, unpacked now: a byte per pixel for as long as the caller holds it."""
+        height, width = self.shape
+        return np.unpackbits(self.bits, count=height * width).reshape(height, width).view(bool)
+
+
+@dataclass(frozen=True)
+class MaskLimits:
+    """What one annotation's masks may declare, checked before anything is allocated for them."""
+
+    image_pixels: int  # MAX_IMAGE_PIXELS, per region
+    regions: int  # TRAIN_MAX_REGIONS
+    annotation_pixels: int  # TRAIN_MAX_ANNOTATION_PIXELS, all its regions together
+
+    @classmethod
+    def of(cls, settings: Settings) -> MaskLimits:
+        return cls(settings.max_image_pixels, settings.train_max_regions, settings.train_max_annotation_pixels)
 
 
 @dataclass
@@ -75,6 +103,29 @@ def _label(result: dict, control: Control | None, kind: str) -> str:
     return labels[0]
 
 
+def _declared_pixels(result: dict, limits: MaskLimits) -> int:
+    """width × height a region declares; 0 where it declares no size that would be decoded (it is refused alone)."""
+    try:
+        height, width = _image_size(result, limits.image_pixels)
+    except Rejected:
+        return 0
+    return width * height
+
+
+def _check_limits(mask_results: list[dict], limits: MaskLimits) -> None:
+    if len(mask_results) > limits.regions:
+        raise Rejected(
+            f"the annotation has {len(mask_results)} mask regions, over TRAIN_MAX_REGIONS ({limits.regions});"
+            " none of them was decoded"
+        )
+    declared = sum(_declared_pixels(result, limits) for result in mask_results)
+    if declared > limits.annotation_pixels:
+        raise Rejected(
+            f"the annotation's {len(mask_results)} mask regions declare {declared} pixels in all, over"
+            f" TRAIN_MAX_ANNOTATION_PIXELS ({limits.annotation_pixels}); none of them was decoded"
+        )
+
+
 def _image_size(result: dict, max_pixels: int) -> tuple[int, int]:
     """(height, width) the region declares. A mask is allocated at this size, so it is checked first."""
     width = _pixels(result.get("original_width"), "original_width")
@@ -90,7 +141,7 @@ def _image_size(result: dict, max_pixels: int) -> tuple[int, int]:
 def _nonempty(result: dict, label: str, mask: np.ndarray) -> Region:
     if not mask.any():
         raise Rejected("the mask is empty")
-    return Region(str(result.get("id") or ""), label, mask)
+    return Region.of_mask(str(result.get("id") or ""), label, mask)
 
 
 def _brush_region(result: dict, config: ProjectConfig, max_pixels: int) -> Region:
@@ -136,11 +187,11 @@ REGION_READERS = {"brushlabels": _brush_region, "polygonlabels": _polygon_region
 
 
 def record_from_webhook(
-    annotation: dict, task: dict, config: ProjectConfig, max_pixels: int
+    annotation: dict, task: dict, config: ProjectConfig, limits: MaskLimits
 ) -> tuple[AnnotationRecord, list[tuple[str, str]]]:
     """The brush and polygon regions of an ANNOTATION_CREATED/UPDATED payload and, for each region left out, (id,
-    reason); a region declaring more than `max_pixels` pixels is left out undecoded. Raises Rejected when the annotation
-    as a whole is unusable."""
+    reason); a region declaring more than `limits.image_pixels` pixels is left out undecoded. Raises Rejected when the
+    annotation as a whole is unusable, or declares more regions or pixels than `limits` allow."""
     annotation_id = _label_studio_id(annotation.get("id"), "annotation.id")
     task_id = _label_studio_id(task.get("id"), "task.id")
     image_url = (task.get("data") or {}).get(config.image_field)
@@ -149,13 +200,18 @@ def record_from_webhook(
     record = AnnotationRecord(annotation_id, task_id, image_url, [])
     if annotation.get("was_cancelled"):
         return record, [("*", "the annotation was cancelled (task skipped)")]
+    results = annotation.get("result")
+    # Keypoints, rectangles, text: not masks to learn from.
+    mask_results = [
+        result
+        for result in (results if isinstance(results, list) else [])
+        if isinstance(result, dict) and str(result.get("type")) in REGION_READERS
+    ]
+    _check_limits(mask_results, limits)
     left_out = []
-    for result in annotation.get("result") or []:
-        read = REGION_READERS.get(str(result.get("type"))) if isinstance(result, dict) else None
-        if read is None:
-            continue  # keypoints, rectangles, text: not masks to learn from
+    for result in mask_results:
         try:
-            record.regions.append(read(result, config, max_pixels))
+            record.regions.append(REGION_READERS[str(result.get("type"))](result, config, limits.image_pixels))
         except Rejected as reason:
             left_out.append((str(result.get("id")), str(reason)))
     return record, left_out
@@ -180,9 +236,9 @@ class TrainingSet:
             "task_id": record.task_id,
             "image_url": record.image_url,
             "image_digest": record.image_digest,
-            "regions": [{"id": r.region_id, "label": r.label, "shape": list(r.mask.shape)} for r in record.regions],
+            "regions": [{"id": r.region_id, "label": r.label, "shape": list(r.shape)} for r in record.regions],
         }
-        arrays = {f"mask{i}": np.packbits(region.mask, axis=None) for i, region in enumerate(record.regions)}
+        arrays = {f"mask{i}": region.bits for i, region in enumerate(record.regions)}
         buffer = io.BytesIO()
         meta_array = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
         # mypy reads **arrays as possibly numpy's `allow_pickle: bool` keyword; its keys are all mask{i}.
@@ -203,8 +259,10 @@ class TrainingSet:
             regions = []
             for i, region in enumerate(meta["regions"]):
                 height, width = region["shape"]
-                bits = np.unpackbits(stored[f"mask{i}"], count=height * width)
-                regions.append(Region(region["id"], region["label"], bits.reshape(height, width).astype(bool)))
+                bits = stored[f"mask{i}"]
+                if bits.dtype != np.uint8 or bits.size != -(-height * width // 8):
+                    raise ValueError(f"mask{i} holds {bits.size} bytes, not the bits of a {width}x{height} mask")
+                regions.append(Region(region["id"], region["label"], bits, (height, width)))
         return AnnotationRecord(
             meta["annotation_id"], meta["task_id"], meta["image_url"], regions, meta["image_digest"]
         )

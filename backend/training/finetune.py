@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -47,29 +47,37 @@ class Example:
 
     features: np.ndarray  # (C, 64, 64) float16
     target: torch.Tensor  # (256, 256) bool: the mask on the decoder's grid of the padded 1024² input
-    mask: np.ndarray  # (H, W) bool at the image's own size
+    load_mask: Callable[[], np.ndarray]  # (H, W) bool at the image's own size, read only to evaluate
     input_size: tuple[int, int]
     original_size: tuple[int, int]
 
 
-def make_example(embedding: ImageEmbedding, mask: np.ndarray) -> Example:
-    """Raises ValueError for a mask of another size than the image, or one too small for the 256² grid."""
-    if tuple(mask.shape) != tuple(embedding.original_size):
-        raise ValueError(f"mask is {mask.shape[1]}x{mask.shape[0]} but the image is {embedding.original_size[::-1]}")
-    height, width = embedding.input_size
-    resized = F.interpolate(
-        torch.from_numpy(mask.astype(np.float32))[None, None], size=(height, width), mode="bilinear"
-    )
+def grid_target(mask: np.ndarray, input_size: tuple[int, int], original_size: tuple[int, int]) -> torch.Tensor:
+    """The mask on the decoder's 256×256 grid, what the loss compares. Raises ValueError for a mask of another size
+    than the image, or one too small for the grid. Resized as bytes: a byte per pixel of the mask while it runs."""
+    if tuple(mask.shape) != tuple(original_size):
+        raise ValueError(f"mask is {mask.shape[1]}x{mask.shape[0]} but the image is {original_size[::-1]}")
+    height, width = input_size
+    as_bytes = torch.from_numpy(mask).to(torch.uint8).mul_(255)[None, None]
+    resized = F.interpolate(as_bytes, size=(height, width), mode="bilinear").to(torch.float32) / 255
     padded = F.pad(resized, (0, IMAGE_SIZE - width, 0, IMAGE_SIZE - height))
     target = F.interpolate(padded, size=(LOW_RES_SIZE, LOW_RES_SIZE), mode="area")[0, 0] >= 0.5
     if not target.any():
         raise ValueError("mask is too small to show on SAM's 256x256 mask grid")
+    return target
+
+
+def make_example(embedding: ImageEmbedding, mask: np.ndarray) -> Example:
+    """An example held in memory, mask and all (`training.examples` streams a project's from disk instead)."""
+    mask = mask.astype(bool)
+    input_size = (int(embedding.input_size[0]), int(embedding.input_size[1]))
+    original_size = (int(embedding.original_size[0]), int(embedding.original_size[1]))
     return Example(
         features=np.asarray(embedding.features, dtype=np.float16),
-        target=target,
-        mask=mask.astype(bool),
-        input_size=(height, width),
-        original_size=embedding.original_size,
+        target=grid_target(mask, input_size, original_size),
+        load_mask=lambda: mask,
+        input_size=input_size,
+        original_size=original_size,
     )
 
 
@@ -179,7 +187,7 @@ class FinetuneReport:
 
 def finetune(
     model: Sam,
-    examples: list[Example],
+    examples: Sequence[Example],
     config: FinetuneConfig,
     on_step: Callable[[int, float], None] | None = None,
 ) -> FinetuneReport:
@@ -246,7 +254,7 @@ def evaluation_prompts(example: Example) -> list[Prompt]:
 
 
 @torch.inference_mode()
-def evaluate_miou(model: Sam, examples: list[Example]) -> float:
+def evaluate_miou(model: Sam, examples: Sequence[Example]) -> float:
     """Mean IoU, at each image's own size, of the masks serving would show for `evaluation_prompts`."""
     if not examples:
         raise ValueError("evaluation needs at least one example")
@@ -254,7 +262,7 @@ def evaluate_miou(model: Sam, examples: list[Example]) -> float:
     scores = []
     for example in examples:
         features = _features(example, device)
-        truth = torch.from_numpy(example.mask).to(device)
+        truth = torch.from_numpy(example.load_mask()).to(device)
         for prompt in evaluation_prompts(example):
             logits, iou_predictions = decode(model, features, prompt, multimask=prompt.ambiguous())
             shown = _served_choice(logits, iou_predictions)[None, None]

@@ -4,10 +4,14 @@ Label Studio drops a webhook that takes over a second and never resends it, so t
 the event to the project's inbox (one file, flushed, renamed into place) and returns. A background
 thread then applies inbox files in arrival order: decodes the masks, fetches the image to check their
 size and cache its embedding, stores or drops the annotation, and removes the file only once its effect
-is stored, so a crash replays it (applying is idempotent). An event that fails unexpectedly moves to
-failed/ with its error; so does one whose applying killed the process EVENT_ATTEMPTS times (each attempt is
+is stored, so a crash replays it (applying is idempotent). An event that fails unexpectedly is set aside in
+failed/ with its error; so is one whose applying killed the process EVENT_ATTEMPTS times (each attempt is
 counted on disk before it starts), so that an event that runs the process out of memory cannot make every
-restart die again. Regions that cannot be learnt from are logged and listed in rejections.jsonl.
+restart die again. A stop that is announced is no crash: a stop signal (a deploy's SIGTERM, gunicorn's time-out
+SIGABRT, a worker's warm shutdown) or a queue job's time-out takes back the attempts in progress
+(`interrupt_applying`), so only a death nobody announced (an out-of-memory kill, a segfault) counts. Set-aside
+events are listed by /versions and /status and put back with `python -m backend inbox replay --project ID`.
+Regions that cannot be learnt from are logged and listed in rejections.jsonl.
 Secrets in the payload's project object (its token, task data password) are not written.
 """
 
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -27,7 +32,7 @@ from backend.errors import ConfigError, ImageError, ModelNotReady, Rejected
 from backend.project_files import ProjectFiles, write_atomically
 from backend.protocol.ids import is_label_studio_id
 from backend.protocol.label_config import parse_label_config
-from backend.training.dataset import TrainingSet, record_from_webhook
+from backend.training.dataset import MaskLimits, TrainingSet, record_from_webhook
 
 if TYPE_CHECKING:  # the models: the queue-mode web tier records events without importing them
     from backend.training.resources import TrainingResources
@@ -61,8 +66,74 @@ def stored_event(body: dict) -> dict:
     return {**kept, "project": {"id": project.get("id"), "label_config": project.get("label_config")}}
 
 
+class _AttemptsInProgress:
+    """The events this process is applying now, so that an announced stop can take their counted attempt back.
+
+    A stop arrives as a signal, which Python handles in the main thread between two bytecodes, possibly in the
+    middle of `begin`/`end` on that same thread (a queue worker applies events in its main thread): hence a
+    re-entrant lock, the event registered before its attempt is written, and the check after writing it."""
+
+    def __init__(self) -> None:
+        self._mutex = threading.RLock()
+        self._before: dict[Path, int] = {}  # event being applied -> attempts counted before this one
+        self._interrupted: set[Path] = set()
+        self.stopping: str | None = None  # why this process stops, once it does: later attempts are not counted
+
+    def begin(self, event: Path, attempts_path: Path) -> int:
+        with self._mutex:
+            try:
+                before = int(attempts_path.read_text())
+            except (OSError, ValueError):
+                before = 0
+            self._before[event] = before
+            if self.stopping is not None:
+                return before
+            write_atomically(attempts_path, str(before + 1).encode())
+            if event in self._interrupted:  # a stop signal arrived while the attempt was being written
+                self._take_back(event, attempts_path, before)
+                return before
+            return before + 1
+
+    def end(self, event: Path, finish: Callable[[], None]) -> None:
+        """`finish` moves the event on; under the lock, so that no stop writes its attempts back meanwhile."""
+        with self._mutex:
+            finish()
+            self._before.pop(event, None)
+            self._interrupted.discard(event)
+
+    def interrupted(self, event: Path) -> bool:
+        with self._mutex:
+            return event in self._interrupted
+
+    def interrupt(self, reason: str, stopping: bool) -> None:
+        with self._mutex:
+            if stopping:
+                self.stopping = reason
+            for event, before in self._before.items():
+                if event not in self._interrupted:
+                    self._take_back(event, Inbox.attempts_path(event), before)
+                    log.warning("event %s: %s; this attempt at applying it is not counted", event, reason)
+
+    def _take_back(self, event: Path, attempts_path: Path, before: int) -> None:
+        self._interrupted.add(event)
+        if before:
+            write_atomically(attempts_path, str(before).encode())
+        else:
+            attempts_path.unlink(missing_ok=True)
+
+
+_IN_PROGRESS = _AttemptsInProgress()
+
+
+def interrupt_applying(reason: str, stopping: bool = True) -> None:
+    """This process is told to stop (`stopping`), or the job applying events timed out: the attempts at the events
+    it is applying are taken back, so that its end does not count towards setting them aside; once it stops, none
+    is counted any more. Safe to call from a signal handler."""
+    _IN_PROGRESS.interrupt(reason, stopping)
+
+
 class Inbox:
-    """Recorded events of one project, in arrival order."""
+    """Recorded events of one project, in arrival order, and those set aside."""
 
     def __init__(self, files: ProjectFiles) -> None:
         self.files = files
@@ -76,28 +147,69 @@ class Inbox:
         return sorted(self.files.inbox.glob("*.json")) if self.files.inbox.is_dir() else []
 
     @staticmethod
-    def _attempts_path(event: Path) -> Path:
+    def attempts_path(event: Path) -> Path:
         return event.with_suffix(".attempts")
 
     def begin_attempt(self, event: Path) -> int:
-        """Count one more attempt at applying `event`, durably, before it starts; returns the count."""
-        try:
-            attempts = int(self._attempts_path(event).read_text()) + 1
-        except (OSError, ValueError):
-            attempts = 1
-        write_atomically(self._attempts_path(event), str(attempts).encode())
-        return attempts
+        """Count one more attempt at applying `event`, durably, before it starts (none once this process is stopping);
+        returns the count. Each begun attempt is ended by `applied`, `set_aside` or `end_attempt`."""
+        return _IN_PROGRESS.begin(event, self.attempts_path(event))
+
+    def interrupted(self, event: Path) -> bool:
+        """Whether an announced stop or a job time-out took back the attempt in progress at `event`."""
+        return _IN_PROGRESS.interrupted(event)
+
+    def end_attempt(self, event: Path) -> None:
+        """The attempt ends with the event left in the inbox."""
+        _IN_PROGRESS.end(event, lambda: None)
 
     def applied(self, event: Path) -> None:
-        self._attempts_path(event).unlink(missing_ok=True)
-        event.unlink()
+        def remove() -> None:
+            self.attempts_path(event).unlink(missing_ok=True)
+            event.unlink()
+
+        _IN_PROGRESS.end(event, remove)
 
     def set_aside(self, event: Path, error: str) -> None:
         """Move an event that cannot be applied to failed/, beside a file saying why."""
-        self.files.failed.mkdir(parents=True, exist_ok=True)
-        event.rename(self.files.failed / event.name)
-        write_atomically(self.files.failed / f"{event.stem}.error.txt", f"{error}\n".encode())
-        self._attempts_path(event).unlink(missing_ok=True)
+
+        def move() -> None:
+            self.files.failed.mkdir(parents=True, exist_ok=True)
+            write_atomically(self.files.failed / f"{event.stem}.error.txt", f"{error}\n".encode())
+            event.rename(self.files.failed / event.name)
+            self.attempts_path(event).unlink(missing_ok=True)
+
+        _IN_PROGRESS.end(event, move)
+
+    def set_aside_paths(self) -> list[Path]:
+        return sorted(self.files.failed.glob("*.json")) if self.files.failed.is_dir() else []
+
+    def set_aside_events(self) -> list[dict]:
+        """The events set aside, oldest first: file name, action, annotation (where one) and why."""
+        listed = []
+        for event in self.set_aside_paths():
+            try:
+                reason = (self.files.failed / f"{event.stem}.error.txt").read_text().strip()
+            except OSError:
+                reason = "unknown"
+            try:
+                body = json.loads(event.read_bytes())
+                annotation = (body.get("annotation") or {}).get("id")
+                action = body.get("action")
+            except (OSError, ValueError, AttributeError):
+                annotation, action = None, None
+            listed.append({"event": event.name, "action": action, "annotation": annotation, "reason": reason})
+        return listed
+
+    def replay_set_aside(self) -> int:
+        """Put every set-aside event back in the inbox, where it keeps its place by arrival time, with its attempts
+        counted afresh; returns how many. Callers then hand the project's events on as a webhook does."""
+        events = self.set_aside_paths()
+        for event in events:
+            self.files.inbox.mkdir(parents=True, exist_ok=True)
+            event.rename(self.files.inbox / event.name)
+            (self.files.failed / f"{event.stem}.error.txt").unlink(missing_ok=True)
+        return len(events)
 
 
 @dataclass
@@ -109,13 +221,13 @@ class IngestOutcome:
 
 
 def _saved_annotation(
-    event: dict, training_set: TrainingSet, resources: Callable[[], TrainingResources], max_pixels: int
+    event: dict, training_set: TrainingSet, resources: Callable[[], TrainingResources], limits: MaskLimits
 ) -> bool:
     """Store an annotation's masks; True if it holds any."""
     annotation, task = event.get("annotation") or {}, event.get("task") or {}
     try:
         config = parse_label_config(event["project"].get("label_config") or "")
-        record, left_out = record_from_webhook(annotation, task, config, max_pixels)
+        record, left_out = record_from_webhook(annotation, task, config, limits)
     except (ConfigError, Rejected) as error:
         training_set.reject(annotation.get("id"), task.get("id"), [("*", str(error))])
         return False
@@ -133,9 +245,9 @@ def _saved_annotation(
         else:
             image_size = tuple(embedding.original_size)
             for region in list(record.regions):
-                if region.mask.shape != image_size:
+                if region.shape != image_size:
                     record.regions.remove(region)
-                    height, width = region.mask.shape
+                    height, width = region.shape
                     reason = f"mask is {width}x{height} but the image is {image_size[1]}x{image_size[0]}"
                     left_out.append((region.region_id, reason))
     training_set.put(record)
@@ -148,13 +260,13 @@ def _apply(
     event: dict,
     training_set: TrainingSet,
     resources: Callable[[], TrainingResources],
-    max_pixels: int,
+    limits: MaskLimits,
     outcome: IngestOutcome,
 ) -> int:
     """Apply one event; returns how many annotations with masks it stored."""
     action = event.get("action")
     if action in ANNOTATION_SAVED:
-        return int(_saved_annotation(event, training_set, resources, max_pixels))
+        return int(_saved_annotation(event, training_set, resources, limits))
     if action == ANNOTATIONS_DELETED:
         ids = [item.get("id") for item in event.get("annotations") or [] if isinstance(item, dict)]
         dropped = [
@@ -168,9 +280,9 @@ def _apply(
     return 0
 
 
-def apply_pending(files: ProjectFiles, resources: Callable[[], TrainingResources], max_pixels: int) -> IngestOutcome:
-    """Apply every recorded event of the project, oldest first; safe to run from several processes.
-    `max_pixels` (MAX_IMAGE_PIXELS) bounds the masks an event may declare."""
+def apply_pending(files: ProjectFiles, resources: Callable[[], TrainingResources], limits: MaskLimits) -> IngestOutcome:
+    """Apply every recorded event of the project, oldest first; safe to run from several processes. `limits` bound
+    the masks an event may declare."""
     outcome = IngestOutcome()
     training_set = TrainingSet(files)
     inbox = Inbox(files)
@@ -188,8 +300,12 @@ def apply_pending(files: ProjectFiles, resources: Callable[[], TrainingResources
                 continue
             try:
                 event = json.loads(path.read_bytes())
-                outcome.stored += _apply(event, training_set, resources, max_pixels, outcome)
-            except Exception as error:  # a bug or a full disk must not block the events behind it
+                outcome.stored += _apply(event, training_set, resources, limits, outcome)
+            except BaseException as error:
+                if inbox.interrupted(path) or not isinstance(error, Exception):
+                    inbox.end_attempt(path)  # a stop or a job time-out: the event waits in the inbox
+                    raise
+                # A bug or a full disk must not block the events behind it.
                 log.exception(
                     "project %d: event %s could not be applied; kept in %s", files.project_id, path.name, files.failed
                 )

@@ -1,11 +1,12 @@
 """Active learning inside a running backend: answers webhooks at once and hands the recorded events on.
 
 With INFERENCE=local a background thread here applies them and trainings run in background threads,
-one at a time per project. With INFERENCE=queue the web tier loads no model: `dispatch` enqueues a job,
-and a worker calls `apply` and then `trainer.train_project` itself (backend/worker/jobs.py). The worker
-reads the events from, and writes the training set and versions to, the MODEL_DIR the web tier recorded
-them in and serves versions from: one folder both must mount. Each checks it (`check_model_dir`), as a
-worker with a folder of its own would otherwise find nothing to apply and say nothing.
+one at a time per project and TRAININGS_AT_ONCE in all. With INFERENCE=queue the web tier loads no model:
+`dispatch` enqueues a job, and a worker calls `apply` and then `trainer.train_project` itself
+(backend/worker/jobs.py), one job at a time. The worker reads the events from, and writes the training set
+and versions to, the MODEL_DIR the web tier recorded them in and serves versions from: one folder both must
+mount. Each checks it (`check_model_dir`), as a worker with a folder of its own would otherwise find nothing
+to apply and say nothing.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from backend.decoders.serving import ProjectDecoders
 from backend.errors import ModelDirNotShared, WebhookError
 from backend.project_files import ProjectFiles, model_dir_identity
 from backend.protocol.ids import is_label_studio_id
-from backend.training.dataset import TrainingSet
+from backend.training.dataset import MaskLimits, TrainingSet
 from backend.training.ingest import (
     ANNOTATION_SAVED,
     ANNOTATIONS_DELETED,
@@ -118,16 +119,40 @@ class ActiveLearning:
         self._outstanding = 0  # queued projects plus running trainings
         self._training: set[int] = set()
         self._train_again: set[int] = set()
+        self._training_slots = threading.BoundedSemaphore(settings.trainings_at_once)
         self._thread: threading.Thread | None = None
+        self._started = False
 
     def start(self) -> None:
-        """Hand on the events a previous process recorded but did not get applied."""
+        """Hand on the events a previous process recorded but did not get applied: once per process, however often
+        /health and /setup (which Label Studio polls) ask for a warm-up."""
+        with self._mutex:
+            if self._started:
+                return
+            self._started = True
         if refusal := fine_tuning_refusal(self.settings):
             log.warning("active learning: %s", refusal)
         for project_id in ProjectFiles.projects(self.settings.model_dir):
             if Inbox(ProjectFiles(self.settings.model_dir, project_id)).pending():
                 log.info("project %d: replaying recorded webhook events", project_id)
                 self._dispatch(project_id)
+
+    def replay_set_aside(self, project_id: int) -> int:
+        """Put the project's set-aside events back in its inbox and hand them on, as a webhook would; returns how many.
+        One that fails again is set aside again, with its new error."""
+        replayed = Inbox(ProjectFiles(self.settings.model_dir, project_id)).replay_set_aside()
+        if replayed:
+            log.info("project %d: %d set-aside webhook events put back in the inbox", project_id, replayed)
+            self._dispatch(project_id)
+        return replayed
+
+    def set_aside_counts(self) -> dict[str, int]:
+        """Per project with any, how many webhook events are set aside (for /status)."""
+        counts = {
+            str(project_id): len(Inbox(ProjectFiles(self.settings.model_dir, project_id)).set_aside_paths())
+            for project_id in ProjectFiles.projects(self.settings.model_dir)
+        }
+        return {project: count for project, count in counts.items() if count}
 
     def _enqueue(self, project_id: int) -> None:
         with self._mutex:
@@ -171,7 +196,7 @@ class ActiveLearning:
         if self.resources is None:
             raise RuntimeError("applying events needs the models; this process has none loaded")
         outcome = apply_pending(
-            ProjectFiles(self.settings.model_dir, project_id), self.resources, self.settings.max_image_pixels
+            ProjectFiles(self.settings.model_dir, project_id), self.resources, MaskLimits.of(self.settings)
         )
         threshold = self.settings.train_after_annotations
         # Only new annotations count towards the threshold: a round that stored none leaves the count
@@ -205,10 +230,19 @@ class ActiveLearning:
             while True:
                 if self._train_project is None:
                     raise RuntimeError("this process does not train; its dispatch hands events to a worker")
+                if not self._training_slots.acquire(blocking=False):
+                    log.info(
+                        "project %d: training waits for one running (TRAININGS_AT_ONCE=%d)",
+                        project_id,
+                        self.settings.trainings_at_once,
+                    )
+                    self._training_slots.acquire()
                 try:
                     self._train_project(project_id)
                 except Exception:  # recorded as the project's last training by train_project
                     log.exception("project %d: training failed", project_id)
+                finally:
+                    self._training_slots.release()
                 with self._mutex:
                     if project_id not in self._train_again:
                         self._training.discard(project_id)
@@ -226,6 +260,7 @@ class ActiveLearning:
             "fine_tuning": self.fine_tuning(),
             "training_set": {**training_set.summary(), "rejected_regions": len(training_set.rejections())},
             "annotations_since_training": read_annotation_count(files),
+            "set_aside_events": Inbox(files).set_aside_events(),
             "training": {
                 "running_here": project_id in self._training,
                 "train_after_annotations": self.settings.train_after_annotations,

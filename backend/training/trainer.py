@@ -1,9 +1,10 @@
 """One training of one project, as a plain function a background thread or a queue worker can call:
 `train_project(project_id, settings) -> TrainingResult`.
 
-It loads the project's training set and the image embeddings (from the cache, or by fetching and
-encoding the image again), holds out whole tasks, fine-tunes the serving decoder, scores both on the
-held-out masks, and writes a new version, which serves only if it scored no worse. Two trainings of
+It streams the project's training set, one annotation at a time, with the image embeddings (from the cache, or
+by fetching and encoding the image again) into its examples (`training.examples`: memory does not grow with the
+project), holds out whole tasks, fine-tunes the serving decoder, scores both on the held-out masks, and writes a new
+version, which serves only if it scored no worse. Two trainings of
 one project never overlap: a file lock guards one host, a Redis lock (when REDIS_URL is set) all hosts.
 """
 
@@ -14,18 +15,18 @@ import json
 import logging
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 
 from backend.cache.locks import exclusive, file_lock
 from backend.config import Settings
 from backend.decoders.versions import VersionStore, parse_pins, pin_for
 from backend.errors import CorruptVersion, ImageError, LockBusy
-from backend.models.base import ImageEmbedding
 from backend.models.sam import SamSegmenter, decoder_weights, load_decoder_weights, with_decoder_state
 from backend.project_files import ProjectFiles, write_atomically
 from backend.training.dataset import AnnotationRecord, TrainingSet
-from backend.training.finetune import Example, FinetuneConfig, evaluate_miou, finetune, make_example
+from backend.training.examples import TrainingExamples
+from backend.training.finetune import FinetuneConfig, evaluate_miou, finetune
 from backend.training.ingest import write_annotation_count
 from backend.training.resources import TrainingResources, shared_resources
 from backend.training.support import fine_tuning_refusal
@@ -75,25 +76,26 @@ def held_out_tasks(task_ids: list[int], fraction: float) -> set[int]:
     return set(ranked[:count])
 
 
-def _examples(
-    records: list[AnnotationRecord], resources: TrainingResources, project_id: int
-) -> list[tuple[int, Example]]:
-    examples = []
-    embeddings: dict[str, tuple[ImageEmbedding, str]] = {}
+def _collect(
+    records: Iterable[AnnotationRecord], resources: TrainingResources, project_id: int, examples: TrainingExamples
+) -> int:
+    """Adds each record's masks to `examples`, one record at a time; returns how many records were read."""
+    count = 0
     for record in records:
-        try:
-            key = record.image_digest or record.image_url
-            if key not in embeddings:
-                embeddings[key] = resources.embedding_for(record.image_url, record.image_digest)
-            embedding, _ = embeddings[key]
-        except ImageError as error:
-            log.warning(
-                "project %d annotation %d left out of this training: %s", project_id, record.annotation_id, error
-            )
-            continue
+        count += 1
+        key = record.image_digest or record.image_url
+        if not examples.has_image(key):
+            try:
+                embedding, _ = resources.embedding_for(record.image_url, record.image_digest)
+            except ImageError as error:
+                log.warning(
+                    "project %d annotation %d left out of this training: %s", project_id, record.annotation_id, error
+                )
+                continue
+            examples.add_image(key, embedding)
         for region in record.regions:
             try:
-                examples.append((record.task_id, make_example(embedding, region.mask)))
+                examples.add(record.task_id, key, region.mask)
             except ValueError as error:
                 log.warning(
                     "project %d annotation %d region %s left out: %s",
@@ -102,7 +104,7 @@ def _examples(
                     region.region_id,
                     error,
                 )
-    return examples
+    return count
 
 
 def train_project(
@@ -135,6 +137,17 @@ def _train_locked(
     resources: TrainingResources,
     on_step: Callable[[int, float], None] | None,
 ) -> TrainingResult:
+    with TrainingExamples() as examples:
+        return _train_on(files, settings, resources, on_step, examples)
+
+
+def _train_on(
+    files: ProjectFiles,
+    settings: Settings,
+    resources: TrainingResources,
+    on_step: Callable[[int, float], None] | None,
+    examples: TrainingExamples,
+) -> TrainingResult:
     project_id = files.project_id
     segmenter = resources.segmenter
     if not isinstance(segmenter, SamSegmenter):
@@ -146,16 +159,15 @@ def _train_locked(
     store.remove_partial()
     with file_lock(files.ingest_lock):
         write_annotation_count(files, 0)
-    records = list(TrainingSet(files).records())
-    examples = _examples(records, resources, project_id)
-    tasks = sorted({task for task, _ in examples})
+    annotations = _collect(TrainingSet(files).records(), resources, project_id, examples)
+    tasks = examples.tasks()
     if len(tasks) < MIN_TASKS:
         reason = f"needs masks on at least {MIN_TASKS} tasks (one is held out to check the result); has {len(tasks)}"
         log.info("project %d: training skipped: %s", project_id, reason)
         return TrainingResult(project_id, "skipped", reason)
     held_out = held_out_tasks(tasks, settings.train_held_out_fraction)
-    train = [example for task, example in examples if task not in held_out]
-    check = [example for task, example in examples if task in held_out]
+    train = examples.of_tasks(set(tasks) - held_out)
+    check = examples.of_tasks(held_out)
 
     versions, _ = store.scan()
     pin = pin_for(parse_pins(settings.model_version_pin), project_id)
@@ -193,7 +205,7 @@ def _train_locked(
         "train_masks": len(train),
         "held_out_masks": len(check),
         "held_out_tasks": sorted(held_out),
-        "annotations": len(records),
+        "annotations": annotations,
         "steps": report.steps,
         "steps_per_second": round(report.steps_per_second, 3),
         "first_loss": round(report.first_loss, 6),

@@ -10,6 +10,8 @@ start without the loaded models and must never fork after CUDA is initialised. F
   the job);
 - a job taken off several queues goes through RQ's intermediate list, as one taken off one queue does
   (ClaimingQueue), so it is never in the worker's memory alone.
+Stops are announced to active learning (`training.ingest.interrupt_applying`): a warm or cold shutdown and a job's
+time-out take back the attempt at the webhook event being applied, so that no deploy sets an event aside.
 And two additions: a pre-annotation job takes along the pre-annotation jobs already waiting behind it, up
 to PREANNOTATE_BATCH in all, so their images go through the models together; and a second RQ worker in a
 thread of the same process takes clicks only (INTERACTIVE_THREAD), sharing the loaded models, so a click
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import signal
 import threading
 import time
 from collections.abc import Iterable
@@ -29,7 +32,7 @@ from rq import Queue, SimpleWorker, worker_registration
 from rq.exceptions import DequeueTimeout
 from rq.executions import Execution
 from rq.job import Job
-from rq.timeouts import TimerDeathPenalty
+from rq.timeouts import BaseDeathPenalty, TimerDeathPenalty, UnixSignalDeathPenalty
 from rq.utils import as_text
 from rq.worker import WorkerStatus
 
@@ -45,6 +48,7 @@ from backend.inference.queue import (
     PREANNOTATE_QUEUE,
     WORKER_QUEUES,
 )
+from backend.training.ingest import interrupt_applying
 from backend.training.service import check_published_model_dir
 from backend.worker import jobs
 
@@ -102,15 +106,35 @@ class ClaimingQueue(Queue):
                 return found
 
 
+class AnnouncedTimeout(UnixSignalDeathPenalty):
+    """RQ's job time-out, which first says so to active learning: a learn job that overran TRAIN_JOB_TIMEOUT while
+    applying an event leaves it in the inbox, its attempt not counted."""
+
+    def handle_death_penalty(self, signum, frame) -> None:
+        interrupt_applying(f"the job overran its time-out ({self._timeout} s)", stopping=False)
+        super().handle_death_penalty(signum, frame)
+
+
 class ModelWorker(SimpleWorker):
     """RQ's SimpleWorker with the changes and the batching that the module docstring lists."""
 
     queue_class = ClaimingQueue
+    death_penalty_class: type[BaseDeathPenalty] = AnnouncedTimeout
 
     def __init__(self, *args, preannotate_batch: int = 1, model_version: str = "", **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.preannotate_batch = preannotate_batch
         self.model_version = model_version
+
+    def request_stop(self, signum, frame) -> None:
+        """Warm shutdown (SIGTERM, SIGINT): the job in hand finishes, unless a SIGKILL comes first (`docker stop`'s
+        ten seconds): either way the process ends by request."""
+        interrupt_applying(f"the worker got {signal.Signals(signum).name} (warm shutdown)")
+        super().request_stop(signum, frame)
+
+    def request_force_stop(self, signum, frame) -> None:
+        interrupt_applying(f"the worker got {signal.Signals(signum).name} again (cold shutdown)")
+        super().request_force_stop(signum, frame)
 
     @property
     def lease_s(self) -> int:
