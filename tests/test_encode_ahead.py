@@ -20,6 +20,8 @@ from backend.inference.queue import (
     ENCODE_SCHEDULED_KEY,
     INTERACTIVE_JOB,
     INTERACTIVE_QUEUE,
+    LEARN_JOB,
+    TRAINING_QUEUE,
     QueuePredictor,
     schedule_import_encoding,
 )
@@ -84,11 +86,22 @@ def test_imported_tasks_are_encoded_on_a_worker_and_the_first_click_hits(setting
 def test_a_click_queued_behind_encoding_jobs_is_taken_first(queue_redis):
     connection = redis.Redis.from_url(queue_redis.url)
     queues = worker_queues(connection)
-    assert [queue.name for queue in queues][0] == INTERACTIVE_QUEUE and queues[-1].name == ENCODE_QUEUE
+    assert [queue.name for queue in queues][0] == INTERACTIVE_QUEUE
     encoding = [Queue(ENCODE_QUEUE, connection=connection).enqueue(ENCODE_AHEAD_JOB, project) for project in (1, 2)]
     click = Queue(INTERACTIVE_QUEUE, connection=connection).enqueue(INTERACTIVE_JOB, "digest", 1, None)
     taken = [ClaimingQueue.dequeue_any(queues, None, connection=connection)[0].id for _ in range(3)]
     assert taken == [click.id, *(job.id for job in encoding)]
+
+
+def test_encoding_ahead_is_taken_before_waiting_webhook_events(queue_redis):
+    """Each annotation queues a learn job: behind them, encoding ahead waited while the annotators worked, and the
+    soak's first clicks were cold for half the walk. Encoding ahead goes first; the events wait on disk."""
+    connection = redis.Redis.from_url(queue_redis.url)
+    queues = worker_queues(connection)
+    events = [Queue(TRAINING_QUEUE, connection=connection).enqueue(LEARN_JOB, 1, {"n": n}) for n in range(2)]
+    encoding = Queue(ENCODE_QUEUE, connection=connection).enqueue(ENCODE_AHEAD_JOB, 1)
+    taken = [ClaimingQueue.dequeue_any(queues, None, connection=connection)[0].id for _ in range(3)]
+    assert taken == [encoding.id, *(job.id for job in events)]
 
 
 def test_an_import_of_100000_tasks_is_one_list_on_disk_and_one_queued_job(settings, queue_redis):
