@@ -325,6 +325,31 @@ def test_in_queue_mode_encoding_ahead_at_the_bound_does_not_queue_itself_again(
     assert ImportedTasks(ProjectFiles(settings.model_dir, 1)).pending()  # left for later, not dropped
 
 
+def test_in_queue_mode_a_torn_last_import_line_does_not_queue_the_encoding_job_again(
+    settings, queue_redis, monkeypatch, caplog
+):
+    """The soak tore the imported-task list's last line (a kill mid-append): `take` found nothing whole to take,
+    `pending` still saw bytes past the cursor, and with room in the cache the job queued itself again and again until
+    the next import repaired the line; ahead of the webhook events, that spin held them back too."""
+    predictor = Predictor(settings, MemoryStore(1 << 30))
+    predictor.models.get(120)
+    monkeypatch.setattr(jobs, "_predictor", predictor)
+    imported = ImportedTasks(ProjectFiles(settings.model_dir, 1))
+    imported.append([ImportedTask(1, PROJECT_1_IMAGES[0])])
+    assert imported.take() == ImportedTask(1, PROJECT_1_IMAGES[0])  # encoded already, say
+    with open(imported.path, "ab") as handle:
+        handle.write(b'{"id": 2, "ima')
+    connection = redis.Redis.from_url(queue_redis.url)
+    schedule_import_encoding(connection, 1, 60, imports=True)
+    caplog.set_level("INFO")
+    SimpleWorker([Queue(ENCODE_QUEUE, connection=connection)], connection=connection).work(burst=True, max_jobs=50)
+    assert sum(": Job OK" in record.getMessage() for record in caplog.records) == 1
+    assert Queue(ENCODE_QUEUE, connection=connection).count == 0
+    assert not imported.pending()
+    imported.append([ImportedTask(2, PROJECT_1_IMAGES[1])])  # the next import is read whole
+    assert imported.take() == ImportedTask(2, PROJECT_1_IMAGES[1])
+
+
 def test_clicks_on_a_task_whose_next_images_are_cached_download_none_of_them(settings, redis_url, label_studio):
     """Ten clicks on task 1 with tasks 2-5's images cached: their images are recognised by URL, not downloaded
     again, and the coverage list does not grow."""
