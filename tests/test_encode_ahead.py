@@ -20,6 +20,8 @@ from backend.inference.queue import (
     ENCODE_SCHEDULED_KEY,
     INTERACTIVE_JOB,
     INTERACTIVE_QUEUE,
+    LEARN_JOB,
+    TRAINING_QUEUE,
     QueuePredictor,
     schedule_import_encoding,
 )
@@ -84,11 +86,22 @@ def test_imported_tasks_are_encoded_on_a_worker_and_the_first_click_hits(setting
 def test_a_click_queued_behind_encoding_jobs_is_taken_first(queue_redis):
     connection = redis.Redis.from_url(queue_redis.url)
     queues = worker_queues(connection)
-    assert [queue.name for queue in queues][0] == INTERACTIVE_QUEUE and queues[-1].name == ENCODE_QUEUE
+    assert [queue.name for queue in queues][0] == INTERACTIVE_QUEUE
     encoding = [Queue(ENCODE_QUEUE, connection=connection).enqueue(ENCODE_AHEAD_JOB, project) for project in (1, 2)]
     click = Queue(INTERACTIVE_QUEUE, connection=connection).enqueue(INTERACTIVE_JOB, "digest", 1, None)
     taken = [ClaimingQueue.dequeue_any(queues, None, connection=connection)[0].id for _ in range(3)]
     assert taken == [click.id, *(job.id for job in encoding)]
+
+
+def test_encoding_ahead_is_taken_before_waiting_webhook_events(queue_redis):
+    """Each annotation queues a learn job: behind them, encoding ahead waited while the annotators worked, and the
+    soak's first clicks were cold for half the walk. Encoding ahead goes first; the events wait on disk."""
+    connection = redis.Redis.from_url(queue_redis.url)
+    queues = worker_queues(connection)
+    events = [Queue(TRAINING_QUEUE, connection=connection).enqueue(LEARN_JOB, 1, {"n": n}) for n in range(2)]
+    encoding = Queue(ENCODE_QUEUE, connection=connection).enqueue(ENCODE_AHEAD_JOB, 1)
+    taken = [ClaimingQueue.dequeue_any(queues, None, connection=connection)[0].id for _ in range(3)]
+    assert taken == [encoding.id, *(job.id for job in events)]
 
 
 def test_an_import_of_100000_tasks_is_one_list_on_disk_and_one_queued_job(settings, queue_redis):
@@ -310,6 +323,31 @@ def test_in_queue_mode_encoding_ahead_at_the_bound_does_not_queue_itself_again(
     assert Queue(ENCODE_QUEUE, connection=connection).count == 0
     assert not connection.exists(ENCODE_SCHEDULED_KEY.format(project=1))
     assert ImportedTasks(ProjectFiles(settings.model_dir, 1)).pending()  # left for later, not dropped
+
+
+def test_in_queue_mode_a_torn_last_import_line_does_not_queue_the_encoding_job_again(
+    settings, queue_redis, monkeypatch, caplog
+):
+    """The soak tore the imported-task list's last line (a kill mid-append): `take` found nothing whole to take,
+    `pending` still saw bytes past the cursor, and with room in the cache the job queued itself again and again until
+    the next import repaired the line; ahead of the webhook events, that spin held them back too."""
+    predictor = Predictor(settings, MemoryStore(1 << 30))
+    predictor.models.get(120)
+    monkeypatch.setattr(jobs, "_predictor", predictor)
+    imported = ImportedTasks(ProjectFiles(settings.model_dir, 1))
+    imported.append([ImportedTask(1, PROJECT_1_IMAGES[0])])
+    assert imported.take() == ImportedTask(1, PROJECT_1_IMAGES[0])  # encoded already, say
+    with open(imported.path, "ab") as handle:
+        handle.write(b'{"id": 2, "ima')
+    connection = redis.Redis.from_url(queue_redis.url)
+    schedule_import_encoding(connection, 1, 60, imports=True)
+    caplog.set_level("INFO")
+    SimpleWorker([Queue(ENCODE_QUEUE, connection=connection)], connection=connection).work(burst=True, max_jobs=50)
+    assert sum(": Job OK" in record.getMessage() for record in caplog.records) == 1
+    assert Queue(ENCODE_QUEUE, connection=connection).count == 0
+    assert not imported.pending()
+    imported.append([ImportedTask(2, PROJECT_1_IMAGES[1])])  # the next import is read whole
+    assert imported.take() == ImportedTask(2, PROJECT_1_IMAGES[1])
 
 
 def test_clicks_on_a_task_whose_next_images_are_cached_download_none_of_them(settings, redis_url, label_studio):

@@ -432,6 +432,34 @@ def test_a_live_worker_keeps_its_jobs_past_one_lease(workers, queue_redis):
     assert len({job.worker_name for job in sleepers}) == 1
 
 
+def test_a_worker_held_up_past_its_lease_mid_job_is_counted_again_at_its_next_renewal(workers, queue_redis):
+    """A worker whose process does not run for longer than its lease (a machine loaded far past its cores, as the
+    soak's was) loses its registration. Its next renewal, while the same long job runs on, must register it again:
+    renewing only the expiry left a registration of `last_heartbeat` alone, which the web tier does not count, and
+    with the other worker's restart it answered 503 "no inference worker is running" while this one served on."""
+    connection = redis.Redis.from_url(queue_redis.url)
+    workers.start(1)
+    process = workers.processes[0]
+    long_job = Queue(PREANNOTATE_QUEUE, connection=connection).enqueue(time.sleep, 5 * LEASE_S, job_timeout=120)
+    deadline = time.time() + 60
+    while long_job.get_status(refresh=True) != "started" and time.time() < deadline:
+        time.sleep(0.1)
+    assert alive_workers(connection) == 1
+    os.kill(process.pid, signal.SIGSTOP)
+    try:
+        deadline = time.time() + 3 * LEASE_S
+        while alive_workers(connection) == 1 and time.time() < deadline:
+            time.sleep(0.2)
+        assert alive_workers(connection) == 0  # its registration expired
+    finally:
+        os.kill(process.pid, signal.SIGCONT)
+    deadline = time.time() + LEASE_S  # renewals come every WORKER_TTL / 3
+    while alive_workers(connection) == 0 and time.time() < deadline:
+        time.sleep(0.2)
+    assert long_job.get_status(refresh=True) == "started"  # still in the same job
+    assert alive_workers(connection) == 1
+
+
 def test_rq_dashboard_reads_the_same_redis(workers, queue_redis, tmp_path):
     """The job library's own dashboard, pointed at the backend's Redis, sees its queues, jobs and workers."""
     workers.start(1)

@@ -275,6 +275,18 @@ def test_an_annotation_declaring_more_than_the_caps_is_left_out_undecoded(learni
 TRAINING_MEMORY_BOUND = 80 * 1024 * 1024
 
 
+def served_shapes(media_root, folder: str, seeds: range, height: int, width: int) -> list[tuple[int, str, np.ndarray]]:
+    """Synthetic shape images written where the Label Studio stand-in serves them: (seed, URL, the shape's mask)."""
+    images = []
+    for seed in seeds:
+        image, mask = shape_image(seed, height=height, width=width)
+        path = media_root / "upload" / folder / f"{seed}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(encode(image, "PNG"))
+        images.append((seed, f"/data/upload/{folder}/{seed}.png", mask))
+    return images
+
+
 def test_training_memory_does_not_grow_with_the_annotations(learning_settings, media_root):
     """Four tasks of 3000x2000 pixels, each annotated with twelve brushes: 288 MB of masks at a byte per pixel,
     which ingestion and the trainer held at once, beside every image's embedding. Streamed, the peak of what they
@@ -284,13 +296,7 @@ def test_training_memory_does_not_grow_with_the_annotations(learning_settings, m
     pixel."""
     settings = replace(learning_settings, train_after_annotations=0, train_steps=4)
     client, predictor = make_client(settings)
-    images = []
-    for seed in range(30, 34):
-        image, mask = shape_image(seed, height=2000, width=3000)
-        path = media_root / "upload" / "big" / f"{seed}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(encode(image, "PNG"))
-        images.append((seed, f"/data/upload/big/{seed}.png", mask))
+    images = served_shapes(media_root, "big", range(30, 34), height=2000, width=3000)
     for _, url, _ in images:  # fetched and encoded once first: the measure is of what grows with the annotations
         predictor.training_resources().embedding_for(url, None)
     bodies = [brush_event(35, 3500 + seed, seed, url, [mask] * 12) for seed, url, mask in images]
@@ -312,6 +318,30 @@ def test_training_memory_does_not_grow_with_the_annotations(learning_settings, m
     assert result.metrics["train_masks"] + result.metrics["held_out_masks"] == 48
     assert ingest_peak < TRAINING_MEMORY_BOUND, f"ingestion allocated {ingest_peak / 2**20:.0f} MiB at its peak"
     assert training_peak < TRAINING_MEMORY_BOUND, f"training allocated {training_peak / 2**20:.0f} MiB at its peak"
+
+
+def test_a_training_encodes_the_annotated_images_it_misses_without_caching_them(learning_settings, media_root):
+    """The soak's cache held a tenth of the project: a training re-encoded the annotated images evicted since their
+    annotation and stored each, pushing out the images encoded ahead of the annotators, whose next dozen first clicks
+    went cold. The trainer uses such an embedding once: it is not stored, and what the cache held stays."""
+    settings = replace(learning_settings, train_after_annotations=0, train_steps=2)
+    client, predictor = make_client(settings)
+    images = served_shapes(media_root, "small", range(40, 43), height=240, width=320)
+    cache = redis.Redis.from_url(settings.cache_url)
+    before = set(cache.scan_iter("sam:emb:*"))
+    for seed, url, mask in images:
+        assert post_webhook(client, brush_event(36, 3600 + seed, seed, url, [mask]))["status"] == "queued"
+    assert predictor.learning.wait_idle(300)
+    annotated = set(cache.scan_iter("sam:emb:*")) - before
+    assert len(annotated) == len(images)  # ingestion cached each annotated image
+    cache.delete(*annotated)  # evicted by the images annotators opened since
+    cache.set(b"sam:emb:an-image-encoded-ahead", b"x" * 1000)
+
+    result = train_project(36, settings, replace(predictor.training_resources(), decoders=None))
+
+    assert result.status == "trained", result
+    assert result.metrics["train_masks"] + result.metrics["held_out_masks"] == len(images)
+    assert set(cache.scan_iter("sam:emb:*")) - before == {b"sam:emb:an-image-encoded-ahead"}
 
 
 def test_one_training_at_a_time_per_process(learning_settings, shapes, caplog):

@@ -102,6 +102,9 @@ class ImportedTasks:
     def take(self) -> ImportedTask | None:
         """The next task not yet taken, or None when encoding has caught up with the imports."""
         with file_lock(self.lock_path):
+            # Appends hold the lock: an unfinished last line is torn, not being written. Cut off now, or `pending`
+            # counts it as a task left and the encoding job asks again for ever (until the next import repairs it).
+            jsonl.repaired(self.path)
             cursor = self._cursor()
             try:
                 with open(self.path, "rb") as handle:
@@ -109,7 +112,7 @@ class ImportedTasks:
                     while True:
                         line = handle.readline()
                         if not line.endswith(b"\n"):
-                            return None  # nothing more (or a line being appended)
+                            return None  # nothing more
                         cursor += len(line)
                         listed = _parsed(line)
                         if listed is not None and not listed[1]:

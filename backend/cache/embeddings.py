@@ -94,13 +94,17 @@ class EmbeddingCache:
         self.entry_bytes = len(data)
         return deserialize_embedding(data)
 
-    def get_or_encode(self, image_digest: str, load_image: Callable[[], np.ndarray]) -> CachedEmbedding:
-        """`load_image` is only called on a miss, so a cached image is never decoded again."""
-        (cached,) = self.get_or_encode_many([(image_digest, load_image)])
+    def get_or_encode(
+        self, image_digest: str, load_image: Callable[[], np.ndarray], keep: bool = True
+    ) -> CachedEmbedding:
+        """`load_image` is only called on a miss, so a cached image is never decoded again. Without `keep` a miss
+        is encoded and not stored: for a reader that uses it once (the trainer), whose entries would push the
+        images annotators are about to open out of a full cache."""
+        (cached,) = self.get_or_encode_many([(image_digest, load_image)], keep=keep)
         return cached
 
     def get_or_encode_many(
-        self, images: list[tuple[str, Callable[[], np.ndarray]]], encode_step: EncodeStep = no_step
+        self, images: list[tuple[str, Callable[[], np.ndarray]]], encode_step: EncodeStep = no_step, keep: bool = True
     ) -> list[CachedEmbedding]:
         """Embeddings of (digest, load_image) pairs, in their order: the misses are encoded together in one
         encoder pass, each image once however often it is listed. The pass runs inside `encode_step(misses)`,
@@ -116,13 +120,13 @@ class EmbeddingCache:
             else:
                 results[digest] = CachedEmbedding(cached, cache_hit=True)
         if loaders:
-            results.update(self._encode_misses(loaders, encode_step))
+            results.update(self._encode_misses(loaders, encode_step, keep))
         return [results[digest] for digest, _ in images]
 
     def _encode_misses(
-        self, loaders: dict[str, Callable[[], np.ndarray]], encode_step: EncodeStep
+        self, loaders: dict[str, Callable[[], np.ndarray]], encode_step: EncodeStep, keep: bool
     ) -> dict[str, CachedEmbedding]:
-        """Encode and store the images still missing once this process's and every process's locks for them
+        """Encode and store (`keep`) the images still missing once this process's and every process's locks for them
         are held. Locks are taken in one global order (stripes by index, then keys sorted), so two batches
         that share images wait for each other instead of deadlocking."""
         keys = {digest: self.key(digest) for digest in loaders}
@@ -148,17 +152,19 @@ class EmbeddingCache:
             for digest, embedding in zip(missing, encoded, strict=True):
                 data = serialize_embedding(embedding)
                 self.entry_bytes = len(data)
-                self.store.set(keys[digest], data, self.ttl_s)
+                if keep:
+                    self.store.set(keys[digest], data, self.ttl_s)
                 # Each image is charged its share of the pass, so per-image timings still add up.
                 results[digest] = CachedEmbedding(
                     deserialize_embedding(data), cache_hit=False, encode_seconds=elapsed / len(missing)
                 )
                 # One line per image (operators and the load tests count encodes per image from it).
                 log.info(
-                    "encoded image %s in a pass of %d (%.2fs, %d bytes cached)",
+                    "encoded image %s in a pass of %d (%.2fs, %d bytes %s)",
                     digest[:12],
                     len(missing),
                     elapsed,
                     len(data),
+                    "cached" if keep else "used once, not cached",
                 )
             return results

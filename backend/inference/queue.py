@@ -42,9 +42,13 @@ log = logging.getLogger(__name__)
 
 INTERACTIVE_QUEUE = "sam-interactive"
 PREANNOTATE_QUEUE = "sam-preannotate"
-TRAINING_QUEUE = "sam-training"  # webhook events and trainings; taken when the clicks' and batches' are empty
-ENCODE_QUEUE = "sam-encode"  # encoding ahead of the annotator; taken when every other queue is empty
-WORKER_QUEUES = (INTERACTIVE_QUEUE, PREANNOTATE_QUEUE, TRAINING_QUEUE, ENCODE_QUEUE)  # the order a worker takes them
+# Encoding ahead of the annotator: taken when the clicks' and batches' are empty, before the webhook events. Below
+# them, one learn job per annotation (and each training) kept the workers busy while the annotators clicked, and every
+# first click was cold until the events ran out. It cannot hold the events back for long: at the cache's bound it
+# encodes only the PREFETCH_TASKS images after each click, and below it no more than the bound has room for.
+ENCODE_QUEUE = "sam-encode"
+TRAINING_QUEUE = "sam-training"  # webhook events and trainings; taken when every other queue is empty
+WORKER_QUEUES = (INTERACTIVE_QUEUE, PREANNOTATE_QUEUE, ENCODE_QUEUE, TRAINING_QUEUE)  # the order a worker takes them
 ENCODE_SCHEDULED_KEY = "sam:encode-imports:{project}"  # set while a project's encoding job is queued or running
 PREFETCH_KEY = "sam:prefetch:{project}"  # the image URLs that job encodes before the imported tasks
 WORKER_KEY_PREFIX = "rq:worker:"

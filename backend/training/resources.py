@@ -26,8 +26,11 @@ class TrainingResources:
     max_image_pixels: int
     decoders: ProjectDecoders | None = None  # set in-process, to get a new version ready before it is asked for
 
-    def embedding_for(self, image_url: str, expected_digest: str | None) -> tuple[ImageEmbedding, str]:
-        """The image's embedding and digest; raises ImageError if the URL now serves another image."""
+    def embedding_for(
+        self, image_url: str, expected_digest: str | None, keep: bool = True
+    ) -> tuple[ImageEmbedding, str]:
+        """The image's embedding and digest; raises ImageError if the URL now serves another image. Without `keep`
+        an image not cached is encoded and not stored (`EmbeddingCache.get_or_encode`)."""
         if expected_digest is not None:
             cached = self.embeddings.lookup(expected_digest)
             if cached is not None:
@@ -35,7 +38,9 @@ class TrainingResources:
         image = self.fetcher.fetch(image_url)
         if expected_digest is not None and image.digest != expected_digest:
             raise ImageError(f"{redact_url(image_url)} now serves another image than the one annotated")
-        result = self.embeddings.get_or_encode(image.digest, lambda: decode_image(image.data, self.max_image_pixels))
+        result = self.embeddings.get_or_encode(
+            image.digest, lambda: decode_image(image.data, self.max_image_pixels), keep
+        )
         return result.embedding, image.digest
 
 

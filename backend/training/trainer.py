@@ -86,7 +86,10 @@ def _collect(
         key = record.image_digest or record.image_url
         if not examples.has_image(key):
             try:
-                embedding, _ = resources.embedding_for(record.image_url, record.image_digest)
+                # Its cached embedding is used; one evicted since is encoded and not stored again: a training reads
+                # every annotated image once, and in a cache smaller than them it pushed out the images encoded
+                # ahead of the annotators, whose first clicks then went cold.
+                embedding, _ = resources.embedding_for(record.image_url, record.image_digest, keep=False)
             except ImageError as error:
                 log.warning(
                     "project %d annotation %d left out of this training: %s", project_id, record.annotation_id, error

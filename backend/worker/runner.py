@@ -165,11 +165,25 @@ class ModelWorker(SimpleWorker):
     def heartbeat(self, timeout: int | None = None, pipeline=None) -> None:
         timeout = timeout or self.lease_s
         super().heartbeat(timeout, pipeline=pipeline)
-        if pipeline is None and not self.connection.sismember(worker_registration.REDIS_WORKER_KEYS, self.key):
-            log.warning("worker %s: Redis lost its registration (restarted?); registering again", self.name)
+        if pipeline is None and not self._registered():
+            log.warning(
+                "worker %s: its registration was lost (Redis restarted, or the worker was held up past its lease); "
+                "registering again",
+                self.name,
+            )
             self.connection.hset(self.key, mapping=self.serialize())
             self.connection.expire(self.key, timeout)
             worker_registration.register(self)
+
+    def _registered(self) -> bool:
+        """Whether the web tier counts this worker (`alive_workers`): listed, and its registration's hash whole. A
+        heartbeat after the registration expired writes a hash of `last_heartbeat` alone, and the listing stays: the
+        worker served on, uncounted, for good."""
+        with self.connection.pipeline() as pipeline:
+            pipeline.sismember(worker_registration.REDIS_WORKER_KEYS, self.key)
+            pipeline.hexists(self.key, "pid")
+            listed, whole = pipeline.execute()
+        return bool(listed and whole)
 
     def prepare_execution(self, job: Job) -> Execution:
         """Register `job` as this worker's and mark it STARTED in one transaction (see the module docstring)."""
@@ -214,8 +228,8 @@ class ModelWorker(SimpleWorker):
     def _renew_leases(self) -> None:
         """This worker's registration and the lease of every job it holds (RQ's `executions`: the job running and
         those claimed behind it), as RQ's forking worker renews them from the parent of its job process."""
+        self.heartbeat()  # not in the pipeline: it checks the registration is whole, and restores it if not
         with self.connection.pipeline() as pipeline:
-            self.heartbeat(pipeline=pipeline)
             # A job that ends while this runs leaves only a stray last_heartbeat for one lease: the registries
             # are renewed only where the job still is (RQ's xx), and nothing reads an execution's hash otherwise.
             for execution in self.executions.copy().values():
@@ -287,7 +301,7 @@ class RoutineRqLines(logging.Filter):
 
 
 def worker_queues(connection: redis.Redis) -> list[ClaimingQueue]:
-    """The queues a worker takes jobs from, in priority order: clicks, pre-annotation, training, encoding ahead."""
+    """The queues a worker takes jobs from, in priority order: clicks, pre-annotation, encoding ahead, training."""
     return [ClaimingQueue(name, connection=connection) for name in WORKER_QUEUES]
 
 
