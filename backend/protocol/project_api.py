@@ -14,7 +14,7 @@ from operator import attrgetter
 from typing import Any
 
 import httpx
-from label_studio_sdk import PredictionRequest
+from label_studio_sdk import LabelStudio, PredictionRequest
 from label_studio_sdk.core.api_error import ApiError
 
 from backend.errors import LabelStudioUnavailable, ProjectApiError
@@ -47,7 +47,15 @@ class ProjectApi:
             raise ProjectApiError("a project run needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY")
         self.url = url
         self.api_key = api_key
-        self.client = label_studio_client(url, api_key, timeout=HTTP_TIMEOUT_S)
+        self._client: LabelStudio | None = None
+
+    @property
+    def client(self) -> LabelStudio:
+        """label-studio-sdk's client, made on first use: the SDK refuses an expired key when the client is made,
+        and that refusal belongs to the call that needs Label Studio (a 4xx naming the key), not to start-up."""
+        if self._client is None:
+            self._client = label_studio_client(self.url, self.api_key, timeout=HTTP_TIMEOUT_S)
+        return self._client
 
     def _call(self, what: str, method: str, **kwargs):
         """The SDK client's `method` (a dotted path such as "projects.get"), its ApiError turned into ours. A 401
@@ -60,7 +68,7 @@ class ProjectApi:
             except ApiError as error:
                 if error.status_code != 401 or not sdk_authorization(self.client).startswith("Bearer "):
                     raise
-                self.client = label_studio_client(self.url, self.api_key, timeout=HTTP_TIMEOUT_S)
+                self._client = None
                 return attrgetter(method)(self.client)(**kwargs)
         except ApiError as error:
             status = error.status_code or 0
