@@ -344,7 +344,8 @@ class Settings:
         "MAX_ANSWER_BYTES",
         2_000_000,
         "bytes of one task's answer as JSON (what Label Studio stores as its prediction); past it the regions of the "
-        "least confident objects are left out, with a log line (docs/preannotation.md has sizes of real masks)",
+        "least confident objects are left out, with a log line (docs/preannotation.md has sizes of real masks); "
+        "the smart tools' answers are not capped",
         minimum=1000,
         section=S_REGIONS,
     )

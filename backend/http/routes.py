@@ -12,7 +12,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TypedDict
 
 from flask import Blueprint, Response, current_app, jsonify, request
@@ -217,7 +217,7 @@ def _predict_interactive(
         prediction = deadline.run(
             backend.predictor.predict_interactive, image_url, task.get("id"), prompts, project_id, config
         )
-        rules = region_rules(backend.settings, config)
+        rules = replace(region_rules(backend.settings, config), max_answer_bytes=None)
         return task_answer(prediction, config, backend.settings.base_model_version, rules)
     except TASK_ERRORS as error:
         return error

@@ -126,7 +126,9 @@ class RegionRules:
 
     mask_regions: str  # for a label both a PolygonLabels and a BrushLabels control have: polygon, brush or both
     polygons: PolygonRules
-    max_answer_bytes: int  # of one task's answer as JSON (MAX_ANSWER_BYTES)
+    # Of one task's answer as JSON (MAX_ANSWER_BYTES); None for the smart tools' answers, which become the annotator's
+    # own regions rather than a stored prediction: every region asked for is answered.
+    max_answer_bytes: int | None
 
 
 def region_rules(settings: Settings, config: ProjectConfig) -> RegionRules:
@@ -196,6 +198,8 @@ def task_answer(
 def within_answer_bytes(entry: dict, rules: RegionRules) -> dict:
     """The answer with the regions of its least confident objects left out until its JSON fits MAX_ANSWER_BYTES
     (Label Studio stores it whole, and every annotator opening the task downloads it); logged, saying why."""
+    if rules.max_answer_bytes is None:
+        return entry
     size = len(json.dumps(entry))
     if size <= rules.max_answer_bytes:
         return entry
