@@ -54,3 +54,23 @@ def test_an_answer_within_max_answer_bytes_is_whole():
     config = parse_label_config(label_config)
     entry = task_answer(prediction, config, "v", region_rules(Settings(), config)).entry
     assert len(entry["result"]) == 19
+
+
+def test_a_capped_answer_leaves_out_whole_objects_and_scores_what_it_kept():
+    """An object shown as a brush and a rectangle is kept or left out whole, and the task's score is that of the least
+    confident object kept (Label Studio orders tasks by it)."""
+    prediction, label_config = voc_prediction((4032, 3024))
+    labels = label_config.split("</BrushLabels>")[0].split(">", 3)[-1]
+    label_config = label_config.replace(
+        "</View>", f'<RectangleLabels name="box" toName="image">{labels}</RectangleLabels></View>'
+    )
+    config = parse_label_config(label_config)
+    for obj in prediction.objects:  # each from a detector's box, as pre-annotation's objects are
+        rows, columns = np.nonzero(obj.mask)
+        obj.box = (float(columns.min()), float(rows.min()), float(columns.max() + 1), float(rows.max() + 1))
+    capped = task_answer(prediction, config, "v", region_rules(Settings(max_answer_bytes=300_000), config)).entry
+
+    brushes = sorted(region["score"] for region in capped["result"] if region["type"] == "brushlabels")
+    rectangles = sorted(region["score"] for region in capped["result"] if region["type"] == "rectanglelabels")
+    assert 0 < len(brushes) < 19 and brushes == rectangles
+    assert capped["score"] == min(brushes)

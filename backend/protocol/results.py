@@ -206,7 +206,9 @@ def within_answer_bytes(entry: dict, rules: RegionRules) -> dict:
     regions = sorted(entry["result"], key=lambda region: region["score"], reverse=True)
     kept_bytes = size
     while regions and kept_bytes > rules.max_answer_bytes:
-        kept_bytes -= len(json.dumps(regions.pop())) + 2  # the region and its separator
+        left_out = regions[-1]["score"]
+        while regions and regions[-1]["score"] == left_out:  # the object's every region: brush, polygons, rectangle
+            kept_bytes -= len(json.dumps(regions.pop())) + 2  # the region and its separator
     log.warning(
         "a task's answer took %d bytes, more than MAX_ANSWER_BYTES (%d): %d of its %d regions are kept, the least "
         "confident left out (ragged masks cost most as brushes: a PolygonLabels control or a higher MAX_ANSWER_BYTES "
@@ -217,4 +219,5 @@ def within_answer_bytes(entry: dict, rules: RegionRules) -> dict:
         len(entry["result"]),
     )
     kept = {id(region) for region in regions}
-    return {**entry, "result": [region for region in entry["result"] if id(region) in kept]}
+    score = min((region["score"] for region in regions), default=0.0)  # the task's score is its objects' least
+    return {**entry, "result": [region for region in entry["result"] if id(region) in kept], "score": score}
