@@ -590,7 +590,7 @@ def test_the_shipped_redis_layout_keeps_every_queued_job_when_the_cache_overflow
     services = compose_services()
     worker_env = services["worker"]["environment"]
     cache_host = urlparse(worker_env.get("CACHE_REDIS_URL", worker_env["REDIS_URL"])).hostname
-    cache_bytes = 8 << 20
+    cache_bytes = 16 << 20  # room for the four 2 MiB embeddings the jobs store, and the keys written beside them
     servers = {}
     for name, service in services.items():
         if service.get("image", "").startswith("redis"):
