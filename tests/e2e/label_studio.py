@@ -25,6 +25,11 @@ INSTALL_TIMEOUT_S = 1200
 START_TIMEOUT_S = 600
 
 
+# Label Studio pins few of its dependencies; these are the ones a newer release broke. sentry-sdk 3.0 refuses the
+# `send_default_pii` option Label Studio 1.23.2 passes at start-up ("TypeError: Unknown option").
+LABEL_STUDIO_PINS = ("sentry-sdk==2.76.0",)
+
+
 def installed_version(python: Path) -> str | None:
     if not python.exists():
         return None
@@ -44,7 +49,7 @@ def ensure_label_studio() -> Path:
         started = time.perf_counter()
         subprocess.run([sys.executable, "-m", "venv", "--clear", venv], check=True)
         subprocess.run(
-            [python, "-m", "pip", "install", "-q", f"label-studio=={LABEL_STUDIO_VERSION}"],
+            [python, "-m", "pip", "install", "-q", f"label-studio=={LABEL_STUDIO_VERSION}", *LABEL_STUDIO_PINS],
             check=True,
             timeout=INSTALL_TIMEOUT_S,
         )
