@@ -253,7 +253,7 @@ class ProjectRun:
                 continue
             if self._limit_reached() or self.should_stop():
                 self.attempted.discard(task.id)
-                return
+                break  # the tasks already in `batch` are still worked
             batch.append(task)
             self._submitted += 1
             if len(batch) >= self.options.batch_size:
