@@ -15,7 +15,7 @@ from segment_anything.build_sam import _build_sam
 
 from backend.cache.embeddings import serialize_embedding
 from backend.config import Settings
-from backend.models.registry import load_segmenter
+from backend.models.registry import MODEL_BUILD_LOCK, load_segmenter
 from backend.protocol.brush_rle import decode_mask
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,7 +26,8 @@ def build_small_sam(seed: int = 0) -> torch.nn.Module:
     """The real SAM architecture with a reduced image encoder (the prompt encoder and mask decoder are
     full size), random weights."""
     torch.manual_seed(seed)
-    return _build_sam(encoder_embed_dim=64, encoder_depth=2, encoder_num_heads=2, encoder_global_attn_indexes=[1])
+    with MODEL_BUILD_LOCK:  # see MODEL_BUILD_LOCK: a model loading on another thread would leave these empty
+        return _build_sam(encoder_embed_dim=64, encoder_depth=2, encoder_num_heads=2, encoder_global_attn_indexes=[1])
 
 
 def smooth_object_image(width: int, height: int, seed: int = 0) -> np.ndarray:

@@ -11,6 +11,7 @@ import torch
 import transformers
 from transformers.models.clip.tokenization_clip import bytes_to_unicode
 
+from backend.models.registry import MODEL_BUILD_LOCK
 from backend.models.transformers_detectors import ARCHITECTURES
 from tests.grounding_dino_weights import write_text_encoder
 
@@ -41,7 +42,9 @@ def write_grounding_dino(folder: Path, kind: str = "grounding-dino", small: bool
     else:
         config = config_class(text_config={"model_type": "bert", "vocab_size": vocab_size})
     torch.manual_seed(seed)
-    getattr(transformers, model_class)(config).save_pretrained(folder)
+    with MODEL_BUILD_LOCK:
+        model = getattr(transformers, model_class)(config)
+    model.save_pretrained(folder)
     processor = transformers.GroundingDinoProcessor(
         transformers.GroundingDinoImageProcessor(), transformers.BertTokenizerFast.from_pretrained(text_folder)
     )
@@ -64,7 +67,9 @@ def write_owlv2(folder: Path, small: bool = True, seed: int = 0) -> Path:
     text = {"vocab_size": len(vocab), "max_position_embeddings": 16, **(SMALL_CLIP if small else {})}
     config = transformers.Owlv2Config(text_config=text, vision_config=vision, projection_dim=32 if small else 512)
     torch.manual_seed(seed)
-    transformers.Owlv2ForObjectDetection(config).save_pretrained(folder)
+    with MODEL_BUILD_LOCK:
+        model = transformers.Owlv2ForObjectDetection(config)
+    model.save_pretrained(folder)
     image_processor = transformers.Owlv2ImageProcessor(size={"height": image_size, "width": image_size})
     transformers.Owlv2Processor(image_processor, tokenizer).save_pretrained(folder)
     return folder

@@ -12,6 +12,7 @@ import torch
 from transformers import BertConfig, BertModel, BertTokenizerFast
 
 from backend.models.grounding_dino import packaged_config
+from backend.models.registry import MODEL_BUILD_LOCK
 
 # Enough whole words for the prompts the tests type; any other word is spelt with the letter pieces.
 WORDS = "car wheel tyre tire person dog cat box bottle red blue sedan window road tree sky shape object".split()
@@ -38,7 +39,9 @@ def write_text_encoder(
         max_position_embeddings=512,
     )
     torch.manual_seed(0)
-    BertModel(config).save_pretrained(folder)
+    with MODEL_BUILD_LOCK:  # see MODEL_BUILD_LOCK: a model loading on another thread would leave these empty
+        model = BertModel(config)
+    model.save_pretrained(folder)
     BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True).save_pretrained(folder)
     return folder
 
@@ -59,7 +62,7 @@ def write_checkpoint(path: Path, config: Path, text_encoder: Path, seed: int = 0
     args.text_encoder_type = str(text_encoder)
     args.device = "cpu"
     torch.manual_seed(seed)
-    with contextlib.redirect_stdout(sys.stderr):
+    with contextlib.redirect_stdout(sys.stderr), MODEL_BUILD_LOCK:
         model = build_model(args)
     torch.save({"model": model.state_dict()}, path)
     return path

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -235,15 +236,17 @@ def test_a_start_on_another_worker_leaves_the_running_project_run_alone(sam_chec
             runner = started.headers["X-Worker-Pid"]
             stopping = requests.delete(f"{url}/preannotate", params=project, timeout=30, headers=fresh)
             assert stopping.status_code == 202
-            for _ in range(40):
+            # The runner's worker paused for a moment, so that the other one takes the next connections: which
+            # worker accepts a connection is otherwise up to the kernel, and one busy worker can take them all.
+            os.kill(int(runner), signal.SIGSTOP)
+            try:
                 again = requests.post(f"{url}/preannotate", json=project, timeout=30, headers=fresh)
-                assert again.status_code == 409, again.text
-                if again.headers["X-Worker-Pid"] != runner:
-                    break
-            else:
-                pytest.fail("every start went to the worker running the project")
-            progress = requests.get(f"{url}/preannotate", params=project, timeout=30).json()
-            assert progress["state"] == "running" and progress["total"] == 3, progress
+                progress = requests.get(f"{url}/preannotate", params=project, timeout=30, headers=fresh)
+            finally:
+                os.kill(int(runner), signal.SIGCONT)
+            assert again.status_code == 409, again.text
+            assert again.headers["X-Worker-Pid"] != runner and progress.headers["X-Worker-Pid"] != runner
+            assert progress.json()["state"] == "running" and progress.json()["total"] == 3, progress.text
             label_studio.release.set()
             for _ in range(100):
                 progress = requests.get(f"{url}/preannotate", params=project, timeout=30).json()
