@@ -20,7 +20,7 @@ import requests
 import yaml
 from rq import Queue, Retry, Worker
 from rq.job import Job
-from rq.registry import StartedJobRegistry
+from rq.registry import CanceledJobRegistry, StartedJobRegistry
 
 from backend.app import make_predictor
 from backend.cache.connection import SOCKET_TIMEOUT_S, redis_client
@@ -653,3 +653,41 @@ def test_the_web_tier_reports_the_workers_model_version_so_a_second_project_run_
         assert (progress["predicted"], progress["skipped"]) == ((2, 0) if run == 0 else (0, 2)), progress
     imported = label_studio.imported[project]
     assert len(imported) == 2 and {prediction["model_version"] for prediction in imported} == {workers_version}
+
+
+def test_chunks_the_workers_have_not_answered_by_the_deadline_go_on_in_the_background_and_are_imported(
+    web_settings, workers, grounding_dino_files, label_studio
+):
+    """ "Retrieve predictions" in queue mode: a chunk still waiting for a worker at PREDICT_DEADLINE is cancelled and
+    its tasks handed to the project's background run, which imports their predictions, as in the local mode."""
+    workers.start(1, **grounding_env(grounding_dino_files))
+    (worker,) = workers.processes
+    images = ["/data/upload/1/e0d87ad7-car_640x480.jpg", "/data/upload/1/a5529614-car_400x300_exif6.png"]
+    project = label_studio.add_project(recorded("03-predict-batch.json")["label_config"], images)
+    task_ids = [task["id"] for task in label_studio.projects[project]["tasks"]]
+    body = recorded("03-predict-batch.json")
+    body["project"] = f"{project}.1795623701"
+    body["tasks"] = [{"id": task_id, "data": label_studio.task(task_id)["data"]} for task_id in task_ids]
+    # The only worker paused (still registered: a lease outlives the deadline) leaves every chunk waiting.
+    web_settings = replace(web_settings, predict_deadline_s=1, grounding_dino_batch=1, job_timeout_s=120)
+    web = create_app(web_settings, make_predictor(web_settings)).test_client()
+    os.kill(worker.pid, signal.SIGSTOP)
+    try:
+        response = web.post("/predict", json=body)
+        queue = Queue(PREANNOTATE_QUEUE, connection=redis.Redis.from_url(web_settings.redis_url))
+        cancelled = CanceledJobRegistry(queue=queue).count
+    finally:
+        os.kill(worker.pid, signal.SIGCONT)
+    assert response.status_code == 503, response.json
+    assert response.json["background"] == {
+        "project": project,
+        "tasks": task_ids,
+        "progress": f"/preannotate?project={project}",
+    }
+    assert "PREDICT_DEADLINE" in response.json["error"] and "background" in response.json["error"]
+    assert cancelled == len(task_ids)  # the batch's chunk jobs (one image each), not left for the worker
+    deadline = time.time() + 300
+    while len(label_studio.imported[project]) < len(task_ids) and time.time() < deadline:
+        time.sleep(0.5)
+    assert sorted(prediction["task"] for prediction in label_studio.imported[project]) == task_ids
+    assert all(prediction["result"] for prediction in label_studio.imported[project])

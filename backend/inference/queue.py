@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +29,7 @@ from backend.cache.store import MemoryStore, ResilientStore
 from backend.config import Settings
 from backend.deadline import NO_LIMIT, TimeLimit
 from backend.decoders.serving import ProjectDecoders
-from backend.errors import BackendError, ImageError, InferenceUnavailable
+from backend.errors import BackendError, DeadlineExceeded, ImageError, InferenceUnavailable
 from backend.images import FetchedImage, FetchRules, ImageFetcher
 from backend.inference.base import FETCH_THREADS, InteractiveFront
 from backend.outcomes import TaskPrediction
@@ -291,17 +292,29 @@ class QueuePredictor(InteractiveFront):
         """Pre-annotation on the low-priority queue, one job per chunk of GROUNDING_DINO_BATCH images: each
         chunk's images are fetched here side by side, stored in Redis and let go before the next chunk's, so
         the web tier holds one chunk at a time. The workers run the same pass as the local mode and send back
-        each task's Label Studio JSON. The jobs carry the limit (`limit`, PREDICT_DEADLINE at most), so a
-        worker starts no step past it; a chunk not answered by then gives its tasks the reason as their error,
-        and when no chunk is answered at all that reason is raised."""
-        waited = TimeLimit(min(limit.remaining(), self.settings.predict_deadline_s))
+        each task's Label Studio JSON. The jobs carry the limit, so a worker starts no step past it: `limit`
+        (PREDICT_DEADLINE at most) for a request, and for work without one (a project run, a task open going on
+        in the background) as long as the chunks take one after another on one worker, each stopped by
+        JOB_TIMEOUT. A chunk still queued or running at the limit gives its tasks DeadlineExceeded, as the
+        local mode's chunks past the deadline do, so that "Retrieve predictions" hands them to the project's
+        background run; a chunk that failed or found no worker gives them the reason, raised when no chunk is
+        answered at all."""
         chunk = max(self.settings.grounding_dino_batch, 1)
+        if math.isinf(limit.expires_at):
+            waited = TimeLimit(self.settings.job_timeout_s * math.ceil(len(image_urls) / chunk))
+            late = DeadlineExceeded(
+                f"the workers did not answer within {waited.seconds:.0f} s (JOB_TIMEOUT for each chunk of "
+                "GROUNDING_DINO_BATCH images); a task left without a prediction is tried again by the next run"
+            )
+        else:
+            waited = TimeLimit(min(limit.remaining(), self.settings.predict_deadline_s))
+            late = waited.exceeded()
         # Per chunk: each task's error, or None for an image sent in the chunk's job.
         sent: list[tuple[list[BackendError | None], Job | None]] = []
         for first in range(0, len(image_urls), chunk):
             urls = image_urls[first : first + chunk]
             if waited.expired():
-                sent.append(([waited.exceeded()] * len(urls), None))
+                sent.append(([late] * len(urls), None))
                 continue
             with ThreadPoolExecutor(max_workers=min(FETCH_THREADS, len(urls))) as pool:
                 loaded = list(pool.map(self._fetch_or_error, urls))
@@ -324,7 +337,7 @@ class QueuePredictor(InteractiveFront):
             answers: list[TaskAnswer | BackendError] = []
             if job is not None:
                 try:
-                    answers = self._chunk_answers(job, waited)
+                    answers = self._chunk_answers(job, waited, late)
                 except (InferenceUnavailable, BackendError) as error:
                     if isinstance(error, InferenceUnavailable):
                         unanswered.append(error)
@@ -335,15 +348,29 @@ class QueuePredictor(InteractiveFront):
             raise unanswered[0]
         return outcomes
 
-    def _chunk_answers(self, job: Job, waited: TimeLimit) -> list[TaskAnswer | BackendError]:
+    def _chunk_answers(self, job: Job, waited: TimeLimit, late: DeadlineExceeded) -> list[TaskAnswer | BackendError]:
         """A chunk job's answers; looked up once more past the limit, for a chunk answered while earlier ones
-        were awaited."""
+        were awaited. Past the limit without an answer: `late` while the job waits or runs (a job
+        still queued is cancelled, as its limit has passed), InferenceUnavailable when it failed or no worker
+        is alive."""
         if not waited.expired():
-            return self._wait(job, waited.expires_at)
+            try:
+                return self._wait(job, waited.expires_at)
+            except InferenceUnavailable:
+                if not waited.expired():  # lost, failed or no worker alive: said before the limit
+                    raise
         result = job.latest_result()
-        if result is None or result.type != Result.Type.SUCCESSFUL:
-            raise InferenceUnavailable(f"no answer from the workers within {waited.seconds:.0f} s")
-        return _returned(result)
+        if result is not None and result.type == Result.Type.SUCCESSFUL:
+            return _returned(result)
+        try:
+            status = job.get_status(refresh=True)
+            if status == JobStatus.QUEUED:
+                job.cancel()
+        except (InvalidJobOperation, redis.RedisError):
+            status = None
+        if status in (JobStatus.QUEUED, JobStatus.STARTED, JobStatus.DEFERRED, JobStatus.SCHEDULED):
+            raise late
+        raise InferenceUnavailable(f"no answer from the workers within {waited.seconds:.0f} s")
 
     def _fetch_or_error(self, url: object) -> FetchedImage | ImageError:
         try:
