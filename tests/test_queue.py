@@ -18,7 +18,7 @@ import pytest
 import redis
 import requests
 import yaml
-from rq import Queue, Retry, Worker
+from rq import Queue, Retry, Worker, worker_registration
 from rq.job import Job
 from rq.registry import CanceledJobRegistry, StartedJobRegistry
 
@@ -42,7 +42,7 @@ from backend.prompts.interactive import ContextPrompts, read_context
 from backend.protocol.label_config import parse_label_config
 from backend.protocol.results import TaskAnswer
 from backend.worker import jobs
-from backend.worker.runner import HEARTBEAT_MARGIN_S, ClaimingQueue, ModelWorker
+from backend.worker.runner import HEARTBEAT_MARGIN_S, ClaimingQueue, ClickLane, ModelWorker
 from tests.assets import decode_brush, encode, recorded, smooth_object_image
 from tests.services import REPO, WORKER_ENV, RedisServer, Workers, free_port, model_workers
 
@@ -691,3 +691,28 @@ def test_chunks_the_workers_have_not_answered_by_the_deadline_go_on_in_the_backg
         time.sleep(0.5)
     assert sorted(prediction["task"] for prediction in label_studio.imported[project]) == task_ids
     assert all(prediction["result"] for prediction in label_studio.imported[project])
+
+
+def test_a_stopped_click_lane_takes_no_click_enqueued_after_its_stop(queue_redis):
+    """The worker's click lane, stopped while it waits (the worker's SIGTERM), leaves before the process exits: a
+    click enqueued next stays queued for a live worker instead of waiting in RQ's intermediate list for a minute."""
+    connection = redis_client(queue_redis.url)
+    clicks = ClaimingQueue(INTERACTIVE_QUEUE, connection=connection)
+    lane = ClickLane([clicks], name="lane" + CLICK_LANE_SUFFIX, connection=connection, worker_ttl=3)
+    lane.start("WARNING")
+
+    def registered() -> bool:
+        return lane.key.encode() in connection.smembers(worker_registration.REDIS_WORKER_KEYS)
+
+    deadline = time.time() + 30
+    while not registered() and time.time() < deadline:
+        time.sleep(0.1)
+    assert registered(), "the lane never registered"
+
+    lane.stop(wait_s=5)
+
+    assert not lane.thread.is_alive()
+    job = clicks.enqueue("os.getcwd")
+    time.sleep(3)  # longer than one of the lane's polls
+    assert clicks.job_ids == [job.id] and connection.llen(clicks.intermediate_queue.key) == 0
+    assert not registered()

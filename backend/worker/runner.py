@@ -268,13 +268,24 @@ class ClickLane(ModelWorker):
     def _install_signal_handlers(self) -> None:
         """Signals belong to the main worker, which stops this lane when it stops."""
 
+    def dequeue_job_and_maintain_ttl(self, timeout: int | None, max_idle_time: int | None = None):
+        """RQ's wait for a click, one poll (at most BLOCKING_READ_S) at a time, until a stop is asked: RQ's own wait
+        never looks at a stop, so a lane about to exit could take a click that then waited in RQ's intermediate list
+        until another worker's clean-up, a minute later."""
+        if timeout is None:  # a burst's look, which does not wait
+            return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+        while not self._stop_requested:
+            result = super().dequeue_job_and_maintain_ttl(timeout, max_idle_time=timeout)
+            if result is not None:
+                return result
+        return None
+
     def stop(self, wait_s: float) -> None:
-        """Finish the click in hand (up to `wait_s`), then leave; an idle lane unregisters at once."""
+        """Finish the click in hand (up to `wait_s`) or the poll going on, then leave."""
         self._stop_requested = True
-        if self.get_state() == WorkerStatus.BUSY:
-            self.thread.join(wait_s)
+        self.thread.join(wait_s + BLOCKING_READ_S)
         if self.thread.is_alive():
-            # Blocked waiting for a job: the process exits under it, so say goodbye on its behalf.
+            # Still in a click past its time: the process exits under it, so say goodbye on its behalf.
             self.register_death()
 
     def start(self, logging_level: str) -> None:
