@@ -231,7 +231,9 @@ def run_paths(args: argparse.Namespace) -> None:
         client = create_app(settings, predictor).test_client()
         predictor.models.get(600), predictor.detector.get(600)
         body = {"label_config": LABEL_CONFIG, "params": {"context": None}, "project": f"{project}.1"}
-        client.post("/predict", json={**body, "tasks": [{"id": 10**9, "data": {"image": urls[0]}}]})  # warm-up
+        # Warm-up on an image outside the project: without a project nothing is imported or handed over.
+        warm_up = {"label_config": LABEL_CONFIG, "params": {"context": None}}
+        client.post("/predict", json={**warm_up, "tasks": [{"id": 10**9, "data": {"image": urls[0]}}]})
         print("models loaded; one Retrieve predictions ...", flush=True)
         started = time.perf_counter()
         tasks = [{"id": task_id, "data": {"image": url}} for task_id, url in zip(task_ids, urls[1:], strict=True)]
