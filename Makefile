@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# TORCH=cpu: PyTorch's CPU-only wheels (no CUDA libraries), at the versions requirements.txt pins, installed first.
+# TORCH=cpu: PyTorch's CPU-only wheels (no CUDA libraries), at the versions requirements-torch.txt pins, installed first.
 TORCH ?= default
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 # Said at once when that index does not answer, instead of pip's minutes of retries and an unrelated error.
@@ -23,18 +23,18 @@ TEST_INSTALLED := $(VENV)/.requirements-test-installed
 
 install: $(INSTALLED)
 
-$(INSTALLED): requirements.txt requirements-web.txt | $(BIN)/python
+$(INSTALLED): requirements.txt requirements-torch.txt requirements-web.txt | $(BIN)/python
 ifeq ($(TORCH),cpu)
 	@$(BIN)/python -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=10)' \
 		$(TORCH_CPU_INDEX)/torch/ 2>/dev/null || { echo "$(TORCH_CPU_UNREACHABLE)" >&2; exit 1; }
-	$(BIN)/pip install -q --index-url $(TORCH_CPU_INDEX) $(shell grep -E '^torch(vision)?==' requirements.txt)
+	$(BIN)/pip install -q --index-url $(TORCH_CPU_INDEX) -r requirements-torch.txt
 endif
 	$(BIN)/pip install -q -r requirements.txt
 	touch $@
 
 install-test: $(TEST_INSTALLED)
 
-$(TEST_INSTALLED): requirements-test.txt requirements-demo.txt requirements.txt requirements-web.txt | $(BIN)/python
+$(TEST_INSTALLED): requirements-test.txt requirements-demo.txt requirements.txt requirements-torch.txt requirements-web.txt | $(BIN)/python
 	$(BIN)/pip install -q -r requirements-test.txt
 	touch $@
 
