@@ -6,7 +6,6 @@ import io
 import json
 import logging
 import re
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from PIL import Image
 
 from tests.assets import encodes_logged, recorded
 from tests.conftest import make_client
-from tests.test_gunicorn import ProjectApiStandIn
+from tests.test_gunicorn import ProjectApiStandIn, run_ended
 
 CONFIG_WITHOUT_BRUSH = (
     '<View><Image name="image" value="$image"/><KeyPointLabels name="kp" toName="image">'
@@ -227,11 +226,7 @@ def test_a_stop_asked_while_the_run_is_still_starting_stops_it(settings, redis_u
         assert started.status_code == 202 and started.json["state"] == "starting", started.json
         assert client.delete("/preannotate", query_string=project).status_code == 202
         label_studio.release.set()
-        for _ in range(100):
-            progress = client.get("/preannotate", query_string=project).json
-            if progress["state"] not in ("starting", "running"):
-                break
-            time.sleep(0.2)
+        progress = run_ended(lambda: client.get("/preannotate", query_string=project).json)
         assert progress["state"] == "stopped" and progress["message"] == "stopped on request", progress
     finally:
         label_studio.close()

@@ -13,7 +13,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -140,6 +140,14 @@ def test_metrics_add_up_over_all_workers(gunicorn):
     assert reporters == set(served)
 
 
+def run_ended(progress: Callable[[], dict], timeout_s: float = 20) -> dict:
+    """A project run's progress (`progress()`, GET /preannotate's answer) once the run has ended, or the last seen."""
+    deadline = time.monotonic() + timeout_s
+    while (seen := progress())["state"] in ("starting", "running") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return seen
+
+
 class ProjectApiStandIn:
     """Label Studio's project API for one project of 3 tasks, whose task listing waits until `release` is set: a
     run of it stays running for as long as a test needs. With `hold_project` the project itself waits too: the
@@ -248,11 +256,7 @@ def test_a_start_on_another_worker_leaves_the_running_project_run_alone(sam_chec
             assert again.headers["X-Worker-Pid"] != runner and progress.headers["X-Worker-Pid"] != runner
             assert progress.json()["state"] == "running" and progress.json()["total"] == 3, progress.text
             label_studio.release.set()
-            for _ in range(100):
-                progress = requests.get(f"{url}/preannotate", params=project, timeout=30).json()
-                if progress["state"] not in ("starting", "running"):
-                    break
-                time.sleep(0.2)
+            progress = run_ended(lambda: requests.get(f"{url}/preannotate", params=project, timeout=30).json())
             assert progress["state"] == "stopped" and progress["message"] == "stopped on request", progress
     finally:
         label_studio.close()
