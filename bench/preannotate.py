@@ -49,6 +49,7 @@ from backend.cache.store import MemoryStore  # noqa: E402
 from backend.config import Settings  # noqa: E402
 from backend.http.server import create_app  # noqa: E402
 from backend.inference.local import Predictor  # noqa: E402
+from backend.protocol.label_config import parse_label_config  # noqa: E402
 from tests.assets import build_small_sam, smooth_object_image  # noqa: E402
 from tests.grounding_dino_weights import write_checkpoint, write_config, write_text_encoder  # noqa: E402
 from tests.label_studio_standin import LabelStudioStandIn  # noqa: E402
@@ -231,9 +232,9 @@ def run_paths(args: argparse.Namespace) -> None:
         client = create_app(settings, predictor).test_client()
         predictor.models.get(600), predictor.detector.get(600)
         body = {"label_config": LABEL_CONFIG, "params": {"context": None}, "project": f"{project}.1"}
-        # Warm-up on an image outside the project: without a project nothing is imported or handed over.
-        warm_up = {"label_config": LABEL_CONFIG, "params": {"context": None}}
-        client.post("/predict", json={**warm_up, "tasks": [{"id": 10**9, "data": {"image": urls[0]}}]})
+        # Warm-up on an image outside the project, run to its end here (a one-task /predict would go on in the
+        # background as a task open, beside the batch measured): it measures every step for the chunk sizing.
+        predictor.predict_batch([urls[0]], parse_label_config(LABEL_CONFIG))
         print("models loaded; one Retrieve predictions ...", flush=True)
         started = time.perf_counter()
         tasks = [{"id": task_id, "data": {"image": url}} for task_id, url in zip(task_ids, urls[1:], strict=True)]
