@@ -367,3 +367,49 @@ def test_one_training_at_a_time_per_process(learning_settings, shapes, caplog):
     ]
     assert sorted(steps) == [(36, "end"), (36, "start"), (37, "end"), (37, "start")]
     assert steps[0][0] == steps[1][0] and steps[2][0] == steps[3][0], steps  # each ended before the next began
+
+
+def test_a_worker_told_to_stop_mid_training_stops_and_another_worker_trains(settings, shapes, sam_checkpoint, tmp_path):
+    """A deploy SIGTERMs a queue worker while it trains: it stops between two steps instead of holding the stop up
+    for the rest of the training (and being SIGKILLed with the training lost, the annotation count already reset);
+    the training waits in the inbox, and the next worker trains."""
+    server = RedisServer(tmp_path).start()
+    pool = Workers(server.url, sam_checkpoint, tmp_path)
+    training = dict(
+        MODEL_DIR=settings.model_dir,
+        LABEL_STUDIO_URL=settings.label_studio_url,
+        LABEL_STUDIO_API_KEY=settings.label_studio_api_key,
+        TRAIN_AFTER_ANNOTATIONS="2",
+        TRAIN_BATCH_SIZE="1",
+        TRAIN_CORRECTION_ROUNDS="0",
+    )
+    try:
+        queue_settings = replace(settings, inference="queue", redis_url=server.url)
+        web = create_app(queue_settings, QueuePredictor(queue_settings, redis.Redis.from_url(server.url))).test_client()
+        pool.start(1, **training, TRAIN_STEPS="1000000")  # a training that would run for hours
+        for annotation_id, seed in zip((4101, 4102), (20, 21), strict=True):
+            url, mask = shapes[seed]
+            assert post_webhook(web, annotation_event("ANNOTATION_CREATED", 41, annotation_id, seed, url, mask))
+        log = tmp_path / "worker0.log"
+        deadline = time.monotonic() + 300
+        while "project 41: training from" not in log.read_text():
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        (first,) = pool.processes
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=30) == 0, log.read_text()[-3000:]
+        files = ProjectFiles(settings.model_dir, 41)
+        (waiting,) = Inbox(files).pending()
+        assert json.loads(waiting.read_text())["action"] == "START_TRAINING"
+        assert web.get("/versions?project=41").json["versions"] == []
+
+        pool.start(1, **training, TRAIN_STEPS="2")
+        deadline = time.monotonic() + 300
+        while (listing := web.get("/versions?project=41").json)["training"]["last"] is None:
+            assert time.monotonic() < deadline, listing
+            time.sleep(0.5)
+        assert listing["training"]["last"]["status"] == "trained", listing
+        assert [version["name"] for version in listing["versions"]] == ["v1"] and not Inbox(files).pending()
+    finally:
+        pool.stop()
+        server.stop()

@@ -78,6 +78,19 @@ def preannotate_job(
     return {"kwargs": kwargs, "meta": {BATCH_GROUP_META: group}}
 
 
+def enqueue_learning(training_queue: Queue, settings: Settings, project_id: int, web_model_dir: dict | None) -> None:
+    """A job that applies the project's recorded webhook events on a worker and trains it when that makes a training
+    due; `web_model_dir` is the MODEL_DIR the events were recorded in (`model_dir_stamp`), which the worker checks."""
+    training_queue.enqueue(
+        LEARN_JOB,
+        project_id,
+        web_model_dir,
+        job_timeout=settings.train_job_timeout_s,
+        result_ttl=24 * 3600,
+        failure_ttl=24 * 3600,
+    )
+
+
 def schedule_import_encoding(connection: redis.Redis, project_id: int, job_timeout_s: int, imports: bool) -> None:
     """Queue the project's encoding job unless one is queued or running already. The job encodes one prefetched or
     (`imports`: ENCODE_ON_IMPORT) imported task and queues itself again while tasks are left
@@ -200,14 +213,7 @@ class QueuePredictor(InteractiveFront):
 
     def _learn_on_a_worker(self, project_id: int) -> None:
         try:
-            self.training_queue.enqueue(
-                LEARN_JOB,
-                project_id,
-                model_dir_stamp(self.settings),
-                job_timeout=self.settings.train_job_timeout_s,
-                result_ttl=24 * 3600,
-                failure_ttl=24 * 3600,
-            )
+            enqueue_learning(self.training_queue, self.settings, project_id, model_dir_stamp(self.settings))
         except redis.RedisError as error:
             # The events are on disk: the project's next webhook, or a restart of the web tier, hands them on.
             log.warning("project %d: webhook events recorded but not queued, Redis unreachable: %s", project_id, error)

@@ -125,6 +125,11 @@ class _AttemptsInProgress:
 _IN_PROGRESS = _AttemptsInProgress()
 
 
+def process_stopping() -> str | None:
+    """Why this process was told to stop (`interrupt_applying` with `stopping`), or None while it runs on."""
+    return _IN_PROGRESS.stopping
+
+
 def interrupt_applying(reason: str, stopping: bool = True) -> None:
     """This process is told to stop (`stopping`), or the job applying events timed out: the attempts at the events
     it is applying are taken back, so that its end does not count towards setting them aside; once it stops, none

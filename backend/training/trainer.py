@@ -27,7 +27,7 @@ from backend.project_files import ProjectFiles, write_atomically
 from backend.training.dataset import AnnotationRecord, TrainingSet
 from backend.training.examples import TrainingExamples
 from backend.training.finetune import FinetuneConfig, evaluate_miou, finetune
-from backend.training.ingest import write_annotation_count
+from backend.training.ingest import START_TRAINING, Inbox, process_stopping, write_annotation_count
 from backend.training.resources import TrainingResources, shared_resources
 from backend.training.support import fine_tuning_refusal
 
@@ -36,11 +36,23 @@ log = logging.getLogger(__name__)
 MIN_TASKS = 2  # one task at least to learn from and one to check the result on
 
 
+class TrainingStopped(Exception):
+    """The process was told to stop (a deploy's SIGTERM) in the middle of a training."""
+
+
+def _stop_point() -> None:
+    """Between two images or two steps of a training: a process told to stop ends its training here, instead of
+    holding the stop up for the rest of it (minutes) until a SIGKILL ended it with the training lost."""
+    reason = process_stopping()
+    if reason is not None:
+        raise TrainingStopped(reason)
+
+
 @dataclass
 class TrainingResult:
     project_id: int
     # "trained", "skipped" (not enough data), "busy" (another training runs), "refused" (a segmenter it cannot
-    # fine-tune), "failed"
+    # fine-tune), "stopped" (the process was told to stop; the training waits in the inbox), "failed"
     status: str
     reason: str = ""
     version: str | None = None
@@ -82,6 +94,7 @@ def _collect(
     """Adds each record's masks to `examples`, one record at a time; returns how many records were read."""
     count = 0
     for record in records:
+        _stop_point()
         count += 1
         key = record.image_digest or record.image_url
         if not examples.has_image(key):
@@ -123,6 +136,12 @@ def train_project(
         with training_lock(files, settings):
             try:
                 result = _train_locked(files, settings, resources or shared_resources(settings), on_step)
+            except TrainingStopped as stop:
+                # The count of annotations since the last training was reset as it began: the training itself waits
+                # in the inbox, for the next process that applies the project's events.
+                Inbox(files).record({"action": START_TRAINING, "project": {"id": project_id}})
+                log.info("project %d: training stopped (%s); it waits in the inbox as START_TRAINING", project_id, stop)
+                return TrainingResult(project_id, "stopped", f"the process was told to stop: {stop}")
             except BaseException as error:
                 failed = TrainingResult(project_id, "failed", f"{type(error).__name__}: {error}")
                 write_atomically(files.last_training, json.dumps(failed.as_dict()).encode())
@@ -195,7 +214,13 @@ def _train_on(
         config.steps,
     )
     before = evaluate_miou(model, check)
-    report = finetune(model, train, config, on_step)
+
+    def step_done(step: int, loss: float) -> None:
+        _stop_point()
+        if on_step is not None:
+            on_step(step, loss)
+
+    report = finetune(model, train, config, step_done)
     after = evaluate_miou(model, check)
     accepted = after >= before
     metrics = {

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import redis
-from rq import get_current_job
+from rq import Queue, get_current_job
 from rq.exceptions import DeserializationError
 from rq.job import Job
 
@@ -34,7 +34,9 @@ from backend.inference.queue import (
     PREANNOTATE_JOB,
     PREFETCH_KEY,
     STORED_PREFIX,
+    TRAINING_QUEUE,
     enqueue_import_encoding,
+    enqueue_learning,
     schedule_import_encoding,
     stored_url,
 )
@@ -225,7 +227,14 @@ def learn(project_id: int, web_model_dir: dict | None = None) -> dict | None:
         check_model_dir(predictor.settings, web_model_dir)
     if not predictor.learning.apply(project_id):
         return None
-    return predictor.train_project(project_id).as_dict()
+    result = predictor.train_project(project_id)
+    if result.status == "stopped":
+        # The training waits in the inbox; another worker takes it up now rather than at the project's next webhook.
+        job = get_current_job()
+        if job is not None:
+            training_queue = Queue(TRAINING_QUEUE, connection=job.connection)
+            enqueue_learning(training_queue, predictor.settings, project_id, web_model_dir)
+    return result.as_dict()
 
 
 def encode_batch(image_urls: list[object], project_id: int | None = None) -> list[bool | BackendError]:
