@@ -99,6 +99,7 @@ class RssSample:
     role: str  # web (a gunicorn worker) or worker (an RQ worker)
     pid: int
     bytes: int
+    after_faults: bool  # every fault had run (a fault held up, e.g. by a worker's grace period, runs late)
 
 
 @dataclass
@@ -156,10 +157,10 @@ class SoakReport:
         return sum(click.outcome.cache == "hit" for click in counted) / len(counted) if counted else 0.0
 
     def rss_points(self) -> tuple[int, int]:
-        """The sampling rounds compared: the first after WARMED_UP_AT of the walk (after every fault), and the last
+        """The sampling rounds compared: the first after WARMED_UP_AT of the walk and after every fault, and the last
         (taken once the walk ended)."""
         rounds = [sample.round for sample in self.rss]
-        warmed = [sample.round for sample in self.rss if sample.fraction >= WARMED_UP_AT]
+        warmed = [sample.round for sample in self.rss if sample.fraction >= WARMED_UP_AT and sample.after_faults]
         return min(warmed, default=max(rounds, default=0)), max(rounds, default=0)
 
     def rss_at(self, round_: int, role: str) -> dict[int, int]:
@@ -489,7 +490,8 @@ class Soak:
         ]
         for role, pid in processes:
             if (rss := rss_bytes(pid)) is not None:
-                self.report.rss.append(RssSample(self.rss_round, fraction, role, pid, rss))
+                after_faults = len(self.report.faults) == len(FAULTS) or self.report.watch_error is not None
+                self.report.rss.append(RssSample(self.rss_round, fraction, role, pid, rss, after_faults))
 
     # After the walk.
     def drain(self) -> None:
