@@ -84,14 +84,14 @@ def build(name: str, reduced: bool):  # -> (model, processor), transformers obje
         channels = list(reversed(backbone.embed_dim_per_stage))
         vision = tf.Sam2VisionConfig(backbone_config=backbone, backbone_channel_list=channels)
         model = tf.Sam2Model(tf.Sam2Config(vision_config=vision))
-        processor = tf.Sam2Processor(image_processor=tf.Sam2ImageProcessorFast())
+        processor = tf.Sam2Processor(image_processor=tf.Sam2ImageProcessor())
     elif name == "edgetam":
         # RepViT m0.9 has m1's stage widths with fewer blocks.
         backbone = tf.TimmWrapperConfig(
             architecture="repvit_m0_9" if reduced else "repvit_m1", model_args=FEATURES_ONLY
         )
         model = tf.EdgeTamModel(tf.EdgeTamConfig(vision_config=tf.EdgeTamVisionConfig(backbone_config=backbone)))
-        processor = tf.Sam2Processor(image_processor=tf.Sam2ImageProcessorFast())
+        processor = tf.Sam2Processor(image_processor=tf.Sam2ImageProcessor())
     else:
         vit = (
             {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "global_attn_indexes": [1]}
@@ -126,7 +126,10 @@ def main(argv: list[str]) -> None:
     for name in names:
         model, processor = build(name, size == "reduced")
         model.save_pretrained(folder + "/" + name)
-        processor.save_pretrained(folder + "/" + name)
+        # As the official repositories hold them (saved by transformers 4): the image processor's own
+        # preprocessor_config.json, which transformers 5 reads as well (its processor.save_pretrained would write a
+        # processor_config.json instead).
+        processor.image_processor.save_pretrained(folder + "/" + name)
 
 
 if __name__ == "__main__":

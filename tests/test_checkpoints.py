@@ -306,7 +306,11 @@ def test_a_hub_download_that_fails_suggests_an_hf_download_command_that_the_hf_c
     offline = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf-home"))
     hf = Path(sys.executable).parent / "hf"
     result = subprocess.run([hf, *shlex.split(command)[1:]], env=offline, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 1 and "LocalEntryNotFoundError" in result.stderr, result.stderr[-2000:]
+    # huggingface_hub 2 says "Local entry not found" (1.x printed the exception's name, LocalEntryNotFoundError),
+    # naming the repository at the revision it was told.
+    revision = "google-bert/bert-base-uncased/tree/86b5e0934494bd15c9632b12f734a8a67f723594"
+    assert result.returncode == 1 and "Local entry not found" in result.stderr, result.stderr[-2000:]
+    assert revision in result.stderr
 
 
 def test_an_unpinned_detector_suggests_an_hf_download_command(settings):
