@@ -64,6 +64,7 @@ TRANSFORMERS_SEGMENTERS = (
     "sam-hq-vit-b",
     "sam-hq-vit-l",
     "sam-hq-vit-h",
+    "sam3",
 )
 
 
@@ -192,7 +193,7 @@ class Settings:
     sam_model_type: str = setting(
         "SAM_MODEL_TYPE",
         "vit_b",
-        "the segmenter: Meta's SAM (`vit_*`), or SAM 2.1, EdgeTAM or SAM-HQ through transformers "
+        "the segmenter: Meta's SAM (`vit_*`), or SAM 2.1, EdgeTAM, SAM-HQ or SAM 3 (`sam3`) through transformers "
         "(docs/models.md compares them)",
         choices=SAM_TYPES + TRANSFORMERS_SEGMENTERS,
         section=S_MODELS,

@@ -152,6 +152,22 @@ def _segmenter(name: str, repo: str, revision: str, model_type: str, size_mb: in
     return OfficialRepository(name, repo, revision, model_type, SEGMENTER_FILES, "model.safetensors", None, size_mb)
 
 
+# Meta's SAM 3 (detector and tracker, one image encoder) in transformers' format, beside Meta's own sam3.pt, under
+# Meta's SAM License. Gated (Meta approves each account): fetching it needs a token, which is not sent yet. The
+# processor config is transformers 5's combined processor_config.json. The commit is the one public code pins for
+# this repository in many places.
+SAM3 = OfficialRepository(
+    name="sam3",
+    repo="facebook/sam3",
+    revision="3c879f39826c281e95690f02c7821c4de09afae7",
+    model_type="sam3_video",
+    files=("config.json", "processor_config.json"),
+    weights="model.safetensors",
+    weights_sha256=None,
+    size_mb=3450,
+)
+
+
 # Official repositories, those transformers' documentation uses: Meta's SAM 2.1 (transformers' format sits beside
 # Meta's .pt since the commits pinned here), the EdgeTAM image model (yonigozlan/EdgeTAM-hf is the edgetam_video
 # conversion, another model type), and the SAM-HQ authors' (SysCV) community conversions. The commits
@@ -174,6 +190,7 @@ TRANSFORMERS_MODELS: dict[str, OfficialRepository] = {
         _segmenter("sam-hq-vit-b", "syscv-community/sam-hq-vit-base", "main", "sam_hq", 379),
         _segmenter("sam-hq-vit-l", "syscv-community/sam-hq-vit-large", "main", "sam_hq", 1250),
         _segmenter("sam-hq-vit-h", "syscv-community/sam-hq-vit-huge", "main", "sam_hq", 2570),
+        SAM3,
     )
 }
 
