@@ -205,6 +205,15 @@ class Settings:
         "default: the official file or folder of `SAM_MODEL_TYPE` in `WEIGHTS_DIR`",
         section=S_MODELS,
     )
+    hf_token: str = setting(
+        "HF_TOKEN",
+        "",
+        "a Hugging Face access token (`hf_...`), sent by `python -m backend weights download` only to fetch a gated "
+        "model (`sam3`: Meta approves each account at huggingface.co/facebook/sam3); empty: none",
+        pattern=r"(hf_[A-Za-z0-9]{8,})?",
+        secret=True,
+        section=S_MODELS,
+    )
     weights_dir: str = setting(
         "WEIGHTS_DIR",
         "./weights",
@@ -584,7 +593,8 @@ def _check(definition: dataclasses.Field, value: object) -> None:
     if choices and value not in choices:
         raise SettingsError(f"{env} must be one of {', '.join(choices)}; got {value!r}")
     if pattern and not re.fullmatch(pattern, str(value)):
-        raise SettingsError(f"{env} got {value!r}; it accepts {definition.metadata['doc']}")
+        shown = "a value" if not definition.repr else repr(value)  # a secret is never echoed
+        raise SettingsError(f"{env} got {shown}; it accepts {definition.metadata['doc']}")
     if minimum is not None and isinstance(value, int | float) and value < minimum:
         raise SettingsError(f"{env} must be at least {minimum:g}, got {value!r}")
 
