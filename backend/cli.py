@@ -56,7 +56,7 @@ def _weights(args: argparse.Namespace, settings: Settings) -> int:
         try:
             if location.official is None:
                 raise missing_checkpoint(location)
-            log.info("%s weights ready at %s", location.what, download_checkpoint(location))
+            log.info("%s weights ready at %s", location.what, download_checkpoint(location, token=settings.hf_token))
         except (BackendError, ValueError) as error:
             print(f"error: {error}", file=sys.stderr)
             failures += 1

@@ -64,6 +64,7 @@ TRANSFORMERS_SEGMENTERS = (
     "sam-hq-vit-b",
     "sam-hq-vit-l",
     "sam-hq-vit-h",
+    "sam3",
 )
 
 
@@ -192,7 +193,7 @@ class Settings:
     sam_model_type: str = setting(
         "SAM_MODEL_TYPE",
         "vit_b",
-        "the segmenter: Meta's SAM (`vit_*`), or SAM 2.1, EdgeTAM or SAM-HQ through transformers "
+        "the segmenter: Meta's SAM (`vit_*`), or SAM 2.1, EdgeTAM, SAM-HQ or SAM 3 (`sam3`) through transformers "
         "(docs/models.md compares them)",
         choices=SAM_TYPES + TRANSFORMERS_SEGMENTERS,
         section=S_MODELS,
@@ -202,6 +203,15 @@ class Settings:
         "",
         "Meta's `.pth` checkpoint for a `vit_*` type, a transformers model folder for the others; used as it is; "
         "default: the official file or folder of `SAM_MODEL_TYPE` in `WEIGHTS_DIR`",
+        section=S_MODELS,
+    )
+    hf_token: str = setting(
+        "HF_TOKEN",
+        "",
+        "a Hugging Face access token (`hf_...`), sent by `python -m backend weights download` only to fetch a gated "
+        "model (`sam3`: Meta approves each account at huggingface.co/facebook/sam3); empty: none",
+        pattern=r"(hf_[A-Za-z0-9]{8,})?",
+        secret=True,
         section=S_MODELS,
     )
     weights_dir: str = setting(
@@ -583,7 +593,8 @@ def _check(definition: dataclasses.Field, value: object) -> None:
     if choices and value not in choices:
         raise SettingsError(f"{env} must be one of {', '.join(choices)}; got {value!r}")
     if pattern and not re.fullmatch(pattern, str(value)):
-        raise SettingsError(f"{env} got {value!r}; it accepts {definition.metadata['doc']}")
+        shown = "a value" if not definition.repr else repr(value)  # a secret is never echoed
+        raise SettingsError(f"{env} got {shown}; it accepts {definition.metadata['doc']}")
     if minimum is not None and isinstance(value, int | float) and value < minimum:
         raise SettingsError(f"{env} must be at least {minimum:g}, got {value!r}")
 

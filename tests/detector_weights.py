@@ -5,11 +5,12 @@ shrinks every part (tests); otherwise the official configurations' sizes are kep
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
 import transformers
-from transformers.models.clip.tokenization_clip import bytes_to_unicode
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from backend.models.registry import MODEL_BUILD_LOCK
 from backend.models.transformers_detectors import ARCHITECTURES
@@ -32,7 +33,9 @@ def write_grounding_dino(folder: Path, kind: str = "grounding-dino", small: bool
             text_config={"model_type": "bert", "vocab_size": vocab_size, **SMALL_BERT},
             d_model=32,
             encoder_layers=1,
-            decoder_layers=1,
+            # transformers 5 ties every decoder layer's box head to the first one's and refuses to build a
+            # decoder of one layer (nothing to tie): two is the least it takes.
+            decoder_layers=2,
             encoder_ffn_dim=64,
             decoder_ffn_dim=64,
             encoder_attention_heads=2,
@@ -48,8 +51,20 @@ def write_grounding_dino(folder: Path, kind: str = "grounding-dino", small: bool
     processor = transformers.GroundingDinoProcessor(
         transformers.GroundingDinoImageProcessor(), transformers.BertTokenizerFast.from_pretrained(text_folder)
     )
-    processor.save_pretrained(folder)
+    save_as_the_official_repositories_do(processor, folder)
+    shutil.copy(text_folder / "vocab.txt", folder / "vocab.txt")
     return folder
+
+
+def save_as_the_official_repositories_do(processor: transformers.ProcessorMixin, folder: Path) -> None:
+    """The processor's files as the official repositories (saved by transformers 4) hold them: the image processor's
+    preprocessor_config.json and the tokenizer's special_tokens_map.json besides its own files. transformers 5
+    reads these; its `processor.save_pretrained` would write one processor_config.json instead, and no special
+    tokens map."""
+    processor.image_processor.save_pretrained(folder)  # type: ignore[attr-defined]
+    tokenizer = processor.tokenizer  # type: ignore[attr-defined]
+    tokenizer.save_pretrained(folder)
+    (folder / "special_tokens_map.json").write_text(json.dumps(tokenizer.special_tokens_map))
 
 
 def write_owlv2(folder: Path, small: bool = True, seed: int = 0) -> Path:
@@ -69,9 +84,15 @@ def write_owlv2(folder: Path, small: bool = True, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     with MODEL_BUILD_LOCK:
         model = transformers.Owlv2ForObjectDetection(config)
+    # transformers 5 draws the heads' weights with the config's initializer_factor (1.0) as their deviation, which
+    # saturates every random box onto the image's edges (and most scores to 1); a trained model's boxes lie inside.
+    # The box and class heads get PyTorch's own initialisation instead, as they had under transformers 4.
+    for layer in [*model.box_head.modules(), *model.class_head.modules()]:
+        if isinstance(layer, torch.nn.Linear):
+            layer.reset_parameters()
     model.save_pretrained(folder)
     image_processor = transformers.Owlv2ImageProcessor(size={"height": image_size, "width": image_size})
-    transformers.Owlv2Processor(image_processor, tokenizer).save_pretrained(folder)
+    save_as_the_official_repositories_do(transformers.Owlv2Processor(image_processor, tokenizer), folder)
     return folder
 
 

@@ -3,15 +3,13 @@ what tests and benchmarks load through the backend's own loader, with nothing do
 
 from __future__ import annotations
 
-import contextlib
 import string
-import sys
 from pathlib import Path
 
 import torch
 from transformers import BertConfig, BertModel, BertTokenizerFast
 
-from backend.models.grounding_dino import packaged_config
+from backend.models.grounding_dino import build_grounding_dino, packaged_config
 from backend.models.registry import MODEL_BUILD_LOCK
 
 # Enough whole words for the prompts the tests type; any other word is spelt with the letter pieces.
@@ -42,7 +40,9 @@ def write_text_encoder(
     with MODEL_BUILD_LOCK:  # see MODEL_BUILD_LOCK: a model loading on another thread would leave these empty
         model = BertModel(config)
     model.save_pretrained(folder)
-    BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True).save_pretrained(folder)
+    # transformers 5's tokenizers take the vocabulary itself (a vocab_file argument would be ignored silently).
+    vocabulary = {token: index for index, token in enumerate(vocab)}
+    BertTokenizerFast(vocab=vocabulary, do_lower_case=True).save_pretrained(folder)
     return folder
 
 
@@ -55,14 +55,13 @@ def write_config(path: Path, **overrides: object) -> Path:
 
 def write_checkpoint(path: Path, config: Path, text_encoder: Path, seed: int = 0) -> Path:
     """Random weights for the model `config` describes, saved as the official file is: {"model": state_dict}."""
-    from groundingdino.models import build_model
     from groundingdino.util.slconfig import SLConfig
 
     args = SLConfig.fromfile(str(config))
     args.text_encoder_type = str(text_encoder)
     args.device = "cpu"
     torch.manual_seed(seed)
-    with contextlib.redirect_stdout(sys.stderr), MODEL_BUILD_LOCK:
-        model = build_model(args)
+    with MODEL_BUILD_LOCK:
+        model = build_grounding_dino(args)
     torch.save({"model": model.state_dict()}, path)
     return path

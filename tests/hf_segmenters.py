@@ -1,4 +1,4 @@
-"""SAM 2.1, EdgeTAM and SAM-HQ with random weights, saved by transformers' own `save_pretrained` as the
+"""SAM 2.1, EdgeTAM, SAM-HQ and SAM 3's tracker with random weights, saved by transformers' own `save_pretrained` as the
 backend loads them: at reduced sizes for the tests, at the official sizes for bench/models.py.
 
 `python -m tests.hf_segmenters FOLDER reduced|official [NAME ...]` writes one model folder per name. It runs as
@@ -61,7 +61,9 @@ HQ_VIT = {
         "global_attn_indexes": [7, 15, 23, 31],
     },
 }
-REDUCED = ("sam2.1-hiera-tiny", "edgetam", "sam-hq-vit-b")
+REDUCED = ("sam2.1-hiera-tiny", "edgetam", "sam-hq-vit-b", "sam3")
+# SAM 3's feature maps at its 1008-pixel input (14-pixel patches: 72x72, upsampled 2x and 4x by its neck).
+SAM3_FEATURE_SIZES = [[288, 288], [144, 144], [72, 72]]
 
 
 def build(name: str, reduced: bool):  # -> (model, processor), transformers objects
@@ -84,14 +86,31 @@ def build(name: str, reduced: bool):  # -> (model, processor), transformers obje
         channels = list(reversed(backbone.embed_dim_per_stage))
         vision = tf.Sam2VisionConfig(backbone_config=backbone, backbone_channel_list=channels)
         model = tf.Sam2Model(tf.Sam2Config(vision_config=vision))
-        processor = tf.Sam2Processor(image_processor=tf.Sam2ImageProcessorFast())
+        processor = tf.Sam2Processor(image_processor=tf.Sam2ImageProcessor())
+    elif name == "sam3":
+        # The reduced ViT keeps the official input size, patch size and windows (so the feature maps, the
+        # decoder and the cache entry have their official sizes) with 2 narrow layers, one of global attention.
+        vit = (
+            tf.Sam3ViTConfig(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                global_attn_indexes=[1],
+            )
+            if reduced
+            else tf.Sam3ViTConfig()
+        )
+        vision = tf.Sam3VisionConfig(backbone_config=vit, backbone_feature_sizes=SAM3_FEATURE_SIZES)
+        model = tf.Sam3TrackerModel(tf.Sam3TrackerConfig(vision_config=vision))
+        processor = tf.Sam3TrackerProcessor(image_processor=tf.Sam3ImageProcessor())
     elif name == "edgetam":
         # RepViT m0.9 has m1's stage widths with fewer blocks.
         backbone = tf.TimmWrapperConfig(
             architecture="repvit_m0_9" if reduced else "repvit_m1", model_args=FEATURES_ONLY
         )
         model = tf.EdgeTamModel(tf.EdgeTamConfig(vision_config=tf.EdgeTamVisionConfig(backbone_config=backbone)))
-        processor = tf.Sam2Processor(image_processor=tf.Sam2ImageProcessorFast())
+        processor = tf.Sam2Processor(image_processor=tf.Sam2ImageProcessor())
     else:
         vit = (
             {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "global_attn_indexes": [1]}
@@ -105,6 +124,33 @@ def build(name: str, reduced: bool):  # -> (model, processor), transformers obje
         model = tf.SamHQModel(config)
         processor = tf.SamHQProcessor(image_processor=tf.SamImageProcessor())
     return model.eval(), processor
+
+
+def official_sam3_layout(tracker_folder: Path, folder: Path) -> Path:
+    """The reduced SAM 3 tracker laid out as facebook/sam3 is: a `sam3_video` config whose tracker_config describes
+    the tracker, and one checkpoint of the whole model, where the tracker's own tensors sit under tracker_model.,
+    the image encoder's backbone (shared with the detector) under detector_model.vision_encoder.backbone. and the
+    tracker's neck under tracker_neck.; the detector's other tensors (here one) are not the tracker's."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    folder.mkdir()
+    tracker = json.loads((tracker_folder / "config.json").read_text())
+    tracker["model_type"] = "sam3_tracker_video"
+    config = {"model_type": "sam3_video", "architectures": ["Sam3VideoModel"], "tracker_config": tracker}
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "processor_config.json").write_bytes((tracker_folder / "processor_config.json").read_bytes())
+    saved = load_file(tracker_folder / "model.safetensors")
+    official = {}
+    for key, tensor in saved.items():
+        for part in ("detector_model.vision_encoder.backbone.", "tracker_neck."):
+            key = key.replace("tracker_model." + part, part)
+        official[key] = tensor
+    assert any(key.startswith("detector_model.vision_encoder.backbone.") for key in official)
+    assert any(key.startswith("tracker_neck.") for key in official)
+    official["detector_model.text_projection.weight"] = torch.ones(4, 4)
+    save_file(official, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
 
 
 def write_models(folder: Path, reduced: bool, names: tuple[str, ...] = REDUCED) -> dict[str, Path]:
@@ -126,7 +172,13 @@ def main(argv: list[str]) -> None:
     for name in names:
         model, processor = build(name, size == "reduced")
         model.save_pretrained(folder + "/" + name)
-        processor.save_pretrained(folder + "/" + name)
+        if name == "sam3":  # facebook/sam3 was saved by transformers 5: one processor_config.json
+            processor.save_pretrained(folder + "/" + name)
+            continue
+        # As the official repositories hold them (saved by transformers 4): the image processor's own
+        # preprocessor_config.json, which transformers 5 reads as well (its processor.save_pretrained would write a
+        # processor_config.json instead).
+        processor.image_processor.save_pretrained(folder + "/" + name)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from backend.models import registry
 from backend.models.checkpoints import (
     BERT_BASE_UNCASED,
     DETECTOR_REPOSITORIES,
+    SAM3,
     SAM_CHECKPOINTS,
     TRANSFORMERS_MODELS,
     WEIGHTS_COMMAND,
@@ -45,7 +46,7 @@ from backend.models.registry import load_detector, load_segmenter
 from backend.models.sam import OFFICIAL_ENCODERS, infer_encoder_shape, load_sam
 from backend.models.transformers_detectors import load_transformers_detector
 from tests.assets import REPO
-from tests.hf_segmenters import write_models
+from tests.hf_segmenters import official_sam3_layout, write_models
 
 
 def official_shapes(model_type: str) -> dict[str, torch.Tensor]:
@@ -109,6 +110,10 @@ class CheckpointServer:
     # path → the SHA-256 stated for it, as the Hugging Face hub states a large file's (X-Linked-Etag) on its
     # redirect to the storage that serves it (here /storage + path)
     stated: dict[str, str]
+    # A gated repository, as the hub answers for one: token → the status for it (200 approved, 403 not yet);
+    # no token, or one the hub does not know, 401. Empty: no gate. The Authorization headers that came.
+    gate: dict[str, int]
+    authorizations: list[str]
 
 
 @pytest.fixture
@@ -117,10 +122,18 @@ def checkpoint_server() -> Iterator[CheckpointServer]:
     files = {"/file": payload}
     served: list[str] = []
     stated: dict[str, str] = {}
+    gate: dict[str, int] = {}
+    authorizations: list[str] = []
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             served.append(self.path)
+            authorizations.append(self.headers.get("Authorization", ""))
+            if gate and not self.path.startswith("/storage"):
+                status = gate.get(self.headers.get("Authorization", "").removeprefix("Bearer "), 401)
+                if status != 200:
+                    self.send_error(status)
+                    return
             if self.path == "/hang-up":
                 self.close_connection = True
                 return
@@ -149,7 +162,9 @@ def checkpoint_server() -> Iterator[CheckpointServer]:
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield CheckpointServer(f"http://127.0.0.1:{server.server_port}", payload, files, served, stated)
+    yield CheckpointServer(
+        f"http://127.0.0.1:{server.server_port}", payload, files, served, stated, gate, authorizations
+    )
     server.shutdown()
     server.server_close()
 
@@ -188,7 +203,13 @@ def test_a_verified_download_is_kept_and_not_fetched_again(checkpoint_server, tm
 
 
 def run_weights_download(monkeypatch, environ: dict[str, str], *args: str) -> int:
-    for variable in ("SAM_CHECKPOINT", "SAM_MODEL_TYPE", "GROUNDING_DINO_CHECKPOINT", "GROUNDING_DINO_TEXT_ENCODER"):
+    for variable in (
+        "SAM_CHECKPOINT",
+        "SAM_MODEL_TYPE",
+        "GROUNDING_DINO_CHECKPOINT",
+        "GROUNDING_DINO_TEXT_ENCODER",
+        "HF_TOKEN",
+    ):
         monkeypatch.delenv(variable, raising=False)
     for variable, value in environ.items():
         monkeypatch.setenv(variable, value)
@@ -306,7 +327,11 @@ def test_a_hub_download_that_fails_suggests_an_hf_download_command_that_the_hf_c
     offline = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf-home"))
     hf = Path(sys.executable).parent / "hf"
     result = subprocess.run([hf, *shlex.split(command)[1:]], env=offline, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 1 and "LocalEntryNotFoundError" in result.stderr, result.stderr[-2000:]
+    # huggingface_hub 2 says "Local entry not found" (1.x printed the exception's name, LocalEntryNotFoundError),
+    # naming the repository at the revision it was told.
+    revision = "google-bert/bert-base-uncased/tree/86b5e0934494bd15c9632b12f734a8a67f723594"
+    assert result.returncode == 1 and "Local entry not found" in result.stderr, result.stderr[-2000:]
+    assert revision in result.stderr
 
 
 def test_an_unpinned_detector_suggests_an_hf_download_command(settings):
@@ -513,3 +538,85 @@ def test_a_repository_holding_another_model_is_refused_naming_both_and_leaves_no
     with pytest.raises(WrongCheckpoint, match="holds a 'sam2' model, not a sam_hq one") as error:
         download_repository(location, repository, checkpoint_server.url)
     assert "SAM_CHECKPOINT" in str(error.value) and leftovers(tmp_path) == []
+
+
+# --- SAM 3: a gated repository, fetched with HF_TOKEN; a folder of one's own used as it is --------------------------
+
+
+def test_sam3_without_a_token_says_it_is_gated_and_how_to_get_access_asking_no_server(monkeypatch, capsys, tmp_path):
+    weights = tmp_path / "weights"
+    assert run_weights_download(monkeypatch, {"WEIGHTS_DIR": str(weights)}, "--sam", "sam3", "--no-grounding-dino") == 1
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "Traceback" not in error
+    assert "facebook/sam3 is gated" in error and "https://huggingface.co/facebook/sam3" in error
+    assert "set HF_TOKEN" in error and "SAM_CHECKPOINT" in error
+    assert leftovers(weights) == []  # not even a staging folder: nothing was asked of the hub
+
+
+@pytest.fixture(scope="module")
+def sam3_official_folder(tmp_path_factory) -> Path:
+    """The reduced SAM 3 laid out as facebook/sam3 holds it (a sam3_video config, the whole model's checkpoint)."""
+    root = tmp_path_factory.mktemp("sam3")
+    tracker = write_models(root, reduced=True, names=("sam3",))["sam3"]
+    return official_sam3_layout(tracker, root / "official")
+
+
+APPROVED, PENDING = "hf_approvedAccount0123", "hf_pendingAccount01234"
+
+
+@pytest.mark.parametrize(
+    ("token", "said"),
+    [(PENDING, "HTTP 403): access is not requested or not approved yet"), ("hf_unknown0123456789", "HTTP 401")],
+    ids=["not-approved", "unknown-token"],
+)
+def test_sam3_refused_by_the_hub_says_why_and_leaves_nothing(
+    checkpoint_server, sam3_official_folder, tmp_path, token, said
+):
+    serve_repository(checkpoint_server, SAM3, sam3_official_folder)
+    checkpoint_server.gate.update({APPROVED: 200, PENDING: 403})
+    location = registry.sam_checkpoint(replace(Settings(), sam_model_type="sam3", weights_dir=str(tmp_path)))
+    with pytest.raises(DownloadFailed) as refused:
+        download_repository(location, SAM3, checkpoint_server.url, token=token)
+    assert said in str(refused.value) and "HF_TOKEN" in str(refused.value)
+    assert "https://huggingface.co/facebook/sam3" in str(refused.value) and "SAM_CHECKPOINT" in str(refused.value)
+    assert token not in str(refused.value)
+    assert leftovers(tmp_path) == []
+
+
+def test_sam3_is_fetched_with_the_token_at_its_pinned_revision_and_loads(
+    checkpoint_server, sam3_official_folder, tmp_path
+):
+    serve_repository(checkpoint_server, SAM3, sam3_official_folder)
+    checkpoint_server.gate.update({APPROVED: 200, PENDING: 403})
+    settings = replace(Settings(), sam_model_type="sam3", weights_dir=str(tmp_path), device="cpu")
+    folder = download_repository(registry.sam_checkpoint(settings), SAM3, checkpoint_server.url, token=APPROVED)
+    revision = "/facebook/sam3/resolve/3c879f39826c281e95690f02c7821c4de09afae7/"
+    assert all(path.startswith((revision, "/storage" + revision)) for path in checkpoint_server.requests)
+    # The token goes to the hub, not to the storage its redirect names (requests drops it for another host; here
+    # the same host, so the check is that every hub request carried it).
+    hub_requests = [i for i, path in enumerate(checkpoint_server.requests) if path.startswith(revision)]
+    assert all(checkpoint_server.authorizations[i] == f"Bearer {APPROVED}" for i in hub_requests)
+    assert folder == tmp_path / "sam3" and sorted(leftovers(folder)) == sorted((*SAM3.files, SAM3.weights))
+    assert load_segmenter(settings).identity.startswith("sam3-")
+
+
+def test_a_sam3_folder_of_ones_own_is_used_without_a_token_or_a_server(
+    monkeypatch, checkpoint_server, sam3_official_folder, tmp_path
+):
+    environ = {
+        "WEIGHTS_DIR": str(tmp_path / "weights"),
+        "SAM_MODEL_TYPE": "sam3",
+        "SAM_CHECKPOINT": str(sam3_official_folder),
+    }
+    assert run_weights_download(monkeypatch, environ, "--no-grounding-dino") == 0
+    assert checkpoint_server.requests == []
+    settings = replace(Settings(), sam_model_type="sam3", sam_checkpoint=str(sam3_official_folder), device="cpu")
+    assert load_segmenter(settings).identity.startswith("sam3-")
+
+
+def test_tokens_go_only_to_gated_repositories(checkpoint_server, sam21_tiny_folder, tmp_path):
+    repository = TRANSFORMERS_MODELS["sam2.1-hiera-tiny"]
+    serve_repository(checkpoint_server, repository, sam21_tiny_folder)
+    location = CheckpointLocation("sam2.1-hiera-tiny", "SAM_CHECKPOINT", tmp_path / repository.name, repository)
+    download_repository(location, repository, checkpoint_server.url, token=APPROVED)
+    assert checkpoint_server.authorizations and not any(checkpoint_server.authorizations)

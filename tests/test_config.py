@@ -89,6 +89,16 @@ def test_secrets_stay_out_of_the_settings_repr_and_summary() -> None:
     assert '"SAM_MODEL_TYPE": "vit_b"' in output
 
 
+def test_hf_token_is_checked_at_start_up_without_being_echoed() -> None:
+    token = "hf_" + "aB3" * 11
+    settings = Settings.from_env({"HF_TOKEN": token})
+    assert settings.hf_token == token and token not in repr(settings)
+    assert Settings.from_env({}).hf_token == ""  # the default: no token
+    with pytest.raises(SettingsError, match="HF_TOKEN got a value; it accepts a Hugging Face access token") as refused:
+        Settings.from_env({"HF_TOKEN": "Bearer " + token})
+    assert token not in str(refused.value)
+
+
 def test_gunicorn_refuses_to_start_with_an_unusable_setting() -> None:
     gunicorn = Path(sys.executable).with_name("gunicorn")
     started = subprocess.run(

@@ -22,7 +22,7 @@ from backend.inference.local import Predictor
 from backend.models.base import SegmentPrompt
 from backend.models.checkpoints import WEIGHTS_COMMAND
 from backend.models.detector import BoxScores, normalised_to_pixels, select
-from backend.models.grounding_dino import GroundingDino, load_grounding_dino
+from backend.models.grounding_dino import GroundingDino, bert_for_grounding_dino, load_grounding_dino
 from backend.models.registry import MODEL_BUILD_LOCK, grounding_dino_checkpoint, load_detector
 from backend.prompts.interactive import read_context
 from backend.prompts.text import MAX_PHRASES, build_query, labels_query, text_query, thresholds_for
@@ -143,6 +143,37 @@ def test_models_are_built_one_at_a_time(grounded_settings):
     assert len(lock_held) > 100 and all(lock_held)
     for model in models:
         assert not any(parameter.is_meta for parameter in model.parameters())
+
+
+def test_groundingdinos_bert_wrapper_computes_transformers_own_bert_forward(grounding_dino_files):
+    """groundingdino-py's BertModelWarper, driving BertEncoderForGroundingDino under transformers 5, computes what
+    transformers' own BertModel forward does for the same weights, tokens and padding mask; and the 3-D mask
+    GroundingDINO builds keeps each phrase's tokens from seeing the others'."""
+    from groundingdino.models.GroundingDINO.bertwarper import BertModelWarper
+    from transformers import AutoTokenizer, BertModel
+
+    folder = grounding_dino_files.text_encoder
+    ours = BertModelWarper(bert_model=bert_for_grounding_dino().from_pretrained(folder).eval())
+    library = BertModel.from_pretrained(folder).eval()
+    tokens = AutoTokenizer.from_pretrained(folder)(["car . red sedan .", "tyre ."], padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        wrapped = ours(**tokens)["last_hidden_state"]
+        reference = library(**tokens).last_hidden_state
+    attended = tokens["attention_mask"].bool()
+    assert not attended.all()  # the second caption is padded
+    torch.testing.assert_close(wrapped[attended], reference[attended], atol=1e-5, rtol=1e-5)
+    # Two blocks, [CLS] car . | red sedan . [SEP]: changing a token of the second leaves the first's outputs alone.
+    ids = tokens["input_ids"][:1].clone()
+    length = ids.shape[1]
+    block = torch.zeros(1, length, length, dtype=torch.bool)
+    block[0, :3, :3] = block[0, 3:, 3:] = True
+    other = ids.clone()
+    other[0, 4] = tokens["input_ids"][1, 1]  # "sedan" becomes "tyre"
+    with torch.inference_mode():
+        first = ours(input_ids=ids, attention_mask=block)["last_hidden_state"]
+        changed = ours(input_ids=other, attention_mask=block)["last_hidden_state"]
+    torch.testing.assert_close(first[0, :3], changed[0, :3])
+    assert not torch.allclose(first[0, 3:], changed[0, 3:])
 
 
 def test_missing_checkpoint_names_the_setting_the_file_and_the_download_command(settings):

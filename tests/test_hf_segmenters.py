@@ -1,6 +1,6 @@
-"""SAM 2.1, EdgeTAM and SAM-HQ behind the Segmenter interface: random weights at reduced sizes, saved by
-transformers' own save_pretrained and loaded through the registry. The backend's masks, through its Redis cache
-(float16), equal transformers' own processor + model forward for the same image and prompts."""
+"""SAM 2.1, EdgeTAM, SAM-HQ and SAM 3's tracker behind the Segmenter interface: random weights at reduced sizes,
+saved by transformers' own save_pretrained and loaded through the registry. The backend's masks, through its Redis
+cache (float16), equal transformers' own processor + model forward for the same image and prompts."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from backend.training.resources import TrainingResources
 from backend.training.support import fine_tuning_refusal
 from backend.training.trainer import train_project
 from tests.assets import smooth_object_image
-from tests.hf_segmenters import REDUCED, write_models
+from tests.hf_segmenters import REDUCED, official_sam3_layout, write_models
 
 IMAGE = smooth_object_image(640, 480, seed=3)
 PROMPTS = {
@@ -63,9 +63,15 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.logical_and(a, b).sum() / union) if union else 1.0
 
 
-def library_mask(segmenter: HfSegmenter, prompt: SegmentPrompt, mask_logits: np.ndarray | None = None) -> np.ndarray:
+# How far a predicted IoU through the float16 cache may be from the library's float32 one.
+SCORE_TOLERANCE = 0.02
+
+
+def library_prediction(
+    segmenter: HfSegmenter, prompt: SegmentPrompt, mask_logits: np.ndarray | None = None
+) -> tuple[np.ndarray, float]:
     """transformers' documented use: the processor prepares image and prompts, the model runs whole (its own
-    encoder, in float32), the processor post-processes; the best of the masks by predicted IoU."""
+    encoder, in float32), the processor post-processes; the best of the masks by predicted IoU, and that IoU."""
     processor = segmenter.processor
     kwargs: dict = {}
     if prompt.points:
@@ -83,7 +89,7 @@ def library_mask(segmenter: HfSegmenter, prompt: SegmentPrompt, mask_logits: np.
     extra = [inputs["reshaped_input_sizes"]] if segmenter.family.padded else []
     (masks,) = processor.post_process_masks(output.pred_masks, inputs["original_sizes"], *extra)
     best = int(output.iou_scores[0, 0].argmax())
-    return masks[0, best].numpy()
+    return masks[0, best].numpy(), float(output.iou_scores[0, 0, best])
 
 
 @pytest.mark.parametrize("name", REDUCED)
@@ -97,9 +103,10 @@ def test_masks_through_the_cache_equal_the_librarys_own_prediction(segmenters, r
     assert set(cached.embedding.extras) == set(segmenter.encode(IMAGE).extras)
     ours = segmenter.decode(cached.embedding, list(PROMPTS.values()))
     for (what, prompt), prediction in zip(PROMPTS.items(), ours, strict=True):
-        reference = library_mask(segmenter, prompt)
+        reference, score = library_prediction(segmenter, prompt)
         assert 0 < reference.sum() < reference.size, f"{name} {what}: the library's mask is empty or full"
         assert iou(prediction.mask, reference) >= 0.95, f"{name} {what}"
+        assert prediction.score == pytest.approx(score, abs=SCORE_TOLERANCE), f"{name} {what}"
 
 
 @pytest.mark.parametrize("name", REDUCED)
@@ -108,14 +115,16 @@ def test_refinement_with_the_previous_low_res_logits_equals_the_library(segmente
     embedding = deserialize_embedding(serialize_embedding(segmenter.encode(IMAGE)))
     click = PROMPTS["one click"]
     (first,) = segmenter.decode(embedding, [click])
-    assert first.low_res_logits.shape == (256, 256)
+    side = 288 if name == "sam3" else 256  # SAM 3's mask grid is 4x its 72x72 embedding
+    assert first.low_res_logits.shape == (side, side)
     second_click = SegmentPrompt(
         points=[*click.points, (200.0, 150.0)], point_labels=[1, 1], mask_logits=first.low_res_logits
     )
     (refined,) = segmenter.decode(embedding, [second_click])
-    reference = library_mask(segmenter, second_click, first.low_res_logits)
+    reference, score = library_prediction(segmenter, second_click, first.low_res_logits)
     assert 0 < reference.sum() < reference.size
     assert iou(refined.mask, reference) >= 0.95
+    assert refined.score == pytest.approx(score, abs=SCORE_TOLERANCE)
     # The mask prompt is used: the same clicks without it give another mask.
     (unrefined,) = segmenter.decode(embedding, [replace(second_click, mask_logits=None)])
     assert not np.array_equal(unrefined.low_res_logits, refined.low_res_logits)
@@ -160,6 +169,18 @@ def test_prompts_of_mixed_shapes_come_back_in_their_order(segmenters):
     alone = [segmenter.decode(embedding, [prompt])[0] for prompt in (prompts[1], prompts[0], prompts[2], prompts[0])]
     for mixed, single in zip(together, alone, strict=True):
         assert iou(mixed.mask, single.mask) >= 0.99
+
+
+def test_sam3_loads_from_the_official_folders_layout_reading_only_the_trackers_tensors(
+    segmenters, model_folders, tmp_path
+):
+    folder = official_sam3_layout(model_folders["sam3"], tmp_path / "sam3")
+    official = load_segmenter(replace(Settings(), sam_model_type="sam3", sam_checkpoint=str(folder), device="cpu"))
+    assert isinstance(official, HfSegmenter)
+    reference = segmenters["sam3"].model.state_dict()
+    loaded = official.model.state_dict()
+    assert loaded.keys() == reference.keys()
+    assert all(torch.equal(loaded[key], reference[key]) for key in reference)
 
 
 def test_a_folder_of_another_model_is_refused_naming_both(model_folders):

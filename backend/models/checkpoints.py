@@ -54,6 +54,8 @@ class OfficialRepository:
     weights: str
     weights_sha256: str | None
     size_mb: int
+    # Downloads granted by the owner's approval, per account: fetched with HF_TOKEN (see `download_repository`).
+    gated: bool = False
 
     def url(self, filename: str, endpoint: str = HUGGING_FACE) -> str:
         return f"{endpoint}/{self.repo}/resolve/{self.revision}/{filename}"
@@ -152,6 +154,22 @@ def _segmenter(name: str, repo: str, revision: str, model_type: str, size_mb: in
     return OfficialRepository(name, repo, revision, model_type, SEGMENTER_FILES, "model.safetensors", None, size_mb)
 
 
+# Meta's SAM 3 (detector and tracker, one image encoder) in transformers' format, beside Meta's own sam3.pt, under
+# Meta's SAM License. Gated: Meta approves each account. The processor config is transformers 5's combined
+# processor_config.json. The commit is the one public code pins for this repository in many places.
+SAM3 = OfficialRepository(
+    name="sam3",
+    repo="facebook/sam3",
+    revision="3c879f39826c281e95690f02c7821c4de09afae7",
+    model_type="sam3_video",
+    files=("config.json", "processor_config.json"),
+    weights="model.safetensors",
+    weights_sha256=None,
+    size_mb=3450,
+    gated=True,
+)
+
+
 # Official repositories, those transformers' documentation uses: Meta's SAM 2.1 (transformers' format sits beside
 # Meta's .pt since the commits pinned here), the EdgeTAM image model (yonigozlan/EdgeTAM-hf is the edgetam_video
 # conversion, another model type), and the SAM-HQ authors' (SysCV) community conversions. The commits
@@ -174,6 +192,7 @@ TRANSFORMERS_MODELS: dict[str, OfficialRepository] = {
         _segmenter("sam-hq-vit-b", "syscv-community/sam-hq-vit-base", "main", "sam_hq", 379),
         _segmenter("sam-hq-vit-l", "syscv-community/sam-hq-vit-large", "main", "sam_hq", 1250),
         _segmenter("sam-hq-vit-h", "syscv-community/sam-hq-vit-huge", "main", "sam_hq", 2570),
+        SAM3,
     )
 }
 
@@ -226,13 +245,18 @@ def _hub_sha256(response: requests.Response) -> str | None:
     return None
 
 
-def _download(url: str, target: Path, sha256: str | None, setting: str, timeout_s: float) -> None:
+def _download(url: str, target: Path, sha256: str | None, setting: str, timeout_s: float, token: str = "") -> None:
     """`url` into `target`, all or nothing; only when the bytes match `sha256`, else the SHA-256 the hub states
-    for the file, if any."""
+    for the file, if any. `token` goes to the hub as a bearer token (requests drops it on a redirect to another
+    host, such as the hub's storage)."""
     digest = hashlib.sha256()
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     handle, partial_name = tempfile.mkstemp(dir=target.parent, prefix=target.name, suffix=".part")
     try:
-        with os.fdopen(handle, "wb") as out, requests.get(url, stream=True, timeout=timeout_s) as response:
+        with (
+            os.fdopen(handle, "wb") as out,
+            requests.get(url, stream=True, timeout=timeout_s, headers=headers) as response,
+        ):
             response.raise_for_status()
             sha256 = sha256 or _hub_sha256(response)
             for chunk in response.iter_content(chunk_size=1024 * 1024):
@@ -260,14 +284,14 @@ def _unreachable(location: CheckpointLocation, url: str, error: requests.Request
     )
 
 
-def download_checkpoint(location: CheckpointLocation, timeout_s: float = 60.0) -> Path:
+def download_checkpoint(location: CheckpointLocation, timeout_s: float = 60.0, token: str = "") -> Path:
     """Fetch `location`'s official file or folder into place unless something is already there, which is used as
-    it is."""
+    it is. `token` (HF_TOKEN) is sent for a gated repository only."""
     official = location.official
     if location.path.exists() or official is None:
         return location.path
     if isinstance(official, OfficialRepository):
-        return download_repository(location, official, timeout_s=timeout_s)
+        return download_repository(location, official, timeout_s=timeout_s, token=token)
     location.path.parent.mkdir(parents=True, exist_ok=True)
     log.info("downloading %s (%d MB) from %s", official.filename, official.size_mb, official.url)
     try:
@@ -278,15 +302,41 @@ def download_checkpoint(location: CheckpointLocation, timeout_s: float = 60.0) -
     return location.path
 
 
+def gated_access(repository: OfficialRepository, location: CheckpointLocation, status: int | None) -> str:
+    """What to do about a gated repository the hub would not serve: no token (`status` None: nothing was asked),
+    a token the hub does not know (401) or an account not approved (403)."""
+    page = f"{HUGGING_FACE}/{repository.repo}"
+    held = ", ".join((*repository.files, repository.weights))
+    instead = f"or set {location.setting} to a copy of the folder you have ({held})"
+    if status is None:
+        return (
+            f"{repository.repo} is gated: its owner approves each Hugging Face account. Ask for access at {page}, "
+            f"then set HF_TOKEN to an access token of the approved account and run `{WEIGHTS_COMMAND}` again; {instead}"
+        )
+    if status == 401:
+        return (
+            f"the Hugging Face hub refused HF_TOKEN for {repository.repo} (HTTP 401: not a valid token); create a "
+            f"read token at {HUGGING_FACE}/settings/tokens for an account approved at {page}; {instead}"
+        )
+    return (
+        f"HF_TOKEN's account may not download {repository.repo} (HTTP 403): access is not requested or not approved "
+        f"yet; ask for it at {page} and wait for the approval e-mail; {instead}"
+    )
+
+
 def download_repository(
     location: CheckpointLocation,
     repository: OfficialRepository,
     endpoint: str = HUGGING_FACE,
     timeout_s: float = 60.0,
+    token: str = "",
 ) -> Path:
     """`repository`'s files at its revision into a staging folder beside `location.path`, renamed to it only once
-    every file is in, the weights' SHA-256 matches and `check_model_folder` accepts what came."""
+    every file is in, the weights' SHA-256 matches and `check_model_folder` accepts what came. A gated repository
+    needs `token` (HF_TOKEN): without one nothing is asked of the hub, and a refusal says what to do."""
     folder = location.path
+    if repository.gated and not token:
+        raise DownloadFailed(gated_access(repository, location, None))
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f"{folder.name}.", suffix=".part"))
     if not repository.pinned:
@@ -297,8 +347,17 @@ def download_repository(
             url = repository.url(filename, endpoint)
             checksum = repository.weights_sha256 if filename == repository.weights else None
             try:
-                _download(url, staging / filename, checksum, location.setting, timeout_s)
+                _download(
+                    url, staging / filename, checksum, location.setting, timeout_s, token if repository.gated else ""
+                )
             except requests.RequestException as error:
+                status = (
+                    error.response.status_code
+                    if isinstance(error, requests.HTTPError) and error.response is not None
+                    else None
+                )
+                if repository.gated and status in (401, 403):
+                    raise DownloadFailed(gated_access(repository, location, status)) from error
                 elsewhere = (
                     f"hf download {repository.repo} {' '.join((*repository.files, repository.weights))} "
                     f"--revision {repository.revision} --local-dir {folder}"

@@ -1,15 +1,20 @@
 """GroundingDINO through groundingdino-py 0.4.0 and its official checkpoint: loading, and one forward pass over a
-batch of images scoring every query box against the caption's tokens (the selection is `detector.select`'s)."""
+batch of images scoring every query box against the caption's tokens (the selection is `detector.select`'s).
+
+groundingdino-py was written against transformers 4: its `BertModelWarper` takes a `BertModel` apart and calls
+methods and arguments that transformers 5 removed. `BertEncoderForGroundingDino` restores exactly those, and
+`load_grounding_dino` has the package build its text encoder with it."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import pickle
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -61,6 +66,113 @@ def _text_encoder_name_to_the_log() -> None:
     get_tokenlizer.print = lambda *parts, **_: library_log.debug(" ".join(map(str, parts)))
 
 
+@functools.cache
+def bert_for_grounding_dino() -> Any:
+    """`BertEncoderForGroundingDino`, built on first use so that importing this module does not import
+    transformers."""
+    from transformers import BertModel
+    from transformers.models.bert.modeling_bert import BertEmbeddings, BertEncoder
+
+    class EmbeddingsTakingPastLength(BertEmbeddings):
+        """transformers 5 renamed the embeddings' `past_key_values_length` to `cache_length`."""
+
+        def forward(
+            self,
+            input_ids: torch.LongTensor | None = None,
+            token_type_ids: torch.LongTensor | None = None,
+            position_ids: torch.LongTensor | None = None,
+            inputs_embeds: torch.Tensor | None = None,
+            past_key_values_length: int = 0,
+        ) -> torch.Tensor:
+            return super().forward(
+                input_ids=input_ids,
+                token_type_ids=token_type_ids,
+                position_ids=position_ids,
+                inputs_embeds=inputs_embeds,
+                cache_length=past_key_values_length,
+            )
+
+    class EncoderTakingV4Arguments(BertEncoder):
+        """transformers 4's encoder arguments: GroundingDINO passes no head mask, no cache and no output flags
+        that change its result (it reads only `last_hidden_state`), so they are checked and dropped."""
+
+        def forward(
+            self,
+            hidden_states: torch.Tensor,
+            attention_mask: torch.Tensor | None = None,
+            head_mask: list[None] | None = None,
+            encoder_hidden_states: torch.Tensor | None = None,
+            encoder_attention_mask: torch.Tensor | None = None,
+            past_key_values: object = None,
+            use_cache: bool | None = None,
+            **flags: object,
+        ) -> Any:
+            if past_key_values is not None or (head_mask is not None and any(m is not None for m in head_mask)):
+                raise ValueError("GroundingDINO's text encoder runs without a cache or head mask")
+            return super().forward(
+                hidden_states,
+                attention_mask=attention_mask,
+                encoder_hidden_states=encoder_hidden_states,
+                encoder_attention_mask=encoder_attention_mask,
+                use_cache=False,
+            )
+
+    class BertEncoderForGroundingDino(BertModel):
+        """A `BertModel` that groundingdino-py 0.4.0's `BertModelWarper` can drive under transformers 5.
+
+        The warper copies `get_extended_attention_mask`, `invert_attention_mask` and `get_head_mask` off the
+        model, which transformers 5 removed from `PreTrainedModel` (masks are built inside `forward` there), and it
+        calls the embeddings with `past_key_values_length` and the encoder with transformers 4's arguments. Those
+        three methods are restored as transformers 4.57 defined them (an additive mask broadcast over the heads:
+        0 where attended, the dtype's minimum elsewhere; GroundingDINO's own 3-D mask keeps tokens of different
+        phrases apart), and the two modules take the old arguments. The parameters are BertModel's, so the
+        official BERT weights and GroundingDINO checkpoints load unchanged."""
+
+        def __init__(self, config: Any, add_pooling_layer: bool = True) -> None:
+            super().__init__(config, add_pooling_layer)
+            # Subclasses without state of their own: the modules keep their parameters (and so their names).
+            self.embeddings.__class__ = EmbeddingsTakingPastLength
+            self.encoder.__class__ = EncoderTakingV4Arguments
+
+        def get_extended_attention_mask(
+            self, attention_mask: torch.Tensor, input_shape: object = None, device: object = None
+        ) -> torch.Tensor:
+            if attention_mask.dim() == 3:  # (batch, from, to): a mask per query token
+                extended = attention_mask[:, None, :, :]
+            elif attention_mask.dim() == 2:  # (batch, to)
+                extended = attention_mask[:, None, None, :]
+            else:
+                raise ValueError(f"attention mask of shape {tuple(attention_mask.shape)}: expected 2 or 3 dimensions")
+            extended = extended.to(dtype=self.dtype)
+            return (1.0 - extended) * torch.finfo(self.dtype).min
+
+        def invert_attention_mask(self, encoder_attention_mask: torch.Tensor) -> torch.Tensor:
+            return self.get_extended_attention_mask(encoder_attention_mask)
+
+        def get_head_mask(self, head_mask: None, num_hidden_layers: int) -> list[None]:
+            if head_mask is not None:
+                raise ValueError("GroundingDINO's text encoder runs without a head mask")
+            return [None] * num_hidden_layers
+
+    return BertEncoderForGroundingDino
+
+
+def build_grounding_dino(args: object) -> GroundingDINO:
+    """groundingdino-py's `build_model(args)`, its text encoder a `BertEncoderForGroundingDino` read from the local
+    folder `args.text_encoder_type` (the package's own loader would build a plain `BertModel`)."""
+    from groundingdino.models import build_model
+    from groundingdino.util import get_tokenlizer
+
+    def pretrained_language_model(folder: str) -> torch.nn.Module:
+        if not Path(folder).is_dir():
+            raise WrongCheckpoint(f"GroundingDINO's text encoder must be a local BERT folder, not {folder!r}")
+        return bert_for_grounding_dino().from_pretrained(folder, local_files_only=True)
+
+    get_tokenlizer.get_pretrained_language_model = pretrained_language_model
+    with contextlib.redirect_stdout(sys.stderr):  # the package prints its text encoder's name
+        return build_model(args)
+
+
 def load_grounding_dino(
     checkpoint: Path,
     config: Path | None,
@@ -80,7 +192,6 @@ def load_grounding_dino(
             f"GROUNDING_DINO_TEXT_ENCODER={text_encoder} is not a folder holding a Hugging Face BERT (config.json, "
             "vocab.txt, weights)"
         )
-    from groundingdino.models import build_model
     from groundingdino.util.slconfig import SLConfig
 
     args = SLConfig.fromfile(str(config))
@@ -90,8 +201,7 @@ def load_grounding_dino(
     # Activation checkpointing only saves memory when training; at inference it costs time.
     args.use_checkpoint = False
     args.use_transformer_ckpt = False
-    with contextlib.redirect_stdout(sys.stderr):  # the package prints its text encoder's name
-        model = build_model(args)
+    model = build_grounding_dino(args)
     missing, unexpected = model.load_state_dict(_read_state_dict(checkpoint), strict=False)
     # The text encoder's pretrained weights stand in for BERT tensors a checkpoint may leave out.
     missing = [key for key in missing if not key.startswith("bert.")]

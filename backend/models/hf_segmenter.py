@@ -1,4 +1,4 @@
-"""SAM 2.1, EdgeTAM and SAM-HQ behind the `Segmenter` interface, through Hugging Face transformers' own
+"""SAM 2.1, EdgeTAM, SAM-HQ and SAM 3's tracker behind the `Segmenter` interface, through Hugging Face transformers' own
 implementations (no compiled extension, no Hydra configs).
 
 Each model is a folder in transformers' `save_pretrained` format (config.json, model.safetensors, the processor's
@@ -50,6 +50,8 @@ class Family:
     split: Callable[[Any], Arrays]  # get_image_embeddings' output -> named arrays of one batch
     decoder_inputs: Callable[[dict[str, torch.Tensor]], dict[str, object]]  # named arrays -> forward() kwargs
     padded: bool  # the image is resized along its longest side and padded (SAM-HQ), not stretched (SAM 2)
+    # Another config.json model_type whose folder holds this model as a part, and the key of that part's config.
+    container: tuple[str, str] | None = None
 
 
 def _sam2_split(output: Any) -> Arrays:
@@ -70,12 +72,28 @@ def _hq_inputs(arrays: dict[str, torch.Tensor]) -> dict[str, object]:
     return {"image_embeddings": arrays["features"], "intermediate_embeddings": [arrays["vit_early"]]}
 
 
+# Keyed by the official repository's model_type (`OfficialRepository.model_type`).
 FAMILIES = {
     "sam2": Family("sam2", "Sam2Config", "Sam2Model", "Sam2Processor", _sam2_split, _sam2_inputs, padded=False),
     "edgetam": Family(
         "edgetam", "EdgeTamConfig", "EdgeTamModel", "Sam2Processor", _sam2_split, _sam2_inputs, padded=False
     ),
     "sam_hq": Family("sam_hq", "SamHQConfig", "SamHQModel", "SamHQProcessor", _hq_split, _hq_inputs, padded=True),
+    # SAM 3's tracker: SAM 2's prompt encoder and mask decoder on SAM 3's image encoder, the same three feature maps
+    # (at 1008 pixels: 256x72x72, and 32x288x288, 64x144x144 already projected). facebook/sam3 is a `sam3_video`
+    # model (detector and tracker): its config's tracker_config describes this part, and transformers' own key
+    # mapping for sam3_tracker reads the tracker's tensors out of the whole checkpoint (tracker_model.*, the shared
+    # backbone under detector_model.vision_encoder.*, tracker_neck.*), ignoring the detector's.
+    "sam3_video": Family(
+        "sam3_tracker",
+        "Sam3TrackerConfig",
+        "Sam3TrackerModel",
+        "Sam3TrackerProcessor",
+        _sam2_split,
+        _sam2_inputs,
+        padded=False,
+        container=("sam3_video", "tracker_config"),
+    ),
 }
 
 
@@ -119,9 +137,16 @@ def load_hf_segmenter(
     where = f"SAM_CHECKPOINT={folder}"
     content = read_config(folder, where)
     holds = content.pop("model_type", None)
-    if holds != family.model_type:
+    if family.container is not None and holds == family.container[0]:
+        part = content.get(family.container[1])
+        if not isinstance(part, dict):
+            raise WrongCheckpoint(f"{where}/config.json is a {holds} model without its {family.container[1]}")
+        content = {key: value for key, value in part.items() if key != "model_type"}
+    elif holds != family.model_type:
+        containers = (family.container[0],) if family.container else ()
+        expected = " or ".join(repr(kind) for kind in (family.model_type, *containers))
         raise WrongCheckpoint(
-            f"SAM_MODEL_TYPE={name} loads a {family.model_type} model but {where} holds a {holds!r} one; point "
+            f"SAM_MODEL_TYPE={name} loads a {expected} model but {where} holds a {holds!r} one; point "
             f"SAM_CHECKPOINT at the {name} folder or set SAM_MODEL_TYPE to the folder's model"
         )
     # The config is built from its fields rather than by from_pretrained: transformers 4.57 logs a loaded config
@@ -224,7 +249,7 @@ class HfSegmenter:
         scores, all_low_res = self.decoder.run(image, inputs, multimask)
         best = scores.argmax(axis=1)
         rows = np.arange(count)
-        low_res = all_low_res[rows, best]  # (count, 256, 256)
+        low_res = all_low_res[rows, best]  # (count, 256, 256); SAM 3's (count, 288, 288)
         masks = self._upscale(torch.from_numpy(low_res), embedding)
         return [
             MaskPrediction(mask=masks[row] > 0.0, score=float(scores[row, best[row]]), low_res_logits=low_res[row])

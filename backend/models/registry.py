@@ -96,6 +96,14 @@ def detector_weights(settings: Settings) -> list[CheckpointLocation]:
     return [detector_model(settings)]
 
 
+def quiet_transformers() -> None:
+    """transformers 5 draws a "Loading weights" progress bar on stderr at every `from_pretrained`: in a server's log
+    that is a library's print between our lines, so it is switched off before a transformers model loads."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+
+
 def present(location: CheckpointLocation) -> Path:
     """The location's path; CheckpointMissing naming the setting and the file when nothing is there."""
     if not location.path.exists():
@@ -110,6 +118,7 @@ def load_segmenter(settings: Settings, decoder_runtime: str | None = None) -> Se
     with MODEL_BUILD_LOCK:
         if kind in TRANSFORMERS_MODELS:
             folder = present(sam_checkpoint(settings))
+            quiet_transformers()
             return load_hf_segmenter(
                 folder,
                 TRANSFORMERS_MODELS[kind].model_type,
@@ -129,6 +138,7 @@ def load_segmenter(settings: Settings, decoder_runtime: str | None = None) -> Se
 def load_detector(settings: Settings) -> Detector:
     """The configured DETECTOR."""
     with MODEL_BUILD_LOCK:
+        quiet_transformers()  # groundingdino-py's text encoder is transformers' BERT
         if settings.detector == "groundingdino-py":
             return load_grounding_dino(
                 present(grounding_dino_checkpoint(settings)),

@@ -136,8 +136,10 @@ def load_transformers_detector(kind: str, folder: Path, device: str = "auto", im
     found_type = json.loads(config_file.read_text()).get("model_type")
     if found_type != model_type:
         raise WrongCheckpoint(f"{folder} holds a {found_type!r} model; DETECTOR={kind} reads {model_type!r} models")
-    # The fast image processors: torchvision's resizing, where the slow OWLv2 one needs scipy.
-    processor = getattr(transformers, processor_class).from_pretrained(folder, local_files_only=True, use_fast=True)
+    # The torchvision image processors (transformers 4 called them the fast ones): the PIL OWLv2 one needs scipy.
+    processor = getattr(transformers, processor_class).from_pretrained(
+        folder, local_files_only=True, backend="torchvision"
+    )
     if kind != "owlv2":
         processor.image_processor.size = {
             "shortest_edge": image_size,
