@@ -539,6 +539,21 @@ def test_decoder_variant_shares_the_encoder_and_its_cache_key(sam_checkpoint):
         base.with_decoder_state({key: value for key, value in state.items() if key != IOU_BIAS})
 
 
+def training_worker_env(settings, **overrides: str) -> dict[str, str]:
+    """A queue worker's environment for tiny trainings on the test's MODEL_DIR and Label Studio: one after every
+    second annotation, one mask a step, no simulated corrections."""
+    return {
+        "MODEL_DIR": settings.model_dir,
+        "LABEL_STUDIO_URL": settings.label_studio_url,
+        "LABEL_STUDIO_API_KEY": settings.label_studio_api_key,
+        "TORCH_THREADS": "2",
+        "TRAIN_AFTER_ANNOTATIONS": "2",
+        "TRAIN_BATCH_SIZE": "1",
+        "TRAIN_CORRECTION_ROUNDS": "0",
+        **overrides,
+    }
+
+
 def test_queue_mode_workers_apply_webhooks_train_and_serve_the_version(settings, shapes, sam_checkpoint, tmp_path):
     """INFERENCE=queue: the web tier only records and enqueues; a worker process applies, trains and serves.
     The trainings are tiny, so v1 is pinned to serve whatever it scored."""
@@ -554,19 +569,7 @@ def test_queue_mode_workers_apply_webhooks_train_and_serve_the_version(settings,
             model_version_pin="12=v1",
         )
         web = create_app(queue_settings, QueuePredictor(queue_settings, redis.Redis.from_url(server.url))).test_client()
-        pool.start(
-            1,
-            MODEL_DIR=settings.model_dir,
-            LABEL_STUDIO_URL=settings.label_studio_url,
-            LABEL_STUDIO_API_KEY=settings.label_studio_api_key,
-            JOB_TIMEOUT="60",
-            TORCH_THREADS="2",
-            TRAIN_AFTER_ANNOTATIONS="2",
-            TRAIN_STEPS="2",
-            TRAIN_BATCH_SIZE="1",
-            TRAIN_CORRECTION_ROUNDS="0",
-            MODEL_VERSION_PIN="12=v1",
-        )
+        pool.start(1, **training_worker_env(settings, TRAIN_STEPS="2"), JOB_TIMEOUT="60", MODEL_VERSION_PIN="12=v1")
         for annotation_id, seed in zip((1201, 1202), (20, 21), strict=True):
             url, mask = shapes[seed]
             event = annotation_event("ANNOTATION_CREATED", 12, annotation_id, seed, url, mask)

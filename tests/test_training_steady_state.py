@@ -36,6 +36,7 @@ from tests.test_active_learning import (
     peak_rss_since_reset_bytes,
     post_webhook,
     reset_peak_rss,
+    training_worker_env,
 )
 
 
@@ -375,18 +376,10 @@ def test_a_worker_told_to_stop_mid_training_stops_and_another_worker_trains(sett
     the training waits in the inbox, and the next worker trains."""
     server = RedisServer(tmp_path).start()
     pool = Workers(server.url, sam_checkpoint, tmp_path)
-    training = dict(
-        MODEL_DIR=settings.model_dir,
-        LABEL_STUDIO_URL=settings.label_studio_url,
-        LABEL_STUDIO_API_KEY=settings.label_studio_api_key,
-        TRAIN_AFTER_ANNOTATIONS="2",
-        TRAIN_BATCH_SIZE="1",
-        TRAIN_CORRECTION_ROUNDS="0",
-    )
     try:
         queue_settings = replace(settings, inference="queue", redis_url=server.url)
         web = create_app(queue_settings, QueuePredictor(queue_settings, redis.Redis.from_url(server.url))).test_client()
-        pool.start(1, **training, TRAIN_STEPS="1000000")  # a training that would run for hours
+        pool.start(1, **training_worker_env(settings, TRAIN_STEPS="1000000"))  # a training that would run for hours
         for annotation_id, seed in zip((4101, 4102), (20, 21), strict=True):
             url, mask = shapes[seed]
             assert post_webhook(web, annotation_event("ANNOTATION_CREATED", 41, annotation_id, seed, url, mask))
@@ -403,7 +396,7 @@ def test_a_worker_told_to_stop_mid_training_stops_and_another_worker_trains(sett
         assert json.loads(waiting.read_text())["action"] == "START_TRAINING"
         assert web.get("/versions?project=41").json["versions"] == []
 
-        pool.start(1, **training, TRAIN_STEPS="2")
+        pool.start(1, **training_worker_env(settings, TRAIN_STEPS="2"))
         deadline = time.monotonic() + 300
         while (listing := web.get("/versions?project=41").json)["training"]["last"] is None:
             assert time.monotonic() < deadline, listing
