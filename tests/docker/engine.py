@@ -47,16 +47,26 @@ def engine_answers() -> bool:
     return shutil.which("docker") is not None and run("docker", "info", check=False, timeout_s=60).returncode == 0
 
 
+def install_debian_packages(*packages: str) -> None:
+    """Debian's `packages`: the tools of this stage that a fresh machine lacks."""
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
+    subprocess.run(["apt-get", "install", "-y", "-qq", *packages], check=True, env=env)
+
+
 def ensure_engine() -> None:
     """A Docker engine and Compose: those installed, or Debian's docker.io and docker-compose started on a data
     root of their own (overlay2)."""
     if engine_answers() and compose_command():
         return
-    if shutil.which("dockerd") is None or not compose_command():
-        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-        subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
-        packages = ["docker.io", "docker-compose", "debootstrap"]
-        subprocess.run(["apt-get", "install", "-y", "-qq", *packages], check=True, env=env)
+    missing = [
+        package
+        for package, there in (("docker.io", shutil.which("dockerd")), ("docker-compose", compose_command()))
+        if not there
+    ]
+    if missing:
+        install_debian_packages(*missing)
+        compose_command.cache_clear()  # it answered before the install
     if engine_answers():
         return
     DATA_ROOT.mkdir(parents=True, exist_ok=True)
@@ -182,6 +192,8 @@ def make_rootfs_tarball() -> None:
     rootfs = CACHE / "rootfs"
     shutil.rmtree(rootfs, ignore_errors=True)
     mirror = "http://deb.debian.org/debian"
+    if shutil.which("debootstrap") is None:  # a machine whose Docker came installed has no reason to have it
+        install_debian_packages("debootstrap")
     run("debootstrap", "--variant=minbase", f"--include={STANDIN_PACKAGES}", "bookworm", str(rootfs), mirror)
     run("chroot", str(rootfs), "apt-get", "clean")
     partial = ROOTFS_TARBALL.with_suffix(".partial")
