@@ -225,26 +225,31 @@ class ModelWorker(SimpleWorker):
         """As SimpleWorker, except that a pre-annotation job is performed together with the pre-annotation jobs
         claimed behind it: each still goes through RQ's own perform_job (results, retries, failures), and the
         first of a label config's jobs computes all of theirs in one batch."""
+        batched = queue.name == PREANNOTATE_QUEUE and self.preannotate_batch > 1
         with renewed(self._renew_leases, self.worker_ttl / LEASE_RENEWALS, f"{self.name}'s job leases"):
-            if queue.name != PREANNOTATE_QUEUE or self.preannotate_batch <= 1:
+            if batched:
+                self._perform_with_waiting(job, queue)
+            else:
                 super().execute_job(job, queue)
-                if queue.name != INTERACTIVE_QUEUE:
-                    hand_back_freed_memory()
-                return
-            claimed = [(job, self.prepare_execution(job)), *self._claim_waiting(queue, self.preannotate_batch - 1)]
-            with jobs.claimed_together([each for each, _ in claimed]) as batch:
-                if len(claimed) > 1:
-                    log.info(
-                        "worker %s: batch of %d jobs / %d images (%d label configs)",
-                        self.name,
-                        len(claimed),
-                        batch.images,
-                        len(batch.groups),
-                    )
-                for each, execution in claimed:
-                    self.perform_job(each, queue, execution)
-        self.set_state(WorkerStatus.IDLE)
-        hand_back_freed_memory()
+        if batched:
+            self.set_state(WorkerStatus.IDLE)
+        if queue.name != INTERACTIVE_QUEUE:
+            hand_back_freed_memory()
+
+    def _perform_with_waiting(self, job: Job, queue: Queue) -> None:
+        """`job` and the pre-annotation jobs claimed behind it, each through RQ's own perform_job."""
+        claimed = [(job, self.prepare_execution(job)), *self._claim_waiting(queue, self.preannotate_batch - 1)]
+        with jobs.claimed_together([each for each, _ in claimed]) as batch:
+            if len(claimed) > 1:
+                log.info(
+                    "worker %s: batch of %d jobs / %d images (%d label configs)",
+                    self.name,
+                    len(claimed),
+                    batch.images,
+                    len(batch.groups),
+                )
+            for each, execution in claimed:
+                self.perform_job(each, queue, execution)
 
     def _renew_leases(self) -> None:
         """This worker's registration and the lease of every job it holds (RQ's `executions`: the job running and
