@@ -22,6 +22,7 @@ import pytest
 import redis
 import requests
 
+from backend.runs.preannotate import GOING_ON
 from tests.assets import REPO, recorded
 from tests.services import free_port
 
@@ -143,7 +144,7 @@ def test_metrics_add_up_over_all_workers(gunicorn):
 def run_ended(progress: Callable[[], dict], timeout_s: float = 20) -> dict:
     """A project run's progress (`progress()`, GET /preannotate's answer) once the run has ended, or the last seen."""
     deadline = time.monotonic() + timeout_s
-    while (seen := progress())["state"] in ("starting", "running") and time.monotonic() < deadline:
+    while (seen := progress())["state"] in GOING_ON and time.monotonic() < deadline:
         time.sleep(0.2)
     return seen
 

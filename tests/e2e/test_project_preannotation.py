@@ -14,6 +14,7 @@ import time
 import pytest
 import requests
 
+from backend.runs.preannotate import GOING_ON
 from tests.assets import REPO, encode, smooth_object_image
 from tests.e2e.conftest import backend_environment
 from tests.e2e.label_studio import LabelStudioApi
@@ -151,7 +152,7 @@ def test_background_run_through_the_backend(label_studio, personal_access_token,
             started = http.post(f"{backend.url}/preannotate", json={"project": project, **options}, timeout=60)
             assert started.status_code == 202, started.text
             give_up_at = time.monotonic() + 600
-            while (state := progress())["state"] in ("starting", "running") and time.monotonic() < give_up_at:
+            while (state := progress())["state"] in GOING_ON and time.monotonic() < give_up_at:
                 time.sleep(0.5)
             return state
 

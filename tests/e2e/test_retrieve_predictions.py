@@ -11,6 +11,7 @@ import time
 import pytest
 import requests
 
+from backend.runs.preannotate import GOING_ON
 from tests.assets import REPO, encode, smooth_object_image
 from tests.e2e.conftest import backend_environment
 from tests.e2e.label_studio import LabelStudioApi
@@ -65,7 +66,7 @@ def test_one_retrieve_predictions_fills_a_project_bigger_than_the_deadline(
         seen_running: list[dict] = []
         while time.monotonic() - started < FILL_TIMEOUT_S:
             progress = requests.get(f"{backend.url}/preannotate", params={"project": project}, timeout=30)
-            if progress.status_code == 200 and progress.json()["state"] in ("starting", "running"):
+            if progress.status_code == 200 and progress.json()["state"] in GOING_ON:
                 seen_running.append(progress.json())
             if len(predicted_tasks(label_studio, personal_access_token, project)) == TASKS:
                 break
