@@ -65,6 +65,7 @@ class ProjectFiles:
         self.inbox = self.root / "inbox"  # webhook events recorded, not yet applied
         self.failed = self.root / "failed"  # events that could not be applied, kept with the error
         self.annotations = self.root / "annotations"  # the training set, one file per annotation
+        self.features = self.root / "features"  # the annotated images' embeddings, per encoder (training.features)
         self.rejections = self.root / "rejections.jsonl"  # why regions were not taken
         self.state = self.root / "state.json"  # annotations since the last training
         self.last_training = self.root / "last_training.json"  # the last training's result
