@@ -501,6 +501,15 @@ class Settings:
         minimum=1,
         section=S_TRAINING,
     )
+    train_features_max_mb: int = setting(
+        "TRAIN_FEATURES_MAX_MB",
+        4096,
+        "MB of annotated images' embeddings kept on disk per project (`MODEL_DIR/<project>/features`), so that a "
+        "training does not encode them again: 2 MiB an image for SAM ViT, 10 MiB for SAM 3 (docs/models.md). An "
+        "image beyond it is encoded again by each training",
+        minimum=0,
+        section=S_TRAINING,
+    )
     trainings_at_once: int = setting(
         "TRAININGS_AT_ONCE",
         1,

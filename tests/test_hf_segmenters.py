@@ -223,6 +223,7 @@ def test_training_is_refused_clearly_for_a_model_it_cannot_fine_tune(segmenters,
         EmbeddingCache(make_store(redis_url, 0), segmenter, 60, 30),
         ImageFetcher(FetchRules.of(settings)),
         settings.max_image_pixels,
+        settings.train_features_max_mb * 2**20,
     )
     result = train_project(7, settings, resources)
     assert result.as_dict()["status"] == "refused" and result.as_dict()["reason"] == reason

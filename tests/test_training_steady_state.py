@@ -321,28 +321,72 @@ def test_training_memory_does_not_grow_with_the_annotations(learning_settings, m
     assert training_peak < TRAINING_MEMORY_BOUND, f"training allocated {training_peak / 2**20:.0f} MiB at its peak"
 
 
-def test_a_training_encodes_the_annotated_images_it_misses_without_caching_them(learning_settings, media_root):
-    """The soak's cache held a tenth of the project: a training re-encoded the annotated images evicted since their
-    annotation and stored each, pushing out the images encoded ahead of the annotators, whose next dozen first clicks
-    went cold. The trainer uses such an embedding once: it is not stored, and what the cache held stays."""
-    settings = replace(learning_settings, train_after_annotations=0, train_steps=2)
+def annotate_then_evict(settings, media_root, project_id: int, folder: str, seeds: range):
+    """Annotations of served shape images applied through the webhook, then their embeddings evicted from the cache
+    by the images annotators opened since, as in the soak, whose cache held a tenth of the project. Returns the
+    predictor, the cache, its keys before and the images."""
     client, predictor = make_client(settings)
-    images = served_shapes(media_root, "small", range(40, 43), height=240, width=320)
+    images = served_shapes(media_root, folder, seeds, height=240, width=320)
     cache = redis.Redis.from_url(settings.cache_url)
     before = set(cache.scan_iter("sam:emb:*"))
     for seed, url, mask in images:
-        assert post_webhook(client, brush_event(36, 3600 + seed, seed, url, [mask]))["status"] == "queued"
+        event = brush_event(project_id, project_id * 100 + seed, seed, url, [mask])
+        assert post_webhook(client, event)["status"] == "queued"
     assert predictor.learning.wait_idle(300)
     annotated = set(cache.scan_iter("sam:emb:*")) - before
     assert len(annotated) == len(images)  # ingestion cached each annotated image
-    cache.delete(*annotated)  # evicted by the images annotators opened since
+    cache.delete(*annotated)
     cache.set(b"sam:emb:an-image-encoded-ahead", b"x" * 1000)
+    return predictor, cache, before, images
+
+
+def counting_encodes(monkeypatch, predictor) -> list[int]:
+    """The number of images each call of the training segmenter's encoder encoded (the real encoder runs)."""
+    segmenter = predictor.training_resources().segmenter
+    calls: list[int] = []
+    encode_batch = segmenter.encode_batch
+
+    def counted(images):
+        calls.append(len(images))
+        return encode_batch(images)
+
+    monkeypatch.setattr(segmenter, "encode_batch", counted)
+    return calls
+
+
+def test_a_training_reads_its_images_from_the_feature_store_encoding_none(learning_settings, media_root, monkeypatch):
+    """The soak's trainings re-encoded every annotated image the cache had evicted: minutes of a worker per training
+    on a large project, and cold first clicks after. Ingestion stores each annotated image's features on disk; the
+    training reads them there, encodes nothing and leaves the cache as it was."""
+    settings = replace(learning_settings, train_after_annotations=0, train_steps=2)
+    predictor, cache, before, images = annotate_then_evict(settings, media_root, 36, "stored", range(40, 43))
+    encodes = counting_encodes(monkeypatch, predictor)
 
     result = train_project(36, settings, replace(predictor.training_resources(), decoders=None))
 
     assert result.status == "trained", result
     assert result.metrics["train_masks"] + result.metrics["held_out_masks"] == len(images)
+    assert encodes == []
     assert set(cache.scan_iter("sam:emb:*")) - before == {b"sam:emb:an-image-encoded-ahead"}
+    assert len(list((ProjectFiles(settings.model_dir, 36).features).glob("*/*.emb"))) == len(images)
+
+
+def test_without_room_for_features_a_training_encodes_what_it_misses_without_caching_it(
+    learning_settings, media_root, monkeypatch
+):
+    """With TRAIN_FEATURES_MAX_MB=0 a training encodes each evicted image again, and uses it once: storing it in
+    the cache would push out the images encoded ahead of the annotators."""
+    settings = replace(learning_settings, train_after_annotations=0, train_steps=2, train_features_max_mb=0)
+    predictor, cache, before, images = annotate_then_evict(settings, media_root, 37, "unstored", range(44, 47))
+    encodes = counting_encodes(monkeypatch, predictor)
+
+    result = train_project(37, settings, replace(predictor.training_resources(), decoders=None))
+
+    assert result.status == "trained", result
+    assert result.metrics["train_masks"] + result.metrics["held_out_masks"] == len(images)
+    assert sum(encodes) == len(images)
+    assert set(cache.scan_iter("sam:emb:*")) - before == {b"sam:emb:an-image-encoded-ahead"}
+    assert not ProjectFiles(settings.model_dir, 37).features.exists()
 
 
 def test_one_training_at_a_time_per_process(learning_settings, shapes, caplog):

@@ -85,7 +85,12 @@ class Predictor(InteractiveFront):
     def training_resources(self) -> TrainingResources:
         models = self.models.get(self.settings.model_ready_timeout_s)
         return TrainingResources(
-            models.segmenter, models.embeddings, self.fetcher, self.settings.max_image_pixels, self.decoders
+            models.segmenter,
+            models.embeddings,
+            self.fetcher,
+            self.settings.max_image_pixels,
+            self.settings.train_features_max_mb * 2**20,
+            self.decoders,
         )
 
     def segmenter_for(self, models: Models, project_id: int | None) -> tuple[Segmenter, str]:

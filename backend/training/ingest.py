@@ -238,7 +238,9 @@ def _saved_annotation(
         return False
     if record.regions:
         try:
-            embedding, record.image_digest = resources().embedding_for(record.image_url, None)
+            available = resources()
+            embedding, record.image_digest = available.embedding_for(record.image_url, None)
+            available.features(training_set.files).put(record.image_digest, embedding)
         except (ImageError, ModelNotReady) as error:
             # The masks are kept; training fetches the image again and checks their size then.
             log.warning(

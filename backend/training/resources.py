@@ -14,6 +14,8 @@ from backend.errors import ImageError
 from backend.images import FetchRules, ImageFetcher, decode_image, redact_url
 from backend.models.base import ImageEmbedding, Segmenter
 from backend.models.registry import load_segmenter
+from backend.project_files import ProjectFiles
+from backend.training.features import TrainingFeatures
 
 
 @dataclass
@@ -24,7 +26,11 @@ class TrainingResources:
     embeddings: EmbeddingCache
     fetcher: ImageFetcher
     max_image_pixels: int
+    features_max_bytes: int  # TRAIN_FEATURES_MAX_MB, per project
     decoders: ProjectDecoders | None = None  # set in-process, to get a new version ready before it is asked for
+
+    def features(self, files: ProjectFiles) -> TrainingFeatures:
+        return TrainingFeatures(files, self.segmenter.identity, self.features_max_bytes)
 
     def embedding_for(
         self, image_url: str, expected_digest: str | None, keep: bool = True
@@ -43,6 +49,19 @@ class TrainingResources:
         )
         return result.embedding, image.digest
 
+    def embedding_to_train_on(
+        self, features: TrainingFeatures, image_url: str, expected_digest: str | None
+    ) -> tuple[ImageEmbedding, str]:
+        """The features stored for the project's training, or else the image's embedding (cached, or encoded and
+        not cached), stored for the next training."""
+        if expected_digest is not None:
+            stored = features.get(expected_digest)
+            if stored is not None:
+                return stored, expected_digest
+        embedding, digest = self.embedding_for(image_url, expected_digest, keep=False)
+        features.put(digest, embedding)
+        return embedding, digest
+
 
 @functools.lru_cache(maxsize=1)
 def shared_resources(settings: Settings) -> TrainingResources:
@@ -50,4 +69,10 @@ def shared_resources(settings: Settings) -> TrainingResources:
     segmenter = load_segmenter(settings, decoder_runtime="torch")
     store = make_store(settings.cache_url, settings.memory_cache_bytes)
     embeddings = EmbeddingCache(store, segmenter, settings.embedding_ttl_s, settings.encode_lock_timeout_s)
-    return TrainingResources(segmenter, embeddings, ImageFetcher(FetchRules.of(settings)), settings.max_image_pixels)
+    return TrainingResources(
+        segmenter,
+        embeddings,
+        ImageFetcher(FetchRules.of(settings)),
+        settings.max_image_pixels,
+        settings.train_features_max_mb * 2**20,
+    )

@@ -89,25 +89,33 @@ def held_out_tasks(task_ids: list[int], fraction: float) -> set[int]:
 
 
 def _collect(
-    records: Iterable[AnnotationRecord], resources: TrainingResources, project_id: int, examples: TrainingExamples
+    records: Iterable[AnnotationRecord], resources: TrainingResources, files: ProjectFiles, examples: TrainingExamples
 ) -> int:
-    """Adds each record's masks to `examples`, one record at a time; returns how many records were read."""
+    """Adds each record's masks to `examples`, one record at a time; returns how many records were read. The images'
+    features come from the project's feature store; the store keeps only those of the images read here."""
+    features = resources.features(files)
+    started = time.time()
+    annotated: set[str] = set()
     count = 0
     for record in records:
         _stop_point()
         count += 1
+        if record.image_digest is not None:
+            annotated.add(record.image_digest)
         key = record.image_digest or record.image_url
         if not examples.has_image(key):
             try:
-                # Its cached embedding is used; one evicted since is encoded and not stored again: a training reads
-                # every annotated image once, and in a cache smaller than them it pushed out the images encoded
-                # ahead of the annotators, whose first clicks then went cold.
-                embedding, _ = resources.embedding_for(record.image_url, record.image_digest, keep=False)
+                # Not from the LRU cache: a training there would push out the images encoded ahead of the annotators.
+                embedding, digest = resources.embedding_to_train_on(features, record.image_url, record.image_digest)
             except ImageError as error:
                 log.warning(
-                    "project %d annotation %d left out of this training: %s", project_id, record.annotation_id, error
+                    "project %d annotation %d left out of this training: %s",
+                    files.project_id,
+                    record.annotation_id,
+                    error,
                 )
                 continue
+            annotated.add(digest)
             examples.add_image(key, embedding)
         for region in record.regions:
             try:
@@ -115,11 +123,14 @@ def _collect(
             except ValueError as error:
                 log.warning(
                     "project %d annotation %d region %s left out: %s",
-                    project_id,
+                    files.project_id,
                     record.annotation_id,
                     region.region_id,
                     error,
                 )
+    removed = features.keep_only(annotated, written_before=started)
+    if removed:
+        log.info("project %d: removed the stored features of %d images no longer annotated", files.project_id, removed)
     return count
 
 
@@ -181,7 +192,7 @@ def _train_on(
     store.remove_partial()
     with file_lock(files.ingest_lock):
         write_annotation_count(files, 0)
-    annotations = _collect(TrainingSet(files).records(), resources, project_id, examples)
+    annotations = _collect(TrainingSet(files).records(), resources, files, examples)
     tasks = examples.tasks()
     if len(tasks) < MIN_TASKS:
         reason = f"needs masks on at least {MIN_TASKS} tasks (one is held out to check the result); has {len(tasks)}"
