@@ -438,7 +438,8 @@ class Settings:
     interactive_thread: bool = setting(
         "INTERACTIVE_THREAD",
         True,
-        "each worker process also runs a clicks-only loop, so no click waits for a batch",
+        "each worker process also runs a loop for clicks (and for encoding ahead while the other is in a batch or a "
+        "training), so no click waits for a batch",
         section=S_QUEUE,
     )
     preannotate_batch: int = setting(

@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import redis
 from rq import Queue, SimpleWorker
+from rq.job import JobStatus
 
 from backend.bookkeeping.coverage import EncodedImages
 from backend.bookkeeping.imports import ImportedTask, ImportedTasks
@@ -15,6 +16,7 @@ from backend.cache.store import MemoryStore
 from backend.http.server import create_app
 from backend.inference.local import Predictor
 from backend.inference.queue import (
+    CLICK_LANE_SUFFIX,
     ENCODE_AHEAD_JOB,
     ENCODE_QUEUE,
     ENCODE_SCHEDULED_KEY,
@@ -81,6 +83,40 @@ def test_imported_tasks_are_encoded_on_a_worker_and_the_first_click_hits(setting
     # The workers recorded the images they cached; the web tier, with no model, counts them in their cache.
     assert web.get("/status").json["encoded_images"] == {"1": {"images": IMPORTED_IMAGES, "encoded_now": 4}}
     assert click_task_1(web).headers["X-Embedding-Cache"] == "hit"
+
+
+def test_a_worker_in_a_training_still_encodes_the_imported_tasks_on_its_click_lane(
+    settings, queue_redis, workers, label_studio, tmp_path
+):
+    """A worker's main loop in a long job (a training, here a stand-in job that holds it for a minute) took no
+    encoding ahead: with one worker, first clicks were cold for the whole training. Its click lane takes the
+    encoding jobs meanwhile; the import is encoded while the long job still runs."""
+    workers.start(
+        1,
+        MODEL_DIR=settings.model_dir,
+        LABEL_STUDIO_URL=label_studio.url,
+        LABEL_STUDIO_API_KEY=label_studio.legacy_token,
+    )
+    connection = redis.Redis.from_url(queue_redis.url)
+    long_job = Queue(TRAINING_QUEUE, connection=connection).enqueue(time.sleep, 60, job_timeout=120)
+    deadline = time.monotonic() + 30
+    while long_job.get_status(refresh=True) != JobStatus.STARTED and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert long_job.get_status(refresh=True) == JobStatus.STARTED
+    web_settings = replace(settings, inference="queue", redis_url=queue_redis.url)
+    web = create_app(web_settings, QueuePredictor(web_settings, connection)).test_client()
+
+    assert web.post("/webhook", json=recorded("12-webhook-tasks-created.json")).status_code == 200
+    deadline = time.monotonic() + 50
+    while connection.exists(ENCODE_SCHEDULED_KEY.format(project=1)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+    assert long_job.get_status(refresh=True) == JobStatus.STARTED  # the training still holds the main loop
+    assert not ImportedTasks(ProjectFiles(settings.model_dir, 1)).pending()
+    assert web.get("/status").json["encoded_images"] == {"1": {"images": IMPORTED_IMAGES, "encoded_now": 4}}
+    log = (tmp_path / "worker0.log").read_text()
+    lane_lines = [line for line in log.splitlines() if f"{CLICK_LANE_SUFFIX}: {ENCODE_QUEUE}:" in line]
+    assert len(lane_lines) >= IMPORTED_IMAGES
 
 
 def test_a_click_queued_behind_encoding_jobs_is_taken_first(queue_redis):

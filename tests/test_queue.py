@@ -698,7 +698,8 @@ def test_a_stopped_click_lane_takes_no_click_enqueued_after_its_stop(queue_redis
     click enqueued next stays queued for a live worker instead of waiting in RQ's intermediate list for a minute."""
     connection = redis_client(queue_redis.url)
     clicks = ClaimingQueue(INTERACTIVE_QUEUE, connection=connection)
-    lane = ClickLane([clicks], name="lane" + CLICK_LANE_SUFFIX, connection=connection, worker_ttl=3)
+    main = ModelWorker([clicks], name="lane", connection=connection, worker_ttl=3)  # not started: only read
+    lane = ClickLane([clicks], main=main, name="lane" + CLICK_LANE_SUFFIX, connection=connection, worker_ttl=3)
     lane.start("WARNING")
 
     def registered() -> bool:

@@ -14,8 +14,9 @@ Stops are announced to active learning (`training.ingest.interrupt_applying`): a
 time-out take back the attempt at the webhook event being applied, so that no deploy sets an event aside.
 And two additions: a pre-annotation job takes along the pre-annotation jobs already waiting behind it, up
 to PREANNOTATE_BATCH in all, so their images go through the models together; and a second RQ worker in a
-thread of the same process takes clicks only (INTERACTIVE_THREAD), sharing the loaded models, so a click
-never waits for a pre-annotation batch to finish.
+thread of the same process (INTERACTIVE_THREAD), sharing the loaded models, takes clicks, so a click never waits
+for a pre-annotation batch to finish, and, while the main loop is in a pre-annotation batch or a training, encoding
+ahead too, so that the next tasks' first clicks stay warm meanwhile (a click then waits at most one image's encode).
 """
 
 from __future__ import annotations
@@ -45,9 +46,11 @@ from backend.errors import ModelDirNotShared
 from backend.inference.local import Predictor
 from backend.inference.queue import (
     CLICK_LANE_SUFFIX,
+    ENCODE_QUEUE,
     INTERACTIVE_QUEUE,
     MODEL_VERSION_FIELD,
     PREANNOTATE_QUEUE,
+    TRAINING_QUEUE,
     WORKER_QUEUES,
 )
 from backend.training.ingest import interrupt_applying
@@ -59,6 +62,10 @@ log = logging.getLogger(__name__)
 HEARTBEAT_MARGIN_S = 5
 LEASE_RENEWALS = 3  # per WORKER_TTL: a lease outlives a late renewal or two
 DEQUEUE_POLL_S = 0.5  # an idle worker looks at its lower-priority queues this often
+LONG_JOB_QUEUES = (
+    PREANNOTATE_QUEUE,
+    TRAINING_QUEUE,
+)  # whose jobs take seconds to minutes: the click lane encodes meanwhile
 
 
 try:
@@ -142,6 +149,7 @@ class ModelWorker(SimpleWorker):
         super().__init__(*args, **kwargs)
         self.preannotate_batch = preannotate_batch
         self.model_version = model_version
+        self.in_long_job = threading.Event()  # set while a job of LONG_JOB_QUEUES runs, read by the click lane
 
     def request_stop(self, signum, frame) -> None:
         """Warm shutdown (SIGTERM, SIGINT): the job in hand finishes, unless a SIGKILL comes first (`docker stop`'s
@@ -226,11 +234,16 @@ class ModelWorker(SimpleWorker):
         claimed behind it: each still goes through RQ's own perform_job (results, retries, failures), and the
         first of a label config's jobs computes all of theirs in one batch."""
         batched = queue.name == PREANNOTATE_QUEUE and self.preannotate_batch > 1
-        with renewed(self._renew_leases, self.worker_ttl / LEASE_RENEWALS, f"{self.name}'s job leases"):
-            if batched:
-                self._perform_with_waiting(job, queue)
-            else:
-                super().execute_job(job, queue)
+        if queue.name in LONG_JOB_QUEUES:
+            self.in_long_job.set()
+        try:
+            with renewed(self._renew_leases, self.worker_ttl / LEASE_RENEWALS, f"{self.name}'s job leases"):
+                if batched:
+                    self._perform_with_waiting(job, queue)
+                else:
+                    super().execute_job(job, queue)
+        finally:
+            self.in_long_job.clear()
         if batched:
             self.set_state(WorkerStatus.IDLE)
         if queue.name != INTERACTIVE_QUEUE:
@@ -286,21 +299,35 @@ class ModelWorker(SimpleWorker):
 
 
 class ClickLane(ModelWorker):
-    """The worker's second loop, in a thread, on the interactive queue alone."""
+    """The worker's second loop, in a thread: clicks, and encoding ahead while `main` is in a long job. Without the
+    latter a worker in a training encoded nothing ahead: with one worker, every first click during a training was
+    cold, and in the soak the clicks after a worker restart that met a training on the other."""
 
     # SIGALRM, which RQ's default job time-out uses, reaches only the main thread: time jobs out with a timer.
     death_penalty_class = TimerDeathPenalty
+
+    def __init__(self, *args, main: ModelWorker, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.main = main
+        self.clicks_only = [queue for queue in self.queues if queue.name == INTERACTIVE_QUEUE]
+
+    def queues_now(self) -> list[Queue]:
+        """Clicks, and encoding ahead after them while the main loop is in a long job; clicks alone otherwise, so
+        that a click does not wait behind an encode the main loop could have taken."""
+        return list(self.queues) if self.main.in_long_job.is_set() else self.clicks_only
 
     def _install_signal_handlers(self) -> None:
         """Signals belong to the main worker, which stops this lane when it stops."""
 
     def dequeue_job_and_maintain_ttl(self, timeout: int | None, max_idle_time: int | None = None):
-        """RQ's wait for a click, one poll (at most BLOCKING_READ_S) at a time, until a stop is asked: RQ's own wait
-        never looks at a stop, so a lane about to exit could take a click that then waited in RQ's intermediate list
-        until another worker's clean-up, a minute later."""
+        """RQ's wait for a click (or an encode: `queues_now`), one poll (at most BLOCKING_READ_S) at a time, until a
+        stop is asked: RQ's own wait never looks at a stop, so a lane about to exit could take a click that then
+        waited in RQ's intermediate list until another worker's clean-up, a minute later."""
+        self._ordered_queues = self.queues_now()
         if timeout is None:  # a burst's look, which does not wait
             return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
         while not self._stop_requested:
+            self._ordered_queues = self.queues_now()
             result = super().dequeue_job_and_maintain_ttl(timeout, max_idle_time=timeout)
             if result is not None:
                 return result
@@ -366,7 +393,8 @@ def run_worker(settings: Settings, burst: bool = False) -> int:
     lane = None
     if settings.interactive_thread and not burst:
         lane = ClickLane(
-            [queues[0]],
+            [queue for queue in queues if queue.name in (INTERACTIVE_QUEUE, ENCODE_QUEUE)],
+            main=worker,
             name=worker.name + CLICK_LANE_SUFFIX,
             connection=connection,
             worker_ttl=settings.worker_ttl_s,
