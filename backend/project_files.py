@@ -19,18 +19,22 @@ def fsync_directory(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomically(path: Path, data: bytes) -> None:
+def write_atomically(path: Path, data: bytes, durable: bool = True) -> None:
+    """Write `path` whole or not at all. Without `durable` nothing is flushed to the disk: for files that only save
+    work (a torn one after a power loss reads as absent), written where a click waits."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         with open(temporary, "wb") as handle:
             handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
+            if durable:
+                handle.flush()
+                os.fsync(handle.fileno())
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
-    fsync_directory(path.parent)
+    if durable:
+        fsync_directory(path.parent)
 
 
 IDENTITY_FILE = ".identity"

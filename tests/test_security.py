@@ -176,7 +176,8 @@ def test_presigned_urls_lose_their_signatures_in_every_log_line_and_error(ground
     predictor.encode_imports(1)
     assert predictor.ahead.wait_idle(300)
     with pytest.raises(ImageError) as moved:
-        predictor.training_resources().embedding_for(exists, "0" * 64)
+        resources = predictor.training_resources()
+        resources.embedding_for(resources.features(ProjectFiles(grounded_settings.model_dir, 1)), exists, "0" * 64)
     logged = caplog.text
     assert "goes on in the background" in logged and "not encoded ahead" in logged and "X-Amz-Signature=" in logged
     everything = logged + str(moved.value) + "".join(answer.get_data(as_text=True) for answer in answers)

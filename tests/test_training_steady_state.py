@@ -298,8 +298,10 @@ def test_training_memory_does_not_grow_with_the_annotations(learning_settings, m
     settings = replace(learning_settings, train_after_annotations=0, train_steps=4)
     client, predictor = make_client(settings)
     images = served_shapes(media_root, "big", range(30, 34), height=2000, width=3000)
+    resources = predictor.training_resources()
+    features = resources.features(ProjectFiles(settings.model_dir, 35))
     for _, url, _ in images:  # fetched and encoded once first: the measure is of what grows with the annotations
-        predictor.training_resources().embedding_for(url, None)
+        resources.embedding_for(features, url, None)
     bodies = [brush_event(35, 3500 + seed, seed, url, [mask] * 12) for seed, url, mask in images]
 
     tracemalloc.start()
@@ -321,10 +323,11 @@ def test_training_memory_does_not_grow_with_the_annotations(learning_settings, m
     assert training_peak < TRAINING_MEMORY_BOUND, f"training allocated {training_peak / 2**20:.0f} MiB at its peak"
 
 
-def annotate_then_evict(settings, media_root, project_id: int, folder: str, seeds: range):
-    """Annotations of served shape images applied through the webhook, then their embeddings evicted from the cache
-    by the images annotators opened since, as in the soak, whose cache held a tenth of the project. Returns the
-    predictor, the cache, its keys before and the images."""
+def annotate_evicted(settings, media_root, project_id: int, folder: str, seeds: range):
+    """Annotations applied through the webhook for served shape images that the cache no longer holds, as in the
+    soak, whose cache held a tenth of the project and whose webhook events waited behind the encoding ahead.
+    Ingestion encodes each image once for the feature store without caching it: caching it pushed out the images
+    encoded ahead of the annotators. Returns the predictor, the cache, its keys before and the images."""
     client, predictor = make_client(settings)
     images = served_shapes(media_root, folder, seeds, height=240, width=320)
     cache = redis.Redis.from_url(settings.cache_url)
@@ -333,9 +336,7 @@ def annotate_then_evict(settings, media_root, project_id: int, folder: str, seed
         event = brush_event(project_id, project_id * 100 + seed, seed, url, [mask])
         assert post_webhook(client, event)["status"] == "queued"
     assert predictor.learning.wait_idle(300)
-    annotated = set(cache.scan_iter("sam:emb:*")) - before
-    assert len(annotated) == len(images)  # ingestion cached each annotated image
-    cache.delete(*annotated)
+    assert set(cache.scan_iter("sam:emb:*")) == before  # ingestion cached none of the evicted images
     cache.set(b"sam:emb:an-image-encoded-ahead", b"x" * 1000)
     return predictor, cache, before, images
 
@@ -359,7 +360,7 @@ def test_a_training_reads_its_images_from_the_feature_store_encoding_none(learni
     on a large project, and cold first clicks after. Ingestion stores each annotated image's features on disk; the
     training reads them there, encodes nothing and leaves the cache as it was."""
     settings = replace(learning_settings, train_after_annotations=0, train_steps=2)
-    predictor, cache, before, images = annotate_then_evict(settings, media_root, 36, "stored", range(40, 43))
+    predictor, cache, before, images = annotate_evicted(settings, media_root, 36, "stored", range(40, 43))
     encodes = counting_encodes(monkeypatch, predictor)
 
     result = train_project(36, settings, replace(predictor.training_resources(), decoders=None))
@@ -371,13 +372,42 @@ def test_a_training_reads_its_images_from_the_feature_store_encoding_none(learni
     assert len(list((ProjectFiles(settings.model_dir, 36).features).glob("*/*.emb"))) == len(images)
 
 
+def test_an_image_clicked_then_evicted_is_annotated_and_trained_on_without_encoding_it_again(
+    learning_settings, media_root, monkeypatch
+):
+    """The soak's webhook events waited behind the encoding ahead, and by then the cache (a tenth of the project) had
+    evicted the annotated image: applying each event encoded it again, taking the CPU that encoding ahead needed.
+    The click stores the image's features for training; the event and the training read them there."""
+    settings = replace(learning_settings, train_after_annotations=0, train_steps=2)
+    client, predictor = make_client(settings)
+    images = served_shapes(media_root, "clicked", range(50, 53), height=240, width=320)
+    for seed, url, _ in images:
+        body = recorded("04-predict-interactive-keypoints.json")
+        body["tasks"][0]["id"], body["tasks"][0]["data"]["image"] = seed, url
+        assert client.post("/predict", json=body).status_code == 200
+    features = ProjectFiles(settings.model_dir, 1).features
+    assert len(list(features.glob("*/*.emb"))) == len(images)
+    cache = redis.Redis.from_url(settings.cache_url)
+    cache.delete(*cache.scan_iter("sam:emb:*"))  # evicted by the images annotators opened since
+    encodes = counting_encodes(monkeypatch, predictor)
+
+    for seed, url, mask in images:
+        assert post_webhook(client, brush_event(1, 100 + seed, seed, url, [mask]))["status"] == "queued"
+    assert predictor.learning.wait_idle(300)
+    result = train_project(1, settings, replace(predictor.training_resources(), decoders=None))
+
+    assert result.status == "trained", result
+    assert result.metrics["train_masks"] + result.metrics["held_out_masks"] == len(images)
+    assert encodes == []
+
+
 def test_without_room_for_features_a_training_encodes_what_it_misses_without_caching_it(
     learning_settings, media_root, monkeypatch
 ):
     """With TRAIN_FEATURES_MAX_MB=0 a training encodes each evicted image again, and uses it once: storing it in
     the cache would push out the images encoded ahead of the annotators."""
     settings = replace(learning_settings, train_after_annotations=0, train_steps=2, train_features_max_mb=0)
-    predictor, cache, before, images = annotate_then_evict(settings, media_root, 37, "unstored", range(44, 47))
+    predictor, cache, before, images = annotate_evicted(settings, media_root, 37, "unstored", range(44, 47))
     encodes = counting_encodes(monkeypatch, predictor)
 
     result = train_project(37, settings, replace(predictor.training_resources(), decoders=None))

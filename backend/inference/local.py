@@ -31,11 +31,13 @@ from backend.inference.loading import ModelLoading, Models
 from backend.inference.text import DetectionSettings, TextDetection
 from backend.models.base import ImageEmbedding, Segmenter
 from backend.outcomes import DetectedObject, TaskPrediction, iou_score
+from backend.project_files import ProjectFiles
 from backend.prompts.interactive import ContextPrompts, InteractivePrompter
 from backend.protocol.label_config import ProjectConfig
 from backend.protocol.results import TaskAnswer
 from backend.training.resources import TrainingResources
 from backend.training.service import ActiveLearning
+from backend.training.support import fine_tuning_refusal
 from backend.training.trainer import TrainingResult, train_project
 
 
@@ -51,6 +53,7 @@ class Predictor(InteractiveFront):
             settings.model_dir, lambda: settings.base_model_version, settings.model_version_pin
         )
         self.learning = ActiveLearning(settings, self.training_resources, self.decoders, train=self.train_project)
+        self.fine_tunes = fine_tuning_refusal(settings) is None
         self.step_times = StepTimes()
         self.coverage = CoverageRecorder(settings.model_dir)
         self.digests = ImageDigests(store, settings.embedding_ttl_s)
@@ -196,6 +199,12 @@ class Predictor(InteractiveFront):
         self.text.refuse_unanswerable(prompts, config)
         started = time.perf_counter()
         embedding, hit, encode_s = self.embedding_for(models, image, project_id=project_id)
+        if project_id is not None and self.fine_tunes:
+            # The annotation that may follow trains on it; by the time its webhook is applied, an LRU cache smaller
+            # than the project may have evicted it, and encoding it again there took CPU from encoding ahead.
+            self.training_resources().features(ProjectFiles(self.settings.model_dir, project_id)).put(
+                image.digest, embedding
+            )
         embedded = time.perf_counter()
         prompter = InteractivePrompter(models.sessions, image.digest, task_id)
         objects = prompter.prompts(prompts.in_pixels(embedding.original_size))

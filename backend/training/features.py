@@ -1,14 +1,15 @@
 """The image features a project's trainings read, kept on disk beside its training set, apart from the LRU cache.
 
-An annotation's image is encoded when the annotator clicks it, and its embedding is at hand again when the webhook
-is applied; it is stored here then, one file per image, under the encoder's identity. A training reads its images
-from here instead of the embedding cache, which in a project larger than the cache has long evicted most of them:
-re-encoding them took a worker minutes per training on a large project and pushed out of the cache the images
-encoded ahead of the annotators. Files are the cache's own serialisation (`serialize_embedding`), written
-atomically; a torn or foreign file reads as absent and is replaced. The store is bounded by
-`TRAIN_FEATURES_MAX_MB` per project (an image over it is encoded again by each training, as before), and each
-training removes the files of images no annotation refers to any more. The store only saves work: a full disk or
-an unwritable file is logged and the image is encoded again, and no annotation waits on it.
+An annotation's image is encoded when the annotator clicks it: its embedding is stored here then (in a project
+whose segmenter fine-tunes), and else when the annotation's webhook is applied; one file per image, under the
+encoder's identity. A training reads its images from here instead of the embedding cache, which in a project larger
+than the cache has long evicted most of them: re-encoding them took a worker minutes per training on a large
+project and pushed out of the cache the images encoded ahead of the annotators. Files are the cache's own
+serialisation (`serialize_embedding`), written atomically but not flushed to the disk (a click waits on the write);
+a torn or foreign file reads as absent and is replaced. The store is bounded by `TRAIN_FEATURES_MAX_MB` per project
+(an image over it is encoded again by each training), and each training removes the files of the images no
+annotation refers to (clicked and never annotated, or no longer annotated). The store only saves work: a full disk
+or an unwritable file is logged and the image encoded again, and no click or annotation waits on it.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ class TrainingFeatures:
             )
             return False
         try:
-            write_atomically(path, data)
+            write_atomically(path, data, durable=False)
         except OSError as error:
             log.warning(
                 "project %d: features of image %s not stored for training: %s", self.project_id, image_digest, error

@@ -239,8 +239,8 @@ def _saved_annotation(
     if record.regions:
         try:
             available = resources()
-            embedding, record.image_digest = available.embedding_for(record.image_url, None)
-            available.features(training_set.files).put(record.image_digest, embedding)
+            features = available.features(training_set.files)
+            embedding, record.image_digest = available.embedding_for(features, record.image_url, None)
         except (ImageError, ModelNotReady) as error:
             # The masks are kept; training fetches the image again and checks their size then.
             log.warning(

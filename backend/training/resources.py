@@ -11,7 +11,7 @@ from backend.cache.store import make_store
 from backend.config import Settings
 from backend.decoders.serving import ProjectDecoders
 from backend.errors import ImageError
-from backend.images import FetchRules, ImageFetcher, decode_image, redact_url
+from backend.images import FetchedImage, FetchRules, ImageFetcher, decode_image, redact_url
 from backend.models.base import ImageEmbedding, Segmenter
 from backend.models.registry import load_segmenter
 from backend.project_files import ProjectFiles
@@ -33,34 +33,39 @@ class TrainingResources:
         return TrainingFeatures(files, self.segmenter.identity, self.features_max_bytes)
 
     def embedding_for(
-        self, image_url: str, expected_digest: str | None, keep: bool = True
-    ) -> tuple[ImageEmbedding, str]:
-        """The image's embedding and digest; raises ImageError if the URL now serves another image. Without `keep`
-        an image not cached is encoded and not stored (`EmbeddingCache.get_or_encode`)."""
-        if expected_digest is not None:
-            cached = self.embeddings.lookup(expected_digest)
-            if cached is not None:
-                return cached, expected_digest
-        image = self.fetcher.fetch(image_url)
-        if expected_digest is not None and image.digest != expected_digest:
-            raise ImageError(f"{redact_url(image_url)} now serves another image than the one annotated")
-        result = self.embeddings.get_or_encode(
-            image.digest, lambda: decode_image(image.data, self.max_image_pixels), keep
-        )
-        return result.embedding, image.digest
-
-    def embedding_to_train_on(
         self, features: TrainingFeatures, image_url: str, expected_digest: str | None
     ) -> tuple[ImageEmbedding, str]:
-        """The features stored for the project's training, or else the image's embedding (cached, or encoded and
-        not cached), stored for the next training."""
-        if expected_digest is not None:
-            stored = features.get(expected_digest)
-            if stored is not None:
-                return stored, expected_digest
-        embedding, digest = self.embedding_for(image_url, expected_digest, keep=False)
-        features.put(digest, embedding)
-        return embedding, digest
+        """The image's embedding and digest, for training: from the project's feature store, else from the cache,
+        else encoded and not cached (the annotator has moved on; caching it would push out the images encoded ahead
+        of them), and then stored in the feature store. Raises ImageError if the URL now serves another image."""
+        image: FetchedImage | None = None
+        if expected_digest is None:
+            image = self.fetcher.fetch(image_url)
+            digest = image.digest
+        else:
+            digest = expected_digest
+        known = self._stored_or_cached(features, digest)
+        if known is not None:
+            return known, digest
+        if image is None:
+            image = self.fetcher.fetch(image_url)
+            if image.digest != digest:
+                raise ImageError(f"{redact_url(image_url)} now serves another image than the one annotated")
+        fetched = image
+        result = self.embeddings.get_or_encode(
+            digest, lambda: decode_image(fetched.data, self.max_image_pixels), keep=False
+        )
+        features.put(digest, result.embedding)
+        return result.embedding, digest
+
+    def _stored_or_cached(self, features: TrainingFeatures, image_digest: str) -> ImageEmbedding | None:
+        stored = features.get(image_digest)
+        if stored is not None:
+            return stored
+        cached = self.embeddings.lookup(image_digest)
+        if cached is not None:
+            features.put(image_digest, cached)
+        return cached
 
 
 @functools.lru_cache(maxsize=1)

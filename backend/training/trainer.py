@@ -106,7 +106,7 @@ def _collect(
         if not examples.has_image(key):
             try:
                 # Not from the LRU cache: a training there would push out the images encoded ahead of the annotators.
-                embedding, digest = resources.embedding_to_train_on(features, record.image_url, record.image_digest)
+                embedding, digest = resources.embedding_for(features, record.image_url, record.image_digest)
             except ImageError as error:
                 log.warning(
                     "project %d annotation %d left out of this training: %s",
