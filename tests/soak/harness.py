@@ -45,8 +45,11 @@ import numpy as np
 import redis
 import requests
 import torch
+from rq import Queue
+from rq.registry import StartedJobRegistry
 
 from backend.config import Settings
+from backend.inference.queue import WORKER_QUEUES
 from bench.annotator_walk import tasks_created
 from tests.assets import build_small_sam
 from tests.label_studio_standin import LabelStudioStandIn
@@ -179,6 +182,13 @@ class SoakReport:
         """The role's RSS summed over its processes, MiB, at the warmed-up point and at the end."""
         return [round(sum(self.rss_at(point, role).values()) / 2**20, 1) for point in self.rss_points()]
 
+    def rss_mib_per_process(self, role: str) -> dict[int, list[float]]:
+        """Per process of the role alive at both points, its RSS in MiB at the warmed-up point and at the end."""
+        before, after = (self.rss_at(point, role) for point in self.rss_points())
+        return {
+            pid: [round(before[pid] / 2**20, 1), round(after[pid] / 2**20, 1)] for pid in before.keys() & after.keys()
+        }
+
     @property
     def log_lines_per_click(self) -> float:
         return self.log_lines / max(1, len(self.outcomes))
@@ -216,6 +226,7 @@ class SoakReport:
             "training_set_listed": self.training_set_listed,
             "rss_growth": {role: round(ratio, 3) for role, ratio in self.rss_growth().items()},
             "rss_mib_warm_end": {role: self.rss_mib(role) for role in ("web", "worker")},
+            "rss_mib_per_process": {role: self.rss_mib_per_process(role) for role in ("web", "worker")},
             "log_lines_per_click": round(self.log_lines_per_click, 2),
             "top_log_lines": self.top_log_lines,
             "faults": self.faults,
@@ -460,7 +471,6 @@ class Soak:
             self.report.watch_error = f"{type(error).__name__}: {error}"[:2000]
             while not self.done.wait(1.0):
                 self.sample_rss(self.taken / self.plan.tasks)
-        self.sample_rss(1.0)
 
     def observe_and_inject(self) -> None:
         """Runs the faults at their points of the walk, samples RSS and notes when the cache first fills."""
@@ -495,11 +505,21 @@ class Soak:
 
     # After the walk.
     def drain(self) -> None:
-        """Until the inbox is empty (every event applied or set aside), or drain_s."""
+        """Until the inbox is empty (every event applied or set aside) and no job is queued or running, or drain_s;
+        then the last RSS sample, of idle processes: one taken at the walk's end caught a worker in a training,
+        whose working memory then read as growth."""
         inbox = self.project_dir / "inbox"
         give_up = time.monotonic() + self.plan.drain_s
-        while time.monotonic() < give_up and inbox.is_dir() and any(inbox.glob("*.json")):
+        while time.monotonic() < give_up and (inbox.is_dir() and any(inbox.glob("*.json")) or self.jobs_left()):
             time.sleep(1)
+        self.sample_rss(1.0)
+
+    def jobs_left(self) -> bool:
+        connection = redis.Redis.from_url(self.queue_redis.url)
+        return any(
+            Queue(name, connection=connection).count or StartedJobRegistry(name, connection=connection).count
+            for name in WORKER_QUEUES
+        )
 
     def account(self) -> None:
         report = self.report

@@ -1,13 +1,14 @@
 """The soak (`make soak`; not yet in `make test`): see tests/soak/harness.py for what runs and what is injected.
 
 SOAK_TASKS sets the project's size (default 500, the full soak). The figures are
-printed as one JSON line and written to soak-report.json in the test's temporary folder.
+printed as one JSON line and written, with every RSS sample, to soak-report.json in the test's temporary folder.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import asdict
 
 import pytest
 
@@ -25,7 +26,8 @@ def test_a_long_walk_with_restarts_and_a_full_cache_loses_nothing_and_stays_warm
     report = run_soak(plan, tmp_path)
     summary = report.summary()
     print("\nsoak:", json.dumps(summary))
-    (tmp_path / "soak-report.json").write_text(json.dumps(summary, indent=1))
+    samples = [asdict(sample) for sample in report.rss]  # the RSS of every process each second, to plot
+    (tmp_path / "soak-report.json").write_text(json.dumps({**summary, "rss_samples": samples}, indent=1))
 
     # Everything the walk was to do happened: each fault, a cache that filled, every task clicked and annotated.
     assert report.watch_error is None and len(report.faults) == len(FAULTS), summary
