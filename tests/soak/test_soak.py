@@ -1,4 +1,4 @@
-"""The soak (`make soak`; not yet in `make test`): see tests/soak/harness.py for what runs and what is injected.
+"""The soak (`make soak`, the last stage of `make test`): see tests/soak/harness.py for what runs and what is injected.
 
 SOAK_TASKS sets the project's size (default 500, the full soak). The figures are
 printed as one JSON line and written, with every RSS sample, to soak-report.json in the test's temporary folder.
