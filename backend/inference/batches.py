@@ -5,10 +5,12 @@ Label Studio's JSON as the chunk ends, so memory holds one chunk's images and ma
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -37,6 +39,27 @@ BATCH_STEPS = ("fetch", "detect", "encode", "segment")  # what one pre-annotated
 EmbeddingsFor = Callable[[Models, Sequence[tuple[FetchedImage, np.ndarray | None]], TimeLimit], list[CachedEmbedding]]
 
 
+@dataclass(frozen=True)
+class BatchSettings:
+    """The few settings a batch reads."""
+
+    max_image_pixels: int
+    max_objects: int
+    chunk_images: int  # GROUNDING_DINO_BATCH, at least 1
+    model_ready_timeout_s: float
+    region_rules: Callable[[ProjectConfig], RegionRules]  # the polygon and answer-size settings, for a project
+
+    @classmethod
+    def of(cls, settings: Settings) -> BatchSettings:
+        return cls(
+            settings.max_image_pixels,
+            settings.max_objects,
+            max(settings.grounding_dino_batch, 1),
+            settings.model_ready_timeout_s,
+            functools.partial(region_rules, settings),
+        )
+
+
 class BatchPreannotation:
     """`Predictor.predict_batch`, with what it shares with the clicks handed in: the models, the detector, the
     embedding cache (`embeddings_for`), the fetcher (`fetch`: a queue worker replaces the predictor's) and the step
@@ -44,7 +67,7 @@ class BatchPreannotation:
 
     def __init__(
         self,
-        settings: Settings,
+        settings: BatchSettings,
         models: BackgroundLoader[Models],
         text: TextDetection,
         decoders: ProjectDecoders,
@@ -53,7 +76,7 @@ class BatchPreannotation:
         fetch: Callable[[str], FetchedImage],
         embeddings_for: EmbeddingsFor,
     ) -> None:
-        self.settings = settings  # region_rules reads the polygon settings; the rest is its own few
+        self.settings = settings
         self.models = models
         self.text = text
         self.decoders = decoders
@@ -91,7 +114,7 @@ class BatchPreannotation:
         query = labels_query(config)
         thresholds = self.text.thresholds(config)
         detector = self.text.ready(query)
-        rules = region_rules(self.settings, config)
+        rules = self.settings.region_rules(config)
         # Boxes alone need no SAM, for projects that only have a RectangleLabels control.
         models = self.models.get(self.settings.model_ready_timeout_s) if config.mask_labels else None
         segmenter, version = (
@@ -102,7 +125,7 @@ class BatchPreannotation:
         asked = [query.caption, list(query.spans), query.label_groups, thresholds.box, thresholds.text]
         detections_key = DetectionCache.query_key(detector.identity, [*asked, self.settings.max_objects])
         steps = BATCH_STEPS if models else tuple(step for step in BATCH_STEPS if step != "encode")
-        most = max(self.settings.grounding_dino_batch, 1)
+        most = self.settings.chunk_images
         outcomes: list[TaskAnswer | BackendError] = []
         while len(outcomes) < len(image_urls):
             first = len(outcomes)

@@ -25,7 +25,7 @@ from backend.decoders.serving import ProjectDecoders
 from backend.errors import BackendError, ImageError
 from backend.images import FetchedImage, FetchRules, ImageFetcher, decode_image
 from backend.inference.base import InteractiveFront
-from backend.inference.batches import BatchPreannotation
+from backend.inference.batches import BatchPreannotation, BatchSettings
 from backend.inference.encode_ahead import EncodeAhead, Step
 from backend.inference.loading import ModelLoading, Models
 from backend.inference.text import DetectionSettings, TextDetection
@@ -59,7 +59,7 @@ class Predictor(InteractiveFront):
         self.digests = ImageDigests(store, settings.embedding_ttl_s)
         self.text = TextDetection(self.detector, DetectionSettings.of(settings))
         self.batches = BatchPreannotation(
-            settings,
+            BatchSettings.of(settings),
             self.models,
             self.text,
             self.decoders,
