@@ -419,6 +419,26 @@ def test_loaded_decoders_stay_bounded_however_many_projects_are_served(learning_
     assert decoders.serving(100, base)[1] == f"{BASE}-p100-v1"
 
 
+def test_a_version_superseded_by_a_newer_one_is_let_go(learning_settings):
+    """Each training's new version was loaded beside the ones before it, so a worker held every version of a project
+    until MAX_VARIANTS newer ones pushed them out; the soak's worker RSS grew with each training. Once the newer
+    version serves, the one it replaces is no longer held."""
+    base = load_sam(Path(learning_settings.sam_checkpoint), decoder_runtime="torch")
+    state = decoder_state(base.sam)
+    metrics = {"held_out_miou_before": 0.5, "held_out_miou_after": 0.6, "accepted": True, "parent": "base"}
+    decoders = ProjectDecoders(learning_settings.model_dir, lambda: BASE)
+    store = VersionStore(ProjectFiles(learning_settings.model_dir, 120))
+    served_before = []
+    for number in (1, 2, 3):
+        store.write(serialize_decoder_state(state), {**metrics, "held_out_miou_after": 0.6 + number / 100})
+        segmenter, version = decoders.serving(120, base)
+        assert version == f"{BASE}-p120-v{number}"
+        served_before.append(weakref.ref(segmenter))
+        del segmenter
+    gc.collect()
+    assert [ref() is not None for ref in served_before] == [False, False, True]
+
+
 def test_damaged_version_is_skipped_with_an_error_and_the_previous_serves(learning_settings, shapes, caplog):
     write_version(learning_settings, 7, 1.0)
     write_version(learning_settings, 7, 2.0)

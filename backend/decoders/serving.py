@@ -89,8 +89,12 @@ class ProjectDecoders:
             self._variants.move_to_end(choice.variant)
         return choice, segmenter
 
-    def _remember(self, project_id: int, choice: _Choice) -> None:
-        """Callers hold the mutex."""
+    def _remember(self, project_id: int, choice: _Choice, previous: tuple[_Choice, Segmenter] | None) -> None:
+        """Make `choice` the project's, and let go of the decoder it replaces: a superseded version serves nobody
+        once its requests in flight end, and kept loaded it held a worker's memory (its weights, and on CPU its ONNX
+        session) until MAX_VARIANTS newer ones pushed it out. Callers hold the mutex."""
+        if previous is not None and previous[0].variant not in (None, choice.variant):
+            self._variants.pop(previous[0].variant, None)
         self._choices[project_id] = choice
         self._choices.move_to_end(project_id)
         while len(self._choices) > MAX_CHOICES:
@@ -121,11 +125,11 @@ class ProjectDecoders:
                     continue
             choice = _Choice(stamp, version, key)
             with self._mutex:
-                self._remember(files.project_id, choice)
+                self._remember(files.project_id, choice, previous)
             return choice, segmenter
         choice = _Choice(stamp, None, None)
         with self._mutex:
-            self._remember(files.project_id, choice)
+            self._remember(files.project_id, choice, previous)
         return choice, base
 
     def _load(self, store: VersionStore, version: Version, key: VariantKey, base: FineTunable) -> Segmenter | None:
