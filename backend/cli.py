@@ -1,4 +1,5 @@
-"""The command line: `python -m backend serve|weights|worker|preannotate|encode|predict|demo|inbox|settings`."""
+"""The command line: `python -m backend serve|weights|worker|preannotate|encode|predict|demo|inbox|evaluate|
+settings`."""
 
 from __future__ import annotations
 
@@ -236,6 +237,27 @@ def _inbox_replay(args: argparse.Namespace, settings: Settings) -> int:
     return 1 if left else 0
 
 
+def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
+    """Score the configured segmenter and the project's versions on its annotations; print the table, write the
+    report under MODEL_DIR/<project>/reports/."""
+    from backend.app import configure_process
+    from backend.training.report import evaluate_project
+    from backend.training.resources import shared_resources
+
+    configure_process(settings)
+    try:
+        report = evaluate_project(args.project, settings, shared_resources(settings), args.tasks)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(report["markdown"])
+    print(
+        f"\n{report['tasks']} of the project's annotated tasks, {report['seconds']} s; "
+        f"written to {', '.join(report['written_to'])}"
+    )
+    return 0
+
+
 def _settings(args: argparse.Namespace, settings: Settings) -> int:
     if args.markdown:
         print(describe_markdown(), end="")
@@ -310,6 +332,13 @@ def main(argv: list[str] | None = None) -> int:
     inbox.add_argument("--project", type=int, required=True, help="the Label Studio project id")
     inbox.add_argument("--wait", type=float, default=3600.0, help="seconds to wait for them to be applied (local)")
     inbox.set_defaults(run=_inbox_replay)
+
+    evaluated = commands.add_parser(
+        "evaluate", help="score the segmenter and the project's versions by simulated clicks on its annotations"
+    )
+    evaluated.add_argument("--project", type=int, required=True, help="the Label Studio project id")
+    evaluated.add_argument("--tasks", type=int, default=None, help="at most this many tasks, held-out ones first")
+    evaluated.set_defaults(run=_evaluate)
 
     described = commands.add_parser("settings", help="print the settings in force (secrets left out)")
     described.add_argument("--markdown", action="store_true", help="print docs/configuration.md instead")
