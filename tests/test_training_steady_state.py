@@ -380,13 +380,21 @@ def test_an_image_clicked_then_evicted_is_annotated_and_trained_on_without_encod
     The click stores the image's features for training; the event and the training read them there."""
     settings = replace(learning_settings, train_after_annotations=0, train_steps=2)
     client, predictor = make_client(settings)
-    images = served_shapes(media_root, "clicked", range(50, 53), height=240, width=320)
-    for seed, url, _ in images:
+    first, *images = served_shapes(media_root, "clicked", range(49, 53), height=240, width=320)
+    features = ProjectFiles(settings.model_dir, 1).features
+
+    def click(seed: int, url: str) -> None:
         body = recorded("04-predict-interactive-keypoints.json")
         body["tasks"][0]["id"], body["tasks"][0]["data"]["image"] = seed, url
         assert client.post("/predict", json=body).status_code == 200
-    features = ProjectFiles(settings.model_dir, 1).features
-    assert len(list(features.glob("*/*.emb"))) == len(images)
+
+    click(*first[:2])
+    assert not features.exists()  # a project whose webhooks sent nothing yet stores nothing: nothing would clean it
+    assert post_webhook(client, brush_event(1, 100 + first[0], first[0], first[1], [first[2]]))["status"] == "queued"
+    assert predictor.learning.wait_idle(300)
+    for seed, url, _ in images:
+        click(seed, url)
+    assert len(list(features.glob("*/*.emb"))) == 1 + len(images)
     cache = redis.Redis.from_url(settings.cache_url)
     cache.delete(*cache.scan_iter("sam:emb:*"))  # evicted by the images annotators opened since
     encodes = counting_encodes(monkeypatch, predictor)
@@ -397,7 +405,7 @@ def test_an_image_clicked_then_evicted_is_annotated_and_trained_on_without_encod
     result = train_project(1, settings, replace(predictor.training_resources(), decoders=None))
 
     assert result.status == "trained", result
-    assert result.metrics["train_masks"] + result.metrics["held_out_masks"] == len(images)
+    assert result.metrics["train_masks"] + result.metrics["held_out_masks"] == 1 + len(images)
     assert encodes == []
 
 

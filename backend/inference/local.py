@@ -200,11 +200,7 @@ class Predictor(InteractiveFront):
         started = time.perf_counter()
         embedding, hit, encode_s = self.embedding_for(models, image, project_id=project_id)
         if project_id is not None and self.fine_tunes:
-            # The annotation that may follow trains on it; by the time its webhook is applied, an LRU cache smaller
-            # than the project may have evicted it, and encoding it again there took CPU from encoding ahead.
-            self.training_resources().features(ProjectFiles(self.settings.model_dir, project_id)).put(
-                image.digest, embedding
-            )
+            self._keep_for_training(project_id, image, embedding)
         embedded = time.perf_counter()
         prompter = InteractivePrompter(models.sessions, image.digest, task_id)
         objects = prompter.prompts(prompts.in_pixels(embedding.original_size))
@@ -227,6 +223,15 @@ class Predictor(InteractiveFront):
             timings=timings,
             model_version=version,
         )
+
+    def _keep_for_training(self, project_id: int, image: FetchedImage, embedding: ImageEmbedding) -> None:
+        """Store a clicked image's features for the training of a project that learns (its webhooks have sent
+        annotations): by the time the annotation's event is applied, an LRU cache smaller than the project may have
+        evicted the image, and encoding it again there took CPU from encoding ahead. A project without webhooks
+        stores nothing, as nothing would clean its store."""
+        files = ProjectFiles(self.settings.model_dir, project_id)
+        if files.annotations.is_dir():
+            self.training_resources().features(files).put(image.digest, embedding)
 
     def predict_text(self, image: FetchedImage, texts: list[str], config: ProjectConfig) -> TaskPrediction:
         """Masks for a typed prompt in an image already at hand (the CLI and the demo app)."""

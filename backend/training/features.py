@@ -1,10 +1,10 @@
 """The image features a project's trainings read, kept on disk beside its training set, apart from the LRU cache.
 
-An annotation's image is encoded when the annotator clicks it: its embedding is stored here then (in a project
-whose segmenter fine-tunes), and else when the annotation's webhook is applied; one file per image, under the
-encoder's identity. A training reads its images from here instead of the embedding cache, which in a project larger
-than the cache has long evicted most of them: re-encoding them took a worker minutes per training on a large
-project and pushed out of the cache the images encoded ahead of the annotators. Files are the cache's own
+An annotation's image is encoded when the annotator clicks it: its embedding is stored here then (in a project that
+learns, with a segmenter that fine-tunes), and else when the annotation's webhook is applied; one file per image,
+under the encoder's identity. A training reads its images from here instead of the embedding cache, which in a
+project larger than the cache has long evicted most of them: re-encoding them took a worker minutes per training on
+a large project and pushed out of the cache the images encoded ahead of the annotators. Files are the cache's own
 serialisation (`serialize_embedding`), written atomically but not flushed to the disk (a click waits on the write);
 a torn or foreign file reads as absent and is replaced. The store is bounded by `TRAIN_FEATURES_MAX_MB` per project
 (an image over it is encoded again by each training), and each training removes the files of the images no
