@@ -39,6 +39,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +66,11 @@ UPDATE_EVERY = 5
 RECONNECT_S = 120.0  # how long a request is sent again while nothing listens (a web tier restarting)
 CLICK_TIMEOUT_S = 120.0
 STOP_GRACE_S = 30.0  # between a worker's SIGTERM and its SIGKILL
+# A worker's log line of a one-time cost: the end of a training, or a fine-tuned version loaded to serve.
+ONE_TIME_COST = re.compile(
+    r"^(?P<at>\S+ \S+) \w+ (?P<pid>\d+) backend\.(?P<what>training\.trainer: project \d+: wrote v"
+    r"|decoders\.serving: project \d+: serving fine-tuned decoder)"
+)
 WARMED_UP_AT = 0.55  # RSS is compared between this point of the walk (after every fault) and its end
 FAULTS = (
     (0.10, "restart_web"),
@@ -103,6 +109,7 @@ class RssSample:
     pid: int
     bytes: int
     after_faults: bool  # every fault had run (a fault held up, e.g. by a worker's grace period, runs late)
+    at: float  # time.time() when taken
 
 
 @dataclass
@@ -126,6 +133,9 @@ class SoakReport:
     watch_error: str | None = None  # a fault that failed to run, after which none ran
     filled_at: int | None = None  # tasks taken when the cache first filled
     rss: list[RssSample] = field(default_factory=list)
+    # Per RQ worker, when its one-time costs were behind it: its first training and its first fine-tuned version
+    # loaded (bench/worker_memory.py: +144 MiB in the first round of both, +39 in the second, none after).
+    warm_from: dict[int, float] = field(default_factory=dict)
     submitted: set[int] = field(default_factory=set)  # annotation ids the backend answered "queued" for
     trained: set[int] = field(default_factory=set)  # in the training set (MODEL_DIR/<project>/annotations)
     in_inbox: set[int] = field(default_factory=set)
@@ -159,34 +169,43 @@ class SoakReport:
         counted = self.counted_first_clicks
         return sum(click.outcome.cache == "hit" for click in counted) / len(counted) if counted else 0.0
 
-    def rss_points(self) -> tuple[int, int]:
-        """The sampling rounds compared: the first after WARMED_UP_AT of the walk and after every fault, and the last
-        (taken once the walk ended)."""
-        rounds = [sample.round for sample in self.rss]
-        warmed = [sample.round for sample in self.rss if sample.fraction >= WARMED_UP_AT and sample.after_faults]
-        return min(warmed, default=max(rounds, default=0)), max(rounds, default=0)
-
-    def rss_at(self, round_: int, role: str) -> dict[int, int]:
-        return {sample.pid: sample.bytes for sample in self.rss if sample.round == round_ and sample.role == role}
+    def rss_compared(self, role: str) -> dict[int, tuple[int, int]]:
+        """Per process of the role, its RSS (bytes) at its warmed-up point and at the end: the first sample after
+        WARMED_UP_AT of the walk, every fault, and its own one-time costs (`warm_from`), and the last sample (taken
+        once every job was done). A process with no sample between the two is left out."""
+        last_round = max((sample.round for sample in self.rss), default=0)
+        compared = {}
+        for pid in {sample.pid for sample in self.rss if sample.role == role}:
+            own = [sample for sample in self.rss if sample.pid == pid]
+            end = [sample for sample in own if sample.round == last_round]
+            warmed = [
+                sample
+                for sample in own
+                if sample.round != last_round
+                and sample.fraction >= WARMED_UP_AT
+                and sample.after_faults
+                and sample.at >= self.warm_from.get(pid, 0.0)
+            ]
+            if warmed and end:
+                compared[pid] = (warmed[0].bytes, end[0].bytes)
+        return compared
 
     def rss_growth(self) -> dict[str, float]:
-        """Per role, the largest end / warmed-up RSS ratio over the processes alive at both points."""
-        warmed, end = self.rss_points()
-        growth = {}
-        for role in ("web", "worker"):
-            before, after = self.rss_at(warmed, role), self.rss_at(end, role)
-            growth[role] = max((after[pid] / before[pid] for pid in before.keys() & after.keys()), default=math.nan)
-        return growth
+        """Per role, the largest end / warmed-up RSS ratio over its processes."""
+        return {
+            role: max((end / warm for warm, end in self.rss_compared(role).values()), default=math.nan)
+            for role in ("web", "worker")
+        }
 
     def rss_mib(self, role: str) -> list[float]:
-        """The role's RSS summed over its processes, MiB, at the warmed-up point and at the end."""
-        return [round(sum(self.rss_at(point, role).values()) / 2**20, 1) for point in self.rss_points()]
+        """The role's RSS summed over the processes compared, MiB, at their warmed-up points and at the end."""
+        compared = self.rss_compared(role).values()
+        return [round(sum(pair[index] for pair in compared) / 2**20, 1) for index in (0, 1)]
 
     def rss_mib_per_process(self, role: str) -> dict[int, list[float]]:
-        """Per process of the role alive at both points, its RSS in MiB at the warmed-up point and at the end."""
-        before, after = (self.rss_at(point, role) for point in self.rss_points())
+        """Per process compared, its RSS in MiB at its warmed-up point and at the end."""
         return {
-            pid: [round(before[pid] / 2**20, 1), round(after[pid] / 2**20, 1)] for pid in before.keys() & after.keys()
+            pid: [round(warm / 2**20, 1), round(end / 2**20, 1)] for pid, (warm, end) in self.rss_compared(role).items()
         }
 
     @property
@@ -501,7 +520,7 @@ class Soak:
         for role, pid in processes:
             if (rss := rss_bytes(pid)) is not None:
                 after_faults = len(self.report.faults) == len(FAULTS) or self.report.watch_error is not None
-                self.report.rss.append(RssSample(self.rss_round, fraction, role, pid, rss, after_faults))
+                self.report.rss.append(RssSample(self.rss_round, fraction, role, pid, rss, after_faults, time.time()))
 
     # After the walk.
     def drain(self) -> None:
@@ -534,6 +553,20 @@ class Soak:
         listing = requests.get(self.server.url + "/versions", params={"project": PROJECT}, timeout=30).json()
         report.versions = [version["name"] for version in listing.get("versions", [])]
         report.training_set_listed = listing.get("training_set", {}).get("annotations")
+
+    def note_warm_up(self) -> None:
+        """When each RQ worker had its first training and first fine-tuned version behind it (`warm_from`), from
+        the workers' logs."""
+        firsts: dict[tuple[int, str], float] = {}
+        for path in self.logs.glob("worker*.log"):
+            for line in path.read_text(errors="replace").splitlines():
+                if (found := ONE_TIME_COST.match(line)) is None:
+                    continue
+                at = datetime.strptime(found["at"], "%Y-%m-%d %H:%M:%S,%f").timestamp()  # noqa: DTZ007 (local)
+                key = (int(found["pid"]), found["what"])
+                firsts[key] = min(at, firsts.get(key, at))
+        for (pid, _), at in firsts.items():
+            self.report.warm_from[pid] = max(at, self.report.warm_from.get(pid, 0.0))
 
     def count_logs(self, offsets: dict[Path, int]) -> None:
         templates: Counter[str] = Counter()
@@ -572,6 +605,7 @@ class Soak:
             self.report.reconnects = self.report_reconnects
             self.count_logs(offsets)
             self.drain()
+            self.note_warm_up()
             self.account()
             self.report.total_s = time.monotonic() - began
             return self.report
