@@ -36,7 +36,7 @@ from backend.prompts.interactive import ContextPrompts, InteractivePrompter
 from backend.protocol.label_config import ProjectConfig
 from backend.protocol.results import TaskAnswer
 from backend.training.resources import TrainingResources
-from backend.training.service import ActiveLearning
+from backend.training.service import ActiveLearning, LearningSettings
 from backend.training.support import fine_tuning_refusal
 from backend.training.trainer import TrainingResult, train_project
 
@@ -52,7 +52,9 @@ class Predictor(InteractiveFront):
         self.decoders = ProjectDecoders(
             settings.model_dir, lambda: settings.base_model_version, settings.model_version_pin
         )
-        self.learning = ActiveLearning(settings, self.training_resources, self.decoders, train=self.train_project)
+        self.learning = ActiveLearning(
+            LearningSettings.of(settings), self.training_resources, self.decoders, train=self.train_project
+        )
         self.fine_tunes = fine_tuning_refusal(settings) is None
         self.step_times = StepTimes()
         self.coverage = CoverageRecorder(settings.model_dir)

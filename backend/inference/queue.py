@@ -37,7 +37,7 @@ from backend.project_files import ProjectFiles
 from backend.prompts.interactive import ContextPrompts
 from backend.protocol.label_config import ProjectConfig
 from backend.protocol.results import TaskAnswer
-from backend.training.service import ActiveLearning, model_dir_stamp, publish_model_dir
+from backend.training.service import ActiveLearning, LearningSettings, model_dir_stamp, publish_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +178,9 @@ class QueuePredictor(InteractiveFront):
         self.encode_queue = Queue(ENCODE_QUEUE, connection=connection)
         self._served_version = settings.base_model_version
         self.decoders = ProjectDecoders(settings.model_dir, self.served_model_version, settings.model_version_pin)
-        self.learning = ActiveLearning(settings, None, self.decoders, dispatch=self._learn_on_a_worker)
+        self.learning = ActiveLearning(
+            LearningSettings.of(settings), None, self.decoders, dispatch=self._learn_on_a_worker
+        )
 
     def served_model_version(self) -> str:
         """The model_version of the workers' predictions, which /setup and project runs must report too (Label

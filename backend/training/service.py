@@ -17,6 +17,7 @@ import queue
 import socket
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import redis
@@ -96,10 +97,31 @@ def _check_shape(action: str, body: dict) -> None:
         raise WebhookError(f"{action} webhook needs an 'annotations' list")
 
 
+@dataclass(frozen=True)
+class LearningSettings:
+    """The few settings `ActiveLearning` reads."""
+
+    model_dir: str
+    train_after_annotations: int
+    trainings_at_once: int
+    limits: MaskLimits
+    refusal: str | None  # why the configured segmenter is not fine-tuned; None when it is
+
+    @classmethod
+    def of(cls, settings: Settings) -> LearningSettings:
+        return cls(
+            settings.model_dir,
+            settings.train_after_annotations,
+            settings.trainings_at_once,
+            MaskLimits.of(settings),
+            fine_tuning_refusal(settings),
+        )
+
+
 class ActiveLearning:
     def __init__(
         self,
-        settings: Settings,
+        settings: LearningSettings,
         resources: Callable[[], TrainingResources] | None,
         decoders: ProjectDecoders,
         dispatch: Callable[[int], None] | None = None,
@@ -130,7 +152,7 @@ class ActiveLearning:
             if self._started:
                 return
             self._started = True
-        if refusal := fine_tuning_refusal(self.settings):
+        if refusal := self.settings.refusal:
             log.warning("active learning: %s", refusal)
         for project_id in ProjectFiles.projects(self.settings.model_dir):
             if Inbox(ProjectFiles(self.settings.model_dir, project_id)).pending():
@@ -195,9 +217,7 @@ class ActiveLearning:
         """Apply the project's recorded events now; True if a training is due."""
         if self.resources is None:
             raise RuntimeError("applying events needs the models; this process has none loaded")
-        outcome = apply_pending(
-            ProjectFiles(self.settings.model_dir, project_id), self.resources, MaskLimits.of(self.settings)
-        )
+        outcome = apply_pending(ProjectFiles(self.settings.model_dir, project_id), self.resources, self.settings.limits)
         threshold = self.settings.train_after_annotations
         # Only new annotations count towards the threshold: a round that stored none leaves the count
         # to the training it already started.
@@ -276,5 +296,5 @@ class ActiveLearning:
 
     def fine_tuning(self) -> dict:
         """Whether trainings can fine-tune the configured segmenter, and why not."""
-        refusal = fine_tuning_refusal(self.settings)
+        refusal = self.settings.refusal
         return {"supported": refusal is None, "reason": refusal}
