@@ -22,6 +22,7 @@ import numpy as np
 
 from backend.images import decode_image
 from backend.models.base import ImageEmbedding, Segmenter, SegmentPrompt
+from backend.protocol.polygons import tight_box
 
 MAX_CLICKS = 20
 REPORTED_CLICKS = (1, 3, 5)
@@ -71,12 +72,6 @@ def next_click(truth: np.ndarray, predicted: np.ndarray | None) -> Click | None:
     return Click(*farthest_from_boundary(largest[1]), positive=largest[2])
 
 
-def box_of(mask: np.ndarray) -> tuple[float, float, float, float]:
-    """The mask's bounding box (x0, y0, x1, y1), pixel edges included, as a rectangle drawn around it."""
-    rows, columns = np.nonzero(mask)
-    return float(columns.min()), float(rows.min()), float(columns.max() + 1), float(rows.max() + 1)
-
-
 @dataclass
 class MaskScore:
     """One true mask's scores: IoU after each click (stopped once past every reported point), and from its box."""
@@ -96,7 +91,8 @@ def score_mask(
 ) -> MaskScore:
     """Click on `truth` as the simulated annotator does, until it reached the highest target after the last
     reported click count, the mask is perfect, or MAX_CLICKS; each decode's time is appended to `decode_seconds`."""
-    if not truth.any():
+    box = tight_box(truth)  # as a rectangle drawn around it
+    if box is None:  # an empty truth: nothing to find
         return MaskScore([0.0] * MAX_CLICKS, 0.0)
     points: list[tuple[float, float]] = []
     labels: list[int] = []
@@ -115,7 +111,7 @@ def score_mask(
         decode_seconds.append(time.perf_counter() - started)
         predicted, logits = prediction.mask, prediction.low_res_logits
         ious.append(mask_iou(predicted, truth))
-    (boxed,) = segmenter.decode(embedding, [SegmentPrompt(box=box_of(truth))])
+    (boxed,) = segmenter.decode(embedding, [SegmentPrompt(box=box)])
     return MaskScore(ious, mask_iou(boxed.mask, truth))
 
 
@@ -170,16 +166,17 @@ def evaluate(
     max_image_pixels: int,
     progress: Callable[[int], None] = lambda done: None,
 ) -> list[ModelReport]:
-    """Score every model on every image's masks; the encode time is one image's encode per model, measured on the
-    first image (every model shares the configured image encoder, so the embedding is reused for the clicks)."""
+    """Score every model on every image's masks. Every model shares the configured image encoder (a version is a
+    decoder), so the embedding serves them all and the encode time is one encode of the first image."""
     reports = [ModelReport(name) for name, _ in models]
     for done, image in enumerate(images, 1):
-        if reports and reports[0].encode_seconds is None:
+        if models and reports[0].encode_seconds is None:
             pixels = decode_image(image.image_bytes(), max_image_pixels)
-            for report, (_, segmenter) in zip(reports, models, strict=True):
-                started = time.perf_counter()
-                segmenter.encode(pixels)
-                report.encode_seconds = time.perf_counter() - started
+            started = time.perf_counter()
+            models[0][1].encode(pixels)
+            encode_seconds = time.perf_counter() - started
+            for report in reports:
+                report.encode_seconds = encode_seconds
         for report, (_, segmenter) in zip(reports, models, strict=True):
             for truth in image.masks:
                 report.scores.append(score_mask(segmenter, image.embedding, truth, report.decode_seconds))
