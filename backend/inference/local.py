@@ -37,7 +37,6 @@ from backend.protocol.label_config import ProjectConfig
 from backend.protocol.results import TaskAnswer
 from backend.training.resources import TrainingResources
 from backend.training.service import ActiveLearning, LearningSettings
-from backend.training.support import fine_tuning_refusal
 from backend.training.trainer import TrainingResult, train_project
 
 
@@ -55,7 +54,6 @@ class Predictor(InteractiveFront):
         self.learning = ActiveLearning(
             LearningSettings.of(settings), self.training_resources, self.decoders, train=self.train_project
         )
-        self.fine_tunes = fine_tuning_refusal(settings) is None
         self.step_times = StepTimes()
         self.coverage = CoverageRecorder(settings.model_dir)
         self.digests = ImageDigests(store, settings.embedding_ttl_s)
@@ -201,7 +199,7 @@ class Predictor(InteractiveFront):
         self.text.refuse_unanswerable(prompts, config)
         started = time.perf_counter()
         embedding, hit, encode_s = self.embedding_for(models, image, project_id=project_id)
-        if project_id is not None and self.fine_tunes:
+        if project_id is not None and self.learning.settings.refusal is None:  # its segmenter fine-tunes
             self._keep_for_training(project_id, image, embedding)
         embedded = time.perf_counter()
         prompter = InteractivePrompter(models.sessions, image.digest, task_id)

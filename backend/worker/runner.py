@@ -62,10 +62,8 @@ log = logging.getLogger(__name__)
 HEARTBEAT_MARGIN_S = 5
 LEASE_RENEWALS = 3  # per WORKER_TTL: a lease outlives a late renewal or two
 DEQUEUE_POLL_S = 0.5  # an idle worker looks at its lower-priority queues this often
-LONG_JOB_QUEUES = (
-    PREANNOTATE_QUEUE,
-    TRAINING_QUEUE,
-)  # whose jobs take seconds to minutes: the click lane encodes meanwhile
+# Queues whose jobs take seconds to minutes: the click lane encodes ahead meanwhile.
+LONG_JOB_QUEUES = (PREANNOTATE_QUEUE, TRAINING_QUEUE)
 
 
 try:
