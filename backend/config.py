@@ -41,7 +41,7 @@ def setting(
 
 
 # The text-prompted detectors DETECTOR chooses among (backend.models.registry loads each).
-DETECTORS = ("groundingdino-py", "grounding-dino", "mm-grounding-dino", "owlv2")
+DETECTORS = ("groundingdino-py", "grounding-dino", "mm-grounding-dino", "owlv2", "sam3")
 
 S_LABEL_STUDIO = "Label Studio and images"
 S_HTTP = "HTTP server"
@@ -246,7 +246,8 @@ class Settings:
         "groundingdino-py",
         "the text-prompted detector: `groundingdino-py` (GroundingDINO's official checkpoint, as before), "
         "`grounding-dino` (transformers' GroundingDINO, no compiled extension), `mm-grounding-dino` "
-        "(MM-GroundingDINO through transformers) or `owlv2` (OWLv2 through transformers)",
+        "(MM-GroundingDINO through transformers), `owlv2` (OWLv2 through transformers) or `sam3` (SAM 3: every "
+        "instance of each label with its mask, no segmenter pass, from the folder `SAM_MODEL_TYPE=sam3` reads)",
         choices=DETECTORS,
         section=S_DETECTOR,
     )

@@ -46,7 +46,8 @@ from backend.models.registry import load_detector, load_segmenter
 from backend.models.sam import OFFICIAL_ENCODERS, infer_encoder_shape, load_sam
 from backend.models.transformers_detectors import load_transformers_detector
 from tests.assets import REPO
-from tests.hf_segmenters import official_sam3_layout, write_models
+from tests.detector_weights import write_sam3
+from tests.hf_segmenters import write_models
 
 
 def official_shapes(model_type: str) -> dict[str, torch.Tensor]:
@@ -555,10 +556,9 @@ def test_sam3_without_a_token_says_it_is_gated_and_how_to_get_access_asking_no_s
 
 @pytest.fixture(scope="module")
 def sam3_official_folder(tmp_path_factory) -> Path:
-    """The reduced SAM 3 laid out as facebook/sam3 holds it (a sam3_video config, the whole model's checkpoint)."""
-    root = tmp_path_factory.mktemp("sam3")
-    tracker = write_models(root, reduced=True, names=("sam3",))["sam3"]
-    return official_sam3_layout(tracker, root / "official")
+    """The reduced SAM 3 as facebook/sam3 holds it: the whole model (a sam3_video config, detector and tracker in one
+    checkpoint), its processor and its tokenizer."""
+    return write_sam3(tmp_path_factory.mktemp("sam3") / "official")
 
 
 APPROVED, PENDING = "hf_approvedAccount0123", "hf_pendingAccount01234"
@@ -598,6 +598,7 @@ def test_sam3_is_fetched_with_the_token_at_its_pinned_revision_and_loads(
     assert all(checkpoint_server.authorizations[i] == f"Bearer {APPROVED}" for i in hub_requests)
     assert folder == tmp_path / "sam3" and sorted(leftovers(folder)) == sorted((*SAM3.files, SAM3.weights))
     assert load_segmenter(settings).identity.startswith("sam3-")
+    assert load_detector(replace(settings, detector="sam3")).name == "SAM 3"  # one folder serves both
 
 
 def test_a_sam3_folder_of_ones_own_is_used_without_a_token_or_a_server(

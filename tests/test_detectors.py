@@ -68,7 +68,7 @@ def middle_score(detector: Detector, image: np.ndarray) -> float:
     """A box threshold between two of the image's box scores, keeping the higher half of the distinct ones: the
     test compares a real selection, not all or none (random weights give many scores of exactly 1)."""
     with torch.inference_mode():
-        (answer,) = detector.score([image], CAPTION, SPANS)
+        (answer,) = detector.score([image], CAPTION, SPANS, 0.0)
     distinct = answer.token_logits.max(dim=1).values.sigmoid().unique()
     assert len(distinct) > 2
     middle = len(distinct) // 2

@@ -115,8 +115,12 @@ class BatchPreannotation:
         thresholds = self.text.thresholds(config)
         detector = self.text.ready(query)
         rules = self.settings.region_rules(config)
-        # Boxes alone need no SAM, for projects that only have a RectangleLabels control.
-        models = self.models.get(self.settings.model_ready_timeout_s) if config.mask_labels else None
+        # Boxes alone need no SAM, for projects that only have a RectangleLabels control, nor do the masks of a
+        # detector that segments what it finds, unless it reads the segmenter's embeddings.
+        needs_segmenter = bool(config.mask_labels) and not detector.makes_masks
+        models = (
+            self.models.get(self.settings.model_ready_timeout_s) if needs_segmenter or detector.shares_encoder else None
+        )
         segmenter, version = (
             self.decoders.serving(project_id, models.segmenter)
             if models
@@ -176,9 +180,15 @@ class BatchPreannotation:
                 loaded = list(pool.map(self._load_image, image_urls))
         fetched = time.perf_counter()
         images = [item for item in loaded if isinstance(item, tuple)]
-        found = iter(self._detections(detector, detections_key, images, query, thresholds, limit))
+        if models and detector.shares_encoder:  # the detector reads the embeddings: they come first
+            encoded = self.embeddings_for(models, images, limit)
+            detections = self._detections(detector, detections_key, images, query, thresholds, limit, encoded)
+        else:
+            detections = self._detections(detector, detections_key, images, query, thresholds, limit)
+            encoded = self.embeddings_for(models, images, limit) if models else []
+        found = iter(detections)
         detect_share = (time.perf_counter() - fetched) / max(len(images), 1)
-        embeddings = iter(self.embeddings_for(models, images, limit) if models else [])
+        embeddings = iter(encoded)
         outcomes: list[TaskAnswer | BackendError] = []
         with self.step_times.step("segment", len(images), limit):
             for item in loaded:
@@ -215,14 +225,20 @@ class BatchPreannotation:
         query: TextQuery,
         thresholds: Thresholds,
         limit: TimeLimit,
+        encoded: list[CachedEmbedding] | None = None,
     ) -> list[list[Detection]]:
-        """Each image's boxes: from the cache, the others found in one detector pass and cached."""
+        """Each image's boxes: from the cache, the others found in one detector pass (from their `encoded`
+        embeddings, for a detector that reads them) and cached."""
         found = [self.detections.get(detections_key, image.digest) for image, _ in images]
         missing = [index for index, detections in enumerate(found) if detections is None]
         if missing:
             started = time.perf_counter()
             with self.step_times.step("detect", len(missing), limit):
-                detected = self.text.detect(detector, [images[index][1] for index in missing], query, thresholds)
+                if encoded is not None:
+                    embeddings = [encoded[index].embedding for index in missing]
+                    detected = self.text.detect(detector, embeddings, query, thresholds)
+                else:
+                    detected = self.text.detect(detector, [images[index][1] for index in missing], query, thresholds)
             for index, detections in zip(missing, detected, strict=True):
                 self.detections.put(detections_key, images[index][0].digest, detections)
                 found[index] = detections

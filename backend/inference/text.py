@@ -6,15 +6,14 @@ Text prompts (a typed text on a click) and pre-annotation (the project's labels 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-
-import numpy as np
 
 from backend.config import Settings
 from backend.errors import ModelNotReady, PromptError
 from backend.images import FetchedImage, decode_image
 from backend.models.base import ImageEmbedding, Segmenter, SegmentPrompt
-from backend.models.detector import Detection, Detector
+from backend.models.detector import Detection, Detector, Picture
 from backend.models.loader import BackgroundLoader
 from backend.outcomes import DetectedObject, iou_score
 from backend.prompts.interactive import ContextPrompts
@@ -98,9 +97,11 @@ class TextDetection:
         thresholds = self.thresholds(config)
         detector = self.ready(query)
         started = time.perf_counter()
-        (detections,) = self.detect(
-            detector, [decode_image(image.data, self.settings.max_image_pixels)], query, thresholds
-        )
+        if detector.shares_encoder:
+            (detections,) = self.detect(detector, [embedding], query, thresholds)
+        else:
+            pixels = decode_image(image.data, self.settings.max_image_pixels)
+            (detections,) = self.detect(detector, [pixels], query, thresholds)
         detected = time.perf_counter()
         objects = self.segment(segmenter, embedding, detections, query, config)
         timings.update({"detect": detected - started, "decode": timings["decode"] + time.perf_counter() - detected})
@@ -113,7 +114,11 @@ class TextDetection:
         return config
 
     def detect(
-        self, detector: Detector, images: list[np.ndarray], query: TextQuery, thresholds: Thresholds
+        self,
+        detector: Detector,
+        images: Sequence[Picture],
+        query: TextQuery,
+        thresholds: Thresholds,
     ) -> list[list[Detection]]:
         return detector.detect(
             images,
@@ -136,19 +141,23 @@ class TextDetection:
     ) -> list[DetectedObject]:
         """One object per box: SAM decodes every box of the image in one batched call (when the project has a
         BrushLabels or PolygonLabels control for its label); the object's score is the detector's box score times SAM's
-        predicted IoU, so Label Studio can sort by either model's doubt."""
+        predicted IoU, so Label Studio can sort by either model's doubt. A detector that segments what it finds
+        (SAM 3) brings each box's mask and score: no segmenter is asked."""
         labels = [query.labels[detection.phrase] for detection in detections]
         masked = [index for index, label in enumerate(labels) if label in config.mask_labels]
         predictions = {}
-        if masked and segmenter is not None and embedding is not None:
-            prompts = [SegmentPrompt(box=detections[index].box) for index in masked]
-            predictions = dict(zip(masked, segmenter.decode(embedding, prompts), strict=True))
+        unsegmented = [index for index in masked if detections[index].mask is None]
+        if unsegmented and segmenter is not None and embedding is not None:
+            prompts = [SegmentPrompt(box=detections[index].box) for index in unsegmented]
+            predictions = dict(zip(unsegmented, segmenter.decode(embedding, prompts), strict=True))
         objects = []
         for index, (detection, label) in enumerate(zip(detections, labels, strict=True)):
             prediction = predictions.get(index)
-            if prediction is None:
+            if prediction is not None:
+                score = detection.score * iou_score(prediction.score)
+                objects.append(DetectedObject(label, prediction.mask, score, detection.box))
+            elif detection.mask is not None and index in masked:
+                objects.append(DetectedObject(label, detection.mask, detection.score, detection.box))
+            else:
                 objects.append(DetectedObject(label, None, detection.score, detection.box))
-                continue
-            score = detection.score * iou_score(prediction.score)
-            objects.append(DetectedObject(label, prediction.mask, score, detection.box))
         return objects

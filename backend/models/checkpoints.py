@@ -106,6 +106,30 @@ BERT_BASE_UNCASED = OfficialRepository(
     size_mb=440,
 )
 
+# Meta's SAM 3 (detector and tracker, one image encoder) in transformers' format, beside Meta's own sam3.pt, under
+# Meta's SAM License. Gated: Meta approves each account. The processor config is transformers 5's combined
+# processor_config.json; the CLIP tokenizer's files serve the detector's text prompts. The commit is the one public
+# code pins for this repository in many places.
+SAM3 = OfficialRepository(
+    name="sam3",
+    repo="facebook/sam3",
+    revision="3c879f39826c281e95690f02c7821c4de09afae7",
+    model_type="sam3_video",
+    files=(
+        "config.json",
+        "processor_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "vocab.json",
+        "merges.txt",
+    ),
+    weights="model.safetensors",
+    weights_sha256=None,
+    size_mb=3450,
+    gated=True,
+)
+
+
 # The transformers detectors' official repositories (DETECTOR); MM-GroundingDINO's revision is not pinned yet.
 DETECTOR_REPOSITORIES: dict[str, OfficialRepository] = {
     "grounding-dino": OfficialRepository(
@@ -141,6 +165,7 @@ DETECTOR_REPOSITORIES: dict[str, OfficialRepository] = {
         weights_sha256=None,
         size_mb=620,
     ),
+    "sam3": SAM3,  # the one folder serves DETECTOR=sam3 and SAM_MODEL_TYPE=sam3
 }
 # Its published repository, named in the message that asks for DETECTOR_MODEL.
 MM_GROUNDING_DINO_REPOSITORY = "openmmlab-community/mm_grounding_dino_tiny_o365v1_goldg"
@@ -152,22 +177,6 @@ SEGMENTER_FILES = ("config.json", "preprocessor_config.json")
 
 def _segmenter(name: str, repo: str, revision: str, model_type: str, size_mb: int) -> OfficialRepository:
     return OfficialRepository(name, repo, revision, model_type, SEGMENTER_FILES, "model.safetensors", None, size_mb)
-
-
-# Meta's SAM 3 (detector and tracker, one image encoder) in transformers' format, beside Meta's own sam3.pt, under
-# Meta's SAM License. Gated: Meta approves each account. The processor config is transformers 5's combined
-# processor_config.json. The commit is the one public code pins for this repository in many places.
-SAM3 = OfficialRepository(
-    name="sam3",
-    repo="facebook/sam3",
-    revision="3c879f39826c281e95690f02c7821c4de09afae7",
-    model_type="sam3_video",
-    files=("config.json", "processor_config.json"),
-    weights="model.safetensors",
-    weights_sha256=None,
-    size_mb=3450,
-    gated=True,
-)
 
 
 # Official repositories, those transformers' documentation uses: Meta's SAM 2.1 (transformers' format sits beside

@@ -11,15 +11,30 @@ from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import cast
 
 import numpy as np
 import torch
+from torch.nn import functional
 from torchvision.ops import batched_nms, box_convert
 
+from backend.models.base import ImageEmbedding
+
 NMS_IOU = 0.5  # boxes of one label overlapping more than this are one object
+
+# What a detector reads of an image: its RGB uint8 pixels (H, W, 3), or, for a detector that shares the segmenter's
+# image encoder (`Detector.shares_encoder`), the segmenter's embedding of it.
+Picture = np.ndarray | ImageEmbedding
+
+
+def size_of(picture: Picture) -> tuple[int, int]:
+    """(height, width) of the image a picture shows."""
+    if isinstance(picture, ImageEmbedding):
+        return picture.original_size
+    return picture.shape[0], picture.shape[1]
 
 
 @dataclass
@@ -27,6 +42,8 @@ class Detection:
     box: tuple[float, float, float, float]  # x0, y0, x1, y1 in pixels of the image
     score: float  # the model's confidence in the box: its best token (or phrase) score, as the library scores it
     phrase: int  # index into the caption's phrase spans
+    # (H, W) bool at the image's size, from a detector that segments what it finds (SAM 3); None for a box alone
+    mask: np.ndarray | None = None
 
 
 @dataclass
@@ -35,6 +52,7 @@ class BoxScores:
 
     token_logits: torch.Tensor  # (boxes, tokens): how well each box matches each token of the caption, before sigmoid
     boxes: torch.Tensor  # (boxes, 4) x0, y0, x1, y1 in pixels of the image, not yet clamped to it
+    mask_logits: torch.Tensor | None = None  # (boxes, h, w) low-resolution mask of each box, from SAM 3
 
 
 class Detector(ABC):
@@ -44,6 +62,10 @@ class Detector(ABC):
     name: str  # what messages call the model ("GroundingDINO", "OWLv2")
     identity: str  # everything its boxes depend on besides image and query: cached detections are keyed by it
     max_text_tokens: int  # the most tokens `text_tokens` may count for a caption the model can read
+    makes_masks = False  # whether each Detection comes with its mask, so that no segmenter decodes its box
+    # Whether it reads the segmenter's embeddings in place of images (SAM 3 on the folder of SAM_MODEL_TYPE=sam3): an
+    # image is then encoded once, for clicks and text alike.
+    shares_encoder = False
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -59,19 +81,29 @@ class Detector(ABC):
         phrase; ValueError when a phrase has none."""
 
     @abstractmethod
-    def score(self, images: list[np.ndarray], caption: str, spans: list[tuple[int, int]]) -> list[BoxScores]:
-        """One forward pass over RGB uint8 images of any sizes (called under the model lock, without autograd)."""
+    def score(
+        self, images: list[np.ndarray], caption: str, spans: list[tuple[int, int]], floor: float
+    ) -> list[BoxScores]:
+        """One forward pass over RGB uint8 images of any sizes (called under the model lock, without autograd).
+        Boxes scoring `floor` or less are never kept: an answer may leave them out (SAM 3 does, as each of its boxes
+        carries a mask)."""
 
-    def batch_key(self, image: np.ndarray) -> Hashable:
+    def score_encoded(
+        self, embeddings: list[ImageEmbedding], caption: str, spans: list[tuple[int, int]], floor: float
+    ) -> list[BoxScores]:
+        """`score` from the segmenter's embeddings of the images, for a detector that `shares_encoder`."""
+        raise TypeError(f"{self.name} reads images, not a segmenter's embeddings")
+
+    def batch_key(self, image: Picture) -> Hashable:
         """What images must share to be scored in one pass: a padded batch changes what DETR-like models answer
         (their attention and valid ratios see the padding), so by default only images of one aspect ratio go
         together, which the processors resize to one size (1024×768 and 640×480 alike)."""
-        height, width = image.shape[:2]
+        height, width = size_of(image)
         return Fraction(height, width)
 
     def detect(
         self,
-        images: list[np.ndarray],
+        images: Sequence[Picture],
         caption: str,
         spans: list[tuple[int, int]],
         groups: list[int],
@@ -80,8 +112,9 @@ class Detector(ABC):
         max_objects: int,
         batch_size: int = 4,
     ) -> list[list[Detection]]:
-        """Boxes in each RGB uint8 image for the phrases at `spans` of `caption`, up to `batch_size` images of one
-        `batch_key` a pass, so that an image gets the boxes it gets alone whatever else is detected with it.
+        """Boxes in each RGB uint8 image (or each of the segmenter's embeddings, for a detector that
+        `shares_encoder`) for the phrases at `spans` of `caption`, up to `batch_size` images of one `batch_key` a
+        pass, so that an image gets the boxes it gets alone whatever else is detected with it.
 
         `groups` gives each phrase's label: see `select`. The `max_objects` best of each image are returned, best
         first.
@@ -96,13 +129,23 @@ class Detector(ABC):
         for indices in alike.values():
             for start in range(0, len(indices), step):
                 chunk = indices[start : start + step]
+                pictures = [images[index] for index in chunk]
                 with self._lock, torch.inference_mode():
-                    answers = self.score([images[index] for index in chunk], caption, spans)
+                    if isinstance(pictures[0], ImageEmbedding):
+                        embeddings = cast(list[ImageEmbedding], pictures)
+                        answers = self.score_encoded(embeddings, caption, spans, box_threshold)
+                    else:
+                        answers = self.score(cast(list[np.ndarray], pictures), caption, spans, box_threshold)
                 for index, answer in zip(chunk, answers, strict=True):
-                    found = select(
-                        images[index].shape[:2], answer, membership, phrase_groups, box_threshold, text_threshold
+                    results[index] = select(
+                        size_of(images[index]),
+                        answer,
+                        membership,
+                        phrase_groups,
+                        box_threshold,
+                        text_threshold,
+                        limit=max_objects,
                     )
-                    results[index] = found[:max_objects]
         return results
 
 
@@ -131,8 +174,10 @@ def select(
     box_threshold: float,
     text_threshold: float,
     nms_iou: float = NMS_IOU,
+    limit: int | None = None,
 ) -> list[Detection]:
-    """The boxes of one image worth keeping, best first.
+    """The boxes of one image worth keeping, best first, at most `limit`, each with its mask at the image's size when
+    the answer has masks.
 
     A box's score is its best token over the whole caption (what GroundingDINO's and OWLv2's own post-processing
     call its confidence); it goes to the phrase with the highest mean token score, and is kept when the score is
@@ -156,9 +201,24 @@ def select(
     boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
     sized = (boxes[:, 2] - boxes[:, 0] >= 1) & (boxes[:, 3] - boxes[:, 1] >= 1)
     keep = ((score > box_threshold) & (best_mean > text_threshold) & sized).nonzero()[:, 0]
-    order = keep[batched_nms(boxes[keep], score[keep], phrase_groups[best_phrase[keep]], nms_iou)]
+    order = keep[batched_nms(boxes[keep], score[keep], phrase_groups[best_phrase[keep]], nms_iou)][:limit]
+    masks = upscaled_masks(answer.mask_logits[order], image_size) if answer.mask_logits is not None else None
     detections = []
-    for i in order.tolist():
+    for row, i in enumerate(order.tolist()):
         x0, y0, x1, y1 = boxes[i].tolist()
-        detections.append(Detection((float(x0), float(y0), float(x1), float(y1)), float(score[i]), int(best_phrase[i])))
+        mask = masks[row] if masks is not None else None
+        detections.append(
+            Detection((float(x0), float(y0), float(x1), float(y1)), float(score[i]), int(best_phrase[i]), mask)
+        )
     return detections
+
+
+def upscaled_masks(logits: torch.Tensor, image_size: tuple[int, int]) -> np.ndarray:
+    """(n, h, w) low-resolution mask logits → (n, H, W) bool at the image's size, as SAM 3's processor binarises
+    them (`post_process_instance_segmentation`): probabilities resized bilinearly, kept above one half. One mask at a
+    time, so that memory holds one float mask of the image's size however many objects were kept."""
+    masks = np.zeros((len(logits), *image_size), dtype=bool)
+    for row, mask in enumerate(logits.float().sigmoid()):
+        resized = functional.interpolate(mask[None, None], size=image_size, mode="bilinear", align_corners=False)
+        masks[row] = (resized[0, 0] > 0.5).cpu().numpy()
+    return masks

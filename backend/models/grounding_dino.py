@@ -259,7 +259,9 @@ class GroundingDino(Detector):
         """The normalised (3, h, w) tensor GroundingDINO reads for an RGB uint8 image."""
         return self._transform(Image.fromarray(image), None)[0]
 
-    def score(self, images: list[np.ndarray], caption: str, spans: list[tuple[int, int]]) -> list[BoxScores]:
+    def score(
+        self, images: list[np.ndarray], caption: str, spans: list[tuple[int, int]], floor: float
+    ) -> list[BoxScores]:
         outputs = self.model(
             self._batch([self.pixels(image).to(self.device) for image in images]), captions=[caption] * len(images)
         )

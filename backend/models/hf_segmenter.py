@@ -37,6 +37,10 @@ DECODE_CHUNK = 16
 
 Arrays = dict[str, np.ndarray]
 
+# The name under which a SAM 3 embedding also carries the image encoder's ViT output (1024×72×72): SAM 3's detector
+# reads it (`DETECTOR=sam3` on the same folder), so one encode serves clicks and text prompts alike.
+SAM3_BACKBONE = "backbone"
+
 
 @dataclass(frozen=True)
 class Family:
@@ -128,9 +132,15 @@ def weights_digest(folder: Path) -> str:
 
 
 def load_hf_segmenter(
-    folder: Path, family_name: str, name: str, device: torch.device, decoder_runtime: str = "auto"
+    folder: Path,
+    family_name: str,
+    name: str,
+    device: torch.device,
+    decoder_runtime: str = "auto",
+    keep_backbone: bool = False,
 ) -> HfSegmenter:
-    """The model of `family_name` saved in `folder`; WrongCheckpoint when the folder holds another model."""
+    """The model of `family_name` saved in `folder`; WrongCheckpoint when the folder holds another model.
+    `keep_backbone` (SAM 3): each embedding carries the ViT's output too, under SAM3_BACKBONE, for the detector."""
     import transformers
 
     family = FAMILIES[family_name]
@@ -155,9 +165,10 @@ def load_hf_segmenter(
     config = getattr(transformers, family.config_class)(**content)
     model = getattr(transformers, family.model_class).from_pretrained(folder, config=config, local_files_only=True)
     processor = getattr(transformers, family.processor_class).from_pretrained(folder, local_files_only=True)
-    identity = f"{name}-{weights_digest(folder)[:16]}"
+    # Embeddings with the backbone's output are other cache entries than those without.
+    identity = f"{name}-{weights_digest(folder)[:16]}" + ("+" + SAM3_BACKBONE if keep_backbone else "")
     log.info("loaded %s %s from %s", family.model_class, identity, folder)
-    return HfSegmenter(model, processor, family, identity, device, decoder_runtime)
+    return HfSegmenter(model, processor, family, identity, device, decoder_runtime, keep_backbone)
 
 
 class HfSegmenter:
@@ -171,6 +182,7 @@ class HfSegmenter:
         identity: str,
         device: torch.device,
         decoder_runtime: str = "auto",
+        keep_backbone: bool = False,
     ):
         self.model = model.to(device).eval()
         self.decoder = make_hf_decoder(self.model, family.decoder_inputs, device, decoder_runtime)
@@ -180,6 +192,15 @@ class HfSegmenter:
         self._identity = identity
         self._encode_lock = threading.Lock()  # one encoder pass at a time: concurrent ones only split the cores
         self._encoder_autocast = device.type == "cuda"
+        self._backbone_output: torch.Tensor | None = None  # the last encode's ViT output, when it is kept
+        if keep_backbone:
+            self.model.vision_encoder.backbone.register_forward_hook(self._keep_backbone_output)  # type: ignore[union-attr]
+
+    def _keep_backbone_output(self, module: torch.nn.Module, inputs: object, output: Any) -> None:
+        """(1, 72×72, 1024) tokens → (1024, 72, 72), laid out as SAM 3's vision model hands them to its necks."""
+        hidden = output.last_hidden_state
+        side = int(round(hidden.shape[1] ** 0.5))
+        self._backbone_output = hidden[0].view(side, side, -1).permute(2, 0, 1)
 
     @property
     def identity(self) -> str:
@@ -201,6 +222,9 @@ class HfSegmenter:
             with torch.autocast(self.device.type, dtype=torch.float16, enabled=self._encoder_autocast):
                 output = self.model.get_image_embeddings(pixels)  # type: ignore[operator]
             arrays = {name: value[0].float().cpu().numpy() for name, value in self.family.split(output).items()}
+            if self._backbone_output is not None:
+                arrays[SAM3_BACKBONE] = self._backbone_output.float().cpu().numpy()
+                self._backbone_output = None
         features = arrays.pop("features")
         # SAM 2's processor stretches the image to its square input (and reports the original size as the
         # reshaped one); SAM-HQ's resizes the longest side and pads, reporting the size before padding.
@@ -228,7 +252,8 @@ class HfSegmenter:
     def _decode_alike(self, embedding: ImageEmbedding, prompts: list[SegmentPrompt]) -> list[MaskPrediction]:
         """Prompts of one shape, decoded together against the one image."""
         count = len(prompts)
-        image = {"features": embedding.features, **embedding.extras}
+        decoded = {name: value for name, value in embedding.extras.items() if name != SAM3_BACKBONE}
+        image = {"features": embedding.features, **decoded}
         scale = np.array(
             [embedding.input_size[1] / embedding.original_size[1], embedding.input_size[0] / embedding.original_size[0]]
         )

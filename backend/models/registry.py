@@ -25,6 +25,7 @@ from backend.models.detector import Detector
 from backend.models.grounding_dino import load_grounding_dino
 from backend.models.hf_segmenter import load_hf_segmenter
 from backend.models.sam import load_sam, resolve_device
+from backend.models.sam3_detector import load_sam3_detector
 from backend.models.transformers_detectors import load_transformers_detector
 
 # transformers builds BERT under init_empty_weights, which patches torch.nn.Module for every thread: a SAM
@@ -74,8 +75,14 @@ def text_encoder(settings: Settings) -> CheckpointLocation:
 
 
 def detector_model(settings: Settings) -> CheckpointLocation:
-    """DETECTOR_MODEL, else the official repository's folder in WEIGHTS_DIR, for a transformers detector."""
-    what = {"grounding-dino": "GroundingDINO", "mm-grounding-dino": "MM-GroundingDINO", "owlv2": "OWLv2"}
+    """DETECTOR_MODEL, else the official repository's folder in WEIGHTS_DIR, for a transformers detector (SAM 3's is
+    the folder SAM_MODEL_TYPE=sam3 reads too)."""
+    what = {
+        "grounding-dino": "GroundingDINO",
+        "mm-grounding-dino": "MM-GroundingDINO",
+        "owlv2": "OWLv2",
+        "sam3": "SAM 3",
+    }
     if settings.detector_model:
         return CheckpointLocation(what[settings.detector], "DETECTOR_MODEL", Path(settings.detector_model), None)
     official = DETECTOR_REPOSITORIES.get(settings.detector)
@@ -87,6 +94,13 @@ def detector_model(settings: Settings) -> CheckpointLocation:
         )
     path = Path(settings.weights_dir) / official.name
     return CheckpointLocation(what[settings.detector], "DETECTOR_MODEL", path, official)
+
+
+def shares_sam3_encoder(settings: Settings) -> bool:
+    """DETECTOR=sam3 and SAM_MODEL_TYPE=sam3 on one folder: one image encoder (and one cached embedding) for both."""
+    if settings.detector != "sam3" or settings.sam_model_type != "sam3":
+        return False
+    return sam_checkpoint(settings).path.resolve() == detector_model(settings).path.resolve()
 
 
 def detector_weights(settings: Settings) -> list[CheckpointLocation]:
@@ -125,6 +139,7 @@ def load_segmenter(settings: Settings, decoder_runtime: str | None = None) -> Se
                 kind,
                 resolve_device(settings.device),
                 decoder_runtime or settings.decoder_runtime,
+                keep_backbone=shares_sam3_encoder(settings),
             )
         return load_sam(
             present(sam_checkpoint(settings)),
@@ -147,6 +162,8 @@ def load_detector(settings: Settings) -> Detector:
                 settings.device,
                 settings.grounding_dino_image_size,
             )
+        if settings.detector == "sam3":
+            return load_sam3_detector(present(detector_model(settings)), settings.device, shares_sam3_encoder(settings))
         return load_transformers_detector(
             settings.detector,
             present(detector_model(settings)),

@@ -22,7 +22,7 @@ from PIL import Image
 
 from backend.errors import WrongCheckpoint
 from backend.models.checkpoints import sha256_of
-from backend.models.detector import BoxScores, Detector, normalised_to_pixels, tokens_of_phrases
+from backend.models.detector import BoxScores, Detector, Picture, normalised_to_pixels, tokens_of_phrases
 from backend.models.grounding_dino import MAX_SIZE_PER_SHORT_SIDE
 from backend.models.sam import resolve_device
 
@@ -62,7 +62,9 @@ class TransformersGroundingDino(TransformersDetector):
         offsets = self.processor.tokenizer(caption, return_offsets_mapping=True)["offset_mapping"]
         return tokens_of_phrases(offsets, spans).to(self.device)
 
-    def score(self, images: list[np.ndarray], caption: str, spans: list[tuple[int, int]]) -> list[BoxScores]:
+    def score(
+        self, images: list[np.ndarray], caption: str, spans: list[tuple[int, int]], floor: float
+    ) -> list[BoxScores]:
         pictures = [Image.fromarray(image) for image in images]
         inputs = self.processor(images=pictures, text=[caption] * len(images), return_tensors="pt").to(self.device)
         outputs = self.model(**inputs)
@@ -88,12 +90,14 @@ class Owlv2Detector(TransformersDetector):
     def phrase_tokens(self, caption: str, spans: list[tuple[int, int]]) -> torch.Tensor:
         return torch.eye(len(spans), dtype=torch.bool, device=self.device)
 
-    def batch_key(self, image: np.ndarray) -> Hashable:
+    def batch_key(self, image: Picture) -> Hashable:
         """One for every image: the processor pads each image to its own square and resizes that to the model's
         fixed size, so a batch holds no padding that another image brought."""
         return None
 
-    def score(self, images: list[np.ndarray], caption: str, spans: list[tuple[int, int]]) -> list[BoxScores]:
+    def score(
+        self, images: list[np.ndarray], caption: str, spans: list[tuple[int, int]], floor: float
+    ) -> list[BoxScores]:
         phrases = [caption[start:end] for start, end in spans]
         pictures = [Image.fromarray(image) for image in images]
         inputs = self.processor(images=pictures, text=[phrases] * len(images), return_tensors="pt").to(self.device)
