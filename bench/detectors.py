@@ -1,6 +1,9 @@
-"""Detector speed: every DETECTOR side by side, seconds per image with 3 labels, ratios to groundingdino-py.
+"""Detector speed: every DETECTOR side by side, seconds per image with 3 labels, ratios to groundingdino-py; and
+text → masks, the whole of what pre-annotation does with an image: a box detector's boxes segmented by SAM
+(`--segmenter`, encode + every box decoded), SAM 3's masks straight from its detector, and SAM 3 from the embedding
+its tracker already cached (the detector's neck and phrases only, as when the image was clicked or encoded ahead).
 
-    python bench/detectors.py [--images 3] [--threads 2] [--device cpu|cuda] [--only owlv2 ...]
+    python bench/detectors.py [--images 3] [--threads 2] [--device cpu|cuda] [--only owlv2 ...] [--segmenter vit_b]
 
 Each detector is built at its official configuration's size with random weights, saved in its library's own
 format (groundingdino-py: the packaged SwinT OGC config and a BERT-base text encoder; transformers: the default
@@ -29,10 +32,13 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from backend.config import DETECTORS, Settings  # noqa: E402
+from backend.cache.embeddings import deserialize_embedding, serialize_embedding  # noqa: E402
+from backend.config import DETECTORS, SAM_TYPES, TRANSFORMERS_SEGMENTERS, Settings  # noqa: E402
+from backend.models.base import Segmenter, SegmentPrompt  # noqa: E402
 from backend.models.detector import Detector  # noqa: E402
-from backend.models.registry import load_detector  # noqa: E402
+from backend.models.registry import load_detector, load_segmenter  # noqa: E402
 from backend.prompts.text import build_query  # noqa: E402
+from bench.models import build_segmenter  # noqa: E402
 from tests.detector_weights import write_detector  # noqa: E402
 from tests.grounding_dino_weights import write_checkpoint, write_config, write_text_encoder  # noqa: E402
 
@@ -86,12 +92,49 @@ def seconds_per_image(
     return wall, cpu
 
 
+def to_masks(detector: Detector, segmenter: Segmenter, images: list[np.ndarray], settings: Settings) -> list[float]:
+    """CPU seconds (this process's, all threads) from each image to its masks: detect, then, for a box detector, one
+    encode and every box decoded (SAM 3's boxes bring their masks)."""
+    query = build_query(PHRASES)
+    args = (query.caption, list(query.spans), query.label_groups)
+    thresholds = (settings.box_threshold, settings.text_threshold, settings.max_objects)
+    cpu = []
+    for image in images:
+        started = time.process_time()
+        (found,) = detector.detect([image], *args, *thresholds)
+        if not detector.makes_masks and found:
+            segmenter.decode(segmenter.encode(image), [SegmentPrompt(box=detection.box) for detection in found])
+        cpu.append(time.process_time() - started)
+    return cpu
+
+
+def from_cached_embedding(settings: Settings, images: list[np.ndarray]) -> list[float] | None:
+    """SAM 3 reading its tracker's float16 cache entry (encoded beforehand, not timed): CPU seconds per image."""
+    tracker_settings = replace(settings, sam_model_type="sam3", sam_checkpoint=settings.detector_model)
+    shared = load_detector(tracker_settings)
+    if not shared.shares_encoder:
+        return None
+    tracker = load_segmenter(tracker_settings)
+    query = build_query(PHRASES)
+    args = (query.caption, list(query.spans), query.label_groups)
+    thresholds = (settings.box_threshold, settings.text_threshold, settings.max_objects)
+    cpu = []
+    for image in images:
+        cached = deserialize_embedding(serialize_embedding(tracker.encode(image)))
+        started = time.process_time()
+        shared.detect([cached], *args, *thresholds)
+        cpu.append(time.process_time() - started)
+    return cpu
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=3, help="timed images per detector")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--only", nargs="+", choices=DETECTORS, default=list(DETECTORS), help="detectors to time")
+    segmenters = (*SAM_TYPES, *TRANSFORMERS_SEGMENTERS)
+    parser.add_argument("--segmenter", choices=segmenters, default="vit_b", help="SAM for a box detector's masks")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     images = photos(args.images)
@@ -99,6 +142,9 @@ def main() -> int:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, {os.cpu_count()} CPUs")
     print(f"load average at start: {' '.join(f'{value:.2f}' for value in os.getloadavg())}")
     rows: dict[str, tuple[float, float, int]] = {}  # detector → median wall s, median CPU s, parameters
+    masks: dict[str, float] = {}  # detector (and "sam3, cached") → median CPU s from image to masks
+    segmenter = build_segmenter(args.segmenter, args.device)
+    segmenter.decode(segmenter.encode(images[0]), [SegmentPrompt(box=(10.0, 10.0, 200.0, 200.0))])  # warm-up
     with tempfile.TemporaryDirectory() as workdir:
         for name in args.only:
             settings = settings_for(name, Path(workdir), args.device)
@@ -108,7 +154,12 @@ def main() -> int:
             rows[name] = (statistics.median(wall), statistics.median(cpu), parameters)
             each = f"wall {' '.join(f'{t:.2f}' for t in wall)} s, CPU {' '.join(f'{t:.2f}' for t in cpu)} s"
             print(f"  {name}: {each}", flush=True)
+            masks[name] = statistics.median(to_masks(detector, segmenter, images, settings))
             del detector
+            if name == "sam3":
+                cached = from_cached_embedding(settings, images)
+                if cached is not None:
+                    masks["sam3, from the cached embedding"] = statistics.median(cached)
     print(f"load average at end: {' '.join(f'{value:.2f}' for value in os.getloadavg())}")
     reference = rows.get("groundingdino-py", next(iter(rows.values())))
     print(f"\n{'detector':<20}{'parameters':>12}{'wall s/image':>14}{'ratio':>8}{'CPU s/image':>13}{'ratio':>8}")
@@ -118,6 +169,10 @@ def main() -> int:
             f"{name:<20}{parameters / 1e6:>11.0f}M{wall_median:>14.2f}{wall_median / reference[0]:>7.2f}x"
             f"{cpu_median:>13.2f}{cpu_median / reference[1]:>7.2f}x"
         )
+    first = next(iter(masks.values()))
+    print(f"\ntext → masks, CPU s/image (medians; box detectors + {args.segmenter}; ratios to {next(iter(masks))})")
+    for name, seconds in masks.items():
+        print(f"{name:<36}{seconds:>8.2f}{seconds / first:>7.2f}x")
     return 0
 
 
