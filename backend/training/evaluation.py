@@ -27,6 +27,8 @@ from backend.protocol.polygons import tight_box
 MAX_CLICKS = 20
 REPORTED_CLICKS = (1, 3, 5)
 TARGETS = (0.85, 0.90)
+CLICKS = range(1, MAX_CLICKS + 1)
+CURVE_KEY = "miou_by_clicks"  # the report's mean IoU after each number of clicks, 1 to MAX_CLICKS
 
 
 @dataclass(frozen=True)
@@ -136,6 +138,13 @@ class ModelReport:
     decode_seconds: list[float] = field(default_factory=list)
     encode_seconds: float | None = None
 
+    def iou_curve(self) -> list[float]:
+        """The mean IoU after 1, 2, ... MAX_CLICKS clicks; a mask the annotator stopped clicking on keeps its last
+        IoU (as the literature's curves do), so every point averages every mask."""
+        if not self.scores:
+            return []
+        return [round(float(np.mean([score.iou_after(clicks) for score in self.scores])), 4) for clicks in CLICKS]
+
     def as_dict(self) -> dict:
         return {
             "model": self.model,
@@ -144,6 +153,7 @@ class ModelReport:
                 iou_key(clicks): _mean([score.iou_after(clicks) for score in self.scores]) for clicks in REPORTED_CLICKS
             },
             **{clicks_key(target): _mean([score.clicks_to(target) for score in self.scores]) for target in TARGETS},
+            CURVE_KEY: self.iou_curve(),
             "box_miou": _mean([score.box_iou for score in self.scores]),
             "warm_click_ms": round(statistics.median(self.decode_seconds) * 1000, 2) if self.decode_seconds else None,
             "encode_ms": round(self.encode_seconds * 1000, 1) if self.encode_seconds is not None else None,

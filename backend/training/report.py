@@ -1,6 +1,6 @@
 """`python -m backend evaluate --project ID`: the configured segmenter and each of the project's accepted versions,
 scored by the simulated annotator (`training.evaluation`) on the project's own annotations, held-out tasks first,
-and written to `MODEL_DIR/<project>/reports/evaluation-<time>.md` and `.json`."""
+and written to `MODEL_DIR/<project>/reports/evaluation-<time>.md`, `.json` and `.png` (IoU against clicks)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,10 @@ from backend.config import Settings
 from backend.decoders.versions import VersionStore, public_name
 from backend.errors import CorruptVersion, ImageError
 from backend.models.base import FineTunable, Segmenter
-from backend.project_files import ProjectFiles, write_atomically
+from backend.project_files import EVALUATION_PREFIX, ProjectFiles, write_atomically
 from backend.training.dataset import TrainingSet
 from backend.training.evaluation import MAX_CLICKS, EvaluatedImage, evaluate, markdown_table
+from backend.training.plot import iou_curves_png
 from backend.training.resources import TrainingResources
 from backend.training.trainer import held_out_tasks
 
@@ -112,8 +113,12 @@ def evaluate_project(
         "models": [model.as_dict() for model in reports],
         "markdown": markdown,
     }
-    stem = files.root / "reports" / f"evaluation-{when:%Y%m%dT%H%M%SZ}"
+    stem = files.reports / f"{EVALUATION_PREFIX}{when:%Y%m%dT%H%M%SZ}"
+    plot = stem.with_suffix(".png")
+    title = f"project {project_id}: {len(tasks)} tasks, {when:%Y-%m-%d %H:%M} UTC"
+    write_atomically(plot, iou_curves_png(report["models"], title))
+    write_atomically(stem.with_suffix(".md"), f"{markdown}\n\n![mean IoU against clicks]({plot.name})\n".encode())
+    # The JSON last: GET /evaluate serves the newest JSON, whose table and plot are then already beside it.
     write_atomically(stem.with_suffix(".json"), json.dumps(report, indent=1).encode())
-    write_atomically(stem.with_suffix(".md"), (markdown + "\n").encode())
-    report["written_to"] = [str(stem.with_suffix(".json")), str(stem.with_suffix(".md"))]
+    report["written_to"] = [str(stem.with_suffix(suffix)) for suffix in (".json", ".md", ".png")]
     return report
