@@ -85,6 +85,11 @@ class ProjectFiles:
         self.preannotate_errors = self.root / "preannotate-errors.jsonl"  # tasks a project run could not predict
         self.handed_over = self.root / "handed-over.json"  # tasks a /predict batch left to the project run
 
+    def latest_evaluation(self) -> Path | None:
+        """The newest evaluation report's JSON; its name's UTC time sorts as the time does."""
+        reports = sorted(self.reports.glob(f"{EVALUATION_PREFIX}*.json"))
+        return reports[-1] if reports else None
+
     @staticmethod
     def projects(model_dir: str | Path) -> list[int]:
         root = Path(model_dir)

@@ -126,7 +126,11 @@ def test_the_report_scores_the_segmenter_and_each_accepted_version_on_the_projec
     masks = voc_project(learning_settings, media_root, 40)
     write_version(learning_settings, 40, 1.0)
     write_version(learning_settings, 40, 2.0, accepted=False)  # never served: not a candidate
-    _, predictor = make_client(learning_settings)
+    client, predictor = make_client(learning_settings)
+    for query, status in (("", 400), ("?project=abc", 400), ("?project=40", 404)):
+        answer = client.get(f"/evaluate{query}")
+        assert answer.status_code == status, (query, answer.json)
+    assert "run `python -m backend evaluate --project 40`" in answer.json["error"]
 
     report = evaluate_project(40, learning_settings, predictor.training_resources())
 
@@ -148,6 +152,9 @@ def test_the_report_scores_the_segmenter_and_each_accepted_version_on_the_projec
     with Image.open(written[2]) as plot:
         plot.load()  # decodes the whole PNG
         assert plot.format == "PNG" and plot.size == (800, 500)
+    served = client.get("/evaluate?project=40")
+    assert served.status_code == 200 and served.json["models"] == report["models"]
+    assert served.json["report"] == written[0].name
 
 
 def test_the_command_prints_the_table_and_refuses_a_project_without_annotations(
