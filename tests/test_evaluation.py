@@ -5,12 +5,14 @@ version, through the command line."""
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
 
 import imgviz
 import numpy as np
+import pytest
 from PIL import Image
 
 from backend.models.base import ImageEmbedding, MaskPrediction, SegmentPrompt
@@ -26,7 +28,7 @@ from backend.training.evaluation import (
     next_click,
     score_mask,
 )
-from backend.training.report import evaluate_project
+from backend.training.report import ProgressLine, evaluate_project
 from tests.assets import REPO, encode
 from tests.conftest import backend_env, make_client
 from tests.test_active_learning import write_version
@@ -172,3 +174,64 @@ def test_the_command_prints_the_table_and_refuses_a_project_without_annotations(
         [*command, "--project", "42"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
     )
     assert empty.returncode == 1 and "project 42 has no annotations with masks to evaluate on" in empty.stderr
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_an_interrupted_run_resumes_scoring_only_what_it_had_not(learning_settings, media_root, monkeypatch):
+    """Annotation 1 scored, then the run stops; started again it decodes for annotation 2 alone, encodes nothing,
+    and reports what an uninterrupted run of the same annotations reports."""
+    for project in (43, 44):
+        voc_project(learning_settings, media_root, project, count=4)
+    _, predictor = make_client(learning_settings)
+    resources = predictor.training_resources()
+    calls = {"decode": 0, "encode": 0}
+    segmenter_class = type(resources.segmenter)
+    for method in ("decode", "encode"):
+        real = getattr(segmenter_class, method)
+
+        def counted(self, *args, _real=real, _method=method, **kwargs):
+            calls[_method] += 1
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(segmenter_class, method, counted)
+
+    def stop_after_the_first(done: int, total: int, scored: int) -> None:
+        assert total == 2
+        if done == 1:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        evaluate_project(43, learning_settings, resources, progress=stop_after_the_first)
+    first = dict(calls)
+    assert first["decode"] > 0 and not list((Path(learning_settings.model_dir) / "43" / "reports").glob("*.json"))
+
+    calls.update(decode=0, encode=0)
+    resumed = evaluate_project(43, learning_settings, resources)
+    second = dict(calls)
+    assert second["encode"] == 0  # annotation 1's scores and encode time were kept; annotation 2's image is stored
+    assert resumed["resumed_annotations"] == 1 and resumed["annotations"] == 2
+    assert not list((Path(learning_settings.model_dir) / "43" / "reports").glob(".partial-*"))  # removed when done
+
+    calls.update(decode=0, encode=0)
+    whole = evaluate_project(44, learning_settings, resources)
+    assert whole["resumed_annotations"] == 0
+    assert first["decode"] + second["decode"] == calls["decode"]  # nothing decoded twice
+
+    def scores(report: dict) -> list[dict]:
+        timings = ("warm_click_ms", "encode_ms")
+        return [{key: value for key, value in model.items() if key not in timings} for model in report["models"]]
+
+    assert scores(resumed) == scores(whole)
+
+
+def test_the_progress_line_says_done_of_total_and_the_time_left(caplog):
+    line = ProgressLine(7, every_s=0.0)
+    with caplog.at_level(logging.INFO, logger="backend.training.report"):
+        line(1, 4, 0)
+        line(3, 4, 2)
+    first, second = (record.getMessage() for record in caplog.records)
+    assert "evaluated 1 of 4 annotations (1 kept from an earlier run)" in first and "time left not known" in first
+    assert "evaluated 3 of 4 annotations (1 kept from an earlier run)" in second and " s left" in second

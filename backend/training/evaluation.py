@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import cv2
@@ -160,37 +160,55 @@ class ModelReport:
         }
 
 
-@dataclass(frozen=True)
-class EvaluatedImage:
-    """One task's image for the evaluation: its embedding (from the feature store, the cache, or encoded), its true
-    masks, and a way to read its pixels for the encode timing."""
+@dataclass
+class ImageScores:
+    """One annotation's masks scored by every model (in the models' order), with each model's decode times."""
 
-    embedding: ImageEmbedding
-    masks: list[np.ndarray]
-    image_bytes: Callable[[], bytes]
+    scores: list[list[MaskScore]]
+    decode_seconds: list[list[float]]
+
+    def as_dict(self) -> dict:
+        return {
+            "scores": [[[score.ious, score.box_iou] for score in model] for model in self.scores],
+            "decode_seconds": self.decode_seconds,
+        }
+
+    @classmethod
+    def of_dict(cls, data: dict) -> ImageScores:
+        return cls(
+            [[MaskScore(list(ious), float(box_iou)) for ious, box_iou in model] for model in data["scores"]],
+            [list(seconds) for seconds in data["decode_seconds"]],
+        )
 
 
-def evaluate(
-    models: Sequence[tuple[str, Segmenter]],
-    images: Iterable[EvaluatedImage],
-    max_image_pixels: int,
-    progress: Callable[[int], None] = lambda done: None,
+def score_image(segmenters: Sequence[Segmenter], embedding: ImageEmbedding, masks: list[np.ndarray]) -> ImageScores:
+    """Every model's scores on one image's true masks. Every model shares the configured image encoder (a version is
+    a decoder), so the one embedding serves them all."""
+    decode_seconds: list[list[float]] = [[] for _ in segmenters]
+    scores = [
+        [score_mask(segmenter, embedding, truth, seconds) for truth in masks]
+        for segmenter, seconds in zip(segmenters, decode_seconds, strict=True)
+    ]
+    return ImageScores(scores, decode_seconds)
+
+
+def time_encode(segmenter: Segmenter, image_bytes: bytes, max_image_pixels: int) -> float:
+    """Seconds of one encode of the image on this machine: one measurement serves every model, as they share it."""
+    pixels = decode_image(image_bytes, max_image_pixels)
+    started = time.perf_counter()
+    segmenter.encode(pixels)
+    return time.perf_counter() - started
+
+
+def model_reports(
+    names: Sequence[str], images: Iterable[ImageScores], encode_seconds: float | None
 ) -> list[ModelReport]:
-    """Score every model on every image's masks. Every model shares the configured image encoder (a version is a
-    decoder), so the embedding serves them all and the encode time is one encode of the first image."""
-    reports = [ModelReport(name) for name, _ in models]
-    for done, image in enumerate(images, 1):
-        if models and reports[0].encode_seconds is None:
-            pixels = decode_image(image.image_bytes(), max_image_pixels)
-            started = time.perf_counter()
-            models[0][1].encode(pixels)
-            encode_seconds = time.perf_counter() - started
-            for report in reports:
-                report.encode_seconds = encode_seconds
-        for report, (_, segmenter) in zip(reports, models, strict=True):
-            for truth in image.masks:
-                report.scores.append(score_mask(segmenter, image.embedding, truth, report.decode_seconds))
-        progress(done)
+    """Each model's report over every scored image."""
+    reports = [ModelReport(name, encode_seconds=encode_seconds) for name in names]
+    for image in images:
+        for report, scores, seconds in zip(reports, image.scores, image.decode_seconds, strict=True):
+            report.scores += scores
+            report.decode_seconds += seconds
     return reports
 
 

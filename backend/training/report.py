@@ -1,36 +1,61 @@
 """`python -m backend evaluate --project ID`: the configured segmenter and each of the project's accepted versions,
 scored by the simulated annotator (`training.evaluation`) on the project's own annotations, held-out tasks first,
-and written to `MODEL_DIR/<project>/reports/evaluation-<time>.md`, `.json` and `.png` (IoU against clicks)."""
+and written to `MODEL_DIR/<project>/reports/evaluation-<time>.md`, `.json` and `.png` (IoU against clicks).
+
+Each annotation's scores are kept as they are made (`training.resume`): a run interrupted and started again with
+the same models and settings scores only the annotations not yet scored."""
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import NamedTuple
 
 from backend.config import Settings
 from backend.decoders.versions import VersionStore, public_name
 from backend.errors import CorruptVersion, ImageError
 from backend.models.base import FineTunable, Segmenter
 from backend.project_files import EVALUATION_PREFIX, ProjectFiles, write_atomically
-from backend.training.dataset import TrainingSet
-from backend.training.evaluation import MAX_CLICKS, EvaluatedImage, evaluate, markdown_table
+from backend.training.dataset import AnnotationRecord, TrainingSet
+from backend.training.evaluation import (
+    MAX_CLICKS,
+    REPORTED_CLICKS,
+    TARGETS,
+    ImageScores,
+    markdown_table,
+    model_reports,
+    score_image,
+    time_encode,
+)
 from backend.training.plot import iou_curves_png
 from backend.training.resources import TrainingResources
+from backend.training.resume import PartialScores, remove_partial_scores, run_key
 from backend.training.trainer import held_out_tasks
 
 log = logging.getLogger(__name__)
 
 PROGRESS_EVERY_S = 10.0
 
+# Told after each annotation: how many are done (kept from an interrupted run or scored), of how many, and how many
+# of them this run scored.
+Progress = Callable[[int, int, int], None]
 
-def models_to_evaluate(project_id: int, settings: Settings, segmenter: Segmenter) -> list[tuple[str, Segmenter]]:
+
+class Candidate(NamedTuple):
+    """A model to evaluate: its name in the report, the model, and what identifies its weights."""
+
+    name: str
+    segmenter: Segmenter
+    weights: str
+
+
+def models_to_evaluate(project_id: int, settings: Settings, segmenter: Segmenter) -> list[Candidate]:
     """The configured segmenter, then each version of the project that was accepted (served, or served once), oldest
     first; a version that does not load is left out with an error in the log."""
-    models = [(settings.base_model_version, segmenter)]
+    models = [Candidate(settings.base_model_version, segmenter, segmenter.identity)]
     if not isinstance(segmenter, FineTunable):
         return models
     store = VersionStore(ProjectFiles(settings.model_dir, project_id))
@@ -43,7 +68,8 @@ def models_to_evaluate(project_id: int, settings: Settings, segmenter: Segmenter
         except (CorruptVersion, ValueError) as error:
             log.error("project %d: version %s left out of the evaluation: %s", project_id, version.name, error)
             continue
-        models.append((public_name(settings.base_model_version, project_id, version), tuned))
+        name = public_name(settings.base_model_version, project_id, version)
+        models.append(Candidate(name, tuned, f"{segmenter.identity}+{version.metrics['weights_sha256']}"))
     return models
 
 
@@ -57,57 +83,95 @@ def chosen_tasks(training_set: TrainingSet, fraction: float, limit: int | None) 
     return ordered[:limit] if limit is not None else ordered
 
 
-def evaluated_images(files: ProjectFiles, resources: TrainingResources, tasks: set[int]) -> Iterator[EvaluatedImage]:
-    """Each annotation of `tasks` with its embedding (feature store, cache, or encoded without caching) and masks,
-    one at a time; an annotation whose image is gone or changed is left out with a warning."""
-    features = resources.features(files)
-    for record in TrainingSet(files).records():
-        if record.task_id not in tasks or not record.regions:
-            continue
-        try:
-            embedding, _ = resources.embedding_for(features, record.image_url, record.image_digest)
-        except ImageError as error:
-            log.warning(
-                "project %d annotation %d left out of the evaluation: %s", files.project_id, record.annotation_id, error
-            )
-            continue
-        yield EvaluatedImage(
-            embedding,
-            [region.mask for region in record.regions if region.shape == tuple(embedding.original_size)],
-            functools.partial(_image_bytes, resources, record.image_url),
+class ProgressLine:
+    """A log line at most every `every_s`: annotations done of the total, and the time left at this run's pace
+    (annotations kept from an interrupted run take none)."""
+
+    def __init__(self, project_id: int, every_s: float = PROGRESS_EVERY_S) -> None:
+        self.project_id = project_id
+        self.every_s = every_s
+        self.started = self.last_said = time.monotonic()
+
+    def __call__(self, done: int, total: int, scored: int) -> None:
+        now = time.monotonic()
+        if now - self.last_said < self.every_s:
+            return
+        self.last_said = now
+        elapsed = now - self.started
+        left = f"about {(total - done) * elapsed / scored:.0f} s left" if scored else "time left not known yet"
+        log.info(
+            "project %d: evaluated %d of %d annotations (%d kept from an earlier run) in %.0f s, %s",
+            self.project_id,
+            done,
+            total,
+            done - scored,
+            elapsed,
+            left,
         )
 
 
-def _image_bytes(resources: TrainingResources, url: str) -> bytes:
-    return resources.fetcher.fetch(url).data
-
-
 def evaluate_project(
-    project_id: int, settings: Settings, resources: TrainingResources, limit: int | None = None
+    project_id: int,
+    settings: Settings,
+    resources: TrainingResources,
+    limit: int | None = None,
+    progress: Progress | None = None,
 ) -> dict:
-    """Run the evaluation and write its report; returns the report as written to JSON."""
+    """Run the evaluation and write its report; returns the report as written to JSON. `progress` is told after
+    each annotation (by default, a log line every PROGRESS_EVERY_S)."""
     files = ProjectFiles(settings.model_dir, project_id)
     training_set = TrainingSet(files)
-    tasks = chosen_tasks(training_set, settings.train_held_out_fraction, limit)
-    if not tasks:
+    tasks = set(chosen_tasks(training_set, settings.train_held_out_fraction, limit))
+    records = [record for record in training_set.records() if record.task_id in tasks and record.regions]
+    if not records:
         raise ValueError(f"project {project_id} has no annotations with masks to evaluate on ({files.annotations})")
     models = models_to_evaluate(project_id, settings, resources.segmenter)
+    protocol = {
+        "max_clicks": MAX_CLICKS,
+        "reported_clicks": list(REPORTED_CLICKS),
+        "targets": list(TARGETS),
+        "max_image_pixels": settings.max_image_pixels,
+    }
+    partial = PartialScores(files.reports, run_key([(model.name, model.weights) for model in models], protocol))
+    progress = progress or ProgressLine(project_id)
     started = time.monotonic()
-    last_said = started
-
-    def progress(done: int) -> None:
-        nonlocal last_said
-        if time.monotonic() - last_said >= PROGRESS_EVERY_S:
-            log.info("project %d: evaluated %d annotations in %.0f s", project_id, done, time.monotonic() - started)
-            last_said = time.monotonic()
-
-    reports = evaluate(models, evaluated_images(files, resources, set(tasks)), settings.max_image_pixels, progress)
+    features = resources.features(files)
+    results: list[ImageScores] = []
+    encode_seconds: float | None = None
+    scored = 0
+    for done, record in enumerate(records, 1):
+        kept = partial.get(record)
+        if kept is not None:
+            result, measured = kept
+            encode_seconds = measured if encode_seconds is None else encode_seconds
+        else:
+            try:
+                embedding, _ = resources.embedding_for(features, record.image_url, record.image_digest)
+            except ImageError as error:
+                log.warning(
+                    "project %d annotation %d left out of the evaluation: %s", project_id, record.annotation_id, error
+                )
+                progress(done, len(records), scored)
+                continue
+            if encode_seconds is None:
+                encode_seconds = time_encode(
+                    resources.segmenter, _image_bytes(resources, record), settings.max_image_pixels
+                )
+            masks = [region.mask for region in record.regions if region.shape == tuple(embedding.original_size)]
+            result = score_image([model.segmenter for model in models], embedding, masks)
+            partial.put(record, result, encode_seconds)
+            scored += 1
+        results.append(result)
+        progress(done, len(records), scored)
+    reports = model_reports([model.name for model in models], results, encode_seconds)
     when = datetime.now(UTC)
     markdown = markdown_table(reports)
     report: dict = {
         "project": project_id,
         "finished_at": when.isoformat(timespec="seconds"),
         "tasks": len(tasks),
+        "annotations": len(results),
+        "resumed_annotations": len(results) - scored,
         "max_clicks": MAX_CLICKS,
         "seconds": round(time.monotonic() - started, 1),
         "models": [model.as_dict() for model in reports],
@@ -120,5 +184,10 @@ def evaluate_project(
     write_atomically(stem.with_suffix(".md"), f"{markdown}\n\n![mean IoU against clicks]({plot.name})\n".encode())
     # The JSON last: GET /evaluate serves the newest JSON, whose table and plot are then already beside it.
     write_atomically(stem.with_suffix(".json"), json.dumps(report, indent=1).encode())
+    remove_partial_scores(files.reports)
     report["written_to"] = [str(stem.with_suffix(suffix)) for suffix in (".json", ".md", ".png")]
     return report
+
+
+def _image_bytes(resources: TrainingResources, record: AnnotationRecord) -> bytes:
+    return resources.fetcher.fetch(record.image_url).data
