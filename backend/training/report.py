@@ -7,6 +7,7 @@ the same models and settings scores only the annotations not yet scored."""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -14,25 +15,30 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import NamedTuple
 
+import numpy as np
+
 from backend.config import Settings
 from backend.decoders.versions import VersionStore, public_name
 from backend.errors import CorruptVersion, ImageError
+from backend.images import decode_image
 from backend.models.base import FineTunable, Segmenter
 from backend.project_files import EVALUATION_PREFIX, ProjectFiles, write_atomically
 from backend.training.dataset import AnnotationRecord, TrainingSet
+from backend.training.detection_scores import DetectorReport
+from backend.training.detector_evaluation import AnnotationDetector, project_detector
 from backend.training.evaluation import (
     MAX_CLICKS,
     REPORTED_CLICKS,
     TARGETS,
-    ImageScores,
     markdown_table,
     model_reports,
     score_image,
     time_encode,
 )
+from backend.training.features import TrainingFeatures
 from backend.training.plot import iou_curves_png
 from backend.training.resources import TrainingResources
-from backend.training.resume import PartialScores, remove_partial_scores, run_key
+from backend.training.resume import Kept, PartialScores, remove_partial_scores, run_key
 from backend.training.trainer import held_out_tasks
 
 log = logging.getLogger(__name__)
@@ -132,40 +138,49 @@ def evaluate_project(
         "targets": list(TARGETS),
         "max_image_pixels": settings.max_image_pixels,
     }
+    labels = sorted({region.label for record in records for region in record.regions})
+    detection = project_detector(settings, labels, project_id)
+    protocol["detector"] = detection.identity if detection is not None else None
     partial = PartialScores(files.reports, run_key([(model.name, model.weights) for model in models], protocol))
     progress = progress or ProgressLine(project_id)
     started = time.monotonic()
     features = resources.features(files)
-    results: list[ImageScores] = []
-    encode_seconds: float | None = None
+    results: list[Kept] = []
     scored = 0
     for done, record in enumerate(records, 1):
         kept = partial.get(record)
-        if kept is not None:
-            result, measured = kept
-            encode_seconds = measured if encode_seconds is None else encode_seconds
-        else:
+        if kept is None:
+            measured = results[0].encode_seconds if results else None
             try:
-                embedding, _ = resources.embedding_for(features, record.image_url, record.image_digest)
+                kept = _score(record, models, detection, resources, features, settings.max_image_pixels, measured)
             except ImageError as error:
                 log.warning(
                     "project %d annotation %d left out of the evaluation: %s", project_id, record.annotation_id, error
                 )
                 progress(done, len(records), scored)
                 continue
-            if encode_seconds is None:
-                encode_seconds = time_encode(
-                    resources.segmenter, _image_bytes(resources, record), settings.max_image_pixels
-                )
-            masks = [region.mask for region in record.regions if region.shape == tuple(embedding.original_size)]
-            result = score_image([model.segmenter for model in models], embedding, masks)
-            partial.put(record, result, encode_seconds)
+            partial.put(record, kept)
             scored += 1
-        results.append(result)
+        results.append(kept)
         progress(done, len(records), scored)
-    reports = model_reports([model.name for model in models], results, encode_seconds)
+    encode_seconds = results[0].encode_seconds if results else None
+    reports = model_reports([model.name for model in models], [kept.scores for kept in results], encode_seconds)
+    detectors = []
+    if detection is not None:
+        detector_report = DetectorReport(detection.detector.name)
+        for kept in results:
+            detector_report.add(kept.detections or {})
+        detectors.append(
+            {
+                **detector_report.as_dict(),
+                "box_threshold": detection.thresholds.box,
+                "text_threshold": detection.thresholds.text,
+            }
+        )
     when = datetime.now(UTC)
     markdown = markdown_table(reports)
+    if detectors:
+        markdown += "\n\n" + detector_table(detectors)
     report: dict = {
         "project": project_id,
         "finished_at": when.isoformat(timespec="seconds"),
@@ -175,6 +190,7 @@ def evaluate_project(
         "max_clicks": MAX_CLICKS,
         "seconds": round(time.monotonic() - started, 1),
         "models": [model.as_dict() for model in reports],
+        "detectors": detectors,
         "markdown": markdown,
     }
     stem = files.reports / f"{EVALUATION_PREFIX}{when:%Y%m%dT%H%M%SZ}"
@@ -189,5 +205,34 @@ def evaluate_project(
     return report
 
 
-def _image_bytes(resources: TrainingResources, record: AnnotationRecord) -> bytes:
-    return resources.fetcher.fetch(record.image_url).data
+def _score(
+    record: AnnotationRecord,
+    models: list[Candidate],
+    detection: AnnotationDetector | None,
+    resources: TrainingResources,
+    features: TrainingFeatures,
+    max_image_pixels: int,
+    encode_seconds: float | None,
+) -> Kept:
+    """One annotation scored by every model and the detector; the encode is timed when `encode_seconds` is None."""
+    embedding, _ = resources.embedding_for(features, record.image_url, record.image_digest)
+
+    @functools.cache
+    def pixels() -> np.ndarray:  # fetched at most once, and only when the encode is timed or a detector reads it
+        return decode_image(resources.fetcher.fetch(record.image_url).data, max_image_pixels)
+
+    masks = [region.mask for region in record.regions if region.shape == tuple(embedding.original_size)]
+    scores = score_image([model.segmenter for model in models], embedding, masks)
+    seconds = encode_seconds if encode_seconds is not None else time_encode(resources.segmenter, pixels())
+    return Kept(scores, seconds, detection.counts(pixels(), record.regions) if detection is not None else None)
+
+
+def detector_table(detectors: list[dict]) -> str:
+    """Each detector's precision and recall, overall and per label, as a Markdown table."""
+    lines = ["| detector | label | precision | recall | found | false | missed |", "|---|---|---|---|---|---|---|"]
+    for detector in detectors:
+        for label, counts in [("all", detector["overall"]), *detector["labels"].items()]:
+            cells = [counts["precision"], counts["recall"], counts["true_positives"], counts["false_positives"]]
+            shown = ["" if cell is None else str(cell) for cell in [*cells, counts["missed"]]]
+            lines.append(f"| {detector['model']} | {label} | " + " | ".join(shown) + " |")
+    return "\n".join(lines)

@@ -14,9 +14,11 @@ import logging
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 from backend.project_files import write_atomically
 from backend.training.dataset import AnnotationRecord
+from backend.training.detection_scores import LabelCounts
 from backend.training.evaluation import ImageScores
 
 log = logging.getLogger(__name__)
@@ -39,6 +41,14 @@ def record_digest(record: AnnotationRecord) -> str:
     return digest.hexdigest()
 
 
+class Kept(NamedTuple):
+    """One annotation's scores as a run kept them, with the encode time measured then."""
+
+    scores: ImageScores
+    encode_seconds: float
+    detections: dict[str, LabelCounts] | None  # the detector's counts per label; None without a detector
+
+
 class PartialScores:
     """The scores one run (`run_key`) has kept so far, one file per annotation."""
 
@@ -48,9 +58,8 @@ class PartialScores:
     def _path(self, record: AnnotationRecord) -> Path:
         return self.folder / f"{record.annotation_id}.json"
 
-    def get(self, record: AnnotationRecord) -> tuple[ImageScores, float] | None:
-        """The annotation's kept scores and the encode time measured with them; None when not kept, or kept for
-        another version of the annotation."""
+    def get(self, record: AnnotationRecord) -> Kept | None:
+        """The annotation's kept scores; None when not kept, or kept for another version of the annotation."""
         try:
             kept = json.loads(self._path(record).read_bytes())
         except FileNotFoundError:
@@ -59,12 +68,25 @@ class PartialScores:
             return None
         if kept.get("record") != record_digest(record):
             return None
-        return ImageScores.of_dict(kept), kept["encode_seconds"]
+        detections = kept["detections"]
+        return Kept(
+            ImageScores.of_dict(kept),
+            kept["encode_seconds"],
+            None if detections is None else {label: LabelCounts(*counts) for label, counts in detections.items()},
+        )
 
-    def put(self, record: AnnotationRecord, scores: ImageScores, encode_seconds: float) -> None:
-        kept = {"record": record_digest(record), "encode_seconds": encode_seconds, **scores.as_dict()}
+    def put(self, record: AnnotationRecord, kept: Kept) -> None:
+        detections = kept.detections
+        saved = {
+            "record": record_digest(record),
+            "encode_seconds": kept.encode_seconds,
+            "detections": None
+            if detections is None
+            else {label: [c.true_positives, c.false_positives, c.missed] for label, c in detections.items()},
+            **kept.scores.as_dict(),
+        }
         # Not flushed: it only saves work, and a torn file reads as not kept.
-        write_atomically(self._path(record), json.dumps(kept).encode(), durable=False)
+        write_atomically(self._path(record), json.dumps(saved).encode(), durable=False)
 
 
 def remove_partial_scores(reports: Path) -> None:
