@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import imgviz
@@ -16,6 +18,7 @@ import pytest
 from PIL import Image
 
 from backend.models.base import ImageEmbedding, MaskPrediction, SegmentPrompt
+from backend.models.checkpoints import SAM_CHECKPOINTS
 from backend.project_files import ProjectFiles
 from backend.training.dataset import AnnotationRecord, Region, TrainingSet
 from backend.training.evaluation import (
@@ -200,6 +203,26 @@ def test_the_detector_is_scored_on_every_labelled_box_when_its_weights_are_prese
     assert "| GroundingDINO | all |" in Path(report["written_to"][1]).read_text()
 
 
+def test_every_other_installed_segmenter_is_scored_encoding_the_images_itself(
+    learning_settings, media_root, sam_checkpoint, tmp_path
+):
+    weights = tmp_path / "installed"
+    weights.mkdir()
+    # The reduced SAM under vit_l's official name: installed, and served as vit_l (with a warning).
+    shutil.copy(sam_checkpoint, weights / SAM_CHECKPOINTS["vit_l"].filename)
+    settings = replace(learning_settings, weights_dir=str(weights))
+    masks = voc_project(settings, media_root, 47, count=3)
+    _, predictor = make_client(settings)
+
+    report = evaluate_project(47, settings, predictor.training_resources())
+
+    assert [model["model"] for model in report["models"]] == [settings.base_model_version, "sam-vit_l"]
+    installed = report["models"][1]
+    assert installed["masks"] == masks and len(installed["miou_by_clicks"]) == MAX_CLICKS
+    assert installed["encode_ms"] > 0 and installed["warm_click_ms"] > 0
+    assert report["scored_now"] == 2 * 2  # two annotations, by the configured model and by vit_l
+
+
 class Interrupted(Exception):
     pass
 
@@ -236,12 +259,12 @@ def test_an_interrupted_run_resumes_scoring_only_what_it_had_not(learning_settin
     resumed = evaluate_project(43, learning_settings, resources)
     second = dict(calls)
     assert second["encode"] == 0  # annotation 1's scores and encode time were kept; annotation 2's image is stored
-    assert resumed["resumed_annotations"] == 1 and resumed["annotations"] == 2
+    assert resumed["scored_now"] == 1 and resumed["annotations"] == 2
     assert not list((Path(learning_settings.model_dir) / "43" / "reports").glob(".partial-*"))  # removed when done
 
     calls.update(decode=0, encode=0)
     whole = evaluate_project(44, learning_settings, resources)
-    assert whole["resumed_annotations"] == 0
+    assert whole["scored_now"] == 2
     assert first["decode"] + second["decode"] == calls["decode"]  # nothing decoded twice
 
     def scores(report: dict) -> list[dict]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import statistics
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -19,7 +20,7 @@ import numpy as np
 
 from backend.config import Settings
 from backend.decoders.versions import VersionStore, public_name
-from backend.errors import CorruptVersion, ImageError
+from backend.errors import BackendError, CorruptVersion, ImageError
 from backend.images import decode_image
 from backend.models.base import FineTunable, Segmenter
 from backend.project_files import EVALUATION_PREFIX, ProjectFiles, write_atomically
@@ -36,6 +37,7 @@ from backend.training.evaluation import (
     time_encode,
 )
 from backend.training.features import TrainingFeatures
+from backend.training.installed import installed_segmenters
 from backend.training.plot import iou_curves_png
 from backend.training.resources import TrainingResources
 from backend.training.resume import Kept, PartialScores, remove_partial_scores, run_key
@@ -143,6 +145,8 @@ def evaluate_project(
     protocol["detector"] = detection.identity if detection is not None else None
     partial = PartialScores(files.reports, run_key([(model.name, model.weights) for model in models], protocol))
     progress = progress or ProgressLine(project_id)
+    installed = installed_segmenters(settings)
+    total = len(records) * (1 + len(installed))
     started = time.monotonic()
     features = resources.features(files)
     results: list[Kept] = []
@@ -157,14 +161,49 @@ def evaluate_project(
                 log.warning(
                     "project %d annotation %d left out of the evaluation: %s", project_id, record.annotation_id, error
                 )
-                progress(done, len(records), scored)
+                progress(done, total, scored)
                 continue
             partial.put(record, kept)
             scored += 1
         results.append(kept)
-        progress(done, len(records), scored)
+        progress(done, total, scored)
     encode_seconds = results[0].encode_seconds if results else None
     reports = model_reports([model.name for model in models], [kept.scores for kept in results], encode_seconds)
+    for turn, other in enumerate(installed, 1):
+        key = f"{other.name}-{other.fingerprint}"
+        # One installed model in memory at a time, loaded only if an annotation is left for it to score.
+        segmenter: Segmenter | None = None
+        own: list[Kept] = []
+        failed = False
+        for done, record in enumerate(records, turn * len(records) + 1):
+            kept = partial.get(record, key)
+            if kept is None:
+                try:
+                    segmenter = segmenter or other.load()
+                    kept = _score_alone(record, segmenter, resources, settings.max_image_pixels)
+                except ImageError as error:
+                    log.warning(
+                        "project %d annotation %d left out for %s: %s",
+                        project_id,
+                        record.annotation_id,
+                        other.name,
+                        error,
+                    )
+                    progress(done, total, scored)
+                    continue
+                except (BackendError, OSError, ValueError) as error:
+                    log.error(
+                        "project %d: %s left out of the evaluation, it did not load: %s", project_id, other.name, error
+                    )
+                    break
+                partial.put(record, kept, key)
+                scored += 1
+            own.append(kept)
+            progress(done, total, scored)
+        if not failed:
+            encodes = [kept.encode_seconds for kept in own]
+            median = statistics.median(encodes) if encodes else None  # its encodes differ in size: the median one
+            reports += model_reports([other.name], [kept.scores for kept in own], median)
     detectors = []
     if detection is not None:
         detector_report = DetectorReport(detection.detector.name)
@@ -186,7 +225,7 @@ def evaluate_project(
         "finished_at": when.isoformat(timespec="seconds"),
         "tasks": len(tasks),
         "annotations": len(results),
-        "resumed_annotations": len(results) - scored,
+        "scored_now": scored,  # (model, annotation) scorings this run made; the others were kept from an earlier one
         "max_clicks": MAX_CLICKS,
         "seconds": round(time.monotonic() - started, 1),
         "models": [model.as_dict() for model in reports],
@@ -225,6 +264,18 @@ def _score(
     scores = score_image([model.segmenter for model in models], embedding, masks)
     seconds = encode_seconds if encode_seconds is not None else time_encode(resources.segmenter, pixels())
     return Kept(scores, seconds, detection.counts(pixels(), record.regions) if detection is not None else None)
+
+
+def _score_alone(
+    record: AnnotationRecord, segmenter: Segmenter, resources: TrainingResources, max_image_pixels: int
+) -> Kept:
+    """One annotation scored by an installed model that encodes the image itself, this encode timed."""
+    pixels = decode_image(resources.fetcher.fetch(record.image_url).data, max_image_pixels)
+    started = time.perf_counter()
+    embedding = segmenter.encode(pixels)
+    seconds = time.perf_counter() - started
+    masks = [region.mask for region in record.regions if region.shape == tuple(embedding.original_size)]
+    return Kept(score_image([segmenter], embedding, masks), seconds, None)
 
 
 def detector_table(detectors: list[dict]) -> str:

@@ -55,13 +55,15 @@ class PartialScores:
     def __init__(self, reports: Path, key: str) -> None:
         self.folder = reports / f"{PARTIAL_PREFIX}{key}"
 
-    def _path(self, record: AnnotationRecord) -> Path:
-        return self.folder / f"{record.annotation_id}.json"
+    def _path(self, record: AnnotationRecord, model: str | None) -> Path:
+        folder = self.folder / model if model else self.folder  # an installed model's own folder
+        return folder / f"{record.annotation_id}.json"
 
-    def get(self, record: AnnotationRecord) -> Kept | None:
-        """The annotation's kept scores; None when not kept, or kept for another version of the annotation."""
+    def get(self, record: AnnotationRecord, model: str | None = None) -> Kept | None:
+        """The annotation's kept scores (by the configured encoder's models, or by one installed `model` on its own);
+        None when not kept, or kept for another version of the annotation."""
         try:
-            kept = json.loads(self._path(record).read_bytes())
+            kept = json.loads(self._path(record, model).read_bytes())
         except FileNotFoundError:
             return None
         except ValueError:  # torn by a power loss (written without flushing): scored again
@@ -75,7 +77,7 @@ class PartialScores:
             None if detections is None else {label: LabelCounts(*counts) for label, counts in detections.items()},
         )
 
-    def put(self, record: AnnotationRecord, kept: Kept) -> None:
+    def put(self, record: AnnotationRecord, kept: Kept, model: str | None = None) -> None:
         detections = kept.detections
         saved = {
             "record": record_digest(record),
@@ -86,7 +88,7 @@ class PartialScores:
             **kept.scores.as_dict(),
         }
         # Not flushed: it only saves work, and a torn file reads as not kept.
-        write_atomically(self._path(record), json.dumps(saved).encode(), durable=False)
+        write_atomically(self._path(record, model), json.dumps(saved).encode(), durable=False)
 
 
 def remove_partial_scores(reports: Path) -> None:
