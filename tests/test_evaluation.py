@@ -210,13 +210,14 @@ def test_every_other_installed_segmenter_is_scored_encoding_the_images_itself(
     weights.mkdir()
     # The reduced SAM under vit_l's official name: installed, and served as vit_l (with a warning).
     shutil.copy(sam_checkpoint, weights / SAM_CHECKPOINTS["vit_l"].filename)
+    (weights / SAM_CHECKPOINTS["vit_h"].filename).write_bytes(b"not a checkpoint")  # installed, but cannot load
     settings = replace(learning_settings, weights_dir=str(weights))
     masks = voc_project(settings, media_root, 47, count=3)
     _, predictor = make_client(settings)
 
     report = evaluate_project(47, settings, predictor.training_resources())
 
-    assert [model["model"] for model in report["models"]] == [settings.base_model_version, "sam-vit_l"]
+    assert [model["model"] for model in report["models"]] == [settings.base_model_version, "sam-vit_l"]  # no vit_h
     installed = report["models"][1]
     assert installed["masks"] == masks and len(installed["miou_by_clicks"]) == MAX_CLICKS
     assert installed["encode_ms"] > 0 and installed["warm_click_ms"] > 0

@@ -13,6 +13,7 @@ import logging
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import NamedTuple
 
@@ -37,7 +38,7 @@ from backend.training.evaluation import (
     time_encode,
 )
 from backend.training.features import TrainingFeatures
-from backend.training.installed import installed_segmenters
+from backend.training.installed import InstalledSegmenter, installed_segmenters
 from backend.training.plot import iou_curves_png
 from backend.training.resources import TrainingResources
 from backend.training.resume import Kept, PartialScores, remove_partial_scores, run_key
@@ -118,6 +119,47 @@ class ProgressLine:
         )
 
 
+@dataclass
+class Passes:
+    """The evaluation's passes over the annotations (the configured encoder's models, then each installed model):
+    the scores kept so far, and the progress over all of them."""
+
+    project_id: int
+    records: list[AnnotationRecord]
+    partial: PartialScores
+    progress: Progress
+    count: int
+    scored: int = 0  # (model, annotation) scorings this run made
+
+    def run(
+        self, score: Callable[[AnnotationRecord, list[Kept]], Kept], turn: int = 0, model: str | None = None
+    ) -> list[Kept]:
+        """Each annotation's kept scores, else `score`'s (told those before it), then kept; an annotation whose image
+        fails is left out with a warning."""
+        results: list[Kept] = []
+        total = len(self.records) * self.count
+        for done, record in enumerate(self.records, turn * len(self.records) + 1):
+            kept = self.partial.get(record, model)
+            if kept is None:
+                try:
+                    kept = score(record, results)
+                except ImageError as error:
+                    log.warning(
+                        "project %d annotation %d left out of the evaluation%s: %s",
+                        self.project_id,
+                        record.annotation_id,
+                        f" of {model}" if model else "",
+                        error,
+                    )
+                    self.progress(done, total, self.scored)
+                    continue
+                self.partial.put(record, kept, model)
+                self.scored += 1
+            results.append(kept)
+            self.progress(done, total, self.scored)
+        return results
+
+
 def evaluate_project(
     project_id: int,
     settings: Settings,
@@ -144,66 +186,30 @@ def evaluate_project(
     detection = project_detector(settings, labels, project_id)
     protocol["detector"] = detection.identity if detection is not None else None
     partial = PartialScores(files.reports, run_key([(model.name, model.weights) for model in models], protocol))
-    progress = progress or ProgressLine(project_id)
     installed = installed_segmenters(settings)
-    total = len(records) * (1 + len(installed))
+    passes = Passes(project_id, records, partial, progress or ProgressLine(project_id), 1 + len(installed))
     started = time.monotonic()
     features = resources.features(files)
-    results: list[Kept] = []
-    scored = 0
-    for done, record in enumerate(records, 1):
-        kept = partial.get(record)
-        if kept is None:
-            measured = results[0].encode_seconds if results else None
-            try:
-                kept = _score(record, models, detection, resources, features, settings.max_image_pixels, measured)
-            except ImageError as error:
-                log.warning(
-                    "project %d annotation %d left out of the evaluation: %s", project_id, record.annotation_id, error
-                )
-                progress(done, total, scored)
-                continue
-            partial.put(record, kept)
-            scored += 1
-        results.append(kept)
-        progress(done, total, scored)
+
+    def score(record: AnnotationRecord, before: list[Kept]) -> Kept:
+        # The encode is timed once, on the first image scored; a resumed run reuses the time kept with the scores.
+        encode_seconds = before[0].encode_seconds if before else None
+        return _score(record, models, detection, resources, features, settings.max_image_pixels, encode_seconds)
+
+    results = passes.run(score)
     encode_seconds = results[0].encode_seconds if results else None
     reports = model_reports([model.name for model in models], [kept.scores for kept in results], encode_seconds)
     for turn, other in enumerate(installed, 1):
-        key = f"{other.name}-{other.fingerprint}"
-        # One installed model in memory at a time, loaded only if an annotation is left for it to score.
-        segmenter: Segmenter | None = None
-        own: list[Kept] = []
-        failed = False
-        for done, record in enumerate(records, turn * len(records) + 1):
-            kept = partial.get(record, key)
-            if kept is None:
-                try:
-                    segmenter = segmenter or other.load()
-                    kept = _score_alone(record, segmenter, resources, settings.max_image_pixels)
-                except ImageError as error:
-                    log.warning(
-                        "project %d annotation %d left out for %s: %s",
-                        project_id,
-                        record.annotation_id,
-                        other.name,
-                        error,
-                    )
-                    progress(done, total, scored)
-                    continue
-                except (BackendError, OSError, ValueError) as error:
-                    log.error(
-                        "project %d: %s left out of the evaluation, it did not load: %s", project_id, other.name, error
-                    )
-                    break
-                partial.put(record, kept, key)
-                scored += 1
-            own.append(kept)
-            progress(done, total, scored)
-        if not failed:
-            encodes = [kept.encode_seconds for kept in own]
-            median = statistics.median(encodes) if encodes else None  # its encodes differ in size: the median one
-            reports += model_reports([other.name], [kept.scores for kept in own], median)
+        try:
+            own = passes.run(
+                _alone(other, resources, settings.max_image_pixels), turn, f"{other.name}-{other.fingerprint}"
+            )
+        except (BackendError, OSError, ValueError) as error:
+            log.error("project %d: %s left out of the evaluation: %s", project_id, other.name, error)
+            continue
+        encodes = [kept.encode_seconds for kept in own]
+        median = statistics.median(encodes) if encodes else None  # its encodes differ in size: the median one
+        reports += model_reports([other.name], [kept.scores for kept in own], median)
     detectors = []
     if detection is not None:
         detector_report = DetectorReport(detection.detector.name)
@@ -225,7 +231,7 @@ def evaluate_project(
         "finished_at": when.isoformat(timespec="seconds"),
         "tasks": len(tasks),
         "annotations": len(results),
-        "scored_now": scored,  # (model, annotation) scorings this run made; the others were kept from an earlier one
+        "scored_now": passes.scored,  # the others were kept from an interrupted run
         "max_clicks": MAX_CLICKS,
         "seconds": round(time.monotonic() - started, 1),
         "models": [model.as_dict() for model in reports],
@@ -266,10 +272,25 @@ def _score(
     return Kept(scores, seconds, detection.counts(pixels(), record.regions) if detection is not None else None)
 
 
+def _alone(
+    other: InstalledSegmenter, resources: TrainingResources, max_image_pixels: int
+) -> Callable[[AnnotationRecord, list[Kept]], Kept]:
+    """What scores one annotation by an installed model that encodes the image itself, this encode timed. The model
+    is loaded at its first annotation left to score (none when all were kept), and held by this pass alone, so
+    that one installed model is in memory at a time."""
+    loaded: list[Segmenter] = []
+
+    def score(record: AnnotationRecord, before: list[Kept]) -> Kept:
+        if not loaded:
+            loaded.append(other.load())
+        return _score_alone(record, loaded[0], resources, max_image_pixels)
+
+    return score
+
+
 def _score_alone(
     record: AnnotationRecord, segmenter: Segmenter, resources: TrainingResources, max_image_pixels: int
 ) -> Kept:
-    """One annotation scored by an installed model that encodes the image itself, this encode timed."""
     pixels = decode_image(resources.fetcher.fetch(record.image_url).data, max_image_pixels)
     started = time.perf_counter()
     embedding = segmenter.encode(pixels)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,8 +19,6 @@ from backend.project_files import write_atomically
 from backend.training.dataset import AnnotationRecord
 from backend.training.detection_scores import LabelCounts
 from backend.training.evaluation import ImageScores
-
-log = logging.getLogger(__name__)
 
 PARTIAL_PREFIX = ".partial-"
 
