@@ -24,6 +24,7 @@ from backend.training.dataset import AnnotationRecord, Region, TrainingSet
 from backend.training.evaluation import (
     MAX_CLICKS,
     Click,
+    ImageScores,
     MaskScore,
     ModelReport,
     farthest_from_boundary,
@@ -32,6 +33,7 @@ from backend.training.evaluation import (
     score_mask,
 )
 from backend.training.report import ProgressLine, evaluate_project
+from backend.training.resume import Kept, PartialScores, run_key
 from tests.assets import REPO, encode
 from tests.conftest import backend_env, make_client
 from tests.test_active_learning import write_version
@@ -273,6 +275,19 @@ def test_an_interrupted_run_resumes_scoring_only_what_it_had_not(learning_settin
         return [{key: value for key, value in model.items() if key not in timings} for model in report["models"]]
 
     assert scores(resumed) == scores(whole)
+
+
+def test_kept_scores_serve_only_the_same_models_settings_and_annotation(tmp_path):
+    record = AnnotationRecord(1, 1, "/data/upload/a.jpg", [Region.of_mask("r", "car", block(5, 5, 25, 45))])
+    key = run_key([("sam-vit_b", "sam-256x2-abc")], {"max_clicks": MAX_CLICKS})
+    assert key != run_key([("sam-vit_b", "sam-256x2-abd")], {"max_clicks": MAX_CLICKS})  # other weights
+    assert key != run_key([("sam-vit_b", "sam-256x2-abc")], {"max_clicks": 10})  # another setting
+    kept = Kept(ImageScores([[MaskScore([0.5, 1.0], 0.25)]], [[0.01, 0.02]]), 0.3, None)
+    PartialScores(tmp_path, key).put(record, kept)
+    assert PartialScores(tmp_path, key).get(record) == kept  # read back exactly
+    assert PartialScores(tmp_path, key).get(record, "sam-vit_l-0123") is None  # an installed model's own
+    changed = AnnotationRecord(1, 1, "/data/upload/a.jpg", [Region.of_mask("r", "car", block(5, 5, 25, 46))])
+    assert PartialScores(tmp_path, key).get(changed) is None  # the annotation was edited since
 
 
 def test_the_progress_line_says_done_of_total_and_the_time_left(caplog):
