@@ -38,6 +38,7 @@ def write_atomically(path: Path, data: bytes, durable: bool = True) -> None:
 
 
 IDENTITY_FILE = ".identity"
+EVALUATION_PREFIX = "evaluation-"  # a report's files: evaluation-<UTC time>.json, .md, .png (training.report)
 RUN_LOCKS = ".run-locks"  # MODEL_DIR's folder of the project runs' lock files
 
 
@@ -74,6 +75,7 @@ class ProjectFiles:
         self.state = self.root / "state.json"  # annotations since the last training
         self.last_training = self.root / "last_training.json"  # the last training's result
         self.versions = self.root / "versions"
+        self.reports = self.root / "reports"  # `python -m backend evaluate`'s reports
         self.ingest_lock = self.root / ".ingest.lock"
         self.train_lock = self.root / ".train.lock"
         # A project run's locks lie outside the project's folder: a run of a project Label Studio does not have
@@ -82,6 +84,11 @@ class ProjectFiles:
         self.encode_lock = Path(model_dir) / RUN_LOCKS / f"{project_id}.encode.lock"
         self.preannotate_errors = self.root / "preannotate-errors.jsonl"  # tasks a project run could not predict
         self.handed_over = self.root / "handed-over.json"  # tasks a /predict batch left to the project run
+
+    def latest_evaluation(self) -> Path | None:
+        """The newest evaluation report's JSON; its name's UTC time sorts as the time does."""
+        reports = sorted(self.reports.glob(f"{EVALUATION_PREFIX}*.json"))
+        return reports[-1] if reports else None
 
     @staticmethod
     def projects(model_dir: str | Path) -> list[int]:

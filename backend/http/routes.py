@@ -2,7 +2,8 @@
 `routes` Blueprint, which `backend.http.server.create_app` registers.
 
 Routes: GET /health (and /), POST /setup, POST /predict, POST /webhook, GET /versions, GET /status,
-GET /metrics, POST|GET|DELETE /preannotate and /encode (whole-project runs in the background), and GET /livez, the
+GET /metrics, POST|GET|DELETE /preannotate and /encode (whole-project runs in the background), GET /evaluate (a
+project's latest evaluation report), and GET /livez, the
 only one open without credentials when auth is configured. Every bad input answers a 4xx JSON
 `{"error": ...}` and a log line; the process keeps serving.
 """
@@ -10,6 +11,7 @@ only one open without credentials when auth is configured. Every bad input answe
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import logging
 import re
 from dataclasses import dataclass, field, replace
@@ -33,6 +35,7 @@ from backend.errors import (
 )
 from backend.http import metrics
 from backend.inference.base import Inference
+from backend.project_files import ProjectFiles
 from backend.prompts.interactive import ContextPrompts
 from backend.protocol.ids import is_label_studio_id
 from backend.protocol.label_config import ProjectConfig, parse_label_config
@@ -505,3 +508,19 @@ def versions() -> Response:
     if project_id is None:
         raise BadRequest(f"project must be a Label Studio project id, got {raw!r}")
     return jsonify(backend.predictor.learning.describe(project_id))
+
+
+@routes.get("/evaluate")
+def evaluation() -> Response:
+    """The newest evaluation report of ?project=, as `python -m backend evaluate` wrote it under MODEL_DIR (on the
+    machine that has the models; the web tier only reads it)."""
+    backend = current_backend()
+    project_id = requested_project()
+    report = ProjectFiles(backend.settings.model_dir, project_id).latest_evaluation()
+    if report is None:
+        raise BadRequest(
+            f"project {project_id} has no evaluation report yet: run `python -m backend evaluate --project "
+            f"{project_id}` where the models are (in queue mode, on a worker's machine sharing MODEL_DIR)",
+            404,
+        )
+    return jsonify({**json.loads(report.read_bytes()), "report": report.name})

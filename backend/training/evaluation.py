@@ -14,19 +14,20 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
 
-from backend.images import decode_image
 from backend.models.base import ImageEmbedding, Segmenter, SegmentPrompt
 from backend.protocol.polygons import tight_box
 
 MAX_CLICKS = 20
 REPORTED_CLICKS = (1, 3, 5)
 TARGETS = (0.85, 0.90)
+CLICKS = range(1, MAX_CLICKS + 1)
+CURVE_KEY = "miou_by_clicks"  # the report's mean IoU after each number of clicks, 1 to MAX_CLICKS
 
 
 @dataclass(frozen=True)
@@ -136,6 +137,13 @@ class ModelReport:
     decode_seconds: list[float] = field(default_factory=list)
     encode_seconds: float | None = None
 
+    def iou_curve(self) -> list[float]:
+        """The mean IoU after 1, 2, ... MAX_CLICKS clicks; a mask the annotator stopped clicking on keeps its last
+        IoU (as the literature's curves do), so every point averages every mask."""
+        if not self.scores:
+            return []
+        return [round(float(np.mean([score.iou_after(clicks) for score in self.scores])), 4) for clicks in CLICKS]
+
     def as_dict(self) -> dict:
         return {
             "model": self.model,
@@ -144,43 +152,61 @@ class ModelReport:
                 iou_key(clicks): _mean([score.iou_after(clicks) for score in self.scores]) for clicks in REPORTED_CLICKS
             },
             **{clicks_key(target): _mean([score.clicks_to(target) for score in self.scores]) for target in TARGETS},
+            CURVE_KEY: self.iou_curve(),
             "box_miou": _mean([score.box_iou for score in self.scores]),
             "warm_click_ms": round(statistics.median(self.decode_seconds) * 1000, 2) if self.decode_seconds else None,
             "encode_ms": round(self.encode_seconds * 1000, 1) if self.encode_seconds is not None else None,
         }
 
 
-@dataclass(frozen=True)
-class EvaluatedImage:
-    """One task's image for the evaluation: its embedding (from the feature store, the cache, or encoded), its true
-    masks, and a way to read its pixels for the encode timing."""
+@dataclass
+class ImageScores:
+    """One annotation's masks scored by every model (in the models' order), with each model's decode times."""
 
-    embedding: ImageEmbedding
-    masks: list[np.ndarray]
-    image_bytes: Callable[[], bytes]
+    scores: list[list[MaskScore]]
+    decode_seconds: list[list[float]]
+
+    def as_dict(self) -> dict:
+        return {
+            "scores": [[[score.ious, score.box_iou] for score in model] for model in self.scores],
+            "decode_seconds": self.decode_seconds,
+        }
+
+    @classmethod
+    def of_dict(cls, data: dict) -> ImageScores:
+        return cls(
+            [[MaskScore(list(ious), float(box_iou)) for ious, box_iou in model] for model in data["scores"]],
+            [list(seconds) for seconds in data["decode_seconds"]],
+        )
 
 
-def evaluate(
-    models: Sequence[tuple[str, Segmenter]],
-    images: Iterable[EvaluatedImage],
-    max_image_pixels: int,
-    progress: Callable[[int], None] = lambda done: None,
+def score_image(segmenters: Sequence[Segmenter], embedding: ImageEmbedding, masks: list[np.ndarray]) -> ImageScores:
+    """Every model's scores on one image's true masks. Every model shares the configured image encoder (a version is
+    a decoder), so the one embedding serves them all."""
+    decode_seconds: list[list[float]] = [[] for _ in segmenters]
+    scores = [
+        [score_mask(segmenter, embedding, truth, seconds) for truth in masks]
+        for segmenter, seconds in zip(segmenters, decode_seconds, strict=True)
+    ]
+    return ImageScores(scores, decode_seconds)
+
+
+def time_encode(segmenter: Segmenter, pixels: np.ndarray) -> float:
+    """Seconds of one encode of the image on this machine: one measurement serves every model, as they share it."""
+    started = time.perf_counter()
+    segmenter.encode(pixels)
+    return time.perf_counter() - started
+
+
+def model_reports(
+    names: Sequence[str], images: Iterable[ImageScores], encode_seconds: float | None
 ) -> list[ModelReport]:
-    """Score every model on every image's masks. Every model shares the configured image encoder (a version is a
-    decoder), so the embedding serves them all and the encode time is one encode of the first image."""
-    reports = [ModelReport(name) for name, _ in models]
-    for done, image in enumerate(images, 1):
-        if models and reports[0].encode_seconds is None:
-            pixels = decode_image(image.image_bytes(), max_image_pixels)
-            started = time.perf_counter()
-            models[0][1].encode(pixels)
-            encode_seconds = time.perf_counter() - started
-            for report in reports:
-                report.encode_seconds = encode_seconds
-        for report, (_, segmenter) in zip(reports, models, strict=True):
-            for truth in image.masks:
-                report.scores.append(score_mask(segmenter, image.embedding, truth, report.decode_seconds))
-        progress(done)
+    """Each model's report over every scored image."""
+    reports = [ModelReport(name, encode_seconds=encode_seconds) for name in names]
+    for image in images:
+        for report, scores, seconds in zip(reports, image.scores, image.decode_seconds, strict=True):
+            report.scores += scores
+            report.decode_seconds += seconds
     return reports
 
 
