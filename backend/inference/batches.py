@@ -180,14 +180,13 @@ class BatchPreannotation:
                 loaded = list(pool.map(self._load_image, image_urls))
         fetched = time.perf_counter()
         images = [item for item in loaded if isinstance(item, tuple)]
-        if models and detector.shares_encoder:  # the detector reads the embeddings: they come first
-            encoded = self.embeddings_for(models, images, limit)
-            detections = self._detections(detector, detections_key, images, query, thresholds, limit, encoded)
-        else:
-            detections = self._detections(detector, detections_key, images, query, thresholds, limit)
+        # A detector that reads the segmenter's embeddings needs them first; otherwise they come after detecting.
+        encoded = self.embeddings_for(models, images, limit) if models and detector.shares_encoder else None
+        detect_started = time.perf_counter()
+        found = iter(self._detections(detector, detections_key, images, query, thresholds, limit, encoded))
+        detect_share = (time.perf_counter() - detect_started) / max(len(images), 1)
+        if encoded is None:
             encoded = self.embeddings_for(models, images, limit) if models else []
-        found = iter(detections)
-        detect_share = (time.perf_counter() - fetched) / max(len(images), 1)
         embeddings = iter(encoded)
         outcomes: list[TaskAnswer | BackendError] = []
         with self.step_times.step("segment", len(images), limit):
