@@ -64,6 +64,12 @@ class ImageError(BackendError):
     status = 422
 
 
+class VideoError(BackendError):
+    """A video that cannot be fetched or decoded, or that is larger than the limits allow."""
+
+    status = 422
+
+
 class BlockedAddress(BackendError):
     """The host resolved only to addresses that image downloads must not reach."""
 

@@ -129,6 +129,8 @@ def write_sam3(folder: Path, small: bool = True, seed: int = 0) -> Path:
         else transformers.Sam3Config(text_config=text)
     )
     tracker = {"vision_config": {"backbone_config": vit, "backbone_feature_sizes": [[288, 288], [144, 144], [72, 72]]}}
+    if small:  # one narrow memory-attention layer: each tracked frame attends over 72×72 tokens of every memory
+        tracker |= {"memory_attention_num_layers": 1, "memory_attention_feed_forward_hidden_size": 64}
     config = transformers.Sam3VideoConfig(detector_config=detector.to_dict(), tracker_config=tracker)
     torch.manual_seed(seed)
     with MODEL_BUILD_LOCK:

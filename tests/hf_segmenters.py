@@ -62,6 +62,26 @@ HQ_VIT = {
     },
 }
 REDUCED = ("sam2.1-hiera-tiny", "edgetam", "sam-hq-vit-b", "sam3")
+# The reduced Hiera trunk: four narrow stages, one block of global attention.
+REDUCED_HIERA = {
+    "hidden_size": 16,
+    "embed_dim_per_stage": [16, 32, 64, 128],
+    "num_attention_heads_per_stage": [1, 1, 2, 2],
+    "blocks_per_stage": [1, 1, 2, 1],
+    "global_attention_blocks": [3],
+}
+# The video predictors, reduced further for the video tests: frames read at 256 pixels (the official models read
+# 1024), so a 16×16 memory per frame, and one memory-attention layer.
+VIDEO_MODELS = ("sam2.1-hiera-tiny-video", "edgetam-video")
+VIDEO_SIZE = 256
+REDUCED_MEMORY = {
+    "memory_attention_num_layers": 1,
+    "memory_fuser_intermediate_dim": 64,
+    "image_size": VIDEO_SIZE,
+    "memory_attention_rope_feat_sizes": [VIDEO_SIZE // 16] * 2,
+    "prompt_encoder_config": {"image_size": VIDEO_SIZE},
+}
+VIDEO_FEATURE_SIZES = [[VIDEO_SIZE // 4] * 2, [VIDEO_SIZE // 8] * 2, [VIDEO_SIZE // 16] * 2]
 # SAM 3's feature maps at its 1008-pixel input (14-pixel patches: 72x72, upsampled 2x and 4x by its neck).
 SAM3_FEATURE_SIZES = [[288, 288], [144, 144], [72, 72]]
 
@@ -71,17 +91,10 @@ def build(name: str, reduced: bool):  # -> (model, processor), transformers obje
     import transformers as tf
 
     torch.manual_seed(0)
+    if name in VIDEO_MODELS:
+        return build_video(name)
     if name.startswith("sam2.1"):
-        if reduced:
-            hiera = {
-                "hidden_size": 16,
-                "embed_dim_per_stage": [16, 32, 64, 128],
-                "num_attention_heads_per_stage": [1, 1, 2, 2],
-                "blocks_per_stage": [1, 1, 2, 1],
-                "global_attention_blocks": [3],
-            }
-        else:
-            hiera = HIERA[name]
+        hiera = REDUCED_HIERA if reduced else HIERA[name]
         backbone = tf.Sam2HieraDetConfig(**hiera)
         channels = list(reversed(backbone.embed_dim_per_stage))
         vision = tf.Sam2VisionConfig(backbone_config=backbone, backbone_channel_list=channels)
@@ -124,6 +137,47 @@ def build(name: str, reduced: bool):  # -> (model, processor), transformers obje
         model = tf.SamHQModel(config)
         processor = tf.SamHQProcessor(image_processor=tf.SamImageProcessor())
     return model.eval(), processor
+
+
+def build_video(name: str, reduced: bool = True):  # -> (model, processor)
+    """A video predictor and its processor: reduced (VIDEO_MODELS, reading VIDEO_SIZE-pixel frames) for the tests,
+    or at its official size (`sam2.1-hiera-*`, `edgetam`, `sam3`) for bench/video.py."""
+    import transformers as tf
+
+    if name == "sam3":  # official size only: the tests read the reduced SAM 3 that tests/detector_weights.py writes
+        image_processor = tf.Sam3ImageProcessor()
+        vision = tf.Sam3VisionConfig(backbone_feature_sizes=SAM3_FEATURE_SIZES)
+        model = tf.Sam3TrackerVideoModel(tf.Sam3TrackerVideoConfig(vision_config=vision))
+        video_processor = tf.Sam2VideoVideoProcessor(
+            size=image_processor.size, image_mean=image_processor.image_mean, image_std=image_processor.image_std
+        )
+        return model.eval(), tf.Sam3TrackerVideoProcessor(image_processor, video_processor)
+    size = {"height": VIDEO_SIZE, "width": VIDEO_SIZE} if reduced else {"height": 1024, "width": 1024}
+    processor = tf.Sam2VideoProcessor(
+        image_processor=tf.Sam2ImageProcessor(size=size), video_processor=tf.Sam2VideoVideoProcessor(size=size)
+    )
+    if name.startswith("edgetam"):
+        backbone = tf.TimmWrapperConfig(
+            architecture="repvit_m0_9" if reduced else "repvit_m1", model_args=FEATURES_ONLY
+        )
+        if not reduced:
+            vision = tf.EdgeTamVisionConfig(backbone_config=backbone)
+            return tf.EdgeTamVideoModel(tf.EdgeTamVideoConfig(vision_config=vision)).eval(), processor
+        vision = tf.EdgeTamVisionConfig(backbone_config=backbone, backbone_feature_sizes=VIDEO_FEATURE_SIZES)
+        memory = {**REDUCED_MEMORY, "memory_attention_mlp_hidden_size": 64, "memory_attention_rope_k_sizes": [8, 8]}
+        return tf.EdgeTamVideoModel(tf.EdgeTamVideoConfig(vision_config=vision, **memory)).eval(), processor
+    if not reduced:
+        backbone = tf.Sam2HieraDetConfig(**HIERA[name])
+        channels = list(reversed(backbone.embed_dim_per_stage))
+        vision = tf.Sam2VisionConfig(backbone_config=backbone, backbone_channel_list=channels)
+        return tf.Sam2VideoModel(tf.Sam2VideoConfig(vision_config=vision)).eval(), processor
+    backbone = tf.Sam2HieraDetConfig(**REDUCED_HIERA, image_size=[VIDEO_SIZE, VIDEO_SIZE])
+    channels = list(reversed(backbone.embed_dim_per_stage))
+    vision = tf.Sam2VisionConfig(
+        backbone_config=backbone, backbone_channel_list=channels, backbone_feature_sizes=VIDEO_FEATURE_SIZES
+    )
+    memory = {**REDUCED_MEMORY, "memory_attention_feed_forward_hidden_size": 64}
+    return tf.Sam2VideoModel(tf.Sam2VideoConfig(vision_config=vision, **memory)).eval(), processor
 
 
 def official_sam3_layout(tracker_folder: Path, folder: Path) -> Path:

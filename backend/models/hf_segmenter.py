@@ -120,6 +120,33 @@ def read_config(folder: Path, where: str) -> dict:
     return content
 
 
+def model_config(
+    folder: Path,
+    where: str,
+    model_types: tuple[str, ...],
+    container: tuple[str, str] | None,
+    name: str,
+    chooser: str,
+) -> dict:
+    """config.json's fields for a model of one of `model_types`, taken from its part of a `container` config
+    where the folder holds a larger model; WrongCheckpoint naming the setting (`chooser`) when it holds another."""
+    content = read_config(folder, where)
+    holds = content.pop("model_type", None)
+    if container is not None and holds == container[0]:
+        part = content.get(container[1])
+        if not isinstance(part, dict):
+            raise WrongCheckpoint(f"{where}/config.json is a {holds} model without its {container[1]}")
+        return {key: value for key, value in part.items() if key != "model_type"}
+    if holds not in model_types:
+        expected = " or ".join(repr(kind) for kind in (*model_types, *(container[:1] if container else ())))
+        setting = where.partition("=")[0]
+        raise WrongCheckpoint(
+            f"{chooser}={name} loads a {expected} model but {where} holds a {holds!r} one; point "
+            f"{setting} at the {name} folder or set {chooser} to the folder's model"
+        )
+    return content
+
+
 def weights_digest(folder: Path) -> str:
     """The SHA-256 of the folder's weight file (of the shards' digests, in name order, for a sharded model): the
     identity embeddings are cached under."""
@@ -144,21 +171,8 @@ def load_hf_segmenter(
     import transformers
 
     family = FAMILIES[family_name]
-    where = f"SAM_CHECKPOINT={folder}"
-    content = read_config(folder, where)
-    holds = content.pop("model_type", None)
-    if family.container is not None and holds == family.container[0]:
-        part = content.get(family.container[1])
-        if not isinstance(part, dict):
-            raise WrongCheckpoint(f"{where}/config.json is a {holds} model without its {family.container[1]}")
-        content = {key: value for key, value in part.items() if key != "model_type"}
-    elif holds != family.model_type:
-        containers = (family.container[0],) if family.container else ()
-        expected = " or ".join(repr(kind) for kind in (family.model_type, *containers))
-        raise WrongCheckpoint(
-            f"SAM_MODEL_TYPE={name} loads a {expected} model but {where} holds a {holds!r} one; point "
-            f"SAM_CHECKPOINT at the {name} folder or set SAM_MODEL_TYPE to the folder's model"
-        )
+    accepted = (family.model_type,)
+    content = model_config(folder, f"SAM_CHECKPOINT={folder}", accepted, family.container, name, "SAM_MODEL_TYPE")
     # The config is built from its fields rather than by from_pretrained: transformers 4.57 logs a loaded config
     # by comparing it with a default one, and EdgeTAM's default asks the hub for timm's RepViT config, which
     # fails offline. Built this way, nothing is fetched.
