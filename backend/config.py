@@ -51,6 +51,7 @@ S_REGIONS = "Polygons and boxes"
 S_CACHE = "Cache"
 S_QUEUE = "Queue mode"
 S_TRAINING = "Active learning"
+S_VIDEO = "Video tracking"
 
 # Meta's SAM, loaded from its `.pth` files by segment-anything.
 SAM_TYPES = ("vit_b", "vit_l", "vit_h")
@@ -64,6 +65,15 @@ TRANSFORMERS_SEGMENTERS = (
     "sam-hq-vit-b",
     "sam-hq-vit-l",
     "sam-hq-vit-h",
+    "sam3",
+)
+# The video predictors VIDEO_MODEL chooses among (backend/models/video_tracker.py): each a transformers model folder.
+VIDEO_MODELS = (
+    "sam2.1-hiera-tiny",
+    "sam2.1-hiera-small",
+    "sam2.1-hiera-base-plus",
+    "sam2.1-hiera-large",
+    "edgetam",
     "sam3",
 )
 
@@ -359,6 +369,54 @@ class Settings:
         "the smart tools' answers are not capped",
         minimum=1000,
         section=S_REGIONS,
+    )
+
+    video_model: str = setting(
+        "VIDEO_MODEL",
+        "sam2.1-hiera-tiny",
+        "the video predictor that tracks boxes through `<Video>` tasks: SAM 2.1, EdgeTAM (made for video on small "
+        "devices) or SAM 3's tracker (docs/video.md)",
+        choices=VIDEO_MODELS,
+        section=S_VIDEO,
+    )
+    video_checkpoint: str = setting(
+        "VIDEO_CHECKPOINT",
+        "",
+        "the video predictor's transformers model folder, used as it is; default: the official folder of "
+        "`VIDEO_MODEL` in `WEIGHTS_DIR` (SAM 2.1's and SAM 3's are the folders the segmenter reads too)",
+        section=S_VIDEO,
+    )
+    max_video_frames: int = setting(
+        "MAX_VIDEO_FRAMES",
+        3000,
+        "most frames a video may have (its container's header is read first: a longer one is refused before "
+        "any frame is decoded)",
+        minimum=1,
+        section=S_VIDEO,
+    )
+    max_video_pixels: int = setting(
+        "MAX_VIDEO_PIXELS",
+        1920 * 1080,
+        "largest video frame (width × height) decoded; larger is refused before decoding",
+        minimum=1,
+        section=S_VIDEO,
+    )
+    max_video_bytes: int = setting(
+        "MAX_VIDEO_BYTES", 500 * 1024 * 1024, "largest video file downloaded", minimum=1, section=S_VIDEO
+    )
+    video_download_timeout_s: float = setting(
+        "VIDEO_DOWNLOAD_TIMEOUT",
+        300.0,
+        "seconds a video download may take in all (written to a temporary file as it arrives)",
+        minimum=0.001,
+        section=S_VIDEO,
+    )
+    max_video_objects: int = setting(
+        "MAX_VIDEO_OBJECTS",
+        20,
+        "most objects one video track follows (each costs a memory bank and a decoder pass per frame)",
+        minimum=1,
+        section=S_VIDEO,
     )
 
     redis_url: str = setting(

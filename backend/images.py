@@ -1,4 +1,4 @@
-"""Task image URL → bytes → RGB pixels, fetching only what the settings allow.
+"""Task image URL → bytes → RGB pixels (and a video URL → a file), fetching only what the settings allow.
 
 Label Studio's own URLs (`/data/upload/...`, `/data/local-files/?d=...`, or absolute URLs on
 LABEL_STUDIO_URL's host) are fetched with the API key; other hosts only when listed in
@@ -13,9 +13,13 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import tempfile
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import IO
 from urllib.parse import parse_qs, urlencode, urljoin, urlsplit, urlunsplit
 
 import numpy as np
@@ -74,6 +78,17 @@ class FetchedImage:
 
 
 @dataclass(frozen=True)
+class Transfer:
+    """What one kind of download may cost, and the settings that say so (named in the refusals)."""
+
+    what: str  # "image", "video"
+    max_bytes: int
+    limit_name: str
+    timeout_s: float
+    timeout_name: str = "DOWNLOAD_TIMEOUT"
+
+
+@dataclass(frozen=True)
 class FetchRules:
     """Where image downloads may go and what they may cost; `FetchRules.of(settings)` reads them."""
 
@@ -111,19 +126,45 @@ class ImageFetcher:
         self.http.mount("https://", adapter)
 
     def fetch(self, url: str) -> FetchedImage:
+        image = Transfer("image", self.rules.max_download_bytes, "MAX_DOWNLOAD_BYTES", self.rules.download_timeout_s)
+        located = self._locate(url, image)
+        if isinstance(located, Path):
+            return FetchedImage(url, self._read_local(located, image))
+        body = io.BytesIO()
+        self._download(located, body, image)
+        return FetchedImage(located, body.getvalue())
+
+    @contextmanager
+    def fetch_to_file(self, url: str, transfer: Transfer) -> Iterator[Path]:
+        """The file at `url` on disk for the `with` block: a local file where it lies, a download in a temporary
+        file (removed after), written as it arrives, so memory stays flat whatever the size."""
+        located = self._locate(url, transfer)
+        if isinstance(located, Path):
+            self._check_local_size(located, transfer)
+            yield located
+            return
+        suffix = Path(urlsplit(located).path).suffix[:8]
+        with tempfile.NamedTemporaryFile(prefix=f"{transfer.what}-", suffix=suffix) as file:
+            self._download(located, file, transfer)
+            file.flush()
+            yield Path(file.name)
+
+    def _locate(self, url: str, transfer: Transfer) -> str | Path:
+        """The absolute URL to download, or the checked path of a local file."""
         if not isinstance(url, str) or not url:
-            raise ImageError("the task's image field is empty or not a string", 400)
+            raise ImageError(f"the task's {transfer.what} field is empty or not a string", 400)
         if url.startswith("/data/local-files/") and self.rules.local_files_document_root:
-            return FetchedImage(url, self._read_local(url))
+            return self._local_path(url)
         if url.startswith("/"):
             if self.label_studio is None:
                 raise ImageError(
-                    f"image {redact_url(url)!r} is relative to Label Studio, but LABEL_STUDIO_URL is not set", 422
+                    f"{transfer.what} {redact_url(url)!r} is relative to Label Studio, but LABEL_STUDIO_URL is not set",
+                    422,
                 )
-            url = self.rules.label_studio_url + url
-        return FetchedImage(url, self._download(url))
+            return self.rules.label_studio_url + url
+        return url
 
-    def _read_local(self, url: str) -> bytes:
+    def _local_path(self, url: str) -> Path:
         # Decoded once, as Label Studio decodes `d`; a second decoding would turn %252e into a dot.
         relative = parse_qs(urlsplit(url).query).get("d", [""])[0].lstrip("/")
         if not relative or "\x00" in relative:
@@ -136,11 +177,24 @@ class ImageFetcher:
                 raise ImageError(f"local file {relative!r} is outside LOCAL_FILES_DOCUMENT_ROOT", 403)
             if not target.is_file():
                 raise ImageError(f"local file {relative!r} does not exist", 404)
-            if target.stat().st_size > self.rules.max_download_bytes:
-                raise ImageError(f"local file {relative!r} is larger than MAX_DOWNLOAD_BYTES", 413)
-            return target.read_bytes()
         except OSError as error:
             raise ImageError(f"local file {relative!r} cannot be read: {error.strerror}", 422) from error
+        return target
+
+    def _check_local_size(self, target: Path, transfer: Transfer) -> None:
+        try:
+            size = target.stat().st_size
+        except OSError as error:
+            raise ImageError(f"local file {target.name!r} cannot be read: {error.strerror}", 422) from error
+        if size > transfer.max_bytes:
+            raise ImageError(f"local file {target.name!r} is larger than {transfer.limit_name}", 413)
+
+    def _read_local(self, target: Path, transfer: Transfer) -> bytes:
+        self._check_local_size(target, transfer)
+        try:
+            return target.read_bytes()
+        except OSError as error:
+            raise ImageError(f"local file {target.name!r} cannot be read: {error.strerror}", 422) from error
 
     def _is_label_studio(self, parts) -> bool:
         return self.label_studio is not None and (parts.scheme, parts.netloc) == (
@@ -148,13 +202,13 @@ class ImageFetcher:
             self.label_studio.netloc,
         )
 
-    def _download(self, url: str) -> bytes:
-        """The body at `url`, all of it within DOWNLOAD_TIMEOUT (redirects included)."""
-        timeout_s = self.rules.download_timeout_s
-        too_slow = f"download of {redact_url(url)} took longer than DOWNLOAD_TIMEOUT ({timeout_s:g} s)"
+    def _download(self, url: str, sink: IO[bytes], transfer: Transfer) -> None:
+        """The body at `url` into `sink`, all of it within the transfer's time (redirects included)."""
+        timeout_s = transfer.timeout_s
+        too_slow = f"download of {redact_url(url)} took longer than {transfer.timeout_name} ({timeout_s:g} s)"
         with CutOff(timeout_s) as cut_off:
             try:
-                data = self._follow_redirects(url)
+                self._follow_redirects(url, sink, transfer)
             except ImageError as error:
                 if cut_off.expired.is_set():
                     raise ImageError(too_slow, 504) from error
@@ -162,39 +216,38 @@ class ImageFetcher:
             # A body that lasts until the connection closes ends early, and without an error, when it is cut.
             if cut_off.expired.is_set():
                 raise ImageError(too_slow, 504)
-            return data
 
-    def _follow_redirects(self, url: str) -> bytes:
+    def _follow_redirects(self, url: str, sink: IO[bytes], transfer: Transfer) -> None:
         for _ in range(MAX_REDIRECTS + 1):
             parts = urlsplit(url)
             if parts.scheme not in ("http", "https"):
-                raise ImageError(f"unsupported image URL scheme {parts.scheme!r}", 400)
+                raise ImageError(f"unsupported {transfer.what} URL scheme {parts.scheme!r}", 400)
             to_label_studio = self._is_label_studio(parts)
             if not to_label_studio and (parts.hostname or "").lower() not in self.rules.allowed_image_hosts:
                 raise ImageError(
-                    f"image host {parts.hostname!r} is neither LABEL_STUDIO_URL nor in ALLOWED_IMAGE_HOSTS", 403
+                    f"{transfer.what} host {parts.hostname!r} is neither LABEL_STUDIO_URL nor in ALLOWED_IMAGE_HOSTS",
+                    403,
                 )
-            response = self._get(url, to_label_studio)
+            response = self._get(url, to_label_studio, transfer.timeout_s)
             if response.is_redirect:
                 url = urljoin(url, response.headers.get("Location", ""))
                 response.close()
                 continue
-            return self._read_body(response, url)
+            self._read_body(response, url, sink, transfer)
+            return
         raise ImageError(f"too many redirects fetching {redact_url(url)}", 422)
 
-    def _get(self, url: str, with_auth: bool) -> requests.Response:
+    def _get(self, url: str, with_auth: bool, timeout_s: float) -> requests.Response:
         try:
             credentials = self.credentials if with_auth else None
             headers = credentials.header() if credentials else {}
-            response = self.http.get(
-                url, headers=headers, timeout=self.rules.download_timeout_s, stream=True, allow_redirects=False
-            )
+            response = self.http.get(url, headers=headers, timeout=timeout_s, stream=True, allow_redirects=False)
             if response.status_code == 401 and credentials and credentials.refused(headers):
                 response.close()
                 response = self.http.get(
                     url,
                     headers=credentials.header(),
-                    timeout=self.rules.download_timeout_s,
+                    timeout=timeout_s,
                     stream=True,
                     allow_redirects=False,
                 )
@@ -206,25 +259,26 @@ class ImageFetcher:
             raise ImageError(f"could not download {redact_url(url)}: {type(error).__name__}", 422) from error
         return response
 
-    def _read_body(self, response: requests.Response, url: str) -> bytes:
+    def _read_body(self, response: requests.Response, url: str, sink: IO[bytes], transfer: Transfer) -> None:
         shown = redact_url(url)
         with response:
             if response.status_code != 200:
                 hint = " (check LABEL_STUDIO_API_KEY)" if response.status_code in (401, 403) else ""
                 raise ImageError(f"downloading {shown} answered HTTP {response.status_code}{hint}", 422)
-            limit = self.rules.max_download_bytes
+            limit = transfer.max_bytes
+            too_large = f"{transfer.what} at {shown} is larger than {transfer.limit_name} ({limit})"
             declared = response.headers.get("Content-Length")
             if declared and declared.isdigit() and int(declared) > limit:
-                raise ImageError(f"image at {shown} is larger than MAX_DOWNLOAD_BYTES ({limit})", 413)
-            body = bytearray()
+                raise ImageError(too_large, 413)
+            written = 0
             try:
                 for chunk in response.iter_content(chunk_size=256 * 1024):
-                    body += chunk
-                    if len(body) > limit:
-                        raise ImageError(f"image at {shown} is larger than MAX_DOWNLOAD_BYTES ({limit})", 413)
+                    written += len(chunk)
+                    if written > limit:
+                        raise ImageError(too_large, 413)
+                    sink.write(chunk)
             except requests.RequestException as error:
                 raise ImageError(f"download of {shown} broke off: {type(error).__name__}", 422) from error
-            return bytes(body)
 
 
 def decode_image(data: bytes, max_pixels: int) -> np.ndarray:

@@ -206,6 +206,16 @@ TRANSFORMERS_MODELS: dict[str, OfficialRepository] = {
 }
 
 
+# The video predictors' official folders (VIDEO_MODEL): SAM 2.1's and SAM 3's repositories hold the memory modules
+# beside the image model's, so they are the segmenters' folders; EdgeTAM's image conversion holds the image model
+# alone, and its video conversion is another repository.
+VIDEO_REPOSITORIES: dict[str, OfficialRepository] = {
+    **{name: model for name, model in TRANSFORMERS_MODELS.items() if name.startswith("sam2.1")},
+    "edgetam": _segmenter("edgetam-video", "yonigozlan/EdgeTAM-hf", "main", "edgetam_video", 55),
+    "sam3": SAM3,
+}
+
+
 @dataclass(frozen=True)
 class CheckpointLocation:
     """Where the backend looks for one model's weights and which setting decides it. `official` is what

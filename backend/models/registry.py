@@ -18,6 +18,7 @@ from backend.models.checkpoints import (
     MM_GROUNDING_DINO_REPOSITORY,
     SAM_CHECKPOINTS,
     TRANSFORMERS_MODELS,
+    VIDEO_REPOSITORIES,
     CheckpointLocation,
     missing_checkpoint,
 )
@@ -27,6 +28,7 @@ from backend.models.hf_segmenter import load_hf_segmenter
 from backend.models.sam import load_sam, resolve_device
 from backend.models.sam3_detector import load_sam3_detector
 from backend.models.transformers_detectors import load_transformers_detector
+from backend.models.video_tracker import VideoTracker, load_video_tracker
 
 # transformers builds BERT under init_empty_weights, which patches torch.nn.Module for every thread: a SAM
 # built at that moment would get empty (meta) parameters. So models are built one at a time.
@@ -101,6 +103,28 @@ def shares_sam3_encoder(settings: Settings) -> bool:
     if settings.detector != "sam3" or settings.sam_model_type != "sam3":
         return False
     return sam_checkpoint(settings).path.resolve() == detector_model(settings).path.resolve()
+
+
+def video_checkpoint(settings: Settings) -> CheckpointLocation:
+    """VIDEO_CHECKPOINT, else the official folder of VIDEO_MODEL in WEIGHTS_DIR."""
+    what = f"{settings.video_model} video predictor"
+    if settings.video_checkpoint:
+        return CheckpointLocation(what, "VIDEO_CHECKPOINT", Path(settings.video_checkpoint), None)
+    official = VIDEO_REPOSITORIES[settings.video_model]
+    return CheckpointLocation(what, "VIDEO_CHECKPOINT", Path(settings.weights_dir) / official.name, official)
+
+
+# Which transformers video predictor reads each VIDEO_MODEL.
+VIDEO_FAMILY_OF = {"edgetam": "edgetam_video", "sam3": "sam3_tracker_video"}
+
+
+def load_video(settings: Settings) -> VideoTracker:
+    """The configured VIDEO_MODEL."""
+    with MODEL_BUILD_LOCK:
+        quiet_transformers()
+        family = VIDEO_FAMILY_OF.get(settings.video_model, "sam2_video")
+        folder = present(video_checkpoint(settings))
+        return load_video_tracker(folder, family, settings.video_model, resolve_device(settings.device))
 
 
 def detector_weights(settings: Settings) -> list[CheckpointLocation]:

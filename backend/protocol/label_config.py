@@ -65,10 +65,14 @@ def _control(interface: LabelInterface, tag: str, image_name: str) -> Control | 
     return None
 
 
-def _phrases(interface: LabelInterface, image_name: str) -> dict[str, tuple[str, ...]]:
+def _phrases(
+    interface: LabelInterface,
+    image_name: str,
+    tags: tuple[str, ...] = ("BrushLabels", "PolygonLabels", "RectangleLabels"),
+) -> dict[str, tuple[str, ...]]:
     phrases: dict[str, tuple[str, ...]] = {}
     for control in interface.controls:
-        if control.tag not in ("BrushLabels", "PolygonLabels", "RectangleLabels") or image_name not in control.to_name:
+        if control.tag not in tags or image_name not in control.to_name:
             continue
         for label, label_tag in (control.labels_attrs or {}).items():
             raw = (label_tag.attr or {}).get("predicted_values", "")
@@ -77,15 +81,72 @@ def _phrases(interface: LabelInterface, image_name: str) -> dict[str, tuple[str,
     return phrases
 
 
-@functools.lru_cache(maxsize=64)
-def parse_label_config(xml: str) -> ProjectConfig:
-    """Parse once per distinct config: Label Studio sends the whole XML with every request."""
+# Label Studio's frame rate for a <Video> tag that states none (its editor's default).
+DEFAULT_FRAMERATE = 24.0
+
+
+@dataclass(frozen=True)
+class VideoConfig:
+    """A video project: its <Video> tag, the VideoRectangle control tracks go into and the labels they may carry."""
+
+    video_name: str  # the Video tag's name, the to_name of every result
+    video_field: str  # the task data key holding the video URL
+    framerate: float  # the Video tag's framerate: Label Studio numbers frames by it, not by the file's own rate
+    rectangle: str  # the VideoRectangle control's name, the from_name of every track
+    labels: tuple[str, ...]  # the labels of the Labels controls on the video
+    phrases: dict[str, tuple[str, ...]] = field(default_factory=dict)  # label -> phrases that detect it
+
+
+def _interface(xml: object) -> LabelInterface:
     if not isinstance(xml, str) or not xml.strip():
         raise ConfigError("label_config is missing")
     try:
-        interface = LabelInterface(xml)
+        return LabelInterface(xml)
     except Exception as error:  # the SDK raises many kinds of errors for bad XML
         raise ConfigError(f"label_config is not a valid Label Studio config: {error}") from error
+
+
+@functools.lru_cache(maxsize=64)
+def parse_video_config(xml: str) -> VideoConfig | None:
+    """The config's <Video> project, or None when it has no Video tag (an image project); ConfigError naming what to
+    add when the video has no VideoRectangle control to put tracks in."""
+    interface = _interface(xml)
+    videos = [obj for obj in interface.objects if obj.tag == "Video"]
+    if not videos:
+        return None
+    video = videos[0]
+    value = video.value or ""
+    if not value.startswith("$"):
+        raise ConfigError(f"the Video tag's value {value!r} is not a task field like $video")
+    rectangles = [c for c in interface.controls if c.tag == "VideoRectangle" and video.name in c.to_name]
+    if not rectangles:
+        raise ConfigError(
+            f"the label config has no VideoRectangle control for the Video {video.name!r} to put tracks in; add one, "
+            f'e.g. <VideoRectangle name="box" toName="{video.name}"/>'
+        )
+    raw_rate = (video.attr or {}).get("framerate")
+    try:
+        framerate = float(raw_rate) if raw_rate not in (None, "") else DEFAULT_FRAMERATE
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"the Video tag's framerate {raw_rate!r} is not a number") from error
+    if not 0 < framerate <= 1000:
+        raise ConfigError(f"the Video tag's framerate {raw_rate!r} is not a frame rate (0 to 1000)")
+    label_controls = [c for c in interface.controls if c.tag == "Labels" and video.name in c.to_name]
+    labels = tuple(dict.fromkeys(label for control in label_controls for label in control.labels or ()))
+    return VideoConfig(
+        video_name=video.name,
+        video_field=value[1:],
+        framerate=framerate,
+        rectangle=rectangles[0].name,
+        labels=labels,
+        phrases=_phrases(interface, video.name, ("Labels",)),
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def parse_label_config(xml: str) -> ProjectConfig:
+    """Parse once per distinct config: Label Studio sends the whole XML with every request."""
+    interface = _interface(xml)
     images = [obj for obj in interface.objects if obj.tag == "Image"]
     if not images:
         raise ConfigError("the label config has no Image tag")
