@@ -6,7 +6,9 @@ redacted) with its answer; /predict answers one tracked `videorectangle` per tas
 Against it, a throwaway Label Studio (tests/e2e/label_studio.py) gets a video project with a 2-second, 25 fps clip
 uploaded twice, the backend connected, "Retrieve predictions" on the first task, the second task opened, Label
 Studio's own interactive-annotating endpoint called with a video region as context, and an annotation created on the
-first task through the API; what Label Studio stored is read back into 20-video-99-stored.json.
+first task through the API; then a third clip is annotated in Label Studio's editor in headless Chromium (Debian's
+`chromium`, as the browser stage drives it) with Auto-Annotation on. What Label Studio stored, and which requests the
+editor and the backend saw meanwhile, is read back into 20-video-99-stored.json.
 
     LABEL_STUDIO_VENV=/path/to/venv python -m tests.e2e.record_video_protocol [OUT_DIR]
 
@@ -26,8 +28,10 @@ from typing import Any
 
 import av
 import numpy as np
+from playwright.sync_api import sync_playwright
 
 from backend.protocol.video import VideoBox, video_objects, video_rectangle_result
+from tests.browser.conftest import VIEWPORT, chromium_executable
 from tests.e2e.label_studio import LabelStudioApi, LabelStudioProcess, ensure_label_studio
 
 OUT_DIR = Path(__file__).resolve().parents[1] / "fixtures" / "ls-protocol"
@@ -92,6 +96,16 @@ class Recorder(ThreadingHTTPServer):
     def calls_to(self, path: str, since: int = 0) -> list[dict[str, Any]]:
         with self.lock:
             return [call for call in self.calls[since:] if call["label_studio_sent"]["path"] == path]
+
+    def annotation_created(self, since: int, wait_s: float = 30) -> dict[str, Any]:
+        """The first ANNOTATION_CREATED webhook after call `since`: Label Studio may send it after its API answered."""
+        give_up_at = time.monotonic() + wait_s
+        while time.monotonic() < give_up_at:
+            for call in self.calls_to("/webhook", since):
+                if (call["label_studio_sent"]["json"] or {}).get("action") == "ANNOTATION_CREATED":
+                    return call
+            time.sleep(0.2)
+        raise AssertionError(f"no ANNOTATION_CREATED webhook within {wait_s} s")
 
 
 def tracked_prediction(task: dict[str, Any]) -> dict[str, Any]:
@@ -179,6 +193,76 @@ ANNOTATED_REGION: dict[str, Any] = {
 }
 
 
+def draw_in_editor(label_studio: LabelStudioProcess, project: int, task: int) -> list[dict[str, Any]]:
+    """An annotator's region drawn in Label Studio's own editor (headless Chromium) and submitted: the block boxed on
+    frame 1, moved to its place on frame 20, and its lifespan ended on frame 40 with the timeline's Toggle Keypoint
+    and Toggle Interpolation buttons, with the Auto-Annotation switch on. Returns the requests other than GET the page
+    sent to Label Studio's API (the drafts, the annotation, any interactive-annotating)."""
+    sent: list[dict[str, Any]] = []
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium_executable())
+        page = browser.new_page(viewport=VIEWPORT)
+        page.on(
+            "request",
+            lambda request: (
+                sent.append({"method": request.method, "url": request.url, "body": request.post_data})
+                if request.url.startswith(label_studio.url + "/api/") and request.method != "GET"
+                else None
+            ),
+        )
+        page.goto(f"{label_studio.url}/user/login/")
+        page.fill("input[name=email]", label_studio.username)
+        page.fill("input[name=password]", label_studio.password)
+        with page.expect_navigation():
+            page.click("button[type=submit]")
+        page.goto(f"{label_studio.url}/projects/{project}/data?task={task}")
+        page.wait_for_function(  # the clip loaded: the editor knows its frames
+            "frames => window.dataManager?.lsf?.currentAnnotation?.names.get('video')?.length === frames", arg=FRAMES
+        )
+        page.get_by_test_id("bottombar-auto-annotation-toggle").check()
+        stage = page.locator(".konvajs-content").bounding_box()
+        assert stage is not None
+        height, width = SIZE
+        # The clip is shown at zoom 1 in the middle of the stage: screen points of its pixels.
+        left, top = stage["x"] + (stage["width"] - width) / 2, stage["y"] + (stage["height"] - height) / 2
+
+        def drag(start: tuple[float, float], end: tuple[float, float]) -> None:
+            page.mouse.move(left + start[0], top + start[1])
+            page.mouse.down()
+            page.mouse.move(left + end[0], top + end[1], steps=10)
+            page.mouse.up()
+
+        def go_to(frame: int) -> None:  # what a click on the timeline does
+            page.evaluate(f"() => window.dataManager.lsf.currentAnnotation.names.get('video').setFrame({frame})")
+            page.wait_for_function(
+                f"() => window.dataManager.lsf.currentAnnotation.names.get('video').frame === {frame}"
+            )
+
+        page.locator(".lsf-labels").first.locator(".lsf-label", has_text="Car").click()
+        x0, y0, x1, y1 = car_box(0)
+        drag((x0, y0), (x1, y1))
+        page.locator(".lsf-outliner-tree [role=treeitem]").first.wait_for()
+        go_to(20)
+        page.mouse.click(left + (x0 + x1) / 2, top + (y0 + y1) / 2)  # select the region, then move it
+        page.wait_for_timeout(500)
+        drag(((x0 + x1) / 2, (y0 + y1) / 2), ((car_box(19)[0] + car_box(19)[2]) / 2, (y0 + y1) / 2))
+        page.wait_for_function("() => window.dataManager.lsf.currentAnnotation.regions[0].sequence.length === 2")
+        go_to(40)
+        # The timeline's icon buttons have no label (only a tooltip): zoom, Toggle Keypoint, Toggle Interpolation.
+        icons = page.locator('button[aria-label="Hop backward"]').locator(
+            'xpath=ancestor::div[.//button[@aria-label="Video settings"]][1]//button[not(@aria-label)]'
+        )
+        keyframe_40 = "window.dataManager.lsf.currentAnnotation.regions[0].sequence.find(k => k.frame === 40)"
+        icons.nth(1).click()
+        page.wait_for_function(f"() => {keyframe_40}?.enabled === true")
+        icons.nth(2).click()
+        page.wait_for_function(f"() => {keyframe_40}?.enabled === false")
+        with page.expect_response(lambda answer: answer.request.method == "POST" and "/annotations" in answer.url):
+            page.get_by_test_id("bottombar-submit-button").click()
+        browser.close()
+    return sent
+
+
 def save(out_dir: Path, name: str, description: str, call: dict[str, Any]) -> None:
     path = out_dir / name
     path.write_text(json.dumps({"description": description, **call}, indent=2) + "\n")
@@ -250,15 +334,30 @@ def record(out_dir: Path, work_dir: Path) -> None:
 
         mark = len(recorder.calls)
         annotation = api.call("POST", f"/api/tasks/{tasks[0]}/annotations", json={"result": [ANNOTATED_REGION]})
-        give_up_at = time.monotonic() + 30
-        while not recorder.calls_to("/webhook", mark) and time.monotonic() < give_up_at:
-            time.sleep(0.2)
         save(
             out_dir,
             "20-video-webhook-annotation-created.json",
             "webhook for POST /api/tasks/{id}/annotations with a videorectangle result",
-            recorder.calls_to("/webhook", mark)[-1],
+            recorder.annotation_created(mark),
         )
+
+        api.call("PATCH", f"/api/projects/{project}", json={"show_collab_predictions": False})  # an empty editor
+        api.call(
+            "POST",
+            f"/api/projects/{project}/import",
+            files={"clip-c.mp4": ("clip-c.mp4", clip.read_bytes(), "video/mp4")},
+        )
+        listed = api.call("GET", "/api/tasks", params={"project": project})["tasks"]
+        (drawn_task,) = {task["id"] for task in listed} - set(tasks)
+        mark = len(recorder.calls)
+        editor_sent = draw_in_editor(label_studio, project, drawn_task)
+        save(
+            out_dir,
+            "20-video-webhook-annotation-created-in-editor.json",
+            "webhook for a VideoRectangle region drawn and submitted in Label Studio's editor (headless Chromium)",
+            recorder.annotation_created(mark),
+        )
+        editor_calls = [call["label_studio_sent"]["path"] for call in recorder.calls[mark:]]
 
         stored = {
             "description": "what Label Studio stored and answers through its API after the recording",
@@ -267,6 +366,12 @@ def record(out_dir: Path, work_dir: Path) -> None:
             "predictions": api.call("GET", "/api/predictions", params={"project": project}),
             "annotation": api.call("GET", f"/api/annotations/{annotation['id']}"),
             "interactive_annotating_answer": interactive,
+            "editor_task": api.call("GET", f"/api/tasks/{drawn_task}"),
+            "editor_sent": [
+                {"method": request["method"], "path": request["url"][len(label_studio.url) :].partition("?")[0]}
+                for request in editor_sent
+            ],
+            "backend_received_while_editing": editor_calls,
             "calls": [
                 {"method": call["label_studio_sent"]["method"], "path": call["label_studio_sent"]["path"]}
                 for call in recorder.calls
