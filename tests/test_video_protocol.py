@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -46,6 +47,23 @@ def test_the_recorded_annotation_reads_as_one_object_with_its_keyframes():
         0.04,
     )
     assert first.pixel_box((120, 160)) == (10.0, 30.0, 50.0, 60.0)  # the block's box on 0-based frame 0
+
+
+def test_a_region_drawn_in_the_editor_reads_with_its_lifespan_ended():
+    """Boxed on frame 1, moved on frame 20, Toggle Keypoint and Toggle Interpolation on frame 40, in the editor."""
+    result = recorded("20-video-webhook-annotation-created-in-editor.json")["annotation"]["result"]
+    (car,) = video_objects(result)
+    assert (car.from_name, car.to_name, car.labels) == ("box", "video", ("Car",))
+    assert [(keyframe.frame, keyframe.enabled, keyframe.time) for keyframe in car.keyframes] == [
+        (1, True, 0.04),
+        (20, True, 0.8),
+        (40, False, 1.6),
+    ]
+    for keyframe, index in zip(car.keyframes[:2], (0, 19), strict=True):  # where the block is, within a pixel
+        expected = (10.0 + 2 * index, 30.0, 50.0 + 2 * index, 60.0)
+        assert keyframe.pixel_box((120, 160)) == pytest.approx(expected, abs=1)
+    assert car.shown_at(30) == replace(car.keyframes[1], frame=30, time=None)  # frames 20 and 40 are one box
+    assert car.shown_at(41) is None
 
 
 def test_the_interactive_context_reads_like_the_annotation():
