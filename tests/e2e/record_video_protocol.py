@@ -22,13 +22,15 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import av
 import numpy as np
-from playwright.sync_api import sync_playwright
+from playwright.sync_api import Page, sync_playwright
 
 from backend.protocol.video import VideoBox, video_objects, video_rectangle_result
 from tests.browser.conftest import VIEWPORT, chromium_executable
@@ -193,15 +195,55 @@ ANNOTATED_REGION: dict[str, Any] = {
 }
 
 
+@contextmanager
+def editor_on(label_studio: LabelStudioProcess, project: int, task: int) -> Iterator[Page]:
+    """Label Studio's labelling page in headless Chromium, signed in, open on `task` once its clip has loaded."""
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium_executable())
+        try:
+            page = browser.new_page(viewport=VIEWPORT)
+            page.goto(f"{label_studio.url}/user/login/")
+            page.fill("input[name=email]", label_studio.username)
+            page.fill("input[name=password]", label_studio.password)
+            with page.expect_navigation():
+                page.click("button[type=submit]")
+            page.goto(f"{label_studio.url}/projects/{project}/data?task={task}")
+            page.wait_for_function(  # the clip loaded: the editor knows its frames
+                "frames => window.dataManager?.lsf?.currentAnnotation?.names.get('video')?.length === frames",
+                arg=FRAMES,
+            )
+            yield page
+        finally:
+            browser.close()
+
+
+# Per prediction the editor loaded: its model version, regions, and the x (percent) of the box it shows on some frames
+# (null where it shows none), from the region's own getShape and isInLifespan.
+SHOWN_PREDICTIONS = """frames => window.dataManager.lsf.lsf.annotationStore.predictions.map(prediction => {
+    const region = prediction.regions[0];
+    const shown = frame => region.isInLifespan(frame) && region.getShape(frame) ? region.getShape(frame).x : null;
+    return {
+        regions: prediction.regions.length,
+        type: region.type,
+        label: region.labelName,
+        x_on_frame: Object.fromEntries(frames.map(frame => [frame, shown(frame)])),
+    };
+})"""
+
+
+def predictions_in_editor(label_studio: LabelStudioProcess, project: int, task: int) -> list[dict[str, Any]]:
+    """How the editor shows the task's predictions."""
+    with editor_on(label_studio, project, task) as page:
+        return page.evaluate(SHOWN_PREDICTIONS, [1, 10, 39, 40, 41, FRAMES])
+
+
 def draw_in_editor(label_studio: LabelStudioProcess, project: int, task: int) -> list[dict[str, Any]]:
     """An annotator's region drawn in Label Studio's own editor (headless Chromium) and submitted: the block boxed on
     frame 1, moved to its place on frame 20, and its lifespan ended on frame 40 with the timeline's Toggle Keypoint
     and Toggle Interpolation buttons, with the Auto-Annotation switch on. Returns the requests other than GET the page
-    sent to Label Studio's API (the drafts, the annotation, any interactive-annotating)."""
+    sent to Label Studio's API once the task was open (the annotation, drafts, any interactive-annotating)."""
     sent: list[dict[str, Any]] = []
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=chromium_executable())
-        page = browser.new_page(viewport=VIEWPORT)
+    with editor_on(label_studio, project, task) as page:
         page.on(
             "request",
             lambda request: (
@@ -209,15 +251,6 @@ def draw_in_editor(label_studio: LabelStudioProcess, project: int, task: int) ->
                 if request.url.startswith(label_studio.url + "/api/") and request.method != "GET"
                 else None
             ),
-        )
-        page.goto(f"{label_studio.url}/user/login/")
-        page.fill("input[name=email]", label_studio.username)
-        page.fill("input[name=password]", label_studio.password)
-        with page.expect_navigation():
-            page.click("button[type=submit]")
-        page.goto(f"{label_studio.url}/projects/{project}/data?task={task}")
-        page.wait_for_function(  # the clip loaded: the editor knows its frames
-            "frames => window.dataManager?.lsf?.currentAnnotation?.names.get('video')?.length === frames", arg=FRAMES
         )
         page.get_by_test_id("bottombar-auto-annotation-toggle").check()
         stage = page.locator(".konvajs-content").bounding_box()
@@ -259,7 +292,6 @@ def draw_in_editor(label_studio: LabelStudioProcess, project: int, task: int) ->
         page.wait_for_function(f"() => {keyframe_40}?.enabled === false")
         with page.expect_response(lambda answer: answer.request.method == "POST" and "/annotations" in answer.url):
             page.get_by_test_id("bottombar-submit-button").click()
-        browser.close()
     return sent
 
 
@@ -341,6 +373,15 @@ def record(out_dir: Path, work_dir: Path) -> None:
             recorder.annotation_created(mark),
         )
 
+        # The same prediction without the fields the editor does not read, beside the one the backend gave.
+        bare = tracked_prediction({})["result"]
+        for region in bare:
+            del region["value"]["framesCount"], region["value"]["duration"]
+            for keyframe in region["value"]["sequence"]:
+                del keyframe["time"]
+        api.call("POST", "/api/predictions", json={"task": tasks[0], "result": bare, "model_version": "bare"})
+        shown = predictions_in_editor(label_studio, project, tasks[0])
+
         api.call("PATCH", f"/api/projects/{project}", json={"show_collab_predictions": False})  # an empty editor
         api.call(
             "POST",
@@ -366,6 +407,11 @@ def record(out_dir: Path, work_dir: Path) -> None:
             "predictions": api.call("GET", "/api/predictions", params={"project": project}),
             "annotation": api.call("GET", f"/api/annotations/{annotation['id']}"),
             "interactive_annotating_answer": interactive,
+            "predictions_in_editor": {
+                "description": "task 1's two predictions (the backend's, and the same without framesCount, duration "
+                "and time) as the editor shows them: the x (percent) of the box on some frames, null where none is",
+                "shown": shown,
+            },
             "editor_task": api.call("GET", f"/api/tasks/{drawn_task}"),
             "editor_sent": [
                 {"method": request["method"], "path": request["url"][len(label_studio.url) :].partition("?")[0]}
