@@ -88,7 +88,8 @@ def test_the_tracked_result_is_what_label_studio_stored_and_answers():
     """The recorder answered /predict with video_rectangle_result; Label Studio stored it unchanged."""
     stored = whole("20-video-99-stored.json")
     answered = whole("20-video-predict-batch.json")["backend_answered"]["json"]["results"][0]["result"]
-    assert [prediction["result"] for prediction in stored["predictions"]] == [answered, answered]
+    from_backend = [prediction for prediction in stored["predictions"] if prediction["model_version"] != "bare"]
+    assert [prediction["result"] for prediction in from_backend] == [answered, answered]
     (car,) = video_objects(annotated_result())
     boxes = [VideoBox.from_pixels(i + 1, (10.0 + 2 * i, 30.0, 50.0 + 2 * i, 60.0), (120, 160)) for i in range(40)]
     built = video_rectangle_result(car, boxes, frames_count=50, duration=2.0, framerate=25, score=0.9)
@@ -96,6 +97,13 @@ def test_the_tracked_result_is_what_label_studio_stored_and_answers():
     assert set(built) == {"id", "from_name", "to_name", "type", "value", "score"}
     assert set(built["value"]) == {"framesCount", "duration", "sequence", "labels"}
     assert set(built["value"]["sequence"][0]) == {"frame", "enabled", "rotation", "x", "y", "width", "height", "time"}
+
+
+def test_the_editor_shows_a_tracked_result_with_or_without_frames_count():
+    """The stored prediction, and the same without framesCount, duration and time, in Label Studio's editor."""
+    shown = whole("20-video-99-stored.json")["predictions_in_editor"]["shown"]
+    x_on_frame = {"1": 6.25, "10": 17.5, "39": 53.75, "40": 55, "41": None, "50": None}  # lost after frame 40
+    assert shown == [{"regions": 1, "type": "videorectangleregion", "label": "Car", "x_on_frame": x_on_frame}] * 2
 
 
 def test_the_annotators_keyframes_are_kept_and_a_lost_object_is_disabled_until_it_returns():
