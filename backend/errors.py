@@ -46,6 +46,12 @@ class BadRequest(BackendError):
     status = 400
 
 
+class VideoRegionError(BadRequest, ValueError):
+    """A VideoRectangle region that is not what Label Studio sends: the message names the field and what to fix."""
+
+    status = 422
+
+
 class ConfigError(BackendError, ValueError):
     """The label config cannot be served by this backend."""
 
