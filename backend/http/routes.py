@@ -22,7 +22,7 @@ from flask import Blueprint, Response, current_app, jsonify, request
 from backend.bookkeeping.coverage import project_coverage
 from backend.bookkeeping.imports import TASKS_CREATED, record_tasks_created
 from backend.config import Settings
-from backend.deadline import Deadline
+from backend.deadline import Deadline, TimeLimit
 from backend.errors import (
     RETRY_AFTER_S,
     BackendError,
@@ -31,14 +31,16 @@ from backend.errors import (
     DeadlineExceeded,
     ImageError,
     PromptError,
+    VideoError,
     WebhookError,
 )
 from backend.http import metrics
 from backend.inference.base import Inference
 from backend.project_files import ProjectFiles
 from backend.prompts.interactive import ContextPrompts
+from backend.prompts.video import keyframe_objects
 from backend.protocol.ids import is_label_studio_id
-from backend.protocol.label_config import ProjectConfig, parse_label_config
+from backend.protocol.label_config import ProjectConfig, VideoConfig, parse_label_config, parse_video_config
 from backend.protocol.results import TaskAnswer, region_rules, task_answer
 from backend.runs.preannotate import GOING_ON, BackgroundRuns, RunOptions
 from backend.runs.task_open import NotReady, TaskOpenPredictions
@@ -69,7 +71,7 @@ def current_backend() -> Backend:
 
 
 # What one task can fail with and still leave the others of its request answered.
-TASK_ERRORS = (BadRequest, ImageError, PromptError, ConfigError, DeadlineExceeded)
+TASK_ERRORS = (BadRequest, ImageError, PromptError, ConfigError, DeadlineExceeded, VideoError)
 
 
 class TaskError(TypedDict):
@@ -147,7 +149,8 @@ def usable_label_config(label_config: object) -> ProjectConfig:
     return config
 
 
-def _parse_predict_body(body: dict, settings: Settings) -> tuple[list[dict], ProjectConfig, object]:
+def _tasks_and_context(body: dict, settings: Settings) -> tuple[list[dict], str, object]:
+    """The request's tasks, label config XML and context, each checked for shape."""
     tasks = body.get("tasks")
     if not isinstance(tasks, list) or not tasks:
         raise BadRequest("'tasks' must be a non-empty list")
@@ -161,6 +164,20 @@ def _parse_predict_body(body: dict, settings: Settings) -> tuple[list[dict], Pro
     label_config = body.get("label_config") or ""
     if not isinstance(label_config, str):
         raise BadRequest("'label_config' must be the project's label config XML as a string", 422)
+    return tasks, label_config, params.get("context")
+
+
+def video_project(label_config: object) -> VideoConfig | None:
+    """The label config's <Video> project, None for an image project; 422 naming what a video config lacks."""
+    if not isinstance(label_config, str) or not label_config.strip():
+        return None
+    try:
+        return parse_video_config(label_config)
+    except ConfigError as error:
+        raise BadRequest(str(error), 422) from error
+
+
+def _parse_predict_body(tasks: list[dict], label_config: str) -> ProjectConfig:
     try:
         config = parse_label_config(label_config)
     except ConfigError as error:
@@ -171,7 +188,7 @@ def _parse_predict_body(body: dict, settings: Settings) -> tuple[list[dict], Pro
             "to receive answers",
             422,
         )
-    return tasks, config, params.get("context")
+    return config
 
 
 @routes.get("/livez")
@@ -203,7 +220,7 @@ def setup() -> Response:
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object")
     schema = body.get("schema")
-    if schema is not None:
+    if schema is not None and video_project(schema) is None:
         # The project's label config, checked when the model is connected rather than at the first task.
         usable_label_config(schema)
     return jsonify({"model_version": backend.predictor.decoders.current_name(project_id_of(body.get("project")))})
@@ -232,9 +249,12 @@ def predict() -> tuple[Response, int] | Response:
     body = json_body()
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object with 'tasks' and 'label_config'")
-    tasks, config, context = _parse_predict_body(body, backend.settings)
-    deadline = Deadline(backend.model_calls, backend.settings.predict_deadline_s)
+    tasks, label_config, context = _tasks_and_context(body, backend.settings)
     project_id = project_id_of(body.get("project"))
+    if (video := video_project(label_config)) is not None:
+        return _predict_video(tasks, video, context, project_id)
+    config = _parse_predict_body(tasks, label_config)
+    deadline = Deadline(backend.model_calls, backend.settings.predict_deadline_s)
     outcomes: list[TaskAnswer | BackendError | NotReady]
     background: dict | None = None
     if context is None:
@@ -298,6 +318,34 @@ def predict() -> tuple[Response, int] | Response:
             f"{name};dur={seconds * 1000:.1f}" for name, seconds in last_answer.timings.items()
         )
     return response
+
+
+def _predict_video(
+    tasks: list[dict], config: VideoConfig, context: object, project_id: int | None
+) -> tuple[Response, int] | Response:
+    """Each <Video> task's regions tracked from their keyframes (the context's, else the task's latest saved ones)."""
+    backend = current_backend()
+    settings = backend.settings
+    limit = TimeLimit(settings.predict_deadline_s)
+    results: list[dict | list] = []
+    errors: list[TaskError] = []
+    for index, task in enumerate(tasks):
+        try:
+            objects = keyframe_objects(task, context, config, settings.max_video_objects)
+            tracks = backend.predictor.track_video(task["data"].get(config.video_field), objects, config, limit)
+        except TASK_ERRORS as error:
+            log.warning("video task %s (#%d): %s", task.get("id"), index, error)
+            metrics.PREDICT_ERRORS.labels(str(error.status)).inc()
+            errors.append({"task": task.get("id"), "index": index, "error": str(error), "status": error.status})
+            results.append([])
+            continue
+        scores = [track["score"] for track in tracks if "score" in track]
+        version = backend.predictor.decoders.current_name(project_id)
+        entry = {"result": tracks, "model_version": version, **({"score": min(scores)} if scores else {})}
+        results.append(entry)
+    if errors and len(errors) == len(tasks):
+        return error_response(errors[0]["error"], errors[0]["status"], errors=errors)
+    return jsonify({"results": results, **({"errors": errors} if errors else {})})
 
 
 def _hand_over_unfinished(backend: Backend, project_id: int | None, tasks: list[dict], outcomes: list) -> dict | None:

@@ -18,8 +18,9 @@ from backend.images import ImageFetcher
 from backend.outcomes import TaskPrediction
 from backend.prompts.interactive import ContextPrompts, read_context
 from backend.prompts.text import text_query, thresholds_for
-from backend.protocol.label_config import ProjectConfig
+from backend.protocol.label_config import ProjectConfig, VideoConfig
 from backend.protocol.results import TaskAnswer, region_rules
+from backend.protocol.video import VideoObject
 from backend.training.service import ActiveLearning
 
 FETCH_THREADS = 8  # image downloads of one batch run side by side; they wait on the network, not the CPU
@@ -81,6 +82,11 @@ class Inference(Protocol):
 
     def cache_store(self) -> ByteStore:
         """The store the embeddings are cached in, which /status asks which of a project's images it holds."""
+
+    def track_video(
+        self, video_url: object, objects: Sequence[VideoObject], config: VideoConfig, limit: TimeLimit
+    ) -> list[dict]:
+        """One VideoRectangle result per object of a <Video> task, tracked through the video from its keyframes."""
 
     def prefetch(self, project_id: int, task_id: int) -> None:
         """Encode the next PREFETCH_TASKS imported tasks after `task_id` in the background, ahead of the other

@@ -29,12 +29,16 @@ from backend.inference.batches import BatchPreannotation, BatchSettings
 from backend.inference.encode_ahead import EncodeAhead, Step
 from backend.inference.loading import ModelLoading, Models
 from backend.inference.text import DetectionSettings, TextDetection
+from backend.inference.video import VideoSettings, VideoTracking
 from backend.models.base import ImageEmbedding, Segmenter
+from backend.models.loader import BackgroundLoader
+from backend.models.registry import load_video
 from backend.outcomes import DetectedObject, TaskPrediction, iou_score
 from backend.project_files import ProjectFiles
 from backend.prompts.interactive import ContextPrompts, InteractivePrompter
-from backend.protocol.label_config import ProjectConfig
+from backend.protocol.label_config import ProjectConfig, VideoConfig
 from backend.protocol.results import TaskAnswer
+from backend.protocol.video import VideoObject
 from backend.training.resources import TrainingResources
 from backend.training.service import ActiveLearning, LearningSettings
 from backend.training.trainer import TrainingResult, train_project
@@ -58,6 +62,12 @@ class Predictor(InteractiveFront):
         self.coverage = CoverageRecorder(settings.model_dir)
         self.digests = ImageDigests(store, settings.embedding_ttl_s)
         self.text = TextDetection(self.detector, DetectionSettings.of(settings))
+        # Loaded at the first video task: an image project never pays for the video predictor.
+        self.video = VideoTracking(
+            VideoSettings.of(settings),
+            lambda url, transfer: self.fetcher.fetch_to_file(url, transfer),
+            BackgroundLoader(lambda: load_video(settings)),
+        )
         self.batches = BatchPreannotation(
             BatchSettings.of(settings),
             self.models,
@@ -111,6 +121,11 @@ class Predictor(InteractiveFront):
 
     def cache_store(self) -> ByteStore:
         return self.store
+
+    def track_video(
+        self, video_url: object, objects: Sequence[VideoObject], config: VideoConfig, limit: TimeLimit
+    ) -> list[dict]:
+        return self.video.track(video_url, objects, config, limit)
 
     def status(self) -> dict:
         return {

@@ -35,8 +35,9 @@ from backend.inference.base import FETCH_THREADS, InteractiveFront
 from backend.outcomes import TaskPrediction
 from backend.project_files import ProjectFiles
 from backend.prompts.interactive import ContextPrompts
-from backend.protocol.label_config import ProjectConfig
+from backend.protocol.label_config import ProjectConfig, VideoConfig
 from backend.protocol.results import TaskAnswer
+from backend.protocol.video import VideoObject
 from backend.training.service import ActiveLearning, LearningSettings, model_dir_stamp, publish_model_dir
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ PREANNOTATE_JOB = "backend.worker.jobs.preannotate"
 LEARN_JOB = "backend.worker.jobs.learn"
 ENCODE_AHEAD_JOB = "backend.worker.jobs.encode_ahead"
 ENCODE_BATCH_JOB = "backend.worker.jobs.encode_batch"
+TRACK_VIDEO_JOB = "backend.worker.jobs.track_video"
 CLICK_LANE_SUFFIX = "-clicks"  # a worker process's second, clicks-only loop registers under its name + this
 BATCH_GROUP_META = "batch_group"  # jobs with the same value may share one model pass on a worker
 MODEL_VERSION_FIELD = "model_version"  # in a worker's registration: the model_version its predictions carry
@@ -232,6 +234,15 @@ class QueuePredictor(InteractiveFront):
     def encode_batch(self, image_urls: Sequence[object], project_id: int | None = None) -> list[bool | BackendError]:
         """On a worker, from the encoding queue (below clicks and pre-annotation); the worker fetches the images."""
         return self._run(self.encode_queue, [], ENCODE_BATCH_JOB, list(image_urls), project_id)
+
+    def track_video(
+        self, video_url: object, objects: Sequence[VideoObject], config: VideoConfig, limit: TimeLimit
+    ) -> list[dict]:
+        """On a worker, from the pre-annotation queue (below clicks); the worker downloads the video itself: a video
+        is too large to hand over through Redis as images are."""
+        return self._run(
+            self.preannotate_queue, [], TRACK_VIDEO_JOB, video_url, list(objects), config, limit.wall_clock()
+        )
 
     def cache_store(self) -> ResilientStore:
         """The workers' cache: CACHE_REDIS_URL when set, else the queue's Redis."""

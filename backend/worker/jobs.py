@@ -23,7 +23,15 @@ from rq.job import Job
 from backend.bookkeeping.imports import ImportedTasks
 from backend.cache.connection import get_bytes
 from backend.deadline import TimeLimit
-from backend.errors import BackendError, ConfigError, ImageError, PromptError
+from backend.errors import (
+    BackendError,
+    BadRequest,
+    ConfigError,
+    DeadlineExceeded,
+    ImageError,
+    PromptError,
+    VideoError,
+)
 from backend.images import FetchedImage, FetchRules, ImageFetcher
 from backend.inference.encode_ahead import Step
 from backend.inference.local import Predictor
@@ -43,8 +51,9 @@ from backend.inference.queue import (
 from backend.outcomes import TaskPrediction
 from backend.project_files import ProjectFiles
 from backend.prompts.interactive import ContextPrompts
-from backend.protocol.label_config import ProjectConfig
+from backend.protocol.label_config import ProjectConfig, VideoConfig
 from backend.protocol.results import TaskAnswer
+from backend.protocol.video import VideoObject
 from backend.training.service import check_model_dir
 
 log = logging.getLogger(__name__)
@@ -217,6 +226,16 @@ def claimed_together(claimed: list[Job]) -> Iterator[PreannotateBatch]:
         yield _batch
     finally:
         _batch = None
+
+
+def track_video(
+    video_url: object, objects: list[VideoObject], config: VideoConfig, deadline_at: float | None = None
+) -> list[dict] | BackendError:
+    """A <Video> task's tracks, done by `deadline_at` (wall-clock time, the web tier's request deadline)."""
+    try:
+        return _installed().track_video(video_url, objects, config, TimeLimit.until_wall_clock(deadline_at))
+    except (ImageError, VideoError, DeadlineExceeded, BadRequest) as error:
+        return _refusal(error)
 
 
 def learn(project_id: int, web_model_dir: dict | None = None) -> dict | None:

@@ -1,0 +1,57 @@
+"""A <Video> task's request → the VideoRectangle regions to track, checked before anything is downloaded.
+
+The regions come from the request's context (Label Studio's interactive API forwards a `result` list as it is), else
+from the task's latest annotation or draft that has VideoRectangle regions: Label Studio 1.23.2's editor sends nothing
+while a video box is drawn (docs/video.md), so an annotator draws keyframes, saves, and asks for predictions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from backend.errors import BadRequest, VideoError
+from backend.protocol.label_config import VideoConfig
+from backend.protocol.video import VideoObject, video_objects
+
+
+def keyframe_objects(
+    task: Mapping[str, Any], context: object, config: VideoConfig, max_objects: int
+) -> list[VideoObject]:
+    """The regions to track: the context's, else those of the task's most recent annotation or draft that has any.
+    BadRequest naming what to do when there are none; VideoError (413) for more than `max_objects` (MAX_VIDEO_OBJECTS),
+    before anything is downloaded."""
+    if context is not None:
+        if not isinstance(context, Mapping) or not isinstance(context.get("result"), list):
+            raise BadRequest(
+                "a video request's context must be an object with a 'result' list of VideoRectangle regions"
+            )
+        objects = video_objects(context["result"], to_name=config.video_name)
+    else:
+        objects = []
+        for source in _latest_first(task):
+            objects = video_objects(source, to_name=config.video_name)
+            if objects:
+                break
+    objects = [obj for obj in objects if any(keyframe.enabled for keyframe in obj.keyframes)]
+    if len(objects) > max_objects:
+        raise VideoError(f"{len(objects)} objects to track in one video; MAX_VIDEO_OBJECTS allows {max_objects}", 413)
+    if not objects:
+        raise BadRequest(
+            f"task {task.get('id')} has no VideoRectangle box to track: draw a box on the objects in one or more "
+            "frames, save the annotation, then retrieve predictions",
+            422,
+        )
+    return objects
+
+
+def _latest_first(task: Mapping[str, Any]) -> list[list]:
+    """The result lists of the task's annotations and drafts, the most recently updated first."""
+    entries = [
+        entry
+        for key in ("drafts", "annotations")
+        for entry in task.get(key) or []
+        if isinstance(entry, Mapping) and isinstance(entry.get("result"), list) and not entry.get("was_cancelled")
+    ]
+    entries.sort(key=lambda entry: str(entry.get("updated_at") or entry.get("created_at") or ""), reverse=True)
+    return [entry["result"] for entry in entries]
