@@ -210,6 +210,12 @@ class VideoTracker:
             session.cache.cache_vision_features(index, features)
             output = self.model(inference_session=session, frame_idx=index, reverse=reverse)
             objects[object_id] = self._object(output, (pixels.shape[0], pixels.shape[1]))
+            # The full-size mask feeds this frame's memory encoding only (SAM 2.1's, 1024×1024 floats: 4 MiB, most
+            # of what an output holds); no later frame reads it.
+            for outputs in session.output_dict_per_obj.values():
+                for stored in outputs.values():
+                    if index in stored:
+                        stored[index].pop("high_res_masks", None)
         return TrackedFrame(index, objects)
 
     def _object(self, output: Any, size: tuple[int, int]) -> ObjectOnFrame:
