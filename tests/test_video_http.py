@@ -181,3 +181,10 @@ def test_queue_mode_tracks_on_a_worker_as_this_process_does(
     queued = web.post("/predict", json=body)
     assert queued.status_code == 200, queued.json
     assert queued.json["results"] == local.json["results"]
+
+
+def test_a_track_past_the_deadline_says_what_would_make_it_fit(client_with):
+    client, _ = client_with(predict_deadline_s=0.001)
+    response = client.post("/predict", json=batch_with_saved_annotation())
+    assert response.status_code == 503
+    assert f"through the video's {FRAMES} frames takes longer than PREDICT_DEADLINE" in response.json["error"]

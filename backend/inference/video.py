@@ -19,7 +19,7 @@ from typing import Any
 
 from backend.config import Settings
 from backend.deadline import TimeLimit
-from backend.errors import BadRequest, VideoRegionError
+from backend.errors import BadRequest, DeadlineExceeded, VideoRegionError
 from backend.images import Transfer
 from backend.models.loader import BackgroundLoader
 from backend.models.video_tracker import BoxPrompt, ObjectOnFrame, VideoTracker
@@ -106,9 +106,13 @@ class VideoTracking:
             clock = FrameClock(config.framerate, video.fps, video.frame_count)
             prompts = self._prompts(objects, clock, (video.height, video.width))
             found: dict[tuple[int, int], ObjectOnFrame] = {}
-            for tracked in tracker.track(video, prompts):
+            for done, tracked in enumerate(tracker.track(video, prompts), start=1):
                 if limit.expired():
-                    raise limit.exceeded()
+                    raise DeadlineExceeded(
+                        f"tracking {len(objects)} objects through the video's {video.frame_count} frames takes longer "
+                        f"than PREDICT_DEADLINE ({limit.seconds:g} s; {done} frame steps were done): track fewer "
+                        "objects or a shorter video, or run a smaller VIDEO_MODEL or a GPU"
+                    )
                 for number, state in tracked.objects.items():
                     found[(tracked.frame, number)] = state
         return [
