@@ -9,7 +9,7 @@ import logging
 import sys
 from pathlib import Path
 
-from backend.config import DETECTORS, SAM_TYPES, TRANSFORMERS_SEGMENTERS, Settings, describe_markdown
+from backend.config import DETECTORS, SAM_TYPES, TRANSFORMERS_SEGMENTERS, VIDEO_MODELS, Settings, describe_markdown
 from backend.errors import SettingsError
 
 SEGMENTERS = [*SAM_TYPES, *TRANSFORMERS_SEGMENTERS]
@@ -34,7 +34,7 @@ def _weights(args: argparse.Namespace, settings: Settings) -> int:
     from backend.app import configure_logging
     from backend.errors import BackendError
     from backend.models.checkpoints import download_checkpoint, missing_checkpoint
-    from backend.models.registry import detector_weights, sam_checkpoint
+    from backend.models.registry import detector_weights, sam_checkpoint, video_checkpoint
     from backend.tools.demo import with_detector
 
     configure_logging(settings.log_level)
@@ -42,6 +42,8 @@ def _weights(args: argparse.Namespace, settings: Settings) -> int:
     # Types named on the command line are official files asked for by name; otherwise, what the settings load.
     wanted = [sam_checkpoint(replace(settings, sam_checkpoint="", sam_model_type=kind)) for kind in args.sam or []]
     wanted = wanted or [sam_checkpoint(settings)]
+    # The video predictor's folder only when asked: an image project never reads it.
+    wanted += [video_checkpoint(replace(settings, video_checkpoint="", video_model=kind)) for kind in args.video or []]
     failures = 0
     if not args.no_grounding_dino:
         for detector in args.detector or [settings.detector]:
@@ -291,6 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     weights.add_argument("--sam", action="append", choices=SEGMENTERS, help="segmenter type(s), as SAM_MODEL_TYPE")
     weights.add_argument("--detector", action="append", choices=DETECTORS, help="detector(s) (default: DETECTOR)")
     weights.add_argument("--no-grounding-dino", action="store_true", help="skip the detector's weights")
+    weights.add_argument(
+        "--video", action="append", choices=VIDEO_MODELS, help="video predictor(s), as VIDEO_MODEL, for video tasks"
+    )
     weights.set_defaults(run=_weights)
 
     worker = commands.add_parser("worker", help="run an inference worker taking jobs from Redis (INFERENCE=queue)")

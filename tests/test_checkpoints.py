@@ -621,3 +621,19 @@ def test_tokens_go_only_to_gated_repositories(checkpoint_server, sam21_tiny_fold
     location = CheckpointLocation("sam2.1-hiera-tiny", "SAM_CHECKPOINT", tmp_path / repository.name, repository)
     download_repository(location, repository, checkpoint_server.url, token=APPROVED)
     assert checkpoint_server.authorizations and not any(checkpoint_server.authorizations)
+
+
+def test_weights_download_for_a_video_model_looks_for_its_official_folder(
+    monkeypatch, sam_served_by, checkpoint_server, tmp_path, caplog
+):
+    """`--video edgetam` wants EdgeTAM's video conversion (a folder of its own, not the image model's), found here
+    already in WEIGHTS_DIR, so nothing is fetched."""
+    sam_served_by("/file")
+    weights = tmp_path / "weights"
+    (weights / "edgetam-video").mkdir(parents=True)
+    (weights / "sam_vit_b_01ec64.pth").write_bytes(b"the user's ViT-B")
+    caplog.set_level("INFO")
+    arguments = ("--no-grounding-dino", "--video", "edgetam")
+    assert run_weights_download(monkeypatch, {"WEIGHTS_DIR": str(weights)}, *arguments) == 0
+    assert checkpoint_server.requests == []
+    assert f"edgetam video predictor weights: using {weights / 'edgetam-video'}" in caplog.text
