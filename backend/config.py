@@ -411,6 +411,15 @@ class Settings:
         minimum=0.001,
         section=S_VIDEO,
     )
+    video_keyframe_tolerance: float = setting(
+        "VIDEO_KEYFRAME_TOLERANCE",
+        0.25,
+        "a tracked box Label Studio's interpolation between the boxes kept around it reproduces within this many "
+        "percent of the frame is left out of the track (fewer keyframes to correct, a smaller answer); 0 keeps a box "
+        "on every frame",
+        minimum=0,
+        section=S_VIDEO,
+    )
     max_video_objects: int = setting(
         "MAX_VIDEO_OBJECTS",
         20,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import random
 from dataclasses import replace
 from typing import Any
 
@@ -214,3 +215,44 @@ def test_more_keyframes_or_objects_than_the_bound_are_refused():
     with pytest.raises(BadRequest, match="more than 1 VideoRectangle regions"):
         video_objects(results * 2, max_objects=1)
     assert len(video_objects(results * 2, max_objects=2)) == 2
+
+
+# Thinning: the tracked boxes the editor's interpolation reproduces are left out.
+
+
+def jittery_track(frames: range, seed: int) -> list[VideoBox]:
+    """A box drifting right with noise, as a tracker's boxes are."""
+    rng = random.Random(seed)
+    return [
+        VideoBox(frame, 5.0 + 0.7 * frame + rng.uniform(-0.3, 0.3), 20.0 + rng.uniform(-0.3, 0.3), 20.0, 15.0, True)
+        for frame in frames
+    ]
+
+
+def test_a_straight_track_thins_to_its_ends():
+    car = VideoObject("r1", "box", "video", ("Car",), (VideoBox(1, 5.7, 20.0, 20.0, 15.0, True),))
+    straight = [VideoBox(frame, 5.0 + 0.7 * frame, 20.0, 20.0, 15.0, True) for frame in range(2, 51)]
+    result = video_rectangle_result(car, straight, frames_count=50, duration=2.0, framerate=25, tolerance=0.1)
+    assert [item["frame"] for item in result["value"]["sequence"]] == [1, 50]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_the_editor_shows_a_thinned_track_within_the_tolerance_of_every_tracked_box(seed):
+    drawn = (VideoBox(10, 12.0, 20.0, 20.0, 15.0, True), VideoBox(60, 47.0, 20.0, 20.0, 15.0, False))
+    car = VideoObject("r1", "box", "video", ("Car",), drawn)
+    # Tracked on 1-80 but lost on 30-34, so that lifespans end and start again.
+    tracked = [box for box in jittery_track(range(1, 81), seed) if not 30 <= box.frame <= 34]
+    dense = video_rectangle_result(car, tracked, frames_count=80, duration=3.2, framerate=25)
+    thinned = video_rectangle_result(car, tracked, frames_count=80, duration=3.2, framerate=25, tolerance=0.5)
+    dense_shown, thinned_shown = (video_objects([result])[0] for result in (dense, thinned))
+    assert len(thinned["value"]["sequence"]) < len(dense["value"]["sequence"]) / 2
+    for frame in range(1, 81):
+        want, got = dense_shown.shown_at(frame), thinned_shown.shown_at(frame)
+        assert (want is None) == (got is None), frame  # the same lifespans
+        if want is not None and got is not None:
+            for side in ("x", "y", "width", "height"):
+                assert abs(getattr(want, side) - getattr(got, side)) <= 0.5 + 1e-9, (frame, side)
+    kept = {item["frame"]: item for item in thinned["value"]["sequence"]}
+    for keyframe in drawn:  # the annotator's, as drawn
+        assert kept[keyframe.frame] == keyframe.as_json(25)
+    assert kept[29]["enabled"] is False and kept[35]["enabled"] is True  # lost and found again

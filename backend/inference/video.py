@@ -39,6 +39,7 @@ class VideoSettings:
     max_bytes: int
     download_timeout_s: float
     model_ready_timeout_s: float
+    keyframe_tolerance: float
 
     @classmethod
     def of(cls, settings: Settings) -> VideoSettings:
@@ -48,6 +49,7 @@ class VideoSettings:
             settings.max_video_bytes,
             settings.video_download_timeout_s,
             settings.model_ready_timeout_s,
+            settings.video_keyframe_tolerance,
         )
 
     @property
@@ -135,8 +137,8 @@ class VideoTracking:
                 prompts.append(BoxPrompt(number, clock.index(keyframe.frame), keyframe.pixel_box(size)))
         return prompts
 
-    @staticmethod
     def _result(
+        self,
         number: int,
         obj: VideoObject,
         found: dict[tuple[int, int], ObjectOnFrame],
@@ -161,4 +163,5 @@ class VideoTracking:
             duration=duration,
             framerate=clock.framerate,
             score=score,
+            tolerance=self.settings.keyframe_tolerance,
         )

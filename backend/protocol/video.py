@@ -11,8 +11,9 @@ clockwise on screen). `time` is the keyframe's frame number divided by the Video
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -142,6 +143,48 @@ class VideoObject:
         )
 
 
+def _thinned(sequence: list[VideoBox], drawn: Iterable[int], tolerance: float) -> list[VideoBox]:
+    """`sequence` without the tracked boxes that linear interpolation between their kept neighbours reproduces
+    within `tolerance`. Kept whatever they hold: the drawn keyframes, each lifespan's first and last box (a disabled
+    box and the one after it), and the sequence's ends; between two such anchors the frames run without a gap, and
+    the Ramer-Douglas-Peucker rule keeps the box furthest from the interpolation until every box is within reach."""
+    pinned = set(drawn)
+    anchors = [
+        position
+        for position, box in enumerate(sequence)
+        if position in (0, len(sequence) - 1)
+        or box.frame in pinned
+        or not box.enabled
+        or not sequence[position - 1].enabled
+    ]
+    keep = set(anchors)
+    for start, end in itertools.pairwise(anchors):
+        spans = [(start, end)]
+        while spans:
+            first, last = spans.pop()
+            worst, distance = _furthest(sequence, first, last)
+            if distance > tolerance:
+                keep.add(worst)
+                spans += [(first, worst), (worst, last)]
+    return [box for position, box in enumerate(sequence) if position in keep]
+
+
+def _furthest(sequence: list[VideoBox], first: int, last: int) -> tuple[int, float]:
+    """The box between `first` and `last` furthest (in its largest coordinate) from their interpolation, and how far."""
+    worst, distance = first, 0.0
+    start, end = sequence[first], sequence[last]
+    for position in range(first + 1, last):
+        box = sequence[position]
+        share = (box.frame - start.frame) / (end.frame - start.frame)
+        off = max(
+            abs(getattr(box, side) - (getattr(start, side) + (getattr(end, side) - getattr(start, side)) * share))
+            for side in ("x", "y", "width", "height")
+        )
+        if off > distance:
+            worst, distance = position, off
+    return worst, distance
+
+
 def _normal_angle(degrees: float) -> float:
     """The same angle in (-180, 180]."""
     return 180.0 - (180.0 - degrees) % 360.0
@@ -262,6 +305,7 @@ def video_rectangle_result(
     duration: float,
     framerate: float,
     score: float | None = None,
+    tolerance: float = 0.0,
 ) -> dict[str, Any]:
     """One prediction result for a tracked object, in the JSON Label Studio 1.23.2 stores and its editor shows.
 
@@ -270,7 +314,11 @@ def video_rectangle_result(
     drawn and win over a tracked box on their frame. A tracked box followed by a lost frame gets `enabled: False`,
     so the editor hides the object over the gap (and after the last box, rather than hold it to the video's end);
     the next box it is found on starts a new lifespan. The region keeps the annotator's id, names and labels.
-    `frames_count` and `duration` (seconds) are the video's, as the editor writes them beside the sequence."""
+    `frames_count` and `duration` (seconds) are the video's, as the editor writes them beside the sequence.
+
+    With a `tolerance` (percent of the frame), a tracked box the editor's interpolation between the boxes kept around
+    it reproduces within that much (x, y, width and height each) is left out: the editor shows the same track, and
+    the annotator corrects a few keyframes instead of one on every frame."""
     if frames_count < FIRST_FRAME or not (duration >= 0 and framerate > 0):
         raise ValueError(f"frames_count {frames_count}, duration {duration}, framerate {framerate}: not a video's")
     drawn = {keyframe.frame: keyframe for keyframe in obj.keyframes}
@@ -282,6 +330,8 @@ def video_rectangle_result(
         drawn[frame] if frame in drawn else replace(tracked[frame], enabled=frame + 1 in found or frame == frames_count)
         for frame in sorted(found)
     ]
+    if tolerance > 0:
+        sequence = _thinned(sequence, drawn.keys(), tolerance)
     value: dict[str, Any] = {
         "framesCount": frames_count,
         "duration": duration,
