@@ -73,6 +73,8 @@ def test_the_recorded_video_setup_is_accepted(video_client):
     setup = recorded("20-video-setup.json")
     response = client.post("/setup", json=setup)
     assert response.status_code == 200, response.json
+    # The video predictor's version (not the image segmenter's): another VIDEO_MODEL is another version.
+    assert response.json["model_version"] == "video-sam2.1-hiera-tiny@sam2.1-hiera-tiny-video"
 
 
 def test_a_video_config_without_video_rectangles_is_refused_at_setup(video_client):
@@ -115,6 +117,7 @@ def test_retrieve_predictions_tracks_the_saved_keyframes(video_client):
     assert all(read_back.shown_at(frame) is not None for frame in range(1, 41))
     assert all(read_back.shown_at(frame) is None for frame in range(41, FRAMES + 1))
     assert 0 < entry["score"] <= 1
+    assert entry["model_version"] == "video-sam2.1-hiera-tiny@sam2.1-hiera-tiny-video"
 
 
 def test_the_recorded_interactive_context_is_tracked(video_client):
@@ -170,7 +173,9 @@ def test_queue_mode_tracks_on_a_worker_as_this_process_does(
     local_client, _ = video_client
     local = local_client.post("/predict", json=body)
     assert local.status_code == 200, local.json
-    web_settings = replace(settings, inference="queue", redis_url=queue_redis.url, job_timeout_s=300)
+    web_settings = replace(
+        settings, inference="queue", redis_url=queue_redis.url, job_timeout_s=300, video_checkpoint=str(video_folder)
+    )
     web = create_app(web_settings, QueuePredictor(web_settings, redis.Redis.from_url(queue_redis.url))).test_client()
     workers.start(
         1,

@@ -35,7 +35,7 @@ from backend.errors import (
     WebhookError,
 )
 from backend.http import metrics
-from backend.inference.base import Inference
+from backend.inference.base import Inference, video_model_version
 from backend.project_files import ProjectFiles
 from backend.prompts.interactive import ContextPrompts
 from backend.prompts.video import keyframe_objects
@@ -220,7 +220,9 @@ def setup() -> Response:
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object")
     schema = body.get("schema")
-    if schema is not None and video_project(schema) is None:
+    if schema is not None and video_project(schema) is not None:
+        return jsonify({"model_version": video_model_version(backend.settings)})
+    if schema is not None:
         # The project's label config, checked when the model is connected rather than at the first task.
         usable_label_config(schema)
     return jsonify({"model_version": backend.predictor.decoders.current_name(project_id_of(body.get("project")))})
@@ -252,7 +254,7 @@ def predict() -> tuple[Response, int] | Response:
     tasks, label_config, context = _tasks_and_context(body, backend.settings)
     project_id = project_id_of(body.get("project"))
     if (video := video_project(label_config)) is not None:
-        return _predict_video(tasks, video, context, project_id)
+        return _predict_video(tasks, video, context)
     config = _parse_predict_body(tasks, label_config)
     deadline = Deadline(backend.model_calls, backend.settings.predict_deadline_s)
     outcomes: list[TaskAnswer | BackendError | NotReady]
@@ -320,13 +322,12 @@ def predict() -> tuple[Response, int] | Response:
     return response
 
 
-def _predict_video(
-    tasks: list[dict], config: VideoConfig, context: object, project_id: int | None
-) -> tuple[Response, int] | Response:
+def _predict_video(tasks: list[dict], config: VideoConfig, context: object) -> tuple[Response, int] | Response:
     """Each <Video> task's regions tracked from their keyframes (the context's, else the task's latest saved ones)."""
     backend = current_backend()
     settings = backend.settings
     limit = TimeLimit(settings.predict_deadline_s)
+    version = video_model_version(settings)
     results: list[dict | list] = []
     errors: list[TaskError] = []
     for index, task in enumerate(tasks):
@@ -340,7 +341,6 @@ def _predict_video(
             results.append([])
             continue
         scores = [track["score"] for track in tracks if "score" in track]
-        version = backend.predictor.decoders.current_name(project_id)
         entry = {"result": tracks, "model_version": version, **({"score": min(scores)} if scores else {})}
         results.append(entry)
     if errors and len(errors) == len(tasks):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Protocol
 
 from backend.cache.digests import ImageDigests
@@ -24,6 +25,13 @@ from backend.protocol.video import VideoObject
 from backend.training.service import ActiveLearning
 
 FETCH_THREADS = 8  # image downloads of one batch run side by side; they wait on the network, not the CPU
+
+
+def video_model_version(settings: Settings) -> str:
+    """A video project's model version: the video predictor, and the folder of one's own where VIDEO_CHECKPOINT names
+    it. Another predictor is another version, so Label Studio asks again for the tasks the previous one predicted."""
+    own = f"@{Path(settings.video_checkpoint).name}" if settings.video_checkpoint else ""
+    return f"video-{settings.video_model}{own}"
 
 
 class Inference(Protocol):
