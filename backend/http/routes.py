@@ -293,10 +293,7 @@ def predict() -> tuple[Response, int] | Response:
             record_prediction_metrics(outcome)
             last_answer = outcome
             continue
-        status = outcome.status
-        log.warning("task %s (#%d): %s", task.get("id"), index, outcome)
-        metrics.PREDICT_ERRORS.labels(str(status)).inc()
-        errors.append({"task": task.get("id"), "index": index, "error": str(outcome), "status": status})
+        errors.append(_task_error(task, index, outcome))
         # An empty list makes Label Studio store no prediction for the task (a dict with an empty
         # result would be stored), so the next "Retrieve predictions" asks for it again.
         results.append([])
@@ -322,6 +319,13 @@ def predict() -> tuple[Response, int] | Response:
     return response
 
 
+def _task_error(task: dict, index: int, error: BackendError) -> TaskError:
+    """A task the request could not answer, logged and counted, as its "errors" entry lists it."""
+    log.warning("task %s (#%d): %s", task.get("id"), index, error)
+    metrics.PREDICT_ERRORS.labels(str(error.status)).inc()
+    return {"task": task.get("id"), "index": index, "error": str(error), "status": error.status}
+
+
 def _predict_video(tasks: list[dict], config: VideoConfig, context: object) -> tuple[Response, int] | Response:
     """Each <Video> task's regions tracked from their keyframes (the context's, else the task's latest saved ones)."""
     backend = current_backend()
@@ -335,9 +339,7 @@ def _predict_video(tasks: list[dict], config: VideoConfig, context: object) -> t
             objects = keyframe_objects(task, context, config, settings.max_video_objects)
             tracks = backend.predictor.track_video(task["data"].get(config.video_field), objects, config, limit)
         except TASK_ERRORS as error:
-            log.warning("video task %s (#%d): %s", task.get("id"), index, error)
-            metrics.PREDICT_ERRORS.labels(str(error.status)).inc()
-            errors.append({"task": task.get("id"), "index": index, "error": str(error), "status": error.status})
+            errors.append(_task_error(task, index, error))
             results.append([])
             continue
         scores = [track["score"] for track in tracks if "score" in track]

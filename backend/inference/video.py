@@ -107,7 +107,8 @@ class VideoTracking:
             video = VideoFile.open(path, self.settings.limits)
             clock = FrameClock(config.framerate, video.fps, video.frame_count)
             prompts = self._prompts(objects, clock, (video.height, video.width))
-            found: dict[tuple[int, int], ObjectOnFrame] = {}
+            # Per object, its latest state on each decoded frame (a frame tracked twice: the later stands).
+            found: dict[int, dict[int, ObjectOnFrame]] = {number: {} for number in range(len(objects))}
             for done, tracked in enumerate(tracker.track(video, prompts), start=1):
                 if limit.expired():
                     raise DeadlineExceeded(
@@ -116,9 +117,9 @@ class VideoTracking:
                         "objects or a shorter video, or run a smaller VIDEO_MODEL or a GPU"
                     )
                 for number, state in tracked.objects.items():
-                    found[(tracked.frame, number)] = state
+                    found[number][tracked.frame] = state
         return [
-            self._result(number, obj, found, clock, (video.height, video.width), video.duration)
+            self._result(obj, found[number], clock, (video.height, video.width), video.duration)
             for number, obj in enumerate(objects)
         ]
 
@@ -139,18 +140,15 @@ class VideoTracking:
 
     def _result(
         self,
-        number: int,
         obj: VideoObject,
-        found: dict[tuple[int, int], ObjectOnFrame],
+        found: dict[int, ObjectOnFrame],
         clock: FrameClock,
         size: tuple[int, int],
         duration: float,
     ) -> dict[str, Any]:
         boxes: dict[int, VideoBox] = {}
         scores = []
-        for (index, tracked_number), state in sorted(found.items()):
-            if tracked_number != number:
-                continue
+        for index, state in sorted(found.items()):
             scores.append(state.score)
             frame = clock.frame(index)
             if state.box is not None and not _declared_gone(obj, frame):
