@@ -84,7 +84,8 @@ SOAK_TASKS ?= 500
 soak: install-test
 	SOAK_TASKS=$(SOAK_TASKS) $(BIN)/python -m pytest -q -s -m soak tests/soak
 
-# The README's screenshots (docs/annotator-*.png), retaken by the browser stage's tests that show them.
+# The screenshots in the docs (docs/annotator-*.png, docs/video-track-frame-*.png), retaken by the browser stage's
+# tests that show them.
 screenshots: install-test
 	$(BIN)/python -m pytest -q -m browser tests/browser --readme-screenshots docs
 
