@@ -1,4 +1,4 @@
-"""The command line: `python -m backend serve|weights|worker|preannotate|encode|predict|demo|inbox|evaluate|
+"""The command line: `python -m backend serve|weights|worker|preannotate|encode|track|predict|demo|inbox|evaluate|
 settings`."""
 
 from __future__ import annotations
@@ -150,7 +150,8 @@ def _worker_alive(settings: Settings) -> int:
 
 
 def _project_run(args: argparse.Namespace, settings: Settings) -> int:
-    """Pre-annotate (`preannotate`) or encode (`encode`) a whole project in the foreground, with a progress bar;
+    """Pre-annotate (`preannotate`), encode (`encode`) or track the videos of (`track`) a whole project in the
+    foreground, with a progress bar;
     Ctrl-C stops after the batches in flight are stored, and running the same command again resumes (advised only
     where it helps: not after a refusal such as a wrong URL, key or label config)."""
     import signal
@@ -163,7 +164,8 @@ def _project_run(args: argparse.Namespace, settings: Settings) -> int:
     from backend.errors import ProjectApiError
     from backend.protocol.project_api import ProjectApi
     from backend.runs.encode import EncodeRun
-    from backend.runs.preannotate import ProjectRun, RunOptions, RunProgress
+    from backend.runs.preannotate import ProjectRun, RunProgress
+    from backend.runs.video import VideoTrackRun
 
     configure_process(settings)
     # A bulk run waits for the models and for busy workers longer than a Label Studio request may.
@@ -178,12 +180,15 @@ def _project_run(args: argparse.Namespace, settings: Settings) -> int:
     except (ProjectApiError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    options = RunOptions(
+    run_class = {"encode": EncodeRun, "track": VideoTrackRun}.get(args.command, ProjectRun)
+    defaults = run_class.default_options(settings, predictor)
+    options = replace(
+        defaults,
         page_size=args.page_size,
-        batch_size=args.batch_size or settings.grounding_dino_batch,
-        parallel=args.parallel or predictor.parallel_batches(),
+        batch_size=getattr(args, "batch_size", None) or defaults.batch_size,
+        parallel=getattr(args, "parallel", None) or defaults.parallel,
         max_tasks=args.max_tasks,
-        skip_annotated=args.skip_annotated,
+        skip_annotated=getattr(args, "skip_annotated", False),
     )
     stop = threading.Event()
 
@@ -201,10 +206,16 @@ def _project_run(args: argparse.Namespace, settings: Settings) -> int:
         # The bar counts the tasks that need work: skipped ones leave its total, so rate and ETA stay true.
         bar.total = max(progress.total - progress.skipped, 0)
         bar.n = progress.predicted + progress.failed
-        bar.set_postfix(predicted=progress.predicted, skipped=progress.skipped, failed=progress.failed, refresh=False)
+        counts: dict[str, object] = {
+            "predicted": progress.predicted,
+            "skipped": progress.skipped,
+            "failed": progress.failed,
+        }
+        if progress.frames_total:  # a video being tracked
+            counts["frames"] = f"{progress.frames_done}/{progress.frames_total} of task {progress.task}"
+        bar.set_postfix(counts, refresh=False)
         bar.refresh()
 
-    run_class = EncodeRun if args.command == "encode" else ProjectRun
     progress = run_class(args.project, predictor, api, settings, options, show, stop.is_set).run()
     bar.close()
     print(json.dumps(progress.as_dict()))
@@ -307,14 +318,16 @@ def main(argv: list[str] | None = None) -> int:
     for name, help_text in (
         ("preannotate", "pre-annotate a whole Label Studio project (resumable; skips tasks already predicted)"),
         ("encode", "cache the SAM embedding of every task image of a project (resumable; skips cached images)"),
+        ("track", "track the keyframe boxes of every video task of a project (resumable; skips tracked tasks)"),
     ):
         run = commands.add_parser(name, help=help_text)
         run.add_argument("--project", type=int, required=True, help="the Label Studio project id")
-        run.add_argument("--batch-size", type=int, help="tasks per batch (default: GROUNDING_DINO_BATCH)")
-        run.add_argument("--parallel", type=int, help="batches in flight (default: 1; 2 per queue worker)")
+        if name != "track":  # one video at a time, tracked from its annotation
+            run.add_argument("--batch-size", type=int, help="tasks per batch (default: GROUNDING_DINO_BATCH)")
+            run.add_argument("--parallel", type=int, help="batches in flight (default: 1; 2 per queue worker)")
+            run.add_argument("--skip-annotated", action="store_true", help="leave tasks that have annotations")
         run.add_argument("--page-size", type=int, default=100, help="tasks per Label Studio page")
         run.add_argument("--max-tasks", type=int, help="stop after this many tasks (try a few first)")
-        run.add_argument("--skip-annotated", action="store_true", help="leave tasks that have annotations")
         run.set_defaults(run=_project_run)
 
     predict = commands.add_parser("predict", help="segment what a text prompt names in one image")

@@ -84,6 +84,9 @@ class ProjectFiles:
         self.encode_lock = Path(model_dir) / RUN_LOCKS / f"{project_id}.encode.lock"
         self.preannotate_errors = self.root / "preannotate-errors.jsonl"  # tasks a project run could not predict
         self.handed_over = self.root / "handed-over.json"  # tasks a /predict batch left to the project run
+        self.track_lock = Path(model_dir) / RUN_LOCKS / f"{project_id}.track.lock"
+        self.track_errors = self.root / "track-errors.jsonl"  # video tasks a tracking run could not track
+        self.handed_over_videos = self.root / "handed-over-videos.json"  # video tasks left to the tracking run
 
     def latest_evaluation(self) -> Path | None:
         """The newest evaluation report's JSON; its name's UTC time sorts as the time does."""

@@ -18,12 +18,14 @@ from backend.cache.store import make_store
 from backend.config import Settings
 from backend.http.server import create_app
 from backend.inference.local import Predictor
-from tests.assets import build_small_sam, encode, smooth_object_image
+from tests.assets import build_small_sam, encode, recorded, smooth_object_image
 from tests.detector_weights import write_detector
 from tests.grounding_dino_weights import write_checkpoint, write_config, write_text_encoder
+from tests.hf_segmenters import write_models
 from tests.label_studio_standin import LabelStudioStandIn
 from tests.services import RedisServer, Workers
 from tests.synthetic_shapes import shape_image
+from tests.synthetic_video import write_moving_shapes
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -215,3 +217,32 @@ def backend_env(settings: Settings, tmp_path: Path) -> dict[str, str]:
         ALLOW_PRIVATE_IMAGE_HOSTS="true",
         TORCH_THREADS="1",
     )
+
+
+# The recorded video task's clip (tests/fixtures/ls-protocol/20-video-*.json), served by the stand-in under /data/.
+RECORDED_VIDEO_PATH = recorded("20-video-predict-batch.json")["tasks"][0]["data"]["video"].removeprefix("/data/")
+RECORDED_VIDEO_FRAMES = 50  # the recorded regions' framesCount: 2 s at the label config's 25 frames per second
+
+
+@pytest.fixture(scope="module")
+def video_folder(tmp_path_factory):
+    return write_models(tmp_path_factory.mktemp("video-model"), True, ("sam2.1-hiera-tiny-video",))[
+        "sam2.1-hiera-tiny-video"
+    ]
+
+
+@pytest.fixture(scope="module")
+def recorded_video(media_root):
+    path = media_root / RECORDED_VIDEO_PATH
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return write_moving_shapes(path, frames=RECORDED_VIDEO_FRAMES, height=48, width=64)
+
+
+@pytest.fixture
+def client_with(settings, redis_url, video_folder, recorded_video):
+    """A test client whose settings are the tests' with the video model and `overrides`, and its predictor."""
+
+    def make(**overrides):
+        return make_client(replace(settings, redis_url=redis_url, video_checkpoint=str(video_folder), **overrides))
+
+    return make

@@ -105,17 +105,26 @@ class LabelStudioStandIn:
         expires in flight or Label Studio's clock runs ahead of its own."""
         self.access_generation += 1
 
-    def add_project(self, label_config: str, image_urls: list[str]) -> int:
-        """A project with one task per image URL and no predictions; its id."""
+    def add_project(self, label_config: str, image_urls: list[str], field: str = "image") -> int:
+        """A project with one task per URL (its data.`field`), no annotations and no predictions; its id."""
         project_id = len(self.projects) + 1
         first_task = sum(len(project["tasks"]) for project in self.projects.values()) + 1
         tasks = [
-            {"id": first_task + index, "data": {"image": url}, "predictions": [], "is_labeled": False}
+            {"id": first_task + index, "data": {field: url}, "annotations": [], "predictions": [], "is_labeled": False}
             for index, url in enumerate(image_urls)
         ]
         self.projects[project_id] = {"title": f"project {project_id}", "label_config": label_config, "tasks": tasks}
         self.imported[project_id] = []
         return project_id
+
+    def annotate(self, task_id: int, result: list[dict]) -> None:
+        """An annotation saved on the task, as the task listing then shows it."""
+        task = self.task(task_id)
+        assert task is not None
+        saved = "2026-12-08T10:00:00.000000Z"
+        annotation = {"id": 1000 + task_id, "result": result, "created_at": saved, "updated_at": saved}
+        task["annotations"].append(annotation)
+        task["is_labeled"] = True
 
     def task(self, task_id: int) -> dict | None:
         """A task of any project, as stored (its predictions included)."""

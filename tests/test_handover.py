@@ -52,7 +52,7 @@ def waiting_tasks(label_studio, task_ids: list[int]) -> dict[int, dict]:
 
 def settled(settings, project: int, runs, timeout_s: float = 300) -> dict:
     """The project's run progress once no task waits as handed over and its run has ended."""
-    waiting = HandedOverTasks(ProjectFiles(settings.model_dir, project))
+    waiting = HandedOverTasks(ProjectFiles(settings.model_dir, project).handed_over)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         progress = runs.progress(project) or {}
@@ -121,7 +121,7 @@ def test_a_run_stopped_in_the_middle_resumes_when_the_backend_starts_again(groun
     predictor, _ = loaded_predictor(grounded_settings, media_root)
     settings = replace(grounded_settings, grounding_dino_batch=1)  # one task per batch, imported one by one
     project, task_ids = project_with(label_studio, media_root, 2300, 4)
-    HandedOverTasks(ProjectFiles(settings.model_dir, project)).add(waiting_tasks(label_studio, task_ids))
+    HandedOverTasks(ProjectFiles(settings.model_dir, project).handed_over).add(waiting_tasks(label_studio, task_ids))
     label_studio.stalls[f"/api/predictions/?task={task_ids[1]}"] = 2.0  # time to stop the run after its first task
     try:
         client = create_app(settings, predictor).test_client()  # a start finds the tasks waiting: it resumes them
@@ -136,7 +136,7 @@ def test_a_run_stopped_in_the_middle_resumes_when_the_backend_starts_again(groun
     finally:
         label_studio.stalls.clear()
     stopped_with = imported_tasks(label_studio, project)
-    left = HandedOverTasks(ProjectFiles(settings.model_dir, project)).ids()
+    left = HandedOverTasks(ProjectFiles(settings.model_dir, project).handed_over).ids()
 
     restarted = create_app(settings, predictor).test_client()
     progress = settled(settings, project, restarted.application.extensions["backend"].runs)
@@ -149,7 +149,9 @@ def test_a_run_stopped_in_the_middle_resumes_when_the_backend_starts_again(groun
 def test_tasks_predicted_after_they_were_handed_over_are_skipped(grounded_settings, media_root, label_studio):
     predictor, _ = loaded_predictor(grounded_settings, media_root)
     project, task_ids = project_with(label_studio, media_root, 2400, 3)
-    HandedOverTasks(ProjectFiles(grounded_settings.model_dir, project)).add(waiting_tasks(label_studio, task_ids))
+    HandedOverTasks(ProjectFiles(grounded_settings.model_dir, project).handed_over).add(
+        waiting_tasks(label_studio, task_ids)
+    )
     # Meanwhile a second "Retrieve predictions" answered one of them, and Label Studio stored that answer.
     version = predictor.decoders.current_name(project)
     label_studio.task(task_ids[1])["predictions"].append({"model_version": version, "result": [], "task": task_ids[1]})

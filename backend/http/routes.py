@@ -2,7 +2,7 @@
 `routes` Blueprint, which `backend.http.server.create_app` registers.
 
 Routes: GET /health (and /), POST /setup, POST /predict, POST /webhook, GET /versions, GET /status,
-GET /metrics, POST|GET|DELETE /preannotate and /encode (whole-project runs in the background), GET /evaluate (a
+GET /metrics, POST|GET|DELETE /preannotate, /encode and /track (whole-project runs in the background), GET /evaluate (a
 project's latest evaluation report), and GET /livez, the
 only one open without credentials when auth is configured. Every bad input answers a 4xx JSON
 `{"error": ...}` and a log line; the process keeps serving.
@@ -14,6 +14,7 @@ import concurrent.futures
 import json
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TypedDict
 
@@ -42,7 +43,8 @@ from backend.prompts.video import keyframe_objects
 from backend.protocol.ids import is_label_studio_id
 from backend.protocol.label_config import ProjectConfig, VideoConfig, parse_label_config, parse_video_config
 from backend.protocol.results import TaskAnswer, region_rules, task_answer
-from backend.runs.preannotate import GOING_ON, BackgroundRuns, RunOptions
+from backend.protocol.video import video_prediction
+from backend.runs.preannotate import GOING_ON, BackgroundRuns
 from backend.runs.task_open import NotReady, TaskOpenPredictions
 
 log = logging.getLogger(__name__)
@@ -62,6 +64,7 @@ class Backend:
     model_calls: concurrent.futures.Executor  # the bounded pool a request's model calls run on, under its deadline
     runs: BackgroundRuns
     encode_runs: BackgroundRuns  # whole-project encoding (runs.encode.EncodeRun)
+    track_runs: BackgroundRuns  # whole-project video tracking, and long tracks (runs.video.VideoTrackRun)
     task_opens: TaskOpenPredictions  # a task opened without a prediction: answered within TASK_OPEN_WAIT
     said: set[str] = field(default_factory=set)  # the advice already logged, which this process logs once
 
@@ -254,7 +257,7 @@ def predict() -> tuple[Response, int] | Response:
     tasks, label_config, context = _tasks_and_context(body, backend.settings)
     project_id = project_id_of(body.get("project"))
     if (video := video_project(label_config)) is not None:
-        return _predict_video(tasks, video, context)
+        return _predict_video(tasks, video, context, project_id)
     config = _parse_predict_body(tasks, label_config)
     deadline = Deadline(backend.model_calls, backend.settings.predict_deadline_s)
     outcomes: list[TaskAnswer | BackendError | NotReady]
@@ -326,60 +329,87 @@ def _task_error(task: dict, index: int, error: BackendError) -> TaskError:
     return {"task": task.get("id"), "index": index, "error": str(error), "status": error.status}
 
 
-def _predict_video(tasks: list[dict], config: VideoConfig, context: object) -> tuple[Response, int] | Response:
-    """Each <Video> task's regions tracked from their keyframes (the context's, else the task's latest saved ones)."""
+def _predict_video(
+    tasks: list[dict], config: VideoConfig, context: object, project_id: int | None
+) -> tuple[Response, int] | Response:
+    """Each <Video> task's regions tracked from their keyframes (the context's, else the task's latest saved ones).
+    A saved task's track that PREDICT_DEADLINE cuts short goes on in the project's tracking run (`runs.video`)."""
     backend = current_backend()
     settings = backend.settings
     limit = TimeLimit(settings.predict_deadline_s)
     version = video_model_version(settings)
     results: list[dict | list] = []
     errors: list[TaskError] = []
+    unfinished: dict[int, dict] = {}
     for index, task in enumerate(tasks):
         try:
             objects = keyframe_objects(task, context, config, settings.max_video_objects)
             tracks = backend.predictor.track_video(task["data"].get(config.video_field), objects, config, limit)
         except TASK_ERRORS as error:
+            if isinstance(error, DeadlineExceeded) and context is None and is_label_studio_id(task.get("id")):
+                unfinished[task["id"]] = {key: task.get(key) for key in ("id", "data", "annotations", "drafts")}
             errors.append(_task_error(task, index, error))
             results.append([])
             continue
-        scores = [track["score"] for track in tracks if "score" in track]
-        entry = {"result": tracks, "model_version": version, **({"score": min(scores)} if scores else {})}
-        results.append(entry)
+        results.append(video_prediction(tracks, version))
+    background = _hand_over(backend, backend.track_runs, project_id, unfinished)
     if errors and len(errors) == len(tasks):
-        return error_response(errors[0]["error"], errors[0]["status"], errors=errors)
-    return jsonify({"results": results, **({"errors": errors} if errors else {})})
+        message = errors[0]["error"]
+        if background is not None and len(unfinished) == len(tasks):
+            message = (
+                f"tracking did not finish within PREDICT_DEADLINE ({settings.predict_deadline_s:g} s); it goes on in "
+                f"the background and the track is imported into Label Studio when done (progress: GET "
+                f"{background['progress']})"
+            )
+        return error_response(message, errors[0]["status"], errors=errors, **_background_field(background))
+    return jsonify({"results": results, **({"errors": errors} if errors else {}), **_background_field(background)})
 
 
 def _hand_over_unfinished(backend: Backend, project_id: int | None, tasks: list[dict], outcomes: list) -> dict | None:
-    """Hand the tasks of a batch that the deadline left unfinished to the project's background run, which imports
-    their predictions into Label Studio as it makes them; what was handed over, for the answer. Without Label
-    Studio's API (LABEL_STUDIO_URL and a key) the tasks stay unfinished, as the log says once."""
+    """The image tasks of a batch that the deadline left unfinished, handed to the project's pre-annotation run (a
+    one-task request is a task opened, which `runs.task_open` finishes instead)."""
+    if len(tasks) == 1:
+        return None
     unfinished = {
         task["id"]: task["data"]
         for task, outcome in zip(tasks, outcomes, strict=True)
         if isinstance(outcome, DeadlineExceeded) and is_label_studio_id(task.get("id"))
     }
-    if not unfinished or project_id is None or len(tasks) == 1:
+    return _hand_over(backend, backend.runs, project_id, unfinished)
+
+
+def _hand_over(
+    backend: Backend, runs: BackgroundRuns, project_id: int | None, unfinished: dict[int, dict]
+) -> dict | None:
+    """Hand tasks the deadline left unfinished to the project's background run of `runs`, which imports their
+    predictions into Label Studio as it makes them; what was handed over, for the answer. Without Label Studio's API
+    (LABEL_STUDIO_URL and a key) the tasks stay unfinished, as the log says once."""
+    if not unfinished or project_id is None:
         return None
     if not backend.settings.label_studio_url or not backend.settings.label_studio_api_key:
         if "no background runs" not in backend.said:
             backend.said.add("no background runs")
             log.warning(
-                "%d tasks were not pre-annotated within PREDICT_DEADLINE and are answered []: set LABEL_STUDIO_URL "
+                "%d tasks were not answered within PREDICT_DEADLINE and are answered []: set LABEL_STUDIO_URL "
                 "and LABEL_STUDIO_API_KEY to have such tasks finished in the background and imported into Label "
                 "Studio (logged once)",
                 len(unfinished),
             )
         return None
-    progress = backend.runs.hand_over(project_id, unfinished)
+    progress = runs.hand_over(project_id, unfinished)
     log.info(
-        "project %d: %d tasks not finished within PREDICT_DEADLINE go on in the background (%s); their predictions "
-        "are imported into Label Studio as they are made",
+        "project %d: %d tasks not finished within PREDICT_DEADLINE go on in the background %s run (%s); their "
+        "predictions are imported into Label Studio as they are made",
         project_id,
         len(unfinished),
+        runs.run_class.KIND,
         "joining the run going on" if progress.get("state") == "busy" else "a run started",
     )
-    return {"project": project_id, "tasks": list(unfinished), "progress": f"/preannotate?project={project_id}"}
+    return {
+        "project": project_id,
+        "tasks": list(unfinished),
+        "progress": f"{runs.run_class.ROUTE}?project={project_id}",
+    }
 
 
 def _background_field(background: dict | None) -> dict:
@@ -458,10 +488,7 @@ def preannotate_start() -> tuple[Response, int] | Response:
     if project_id is None:
         raise BadRequest(f"'project' must be a Label Studio project id, got {body.get('project')!r}")
     _check_project_api(backend.settings, "whole-project pre-annotation")
-    options = RunOptions(
-        batch_size=backend.settings.grounding_dino_batch,
-        parallel=backend.predictor.parallel_batches(),
-    )
+    options = backend.runs.default_options()
     for name in ("max_tasks", "batch_size"):
         value = body.get(name)
         if value is not None:
@@ -526,26 +553,34 @@ def preannotate_stop() -> tuple[Response, int]:
     return _stop(current_backend().runs)
 
 
-@routes.post("/encode")
-def encode_start() -> tuple[Response, int] | Response:
-    """Encode every task image of ?project= in the background (tasks imported before the backend was connected)."""
-    backend = current_backend()
-    project_id = requested_project()
-    _check_project_api(backend.settings, "whole-project encoding")
-    options = RunOptions(
-        batch_size=backend.settings.grounding_dino_batch, parallel=backend.predictor.parallel_batches()
-    )
-    return _started(backend.encode_runs, backend.encode_runs.start(project_id, options))
+def _project_run_routes(route: str, runs_of: Callable[[Backend], BackgroundRuns], doc: str) -> None:
+    """POST `route`?project= starts the project's run of `runs_of`, GET reports its progress, DELETE stops it."""
+
+    def start() -> tuple[Response, int] | Response:
+        backend = current_backend()
+        project_id = requested_project()
+        runs = runs_of(backend)
+        _check_project_api(backend.settings, f"whole-project {runs.run_class.KIND}")
+        return _started(runs, runs.start(project_id, runs.default_options()))
+
+    start.__doc__ = doc
+    name = route.strip("/")
+    routes.add_url_rule(route, f"{name}_start", start, methods=["POST"])
+    routes.add_url_rule(route, f"{name}_progress", lambda: _progress(runs_of(current_backend())), methods=["GET"])
+    routes.add_url_rule(route, f"{name}_stop", lambda: _stop(runs_of(current_backend())), methods=["DELETE"])
 
 
-@routes.get("/encode")
-def encode_progress() -> Response:
-    return _progress(current_backend().encode_runs)
-
-
-@routes.delete("/encode")
-def encode_stop() -> tuple[Response, int]:
-    return _stop(current_backend().encode_runs)
+_project_run_routes(
+    "/encode",
+    lambda backend: backend.encode_runs,
+    "Encode every task image of ?project= in the background (tasks imported before the backend was connected).",
+)
+_project_run_routes(
+    "/track",
+    lambda backend: backend.track_runs,
+    "Track every video task of ?project= with keyframes drawn and no track yet, in the background; each track is "
+    "imported into Label Studio as it is made.",
+)
 
 
 @routes.get("/versions")

@@ -21,6 +21,7 @@ from backend.protocol.project_api import ProjectApi
 from backend.runs.encode import EncodeRun
 from backend.runs.preannotate import BackgroundRuns
 from backend.runs.task_open import TaskOpenPredictions
+from backend.runs.video import VideoTrackRun
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +43,13 @@ def create_app(settings: Settings, predictor: Inference) -> Flask:
         model_calls=concurrent.futures.ThreadPoolExecutor(settings.predict_threads, thread_name_prefix="predict"),
         runs=BackgroundRuns(predictor, settings, predictor.store),
         encode_runs=BackgroundRuns(predictor, settings, predictor.store, EncodeRun),
+        track_runs=BackgroundRuns(predictor, settings, predictor.store, VideoTrackRun),
         task_opens=TaskOpenPredictions(predictor, settings.task_open_wait_s, label_studio_api(settings)),
     )
     if settings.label_studio_url and settings.label_studio_api_key:
-        app.extensions["backend"].runs.resume_handed_over()  # a restart in the middle of a hand-over goes on
+        # A restart in the middle of a hand-over goes on.
+        app.extensions["backend"].runs.resume_handed_over()
+        app.extensions["backend"].track_runs.resume_handed_over()
     access = AccessControl(settings.basic_auth_user, settings.basic_auth_pass, settings.bearer_token)
 
     @app.before_request

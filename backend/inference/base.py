@@ -34,6 +34,9 @@ def video_model_version(settings: Settings) -> str:
     return f"video-{settings.video_model}{own}"
 
 
+StepReport = Callable[[int, int], None]  # (decoded frames reached so far, decoded frames in the video)
+
+
 class Inference(Protocol):
     """The models, in this process (`local.Predictor`) or on queue workers (`queue.QueuePredictor`)."""
 
@@ -92,9 +95,16 @@ class Inference(Protocol):
         """The store the embeddings are cached in, which /status asks which of a project's images it holds."""
 
     def track_video(
-        self, video_url: object, objects: Sequence[VideoObject], config: VideoConfig, limit: TimeLimit
+        self,
+        video_url: object,
+        objects: Sequence[VideoObject],
+        config: VideoConfig,
+        limit: TimeLimit,
+        on_step: StepReport | None = None,
     ) -> list[dict]:
-        """One VideoRectangle result per object of a <Video> task, tracked through the video from its keyframes."""
+        """One VideoRectangle result per object of a <Video> task, tracked through the video from its keyframes;
+        `on_step` is told the frames reached as they are (in this process only: a queue worker's track reports
+        nothing until it is done)."""
 
     def prefetch(self, project_id: int, task_id: int) -> None:
         """Encode the next PREFETCH_TASKS imported tasks after `task_id` in the background, ahead of the other

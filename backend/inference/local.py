@@ -24,7 +24,7 @@ from backend.deadline import NO_LIMIT, StepTimes, TimeLimit
 from backend.decoders.serving import ProjectDecoders
 from backend.errors import BackendError, ImageError
 from backend.images import FetchedImage, FetchRules, ImageFetcher, decode_image
-from backend.inference.base import InteractiveFront
+from backend.inference.base import InteractiveFront, StepReport
 from backend.inference.batches import BatchPreannotation, BatchSettings
 from backend.inference.encode_ahead import EncodeAhead, Step
 from backend.inference.loading import ModelLoading, Models
@@ -123,9 +123,14 @@ class Predictor(InteractiveFront):
         return self.store
 
     def track_video(
-        self, video_url: object, objects: Sequence[VideoObject], config: VideoConfig, limit: TimeLimit
+        self,
+        video_url: object,
+        objects: Sequence[VideoObject],
+        config: VideoConfig,
+        limit: TimeLimit,
+        on_step: StepReport | None = None,
     ) -> list[dict]:
-        return self.video.track(video_url, objects, config, limit)
+        return self.video.track(video_url, objects, config, limit, on_step)
 
     def status(self) -> dict:
         return {

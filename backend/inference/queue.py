@@ -31,7 +31,7 @@ from backend.deadline import NO_LIMIT, TimeLimit
 from backend.decoders.serving import ProjectDecoders
 from backend.errors import BackendError, DeadlineExceeded, ImageError, InferenceUnavailable
 from backend.images import FetchedImage, FetchRules, ImageFetcher
-from backend.inference.base import FETCH_THREADS, InteractiveFront
+from backend.inference.base import FETCH_THREADS, InteractiveFront, StepReport
 from backend.outcomes import TaskPrediction
 from backend.project_files import ProjectFiles
 from backend.prompts.interactive import ContextPrompts
@@ -236,7 +236,12 @@ class QueuePredictor(InteractiveFront):
         return self._run(self.encode_queue, [], ENCODE_BATCH_JOB, list(image_urls), project_id)
 
     def track_video(
-        self, video_url: object, objects: Sequence[VideoObject], config: VideoConfig, limit: TimeLimit
+        self,
+        video_url: object,
+        objects: Sequence[VideoObject],
+        config: VideoConfig,
+        limit: TimeLimit,
+        on_step: StepReport | None = None,
     ) -> list[dict]:
         """On a worker, from the pre-annotation queue (below clicks); the worker downloads the video itself: a video
         is too large to hand over through Redis as images are."""

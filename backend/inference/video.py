@@ -21,6 +21,7 @@ from backend.config import Settings
 from backend.deadline import TimeLimit
 from backend.errors import BadRequest, DeadlineExceeded, VideoRegionError
 from backend.images import Transfer
+from backend.inference.base import StepReport
 from backend.models.loader import BackgroundLoader
 from backend.models.video_tracker import BoxPrompt, ObjectOnFrame, VideoTracker
 from backend.protocol.label_config import VideoConfig
@@ -97,9 +98,16 @@ class VideoTracking:
         self.tracker = tracker
 
     def track(
-        self, video_url: object, objects: Sequence[VideoObject], config: VideoConfig, limit: TimeLimit
+        self,
+        video_url: object,
+        objects: Sequence[VideoObject],
+        config: VideoConfig,
+        limit: TimeLimit,
+        on_step: StepReport | None = None,
     ) -> list[dict[str, Any]]:
-        """One VideoRectangle result per object: its keyframes as drawn, the tracked boxes on the other frames."""
+        """One VideoRectangle result per object: its keyframes as drawn, the tracked boxes on the other frames.
+        `on_step(frames reached, frames)` after each frame step: a background run's progress, and its stop (the
+        callback raises)."""
         if not isinstance(video_url, str) or not video_url:
             raise BadRequest(f"the task has no data.{config.video_field} with the video's URL")
         tracker = self.tracker.get(self.settings.model_ready_timeout_s)
@@ -109,6 +117,7 @@ class VideoTracking:
             prompts = self._prompts(objects, clock, (video.height, video.width))
             # Per object, its latest state on each decoded frame (a frame tracked twice: the later stands).
             found: dict[int, dict[int, ObjectOnFrame]] = {number: {} for number in range(len(objects))}
+            reached: set[int] = set()
             for done, tracked in enumerate(tracker.track(video, prompts), start=1):
                 if limit.expired():
                     raise DeadlineExceeded(
@@ -118,6 +127,9 @@ class VideoTracking:
                     )
                 for number, state in tracked.objects.items():
                     found[number][tracked.frame] = state
+                if on_step is not None:
+                    reached.add(tracked.frame)
+                    on_step(len(reached), video.frame_count)
         return [
             self._result(obj, found[number], clock, (video.height, video.width), video.duration)
             for number, obj in enumerate(objects)

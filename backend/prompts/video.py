@@ -26,14 +26,9 @@ def keyframe_objects(
             raise BadRequest(
                 "a video request's context must be an object with a 'result' list of VideoRectangle regions"
             )
-        objects = video_objects(context["result"], to_name=config.video_name)
+        objects = _trackable(video_objects(context["result"], to_name=config.video_name))
     else:
-        objects = []
-        for source in _latest_first(task):
-            objects = video_objects(source, to_name=config.video_name)
-            if objects:
-                break
-    objects = [obj for obj in objects if any(keyframe.enabled for keyframe in obj.keyframes)]
+        objects = drawn_objects(task, config)
     if len(objects) > max_objects:
         raise VideoError(f"{len(objects)} objects to track in one video; MAX_VIDEO_OBJECTS allows {max_objects}", 413)
     if not objects:
@@ -43,6 +38,20 @@ def keyframe_objects(
             422,
         )
     return objects
+
+
+def drawn_objects(task: Mapping[str, Any], config: VideoConfig) -> list[VideoObject]:
+    """The regions of the task's most recent annotation or draft that has any, none if none has."""
+    for source in _latest_first(task):
+        objects = _trackable(video_objects(source, to_name=config.video_name))
+        if objects:
+            return objects
+    return []
+
+
+def _trackable(objects: list[VideoObject]) -> list[VideoObject]:
+    """Regions with a box shown on at least one frame: one made only of disabled keyframes gives no prompt."""
+    return [obj for obj in objects if any(keyframe.enabled for keyframe in obj.keyframes)]
 
 
 def _latest_first(task: Mapping[str, Any]) -> list[list]:

@@ -31,6 +31,13 @@ class ProjectTask:
     data: dict
     prediction_versions: tuple[str, ...]  # model_version of each prediction the task already holds
     is_labeled: bool
+    # As the task listing has them: a video tracking run reads the keyframes drawn in them.
+    annotations: tuple[dict, ...] = ()
+    drafts: tuple[dict, ...] = ()
+
+    def as_sent(self) -> dict:
+        """The task as Label Studio sends it to /predict: id, data, annotations and drafts."""
+        return {"id": self.id, "data": self.data, "annotations": list(self.annotations), "drafts": list(self.drafts)}
 
 
 @dataclass(frozen=True)
@@ -135,7 +142,14 @@ def _project_task(task: Any) -> ProjectTask:  # one of the SDK's listed tasks
         data=dict(task.data or {}),
         prediction_versions=tuple(_model_version(prediction) for prediction in task.predictions or []),
         is_labeled=bool(getattr(task, "is_labeled", False)),
+        annotations=tuple(_as_dict(annotation) for annotation in getattr(task, "annotations", None) or []),
+        drafts=tuple(_as_dict(draft) for draft in getattr(task, "drafts", None) or []),
     )
+
+
+def _as_dict(item: Any) -> dict:
+    """An annotation or draft of the SDK's listing (a dict, or one of its pydantic models) as plain JSON."""
+    return item if isinstance(item, dict) else item.model_dump(mode="json")
 
 
 def _said(body: object) -> str:

@@ -349,3 +349,9 @@ def video_rectangle_result(
     if score is not None:
         result["score"] = float(score)
     return result
+
+
+def video_prediction(tracks: list[dict[str, Any]], model_version: str) -> dict[str, Any]:
+    """A video task's prediction: its tracks, the model version, and the least sure track's score."""
+    scores = [track["score"] for track in tracks if "score" in track]
+    return {"result": tracks, "model_version": model_version, **({"score": min(scores)} if scores else {})}

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from backend.project_files import ProjectFiles
 from backend.protocol.label_config import ProjectConfig
 from backend.protocol.project_api import ProjectTask
 from backend.runs.preannotate import ProjectRun
@@ -19,6 +20,7 @@ from backend.runs.preannotate import ProjectRun
 
 class EncodeRun(ProjectRun):
     KIND = "encoding"
+    ROUTE = "/encode"
     LOCK_KEY = "sam:encode-lock:{project}"
     PROGRESS_KEY = "sam:encode:{project}"
     STOP_KEY = "sam:encode:{project}:stop"
@@ -29,13 +31,15 @@ class EncodeRun(ProjectRun):
     def errors_file(self) -> Path:
         return self.files.root / "encode-errors.jsonl"
 
-    def handed_over(self) -> None:
-        return None  # /predict batches hand tasks to pre-annotation runs only
+    @classmethod
+    def waiting(cls, files: ProjectFiles) -> None:
+        return None  # /predict batches hand tasks to pre-annotation and tracking runs only
 
     def _needs_work(self, task: ProjectTask, version: str) -> bool:
         return not (self.options.skip_annotated and task.is_labeled)
 
-    def _work(self, urls: list[object], config: ProjectConfig) -> list[Any]:
+    def _work(self, batch: list[ProjectTask], config: ProjectConfig) -> list[Any]:
+        urls = [task.data.get(config.image_field) for task in batch]
         return self._with_retries(lambda: self.predictor.encode_batch(urls, self.project_id))
 
     def _store(self, answered: list[tuple[ProjectTask, Any]]) -> int:

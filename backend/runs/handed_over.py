@@ -1,7 +1,9 @@
 """The tasks of a project that a "Retrieve predictions" batch could not finish within PREDICT_DEADLINE and handed
-to the project's background pre-annotation run: MODEL_DIR/<project>/handed-over.json, a JSON object from each task's
-id to its data as Label Studio sent it (the run needs the image URL, and looking a task up through Label Studio's task
-API would make Label Studio ask this backend for the task's prediction itself, one task at a time).
+to the project's background run: MODEL_DIR/<project>/handed-over.json for pre-annotation (each task's id to its data
+as Label Studio sent it: the run needs the image URL) and handed-over-videos.json for video tracking (each video
+task's id to its data, annotations and drafts: the run needs the keyframes too). Looking a task up through Label
+Studio's task API instead would make Label Studio ask this backend for the task's prediction itself, one task at a
+time.
 
 A task leaves the list once the run has stored its prediction, found it predicted meanwhile, or recorded its error;
 the list outlives the process, so a restarted backend resumes the run where it stopped. Every process of the host
@@ -15,16 +17,17 @@ import fcntl
 import json
 import logging
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 
-from backend.project_files import ProjectFiles, write_atomically
+from backend.project_files import write_atomically
 
 log = logging.getLogger(__name__)
 
 
 class HandedOverTasks:
-    def __init__(self, files: ProjectFiles) -> None:
-        self.path = files.handed_over
-        self.lock_path = files.root / ".handed-over.lock"
+    def __init__(self, path: Path) -> None:
+        self.path = path  # a ProjectFiles path: `handed_over`, or `handed_over_videos` for video tracking runs
+        self.lock_path = path.with_name(f".{path.stem}.lock")
 
     def tasks(self) -> dict[int, dict]:
         """The tasks waiting, by id in ascending order, each with its data; none when the file is missing or

@@ -74,6 +74,10 @@ class RunProgress:
     resumable: bool = False  # a failed run's cause may pass (Label Studio or the workers did not answer)
     started_at: float = field(default_factory=time.time)
     busy_s: float = 0.0  # time spent on tasks that needed work, the base of the rate
+    # A video tracking run's task being tracked, and the decoded frames its track has reached of the video's.
+    task: int | None = None
+    frames_done: int = 0
+    frames_total: int = 0
 
     @property
     def rate(self) -> float:
@@ -102,9 +106,11 @@ class RunOptions:
 class ProjectRun:
     """One pre-annotation run of one project; `run()` blocks until it finished, stopped or failed. The run's
     skeleton (claim, pages, batches in flight, progress, stop) is shared with other whole-project runs, which
-    subclass it and override the class names and `_needs_work`, `_work` and `_store` (`runs.encode.EncodeRun`)."""
+    subclass it and override the class names and `_needs_work`, `_work` and `_store` (`runs.encode.EncodeRun`), and
+    what it reads and makes (`waiting`, `_label_config`, `_model_version`: `runs.video.VideoTrackRun`)."""
 
     KIND = "pre-annotation"  # in log lines and messages
+    ROUTE = "/preannotate"  # POST starts a run of ?project=, GET reports its progress, DELETE stops it
     LOCK_KEY = "sam:preannotate-lock:{project}"
     PROGRESS_KEY = PROGRESS_KEY
     STOP_KEY = STOP_KEY
@@ -130,6 +136,7 @@ class ProjectRun:
         self.progress = RunProgress(project_id)
         self._submitted = 0
         self._work_started: float | None = None
+        self._left_undone = 0  # tasks a stop cut short in the middle of their work
         self.attempted: set[int] = set()  # task ids this run predicted, skipped or recorded an error for
 
     def claim(self) -> contextlib.AbstractContextManager[None]:
@@ -145,9 +152,19 @@ class ProjectRun:
     def errors_file(self) -> Path:
         return self.files.preannotate_errors
 
+    @classmethod
+    def default_options(cls, settings: Settings, predictor: Inference) -> RunOptions:
+        """A run's options unless its request says otherwise: batches as GroundingDINO takes them, as many in flight
+        as the predictor runs at once."""
+        return RunOptions(batch_size=settings.grounding_dino_batch, parallel=predictor.parallel_batches())
+
+    @classmethod
+    def waiting(cls, files: ProjectFiles) -> HandedOverTasks | None:
+        """The tasks /predict batches handed to this kind of run in a project; None for a kind that takes none."""
+        return HandedOverTasks(files.handed_over)
+
     def handed_over(self) -> HandedOverTasks | None:
-        """The tasks /predict batches handed to this kind of run; None for a kind that takes none."""
-        return HandedOverTasks(self.files)
+        return self.waiting(self.files)
 
     def run(self) -> RunProgress:
         """Claim the project, then run; a project another run holds ends this one as busy."""
@@ -187,8 +204,8 @@ class ProjectRun:
 
     def _run_locked(self) -> None:
         project = self.api.project(self.project_id)
-        config = parse_label_config(project.label_config)
-        version = self.predictor.decoders.current_name(self.project_id)
+        config = self._label_config(project.label_config)
+        version = self._model_version()
         self.progress.total = 0 if self.options.handed_over_only else project.task_count
         self.progress.model_version = version
         self.progress.state = "running"
@@ -210,13 +227,12 @@ class ProjectRun:
                     self._collect(in_flight, version)
                 if self._work_started is None:
                     self._work_started = time.monotonic()
-                urls = [task.data.get(config.image_field) for task in batch]
-                in_flight[pool.submit(self._work, urls, config)] = batch
+                in_flight[pool.submit(self._work, batch, config)] = batch
             stopped = self.should_stop()
             # Batches already computing are finished and stored even when stopping: their work is not thrown away.
             while in_flight:
                 self._collect(in_flight, version)
-        if stopped or self._limit_reached():
+        if stopped or self._left_undone or self._limit_reached():
             self._end("stopped", "stopped on request" if stopped else f"stopped after {self._submitted} tasks (limit)")
         else:
             self._end("finished")
@@ -241,7 +257,11 @@ class ProjectRun:
     def _current(self, waiting: dict[int, dict], task_ids: list[int]) -> Iterator[ProjectTask]:
         for task_id in task_ids:
             if task_id in waiting:
-                yield ProjectTask(task_id, waiting[task_id], self.api.prediction_versions(task_id), is_labeled=False)
+                yield self._waiting_task(task_id, waiting[task_id], self.api.prediction_versions(task_id))
+
+    def _waiting_task(self, task_id: int, handed_over: dict, prediction_versions: tuple[str, ...]) -> ProjectTask:
+        """A handed-over task as `HandedOverTasks` keeps it (its data)."""
+        return ProjectTask(task_id, handed_over, prediction_versions, is_labeled=False)
 
     def _in_batches(self, tasks: Iterator[ProjectTask], version: str) -> Iterator[list[ProjectTask]]:
         batch: list[ProjectTask] = []
@@ -272,8 +292,18 @@ class ProjectRun:
         """Tasks without a prediction of `version` (and, if asked, without annotations)."""
         return version not in task.prediction_versions and not (self.options.skip_annotated and task.is_labeled)
 
-    def _work(self, urls: list[object], config: ProjectConfig) -> list[Any]:
-        """One batch's outcomes, one per task: an error (BackendError) or what `_store` stores."""
+    def _label_config(self, label_config: str) -> Any:
+        """The project's label config as this kind of run reads it (ConfigError when it cannot serve it)."""
+        return parse_label_config(label_config)
+
+    def _model_version(self) -> str:
+        """The model version this run's predictions carry: a task holding one of it is skipped."""
+        return self.predictor.decoders.current_name(self.project_id)
+
+    def _work(self, batch: list[ProjectTask], config: Any) -> list[Any]:
+        """One batch's outcomes (`config` as `_label_config` read it), one per task: an error (BackendError), what
+        `_store` stores, or None for a task left undone (the run stopped in the middle of it: it stays handed over)."""
+        urls = [task.data.get(config.image_field) for task in batch]
         return self._with_retries(lambda: self.predictor.predict_batch(urls, config, self.project_id))
 
     def _with_retries(self, call: Callable[[], list[Any]]) -> list[Any]:
@@ -299,7 +329,8 @@ class ProjectRun:
             answered = [(task, outcome) for task, outcome in zip(batch, outcomes, strict=True) if not _failed(outcome)]
             self.progress.predicted += self._store(answered)
             self._record_errors(errors, version)
-            self._settled([task.id for task in batch])
+            self._settled([task.id for task, outcome in zip(batch, outcomes, strict=True) if outcome is not None])
+            self._left_undone += sum(outcome is None for outcome in outcomes)
             self.progress.busy_s = time.monotonic() - (self._work_started or time.monotonic())
             self.report(self.progress)
 
@@ -338,6 +369,9 @@ class BackgroundRuns:
         self.settings = settings
         self.store = store
         self.run_class = run_class
+
+    def default_options(self) -> RunOptions:
+        return self.run_class.default_options(self.settings, self.predictor)
 
     def progress(self, project_id: int) -> dict | None:
         data = self.store.get(self.run_class.PROGRESS_KEY.format(project=project_id))
@@ -390,13 +424,11 @@ class BackgroundRuns:
         """Have the project's run predict these tasks (their data by id) and import their predictions: the run going
         on takes them after its own, else one starts that takes only them. Its progress (state busy when one was going
         on)."""
-        HandedOverTasks(ProjectFiles(self.settings.model_dir, project_id)).add(tasks)
-        options = RunOptions(
-            batch_size=self.settings.grounding_dino_batch,
-            parallel=self.predictor.parallel_batches(),
-            handed_over_only=True,
-        )
-        return self.start(project_id, options, answer_within_s=0)
+        waiting = self.run_class.waiting(ProjectFiles(self.settings.model_dir, project_id))
+        if waiting is None:
+            raise ValueError(f"a {self.run_class.KIND} run takes no tasks handed over")
+        waiting.add(tasks)
+        return self.start(project_id, replace(self.default_options(), handed_over_only=True), answer_within_s=0)
 
     def resume_handed_over(self) -> list[int]:
         """Start a run for every project whose handed-over tasks wait (the process stopped in the middle of one);
@@ -404,10 +436,10 @@ class BackgroundRuns:
         waiting = [
             project_id
             for project_id in ProjectFiles.projects(self.settings.model_dir)
-            if HandedOverTasks(ProjectFiles(self.settings.model_dir, project_id)).ids()
+            if (tasks := self.run_class.waiting(ProjectFiles(self.settings.model_dir, project_id))) and tasks.ids()
         ]
         for project_id in waiting:
-            log.info("project %d: resuming the pre-annotation of the tasks handed over", project_id)
+            log.info("project %d: resuming the %s of the tasks handed over", project_id, self.run_class.KIND)
             self.hand_over(project_id, {})
         return waiting
 
