@@ -8,6 +8,7 @@ The model is the reduced SAM 3 with random weights of tests/test_sam3_detector.p
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +21,12 @@ from backend.images import decode_image
 from backend.models.detector import NMS_IOU, Detection
 from backend.models.registry import load_detector, load_segmenter
 from backend.models.sam3_detector import Sam3Detector, load_sam3_detector
-from tests.conftest import TASK_IMAGES
+from backend.protocol.label_config import parse_label_config
+from tests.assets import decode_brush, recorded
+from tests.conftest import TASK_IMAGES, make_client
 from tests.detector_weights import write_sam3
 from tests.test_detectors import NO_CAP, as_the_backend_selects
+from tests.test_grounding_dino import batch_body
 from tests.test_sam3_detector import mask_iou, shared_settings, widest_gap
 
 
@@ -127,3 +131,94 @@ def test_exemplars_on_the_cached_float16_embedding_equal_those_on_the_image(
         assert mine.score == pytest.approx(theirs.score, abs=0.01)
         assert mine.box == pytest.approx(theirs.box, abs=2.0)
         assert mine.mask is not None and theirs.mask is not None and mask_iou(mine.mask, theirs.mask) >= 0.95
+
+
+EXEMPLAR_CONTROL = (
+    '<RectangleLabels name="find" toName="image" smart="true" exemplar="{mode}">'
+    '<Label value="Car"/><Label value="Wheel"/></RectangleLabels>'
+)
+
+
+def exemplar_body(image_url: str, mode: str = "true") -> dict:
+    """Label Studio's recorded smart-rectangle request (05) with the exemplar control declared before the smart
+    RectangleLabels: two Car exemplars and a Wheel one drawn with it, and the recorded Car box of the smart
+    RectangleLabels, which keeps its own answer."""
+    body = recorded("05-predict-interactive-rectangle.json")
+    body["tasks"][0]["data"]["image"] = image_url
+    body["label_config"] = body["label_config"].replace(
+        '<RectangleLabels name="tag3"', EXEMPLAR_CONTROL.format(mode=mode) + '\n  <RectangleLabels name="tag3"'
+    )
+    (drawn,) = body["params"]["context"]["result"]
+    regions = [drawn]
+    for index, (x, y, label) in enumerate([(10.0, 20.0, "Car"), (55.0, 30.0, "Car"), (40.0, 60.0, "Wheel")]):
+        value = {"x": x, "y": y, "width": 30.0, "height": 25.0, "rotation": 0, "rectanglelabels": [label]}
+        regions.append({**drawn, "id": f"exemplar{index}", "from_name": "find", "value": value})
+    body["params"]["context"]["result"] = regions
+    return body
+
+
+def exemplars_in_pixels(body: dict, label: str, size: tuple[int, int]) -> list[tuple[float, float, float, float]]:
+    height, width = size
+    boxes = []
+    for region in body["params"]["context"]["result"]:
+        value = region["value"]
+        if region["from_name"] == "find" and value["rectanglelabels"] == [label]:
+            x0, y0 = value["x"] / 100 * width, value["y"] / 100 * height
+            boxes.append((x0, y0, x0 + value["width"] / 100 * width, y0 + value["height"] / 100 * height))
+    return boxes
+
+
+@pytest.mark.parametrize("mode", ["true", "text"])
+def test_an_exemplar_box_in_label_studio_gives_every_object_like_it(
+    settings, sam3_folder, redis_url, label_studio, media_root, mode
+):
+    client, predictor = make_client(shared_settings(settings, sam3_folder, redis_url))
+    detector = predictor.detector.get(120)
+    image_url = batch_body(label_studio)["tasks"][3]["data"]["image"]  # the stand-in's car
+    body = exemplar_body(image_url, mode)
+    response = client.post("/predict", json=body)
+    assert response.status_code == 200, response.json
+    answered = response.json["results"][0]["result"]
+    regions = [region for region in answered if region["type"] == "brushlabels"]
+    boxes = [region for region in answered if region["type"] == "rectanglelabels"]
+    assert all(region["from_name"] == "tag" for region in regions) and all(box["from_name"] == "tag3" for box in boxes)
+    # The smart rectangle's own object first, then each label's instances: SAM 3's masks and scores (and each
+    # instance's box in the smart RectangleLabels, which has the labels too, as for a text prompt).
+    pixels = decode_image((media_root / "public/car_512x384_http.jpg").read_bytes(), 10**8)
+    expected = []
+    for label in ("Car", "Wheel"):
+        drawn = exemplars_in_pixels(body, label, pixels.shape[:2])
+        text = label if mode == "text" else None
+        found = detector.find_like(pixels, drawn, [True] * len(drawn), text, 0.0, 0.0, 3)
+        expected += [(label, detection) for detection in found]
+    assert regions[0]["value"]["brushlabels"] == ["Car"]
+    assert len(regions) == 1 + len(expected) >= 3 and len(boxes) == len(expected)
+    for region, (label, detection) in zip(regions[1:], expected, strict=True):
+        assert region["value"]["brushlabels"] == [label]
+        assert detection.mask is not None and mask_iou(decode_brush(region), detection.mask) >= 0.95
+        assert region["score"] == pytest.approx(detection.score, abs=0.01)
+
+
+def test_exemplar_boxes_without_sam3_as_the_detector_are_refused_naming_the_setting(settings, label_studio):
+    client, _ = make_client(settings)
+    body = exemplar_body(batch_body(label_studio)["tasks"][3]["data"]["image"])
+    response = client.post("/predict", json=body)
+    assert response.status_code == 422
+    assert "set DETECTOR=sam3" in response.json["error"] and "'find'" in response.json["error"]
+
+
+def test_only_negative_exemplars_are_refused(settings, label_studio):
+    client, _ = make_client(replace(settings, detector="sam3"))
+    body = exemplar_body(batch_body(label_studio)["tasks"][3]["data"]["image"])
+    for region in body["params"]["context"]["result"]:
+        if region["value"]["rectanglelabels"] == ["Wheel"]:
+            region["is_positive"] = False
+    response = client.post("/predict", json=body)
+    assert response.status_code == 422
+    assert "exemplar boxes of 'Wheel' are all negative" in response.json["error"]
+
+
+def test_the_exemplar_control_is_no_output_control():
+    config = parse_label_config(exemplar_body("/data/x.jpg", "text")["label_config"])
+    assert config.exemplar is not None and config.exemplar.name == "find" and config.exemplar_text
+    assert config.rectangle is not None and config.rectangle.name == "tag3"
