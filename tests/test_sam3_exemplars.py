@@ -174,10 +174,14 @@ def test_an_exemplar_box_in_label_studio_gives_every_object_like_it(
 ):
     client, predictor = make_client(shared_settings(settings, sam3_folder, redis_url))
     detector = predictor.detector.get(120)
+    passes = []  # the detector's own image encoder never runs: it reads the tracker's cached embedding
+    hook = detector.model.vision_encoder.backbone.register_forward_hook(lambda *args: passes.append(1))
     image_url = batch_body(label_studio)["tasks"][3]["data"]["image"]  # the stand-in's car
     body = exemplar_body(image_url, mode)
     response = client.post("/predict", json=body)
+    hook.remove()
     assert response.status_code == 200, response.json
+    assert passes == []
     answered = response.json["results"][0]["result"]
     regions = [region for region in answered if region["type"] == "brushlabels"]
     boxes = [region for region in answered if region["type"] == "rectanglelabels"]
