@@ -140,13 +140,13 @@ EXEMPLAR_CONTROL = (
 
 
 def exemplar_body(image_url: str, mode: str = "true") -> dict:
-    """Label Studio's recorded smart-rectangle request (05) with the exemplar control declared before the smart
-    RectangleLabels: two Car exemplars and a Wheel one drawn with it, and the recorded Car box of the smart
-    RectangleLabels, which keeps its own answer."""
+    """Label Studio's recorded smart-rectangle request (05) with the exemplar control declared first: two Car
+    exemplars and a Wheel one drawn with it, and the recorded Car box of the smart RectangleLabels, which keeps its
+    own answer."""
     body = recorded("05-predict-interactive-rectangle.json")
     body["tasks"][0]["data"]["image"] = image_url
     body["label_config"] = body["label_config"].replace(
-        '<RectangleLabels name="tag3"', EXEMPLAR_CONTROL.format(mode=mode) + '\n  <RectangleLabels name="tag3"'
+        '<BrushLabels name="tag"', EXEMPLAR_CONTROL.format(mode=mode) + '\n  <BrushLabels name="tag"'
     )
     (drawn,) = body["params"]["context"]["result"]
     regions = [drawn]
@@ -192,7 +192,7 @@ def test_an_exemplar_box_in_label_studio_gives_every_object_like_it(
     expected = []
     for label in ("Car", "Wheel"):
         drawn = exemplars_in_pixels(body, label, pixels.shape[:2])
-        text = label if mode == "text" else None
+        text = parse_label_config(body["label_config"]).phrases[label][0] if mode == "text" else None
         found = detector.find_like(pixels, drawn, [True] * len(drawn), text, 0.0, 0.0, 3)
         expected += [(label, detection) for detection in found]
     assert regions[0]["value"]["brushlabels"] == ["Car"]
@@ -226,3 +226,5 @@ def test_the_exemplar_control_is_no_output_control():
     config = parse_label_config(exemplar_body("/data/x.jpg", "text")["label_config"])
     assert config.exemplar is not None and config.exemplar.name == "find" and config.exemplar_text
     assert config.rectangle is not None and config.rectangle.name == "tag3"
+    # Declared before the BrushLabels, its bare labels leave the brush's predicted_values as the labels' phrases.
+    assert config.phrases["Wheel"] == ("wheel", "tyre")

@@ -87,8 +87,8 @@ def _phrases(
 ) -> dict[str, tuple[str, ...]]:
     phrases: dict[str, tuple[str, ...]] = {}
     for control in interface.controls:
-        if control.tag not in tags or image_name not in control.to_name:
-            continue
+        if control.tag not in tags or image_name not in control.to_name or _exemplar_mode(control) is not None:
+            continue  # the exemplar control's labels name no phrases: it may come first with bare labels
         for label, label_tag in (control.labels_attrs or {}).items():
             raw = (label_tag.attr or {}).get("predicted_values", "")
             wanted = tuple(phrase.strip() for phrase in raw.split(",") if phrase.strip()) or (label,)
