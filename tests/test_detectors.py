@@ -42,7 +42,12 @@ def image(media_root) -> np.ndarray:
 
 
 def as_the_backend_selects(
-    image_size: tuple[int, int], boxes: torch.Tensor, scores: torch.Tensor, phrases: list[int], groups: list[int]
+    image_size: tuple[int, int],
+    boxes: torch.Tensor,
+    scores: torch.Tensor,
+    phrases: list[int],
+    groups: list[int],
+    nms_iou: float = NMS_IOU,
 ) -> list[Detection]:
     """A library's detections (pixel x0, y0, x1, y1 boxes, scores, phrase of each), clamped to the image, at least
     a pixel wide and high, de-duplicated within each label and sorted best first."""
@@ -52,7 +57,7 @@ def as_the_backend_selects(
     boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
     sized = ((boxes[:, 2] - boxes[:, 0] >= 1) & (boxes[:, 3] - boxes[:, 1] >= 1)).nonzero()[:, 0]
     label_of = torch.as_tensor([groups[phrase] for phrase in phrases], dtype=torch.long)
-    kept = sized[batched_nms(boxes[sized], scores[sized], label_of[sized], NMS_IOU)]
+    kept = sized[batched_nms(boxes[sized], scores[sized], label_of[sized], nms_iou)]
     return [Detection(tuple(boxes[i].tolist()), float(scores[i]), phrases[i]) for i in kept.tolist()]
 
 

@@ -166,3 +166,15 @@ def test_too_many_regions_are_refused():
     with pytest.raises(PromptError) as error:
         read_context({"result": [keypoint(1, 1)] * 11}, 10)
     assert error.value.status == 413
+
+
+def test_rectangles_of_the_exemplar_control_are_exemplars_and_the_others_boxes():
+    negative = {**rectangle(50, 50, 10, 10, label="Car"), "from_name": "find", "is_positive": False}
+    context = {"result": [rectangle(10, 10, 20, 20), {**rectangle(0, 0, 50, 25), "from_name": "find"}, negative]}
+    parsed = read_context(context, 100, exemplar_control="find").in_pixels(SIZE)
+    assert list(parsed.rectangles) == list(parsed.exemplars) == ["Car"]
+    assert np.allclose(parsed.rectangles["Car"], [(102.4, 76.8, 307.2, 230.4)])
+    boxes, positive = zip(*parsed.exemplars["Car"], strict=True)
+    assert np.allclose(boxes, [(0, 0, 512, 192), (512, 384, 614.4, 460.8)]) and positive == (True, False)
+    # Without an exemplar control in the label config every rectangle is a box prompt.
+    assert read_context(context, 100).exemplars == {}

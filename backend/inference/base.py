@@ -14,7 +14,7 @@ from backend.cache.store import ByteStore
 from backend.config import Settings
 from backend.deadline import NO_LIMIT, TimeLimit
 from backend.decoders.serving import ProjectDecoders
-from backend.errors import BackendError
+from backend.errors import BackendError, PromptError
 from backend.images import ImageFetcher
 from backend.outcomes import TaskPrediction
 from backend.prompts.interactive import ContextPrompts, read_context
@@ -126,7 +126,14 @@ class InteractiveFront:
         """The request's smart-tool context, checked in full against the project before any image is fetched:
         only the step to pixels needs the image, and it can refuse nothing but a turned rectangle reaching out
         of the image."""
-        prompts = read_context(context, self.settings.max_prompts_per_task)
+        exemplar_control = config.exemplar.name if config.exemplar is not None else None
+        prompts = read_context(context, self.settings.max_prompts_per_task, exemplar_control)
+        if prompts.exemplars and self.settings.detector != "sam3":
+            raise PromptError(
+                f"boxes drawn with the exemplar control {exemplar_control!r} ask SAM 3 for every object like them: "
+                f"set DETECTOR=sam3 (it is {self.settings.detector!r})",
+                422,
+            )
         for label in prompts.region_labels:
             config.check_output_label(label)
         region_rules(self.settings, config)  # a bad polygon_tolerance is refused before any work

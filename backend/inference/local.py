@@ -236,6 +236,9 @@ class Predictor(InteractiveFront):
             detected += self.text.objects(
                 segmenter, image, embedding, prompts.texts, prompts.text_label, config, timings
             )
+        if prompts.exemplars:
+            exemplars = prompts.in_pixels(embedding.original_size).exemplars
+            detected += self.text.exemplar_objects(image, embedding, exemplars, config, timings)
         return TaskPrediction(
             objects=detected,
             image_size=embedding.original_size,

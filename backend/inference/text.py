@@ -15,8 +15,9 @@ from backend.images import FetchedImage, decode_image
 from backend.models.base import ImageEmbedding, Segmenter, SegmentPrompt
 from backend.models.detector import Detection, Detector, Picture
 from backend.models.loader import BackgroundLoader
+from backend.models.sam3_detector import Sam3Detector
 from backend.outcomes import DetectedObject, iou_score
-from backend.prompts.interactive import ContextPrompts
+from backend.prompts.interactive import Box, ContextPrompts
 from backend.prompts.text import TextQuery, Thresholds, text_query, thresholds_for
 from backend.protocol.label_config import ProjectConfig
 
@@ -62,6 +63,18 @@ class TextDetection:
 
     def ready(self, query: TextQuery) -> Detector:
         """The detector, able to read `query`'s caption; a 503 naming what is missing if it could not load."""
+        detector = self.loaded()
+        tokens = detector.text_tokens(query.caption, list(query.spans))
+        if tokens > detector.max_text_tokens:
+            raise PromptError(
+                f"the {len(query.phrases)} phrases to detect take {tokens} tokens; {detector.name} reads at most "
+                f"{detector.max_text_tokens}: use fewer labels or shorter predicted_values",
+                413,
+            )
+        return detector
+
+    def loaded(self) -> Detector:
+        """The detector; a 503 naming what is missing if it could not load."""
         try:
             detector = self.detector.get(self.settings.model_ready_timeout_s)
         except ModelNotReady:
@@ -72,13 +85,6 @@ class TextDetection:
                 f"not be loaded: {self.detector.error}",
                 503,
             ) from None
-        tokens = detector.text_tokens(query.caption, list(query.spans))
-        if tokens > detector.max_text_tokens:
-            raise PromptError(
-                f"the {len(query.phrases)} phrases to detect take {tokens} tokens; {detector.name} reads at most "
-                f"{detector.max_text_tokens}: use fewer labels or shorter predicted_values",
-                413,
-            )
         return detector
 
     def objects(
@@ -105,6 +111,41 @@ class TextDetection:
         detected = time.perf_counter()
         objects = self.segment(segmenter, embedding, detections, query, config)
         timings.update({"detect": detected - started, "decode": timings["decode"] + time.perf_counter() - detected})
+        return objects
+
+    def exemplar_objects(
+        self,
+        image: FetchedImage,
+        embedding: ImageEmbedding,
+        exemplars: dict[str, list[tuple[Box, bool]]],
+        config: ProjectConfig | None,
+        timings: dict[str, float],
+    ) -> list[DetectedObject]:
+        """Every object like each label's exemplar boxes (SAM 3), with the label's first phrase when the exemplar
+        control says exemplar="text"; SAM 3's own masks and scores, selected as a text prompt's objects."""
+        config = self.config_of(config)
+        detector = self.loaded()
+        if not isinstance(detector, Sam3Detector):
+            raise PromptError(f"exemplar boxes need SAM 3's detector: set DETECTOR=sam3 (it is {detector.name})", 422)
+        thresholds = self.thresholds(config)
+        started = time.perf_counter()
+        picture: Picture = embedding
+        if not detector.shares_encoder:
+            picture = decode_image(image.data, self.settings.max_image_pixels)
+        objects = []
+        for label, boxes in exemplars.items():
+            text = config.phrases.get(label, (label,))[0] if config.exemplar_text else None
+            detections = detector.find_like(
+                picture,
+                [box for box, _ in boxes],
+                [positive for _, positive in boxes],
+                text,
+                thresholds.box,
+                thresholds.text,
+                self.settings.max_objects,
+            )
+            objects += self.labelled(None, None, detections, [label] * len(detections), config)
+        timings["exemplars"] = time.perf_counter() - started
         return objects
 
     @staticmethod
@@ -143,7 +184,19 @@ class TextDetection:
         BrushLabels or PolygonLabels control for its label); the object's score is the detector's box score times SAM's
         predicted IoU, so Label Studio can sort by either model's doubt. A detector that segments what it finds
         (SAM 3) brings each box's mask and score: no segmenter is asked."""
-        labels = [query.labels[detection.phrase] for detection in detections]
+        return TextDetection.labelled(
+            segmenter, embedding, detections, [query.labels[detection.phrase] for detection in detections], config
+        )
+
+    @staticmethod
+    def labelled(
+        segmenter: Segmenter | None,
+        embedding: ImageEmbedding | None,
+        detections: list[Detection],
+        labels: list[str],
+        config: ProjectConfig,
+    ) -> list[DetectedObject]:
+        """As `segment`, each detection with its label."""
         masked = [index for index, label in enumerate(labels) if label in config.mask_labels]
         predictions = {}
         unsegmented = [index for index in masked if detections[index].mask is None]

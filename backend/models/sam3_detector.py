@@ -27,11 +27,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from torchvision.ops import box_convert
 
 from backend.errors import WrongCheckpoint
 from backend.models.base import ImageEmbedding
 from backend.models.checkpoints import sha256_of
-from backend.models.detector import BoxScores, Picture
+from backend.models.detector import NMS_IOU, BoxScores, Detection, Picture, select, size_of
 from backend.models.hf_segmenter import SAM3_BACKBONE
 from backend.models.sam import resolve_device
 from backend.models.transformers_detectors import TransformersDetector
@@ -73,37 +74,83 @@ class Sam3Detector(TransformersDetector):
     def score(
         self, images: list[np.ndarray], caption: str, spans: list[tuple[int, int]], floor: float
     ) -> list[BoxScores]:
-        phrases = self._phrases(caption, spans)
-        answers = []
-        for image in images:
-            pixels = self.processor(images=[image], return_tensors="pt")["pixel_values"].to(self.device)
-            vision = self.model.get_vision_features(pixel_values=pixels)  # type: ignore[operator]
-            answers.append(self._score_features(vision, image.shape[:2], phrases, floor))
-        return answers
+        phrases = self._phrases([caption[start:end] for start, end in spans])
+        return [self._score_features(*self._vision(image), phrases, floor) for image in images]
 
     def score_encoded(
         self, embeddings: list[ImageEmbedding], caption: str, spans: list[tuple[int, int]], floor: float
     ) -> list[BoxScores]:
         """From the tracker's embeddings (their SAM3_BACKBONE): the detector's neck on the ViT's output, then as
         `score`."""
-        from transformers.models.sam3.modeling_sam3 import Sam3VisionEncoderOutput
+        phrases = self._phrases([caption[start:end] for start, end in spans])
+        return [self._score_features(*self._vision(embedding), phrases, floor) for embedding in embeddings]
 
-        phrases = self._phrases(caption, spans)
-        neck: Any = self.model.vision_encoder.neck  # type: ignore[union-attr]
-        answers = []
-        for embedding in embeddings:
-            backbone = torch.from_numpy(np.asarray(embedding.extras[SAM3_BACKBONE], dtype=np.float32))
+    def find_like(
+        self,
+        picture: Picture,
+        exemplars: list[tuple[float, float, float, float]],
+        positive: list[bool],
+        text: str | None,
+        box_threshold: float,
+        text_threshold: float,
+        max_objects: int,
+        nms_iou: float = NMS_IOU,
+    ) -> list[Detection]:
+        """Every instance like the exemplar boxes (x0, y0, x1, y1 in the image's pixels; `positive` False for one
+        that shows what is not wanted) in one image or the tracker's embedding of it, optionally narrowed by the
+        noun phrase `text`; without it the phrase is "visual", as `Sam3Processor` prompts boxes alone. Boxes,
+        scores and masks are those of `post_process_instance_segmentation`, then selected as a text prompt's (one
+        phrase: thresholds, NMS, the object cap); every Detection's phrase is 0."""
+        height, width = size_of(picture)
+        scale = torch.tensor([width, height, width, height], dtype=torch.float32)
+        normalised = torch.tensor(exemplars, dtype=torch.float32).reshape(-1, 4) / scale
+        geometry = {
+            "input_boxes": box_convert(normalised, "xyxy", "cxcywh")[None].to(self.device),
+            "input_boxes_labels": torch.tensor([[int(flag) for flag in positive]], device=self.device),
+        }
+        one_phrase = torch.ones(1, 1, dtype=torch.bool, device=self.device)
+        with self._lock, torch.inference_mode():
+            phrases = self._phrases([text or "visual"])
+            answer = self._score_features(*self._vision(picture), phrases, box_threshold, geometry)
+        return select(
+            (height, width),
+            answer,
+            one_phrase,
+            torch.zeros(1, dtype=torch.long, device=self.device),
+            box_threshold,
+            text_threshold,
+            nms_iou,
+            limit=max_objects,
+        )
+
+    def _vision(self, picture: Picture) -> tuple[Any, tuple[int, int]]:
+        """The vision features of an image, or of the tracker's embedding of it (the detector's neck on the ViT's
+        output it keeps), with the image's (height, width)."""
+        if isinstance(picture, ImageEmbedding):
+            from transformers.models.sam3.modeling_sam3 import Sam3VisionEncoderOutput
+
+            neck: Any = self.model.vision_encoder.neck  # type: ignore[union-attr]
+            backbone = torch.from_numpy(np.asarray(picture.extras[SAM3_BACKBONE], dtype=np.float32))
             features, positions = neck(backbone.to(self.device)[None])
             vision = Sam3VisionEncoderOutput(fpn_hidden_states=features, fpn_position_encoding=positions)
-            answers.append(self._score_features(vision, embedding.original_size, phrases, floor))
-        return answers
+            return vision, picture.original_size
+        pixels = self.processor(images=[picture], return_tensors="pt")["pixel_values"].to(self.device)
+        return self.model.get_vision_features(pixel_values=pixels), size_of(picture)  # type: ignore[operator]
 
-    def _phrases(self, caption: str, spans: list[tuple[int, int]]) -> Any:
-        return self.processor(text=[caption[start:end] for start, end in spans], return_tensors="pt").to(self.device)
+    def _phrases(self, phrases: list[str]) -> Any:
+        return self.processor(text=phrases, return_tensors="pt").to(self.device)
 
-    def _score_features(self, vision: Any, image_size: tuple[int, int], phrases: Any, floor: float) -> BoxScores:
-        """Every phrase against one image's vision features. Only the boxes scoring above `floor` are kept, with
-        their masks: the official model's 200 masks of 288x288 floats take 66 MB a phrase."""
+    def _score_features(
+        self,
+        vision: Any,
+        image_size: tuple[int, int],
+        phrases: Any,
+        floor: float,
+        geometry: dict[str, torch.Tensor] | None = None,
+    ) -> BoxScores:
+        """Every phrase against one image's vision features, with the exemplar boxes of `geometry` (`Sam3Model`'s
+        input_boxes and input_boxes_labels) when given. Only the boxes scoring above `floor` are kept, with their
+        masks: the official model's 200 masks of 288x288 floats take 66 MB a phrase."""
         height, width = image_size
         scale = torch.tensor([width, height, width, height], dtype=torch.float32, device=self.device)
         count = len(phrases["input_ids"])
@@ -113,6 +160,7 @@ class Sam3Detector(TransformersDetector):
                 vision_embeds=vision,
                 input_ids=phrases["input_ids"][phrase : phrase + 1],
                 attention_mask=phrases["attention_mask"][phrase : phrase + 1],
+                **(geometry or {}),
             )
             scores = output.pred_logits[0].float().sigmoid() * output.presence_logits[0].float().sigmoid()
             kept = (scores > floor).nonzero()[:, 0]

@@ -40,6 +40,7 @@ class PercentRectangle:
 class PixelPrompts:
     keypoints: dict[str, list[Point]]  # label -> points in pixels
     rectangles: dict[str, list[Box]]  # label -> boxes in pixels
+    exemplars: dict[str, list[tuple[Box, bool]]] = field(default_factory=dict)  # label -> (box, positive)
 
 
 @dataclass
@@ -51,15 +52,17 @@ class ContextPrompts:
     rectangles: dict[str, list[PercentRectangle]] = field(default_factory=dict)
     texts: list[str] = field(default_factory=list)
     text_label: str | None = None  # the label a text prompt was given, when the client sends one
+    # label -> SAM 3 exemplar boxes drawn with the exemplar control, each with whether it is a positive one
+    exemplars: dict[str, list[tuple[PercentRectangle, bool]]] = field(default_factory=dict)
 
     @property
     def empty(self) -> bool:
-        return not (self.keypoints or self.rectangles or self.texts)
+        return not (self.keypoints or self.rectangles or self.texts or self.exemplars)
 
     @property
     def region_labels(self) -> list[str]:
-        """The labels the keypoints and rectangles ask masks for."""
-        return list(dict.fromkeys([*self.keypoints, *self.rectangles]))
+        """The labels the keypoints, rectangles and exemplars ask masks for."""
+        return list(dict.fromkeys([*self.keypoints, *self.rectangles, *self.exemplars]))
 
     def in_pixels(self, image_size: tuple[int, int]) -> PixelPrompts:
         """The keypoints and rectangles in pixels of the (height, width) image."""
@@ -72,7 +75,11 @@ class ContextPrompts:
             label: [_pixel_box(rectangle, width, height) for rectangle in boxes]
             for label, boxes in self.rectangles.items()
         }
-        return PixelPrompts(keypoints, rectangles)
+        exemplars = {
+            label: [(_pixel_box(rectangle, width, height), positive) for rectangle, positive in boxes]
+            for label, boxes in self.exemplars.items()
+        }
+        return PixelPrompts(keypoints, rectangles, exemplars)
 
 
 def _number(value: dict, key: str, unit: str, default: float | None = None) -> float:
@@ -144,8 +151,10 @@ def _read_rectangle(value: dict) -> PercentRectangle:
     return rectangle
 
 
-def read_context(context: object, max_prompts: int) -> ContextPrompts:
-    """Read and check every region of a smart-tool context; coordinates stay in percent of the image.
+def read_context(context: object, max_prompts: int, exemplar_control: str | None = None) -> ContextPrompts:
+    """Read and check every region of a smart-tool context; coordinates stay in percent of the image. Rectangles
+    from `exemplar_control` (the label config's exemplar RectangleLabels) are SAM 3's exemplars, positive unless
+    the region says `is_positive: false`, as a negative keypoint does; every label needs a positive one.
 
     Label Studio 1.23 sends x/y/width/height in percent of the image as decoded (its natural size, which
     original_width/original_height repeat), whatever `image_rotation` the annotator turned the view by: the Image
@@ -174,7 +183,12 @@ def read_context(context: object, max_prompts: int) -> ContextPrompts:
             prompts.keypoints.setdefault(label, []).append((x, y, int(positive)))
         elif kind == "rectanglelabels":
             rectangle = _read_rectangle(value)
-            prompts.rectangles.setdefault(_label_of(item, value, "rectanglelabels"), []).append(rectangle)
+            label = _label_of(item, value, "rectanglelabels")
+            if exemplar_control is not None and item.get("from_name") == exemplar_control:
+                positive = item.get("is_positive", True) is not False
+                prompts.exemplars.setdefault(label, []).append((rectangle, positive))
+            else:
+                prompts.rectangles.setdefault(label, []).append(rectangle)
         elif kind == "textarea":
             texts = value.get("text")
             if isinstance(texts, str):
@@ -187,6 +201,9 @@ def read_context(context: object, max_prompts: int) -> ContextPrompts:
                 prompts.text_label = chosen[0]
         else:
             raise PromptError(f"context region type {kind!r} is not a smart keypoint, rectangle or text prompt", 422)
+    for label, boxes in prompts.exemplars.items():
+        if not any(positive for _, positive in boxes):
+            raise PromptError(f"the exemplar boxes of {label!r} are all negative: draw one around a wanted one", 422)
     return prompts
 
 

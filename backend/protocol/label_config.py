@@ -1,7 +1,9 @@
 """A project's label config, read with label-studio-sdk, reduced to what the backend needs.
 
 Controls are found by tag type (BrushLabels, PolygonLabels, KeyPointLabels, RectangleLabels, TextArea, Number),
-never by name, so any project that uses these tags works whatever it called them.
+never by name, so any project that uses these tags works whatever it called them. One attribute of the backend's
+own marks SAM 3's exemplar control: a RectangleLabels with `exemplar="true"` (boxes alone) or `exemplar="text"`
+(boxes and the label's text) asks for every object like the boxes drawn with it, and is no output control.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ class ProjectConfig:
     polygon: Control | None
     keypoint: Control | None
     text_prompt: Control | None
+    exemplar: Control | None = None  # the RectangleLabels marked exemplar="true" or "text": SAM 3's exemplar boxes
+    exemplar_text: bool = False  # exemplar="text": the label's first phrase goes with its exemplar boxes
     phrases: dict[str, tuple[str, ...]] = field(default_factory=dict)  # label -> phrases that detect it
     numbers: dict[str, float] = field(default_factory=dict)  # Number controls' default values by name
 
@@ -58,9 +62,20 @@ class ProjectConfig:
             raise ConfigError(f"label {label!r} is not a label of the controls {names}")
 
 
-def _control(interface: LabelInterface, tag: str, image_name: str) -> Control | None:
+# The values of a RectangleLabels' `exemplar` attribute that make it the exemplar control.
+EXEMPLAR_MODES = ("true", "text")
+
+
+def _exemplar_mode(control: object) -> str | None:
+    mode = str((getattr(control, "attr", None) or {}).get("exemplar", "")).strip().lower()
+    return mode if mode in EXEMPLAR_MODES else None
+
+
+def _control(interface: LabelInterface, tag: str, image_name: str, exemplar: bool = False) -> Control | None:
+    """The first control of `tag` on the image; `exemplar` picks the exemplar control, else it is passed over."""
     for control in interface.controls:
-        if control.tag == tag and image_name in control.to_name:
+        marked = _exemplar_mode(control) is not None and tag == "RectangleLabels"
+        if control.tag == tag and image_name in control.to_name and marked == exemplar:
             return Control(control.name, image_name, tuple(control.labels or ()))
     return None
 
@@ -72,8 +87,8 @@ def _phrases(
 ) -> dict[str, tuple[str, ...]]:
     phrases: dict[str, tuple[str, ...]] = {}
     for control in interface.controls:
-        if control.tag not in tags or image_name not in control.to_name:
-            continue
+        if control.tag not in tags or image_name not in control.to_name or _exemplar_mode(control) is not None:
+            continue  # the exemplar control's labels name no phrases: it may come first with bare labels
         for label, label_tag in (control.labels_attrs or {}).items():
             raw = (label_tag.attr or {}).get("predicted_values", "")
             wanted = tuple(phrase.strip() for phrase in raw.split(",") if phrase.strip()) or (label,)
@@ -164,6 +179,7 @@ def parse_label_config(xml: str) -> ProjectConfig:
                 numbers[control.name] = float(default)
             except (TypeError, ValueError):
                 continue
+    exemplar = _control(interface, "RectangleLabels", image.name, exemplar=True)
     return ProjectConfig(
         image_name=image.name,
         image_field=value[1:],
@@ -172,6 +188,8 @@ def parse_label_config(xml: str) -> ProjectConfig:
         polygon=_control(interface, "PolygonLabels", image.name),
         keypoint=_control(interface, "KeyPointLabels", image.name),
         text_prompt=_control(interface, "TextArea", image.name),
+        exemplar=exemplar,
+        exemplar_text=exemplar is not None and _exemplar_mode(interface.get_control(exemplar.name)) == "text",
         phrases=_phrases(interface, image.name),
         numbers=numbers,
     )
