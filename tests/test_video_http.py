@@ -130,12 +130,15 @@ def test_the_recorded_interactive_context_is_tracked(video_client):
     assert [track["id"] for track in entry["result"]] == [region["id"] for region in regions]
 
 
-def test_a_video_task_with_nothing_drawn_says_what_to_do(video_client):
+def test_a_video_task_with_nothing_drawn_needs_the_detector_for_its_labels(video_client):
+    """Nothing drawn in a project with labels: they are detected (tests/test_video_zero_click.py), here by a detector
+    whose weights are absent, which is said before the video is downloaded."""
     client, _ = video_client
     body = recorded("20-video-predict-batch.json")
+    body["tasks"][0]["data"]["video"] = "/data/upload/1/absent.mp4"  # a download would answer 404
     response = client.post("/predict", json=body)
-    assert response.status_code == 422
-    assert "draw a box on the objects" in response.json["error"]
+    assert response.status_code == 503
+    assert "need the detector (DETECTOR=groundingdino-py)" in response.json["error"]
 
 
 def test_too_many_objects_are_refused_before_the_video_is_downloaded(client_with):
