@@ -7,14 +7,11 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
-import redis
 import torch
 
-from backend.http.server import create_app
-from backend.inference.queue import QueuePredictor
 from backend.protocol.video import video_objects
 from tests.assets import recorded
-from tests.conftest import make_client
+from tests.conftest import make_client, rounded, video_web_tier
 from tests.hf_segmenters import write_models
 from tests.synthetic_video import write_moving_shapes
 
@@ -176,10 +173,7 @@ def test_queue_mode_tracks_on_a_worker_as_this_process_does(
     local_client, _ = video_client
     local = local_client.post("/predict", json=body)
     assert local.status_code == 200, local.json
-    web_settings = replace(
-        settings, inference="queue", redis_url=queue_redis.url, job_timeout_s=300, video_checkpoint=str(video_folder)
-    )
-    web = create_app(web_settings, QueuePredictor(web_settings, redis.Redis.from_url(queue_redis.url))).test_client()
+    web = video_web_tier(settings, queue_redis.url, video_folder)
     workers.start(
         1,
         VIDEO_CHECKPOINT=str(video_folder),
@@ -189,7 +183,7 @@ def test_queue_mode_tracks_on_a_worker_as_this_process_does(
     )
     queued = web.post("/predict", json=body)
     assert queued.status_code == 200, queued.json
-    assert queued.json["results"] == local.json["results"]
+    assert rounded(queued.json["results"]) == rounded(local.json["results"])
 
 
 def test_a_track_past_the_deadline_says_what_would_make_it_fit(client_with):

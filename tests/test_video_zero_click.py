@@ -6,6 +6,7 @@ GroundingDINO (transformers) and the reduced SAM 2.1 video predictor, random wei
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -15,10 +16,10 @@ from backend.protocol.label_config import parse_video_config
 from backend.protocol.video import VideoBox, video_objects
 from backend.videos import VideoFile, VideoLimits
 from tests.assets import recorded
-from tests.conftest import make_client
+from tests.conftest import make_client, rounded, video_web_tier
 from tests.detector_weights import write_detector
 from tests.hf_segmenters import write_models
-from tests.synthetic_video import write_moving_shapes
+from tests.synthetic_video import write_frames, write_moving_shapes
 
 EVERY = 5  # frames between detection passes in these tests
 
@@ -104,18 +105,25 @@ def detector_folder(tmp_path_factory):
     return write_detector(tmp_path_factory.mktemp("detector") / "grounding-dino", "grounding-dino")
 
 
-VIDEO_URL = "/data/upload/1/zero-click.mp4"
+VIDEO_URL = "/data/upload/1/zero-click.mp4"  # two shapes moving
+STILL_URL = "/data/upload/1/zero-click-still.mp4"  # the same two shapes, standing still
+FRAMES, HEIGHT, WIDTH = 16, 48, 64
 
 
 @pytest.fixture(scope="module")
-def shapes(media_root):
-    path = media_root / VIDEO_URL.removeprefix("/data/")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return write_moving_shapes(path, frames=16, height=48, width=64)
+def clips(media_root) -> dict[str, Path]:
+    """Each test video's URL and file: on a still video a random-weight detector finds the same boxes on every
+    detection frame, so they link into chains of several detections; on the moving one they rarely do."""
+    paths = {url: media_root / url.removeprefix("/data/") for url in (VIDEO_URL, STILL_URL)}
+    paths[VIDEO_URL].parent.mkdir(parents=True, exist_ok=True)
+    write_moving_shapes(paths[VIDEO_URL], frames=FRAMES, height=HEIGHT, width=WIDTH)
+    (_, first), *_ = VideoFile.open(paths[VIDEO_URL], VideoLimits(FRAMES, HEIGHT * WIDTH)).frames(0, 1)
+    write_frames(paths[STILL_URL], [first] * FRAMES)
+    return paths
 
 
 @pytest.fixture
-def zero_click_with(settings, redis_url, video_folder, detector_folder, shapes):
+def zero_click_with(settings, redis_url, video_folder, detector_folder, clips):
     """A client with the reduced detector and video predictor, and `overrides`; random weights score every box low,
     so the thresholds are lowered to let boxes through (the selection itself is the images' own)."""
 
@@ -144,15 +152,16 @@ def zero_click(zero_click_with):
     return zero_click_with()
 
 
-def nothing_drawn() -> dict:
+def nothing_drawn(url: str = VIDEO_URL) -> dict:
     body = recorded("20-video-predict-batch.json")
-    body["tasks"][0]["data"]["video"] = VIDEO_URL
+    body["tasks"][0]["data"]["video"] = url
     return body
 
 
-def test_a_task_with_nothing_drawn_gets_one_track_per_linked_object(zero_click, shapes):
+@pytest.mark.parametrize("url", [VIDEO_URL, STILL_URL])
+def test_a_task_with_nothing_drawn_gets_one_track_per_linked_object(zero_click, clips, url):
     client, predictor = zero_click
-    body = nothing_drawn()
+    body = nothing_drawn(url)
     response = client.post("/predict", json=body)
     assert response.status_code == 200, response.json
     (entry,) = response.json["results"]
@@ -160,18 +169,22 @@ def test_a_task_with_nothing_drawn_gets_one_track_per_linked_object(zero_click, 
     config = parse_video_config(body["label_config"])
     query = phrases_query(config.labels, config.phrases)
     detector = predictor.detector.get(60)
-    video = VideoFile.open(shapes.path, VideoLimits(1000, 10**7))
+    video = VideoFile.open(clips[url], VideoLimits(FRAMES, HEIGHT * WIDTH))
     found = []
     for index, pixels in video.frames(every=EVERY):
         (boxes,) = detector.detect([pixels], query.caption, list(query.spans), query.label_groups, 0.0, 0.0, 2, 1)
         found.append([FrameDetection(index, d.box, d.score, query.labels[d.phrase]) for d in boxes])
-    assert [detections[0].frame for detections in found] == list(range(0, shapes.frames, EVERY))
+    assert [detections[0].frame for detections in found] == list(range(0, FRAMES, EVERY))
     assert all(found), "the lowered thresholds let boxes through on every frame"
-    chains = strongest(link_detections(found), 3)
+    linked = link_detections(found)
+    chains = strongest(linked, 3)
+    assert len(linked) > len(chains) == 3  # MAX_VIDEO_OBJECTS: the strongest chains
+    if url == STILL_URL:
+        assert any(len(chain.detections) > 1 for chain in chains), "detections of one object linked into one chain"
     # One region per chain, the project's labels, keyframes at the detection frames equal to the detector's boxes.
     assert len(entry["result"]) == len(chains)
     regions = video_objects(entry["result"])
-    size = (shapes.height, shapes.width)
+    size = (HEIGHT, WIDTH)
     for region, chain, result in zip(regions, chains, entry["result"], strict=True):
         assert result["from_name"] == "box" and result["to_name"] == "video"
         assert region.labels == (chain.label,) and chain.label in config.labels
@@ -204,3 +217,32 @@ def test_zero_click_past_the_deadline_says_what_would_make_it_fit(zero_click_wit
     assert response.status_code == 503
     assert "detecting the project's labels on every 5 of the video's 16 frames" in response.json["error"]
     assert "VIDEO_DETECT_EVERY" in response.json["error"]
+
+
+def test_queue_mode_pre_annotates_on_a_worker_as_this_process_does(
+    zero_click, settings, queue_redis, workers, video_folder, detector_folder, label_studio
+):
+    """The web tier (no model) enqueues the task with no objects, as a track; the worker detects, links and
+    tracks with its own detector, and answers what this process answers."""
+    local_client, _ = zero_click
+    local = local_client.post("/predict", json=nothing_drawn())
+    assert local.status_code == 200, local.json
+    web = video_web_tier(settings, queue_redis.url, video_folder)
+    workers.start(
+        1,
+        VIDEO_CHECKPOINT=str(video_folder),
+        DETECTOR="grounding-dino",
+        DETECTOR_MODEL=str(detector_folder),
+        GROUNDING_DINO_IMAGE_SIZE="64",
+        BOX_THRESHOLD="0",
+        TEXT_THRESHOLD="0",
+        MAX_OBJECTS="2",
+        MAX_VIDEO_OBJECTS="3",
+        VIDEO_DETECT_EVERY=str(EVERY),
+        LABEL_STUDIO_URL=label_studio.url,
+        LABEL_STUDIO_API_KEY=label_studio.legacy_token,
+        JOB_TIMEOUT="300",
+    )
+    queued = web.post("/predict", json=nothing_drawn())
+    assert queued.status_code == 200, queued.json
+    assert rounded(queued.json["results"]) == rounded(local.json["results"])
