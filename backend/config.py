@@ -427,6 +427,15 @@ class Settings:
         minimum=1,
         section=S_VIDEO,
     )
+    video_detect_every: int = setting(
+        "VIDEO_DETECT_EVERY",
+        25,
+        "zero-click video pre-annotation (a task with nothing drawn): the project's labels are detected on every "
+        "this many decoded frames, from the first (25: once a second of a 25 fps video); more often finds objects "
+        "sooner and links them surer, at one detector pass a time",
+        minimum=1,
+        section=S_VIDEO,
+    )
 
     redis_url: str = setting(
         "REDIS_URL",

@@ -14,6 +14,17 @@ def iou_score(predicted_iou: float) -> float:
     return min(max(float(predicted_iou), 0.0), 1.0)
 
 
+def box_iou(first: tuple[float, float, float, float], second: tuple[float, float, float, float]) -> float:
+    """Intersection over union of two pixel boxes (x0, y0, x1, y1); 0 for boxes that do not overlap."""
+    width = min(first[2], second[2]) - max(first[0], second[0])
+    height = min(first[3], second[3]) - max(first[1], second[1])
+    if width <= 0 or height <= 0:
+        return 0.0
+    overlap = width * height
+    areas = (first[2] - first[0]) * (first[3] - first[1]) + (second[2] - second[0]) * (second[3] - second[1])
+    return overlap / (areas - overlap)
+
+
 @dataclass
 class DetectedObject:
     label: str

@@ -74,9 +74,10 @@ class VideoFile:
             )
         return cls(path, frame_count, width, height, float(rate))
 
-    def frames(self, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+    def frames(self, start: int = 0, stop: int | None = None, every: int = 1) -> Iterator[tuple[int, np.ndarray]]:
         """(index, height×width×3 uint8 RGB) for each frame with start <= index < stop, in order; at most
-        `frame_count` frames, whatever the stream holds beyond its header."""
+        `frame_count` frames, whatever the stream holds beyond its header. With `every` > 1, only every `every`-th
+        frame from `start` is converted to pixels (the others are decoded, as the codec needs, and skipped)."""
         stop = self.frame_count if stop is None else min(stop, self.frame_count)
         if start >= stop:
             return
@@ -96,6 +97,8 @@ class VideoFile:
                         continue
                     if index >= stop:
                         return
+                    if (index - start) % every:
+                        continue
                     yield index, frame.to_ndarray(format="rgb24")
         except av.FFmpegError as error:
             raise VideoError(f"cannot decode the video {self.path.name}: {error}") from error

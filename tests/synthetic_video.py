@@ -42,18 +42,28 @@ def write_moving_shapes(
 ) -> MovingShapes:
     colours = [(255, 255, 255), (255, 0, 0)]
     boxes: dict[int, list[Box]] = {0: [], 1: []}
+    pictures = []
+    for frame in range(frames):
+        picture = np.full((height, width, 3), 30, np.uint8)
+        for shape, (box, colour) in enumerate(zip(shape_boxes(frame, height, width), colours, strict=True)):
+            x0, y0, x1, y1 = (int(round(value)) for value in box)
+            picture[y0:y1, x0:x1] = colour
+            boxes[shape].append((float(x0), float(y0), float(x1), float(y1)))
+        pictures.append(picture)
+    write_frames(path, pictures, fps, gop)
+    return MovingShapes(path, frames, height, width, fps, boxes)
+
+
+def write_frames(path: Path, pictures: list[np.ndarray], fps: int = 25, gop: int = 5) -> Path:
+    """RGB uint8 pictures, all of one size, as an H.264 MP4 with a key frame every `gop` frames."""
+    height, width = pictures[0].shape[:2]
     with av.open(str(path), "w") as container:
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.options = {"crf": "12", "g": str(gop), "keyint_min": str(gop), "bf": "0"}
-        for frame in range(frames):
-            picture = np.full((height, width, 3), 30, np.uint8)
-            for shape, (box, colour) in enumerate(zip(shape_boxes(frame, height, width), colours, strict=True)):
-                x0, y0, x1, y1 = (int(round(value)) for value in box)
-                picture[y0:y1, x0:x1] = colour
-                boxes[shape].append((float(x0), float(y0), float(x1), float(y1)))
+        for picture in pictures:
             for packet in stream.encode(av.VideoFrame.from_ndarray(picture, format="rgb24")):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
-    return MovingShapes(path, frames, height, width, fps, boxes)
+    return path

@@ -29,7 +29,7 @@ from backend.inference.batches import BatchPreannotation, BatchSettings
 from backend.inference.encode_ahead import EncodeAhead, Step
 from backend.inference.loading import ModelLoading, Models
 from backend.inference.text import DetectionSettings, TextDetection
-from backend.inference.video import VideoSettings, VideoTracking
+from backend.inference.video import VideoSettings, VideoTracking, label_detector
 from backend.models.base import ImageEmbedding, Segmenter
 from backend.models.loader import BackgroundLoader
 from backend.models.registry import load_video
@@ -67,6 +67,7 @@ class Predictor(InteractiveFront):
             VideoSettings.of(settings),
             lambda url, transfer: self.fetcher.fetch_to_file(url, transfer),
             BackgroundLoader(lambda: load_video(settings)),
+            label_detector(self.text, lambda: self.models.get(settings.model_ready_timeout_s), settings),
         )
         self.batches = BatchPreannotation(
             BatchSettings.of(settings),

@@ -10,6 +10,7 @@ The phrases are joined as GroundingDINO was trained to read them: "car . wheel .
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from backend.errors import PromptError
@@ -83,9 +84,13 @@ def target_labels(config: ProjectConfig) -> list[str]:
 
 def labels_query(config: ProjectConfig) -> TextQuery:
     """The caption that pre-annotation detects: every target label through its phrases."""
-    return build_query(
-        [(phrase, label) for label in target_labels(config) for phrase in config.phrases.get(label, (label,))]
-    )
+    return phrases_query(target_labels(config), config.phrases)
+
+
+def phrases_query(labels: Sequence[str], phrases: Mapping[str, Sequence[str]]) -> TextQuery:
+    """The caption detecting each of `labels` through its phrases (predicted_values), else its own name: an image
+    project's target labels, a video project's labels."""
+    return build_query([(phrase, label) for label in labels for phrase in phrases.get(label, (label,))])
 
 
 def _words_contain(phrase: str, part: str) -> bool:

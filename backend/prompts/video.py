@@ -19,7 +19,8 @@ def keyframe_objects(
     task: Mapping[str, Any], context: object, config: VideoConfig, max_objects: int
 ) -> list[VideoObject]:
     """The regions to track: the context's, else those of the task's most recent annotation or draft that has any.
-    BadRequest naming what to do when there are none; VideoError (413) for more than `max_objects` (MAX_VIDEO_OBJECTS),
+    None at all, in a project with labels: [] (the labels are detected and tracked, zero-click pre-annotation);
+    without labels, BadRequest naming what to do; VideoError (413) for more than `max_objects` (MAX_VIDEO_OBJECTS),
     before anything is downloaded."""
     if context is not None:
         if not isinstance(context, Mapping) or not isinstance(context.get("result"), list):
@@ -31,10 +32,11 @@ def keyframe_objects(
         objects = drawn_objects(task, config)
     if len(objects) > max_objects:
         raise VideoError(f"{len(objects)} objects to track in one video; MAX_VIDEO_OBJECTS allows {max_objects}", 413)
-    if not objects:
+    if not objects and not config.labels:
         raise BadRequest(
             f"task {task.get('id')} has no VideoRectangle box to track: draw a box on the objects in one or more "
-            "frames, save the annotation, then retrieve predictions",
+            "frames, save the annotation, then retrieve predictions (or add a <Labels> control on the video, for "
+            "the backend to find its labels itself)",
             422,
         )
     return objects

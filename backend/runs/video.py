@@ -1,5 +1,6 @@
-"""Whole-project video tracking: every <Video> task of a Label Studio project whose saved annotation or draft holds
-keyframe boxes is tracked through its video, and the track is imported as the task's prediction.
+"""Whole-project video tracking: every <Video> task of a Label Studio project is tracked through its video from the
+keyframe boxes of its saved annotation or draft (or pre-annotated from the project's labels when it has none), and
+the tracks are imported as the task's prediction.
 
 A track of a long video takes longer than Label Studio waits for /predict on a CPU (a few frames a second at best),
 so this is where long videos go: `POST /track?project=ID` starts a run in the web tier's background, `GET` reports
@@ -8,8 +9,9 @@ its progress down to the frames reached in the video being tracked, and `DELETE`
 (MODEL_DIR/<project>/handed-over-videos.json). `python -m backend track --project ID` runs it in the foreground.
 
 It is a `ProjectRun` (pages, claim, progress, stop, resume, errors in MODEL_DIR/<project>/track-errors.jsonl), one
-task a batch: a task already holding a prediction of the video model version is skipped, as is one with nothing
-drawn. A task stopped in the middle is left unpredicted (and handed over, if it was), so the next run tracks it again.
+task a batch: a task already holding a prediction of the video model version is skipped. A task with nothing drawn is
+pre-annotated from the video's labels (zero-click, `inference.video`), or skipped in a project without labels. A task
+stopped in the middle is left unpredicted (and handed over, if it was), so the next run tracks it again.
 """
 
 from __future__ import annotations
@@ -86,9 +88,12 @@ class VideoTrackRun(ProjectRun):
         )
 
     def _needs_work(self, task: ProjectTask, version: str) -> bool:
-        """Tasks without a prediction of `version` with boxes drawn: a task with none has nothing to track yet."""
+        """Tasks without a prediction of `version` with boxes drawn, or with none in a project whose video has
+        labels (pre-annotated from them); with neither, a task has nothing to track yet."""
         if not super()._needs_work(task, version):
             return False
+        if self.config.labels:
+            return True
         try:
             return bool(drawn_objects(task.as_sent(), self.config))
         except BackendError:

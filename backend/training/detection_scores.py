@@ -6,19 +6,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from backend.outcomes import box_iou
+
 MATCH_IOU = 0.5
 
 Box = tuple[float, float, float, float]  # x0, y0, x1, y1 in pixels
-
-
-def box_iou(first: Box, second: Box) -> float:
-    width = min(first[2], second[2]) - max(first[0], second[0])
-    height = min(first[3], second[3]) - max(first[1], second[1])
-    if width <= 0 or height <= 0:
-        return 0.0
-    overlap = width * height
-    areas = (first[2] - first[0]) * (first[3] - first[1]) + (second[2] - second[0]) * (second[3] - second[1])
-    return overlap / (areas - overlap)
 
 
 @dataclass

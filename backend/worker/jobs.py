@@ -231,10 +231,11 @@ def claimed_together(claimed: list[Job]) -> Iterator[PreannotateBatch]:
 def track_video(
     video_url: object, objects: list[VideoObject], config: VideoConfig, deadline_at: float | None = None
 ) -> list[dict] | BackendError:
-    """A <Video> task's tracks, done by `deadline_at` (wall-clock time, the web tier's request deadline)."""
+    """A <Video> task's tracks, done by `deadline_at` (wall-clock time, the web tier's request deadline); with no
+    objects, those the project's labels find (zero-click pre-annotation, on this worker's detector)."""
     try:
         return _installed().track_video(video_url, objects, config, TimeLimit.until_wall_clock(deadline_at))
-    except (ImageError, VideoError, DeadlineExceeded, BadRequest) as error:
+    except (ImageError, VideoError, DeadlineExceeded, BadRequest, PromptError) as error:
         return _refusal(error)
 
 
