@@ -1,7 +1,8 @@
 """Detector speed: every DETECTOR side by side, seconds per image with 3 labels, ratios to groundingdino-py; and
 text → masks, the whole of what pre-annotation does with an image: a box detector's boxes segmented by SAM
 (`--segmenter`, encode + every box decoded), SAM 3's masks straight from its detector, and SAM 3 from the embedding
-its tracker already cached (the detector's neck and phrases only, as when the image was clicked or encoded ahead).
+its tracker already cached (the detector's neck and phrases only, as when the image was clicked or encoded ahead);
+and SAM 3's exemplar box (every object like it), from the image and from the cached embedding.
 
     python bench/detectors.py [--images 3] [--threads 2] [--device cpu|cuda] [--only owlv2 ...] [--segmenter vit_b]
 
@@ -24,6 +25,7 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import imgviz
 import numpy as np
@@ -108,8 +110,22 @@ def to_masks(detector: Detector, segmenter: Segmenter, images: list[np.ndarray],
     return cpu
 
 
-def from_cached_embedding(settings: Settings, images: list[np.ndarray]) -> list[float] | None:
-    """SAM 3 reading its tracker's float16 cache entry (encoded beforehand, not timed): CPU seconds per image."""
+def exemplar_seconds(detector: Any, pictures: list[Any], settings: Settings) -> list[float]:
+    """SAM 3 finding every object like one exemplar box (a car-sized box at the picture's centre, no text), from
+    an image or the tracker's cached embedding of it: CPU seconds per picture."""
+    thresholds = (settings.box_threshold, settings.text_threshold, settings.max_objects)
+    box = (WIDTH / 2 - 100, HEIGHT / 2 - 60, WIDTH / 2 + 100, HEIGHT / 2 + 60)
+    cpu = []
+    for picture in pictures:
+        started = time.process_time()
+        detector.find_like(picture, [box], [True], None, *thresholds)
+        cpu.append(time.process_time() - started)
+    return cpu
+
+
+def from_cached_embedding(settings: Settings, images: list[np.ndarray]) -> dict[str, list[float]] | None:
+    """SAM 3 reading its tracker's float16 cache entry (encoded beforehand, not timed), for the 3 labels' text and
+    for one exemplar box: CPU seconds per image."""
     tracker_settings = replace(settings, sam_model_type="sam3", sam_checkpoint=settings.detector_model)
     shared = load_detector(tracker_settings)
     if not shared.shares_encoder:
@@ -118,13 +134,16 @@ def from_cached_embedding(settings: Settings, images: list[np.ndarray]) -> list[
     query = build_query(PHRASES)
     args = (query.caption, list(query.spans), query.label_groups)
     thresholds = (settings.box_threshold, settings.text_threshold, settings.max_objects)
+    cached_entries = [deserialize_embedding(serialize_embedding(tracker.encode(image))) for image in images]
     cpu = []
-    for image in images:
-        cached = deserialize_embedding(serialize_embedding(tracker.encode(image)))
+    for cached in cached_entries:
         started = time.process_time()
         shared.detect([cached], *args, *thresholds)
         cpu.append(time.process_time() - started)
-    return cpu
+    return {
+        "sam3, from the cached embedding": cpu,
+        "sam3 exemplar box, from the cached embedding": exemplar_seconds(shared, cached_entries, settings),
+    }
 
 
 def main() -> int:
@@ -155,11 +174,14 @@ def main() -> int:
             each = f"wall {' '.join(f'{t:.2f}' for t in wall)} s, CPU {' '.join(f'{t:.2f}' for t in cpu)} s"
             print(f"  {name}: {each}", flush=True)
             masks[name] = statistics.median(to_masks(detector, segmenter, images, settings))
+            if name == "sam3":
+                masks["sam3 exemplar box, from the image"] = statistics.median(
+                    exemplar_seconds(detector, images, settings)
+                )
             del detector
             if name == "sam3":
-                cached = from_cached_embedding(settings, images)
-                if cached is not None:
-                    masks["sam3, from the cached embedding"] = statistics.median(cached)
+                for what, cpu_seconds in (from_cached_embedding(settings, images) or {}).items():
+                    masks[what] = statistics.median(cpu_seconds)
     print(f"load average at end: {' '.join(f'{value:.2f}' for value in os.getloadavg())}")
     reference = rows.get("groundingdino-py", next(iter(rows.values())))
     print(f"\n{'detector':<20}{'parameters':>12}{'wall s/image':>14}{'ratio':>8}{'CPU s/image':>13}{'ratio':>8}")
