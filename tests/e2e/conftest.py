@@ -48,3 +48,17 @@ def backend_environment(
         # Studio stores at the first open; tests/test_task_open.py tests the TASK_OPEN_WAIT answer.
         "TASK_OPEN_WAIT": "90",
     }
+
+
+def sam3_environment(environment: dict[str, str], sam3_folder: Path, max_objects: int) -> dict[str, str]:
+    """`environment` with SAM 3 (the folder `write_sam3` writes) as both the segmenter and the detector, thresholds
+    at 0: random weights score every instance low, and these stages check the path through Label Studio."""
+    return environment | {
+        "SAM_CHECKPOINT": str(sam3_folder),
+        "SAM_MODEL_TYPE": "sam3",
+        "DETECTOR": "sam3",
+        "DETECTOR_MODEL": str(sam3_folder),
+        "BOX_THRESHOLD": "0",
+        "TEXT_THRESHOLD": "0",
+        "MAX_OBJECTS": str(max_objects),
+    }

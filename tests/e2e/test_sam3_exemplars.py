@@ -20,7 +20,7 @@ import pytest
 
 from tests.assets import REPO, decode_brush, encode, smooth_object_image
 from tests.detector_weights import write_sam3
-from tests.e2e.conftest import backend_environment
+from tests.e2e.conftest import backend_environment, sam3_environment
 from tests.e2e.label_studio import LabelStudioApi
 from tests.e2e.test_video_tracking import Tap
 from tests.load_harness import GunicornServer
@@ -70,16 +70,13 @@ def sam3_project(
 
     folder = write_sam3(tmp_path_factory.mktemp("sam3-e2e") / "sam3")
     model_dir = tmp_path_factory.mktemp("sam3-e2e-backend")
-    environment = backend_environment(
-        label_studio.url, personal_access_token, folder, grounding_dino_files, redis_server.url, model_dir
-    ) | {
-        "SAM_MODEL_TYPE": "sam3",
-        "DETECTOR": "sam3",
-        "DETECTOR_MODEL": str(folder),
-        "BOX_THRESHOLD": "0",
-        "TEXT_THRESHOLD": "0",
-        "MAX_OBJECTS": "5",
-    }
+    environment = sam3_environment(
+        backend_environment(
+            label_studio.url, personal_access_token, folder, grounding_dino_files, redis_server.url, model_dir
+        ),
+        folder,
+        5,
+    )
     backend = GunicornServer(environment, model_dir / "gunicorn.log", workers=1).start()
     tap = Tap(backend.url)
     threading.Thread(target=tap.serve_forever, daemon=True).start()
