@@ -8,7 +8,11 @@ gone after frame 40)."""
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import subprocess
+import sys
 import time
 from dataclasses import replace
 
@@ -16,7 +20,7 @@ from backend.project_files import ProjectFiles
 from backend.protocol.project_api import ProjectApi
 from backend.protocol.video import video_objects
 from backend.runs.video import VideoTrackRun
-from tests.assets import recorded
+from tests.assets import REPO, recorded
 from tests.conftest import RECORDED_VIDEO_FRAMES as FRAMES
 from tests.test_video_http import batch_with_saved_annotation, sure_of_presence
 
@@ -145,3 +149,26 @@ def test_tracking_an_image_project_is_refused_naming_the_cause(client_with, labe
     response = client.post(f"/track?project={project}")
     assert response.status_code == 422, response.json
     assert "has no <Video> with a <VideoRectangle>" in response.json["error"]
+
+
+def test_the_track_command_tracks_a_project_in_the_foreground(settings, label_studio, video_folder, recorded_video):
+    """`python -m backend track --project ID`: the run in the foreground, its last progress printed as JSON."""
+    project, (task_id,) = video_project(label_studio, [True])
+    environment = dict(
+        os.environ,
+        LABEL_STUDIO_URL=settings.label_studio_url,
+        LABEL_STUDIO_API_KEY=settings.label_studio_api_key,
+        SAM_CHECKPOINT=settings.sam_checkpoint,
+        WEIGHTS_DIR=settings.weights_dir,
+        MODEL_DIR=settings.model_dir,
+        REDIS_URL="",
+        VIDEO_CHECKPOINT=str(video_folder),
+    )
+    command = [sys.executable, "-m", "backend", "track", "--project", str(project)]
+    run = subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=600)
+
+    assert run.returncode == 0, run.stderr[-3000:]
+    progress = json.loads(run.stdout.strip().splitlines()[-1])
+    assert (progress["state"], progress["predicted"], progress["task"]) == ("finished", 1, task_id), progress
+    assert progress["frames_done"] == progress["frames_total"] == FRAMES
+    assert [prediction["task"] for prediction in label_studio.imported[project]] == [task_id]
